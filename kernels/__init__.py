@@ -1,0 +1,1 @@
+"""Numba kernels, imported as `minillm.kernels`; each module names the NumPy reference it must equal."""

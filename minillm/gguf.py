@@ -1,0 +1,199 @@
+"""Open a GGUF file: parse its header, metadata and tensor table, and map its tensor data.
+
+GGUF (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md) is one little-endian file:
+
+    magic "GGUF" | version u32 | n_tensors u64 | n_kv u64
+    n_kv x (key: string, value_type: u32, value)
+    n_tensors x (name: string, n_dims: u32, ne[n_dims]: u64, ggml_type: u32, offset: u64)
+    padding to `general.alignment` (default 32)
+    tensor data; each tensor starts at data_start + offset
+
+where a string is a u64 byte length followed by UTF-8 bytes, and an array value is
+(element_type: u32, count: u64, elements). `ne[0]` is the fastest-varying dimension, so a
+matrix stored as ne = [n_cols, n_rows] is a NumPy array of shape (n_rows, n_cols).
+
+The parser is written out here, rather than taken from `gguf.GGUFReader`, for two reasons: it
+reads a 49k-token vocabulary in milliseconds instead of seconds, and it checks every count and
+offset against the file size before trusting it, so a truncated or hostile file gets a one-line
+`GGUFError` instead of a huge allocation. The type codes and block sizes come from the `gguf`
+package, and the tests check this parser against `gguf.GGUFReader`.
+"""
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+
+from .errors import GGUFError
+
+MAGIC = b"GGUF"
+SUPPORTED_VERSIONS = (2, 3)
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4
+
+# Scalar value types: struct format of one element.
+_SCALAR_FORMATS = {
+    GGUFValueType.UINT8: "B", GGUFValueType.INT8: "b",
+    GGUFValueType.UINT16: "H", GGUFValueType.INT16: "h",
+    GGUFValueType.UINT32: "I", GGUFValueType.INT32: "i",
+    GGUFValueType.UINT64: "Q", GGUFValueType.INT64: "q",
+    GGUFValueType.FLOAT32: "f", GGUFValueType.FLOAT64: "d",
+    GGUFValueType.BOOL: "?",
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in the file and how it is encoded."""
+
+    name: str
+    shape: tuple  # NumPy order: (n_rows, n_cols) for a matrix, the reverse of GGUF's ne
+    ggml_type: GGMLQuantizationType
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+    @property
+    def n_elements(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+
+class _Cursor:
+    """Reads little-endian values from a byte buffer, refusing to read past its end."""
+
+    def __init__(self, buf, path):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def need(self, n: int, what: str):
+        if n < 0 or self.pos + n > len(self.buf):
+            raise GGUFError(self.path, f"truncated file: {what} runs past the end of the file "
+                                       f"(needs {n} bytes at offset {self.pos}, file has {len(self.buf)})")
+
+    def scalar(self, fmt: str, what: str):
+        size = struct.calcsize("<" + fmt)
+        self.need(size, what)
+        (value,) = struct.unpack_from("<" + fmt, self.buf, self.pos)
+        self.pos += size
+        return value
+
+    def string(self, what: str) -> str:
+        n = self.scalar("Q", what)
+        self.need(n, what)
+        raw = bytes(self.buf[self.pos:self.pos + n])
+        self.pos += n
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise GGUFError(self.path, f"{what} is not valid UTF-8") from None
+
+    def value(self, vtype: int, what: str):
+        if vtype == GGUFValueType.STRING:
+            return self.string(what)
+        if vtype == GGUFValueType.ARRAY:
+            return self.array(what)
+        try:
+            fmt = _SCALAR_FORMATS[GGUFValueType(vtype)]
+        except (ValueError, KeyError):
+            raise GGUFError(self.path, f"{what} has unknown value type {vtype}") from None
+        return self.scalar(fmt, what)
+
+    def array(self, what: str):
+        etype = self.scalar("I", what)
+        count = self.scalar("Q", what)
+        if etype == GGUFValueType.STRING:
+            # Every string costs at least its 8-byte length: bound the count before looping.
+            self.need(8 * count, what)
+            return [self.string(what) for _ in range(count)]
+        if etype == GGUFValueType.ARRAY:
+            self.need(12 * count, what)
+            return [self.array(what) for _ in range(count)]
+        try:
+            fmt = _SCALAR_FORMATS[GGUFValueType(etype)]
+        except (ValueError, KeyError):
+            raise GGUFError(self.path, f"{what} has unknown element type {etype}") from None
+        size = struct.calcsize("<" + fmt)
+        self.need(size * count, what)
+        values = np.frombuffer(self.buf, dtype="<" + fmt, count=count, offset=self.pos)
+        self.pos += size * count
+        return values.tolist()
+
+
+class GGUFFile:
+    """A parsed GGUF file: `metadata` (key -> Python value), `tensors` (name -> TensorInfo),
+    and `data(name)`, a read-only view of a tensor's bytes in the memory map (no copy)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise GGUFError(self.path, "no such file")
+        if self.path.stat().st_size < 24:
+            raise GGUFError(self.path, "not a GGUF file (too short for a GGUF header)")
+        self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        cur = _Cursor(self._map, self.path)
+        if bytes(self._map[:4]) != MAGIC:
+            raise GGUFError(self.path, f"not a GGUF file (magic {bytes(self._map[:4])!r}, expected b'GGUF')")
+        cur.pos = 4
+        self.version = cur.scalar("I", "version")
+        if self.version not in SUPPORTED_VERSIONS:
+            raise GGUFError(self.path, f"unsupported GGUF version {self.version} (supported: 2, 3)")
+        n_tensors = cur.scalar("Q", "tensor count")
+        n_kv = cur.scalar("Q", "metadata count")
+        # A key-value pair takes at least 13 bytes and a tensor entry at least 24.
+        cur.need(13 * n_kv + 24 * n_tensors, "the metadata and tensor table")
+        self.metadata = {}
+        for i in range(n_kv):
+            key = cur.string(f"metadata key #{i}")
+            self.metadata[key] = cur.value(cur.scalar("I", key), key)
+        entries = [self._read_tensor_entry(cur, i) for i in range(n_tensors)]
+        alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+            raise GGUFError(self.path, f"general.alignment {alignment!r} is not a power of two")
+        self.data_start = -(-cur.pos // alignment) * alignment
+        self.tensors = {}
+        for name, shape, ggml_type, offset in entries:
+            self.tensors[name] = self._place_tensor(name, shape, ggml_type, offset, alignment)
+
+    def _read_tensor_entry(self, cur: _Cursor, i: int):
+        name = cur.string(f"tensor name #{i}")
+        n_dims = cur.scalar("I", name)
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise GGUFError(self.path, f"tensor {name} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
+        ne = [cur.scalar("Q", name) for _ in range(n_dims)]
+        type_id = cur.scalar("I", name)
+        offset = cur.scalar("Q", name)
+        try:
+            ggml_type = GGMLQuantizationType(type_id)
+        except ValueError:
+            raise GGUFError(self.path, f"tensor {name} has unknown ggml type {type_id}") from None
+        return name, tuple(reversed(ne)), ggml_type, offset
+
+    def _place_tensor(self, name, shape, ggml_type, offset, alignment) -> TensorInfo:
+        if any(n == 0 for n in shape):
+            raise GGUFError(self.path, f"tensor {name} has an empty dimension {shape}")
+        block_size, type_size = GGML_QUANT_SIZES[ggml_type]
+        if shape[-1] % block_size:
+            raise GGUFError(self.path, f"tensor {name}: row length {shape[-1]} is not a multiple of "
+                                       f"the {ggml_type.name} block size {block_size}")
+        # Python ints: no overflow however large the dimensions claim to be.
+        n_elements = 1
+        for n in shape:
+            n_elements *= n
+        nbytes = n_elements // block_size * type_size
+        start = self.data_start + offset
+        if offset % alignment:
+            raise GGUFError(self.path, f"tensor {name} offset {offset} is not aligned to {alignment}")
+        if start + nbytes > len(self._map):
+            raise GGUFError(self.path, f"truncated file: tensor {name} ({ggml_type.name}, {nbytes} bytes "
+                                       f"at offset {start}) runs past the end of the file ({len(self._map)} bytes)")
+        return TensorInfo(name, shape, ggml_type, start, nbytes)
+
+    def data(self, name: str) -> np.ndarray:
+        """The stored bytes of tensor `name`, shaped (*shape[:-1], bytes_per_row), uint8, read-only."""
+        info = self.tensors[name]
+        raw = self._map[info.offset:info.offset + info.nbytes]
+        return raw.reshape(*info.shape[:-1], -1)
+
+    @property
+    def file_size(self) -> int:
+        return len(self._map)

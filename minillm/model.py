@@ -1,0 +1,152 @@
+"""The Llama transformer in plain NumPy, written to be read.
+
+One forward pass turns token ids into next-token logits:
+
+    x = embed(ids)                                   # (T, dim)
+    for each layer:
+        x = x + attention(rmsnorm(x))                # grouped-query attention with RoPE
+        x = x + mlp(rmsnorm(x))                      # SwiGLU
+    logits = head(rmsnorm(x))                        # (T, vocab_size), head = the token embedding
+
+`T` is the number of new tokens, `S` the number of positions attended to (cached + new).
+Prefill passes the whole prompt at once (T = prompt length); decode passes one token (T = 1)
+and reads everything earlier from the KV cache. Both run the same code.
+"""
+
+import math
+
+import numpy as np
+
+from .config import LlamaConfig
+from .errors import MinillmError
+from .kvcache import KVCache
+from .weights import LayerWeights, ModelWeights
+
+
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """Scale each row to unit root-mean-square, then by a learned per-channel weight.
+    x: (T, dim), weight: (dim,) -> (T, dim)"""
+    mean_square = np.mean(x * x, axis=-1, keepdims=True)
+    return x / np.sqrt(mean_square + eps) * weight
+
+
+def rope_angles(positions: np.ndarray, rope_dim: int, base: float):
+    """cos and sin of the rotation angle for each position and each pair of channels.
+    positions: (T,) -> cos, sin: (T, rope_dim // 2) float32.
+    Pair i turns at frequency base^(-2i / rope_dim): fast for the first pairs, slow for the last."""
+    inv_freq = base ** (-np.arange(0, rope_dim, 2, dtype=np.float64) / rope_dim)
+    angles = positions[:, None].astype(np.float64) * inv_freq[None, :]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate adjacent channel pairs (x[2i], x[2i+1]) of every head by the position's angle.
+    x: (n_heads, T, head_dim), cos/sin: (T, rope_dim // 2) -> (n_heads, T, head_dim)
+
+    Llama GGUF files store Q and K weights permuted (by llama.cpp's converter) so that this
+    adjacent-pair rotation equals the "rotate half" form used by the original checkpoints."""
+    rope_dim = 2 * cos.shape[-1]
+    even, odd = x[..., 0:rope_dim:2], x[..., 1:rope_dim:2]
+    out = x.copy()
+    out[..., 0:rope_dim:2] = even * cos - odd * sin
+    out[..., 1:rope_dim:2] = even * sin + odd * cos
+    return out
+
+
+def causal_mask(start: int, T: int, S: int) -> np.ndarray:
+    """(T, S) bool: query t (at absolute position start + t) may see key s when s <= start + t."""
+    return np.arange(S)[None, :] <= (start + np.arange(T))[:, None]
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis; subtracting the row maximum keeps exp() from overflowing."""
+    e = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Grouped-query attention.
+    q: (n_heads, T, head_dim)  k, v: (n_kv_heads, S, head_dim)  mask: (T, S) bool
+    -> (n_heads, T, head_dim)
+
+    Query head h reads key/value head h // group_size: consecutive query heads share one,
+    as in llama.cpp and HF. The grouping is a reshape, so K and V are never copied."""
+    n_heads, T, head_dim = q.shape
+    n_kv_heads = k.shape[0]
+    qg = q.reshape(n_kv_heads, n_heads // n_kv_heads, T, head_dim)      # (n_kv_heads, group, T, head_dim)
+    scores = qg @ k[:, None].swapaxes(-1, -2) * (1.0 / math.sqrt(head_dim))  # (n_kv_heads, group, T, S)
+    scores = np.where(mask, scores, -np.inf)
+    out = softmax(scores) @ v[:, None]                                   # (n_kv_heads, group, T, head_dim)
+    return out.reshape(n_heads, T, head_dim)
+
+
+def split_heads(x: np.ndarray, n_heads: int) -> np.ndarray:
+    """(T, n_heads * head_dim) -> (n_heads, T, head_dim)"""
+    T = x.shape[0]
+    return x.reshape(T, n_heads, -1).transpose(1, 0, 2)
+
+
+def merge_heads(x: np.ndarray) -> np.ndarray:
+    """(n_heads, T, head_dim) -> (T, n_heads * head_dim)"""
+    return x.transpose(1, 0, 2).reshape(x.shape[1], -1)
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    return x / (1.0 + np.exp(-x))
+
+
+class Llama:
+    """The model: configuration plus weights; `forward` runs tokens through it."""
+
+    def __init__(self, config: LlamaConfig, weights: ModelWeights):
+        self.config = config
+        self.weights = weights
+
+    def attention(self, layer: int, w: LayerWeights, x: np.ndarray, cache: KVCache, cos, sin) -> np.ndarray:
+        """x: (T, dim) normalised input -> (T, dim) attention output; stores this layer's K, V."""
+        c = self.config
+        q = rope(split_heads(w.wq(x), c.n_heads), cos, sin)       # (n_heads, T, head_dim)
+        k = rope(split_heads(w.wk(x), c.n_kv_heads), cos, sin)    # (n_kv_heads, T, head_dim)
+        v = split_heads(w.wv(x), c.n_kv_heads)                    # (n_kv_heads, T, head_dim)
+        start = cache.length
+        k_all, v_all = cache.store(layer, k, v)                   # (n_kv_heads, S, head_dim)
+        mask = causal_mask(start, x.shape[0], k_all.shape[1])
+        return w.wo(merge_heads(attend(q, k_all, v_all, mask)))
+
+    def mlp(self, w: LayerWeights, x: np.ndarray) -> np.ndarray:
+        """SwiGLU: down(silu(gate(x)) * up(x)). x: (T, dim) -> (T, dim)"""
+        return w.w_down(silu(w.w_gate(x)) * w.w_up(x))
+
+    def forward(self, ids, cache: KVCache, last_only: bool = False) -> np.ndarray:
+        """Run new tokens `ids` (T,) after the cached ones; return logits (T, vocab_size) float32,
+        or (1, vocab_size) for the last token only when `last_only` (what generation needs)."""
+        c = self.config
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        self.check_ids(ids, cache)
+        T = len(ids)
+        cos, sin = rope_angles(cache.length + np.arange(T), c.rope_dim, c.rope_base)
+        x = self.weights.embedding.lookup(ids)                    # (T, dim)
+        for i, w in enumerate(self.weights.layers):
+            x = x + self.attention(i, w, rmsnorm(x, w.attn_norm, c.norm_eps), cache, cos, sin)
+            x = x + self.mlp(w, rmsnorm(x, w.ffn_norm, c.norm_eps))
+        cache.commit(T)
+        if last_only:
+            x = x[-1:]
+        return self.weights.head(rmsnorm(x, self.weights.output_norm, c.norm_eps))
+
+    def check_ids(self, ids: np.ndarray, cache: KVCache):
+        if len(ids) == 0:
+            raise MinillmError("no tokens to run")
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise MinillmError(f"token id out of range 0..{self.config.vocab_size - 1}")
+        if cache.length + len(ids) > cache.max_len:
+            raise MinillmError(f"context full: {cache.length} cached + {len(ids)} new tokens "
+                               f"exceed the context size {cache.max_len} (--ctx-size)")
+
+
+def load_float_model(gguf) -> Llama:
+    """The float32 baseline model from an open GGUFFile: every weight dequantized at load."""
+    from .config import LlamaConfig
+    from .weights import load_float
+    config = LlamaConfig.from_metadata(gguf.metadata, gguf.path)
+    return Llama(config, load_float(gguf, config))

@@ -1,0 +1,43 @@
+"""Shared fixtures: the real SmolLM2 file, tiny random models, and hypothesis profiles."""
+
+import os
+
+import gguf
+import pytest
+from hypothesis import HealthCheck, settings
+
+from minillm.registry import DEFAULT_MODEL, MODELS, weights_dir
+from minillm.synthetic import write_tiny_llama
+
+# The first example of a kernel test pays the JIT compile: no deadline. CI runs more examples.
+settings.register_profile("dev", deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("ci", deadline=None, max_examples=150, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """The real SmolLM2 GGUF. CI fetches it before the tests, so there a missing file is a failure;
+    elsewhere the test is skipped with the command that fetches it."""
+    path = weights_dir() / MODELS[DEFAULT_MODEL].filename
+    if not path.is_file():
+        message = f"{path} is missing: run `python -m minillm fetch`"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory):
+    """A 2-layer random Llama (dim 64, GQA 4:2) with F32 matrices and a Q8_0 tied embedding."""
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-f32.gguf",
+                            embedding_type=gguf.GGMLQuantizationType.Q8_0)
+
+
+@pytest.fixture(scope="session")
+def tiny_q4_path(tmp_path_factory):
+    """The same shapes with Q4_1 matrices and a Q8_0 embedding, like SmolLM2's file."""
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-q4_1.gguf",
+                            weight_type=gguf.GGMLQuantizationType.Q4_1,
+                            embedding_type=gguf.GGMLQuantizationType.Q8_0)

@@ -1,0 +1,101 @@
+"""The float transformer: its parts against plain definitions, and cached decode against prefill."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minillm.gguf import GGUFFile
+from minillm.kvcache import KVCache
+from minillm.model import attend, causal_mask, load_float_model, rmsnorm, rope, rope_angles, softmax
+from minillm.errors import MinillmError
+
+from bounds import reordering_atol
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_q4_path):
+    return load_float_model(GGUFFile(tiny_q4_path))
+
+
+def test_rmsnorm_gives_unit_rms():
+    x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32) * 7
+    y = rmsnorm(x, np.ones(64, np.float32), 0.0)
+    np.testing.assert_allclose(np.sqrt((y.astype(np.float64) ** 2).mean(-1)), 1.0, rtol=1e-6)
+
+
+def test_rope_is_a_rotation_that_composes():
+    """Rotating by p then by r equals rotating by p + r, and norms of pairs are kept."""
+    x = np.random.default_rng(1).standard_normal((2, 1, 16)).astype(np.float32)
+    c1, s1 = rope_angles(np.array([3]), 16, 10000.0)
+    c2, s2 = rope_angles(np.array([5]), 16, 10000.0)
+    c3, s3 = rope_angles(np.array([8]), 16, 10000.0)
+    np.testing.assert_allclose(rope(rope(x, c1, s1), c2, s2), rope(x, c3, s3), atol=1e-5)
+    pair_norm = lambda v: np.hypot(v[..., 0::2], v[..., 1::2])
+    np.testing.assert_allclose(pair_norm(rope(x, c3, s3)), pair_norm(x), rtol=1e-5)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    rng = np.random.default_rng(2)
+    q, k = rng.standard_normal((2, 1, 1, 16))
+
+    def score(pq, pk):
+        cq, sq = rope_angles(np.array([pq]), 16, 10000.0)
+        ck, sk = rope_angles(np.array([pk]), 16, 10000.0)
+        return float((rope(q, cq, sq) * rope(k, ck, sk)).sum())
+
+    assert score(10, 7) == pytest.approx(score(103, 100), rel=1e-5)
+
+
+@given(T=st.integers(1, 6), start=st.integers(0, 5), group=st.sampled_from([1, 2, 3]), seed=st.integers(0, 99))
+def test_grouped_attention_equals_attention_with_repeated_kv(T, start, group, seed):
+    """GQA by reshape equals the textbook form: repeat each K/V head for its group, attend per head."""
+    rng = np.random.default_rng(seed)
+    n_kv, hd, S = 2, 8, start + T
+    q = rng.standard_normal((n_kv * group, T, hd))
+    k, v = rng.standard_normal((2, n_kv, S, hd))
+    mask = causal_mask(start, T, S)
+    got = attend(q, k, v, mask)
+    k_rep, v_rep = np.repeat(k, group, axis=0), np.repeat(v, group, axis=0)
+    scores = np.where(mask, q @ k_rep.swapaxes(-1, -2) / np.sqrt(hd), -np.inf)
+    np.testing.assert_allclose(got, softmax(scores) @ v_rep, rtol=1e-12, atol=1e-12)
+
+
+def test_causal_mask_offsets_by_cached_length():
+    assert causal_mask(2, 2, 4).tolist() == [[True, True, True, False], [True, True, True, True]]
+
+
+@settings(max_examples=15)
+@given(ids=st.lists(st.integers(0, 266), min_size=1, max_size=12), split=st.integers(0, 12))
+def test_prefill_equals_token_by_token_decode(tiny, ids, split):
+    """Logits of one batched prefill equal those of feeding the tokens one at a time through the
+    KV cache (and of any prefill + decode split). Only float32 summation order differs."""
+    full = tiny.forward(ids, KVCache(tiny.config, 16))
+    cache = KVCache(tiny.config, 16)
+    split = min(split, len(ids))
+    parts = ([tiny.forward(ids[:split], cache)] if split else []) + [tiny.forward([t], cache) for t in ids[split:]]
+    np.testing.assert_allclose(np.concatenate(parts), full, rtol=0, atol=reordering_atol(full))
+    assert cache.length == len(ids)
+
+
+def test_last_only_is_the_last_row(tiny):
+    ids = [5, 6, 7, 8]
+    full = tiny.forward(ids, KVCache(tiny.config, 8))
+    last = tiny.forward(ids, KVCache(tiny.config, 8), last_only=True)
+    np.testing.assert_allclose(last, full[-1:], rtol=0, atol=reordering_atol(full))
+
+
+def test_context_overflow_and_bad_ids_are_errors(tiny):
+    cache = KVCache(tiny.config, 4)
+    with pytest.raises(MinillmError, match="context"):
+        tiny.forward([1, 2, 3, 4, 5], cache)
+    with pytest.raises(MinillmError, match="out of range"):
+        tiny.forward([tiny.config.vocab_size], KVCache(tiny.config, 4))
+    assert cache.length == 0
+
+
+def test_tied_embedding_is_one_array(tiny):
+    emb = tiny.weights.embedding
+    x = np.random.default_rng(0).standard_normal((1, tiny.config.dim)).astype(np.float32)
+    assert tiny.weights.output is None
+    np.testing.assert_array_equal(tiny.weights.head(x), x @ emb.table.T)
