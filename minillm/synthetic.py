@@ -11,6 +11,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from .tokenizer import bytes_to_unicode
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
     "+ '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -19,22 +21,10 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "o n", "Ġ s"]
 
 
-def byte_level_alphabet() -> list:
-    """GPT-2's map from the 256 byte values to printable characters, in byte order."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in printable:
-            chars[b] = chr(b)
-        else:
-            chars[b] = chr(256 + extra)
-            extra += 1
-    return [chars[b] for b in range(256)]
-
-
 def tiny_vocab():
     """Tokens, token types and merges: 3 control tokens, 256 byte tokens, one token per merge."""
-    tokens = SPECIAL_TOKENS + byte_level_alphabet() + [m.replace(" ", "") for m in MERGES]
+    byte_chars = bytes_to_unicode()
+    tokens = SPECIAL_TOKENS + [byte_chars[b] for b in range(256)] + [m.replace(" ", "") for m in MERGES]
     types = [gguf.TokenType.CONTROL] * len(SPECIAL_TOKENS) + [gguf.TokenType.NORMAL] * (len(tokens) - len(SPECIAL_TOKENS))
     return tokens, [int(t) for t in types], MERGES
 

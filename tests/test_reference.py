@@ -13,6 +13,7 @@ import pytest
 from minillm.gguf import GGUFFile
 from minillm.kvcache import KVCache
 from minillm.model import load_float_model
+from minillm.tokenizer import Tokenizer
 
 REFERENCE = np.load(Path(__file__).parent / "data" / "reference_logits.npz")
 PROMPTS = sorted({key.split("/")[0] for key in REFERENCE.files} - {"greedy", "meta"})
@@ -37,8 +38,10 @@ def test_logits_match_transformers(model, prompt):
 
 
 @pytest.mark.weights
-def test_greedy_continuation_matches_transformers(model):
+def test_greedy_continuation_matches_transformers(model, smollm2_path):
     ids = REFERENCE["france/ids"]
+    tokenizer = Tokenizer.from_metadata(GGUFFile(smollm2_path).metadata)
+    assert tokenizer.encode("The capital of France is") == ids.tolist()
     want = REFERENCE["greedy/ids"].tolist()
     cache = KVCache(model.config, len(ids) + len(want))
     logits = model.forward(ids, cache, last_only=True)

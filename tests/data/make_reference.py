@@ -34,10 +34,11 @@ PROMPTS = {
 }
 
 
-def prompt_ids(tokenizer, text: str, bos_id: int) -> list:
-    """Token ids as llama.cpp makes them for this file: BOS first (add_bos_token is true), special
-    tokens in the text recognised (the chat prompt is written with them)."""
-    return [bos_id] + tokenizer(text, add_special_tokens=False)["input_ids"]
+def prompt_ids(tokenizer, text: str) -> list:
+    """Token ids as llama.cpp makes them for this file: no BOS (its add_bos_token is false), special
+    tokens in the text recognised (the chat prompt is written with them). None of the prompts has
+    digits, which transformers' GGUF tokenizer does not split one by one as SmolLM2 does."""
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def main(path: Path):
@@ -45,17 +46,16 @@ def main(path: Path):
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     model.eval()
-    bos_id = model.config.bos_token_id
     arrays = {}
     with torch.no_grad():
         for name, text in PROMPTS.items():
-            ids = prompt_ids(tokenizer, text, bos_id)
+            ids = prompt_ids(tokenizer, text)
             logits = model(torch.tensor([ids])).logits[0].numpy()  # (T, vocab_size)
             top = np.argsort(-logits, axis=-1, kind="stable")[:, :TOP_K]
             arrays[f"{name}/ids"] = np.array(ids, np.int32)
             arrays[f"{name}/topk_ids"] = top.astype(np.int32)
             arrays[f"{name}/topk_logits"] = np.take_along_axis(logits, top, axis=-1).astype(np.float32)
-        ids = prompt_ids(tokenizer, GREEDY_PROMPT, bos_id)
+        ids = prompt_ids(tokenizer, GREEDY_PROMPT)
         out = model.generate(torch.tensor([ids]), max_new_tokens=GREEDY_TOKENS, do_sample=False,
                              eos_token_id=None, pad_token_id=0)
         arrays["greedy/ids"] = out[0, len(ids):].numpy().astype(np.int32)

@@ -1,0 +1,79 @@
+"""From the user's settings to a ready model: resolve the file, open it, build model and tokenizer.
+
+`RunConfig` holds every setting a model command takes; the CLI fills it from flags, and a
+library user can build it directly:
+
+    rt = load(RunConfig(model="weights/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    ids = rt.tokenizer.encode("The capital of France is")
+"""
+
+import time
+from dataclasses import dataclass, field, replace
+
+from .config import LlamaConfig
+from .errors import UsageError
+from .generate import SamplingSettings
+from .gguf import GGUFFile
+from .kvcache import KVCache
+from .model import Llama
+from .registry import resolve_model
+from .tokenizer import Tokenizer
+from .weights import load_float
+
+BITS_CHOICES = (4, 8, 16, 32)
+IMPLEMENTED_BITS = (32,)
+DEFAULT_CTX_SIZE = 2048
+
+
+@dataclass
+class RunConfig:
+    model: str | None = None        # a registry name or a .gguf path; None = the default model
+    bits: int = 32                  # storage of the weight matrices: 4, 8, 16 or 32
+    ctx_size: int | None = None     # positions the KV cache holds; None = DEFAULT_CTX_SIZE or less
+    max_tokens: int = 256           # new tokens per answer
+    threads: int | None = None      # compute threads; None = all cores
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+
+    def check(self):
+        if self.bits not in BITS_CHOICES:
+            raise UsageError(f"--bits {self.bits} is not one of {', '.join(map(str, BITS_CHOICES))}")
+        if self.bits not in IMPLEMENTED_BITS:
+            raise UsageError(f"--bits {self.bits} is not available yet: the int8/int4/float16 kernels are "
+                             f"still being built; use --bits 32")
+        if self.ctx_size is not None and self.ctx_size < 1:
+            raise UsageError(f"--ctx-size must be at least 1, got {self.ctx_size}")
+        if self.max_tokens < 1:
+            raise UsageError(f"--max-tokens must be at least 1, got {self.max_tokens}")
+        if self.threads is not None and self.threads < 1:
+            raise UsageError(f"--threads must be at least 1, got {self.threads}")
+        self.sampling.check()
+
+
+@dataclass
+class Runtime:
+    """A loaded model with its tokenizer and the settings it was loaded with (defaults resolved)."""
+
+    config: RunConfig
+    gguf: GGUFFile
+    model: Llama
+    tokenizer: Tokenizer
+    load_seconds: float
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.model.config, self.config.ctx_size)
+
+
+def load(config: RunConfig, announce=print) -> Runtime:
+    """Validate the settings, then open, check and load the model they name."""
+    config.check()
+    start = time.perf_counter()
+    gguf = GGUFFile(resolve_model(config.model, announce=announce))
+    model_config = LlamaConfig.from_metadata(gguf.metadata, gguf.path)
+    if config.ctx_size is None:
+        config = replace(config, ctx_size=min(DEFAULT_CTX_SIZE, model_config.context_length))
+    if config.ctx_size > model_config.context_length:
+        raise UsageError(f"--ctx-size {config.ctx_size} is larger than the model's context "
+                         f"length {model_config.context_length}")
+    tokenizer = Tokenizer.from_metadata(gguf.metadata)
+    model = Llama(model_config, load_float(gguf, model_config))
+    return Runtime(config, gguf, model, tokenizer, time.perf_counter() - start)
