@@ -95,6 +95,10 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
 
+def _no_trace(name: str, x: np.ndarray) -> np.ndarray:
+    return x
+
+
 class Llama:
     """The model: configuration plus weights; `forward` runs tokens through it."""
 
@@ -102,37 +106,44 @@ class Llama:
         self.config = config
         self.weights = weights
 
-    def attention(self, layer: int, w: LayerWeights, x: np.ndarray, cache: KVCache, cos, sin) -> np.ndarray:
+    def attention(self, layer: int, w: LayerWeights, x: np.ndarray, cache: KVCache, cos, sin, trace) -> np.ndarray:
         """x: (T, dim) normalised input -> (T, dim) attention output; stores this layer's K, V."""
         c = self.config
-        q = rope(split_heads(w.wq(x), c.n_heads), cos, sin)       # (n_heads, T, head_dim)
-        k = rope(split_heads(w.wk(x), c.n_kv_heads), cos, sin)    # (n_kv_heads, T, head_dim)
-        v = split_heads(w.wv(x), c.n_kv_heads)                    # (n_kv_heads, T, head_dim)
+        q = trace(f"Qcur-{layer}", rope(split_heads(w.wq(x), c.n_heads), cos, sin))     # (n_heads, T, head_dim)
+        k = trace(f"Kcur-{layer}", rope(split_heads(w.wk(x), c.n_kv_heads), cos, sin))  # (n_kv_heads, T, head_dim)
+        v = trace(f"Vcur-{layer}", split_heads(w.wv(x), c.n_kv_heads))                  # (n_kv_heads, T, head_dim)
         start = cache.length
         k_all, v_all = cache.store(layer, k, v)                   # (n_kv_heads, S, head_dim)
         mask = causal_mask(start, x.shape[0], k_all.shape[1])
-        return w.wo(merge_heads(attend(q, k_all, v_all, mask)))
+        return w.wo(trace(f"kqv_out-{layer}", merge_heads(attend(q, k_all, v_all, mask))))
 
     def mlp(self, w: LayerWeights, x: np.ndarray) -> np.ndarray:
         """SwiGLU: down(silu(gate(x)) * up(x)). x: (T, dim) -> (T, dim)"""
         return w.w_down(silu(w.w_gate(x)) * w.w_up(x))
 
-    def forward(self, ids, cache: KVCache, last_only: bool = False) -> np.ndarray:
+    def forward(self, ids, cache: KVCache, last_only: bool = False, trace=None) -> np.ndarray:
         """Run new tokens `ids` (T,) after the cached ones; return logits (T, vocab_size) float32,
-        or (1, vocab_size) for the last token only when `last_only` (what generation needs)."""
+        or (1, vocab_size) for the last token only when `last_only` (what generation needs).
+
+        `trace(name, array)`, if given, sees every intermediate under llama.cpp's graph names
+        (`inp_embd`, `attn_norm-0`, `Qcur-0`, ..., `l_out-29`, `result_norm`, `result_output`)."""
         c = self.config
+        trace = trace or _no_trace
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         self.check_ids(ids, cache)
         T = len(ids)
         cos, sin = rope_angles(cache.length + np.arange(T), c.rope_dim, c.rope_base)
-        x = self.weights.embedding.lookup(ids)                    # (T, dim)
+        x = trace("inp_embd", self.weights.embedding.lookup(ids))                # (T, dim)
         for i, w in enumerate(self.weights.layers):
-            x = x + self.attention(i, w, rmsnorm(x, w.attn_norm, c.norm_eps), cache, cos, sin)
-            x = x + self.mlp(w, rmsnorm(x, w.ffn_norm, c.norm_eps))
+            h = trace(f"attn_norm-{i}", rmsnorm(x, w.attn_norm, c.norm_eps))
+            x = trace(f"ffn_inp-{i}", x + trace(f"attn_out-{i}", self.attention(i, w, h, cache, cos, sin, trace)))
+            h = trace(f"ffn_norm-{i}", rmsnorm(x, w.ffn_norm, c.norm_eps))
+            x = trace(f"l_out-{i}", x + trace(f"ffn_out-{i}", self.mlp(w, h)))
         cache.commit(T)
         if last_only:
             x = x[-1:]
-        return self.weights.head(rmsnorm(x, self.weights.output_norm, c.norm_eps))
+        x = trace("result_norm", rmsnorm(x, self.weights.output_norm, c.norm_eps))
+        return trace("result_output", self.weights.head(x))
 
     def check_ids(self, ids: np.ndarray, cache: KVCache):
         if len(ids) == 0:
