@@ -120,8 +120,9 @@ class _Cursor:
 
 
 class GGUFFile:
-    """A parsed GGUF file: `metadata` (key -> Python value), `tensors` (name -> TensorInfo),
-    and `data(name)`, a read-only view of a tensor's bytes in the memory map (no copy)."""
+    """A parsed GGUF file: `metadata` (key -> Python value) with `value_types` (key -> GGUF types),
+    `tensors` (name -> TensorInfo), and `data(name)`, a read-only view of a tensor's bytes in the
+    memory map (no copy)."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -142,9 +143,16 @@ class GGUFFile:
         # A key-value pair takes at least 13 bytes and a tensor entry at least 24.
         cur.need(13 * n_kv + 24 * n_tensors, "the metadata and tensor table")
         self.metadata = {}
+        self.value_types = {}  # key -> (GGUF value type, element type for arrays), to write the file again
         for i in range(n_kv):
             key = cur.string(f"metadata key #{i}")
-            self.metadata[key] = cur.value(cur.scalar("I", key), key)
+            vtype = cur.scalar("I", key)
+            element_type = None
+            if vtype == GGUFValueType.ARRAY:
+                cur.need(4, key)
+                element_type = struct.unpack_from("<I", self._map, cur.pos)[0]
+            self.metadata[key] = cur.value(vtype, key)
+            self.value_types[key] = (GGUFValueType(vtype), GGUFValueType(element_type) if element_type is not None else None)
         entries = [self._read_tensor_entry(cur, i) for i in range(n_tensors)]
         alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):

@@ -8,6 +8,7 @@ weight is decoded, so a bad file fails fast with a message naming the tensor.
 from dataclasses import dataclass
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from . import quant
 from .config import LlamaConfig
@@ -114,3 +115,26 @@ def load_float(gguf: GGUFFile, config: LlamaConfig) -> ModelWeights:
         output_norm=dequantized(gguf, "output_norm.weight"),
         output=output,
     )
+
+
+INT4_TYPES = {"asym": GGMLQuantizationType.Q4_1, "sym": GGMLQuantizationType.Q4_0}
+FLOAT_TYPES = {32: GGMLQuantizationType.F32, 16: GGMLQuantizationType.F16}
+
+
+def storage_type(info, bits: int, int4: str = "asym", tied_head: bool = False) -> GGMLQuantizationType:
+    """The format a tensor is held in for `--bits`: vectors stay as stored; matrices become float32,
+    float16, Q8_0, or int4 (Q4_1 or Q4_0, `--int4 asym|sym`). At 4 bits a matrix already in an int4
+    format is kept as stored, and so is a tied embedding already at 8 bits or fewer: it is also
+    the LM head, which llama.cpp's quantizer keeps at higher precision for the same reason."""
+    stored = info.ggml_type
+    if len(info.shape) == 1:
+        return stored
+    if bits in FLOAT_TYPES:
+        return FLOAT_TYPES[bits]
+    if bits == 8:
+        return GGMLQuantizationType.Q8_0
+    if stored in INT4_TYPES.values():
+        return stored
+    if tied_head and stored == GGMLQuantizationType.Q8_0:
+        return stored
+    return INT4_TYPES[int4]
