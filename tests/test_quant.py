@@ -25,7 +25,8 @@ def test_dequantize_matches_gguf_on_random_bytes(ggml_type, data):
 @pytest.mark.parametrize("ggml_type", [Q.Q8_0, Q.Q4_0, Q.Q4_1], ids=lambda t: t.name)
 @given(w=float_rows())
 def test_dequantize_matches_gguf_on_quantized_floats(ggml_type, w):
-    raw = gguf.quants.quantize(w, ggml_type)
+    with np.errstate(all="ignore"):  # gguf's Q4_0 quantizer divides by tiny scales on extreme rows
+        raw = gguf.quants.quantize(w, ggml_type)
     assert np.array_equal(quant.dequantize(raw, ggml_type), gguf.quants.dequantize(raw, ggml_type))
 
 
