@@ -25,6 +25,7 @@ def _add_model_flags(p: argparse.ArgumentParser):
     g.add_argument("-n", "--max-tokens", type=int, default=256, help="new tokens per answer at most (default: 256)")
     g.add_argument("-t", "--threads", type=int, default=None,
                    help=f"compute threads (default: all {os.cpu_count()} cores)")
+    _add_attention_flags(g)
     s = p.add_argument_group("sampling")
     s.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default: 0.8)")
     s.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens; 0 = off (default: 40)")
@@ -33,6 +34,17 @@ def _add_model_flags(p: argparse.ArgumentParser):
     s.add_argument("--repeat-penalty", type=float, default=1.0, help="divide logits of recent tokens by this; 1 = off (default: 1.0)")
     s.add_argument("--repeat-last-n", type=int, default=64, help="how many recent tokens the penalty sees (default: 64)")
     s.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same output (default: 0)")
+
+
+def _add_attention_flags(g):
+    g.add_argument("--attention", default="dense", metavar="PATTERN",
+                   help="which keys each query sees: dense | window:W | sinks:S,window:W | strided:K | bigbird:W,G,R "
+                        "(W, S, K, G in tokens, R random blocks); several joined by / take turns over layers "
+                        "(default: dense)")
+    g.add_argument("--block-size", type=int, default=64, metavar="{32,64,128}",
+                   help="positions per block of the attention layout (default: 64)")
+    g.add_argument("--kv-bits", type=int, default=32, metavar="{8,32}",
+                   help="KV cache storage: 32 = float32, 8 = Q8_0 blocks (default: 32)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="metadata, tensor types, parameter count and memory of a model")
     p.add_argument("-m", "--model", default=None, help="a known model name or a .gguf path")
     p.add_argument("-c", "--ctx-size", type=int, default=2048, help="context length for the KV cache size (default: 2048)")
+    _add_attention_flags(p)
     p.set_defaults(run=cmd_info)
 
     p = sub.add_parser("fetch", help="download a known model into the weights directory")
@@ -68,7 +81,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="runs; medians are reported (default: 3)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(run=cmd_bench)
+    _add_verify_commands(sub)
     return parser
+
+
+def _add_verify_commands(sub):
+    p = sub.add_parser("dump", help="save token ids and every intermediate tensor of one forward pass (.npz)")
+    p.add_argument("prompt", help="the text to run")
+    _add_model_flags(p)
+    p.add_argument("-o", "--output", required=True, help="the .npz file to write (layout: minillm.verify.dump)")
+    p.set_defaults(run=cmd_dump)
+
+    p = sub.add_parser("compare", help="compare two dumps tensor by tensor; exit 1 when one differs beyond --tol")
+    p.add_argument("a", help="the reference dump (.npz)")
+    p.add_argument("b", help="the dump to check against it")
+    p.add_argument("--tol", type=float, default=1e-4, help="NMSE threshold per tensor (default: 1e-4)")
+    p.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    p.set_defaults(run=cmd_compare)
+
+    p = sub.add_parser("perplexity", help="perplexity over a text file as llama-perplexity computes it, "
+                                          "and KL divergence against a base")
+    p.add_argument("file", nargs="?", help="UTF-8 text (optional with --kl-divergence-base: the base holds the tokens)")
+    _add_model_flags(p)
+    p.add_argument("--chunks", type=int, default=None, help="score only the first N chunks (default: all)")
+    p.add_argument("--save-kld-base", metavar="BASE", help="also write the log-probabilities in llama.cpp's "
+                                                           "--kl-divergence-base format")
+    p.add_argument("--kl-divergence-base", metavar="BASE", help="KL divergence against a base written by "
+                                                                "--save-kld-base or llama-perplexity")
+    p.add_argument("--kld-base-model", metavar="MODEL", help="KL divergence against another model run in the same "
+                                                             "process; adds the exact KLD from float logits")
+    p.set_defaults(run=cmd_perplexity)
+    p.epilog = ("--ctx-size here defaults to 512 (llama-perplexity's default), or to the base's context "
+                "with --kl-divergence-base.")
 
 
 def set_thread_count(threads: int | None):
@@ -85,7 +129,8 @@ def run_config(args):
     sampling = SamplingSettings(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                                 repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed)
     return RunConfig(model=args.model, bits=args.bits, ctx_size=args.ctx_size, max_tokens=args.max_tokens,
-                     threads=args.threads, sampling=sampling)
+                     threads=args.threads, sampling=sampling, attention=args.attention,
+                     block_size=args.block_size, kv_bits=args.kv_bits)
 
 
 def say(message: str):
@@ -109,7 +154,12 @@ def cmd_info(args) -> int:
     if args.ctx_size < 1:
         from .errors import UsageError
         raise UsageError(f"--ctx-size must be at least 1, got {args.ctx_size}")
-    print(describe(resolve_model(args.model, announce=say), ctx_size=args.ctx_size))
+    from .attention import parse_attention
+    from .kvcache import check_kv_bits
+    check_kv_bits(args.kv_bits)
+    spec = parse_attention(args.attention, args.block_size)
+    spec.check(args.ctx_size)
+    print(describe(resolve_model(args.model, announce=say), ctx_size=args.ctx_size, attention=spec, kv_bits=args.kv_bits))
     return 0
 
 
@@ -163,7 +213,7 @@ def cmd_chat(args) -> int:
     from .generate import ChatSession, Sampler
     rt = load_runtime(args)
     session = ChatSession(rt.model, rt.tokenizer, Sampler(rt.config.sampling), ctx_size=rt.config.ctx_size,
-                          max_tokens=rt.config.max_tokens, system=args.system)
+                          max_tokens=rt.config.max_tokens, system=args.system, cache=rt.new_cache())
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
@@ -208,6 +258,120 @@ def cmd_bench(args) -> int:
                        repeats=args.repeats, startup_seconds=startup)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
+
+
+def cmd_dump(args) -> int:
+    from .errors import UsageError
+    if not args.prompt.strip():
+        raise UsageError("the prompt is empty")
+    from .verify.dump import dump_runtime, save_dump
+    rt = load_runtime(args)
+    dump = dump_runtime(rt, args.prompt, mode="f32")
+    try:
+        save_dump(dump, args.output)
+    except OSError as e:
+        from .errors import MinillmError
+        raise MinillmError(f"{args.output}: cannot write: {e.strerror}") from None
+    say(f"[{len(dump.token_ids)} tokens, {len(dump.tensors)} tensors -> {args.output}]")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .errors import UsageError
+    if not args.tol >= 0:
+        raise UsageError(f"--tol must be a number >= 0, got {args.tol}")
+    from .verify.compare import compare_dumps, comparison_json, format_comparison
+    from .verify.dump import load_dump
+    a, b = load_dump(args.a), load_dump(args.b)
+    result = compare_dumps(a, b, args.tol)
+    print(json.dumps(comparison_json(result), indent=1) if args.json else format_comparison(result, a, b))
+    return 0 if result.ok else 1
+
+
+def cmd_perplexity(args) -> int:
+    from .verify import perplexity as ppl
+    from .verify.kld import read_kld_base
+    check_perplexity_flags(args)
+    base = read_kld_base(args.kl_divergence_base) if args.kl_divergence_base else None
+    if base is not None:
+        ppl.check_base_context(base, args.ctx_size)
+    args.ctx_size = args.ctx_size or (base.n_ctx if base is not None else ppl.DEFAULT_CTX_SIZE)
+    text = read_text(args.file) if args.file else None
+    rt = load_runtime(args)
+    tokens, n_chunk = ppl.tokens_to_score(rt.tokenizer, rt.model.config.vocab_size, rt.config.ctx_size, text,
+                                          base, args.chunks)
+    n_ctx = rt.config.ctx_size
+    say(f"[{len(tokens)} tokens, {n_chunk} chunks of {n_ctx}, scoring the last {n_ctx - 1 - n_ctx // 2} "
+        f"positions of each]")
+    bos_id = rt.tokenizer.bos_id if rt.tokenizer.add_bos else None
+    if base is None and not args.kld_base_model:
+        print(run_perplexity(args, rt, tokens, n_chunk, bos_id).report())
+        return 0
+    if args.kld_base_model:
+        base_rt = load_base_runtime(rt, args.kld_base_model)
+        chunks = ppl.model_base_chunks(base_rt.model, base_rt.new_cache, tokens, n_ctx, n_chunk, bos_id)
+    else:
+        chunks = ppl.file_base_chunks(base, n_chunk)
+    from .verify.kld import format_summary
+    summary = ppl.kl_divergence(rt.model, rt.new_cache, tokens, n_ctx, n_chunk, chunks, bos_id, progress=say)
+    print(format_summary(summary) if summary["count"] >= 100 else
+          f"only {summary['count']} scored tokens: too few for summary statistics (llama-perplexity wants 100)")
+    return 0
+
+
+def run_perplexity(args, rt, tokens, n_chunk, bos_id):
+    """Perplexity with llama.cpp's running "[i]ppl," on stderr, writing a KLD base if asked."""
+    from .verify.kld import KLDBaseWriter
+    from .verify.perplexity import perplexity
+    n_ctx = rt.config.ctx_size
+    progress = lambda text: print(text, end="", file=sys.stderr, flush=True)  # noqa: E731
+    if args.save_kld_base:
+        with KLDBaseWriter(args.save_kld_base, n_ctx, rt.model.config.vocab_size, tokens[:n_chunk * n_ctx]) as w:
+            result = perplexity(rt.model, rt.new_cache, tokens, n_ctx, n_chunk, bos_id, w, progress)
+    else:
+        result = perplexity(rt.model, rt.new_cache, tokens, n_ctx, n_chunk, bos_id, progress=progress)
+    say("")
+    return result
+
+
+def load_base_runtime(rt, model):
+    """The --kld-base-model runtime: the same settings as `rt`, another model file."""
+    from dataclasses import replace
+    from .errors import MinillmError
+    from .runtime import load
+    base_rt = load(replace(rt.config, model=model), announce=say)
+    if base_rt.model.config.vocab_size != rt.model.config.vocab_size:
+        raise MinillmError(f"{model}: a vocabulary of {base_rt.model.config.vocab_size} tokens; "
+                           f"the model has {rt.model.config.vocab_size}")
+    return base_rt
+
+
+def check_perplexity_flags(args):
+    from .errors import UsageError
+    kld_sources = [flag for flag, value in (("--kl-divergence-base", args.kl_divergence_base),
+                                            ("--kld-base-model", args.kld_base_model),
+                                            ("--save-kld-base", args.save_kld_base)) if value]
+    if len(kld_sources) > 1:
+        raise UsageError(f"{' and '.join(kld_sources)} cannot be used together")
+    if args.file is None and not args.kl_divergence_base:
+        raise UsageError("give a text FILE (it may be left out only with --kl-divergence-base)")
+    if args.chunks is not None and args.chunks < 1:
+        raise UsageError(f"--chunks must be at least 1, got {args.chunks}")
+    if args.ctx_size is not None and args.ctx_size < 4:
+        raise UsageError(f"--ctx-size must be at least 4 for perplexity, got {args.ctx_size}")
+
+
+def read_text(path) -> str:
+    from .errors import MinillmError
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise MinillmError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise MinillmError(f"{path}: not UTF-8 text (byte {e.start})") from None
+    except OSError as e:
+        raise MinillmError(f"{path}: cannot read: {e.strerror}") from None
 
 
 def main(argv=None) -> int:

@@ -193,7 +193,7 @@ def generate(model, cache: KVCache, prompt_ids: Sequence[int], sampler: Sampler,
             if stats.generated_tokens == max_tokens:
                 stats.stop_reason = "length"
                 return
-            if cache.length == cache.max_len:
+            if cache.full:
                 stats.stop_reason = "context"
                 return
             start = time.perf_counter()
@@ -230,13 +230,15 @@ class ChatSession:
     writes `<|im_end|>` there, and it is prefilled with the next user message.
     """
 
-    def __init__(self, model, tokenizer, sampler: Sampler, *, ctx_size: int, max_tokens: int, system: str | None = None):
+    def __init__(self, model, tokenizer, sampler: Sampler, *, ctx_size: int, max_tokens: int, system: str | None = None,
+                 cache=None):
+        """`cache`: the KV cache to keep the conversation in (default: a dense KVCache of ctx_size)."""
         if max_tokens < 1:
             raise UsageError(f"--max-tokens must be at least 1, not {max_tokens}")
         self.model, self.tokenizer, self.sampler = model, tokenizer, sampler
         self.max_tokens = max_tokens
         self.system = system
-        self.cache = KVCache(model.config, ctx_size)
+        self.cache = KVCache(model.config, ctx_size) if cache is None else cache
         self.reset()
 
     def reset(self):
@@ -298,7 +300,8 @@ class ChatSession:
 
     def _reuse_cache(self, ids: list[int]) -> int:
         """Keep the cached prefix that `ids` starts with, forget the rest; return its length.
-        The last id is always run again, since sampling needs the logits after it."""
+        The last id is always run again, since sampling needs the logits after it. A ring-buffer
+        cache may keep less than asked (see PatternKVCache.truncate)."""
         keep = min(common_prefix_length(self.ids[:self.cache.length], ids), len(ids) - 1)
         self.cache.truncate(keep)
-        return keep
+        return self.cache.length

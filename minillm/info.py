@@ -2,8 +2,10 @@
 
 from collections import defaultdict
 
+from .attention import DENSE, AttentionSpec
 from .config import LlamaConfig
 from .gguf import GGUFFile
+from .kvcache import check_kv_bits, kv_cache_bytes, ring_rows
 from .weights import validate
 
 MB = 1e6
@@ -22,15 +24,11 @@ def type_summary(gguf: GGUFFile) -> dict:
     return dict(summary)
 
 
-def kv_cache_bytes(config: LlamaConfig, ctx_size: int, bytes_per_value: int = 4) -> int:
-    """Keys and values for every layer, KV head and position: 2 * n_layers * n_kv_heads * head_dim * ctx."""
-    return 2 * config.n_layers * config.n_kv_heads * config.head_dim * ctx_size * bytes_per_value
-
-
-def describe(path, ctx_size: int) -> str:
+def describe(path, ctx_size: int, attention: AttentionSpec = DENSE, kv_bits: int = 32) -> str:
     gguf = GGUFFile(path)
     config = LlamaConfig.from_metadata(gguf.metadata, gguf.path)
     validate(gguf, config)
+    check_kv_bits(kv_bits, config.head_dim)
     lines = [f"file      {gguf.path} ({gguf.file_size / MB:.1f} MB, GGUF v{gguf.version})"]
     lines += [f"{key:<22} {gguf.metadata[key]}" for key in SHOWN_KEYS if key in gguf.metadata]
     lines.append(f"{'vocabulary':<22} {len(gguf.metadata.get('tokenizer.ggml.tokens', []))} tokens, "
@@ -51,5 +49,11 @@ def describe(path, ctx_size: int) -> str:
     lines.append("")
     lines.append(f"LM head        {'tied to token_embd.weight (one array)' if tied else 'output.weight'}")
     lines.append(f"weights        {stored / MB:.1f} MB as stored, {4 * n_params / MB:.1f} MB as loaded (--bits 32)")
-    lines.append(f"KV cache       {kv_cache_bytes(config, ctx_size) / MB:.1f} MB at --ctx-size {ctx_size} (float32)")
+    storage = "float32" if kv_bits == 32 else "Q8_0"
+    lines.append(f"KV cache       {kv_cache_bytes(config, ctx_size, attention, kv_bits) / MB:.1f} MB at --ctx-size "
+                 f"{ctx_size} ({storage}, --attention {attention.name})")
+    if all(ring_rows(p, ctx_size) < ctx_size for p in attention.patterns):
+        lines.append("               ring buffers: generation can continue past --ctx-size")
+    for pattern in dict.fromkeys(attention.patterns):  # each distinct pattern once, in order
+        lines.append(f"attention      {pattern.layout(ctx_size).summary()}")
     return "\n".join(lines)

@@ -1,17 +1,40 @@
-"""The KV cache: keys and values of every position seen so far, so decode computes one new token.
+"""The KV cache: keys and values of the positions attention can still see, so decode computes one new token.
 
-Keys are stored already rotated by RoPE at their absolute positions, so they never need
-rotating again. The buffers are allocated once, for `max_len` positions.
+Keys are stored already rotated by RoPE at their absolute positions, so they never need rotating
+again. Every buffer is allocated once, when the cache is made; storing a token only writes rows.
+
+- `KVCache`: float32, every position up to `max_len`, every layer. The reference, and what dense
+  attention uses.
+- `PatternKVCache`: built for an `AttentionSpec`. A layer whose pattern looks back at most W
+  positions, plus S sinks (`window:W`, `sinks:S,window:W`), keeps a ring buffer of S + W rows:
+  rows 0..S-1 hold the sinks, and position p >= S lives in row S + (p - S) % W, overwriting the
+  position W earlier, which no later query can see. Other layers keep every position. Rows hold
+  float32 or, with `kv_bits=8`, Q8_0 blocks (minillm.quant).
+
+When every layer is a ring buffer, the cache never fills: generation can go on past `max_len`.
+
+Bytes, as `kv_cache_bytes` computes and `nbytes` counts (keys and values, every layer):
+
+    sum over layers of  2 * n_kv_heads * rows * row_bytes
+    rows      = S + W for a ring buffer (when S + W < max_len), else max_len
+    row_bytes = 4 * head_dim (float32), or 34 * head_dim / 32 (Q8_0: a float16 scale + 32 int8 per 32 values)
 """
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
+from . import quant
+from .attention import DENSE, AttentionSpec
 from .config import LlamaConfig
-from .errors import MinillmError
+from .errors import MinillmError, UsageError
+
+KV_BITS = (8, 32)
 
 
 class KVCache:
     """A dense cache: (n_layers, n_kv_heads, max_len, head_dim) float32 for keys and for values."""
+
+    unbounded = False  # it holds max_len positions, no more
 
     def __init__(self, config: LlamaConfig, max_len: int):
         shape = (config.n_layers, config.n_kv_heads, max_len, config.head_dim)
@@ -24,16 +47,25 @@ class KVCache:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
+    @property
+    def full(self) -> bool:
+        return self.length >= self.max_len
+
+    def pattern(self, layer: int):
+        """Which keys a query of this layer may see: all earlier ones."""
+        return DENSE.pattern(layer)
+
     def store(self, layer: int, k: np.ndarray, v: np.ndarray):
         """Write the new tokens' k, v (n_kv_heads, T, head_dim) after the committed positions and
-        return the layer's keys and values so far, (n_kv_heads, S, head_dim) views with S = length + T."""
+        return the layer's keys and values so far, (n_kv_heads, S, head_dim) views with S = length + T,
+        and their positions (S,)."""
         T = k.shape[1]
         end = self.length + T
         if end > self.max_len:
             raise MinillmError(f"context full: {end} positions needed, the cache holds {self.max_len} (--ctx-size)")
         self.k[layer, :, self.length:end] = k
         self.v[layer, :, self.length:end] = v
-        return self.k[layer, :, :end], self.v[layer, :, :end]
+        return self.k[layer, :, :end], self.v[layer, :, :end], np.arange(end)
 
     def commit(self, T: int):
         """Count T new positions as filled, once every layer has stored them."""
@@ -42,3 +74,196 @@ class KVCache:
     def truncate(self, length: int):
         """Forget every position from `length` on (used when a chat history is edited or reset)."""
         self.length = min(self.length, length)
+
+
+class Float32Rows:
+    """Keys and values of n_rows cached positions: (n_kv_heads, n_rows, head_dim) float32 each."""
+
+    def __init__(self, n_kv_heads: int, n_rows: int, head_dim: int):
+        self.k = np.zeros((n_kv_heads, n_rows, head_dim), np.float32)
+        self.v = np.zeros((n_kv_heads, n_rows, head_dim), np.float32)
+
+    def write(self, rows, k, v):
+        self.k[:, rows], self.v[:, rows] = k, v
+
+    def read(self, rows):
+        """(n_kv_heads, len(rows), head_dim) keys and values: views for a slice, copies for an index array."""
+        return self.k[:, rows], self.v[:, rows]
+
+    def roundtrip(self, x):
+        """What x reads back as once stored: itself."""
+        return x
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class Q8Rows(Float32Rows):
+    """The same rows as Q8_0 blocks: (n_kv_heads, n_rows, head_dim / 32 * 34) uint8 each, every
+    32 values [d: float16][32 x int8], value = d * q (minillm.quant). Reads return float32 copies."""
+
+    def __init__(self, n_kv_heads: int, n_rows: int, head_dim: int):
+        check_kv_bits(8, head_dim)
+        row_bytes = head_dim // quant.BLOCK * 34
+        self.k = np.zeros((n_kv_heads, n_rows, row_bytes), np.uint8)
+        self.v = np.zeros((n_kv_heads, n_rows, row_bytes), np.uint8)
+        self.head_dim = head_dim
+
+    def write(self, rows, k, v):
+        self.k[:, rows], self.v[:, rows] = _q8_0(k), _q8_0(v)
+
+    def read(self, rows):
+        return self._dequantize(self.k[:, rows]), self._dequantize(self.v[:, rows])
+
+    def _dequantize(self, raw):
+        """(n_kv_heads, n, row_bytes) -> (n_kv_heads, n, head_dim) float32."""
+        if raw.shape[1] == 0:  # no rows: dequantize_q8_0 cannot infer the width of an empty array
+            return np.zeros((*raw.shape[:2], self.head_dim), np.float32)
+        return quant.dequantize_q8_0(raw)
+
+    def roundtrip(self, x):
+        return quant.dequantize_q8_0(_q8_0(x))
+
+
+def _q8_0(x: np.ndarray) -> np.ndarray:
+    return quant.quantize(x, GGMLQuantizationType.Q8_0)
+
+
+class FullLayer:
+    """One layer's rows for every position up to max_len: position p in row p."""
+
+    def __init__(self, rows: Float32Rows):
+        self.rows = rows
+
+    def store(self, start: int, k, v):
+        """Write positions start..start+T-1; return keys, values and positions of 0..start+T-1."""
+        end = start + k.shape[1]
+        self.rows.write(slice(start, end), k, v)
+        return *self.rows.read(slice(0, end)), np.arange(end)
+
+    def keeps(self, length: int, seen: int) -> bool:
+        """Can the cache go back to `length` positions after seeing `seen`? Always: nothing was dropped."""
+        return True
+
+
+class RingLayer:
+    """One layer's S sinks (rows 0..S-1) and last W positions (position p >= S in row S + (p - S) % W)."""
+
+    def __init__(self, rows: Float32Rows, sinks: int, window: int):
+        self.rows, self.sinks, self.window = rows, sinks, window
+
+    def row(self, positions: np.ndarray) -> np.ndarray:
+        S, W = self.sinks, self.window
+        return np.where(positions < S, positions, S + (positions - S) % W)
+
+    def positions(self, seen: int) -> np.ndarray:
+        """Positions in rows 0, 1, ... after `seen` positions were stored: the filled rows are always
+        a prefix, sinks first, then each window row holds the latest position that maps to it."""
+        S, W = self.sinks, self.window
+        later = max(seen - S, 0)                        # positions stored after the sinks
+        i = np.arange(min(later, W))                    # window rows filled
+        return np.r_[np.arange(min(seen, S)), S + i + W * ((later - 1 - i) // W)]
+
+    def store(self, start: int, k, v):
+        """Write positions start..start+T-1; return keys, values and positions of everything their
+        queries may see. Decode: the ring's rows after the write. Prefill: the sinks, the window
+        before `start` (its first queries see that far back) and all T new tokens."""
+        T = k.shape[1]
+        if T == 1:  # decode: the row overwritten held position start - W, which this query cannot see
+            self.rows.write(self.row(np.array([start])), k, v)
+            pos = self.positions(start + 1)
+            return *self.rows.read(slice(0, len(pos))), pos
+        held = self.positions(start)
+        order = np.argsort(held)                        # position order, so key blocks are position ranges
+        k_old, v_old = self.rows.read(order)            # copies: the writes below may overwrite them
+        new = start + np.arange(T)
+        kept = (new < self.sinks) | (new >= start + T - self.window)
+        self.rows.write(self.row(new[kept]), k[:, kept], v[:, kept])
+        k_all = np.concatenate([k_old, self.rows.roundtrip(k)], axis=1)
+        v_all = np.concatenate([v_old, self.rows.roundtrip(v)], axis=1)
+        return k_all, v_all, np.r_[held[order], new]
+
+    def keeps(self, length: int, seen: int) -> bool:
+        """Can the cache go back to `length` positions after seeing `seen`? Only if the window
+        positions a query at `length` needs were never overwritten."""
+        return length >= seen or seen <= self.sinks + self.window or length <= self.sinks
+
+
+class PatternKVCache:
+    """A cache shaped by an attention spec: a RingLayer where a layer's pattern allows one that is
+    smaller than max_len, else a FullLayer; float32 rows, or Q8_0 with kv_bits=8.
+    `rings=False` keeps every position in every layer, to check the ring buffers against."""
+
+    def __init__(self, config: LlamaConfig, max_len: int, spec: AttentionSpec = DENSE, kv_bits: int = 32,
+                 rings: bool = True):
+        check_kv_bits(kv_bits, config.head_dim)
+        make_rows = Float32Rows if kv_bits == 32 else Q8Rows
+        self.layers = []
+        for i in range(config.n_layers):
+            p = spec.pattern(i)
+            if rings and ring_rows(p, max_len) < max_len:
+                self.layers.append(RingLayer(make_rows(config.n_kv_heads, p.ring_size, config.head_dim), p.sinks, p.window))
+            else:
+                self.layers.append(FullLayer(make_rows(config.n_kv_heads, max_len, config.head_dim)))
+        self.spec, self.kv_bits, self.max_len = spec, kv_bits, max_len
+        self.unbounded = all(isinstance(layer, RingLayer) for layer in self.layers)
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(layer.rows.nbytes for layer in self.layers)
+
+    @property
+    def full(self) -> bool:
+        return not self.unbounded and self.length >= self.max_len
+
+    def pattern(self, layer: int):
+        return self.spec.pattern(layer)
+
+    def store(self, layer: int, k: np.ndarray, v: np.ndarray):
+        """As KVCache.store; a ring buffer returns only the positions its pattern can still see."""
+        end = self.length + k.shape[1]
+        if not self.unbounded and end > self.max_len:
+            raise MinillmError(f"context full: {end} positions needed, the cache holds {self.max_len} (--ctx-size)")
+        return self.layers[layer].store(self.length, k, v)
+
+    def commit(self, T: int):
+        self.length += T
+
+    def truncate(self, length: int):
+        """Forget every position from `length` on. A ring buffer that has overwritten positions a
+        query at `length` would need goes back to its sinks instead: `length` then ends up smaller,
+        and the caller re-runs the tokens after it."""
+        length = min(self.length, length)
+        if not all(layer.keeps(length, self.length) for layer in self.layers):
+            length = min([length] + [layer.sinks for layer in self.layers if isinstance(layer, RingLayer)])
+        self.length = length
+
+
+def check_kv_bits(kv_bits: int, head_dim: int | None = None):
+    """Refuse a --kv-bits value the cache cannot store (head_dim, when known, must fill Q8_0 blocks)."""
+    if kv_bits not in KV_BITS:
+        raise UsageError(f"--kv-bits {kv_bits} is not one of {', '.join(map(str, KV_BITS))}")
+    if kv_bits == 8 and head_dim is not None and head_dim % quant.BLOCK:
+        raise UsageError(f"--kv-bits 8 stores blocks of {quant.BLOCK} values; this model's head_dim {head_dim} "
+                         f"is not a multiple of {quant.BLOCK}")
+
+
+def ring_rows(pattern, max_len: int) -> int:
+    """Rows a layer keeps: S + W for a pattern with a bounded reach when that is below max_len, else max_len."""
+    return min(pattern.ring_size or max_len, max_len)
+
+
+def kv_cache_bytes(config: LlamaConfig, max_len: int, spec: AttentionSpec = DENSE, kv_bits: int = 32) -> int:
+    """Bytes of the cache `new_cache` builds (the formula in the module docstring)."""
+    row_bytes = 4 * config.head_dim if kv_bits == 32 else config.head_dim // quant.BLOCK * 34
+    rows = sum(ring_rows(spec.pattern(i), max_len) for i in range(config.n_layers))
+    return 2 * config.n_kv_heads * rows * row_bytes
+
+
+def new_cache(config: LlamaConfig, max_len: int, spec: AttentionSpec = DENSE, kv_bits: int = 32):
+    """The cache a run needs: the plain KVCache for dense float32 attention, else a PatternKVCache."""
+    if spec.is_dense and kv_bits == 32:
+        return KVCache(config, max_len)
+    return PatternKVCache(config, max_len, spec, kv_bits)

@@ -6,6 +6,10 @@ float one without changing the model's code.
 """
 
 import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+from . import quant
+from .errors import MinillmError
 
 
 class FloatLinear:
@@ -39,3 +43,129 @@ class FloatEmbedding:
     @property
     def nbytes(self) -> int:
         return self.table.nbytes
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed weights: the bytes of a GGUF tensor, multiplied without ever becoming a float matrix.
+
+BACKENDS = ("numba", "numpy")
+
+# Prefill (T > 1) dequantizes this many bytes of float32 rows at a time and hands the tile to
+# BLAS: large enough for BLAS to run at full speed, small enough to stay in a core's L2 cache.
+TILE_BYTES = 1 << 20
+
+
+class QuantLinear:
+    """y = x W^T with W kept as the packed rows of a GGUF tensor (Q8_0, Q4_0, Q4_1, F16, BF16, F32).
+
+    `raw` is (out_features, row_bytes) uint8, for example `GGUFFile.data(name)`: it is used as it
+    is (a memory map stays a memory map), read through zero-copy views, never copied or unpacked.
+
+    One token (T == 1, backend "numba"): a Numba matvec kernel reads the blocks directly, on
+    `threads` threads (kernels/q8_0.py, kernels/q4.py). Several tokens (prefill), float types and
+    backend "numpy": rows are dequantized one tile at a time into a float32 buffer, which BLAS
+    multiplies (x @ tile.T); BLAS uses its own threads (OPENBLAS_NUM_THREADS). The "numpy"
+    backend dequantizes with the NumPy references in minillm.quant, so it needs no Numba.
+    """
+
+    def __init__(self, raw: np.ndarray, ggml_type: GGMLQuantizationType, backend: str = "numba",
+                 threads: int = 1, name: str = "weight"):
+        ggml_type = _checked_packed(raw, ggml_type, name)
+        if backend not in BACKENDS:
+            raise MinillmError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
+        self.name, self.ggml_type, self.backend = name, ggml_type, backend
+        self.raw = raw.view(np.ndarray)  # same bytes; a plain ndarray is quicker for Numba to pass
+        block_size, type_size = GGML_QUANT_SIZES[self.ggml_type]
+        self.out_features = raw.shape[0]
+        self.in_features = raw.shape[1] // type_size * block_size
+        self.tile_rows = max(1, TILE_BYTES // (4 * self.in_features))
+        self.threads = threads
+        self.kernels = None  # PackedRows for the Numba backend and a block type
+        if backend == "numba":
+            from .kernels.packed import TYPES, PackedRows  # imports Numba; "numpy" never does
+            from .kernels.threads import max_threads
+            if not 1 <= threads <= max_threads():
+                raise MinillmError(f"{threads} threads requested: this machine runs 1 to {max_threads()} "
+                                   "(NUMBA_NUM_THREADS)")
+            if self.ggml_type.name in TYPES:
+                self.kernels = PackedRows(self.raw, self.ggml_type.name)
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.nbytes
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        # x: (T, in_features) -> (T, out_features) float32
+        if x.ndim != 2 or x.shape[1] != self.in_features:
+            raise MinillmError(f"{self.name}: input of shape {x.shape} does not fit a {self.out_features} x "
+                               f"{self.in_features} weight (expected (T, {self.in_features}))")
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.kernels is not None and x.shape[0] == 1:
+            return self.kernels.matvec(x[0], self.threads)[None, :]
+        return self._tiled(x)
+
+    def _tiled(self, x: np.ndarray) -> np.ndarray:
+        # x: (T, K) -> (T, N): one float32 tile of rows at a time, multiplied by BLAS.
+        if self.ggml_type == GGMLQuantizationType.F32:
+            return x @ self.raw.view(np.float32).T         # already float32: no tile needed
+        out = np.empty((x.shape[0], self.out_features), np.float32)
+        tile = np.empty((min(self.tile_rows, self.out_features), self.in_features), np.float32)
+        for start in range(0, self.out_features, self.tile_rows):
+            stop = min(self.out_features, start + self.tile_rows)
+            rows = tile[: stop - start]
+            self._dequantize_rows(start, stop, rows)
+            np.matmul(x, rows.T, out=out[:, start:stop])
+        return out
+
+    def _dequantize_rows(self, start: int, stop: int, rows: np.ndarray):
+        # rows: (stop - start, K) float32, filled with W[start:stop]
+        if self.kernels is not None:
+            self.kernels.dequantize_rows(start, stop, rows)
+        else:
+            rows[...] = quant.dequantize(self.raw[start:stop], self.ggml_type)
+
+
+class QuantEmbedding:
+    """The token table as packed rows (e.g. SmolLM2's Q8_0 token_embd), used twice, never copied:
+    `lookup` dequantizes only the rows of the ids in hand; `head` is a QuantLinear over the same
+    array, so the LM head runs the quantized kernel on the very same bytes."""
+
+    def __init__(self, raw: np.ndarray, ggml_type: GGMLQuantizationType, backend: str = "numba",
+                 threads: int = 1, name: str = "token_embd.weight"):
+        self.linear = QuantLinear(raw, ggml_type, backend, threads, name)
+
+    def lookup(self, ids: np.ndarray) -> np.ndarray:
+        # ids: (T,) int -> (T, dim) float32
+        ids = np.asarray(ids)
+        vocab_size = self.linear.out_features
+        if (ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer)
+                or ids.size and (ids.min() < 0 or ids.max() >= vocab_size)):
+            raise MinillmError(f"{self.linear.name}: token ids must be a 1-D array in 0..{vocab_size - 1}")
+        return quant.dequantize(self.linear.raw[ids], self.linear.ggml_type)
+
+    def head(self, x: np.ndarray) -> np.ndarray:
+        return self.linear(x)  # (T, dim) -> (T, vocab_size)
+
+    @property
+    def nbytes(self) -> int:
+        return self.linear.nbytes
+
+
+def _checked_packed(raw: np.ndarray, ggml_type, name: str) -> GGMLQuantizationType:
+    """The GGUF type of raw, after rejecting (before any kernel runs) an unsupported type and
+    bytes that are not whole rows of whole blocks."""
+    if ggml_type not in quant.SUPPORTED_TYPES:
+        type_name = getattr(ggml_type, "name", ggml_type)
+        raise MinillmError(f"{name}: type {type_name} is not supported by minillm's kernels; convert the "
+                           "file with `python -m minillm quantize IN.gguf OUT.gguf --bits 4` (or 8)")
+    ggml_type = GGMLQuantizationType(ggml_type)
+    block_size, type_size = GGML_QUANT_SIZES[ggml_type]
+    if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.ndim != 2:
+        raise MinillmError(f"{name}: expected packed rows as a 2-D uint8 array, got "
+                           f"{getattr(raw, 'dtype', type(raw).__name__)} of shape {np.shape(raw)}")
+    if raw.shape[1] == 0 or raw.shape[1] % type_size:
+        raise MinillmError(f"{name}: rows of {raw.shape[1]} bytes are not whole {ggml_type.name} blocks "
+                           f"({type_size} bytes per {block_size} weights)")
+    if not raw.flags.c_contiguous:
+        raise MinillmError(f"{name}: packed rows must be contiguous in memory (got strides {raw.strides})")
+    return ggml_type

@@ -59,9 +59,12 @@ def causal_mask(start: int, T: int, S: int) -> np.ndarray:
 
 
 def softmax(scores: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis; subtracting the row maximum keeps exp() from overflowing."""
-    e = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+    """Softmax over the last axis; subtracting the row maximum keeps exp() from overflowing.
+    A row that is -inf everywhere (a query whose mask hides every key) gets zeros, not NaN."""
+    row_max = scores.max(axis=-1, keepdims=True)
+    e = np.exp(scores - np.where(row_max == -np.inf, 0, row_max))
+    total = e.sum(axis=-1, keepdims=True)
+    return e / np.where(total == 0, 1, total)
 
 
 def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -78,6 +81,13 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.
     scores = np.where(mask, scores, -np.inf)
     out = softmax(scores) @ v[:, None]                                   # (n_kv_heads, group, T, head_dim)
     return out.reshape(n_heads, T, head_dim)
+
+
+def masked_attention(q, k, v, pattern, q_pos, k_pos) -> np.ndarray:
+    """The reference for any pattern (minillm.attention): dense scores under its element mask.
+    q: (n_heads, T, head_dim), q_pos (T,)  k, v: (n_kv_heads, S, head_dim), k_pos (S,) absolute positions
+    For the dense pattern the mask is causal_mask(start, T, S)."""
+    return attend(q, k, v, pattern.mask(q_pos, k_pos))
 
 
 def split_heads(x: np.ndarray, n_heads: int) -> np.ndarray:
@@ -100,11 +110,14 @@ def _no_trace(name: str, x: np.ndarray) -> np.ndarray:
 
 
 class Llama:
-    """The model: configuration plus weights; `forward` runs tokens through it."""
+    """The model: configuration plus weights; `forward` runs tokens through it.
+    `attention` computes attention under a pattern: the NumPy reference `masked_attention`, or
+    `minillm.attention.block_sparse_attention`, which computes only the blocks the pattern can see."""
 
-    def __init__(self, config: LlamaConfig, weights: ModelWeights):
+    def __init__(self, config: LlamaConfig, weights: ModelWeights, attention=masked_attention):
         self.config = config
         self.weights = weights
+        self.attention_fn = attention
 
     def attention(self, layer: int, w: LayerWeights, x: np.ndarray, cache: KVCache, cos, sin, trace) -> np.ndarray:
         """x: (T, dim) normalised input -> (T, dim) attention output; stores this layer's K, V."""
@@ -112,10 +125,11 @@ class Llama:
         q = trace(f"Qcur-{layer}", rope(split_heads(w.wq(x), c.n_heads), cos, sin))     # (n_heads, T, head_dim)
         k = trace(f"Kcur-{layer}", rope(split_heads(w.wk(x), c.n_kv_heads), cos, sin))  # (n_kv_heads, T, head_dim)
         v = trace(f"Vcur-{layer}", split_heads(w.wv(x), c.n_kv_heads))                  # (n_kv_heads, T, head_dim)
-        start = cache.length
-        k_all, v_all = cache.store(layer, k, v)                   # (n_kv_heads, S, head_dim)
-        mask = causal_mask(start, x.shape[0], k_all.shape[1])
-        return w.wo(trace(f"kqv_out-{layer}", merge_heads(attend(q, k_all, v_all, mask))))
+        q_pos = cache.length + np.arange(x.shape[0])             # absolute positions of the new tokens
+        # The cache returns what this layer's pattern can still see: (n_kv_heads, S, head_dim) and positions (S,)
+        k_all, v_all, k_pos = cache.store(layer, k, v)
+        out = self.attention_fn(q, k_all, v_all, cache.pattern(layer), q_pos, k_pos)  # (n_heads, T, head_dim)
+        return w.wo(trace(f"kqv_out-{layer}", merge_heads(out)))
 
     def mlp(self, w: LayerWeights, x: np.ndarray) -> np.ndarray:
         """SwiGLU: down(silu(gate(x)) * up(x)). x: (T, dim) -> (T, dim)"""
@@ -150,7 +164,7 @@ class Llama:
             raise MinillmError("no tokens to run")
         if ids.min() < 0 or ids.max() >= self.config.vocab_size:
             raise MinillmError(f"token id out of range 0..{self.config.vocab_size - 1}")
-        if cache.length + len(ids) > cache.max_len:
+        if not cache.unbounded and cache.length + len(ids) > cache.max_len:
             raise MinillmError(f"context full: {cache.length} cached + {len(ids)} new tokens "
                                f"exceed the context size {cache.max_len} (--ctx-size)")
 

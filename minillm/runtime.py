@@ -10,12 +10,13 @@ library user can build it directly:
 import time
 from dataclasses import dataclass, field, replace
 
+from .attention import AttentionSpec, block_sparse_attention, parse_attention
 from .config import LlamaConfig
 from .errors import UsageError
 from .generate import SamplingSettings
 from .gguf import GGUFFile
-from .kvcache import KVCache
-from .model import Llama
+from .kvcache import check_kv_bits, new_cache
+from .model import Llama, masked_attention
 from .registry import resolve_model
 from .tokenizer import Tokenizer
 from .weights import load_float
@@ -33,6 +34,12 @@ class RunConfig:
     max_tokens: int = 256           # new tokens per answer
     threads: int | None = None      # compute threads; None = all cores
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    attention: str = "dense"        # the attention pattern (minillm.attention); dense runs the NumPy reference
+    block_size: int = 64            # positions per block of the attention layout: 32, 64 or 128
+    kv_bits: int = 32               # KV cache storage: 32 = float32, 8 = Q8_0 blocks
+
+    def attention_spec(self) -> AttentionSpec:
+        return parse_attention(self.attention, self.block_size)
 
     def check(self):
         if self.bits not in BITS_CHOICES:
@@ -47,6 +54,8 @@ class RunConfig:
         if self.threads is not None and self.threads < 1:
             raise UsageError(f"--threads must be at least 1, got {self.threads}")
         self.sampling.check()
+        self.attention_spec()
+        check_kv_bits(self.kv_bits)
 
 
 @dataclass
@@ -59,8 +68,9 @@ class Runtime:
     tokenizer: Tokenizer
     load_seconds: float
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self.model.config, self.config.ctx_size)
+    def new_cache(self):
+        """A KV cache for the settings: dense, or shaped by the attention pattern (minillm.kvcache)."""
+        return new_cache(self.model.config, self.config.ctx_size, self.config.attention_spec(), self.config.kv_bits)
 
 
 def load(config: RunConfig, announce=print) -> Runtime:
@@ -74,6 +84,10 @@ def load(config: RunConfig, announce=print) -> Runtime:
     if config.ctx_size > model_config.context_length:
         raise UsageError(f"--ctx-size {config.ctx_size} is larger than the model's context "
                          f"length {model_config.context_length}")
+    spec = config.attention_spec()
+    spec.check(config.ctx_size)
+    check_kv_bits(config.kv_bits, model_config.head_dim)
     tokenizer = Tokenizer.from_metadata(gguf.metadata)
-    model = Llama(model_config, load_float(gguf, model_config))
+    attention = masked_attention if spec.is_dense else block_sparse_attention
+    model = Llama(model_config, load_float(gguf, model_config), attention=attention)
     return Runtime(config, gguf, model, tokenizer, time.perf_counter() - start)

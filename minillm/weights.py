@@ -9,12 +9,13 @@ from dataclasses import dataclass
 
 import numpy as np
 from gguf import GGMLQuantizationType
+from tqdm import tqdm
 
 from . import quant
 from .config import LlamaConfig
 from .errors import GGUFError
 from .gguf import GGUFFile
-from .linear import FloatEmbedding, FloatLinear
+from .linear import FloatEmbedding, FloatLinear, QuantEmbedding, QuantLinear
 
 # GGUF name inside block i  ->  field of LayerWeights
 LAYER_TENSORS = {
@@ -32,23 +33,25 @@ LAYER_TENSORS = {
 
 @dataclass
 class LayerWeights:
+    """One transformer block. Each linear is a FloatLinear or a QuantLinear: both are called as
+    `linear(x)` with x (T, in_features), so the model does not know which it has."""
     attn_norm: np.ndarray  # (dim,)
-    wq: FloatLinear        # dim -> n_heads * head_dim
-    wk: FloatLinear        # dim -> n_kv_heads * head_dim
-    wv: FloatLinear        # dim -> n_kv_heads * head_dim
-    wo: FloatLinear        # n_heads * head_dim -> dim
+    wq: object             # dim -> n_heads * head_dim
+    wk: object             # dim -> n_kv_heads * head_dim
+    wv: object             # dim -> n_kv_heads * head_dim
+    wo: object             # n_heads * head_dim -> dim
     ffn_norm: np.ndarray   # (dim,)
-    w_gate: FloatLinear    # dim -> ffn_dim
-    w_up: FloatLinear      # dim -> ffn_dim
-    w_down: FloatLinear    # ffn_dim -> dim
+    w_gate: object         # dim -> ffn_dim
+    w_up: object           # dim -> ffn_dim
+    w_down: object         # ffn_dim -> dim
 
 
 @dataclass
 class ModelWeights:
-    embedding: FloatEmbedding  # also the LM head
+    embedding: object          # FloatEmbedding or QuantEmbedding; also the LM head when tied
     layers: list
     output_norm: np.ndarray    # (dim,)
-    output: FloatLinear | None = None  # a separate LM head, for files that do not tie it
+    output: object = None      # a separate LM head, for files that do not tie it
 
     def head(self, x: np.ndarray) -> np.ndarray:
         """Logits (T, vocab_size) from the final hidden states (T, dim): the tied embedding,
@@ -138,3 +141,45 @@ def storage_type(info, bits: int, int4: str = "asym", tied_head: bool = False) -
     if tied_head and stored == GGMLQuantizationType.Q8_0:
         return stored
     return INT4_TYPES[int4]
+
+
+def packed_tensor(gguf: GGUFFile, name: str, target: GGMLQuantizationType) -> np.ndarray:
+    """A tensor's bytes in format `target`: the memory map itself when it is stored that way,
+    else decoded to float32 and encoded again (one tensor at a time, so no whole-model float copy)."""
+    info = gguf.tensors[name]
+    if info.ggml_type == target:
+        return gguf.data(name)
+    return quant.quantize(dequantized(gguf, name), target)
+
+
+def load_packed(gguf: GGUFFile, config: LlamaConfig, bits: int, *, int4: str = "asym", backend: str = "numba",
+                threads: int = 1, progress: bool = True) -> ModelWeights:
+    """Weights held in the formats `storage_type` picks for `bits`, multiplied by the kernels in
+    their packed form. A file already in those formats is used zero-copy from the memory map."""
+    validate(gguf, config)
+    tied = "output.weight" not in gguf.tensors
+    plan = {name: storage_type(info, bits, int4, tied_head=tied and name == "token_embd.weight")
+            for name, info in gguf.tensors.items() if name in expected_shapes(config) or name == "output.weight"}
+    converting = [name for name, target in plan.items() if target != gguf.tensors[name].ggml_type]
+    bar = tqdm(total=len(converting), desc=f"converting weights to --bits {bits}", unit="tensor",
+               disable=not (progress and converting))
+
+    def linear(name):
+        raw = packed_tensor(gguf, name, plan[name])
+        bar.update(name in converting)
+        return QuantLinear(raw, plan[name], backend, threads, name)
+
+    layers = []
+    for i in range(config.n_layers):
+        fields = {}
+        for name, field in LAYER_TENSORS.items():
+            full = f"blk.{i}.{name}"
+            fields[field] = dequantized(gguf, full) if len(gguf.tensors[full].shape) == 1 else linear(full)
+        layers.append(LayerWeights(**fields))
+    embedding = QuantEmbedding(packed_tensor(gguf, "token_embd.weight", plan["token_embd.weight"]),
+                               plan["token_embd.weight"], backend, threads)
+    bar.update("token_embd.weight" in converting)
+    output = linear("output.weight") if not tied else None
+    bar.close()
+    return ModelWeights(embedding=embedding, layers=layers, output_norm=dequantized(gguf, "output_norm.weight"),
+                        output=output)

@@ -1,0 +1,85 @@
+"""Q8_0 kernels: y = W x for one token, and W tiles as float32 for prefill, read from packed blocks.
+
+A Q8_0 row of K weights is K / 32 blocks of 34 bytes. The kernels read it through two zero-copy
+views of the same bytes: `w16` as 17 little-endian 16-bit words per block, `w8` as int8.
+
+    word 17 b          d, the block's float16 scale
+    word 17 b + t      weights 2 (t - 1) (low byte) and 2 (t - 1) + 1 (high byte), t = 1..16
+
+NumPy references (minillm.quant): `dequantize_q8_0` for `dequantize_rows_q8_0` (bit-identical);
+float64 `dequantize_q8_0(W) @ x` for `matvec_q8_0`, within the bound `tests/bounds.py` derives
+(the kernel multiplies by the int8 activation of `quantize_activation`, then adds in float32).
+"""
+
+import numpy as np
+from numba import prange
+
+from ._jit import jit, jit_inline
+
+
+def _pair_products(w8_row, xa, p):
+    # w8_row: (34 * nb,) i8   xa: (2, 17 * nb) i8   p: (>= 17 * nb,) i16
+    # One int16 per word, two int8 x int8 products: |p| <= 2 * 128 * 127 = 32512 fits. (int()
+    # widens before multiplying, as Numba does anyway; without it plain NumPy int8 would wrap.)
+    # A plain element-wise loop over the words, so LLVM vectorizes it.
+    for k in range(xa.shape[1]):
+        p[k] = int(w8_row[2 * k]) * int(xa[0, k]) + int(w8_row[2 * k + 1]) * int(xa[1, k])
+
+
+pair_products = jit_inline(_pair_products)
+
+
+def _row_dot_q8_0(w16_row, p, xd, f16):
+    # One row's dot product with x from its word products p: per block, an exact integer sum
+    # times the weight scale and the activation scale; blocks added in order in float32.
+    acc = np.float32(0)
+    for b in range(xd.shape[0]):
+        isum = np.int32(0)
+        for t in range(1, 17):
+            # int32 cannot overflow here (16 * 32512 < 2^31); saying so lets LLVM add the
+            # sixteen words in a tree of 32-bit adds instead of a chain of 64-bit ones.
+            isum = np.int32(isum + p[17 * b + t])
+        acc += f16[w16_row[17 * b]] * xd[b] * np.float32(isum)
+    return acc
+
+
+row_dot_q8_0 = jit_inline(_row_dot_q8_0)
+
+
+def _matvec_q8_0(w16, w8, xa, xd, f16, out, p):
+    """out = W x for one token, from Q8_0 rows.
+
+    w16: (N, 17 * nb) u16 and w8: (N, 34 * nb) i8, views of the same packed rows (read-only is fine);
+    xa: (2, 17 * nb) i8 and xd: (nb,) f32 from `activation_for_q8_0`; f16: F16_TO_F32;
+    out: (N,) f32; p: (parts, >= 17 * nb) i16 scratch, one row per thread.
+
+    Loop order: the N rows are cut into p.shape[0] contiguous parts, run in parallel (prange);
+    each row is one SIMD pass over its words (pair_products) and one pass over its blocks.
+    Allocation: none; the caller owns out and p. Load-time unpacking: none.
+    """
+    n_rows = out.shape[0]
+    parts = p.shape[0]
+    for part in prange(parts):
+        for row in range(part * n_rows // parts, (part + 1) * n_rows // parts):
+            pair_products(w8[row], xa, p[part])
+            out[row] = row_dot_q8_0(w16[row], p[part], xd, f16)
+
+
+matvec_q8_0 = jit(_matvec_q8_0, parallel=True)
+
+
+def _dequantize_rows_q8_0(w16, w8, f16, out):
+    """out = the rows as float32, bit-identical to `minillm.quant.dequantize_q8_0`.
+
+    w16: (R, 17 * nb) u16 and w8: (R, 34 * nb) i8 views of the same rows; out: (R, 32 * nb) f32.
+    Serial: the prefill path hands each tile to BLAS, whose threads would contend with Numba's.
+    Allocation: none.
+    """
+    for row in range(out.shape[0]):
+        for b in range(out.shape[1] // 32):
+            d = f16[w16[row, 17 * b]]
+            for e in range(32):
+                out[row, 32 * b + e] = d * np.float32(w8[row, 34 * b + 2 + e])
+
+
+dequantize_rows_q8_0 = jit(_dequantize_rows_q8_0)

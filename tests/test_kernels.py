@@ -1,0 +1,356 @@
+"""Quantizers, the packed-weight kernels and the layers built on them, held to the NumPy references.
+
+- Format code is exact: `quant.quantize` equals `gguf.quants.quantize` byte for byte; the Numba
+  activation quantizer and dequantizers equal their NumPy references bit for bit.
+- The matvec kernels multiply by int8 activations: they are held to float64 W @ x within
+  `bounds.matvec_bound`, derived from the blocks' scales and the float32 sums (see its docstring).
+- The tile path (prefill and the "numpy" backend) is held within `bounds.tile_bound`.
+
+The last test runs this module again in subprocesses with Numba's bounds checking on and with the
+JIT off, so every kernel index is checked and the plain-Python bodies are tested as well.
+"""
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as Q
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from bounds import exact_weights, matvec_bound, tile_bound
+from minillm import quant
+from minillm.errors import MinillmError
+from minillm.kernels import activations
+from minillm.kernels.packed import PackedRows
+from minillm.kernels.threads import max_threads
+from minillm.linear import QuantEmbedding, QuantLinear
+from strategies import raw_rows
+
+BLOCK_TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1]
+FLOAT_TYPES = [Q.F32, Q.F16, Q.BF16]
+THREADS = [1, min(2, max_threads())]
+
+# The subprocess runs (last test) ask for fewer examples: without the JIT, kernels are slow Python.
+_EXAMPLES = os.environ.get("MINILLM_KERNEL_EXAMPLES")
+kernel_settings = settings(max_examples=int(_EXAMPLES)) if _EXAMPLES else settings()
+
+FINITE_F32 = st.floats(width=32, allow_nan=False, allow_infinity=False)  # subnormals and +-3.4e38 included
+
+
+def float_matrices(elements=FINITE_F32, max_rows=4, max_blocks=4):
+    """(rows, 32 * blocks) float32 with the given elements."""
+    shape = st.tuples(st.integers(1, max_rows), st.integers(1, max_blocks).map(lambda b: 32 * b))
+    return shape.flatmap(lambda s: arrays(np.float32, s, elements=elements))
+
+
+def with_finite_scales(raw: np.ndarray, ggml_type) -> np.ndarray:
+    """The same bytes with every float16 scale (d, and m for Q4_1) made finite: an all-ones
+    exponent (inf or NaN) loses its top exponent bit. Other bit patterns, subnormals included, stay."""
+    type_size = GGML_QUANT_SIZES[ggml_type][1]
+    blocks = raw.copy().reshape(raw.shape[0], -1, type_size)
+    for high_byte in (1, 3) if ggml_type == Q.Q4_1 else (1,):
+        high = blocks[..., high_byte]
+        blocks[..., high_byte] = np.where((high >> 2) & 0x1F == 31, high & 0xBF, high)
+    return blocks.reshape(raw.shape)
+
+
+def packed_with_finite_scales(ggml_type, max_rows=6, max_blocks=4):
+    return raw_rows(ggml_type, max_rows, max_blocks).map(lambda raw: with_finite_scales(raw, ggml_type))
+
+
+# Activations: any finite float32 up to 1e20 in magnitude (subnormals and zeros included). Larger
+# ones would overflow float32 inside any float32 kernel against the largest float16 scales.
+LARGEST_ACTIVATION = float(np.float32(1e20))
+ACTIVATIONS = st.floats(-LARGEST_ACTIVATION, LARGEST_ACTIVATION, width=32)
+
+
+def n_cols(raw, ggml_type) -> int:
+    block_size, type_size = GGML_QUANT_SIZES[ggml_type]
+    return raw.shape[1] // type_size * block_size
+
+
+def gguf_quantize(w, ggml_type) -> np.ndarray:
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # gguf warns about the same overflows it then encodes
+        return np.ascontiguousarray(gguf.quants.quantize(w, ggml_type)).view(np.uint8)
+
+
+# --- quantizers ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ggml_type", list(quant.QUANTIZE), ids=lambda t: t.name)
+@given(w=float_matrices())
+def test_quantize_matches_gguf_on_any_finite_floats(ggml_type, w):
+    assert np.array_equal(quant.quantize(w, ggml_type), gguf_quantize(w, ggml_type))
+
+
+EDGE_ROWS = {
+    "zeros": np.zeros(64, np.float32),
+    "constant": np.full(64, 0.75, np.float32),
+    "one outlier": np.where(np.arange(64) == 5, 1000.0, 0.01).astype(np.float32),
+    "halves": np.arange(-32, 32, dtype=np.float32) + 0.5,
+    "float32 max": np.where(np.arange(64) % 2 == 0, 3.4028235e38, -3.4028235e38).astype(np.float32),
+    "float16 max": np.full(64, 65504.0 * 127, np.float32),
+    "subnormal float32": np.full(64, 1e-45, np.float32),
+    "tiny": np.linspace(-1e-30, 1e-30, 64, dtype=np.float32),
+}
+
+
+@pytest.mark.parametrize("ggml_type", list(quant.QUANTIZE), ids=lambda t: t.name)
+@pytest.mark.parametrize("row", list(EDGE_ROWS), ids=str)
+def test_quantize_matches_gguf_on_edge_rows(ggml_type, row):
+    w = EDGE_ROWS[row][None, :]
+    assert np.array_equal(quant.quantize(w, ggml_type), gguf_quantize(w, ggml_type))
+
+
+@pytest.mark.parametrize("ggml_type", BLOCK_TYPES, ids=lambda t: t.name)
+def test_quantize_rejects_rows_of_partial_blocks(ggml_type):
+    with pytest.raises(MinillmError, match="multiple of 32"):
+        quant.quantize(np.zeros((2, 48), np.float32), ggml_type)
+
+
+def test_quantize_rejects_types_without_a_quantizer():
+    with pytest.raises(MinillmError, match="Q2_K"):
+        quant.quantize(np.zeros((1, 256), np.float32), Q.Q2_K)
+
+
+# --- int8 activations ----------------------------------------------------------------------
+
+
+@kernel_settings
+@given(x=float_matrices(max_rows=1).map(lambda a: a[0]))
+def test_activation_kernel_equals_reference(x):
+    q, d = np.empty(x.shape, np.int8), np.empty(x.shape[0] // 32, np.float32)
+    activations.quantize_activation(x, q, d)
+    want_q, want_d = quant.quantize_activation(x)
+    assert np.array_equal(q, want_q)
+    assert np.array_equal(d.view(np.uint32), want_d.view(np.uint32))
+
+
+@given(x=float_matrices(max_rows=1).map(lambda a: a[0]))
+def test_activation_rounding_bound(x):
+    """|x - d q| <= d (1/2 + 255 u) per element; blocks below the flush level become zeros."""
+    q, d = quant.quantize_activation(x)
+    blocks, q, d = x.reshape(-1, 32).astype(np.float64), q.reshape(-1, 32), d.astype(np.float64)
+    assert np.all(np.abs(q.astype(np.int64)) <= 127)
+    kept = d > 0
+    err = np.abs(blocks - d[:, None] * q)
+    assert np.all(err[kept] <= d[kept, None] * (0.5 + 255 * 2.0**-24))
+    assert np.all(q[~kept] == 0) and np.all(np.abs(blocks[~kept]) < quant.ACTIVATION_FLUSH)
+
+
+def test_activation_flush_level_is_shared():
+    assert activations.ACTIVATION_FLUSH == quant.ACTIVATION_FLUSH
+
+
+def test_activation_blocks_at_the_flush_level():
+    """A block whose largest |x| is the flush level is kept; one just below becomes zeros."""
+    level = quant.ACTIVATION_FLUSH
+    x = np.concatenate([np.full(32, level), np.full(32, np.nextafter(level, np.float32(0))),
+                        np.full(32, 1e-38), np.full(32, 1e-30)]).astype(np.float32)
+    x[::3] *= -0.5
+    q, d = np.empty(x.shape, np.int8), np.empty(4, np.float32)
+    activations.quantize_activation(x, q, d)
+    assert np.array_equal(d > 0, [True, False, False, True])
+    want_q, want_d = quant.quantize_activation(x)
+    assert np.array_equal(q, want_q) and np.array_equal(d, want_d)
+
+
+# --- dequantize kernels (the prefill tiles) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("ggml_type", BLOCK_TYPES, ids=lambda t: t.name)
+@kernel_settings
+@given(data=st.data())
+def test_dequantize_rows_bit_identical_on_any_bytes(ggml_type, data):
+    raw = data.draw(raw_rows(ggml_type, max_rows=6))          # NaN and inf scales included
+    start = data.draw(st.integers(0, raw.shape[0] - 1))
+    stop = data.draw(st.integers(start + 1, raw.shape[0]))
+    out = np.empty((stop - start, n_cols(raw, ggml_type)), np.float32)
+    PackedRows(raw, ggml_type.name).dequantize_rows(start, stop, out)
+    with np.errstate(all="ignore"):
+        want = quant.dequantize(raw[start:stop], ggml_type)
+    assert_same_bits_up_to_nan_payload(out, want)
+
+
+def assert_same_bits_up_to_nan_payload(got, want):
+    """Bit-identical, except that a NaN may carry another payload: which operand's NaN an x86
+    instruction returns depends on operand order, which LLVM may swap for commutative ops."""
+    nan = np.isnan(want)
+    assert np.array_equal(np.isnan(got), nan)
+    assert np.array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))
+
+
+# --- matvec kernels ------------------------------------------------------------------------------
+
+
+def assert_within(got, want, bound):
+    err = np.abs(got - want)
+    assert np.all(err <= bound), f"error {err.max()} over bound {bound.ravel()[err.argmax()]}"
+
+
+def assert_matvec_within_bound(raw, ggml_type, x, threads):
+    got = PackedRows(raw, ggml_type.name).matvec(x, threads)
+    assert got.dtype == np.float32 and got.shape == (raw.shape[0],)
+    assert_within(got, exact_weights(raw, ggml_type) @ x.astype(np.float64), matvec_bound(raw, ggml_type, x))
+
+
+@pytest.mark.parametrize("ggml_type", BLOCK_TYPES, ids=lambda t: t.name)
+@kernel_settings
+@given(data=st.data(), threads=st.sampled_from(THREADS))
+def test_matvec_within_derived_bound(ggml_type, data, threads):
+    raw = data.draw(packed_with_finite_scales(ggml_type))
+    x = data.draw(arrays(np.float32, n_cols(raw, ggml_type), elements=ACTIVATIONS))
+    assert_matvec_within_bound(raw, ggml_type, x, threads)
+
+
+def edge_blocks(ggml_type, case: str, rng) -> np.ndarray:
+    """3 rows x 4 blocks of hand-picked blocks: all zero, the largest magnitudes, subnormal scales."""
+    type_size = GGML_QUANT_SIZES[ggml_type][1]
+    blocks = rng.integers(0, 256, (3, 4, type_size), dtype=np.uint8)
+    scale_fields = 2 if ggml_type == Q.Q4_1 else 1
+    if case == "zero":
+        blocks[:] = 0
+    elif case == "largest":
+        blocks[..., :2 * scale_fields] = np.float16([65504, -65504][:scale_fields]).view(np.uint8)
+        blocks[..., 2 * scale_fields:] = 0x80 if ggml_type == Q.Q8_0 else 0xFF   # q = -128, codes 15
+        blocks[1, :, 2 * scale_fields:] = 0x7F if ggml_type == Q.Q8_0 else 0x00  # q = 127, codes 0
+    elif case == "subnormal scales":
+        tiny = np.float16([2.0**-24, -3 * 2.0**-24, 1023 * 2.0**-24])            # smallest, odd, largest
+        blocks[..., 0:2] = tiny[rng.integers(0, 3, (3, 4))].view(np.uint8).reshape(3, 4, 2)
+        if ggml_type == Q.Q4_1:
+            blocks[..., 2:4] = tiny[rng.integers(0, 3, (3, 4))].view(np.uint8).reshape(3, 4, 2)
+    return blocks.reshape(3, -1)
+
+
+@pytest.mark.parametrize("ggml_type", BLOCK_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("case", ["zero", "largest", "subnormal scales"])
+def test_matvec_edge_blocks(ggml_type, case):
+    rng = np.random.default_rng(0)
+    raw = edge_blocks(ggml_type, case, rng)
+    for x in (rng.standard_normal(128).astype(np.float32), np.full(128, -1e20, np.float32)):
+        assert_matvec_within_bound(raw, ggml_type, x, threads=THREADS[-1])
+    if case == "zero":
+        assert np.array_equal(PackedRows(raw, ggml_type.name).matvec(x, 1), np.zeros(3, np.float32))
+
+
+@pytest.mark.parametrize("ggml_type", BLOCK_TYPES, ids=lambda t: t.name)
+@kernel_settings
+@given(data=st.data())
+def test_matvec_does_not_depend_on_thread_count(ggml_type, data):
+    raw = data.draw(packed_with_finite_scales(ggml_type, max_rows=9))
+    x = data.draw(arrays(np.float32, n_cols(raw, ggml_type), elements=ACTIVATIONS))
+    rows = PackedRows(raw, ggml_type.name)
+    assert np.array_equal(rows.matvec(x, 1).view(np.uint32), rows.matvec(x, THREADS[-1]).view(np.uint32))
+
+
+# --- QuantLinear and QuantEmbedding --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ggml_type", BLOCK_TYPES + FLOAT_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+@kernel_settings
+@given(data=st.data(), tokens=st.integers(1, 4))
+def test_quant_linear_within_bounds(ggml_type, backend, data, tokens):
+    w = data.draw(float_matrices(st.floats(-1e3, 1e3, width=32), max_rows=6))
+    raw = quant.quantize(w, ggml_type)
+    x = data.draw(arrays(np.float32, (tokens, w.shape[1]), elements=ACTIVATIONS))
+    linear = QuantLinear(raw, ggml_type, backend=backend, threads=THREADS[-1])
+    got = linear(x)
+    assert got.shape == (tokens, w.shape[0]) and got.dtype == np.float32
+    assert_within(got, x.astype(np.float64) @ exact_weights_any(raw, ggml_type).T,
+                  expected_bound(linear, raw, ggml_type, x))
+
+
+def exact_weights_any(raw, ggml_type) -> np.ndarray:
+    if ggml_type in BLOCK_TYPES:
+        return exact_weights(raw, ggml_type)
+    return quant.dequantize(raw, ggml_type).astype(np.float64)   # float formats decode exactly
+
+
+def expected_bound(linear, raw, ggml_type, x) -> np.ndarray:
+    """The bound of the path QuantLinear takes: the int8 matvec for one token on Numba, else tiles."""
+    if linear.backend == "numba" and x.shape[0] == 1 and ggml_type in BLOCK_TYPES:
+        return matvec_bound(raw, ggml_type, x[0])[None, :]
+    return tile_bound(exact_weights_any(raw, ggml_type), x)
+
+
+def test_quant_linear_reads_a_read_only_memory_map_in_place(tmp_path):
+    w = np.random.default_rng(1).standard_normal((40, 96)).astype(np.float32)
+    path = tmp_path / "rows.bin"
+    quant.quantize(w, Q.Q4_1).tofile(path)
+    mapped = np.memmap(path, dtype=np.uint8, mode="r", shape=(40, 60))
+    linear = QuantLinear(mapped, Q.Q4_1)
+    assert np.shares_memory(linear.raw, mapped) and linear.nbytes == mapped.nbytes
+    for x in (w[:1], w[:3]):
+        assert_within(linear(x), x.astype(np.float64) @ exact_weights(mapped, Q.Q4_1).T,
+                      expected_bound(linear, mapped, Q.Q4_1, x))
+
+
+@pytest.mark.parametrize("ggml_type", BLOCK_TYPES, ids=lambda t: t.name)
+def test_rows_that_are_not_whole_blocks_are_rejected_before_any_kernel(ggml_type):
+    type_size = GGML_QUANT_SIZES[ggml_type][1]
+    with pytest.raises(MinillmError, match=f"not whole {ggml_type.name} blocks"):
+        QuantLinear(np.zeros((4, type_size + 3), np.uint8), ggml_type, name="blk.0.attn_q.weight")
+    linear = QuantLinear(np.zeros((4, type_size * 2), np.uint8), ggml_type)
+    with pytest.raises(MinillmError, match=r"expected \(T, 64\)"):
+        linear(np.zeros((1, 96), np.float32))       # would read past the end of each row
+    with pytest.raises(MinillmError, match="2-D uint8"):
+        QuantLinear(np.zeros((2, 2, type_size), np.uint8), ggml_type)
+    with pytest.raises(MinillmError, match="contiguous"):
+        QuantLinear(np.zeros((4, type_size * 4), np.uint8)[:, ::2], ggml_type)
+
+
+def test_unsupported_type_names_the_tensor_and_suggests_quantize():
+    with pytest.raises(MinillmError, match=r"blk\.3\.ffn_up\.weight: type Q2_K .*minillm quantize"):
+        QuantLinear(np.zeros((4, 84), np.uint8), Q.Q2_K, name="blk.3.ffn_up.weight")
+
+
+def test_bad_backend_and_thread_counts_are_rejected():
+    raw = np.zeros((4, 34), np.uint8)
+    with pytest.raises(MinillmError, match="backend"):
+        QuantLinear(raw, Q.Q8_0, backend="cuda")
+    for threads in (0, max_threads() + 1):
+        with pytest.raises(MinillmError, match="threads"):
+            QuantLinear(raw, Q.Q8_0, threads=threads)
+
+
+@pytest.mark.parametrize("ggml_type", [Q.Q8_0, Q.Q4_1], ids=lambda t: t.name)
+def test_quant_embedding_shares_one_packed_table(ggml_type):
+    rng = np.random.default_rng(2)
+    raw = quant.quantize(rng.standard_normal((50, 64)).astype(np.float32), ggml_type)
+    embedding = QuantEmbedding(raw, ggml_type, threads=2)
+    ids = np.array([3, 0, 49, 3])
+    assert np.array_equal(embedding.lookup(ids), quant.dequantize(raw[ids], ggml_type))
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    assert np.array_equal(embedding.head(x), QuantLinear(raw, ggml_type, threads=2)(x))
+    assert np.shares_memory(embedding.linear.raw, raw) and embedding.nbytes == raw.nbytes
+    for bad in ([50], [-1], [[1, 2]]):
+        with pytest.raises(MinillmError, match="token ids"):
+            embedding.lookup(np.array(bad))
+
+
+# --- the same tests with Numba's bounds checks on, and without the JIT --------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(_EXAMPLES), reason="already inside a checked run")
+@pytest.mark.parametrize("numba_env", [{"NUMBA_BOUNDSCHECK": "1"}, {"NUMBA_DISABLE_JIT": "1"}], ids=str)
+def test_numba_checks_pass(numba_env, tmp_path):
+    """Re-run this module's kernel tests in a subprocess: once with every array index bounds-checked,
+    once as plain Python. NUMBA_CACHE_DIR points at an empty directory because Numba's cache does
+    not key on NUMBA_BOUNDSCHECK: a cached unchecked kernel would silently be reused."""
+    env = {**os.environ, **numba_env, "NUMBA_CACHE_DIR": str(tmp_path), "MINILLM_KERNEL_EXAMPLES": "4"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
+         "-k", "not numba_checks and not gguf"],
+        cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
