@@ -10,35 +10,50 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import quant
 from .errors import MinillmError
+from .parallel import row_pool
 
 
 class FloatLinear:
-    """y = x W^T with W held as a float32 (out_features, in_features) matrix."""
+    """y = x W^T with W held as a float (out_features, in_features) matrix; large products are
+    split over `threads` threads by ranges of output rows (minillm.parallel)."""
 
-    def __init__(self, w: np.ndarray):
+    def __init__(self, w: np.ndarray, threads: int = 1):
         self.w = w  # (out_features, in_features) float32
+        self.pool = row_pool(threads)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         # x: (T, in_features) -> (T, out_features)
-        return x @ self.w.T
+        return rows_product(x, self.w, self.pool)
 
     @property
     def nbytes(self) -> int:
         return self.w.nbytes
 
 
+def rows_product(x: np.ndarray, w: np.ndarray, pool) -> np.ndarray:
+    """x (T, K) @ w.T for w (N, K), computed over ranges of w's rows on the pool's threads."""
+    out = np.empty((x.shape[0], w.shape[0]), np.result_type(x, w))
+
+    def product(start, stop):
+        np.matmul(x, w[start:stop].T, out=out[:, start:stop])
+
+    pool.run(w.shape[0], x.shape[0] * w.size, product)
+    return out
+
+
 class FloatEmbedding:
     """The token table, used twice: rows are looked up for input ids, and the same
     matrix is the LM head (SmolLM2 ties them; there is no separate output.weight)."""
 
-    def __init__(self, table: np.ndarray):
+    def __init__(self, table: np.ndarray, threads: int = 1):
         self.table = table  # (vocab_size, dim) float32
+        self.pool = row_pool(threads)
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:
         return self.table[ids]  # (T, dim)
 
     def head(self, x: np.ndarray) -> np.ndarray:
-        return x @ self.table.T  # (T, dim) -> (T, vocab_size)
+        return rows_product(x, self.table, self.pool)  # (T, dim) -> (T, vocab_size)
 
     @property
     def nbytes(self) -> int:
@@ -80,6 +95,7 @@ class QuantLinear:
         self.in_features = raw.shape[1] // type_size * block_size
         self.tile_rows = max(1, TILE_BYTES // (4 * self.in_features))
         self.threads = threads
+        self.pool = row_pool(threads)
         self.kernels = None  # PackedRows for the Numba backend and a block type
         if backend == "numba":
             from .kernels.packed import TYPES, PackedRows  # imports Numba; "numpy" never does
@@ -105,16 +121,21 @@ class QuantLinear:
         return self._tiled(x)
 
     def _tiled(self, x: np.ndarray) -> np.ndarray:
-        # x: (T, K) -> (T, N): one float32 tile of rows at a time, multiplied by BLAS.
+        # x: (T, K) -> (T, N): each thread takes a range of rows and dequantizes it one float32
+        # tile at a time into a buffer of its own, which BLAS multiplies.
         if self.ggml_type == GGMLQuantizationType.F32:
-            return x @ self.raw.view(np.float32).T         # already float32: no tile needed
+            return rows_product(x, self.raw.view(np.float32), self.pool)  # already float32: no tile
         out = np.empty((x.shape[0], self.out_features), np.float32)
-        tile = np.empty((min(self.tile_rows, self.out_features), self.in_features), np.float32)
-        for start in range(0, self.out_features, self.tile_rows):
-            stop = min(self.out_features, start + self.tile_rows)
-            rows = tile[: stop - start]
-            self._dequantize_rows(start, stop, rows)
-            np.matmul(x, rows.T, out=out[:, start:stop])
+
+        def product(start, stop):
+            tile = np.empty((min(self.tile_rows, stop - start), self.in_features), np.float32)
+            for first in range(start, stop, self.tile_rows):
+                last = min(stop, first + self.tile_rows)
+                rows = tile[: last - first]
+                self._dequantize_rows(first, last, rows)
+                np.matmul(x, rows.T, out=out[:, first:last])
+
+        self.pool.run(self.out_features, x.shape[0] * self.out_features * self.in_features, product)
         return out
 
     def _dequantize_rows(self, start: int, stop: int, rows: np.ndarray):

@@ -7,6 +7,7 @@ library user can build it directly:
     ids = rt.tokenizer.encode("The capital of France is")
 """
 
+import os
 import time
 from dataclasses import dataclass, field, replace
 
@@ -19,17 +20,19 @@ from .kvcache import check_kv_bits, new_cache
 from .model import Llama, masked_attention
 from .registry import resolve_model
 from .tokenizer import Tokenizer
-from .weights import load_float
+from .weights import INT4_TYPES, load_float, load_packed
 
 BITS_CHOICES = (4, 8, 16, 32)
-IMPLEMENTED_BITS = (32,)
+BACKENDS = ("numba", "numpy")
 DEFAULT_CTX_SIZE = 2048
 
 
 @dataclass
 class RunConfig:
     model: str | None = None        # a registry name or a .gguf path; None = the default model
-    bits: int = 32                  # storage of the weight matrices: 4, 8, 16 or 32
+    bits: int = 4                   # storage of the weight matrices: 4, 8, 16 or 32 (minillm.weights.storage_type)
+    int4: str = "asym"              # int4 format for float sources: asym = Q4_1, sym = Q4_0
+    backend: str = "numba"          # numba = the kernels in kernels/; numpy = the NumPy references only
     ctx_size: int | None = None     # positions the KV cache holds; None = DEFAULT_CTX_SIZE or less
     max_tokens: int = 256           # new tokens per answer
     threads: int | None = None      # compute threads; None = all cores
@@ -44,9 +47,10 @@ class RunConfig:
     def check(self):
         if self.bits not in BITS_CHOICES:
             raise UsageError(f"--bits {self.bits} is not one of {', '.join(map(str, BITS_CHOICES))}")
-        if self.bits not in IMPLEMENTED_BITS:
-            raise UsageError(f"--bits {self.bits} is not available yet: the int8/int4/float16 kernels are "
-                             f"still being built; use --bits 32")
+        if self.int4 not in INT4_TYPES:
+            raise UsageError(f"--int4 {self.int4} is not one of {', '.join(INT4_TYPES)}")
+        if self.backend not in BACKENDS:
+            raise UsageError(f"--backend {self.backend} is not one of {', '.join(BACKENDS)}")
         if self.ctx_size is not None and self.ctx_size < 1:
             raise UsageError(f"--ctx-size must be at least 1, got {self.ctx_size}")
         if self.max_tokens < 1:
@@ -89,5 +93,25 @@ def load(config: RunConfig, announce=print) -> Runtime:
     check_kv_bits(config.kv_bits, model_config.head_dim)
     tokenizer = Tokenizer.from_metadata(gguf.metadata)
     attention = masked_attention if spec.is_dense else block_sparse_attention
-    model = Llama(model_config, load_float(gguf, model_config), attention=attention)
-    return Runtime(config, gguf, model, tokenizer, time.perf_counter() - start)
+    model = Llama(model_config, load_weights(gguf, model_config, config), attention=attention)
+    runtime = Runtime(config, gguf, model, tokenizer, 0.0)
+    warm_up(runtime)
+    runtime.load_seconds = time.perf_counter() - start
+    return runtime
+
+
+def load_weights(gguf: GGUFFile, model_config: LlamaConfig, config: RunConfig):
+    """float32 for --bits 32 (the oracle path); packed blocks, read by the kernels, otherwise."""
+    threads = config.threads or os.cpu_count()
+    if config.bits == 32:
+        return load_float(gguf, model_config, threads)
+    return load_packed(gguf, model_config, config.bits, int4=config.int4, backend=config.backend, threads=threads)
+
+
+def warm_up(runtime: Runtime):
+    """Run a 2-token prefill and a 1-token decode on a throwaway cache, so Numba's compiled kernels
+    are loaded (or compiled, the first time on a machine) now, counted as start-up, and never in
+    the first answer's time to first token."""
+    cache = runtime.new_cache()
+    runtime.model.forward([0, 0], cache, last_only=True)
+    runtime.model.forward([0], cache)

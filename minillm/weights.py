@@ -101,7 +101,7 @@ def dequantized(gguf: GGUFFile, name: str) -> np.ndarray:
     return quant.dequantize(gguf.data(name), info.ggml_type).reshape(info.shape)
 
 
-def load_float(gguf: GGUFFile, config: LlamaConfig) -> ModelWeights:
+def load_float(gguf: GGUFFile, config: LlamaConfig, threads: int = 1) -> ModelWeights:
     """All weights dequantized to float32: the baseline every other path is checked against."""
     validate(gguf, config)
     layers = []
@@ -109,11 +109,11 @@ def load_float(gguf: GGUFFile, config: LlamaConfig) -> ModelWeights:
         fields = {}
         for name, field in LAYER_TENSORS.items():
             w = dequantized(gguf, f"blk.{i}.{name}")
-            fields[field] = w if w.ndim == 1 else FloatLinear(w)
+            fields[field] = w if w.ndim == 1 else FloatLinear(w, threads)
         layers.append(LayerWeights(**fields))
-    output = FloatLinear(dequantized(gguf, "output.weight")) if "output.weight" in gguf.tensors else None
+    output = FloatLinear(dequantized(gguf, "output.weight"), threads) if "output.weight" in gguf.tensors else None
     return ModelWeights(
-        embedding=FloatEmbedding(dequantized(gguf, "token_embd.weight")),
+        embedding=FloatEmbedding(dequantized(gguf, "token_embd.weight"), threads),
         layers=layers,
         output_norm=dequantized(gguf, "output_norm.weight"),
         output=output,

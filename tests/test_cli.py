@@ -107,7 +107,10 @@ def test_chat_exit_command(tiny_path):
 
 @pytest.mark.weights
 def test_generate_on_smollm2_says_paris(smollm2_path):
+    """The float path answers "The capital of France is Paris." At --bits 4 the first token is a
+    near-tie ("The" leads "L" by 0.08 in float32 logits) that int8 activation rounding can flip,
+    so the quantized paths are held to statistical bounds in tests/test_quality.py instead."""
     result = minillm("generate", "What is the capital of France?", "--chat", "--temp", "0", "-n", "16",
-                     "--model", smollm2_path, "--threads", "1")
+                     "--model", smollm2_path, "--threads", "1", "--bits", "32")
     assert result.returncode == 0, result.stderr
     assert "Paris" in result.stdout

@@ -164,7 +164,7 @@ def test_exact_kld_of_a_model_against_itself_is_zero(tiny_rt, tokens):
 def test_compressed_kld_is_close_to_the_exact_kld(tiny_path, tiny_q4_path, tokens):
     """Q4_1 against F32 weights: the uint16 KLD differs from the exact one by at most what the
     round trip (b per log-prob) and the -16 cut-off explain, position by position."""
-    base_rt = load(RunConfig(model=str(tiny_path), ctx_size=N_CTX), announce=lambda m: None)
+    base_rt = load(RunConfig(model=str(tiny_path), bits=32, ctx_size=N_CTX), announce=lambda m: None)
     rt = load(RunConfig(model=str(tiny_q4_path), ctx_size=N_CTX), announce=lambda m: None)
     base_logits = ppl.chunk_logits(base_rt.model, base_rt.new_cache, tokens[:N_CTX])
     logits = ppl.chunk_logits(rt.model, rt.new_cache, tokens[:N_CTX])

@@ -1,0 +1,39 @@
+"""Split a matrix product over ranges of output rows, run on a pool of Python threads.
+
+BLAS (kept at one thread of its own: the CLI sets OPENBLAS_NUM_THREADS=1) and the Numba
+dequantizers release the GIL, so plain Python threads run them on separate cores. Threads that
+wait for work block on a queue instead of spinning, so when another program holds a core the
+product slows down by that core's share instead of collapsing, as spinning pools do (measured
+here with 2 threads and the other core busy: OpenBLAS's own pool prefilled 8 tokens/s, one
+thread 93).
+"""
+
+import functools
+from concurrent.futures import ThreadPoolExecutor
+
+# Below this many multiply-adds a product is done on the calling thread: handing it to the
+# pool (tens of microseconds) would cost more than the second core saves.
+MIN_PARALLEL_MACS = 1 << 22
+
+
+class RowPool:
+    """Runs `fn(start, stop)` over the rows of a product, one contiguous range per thread."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        self.executor = ThreadPoolExecutor(threads, thread_name_prefix="minillm") if threads > 1 else None
+
+    def run(self, n_rows: int, macs: int, fn):
+        if self.executor is None or macs < MIN_PARALLEL_MACS or n_rows < self.threads:
+            fn(0, n_rows)
+            return
+        step = -(-n_rows // self.threads)
+        futures = [self.executor.submit(fn, start, min(n_rows, start + step)) for start in range(0, n_rows, step)]
+        for future in futures:
+            future.result()
+
+
+@functools.lru_cache(maxsize=None)
+def row_pool(threads: int) -> RowPool:
+    """One pool per thread count, shared by every layer of a model."""
+    return RowPool(threads)
