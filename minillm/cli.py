@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", default=None, help="model name (default: smollm2-135m)")
     p.set_defaults(run=cmd_fetch)
 
+    p = sub.add_parser("quantize", help="write a copy of a GGUF with its matrices in int4 or int8 blocks")
+    p.add_argument("input", help="the .gguf file to read")
+    p.add_argument("output", help="the .gguf file to write")
+    p.add_argument("--bits", type=int, default=4, metavar="{4,8}", help="4 = int4 blocks, 8 = Q8_0 (default: 4)")
+    p.add_argument("--int4", default="asym", metavar="{asym,sym}", help="asym = Q4_1, sym = Q4_0 (default: asym)")
+    p.set_defaults(run=cmd_quantize)
+
     p = sub.add_parser("bench", help="measure prefill and decode speed, time to first token and peak memory")
     _add_model_flags(p)
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for prefill (default: 128)")
@@ -261,6 +268,16 @@ def cmd_chat(args) -> int:
         for notice in session.notices:
             say(f"({notice})")
         session.notices.clear()
+
+
+def cmd_quantize(args) -> int:
+    from .errors import UsageError
+    from .quantize import requantize
+    from .weights import INT4_TYPES
+    if args.int4 not in INT4_TYPES:
+        raise UsageError(f"--int4 {args.int4} is not one of {', '.join(INT4_TYPES)}")
+    say(f"wrote {requantize(args.input, args.output, args.bits, args.int4)}")
+    return 0
 
 
 def cmd_bench(args) -> int:

@@ -1,0 +1,55 @@
+"""`minillm quantize`: a valid GGUF, every matrix re-encoded as gguf's quantizer does, all metadata kept."""
+
+import subprocess
+import sys
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+
+from minillm.gguf import GGUFFile
+from minillm.quantize import requantize
+from minillm.runtime import RunConfig, load
+from minillm.weights import dequantized
+
+
+@pytest.mark.parametrize("bits, int4, want", [(4, "asym", Q.Q4_1), (4, "sym", Q.Q4_0), (8, "asym", Q.Q8_0)])
+def test_requantized_file_matches_gguf_quantizer(tiny_path, tmp_path, bits, int4, want):
+    out = requantize(tiny_path, tmp_path / "out.gguf", bits, int4, progress=False)
+    src, dst = GGUFFile(tiny_path), GGUFFile(out)
+    assert gguf.GGUFReader(out).tensors  # the gguf package reads it too
+    for key, value in src.metadata.items():
+        if key != "general.file_type":
+            assert dst.metadata[key] == value, key
+    for name, info in src.tensors.items():
+        got = dst.tensors[name]
+        if len(info.shape) == 1:
+            assert got.ggml_type == info.ggml_type
+            assert np.array_equal(dst.data(name), src.data(name))
+            continue
+        # The tied embedding is the LM head: at 4 bits a Q8_0 one is kept, as llama.cpp does.
+        expected = info.ggml_type if (name == "token_embd.weight" and bits == 4) else want
+        assert got.ggml_type == expected, name
+        expected_bytes = src.data(name) if expected == info.ggml_type else gguf.quants.quantize(dequantized(src, name), expected)
+        assert np.array_equal(dst.data(name), expected_bytes.reshape(dst.data(name).shape)), name
+
+
+def test_quantized_file_gives_the_same_logits_as_converting_at_load(tiny_path, tmp_path):
+    out = requantize(tiny_path, tmp_path / "q8.gguf", 8, progress=False)
+    ids = [5, 70, 80, 90]
+    at_load = load(RunConfig(model=str(tiny_path), bits=8, ctx_size=16), announce=print)
+    from_file = load(RunConfig(model=str(out), bits=8, ctx_size=16), announce=print)
+    np.testing.assert_array_equal(at_load.model.forward(ids, at_load.new_cache()),
+                                  from_file.model.forward(ids, from_file.new_cache()))
+
+
+def test_cli_quantize_and_bad_bits(tiny_path, tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "minillm", "quantize", *map(str, a)],
+                                    capture_output=True, text=True)
+    ok = run(tiny_path, tmp_path / "o.gguf", "--bits", "8")
+    assert ok.returncode == 0 and (tmp_path / "o.gguf").is_file(), ok.stderr
+    bad = run(tiny_path, tmp_path / "p.gguf", "--bits", "3")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "4 or 8" in bad.stderr
+    same = run(tiny_path, tiny_path)
+    assert same.returncode == 2 and "differ" in same.stderr
