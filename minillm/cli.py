@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="metadata, tensor types, parameter count and memory of a model")
     p.add_argument("-m", "--model", default=None, help="a known model name or a .gguf path")
     p.add_argument("-c", "--ctx-size", type=int, default=2048, help="context length for the KV cache size (default: 2048)")
+    p.add_argument("--bits", type=int, default=4, metavar="{4,8,16,32}", help="weight storage to size (default: 4)")
+    p.add_argument("--int4", default="asym", metavar="{asym,sym}", help="int4 format for float sources (default: asym)")
     _add_attention_flags(p)
     p.set_defaults(run=cmd_info)
 
@@ -171,15 +173,14 @@ def cmd_fetch(args) -> int:
 def cmd_info(args) -> int:
     from .info import describe
     from .registry import resolve_model
-    if args.ctx_size < 1:
-        from .errors import UsageError
-        raise UsageError(f"--ctx-size must be at least 1, got {args.ctx_size}")
-    from .attention import parse_attention
-    from .kvcache import check_kv_bits
-    check_kv_bits(args.kv_bits)
-    spec = parse_attention(args.attention, args.block_size)
+    from .runtime import RunConfig
+    config = RunConfig(bits=args.bits, int4=args.int4, ctx_size=args.ctx_size, attention=args.attention,
+                       block_size=args.block_size, kv_bits=args.kv_bits)
+    config.check()
+    spec = config.attention_spec()
     spec.check(args.ctx_size)
-    print(describe(resolve_model(args.model, announce=say), ctx_size=args.ctx_size, attention=spec, kv_bits=args.kv_bits))
+    print(describe(resolve_model(args.model, announce=say), ctx_size=args.ctx_size, attention=spec,
+                   kv_bits=args.kv_bits, bits=args.bits, int4=args.int4))
     return 0
 
 

@@ -6,7 +6,8 @@ from .attention import DENSE, AttentionSpec
 from .config import LlamaConfig
 from .gguf import GGUFFile
 from .kvcache import check_kv_bits, kv_cache_bytes, ring_rows
-from .weights import validate
+from .quant import row_bytes
+from .weights import storage_type, validate
 
 MB = 1e6
 SHOWN_KEYS = ("general.name", "general.architecture", "general.license", "general.file_type",
@@ -24,7 +25,19 @@ def type_summary(gguf: GGUFFile) -> dict:
     return dict(summary)
 
 
-def describe(path, ctx_size: int, attention: AttentionSpec = DENSE, kv_bits: int = 32) -> str:
+def loaded_bytes(gguf: GGUFFile, bits: int, int4: str = "asym") -> int:
+    """Bytes the weights take once loaded with --bits: each tensor in the format storage_type picks
+    (for a Q4 file at --bits 4 that is the file's own bytes, mapped, not copied)."""
+    tied = "output.weight" not in gguf.tensors
+    total = 0
+    for name, info in gguf.tensors.items():
+        target = storage_type(info, bits, int4, tied_head=tied and name == "token_embd.weight")
+        total += info.n_elements // info.shape[-1] * row_bytes(target, info.shape[-1])
+    return total
+
+
+def describe(path, ctx_size: int, attention: AttentionSpec = DENSE, kv_bits: int = 32, bits: int = 4,
+             int4: str = "asym") -> str:
     gguf = GGUFFile(path)
     config = LlamaConfig.from_metadata(gguf.metadata, gguf.path)
     validate(gguf, config)
@@ -48,7 +61,8 @@ def describe(path, ctx_size: int, attention: AttentionSpec = DENSE, kv_bits: int
     tied = "output.weight" not in gguf.tensors
     lines.append("")
     lines.append(f"LM head        {'tied to token_embd.weight (one array)' if tied else 'output.weight'}")
-    lines.append(f"weights        {stored / MB:.1f} MB as stored, {4 * n_params / MB:.1f} MB as loaded (--bits 32)")
+    lines.append(f"weights        {stored / MB:.1f} MB as stored, {loaded_bytes(gguf, bits, int4) / MB:.1f} MB as "
+                 f"loaded with --bits {bits}" + (f" --int4 {int4}" if bits == 4 else ""))
     storage = "float32" if kv_bits == 32 else "Q8_0"
     lines.append(f"KV cache       {kv_cache_bytes(config, ctx_size, attention, kv_bits) / MB:.1f} MB at --ctx-size "
                  f"{ctx_size} ({storage}, --attention {attention.name})")
