@@ -26,7 +26,7 @@ def assert_one_line_error(result, code, *words):
 def test_help_is_instant_and_lists_commands():
     result = minillm("--help")
     assert result.returncode == 0
-    for command in ("chat", "generate", "info", "fetch", "bench"):
+    for command in ("chat", "generate", "info", "fetch", "quantize", "bench", "dump", "compare", "perplexity"):
         assert command in result.stdout
 
 
