@@ -9,6 +9,8 @@ import os
 import platform
 import statistics
 
+import numpy as np
+
 from .generate import GenerationStats, Sampler, SamplingSettings, generate
 from .memory import peak_rss_bytes
 
@@ -92,3 +94,23 @@ def format_table(r: dict) -> str:
     ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows) + f"\n(medians of {r['repeats']} runs)"
+
+
+def decode_quality(rt, base_rt, text: str, n_tokens: int) -> dict:
+    """Mean KL divergence KL(base || rt) of the next-token distribution and top-1 agreement, with
+    both models fed the same n_tokens of `text` one token at a time: the decode path chat uses
+    (at --bits 4 and 8 that is the int8-activation kernels; prefill runs float tiles instead)."""
+    ids = rt.tokenizer.encode(text, add_bos=False)[:n_tokens]
+    cache, base_cache = rt.new_cache(), base_rt.new_cache()
+    kl, same = [], 0
+    for token in ids:
+        p = log_softmax(base_rt.model.forward([token], base_cache)[0])
+        q = log_softmax(rt.model.forward([token], cache)[0])
+        kl.append(float(np.exp(p) @ (p - q)))
+        same += int(p.argmax() == q.argmax())
+    return {"tokens": len(ids), "mean_kl": statistics.fmean(kl), "max_kl": max(kl), "top1_agreement": same / len(ids)}
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64) - logits.max()
+    return z - np.log(np.exp(z).sum())

@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=128, help="tokens to decode (default: 128)")
     p.add_argument("--repeats", type=int, default=3, help="runs; medians are reported (default: 3)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--quality", metavar="TEXT", default=None,
+                   help="instead of speed: KL divergence and top-1 agreement against --bits 32 over a text file, "
+                        "decoding one token at a time")
+    p.add_argument("--quality-tokens", type=int, default=2048, help="tokens of TEXT for --quality (default: 2048)")
     p.set_defaults(run=cmd_bench)
     _add_verify_commands(sub)
     return parser
@@ -282,7 +286,16 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import format_table, run_bench
+    from .bench import decode_quality, format_table, run_bench
+    if args.quality:
+        from dataclasses import replace
+        from .runtime import load
+        args.ctx_size = max(args.ctx_size or 0, args.quality_tokens)
+        rt = load_runtime(args)
+        base_rt = load(replace(rt.config, bits=32), announce=say)
+        result = decode_quality(rt, base_rt, read_text(args.quality), args.quality_tokens)
+        print(json.dumps({"bits": rt.config.bits, **result}, indent=None if args.json else 2))
+        return 0
     rt = load_runtime(args)
     startup = time.perf_counter() - START
     result = run_bench(rt, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
