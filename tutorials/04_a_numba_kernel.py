@@ -1,0 +1,347 @@
+# %% [markdown]
+# # Chapter 4: A Numba kernel that beats NumPy
+#
+# **The question.** A decode step feeds one token through the model: every weight matrix is
+# multiplied by one vector. SmolLM2's matrices are stored as Q4_1 blocks (chapter 2), 5 bits per
+# weight. The obvious way to multiply is to dequantize the matrix to float32 and call BLAS, but that
+# writes and reads back 32 bits per weight to use each one once. How do we compute W x straight from
+# the packed bytes, without ever building a float matrix, and how much faster is it?
+#
+# **The idea.** Within a Q4_1 block every weight is `w = d * code + m`, with one scale `d` and one
+# minimum `m` per 32 weights. So a block's share of the dot product factors:
+#
+#     sum_e w_e x_e  =  d * sum_e code_e x_e  +  m * sum_e x_e
+#
+# The inner loop multiplies 4-bit integers by activations; `d` and `m` are used once per block.
+# For one real matrix, `blk.0.ffn_up.weight` (1536 × 576), this is what each way reads per call:
+#
+# | method | weight bytes per call | note |
+# |---|---|---|
+# | dequantize with NumPy, then `W @ x` | 553 kB packed + at least 2 × 3.5 MB | the float32 matrix is written, then read |
+# | float32 matrix kept in memory (`--bits 32`) | 3.5 MB | 6.4 × the file's bytes, resident all the time |
+# | this chapter's Numba kernel | 664 kB | codes, plus d and m widened to float32 once |
+# | minillm's kernel (`QuantLinear`) | 553 kB | the file's bytes as they are, memory-mapped |
+#
+# We build the NumPy reference, write a first kernel in plain loops, read how minillm's kernel goes
+# further, check both against an exact float64 product with error bounds derived from the arithmetic,
+# and time all four.
+
+# %%
+# requires: weights  (the chapter multiplies a real SmolLM2 matrix)
+import os
+
+os.environ["OPENBLAS_NUM_THREADS"] = "1"  # one thread for every contender, as the CLI sets it
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+from gguf import GGMLQuantizationType as Q  # noqa: E402
+
+from minillm import quant  # noqa: E402
+from minillm.gguf import GGUFFile  # noqa: E402
+from minillm.linear import QuantLinear  # noqa: E402
+from minillm.model import rmsnorm  # noqa: E402
+from minillm.registry import resolve_model  # noqa: E402
+
+gguf = GGUFFile(resolve_model(None))
+NAME = "blk.0.ffn_up.weight"
+raw = gguf.data(NAME)  # (N, 360) uint8: 18 blocks of 20 bytes per row, memory-mapped
+N, K = raw.shape[0], raw.shape[1] // 20 * 32
+nb = K // 32
+print(f"{NAME}: {gguf.tensors[NAME].ggml_type.name}, {N} x {K}, {raw.nbytes:,} bytes")
+
+# %% [markdown]
+# The vector: a realistic input for this matrix is an RMS-normalized hidden state. We take the
+# embedding of the token " Paris" and normalize it with the layer's `ffn_norm` weight, as the model
+# would (without the attention half of the block, which does not matter for this chapter).
+
+# %%
+eps = gguf.metadata["llama.attention.layer_norm_rms_epsilon"]
+paris = gguf.data("token_embd.weight")[7042:7043]             # (1, 612) uint8, one Q8_0 row
+norm = quant.dequantize(gguf.data("blk.0.ffn_norm.weight"), Q.F32)
+x = rmsnorm(quant.dequantize_q8_0(paris), norm, eps)[0].astype(np.float32)  # (K,)
+print(f"x: {x.shape} {x.dtype}, |x| from {np.abs(x).min():.2e} to {np.abs(x).max():.2f}")
+
+# %% [markdown]
+# ## 1. The NumPy reference
+#
+# `quant.dequantize_q4_1` turns the packed rows into a float32 matrix (vectorised over all blocks),
+# then BLAS does the product. It is the definition of what every kernel must compute.
+#
+# To check kernels we also need the *exact* product. Each weight `d * code + m` (float16 `d` and
+# `m`, integer code) is a multiple of 2^-24 below 2^21, so float64 holds it exactly (float32 does not:
+# `dequantize_q4_1` rounds it once). Split the bytes into `d`, `m` and codes; we reuse the same
+# arrays for the kernel of section 2.
+
+# %%
+blocks = raw.reshape(N, nb, 20)                                       # (N, nb, 20) view
+d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # (N, nb), exact widening
+m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)  # (N, nb)
+codes = blocks[..., 4:]                                               # (N, nb, 16) view, no copy
+c = np.concatenate([codes & 15, codes >> 4], axis=-1).astype(np.float64)  # (N, nb, 32): element j, j+16
+w_exact = (d[..., None].astype(np.float64) * c + m[..., None]).reshape(N, K)  # (N, K) float64, exact
+x64 = x.astype(np.float64)
+y_exact = w_exact @ x64                                               # (N,)
+
+
+def numpy_matvec(raw, x):
+    """W x by dequantizing every row to float32 first: raw (N, row_bytes) u8, x (K,) f32 -> (N,) f32."""
+    return quant.dequantize_q4_1(raw) @ x
+
+
+y_numpy = numpy_matvec(raw, x)
+# d * code is exact in float32 (11 + 4 significant bits); adding m rounds once, correctly:
+assert np.array_equal(quant.dequantize_q4_1(raw), w_exact.astype(np.float32))
+
+# %% [markdown]
+# How close must it be? Higham's bound ("Accuracy and Stability of Numerical Algorithms", 3.1):
+# a value that went through n float32 roundings, each a factor (1 + delta) with |delta| <= u = 2^-24,
+# is off by a factor (1 + theta) with |theta| <= gamma_n = n u / (1 - n u). In `W @ x` each product
+# w_e x_e is rounded once when the weight is dequantized, once when multiplied, and at most K - 1
+# more times as it is added (in any order BLAS likes, with or without FMA), so the error is at most
+# gamma_(K+1) * sum_e |w_e x_e|. The float64 reference has its own error, gamma_K(2^-53) times the
+# same sum; we add it to every bound below.
+
+# %%
+def gamma(n, u=2.0**-24):
+    """Higham's gamma_n: the relative error bound after n roundings with unit roundoff u."""
+    return n * u / (1 - n * u)
+
+
+abs_wx = np.abs(w_exact) @ np.abs(x64)                                # (N,) sum_e |w_e x_e|
+reference_error = gamma(K, 2.0**-53) * abs_wx
+numpy_bound = gamma(K + 1) * abs_wx + reference_error
+numpy_error = np.abs(y_numpy - y_exact)
+assert np.all(numpy_error <= numpy_bound)
+print(f"NumPy float32: largest error {numpy_error.max():.2e}, "
+      f"largest error / bound {(numpy_error / numpy_bound).max():.3f}")
+
+# %% [markdown]
+# (Products w_e x_e could also lose accuracy by underflowing below 2^-126; here the smallest
+# nonzero |w| and |x| are far above that, so the bound needs no such term.)
+#
+# ## 2. A first Numba kernel
+#
+# The loops say what the formula says: for each row, for each block, one pass over the 16 code bytes.
+# Byte j holds element j in its low nibble and element j + 16 in its high nibble. The body is plain
+# Python; `numba.njit` compiles it to machine code the first time it is called with these types.
+# minillm writes its kernels the same way, function first and `jit` on a separate line, so the same
+# body runs under a debugger or with `NUMBA_DISABLE_JIT=1`.
+#
+# Every number is float32 (`np.float32(0)`, not `0.0`, which Numba would make a float64), as in
+# minillm's kernels.
+
+# %%
+def _matvec_q4_1_loops(x, d, m, codes, out):
+    # x: (K,) f32   d, m: (N, nb) f32   codes: (N, nb, 16) u8   out: (N,) f32
+    # Per block, sum(w*x) = d * sum(code*x) + m * sum(x): d and m leave the inner loop.
+    for row in range(out.shape[0]):
+        acc = np.float32(0)
+        for b in range(d.shape[1]):
+            base = 32 * b
+            dot = np.float32(0)
+            xsum = np.float32(0)
+            for j in range(16):
+                lo = np.float32(codes[row, b, j] & 15)   # element j
+                hi = np.float32(codes[row, b, j] >> 4)   # element j + 16
+                dot += lo * x[base + j] + hi * x[base + 16 + j]
+                xsum += x[base + j] + x[base + 16 + j]
+            acc += d[row, b] * dot + m[row, b] * xsum
+        out[row] = acc
+
+
+matvec_q4_1_loops = numba.njit(_matvec_q4_1_loops, cache=False)
+
+y_loops = np.empty(N, np.float32)
+start = time.perf_counter()
+matvec_q4_1_loops(x, d, m, codes, y_loops)  # the first call compiles
+print(f"compiled and ran in {time.perf_counter() - start:.2f} s")
+
+# %% [markdown]
+# The bound follows the loops. A term code_e x_e is rounded when multiplied, when added to its pair,
+# and at most 16 times in `dot`; then once times `d`, once added to the `m` term, and at most nb
+# times in `acc`: n = nb + 20 roundings. The x_e in `xsum` go through one fewer. So
+#
+#     |y~ - y| <= gamma_(nb+20) * sum_b ( |d_b| sum_e |code_e x_e| + |m_b| sum_e |x_e| )
+#
+# Note the terms: |d code x| and |m x|, not |w x|. The factored form adds d * code and m separately,
+# and they can cancel (m is negative when a block straddles zero), so the bound must count the size
+# of what is really added. With nb = 18, gamma_(nb+20) is 15 times smaller than gamma_(K+1) of
+# section 1: the factored loop rounds each term fewer times than one long dot product does.
+
+# %%
+loops_terms = (np.abs(d) * np.einsum("nbe,be->nb", c, np.abs(x64).reshape(nb, 32))
+               + np.abs(m) * np.abs(x64).reshape(nb, 32).sum(axis=-1)).sum(axis=-1)  # (N,)
+loops_bound = gamma(nb + 20) * loops_terms + reference_error
+loops_error = np.abs(y_loops - y_exact)
+assert np.all(loops_error <= loops_bound)
+print(f"loops kernel:  largest error {loops_error.max():.2e}, "
+      f"largest error / bound {(loops_error / loops_bound).max():.3f}")
+
+# %% [markdown]
+# ## 3. minillm's kernel: integers all the way down
+#
+# `QuantLinear(raw, Q4_1, threads=1)` multiplies the same memory-mapped bytes with
+# `kernels/q4.py:matvec_q4_1`. Three ideas take it beyond the loops above:
+#
+# 1. **The activation becomes int8 blocks, once per call.** `quantize_activation` gives each block
+#    of 32 values a float32 scale dx = max|x| / 127 and integers q = round(x / dx), so x ~ dx * q with
+#    |x - dx q| <= dx / 2 per element (plus a hair for float32, below). That costs K values per
+#    call; the matrix has N × K weights.
+# 2. **Integer products per 16-bit word.** A Q4_1 row is read as little-endian 16-bit words, 10 per
+#    block: d, m, then 8 words of four codes each. The activation is laid out once
+#    (`activation_for_q4`) so that `xa[n, k]` is the int8 value nibble n of word k multiplies (0 for
+#    the d and m words). Then `p[k] = sum_n nibble_n(word_k) * xa[n, k]` is an element-wise loop
+#    over the words with no index arithmetic, which LLVM turns into SIMD instructions that handle
+#    many words each. Codes times int8 values fit an int16 (4 × 15 × 127 = 7620).
+# 3. **Floats only per block.** A block's 8 word products add up to the exact integer
+#    I_b = sum_e code_e q_e; with S_b = sum_e q_e (computed once with the activation),
+#
+#        block b contributes  d_b dx_b I_b + m_b dx_b S_b
+#
+#    A handful of float32 operations per 32 weights; `d` and `m` are read as 16-bit words and turned into
+#    float32 through a 65,536-entry table, so nothing is unpacked at load time.
+#
+# We check the idea in NumPy first: the int8 activation, the integer sums, and the two scaled terms.
+
+# %%
+q, dx = quant.quantize_activation(x)               # (K,) int8, (nb,) float32: x ~ dx * q per block
+qb = q.reshape(nb, 32).astype(np.int64)            # (nb, 32)
+isum = np.einsum("nbe,be->nb", c.astype(np.int64), qb)  # (N, nb) exact integers I_b
+qsum = qb.sum(axis=-1)                             # (nb,) S_b
+d64, m64, dx64 = d.astype(np.float64), m.astype(np.float64), dx.astype(np.float64)
+y_int8 = (d64 * dx64 * isum + m64 * dx64 * qsum).sum(axis=-1)  # (N,) the kernel's sum, in float64
+print("block 0 of x:", np.array2string(x[:4], precision=3), "...  ~ dx * q with dx =",
+      f"{dx[0]:.4f}, q =", q[:4], "...")
+
+lib = QuantLinear(raw, Q.Q4_1, threads=1, name=NAME)
+y_lib = lib(x[None])[0]                            # (N,) float32; compiled kernels come from the cache
+
+# %% [markdown]
+# Two bounds, one for each source of error:
+#
+# - *float32 arithmetic*: each block term takes two roundings for the product d dx I, one for the
+#   sum with the m term, and at most nb for the running sum: gamma_(nb+3) times
+#   sum_b (|d_b dx_b I_b| + |m_b dx_b S_b|). This alone ties the library to `y_int8`.
+# - *int8 activation*: the kernel multiplies W by dx q instead of x, an error of
+#   sum_e |w_e| |x_e - dx q_e|. `quantize_activation` guarantees |x_e - dx q_e| <= dx (1/2 + 255 u)
+#   (its docstring derives the 255 u: x * (1/dx) is rounded twice on the way to a value <= 127).
+#
+# Two things the bound assumes, checked here rather than assumed: no block of x was flushed to zero
+# (dx > 0), and no product d dx or m dx is so small that it rounds as a subnormal. (minillm's own
+# tests use `tests/bounds.py:matvec_bound`, which also covers those cases.)
+
+# %%
+assert np.all(dx > 0)
+for scale in (np.abs(d64 * dx64), np.abs(m64 * dx64)):
+    assert np.all((scale == 0) | (scale >= 2.0**-126))
+arithmetic = gamma(nb + 3) * (np.abs(d64 * dx64 * isum) + np.abs(m64 * dx64 * qsum)).sum(axis=-1)
+per_element = dx64 * (0.5 + 255 * 2.0**-24)                             # (nb,)
+activation = np.einsum("nbe,b->n", np.abs(w_exact).reshape(N, nb, 32), per_element)
+
+lib_vs_int8 = np.abs(y_lib - y_int8)
+assert np.all(lib_vs_int8 <= arithmetic * (1 + gamma(K, 2.0**-53)))   # float64 y_int8's own rounding
+lib_bound = arithmetic + activation + reference_error
+lib_error = np.abs(y_lib - y_exact)
+assert np.all(lib_error <= lib_bound)
+print(f"library vs the int8 sum in float64: largest difference {lib_vs_int8.max():.2e}")
+print(f"library kernel: largest error {lib_error.max():.2e}, "
+      f"largest error / bound {(lib_error / lib_bound).max():.3f}")
+y_max = np.abs(y_exact).max()
+print(f"largest error relative to max|y| = {y_max:.2f}: loops {loops_error.max() / y_max:.1e}, "
+      f"library {lib_error.max() / y_max:.1e}")
+
+# The weights themselves were rounded to Q4_1 from trained values, each by up to d/2; that moves
+# y by up to sum_b d_b/2 sum_e |x_e|. Compare it with the bound on the activation's rounding.
+weight_rounding = (d64 / 2 * np.abs(x64).reshape(nb, 32).sum(axis=-1)).sum(axis=-1)  # (N,)
+print(f"bound from rounding x to int8 / bound from rounding W to Q4_1, median over rows: "
+      f"{np.median(activation / weight_rounding):.2f}")
+
+# %% [markdown]
+# The library's result is further from the exact product than the loops' result: rounding x to
+# 8 bits costs far more than float32 arithmetic (about 1e-2 of the largest output here, against
+# 1e-7). But the worst case it can add is about a tenth of what Q4_1 already allows the weights
+# themselves (each up to d / 2 from its trained value; the last line above), which is why ggml
+# makes the same trade in its own CPU kernels. The int8 activation is the one deliberate, bounded
+# approximation; everything after it is exact integer arithmetic and a few float32 operations per
+# block.
+#
+# ## 4. Measurement
+#
+# Each method runs many times on the same input and we quote the median time of one call, from
+# `time.perf_counter`. The machine is shared, so numbers move from run to run by tens of percent;
+# the chapter prints them and asserts nothing about them. Everything runs on one thread (BLAS too).
+#
+# One caveat: the same matrix is used over and over, so it sits in the CPU cache (4 MiB of L2 per
+# core here holds even the float32 copy). In a real decode step the ~100 MB of weights stream from
+# main memory and bytes read matter more, not less.
+
+# %%
+def median_seconds(run, calls):
+    """The median wall time of `calls` runs of `run()`, in seconds, after one warm-up run."""
+    run()
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+w_f32 = quant.dequantize_q4_1(raw)  # (N, K) float32, what --bits 32 keeps in memory
+x_row = x[None]                     # (1, K): QuantLinear's input is (T, K)
+f32_bytes = w_f32.nbytes
+contenders = [
+    ("NumPy: dequantize, then W @ x", lambda: numpy_matvec(raw, x), 50,
+     raw.nbytes + 2 * f32_bytes),
+    ("float32 matrix: x @ W.T (BLAS)", lambda: x_row @ w_f32.T, 200, f32_bytes),
+    ("Numba loops (section 2)", lambda: matvec_q4_1_loops(x, d, m, codes, y_loops), 200,
+     codes.size + d.nbytes + m.nbytes),
+    ("minillm QuantLinear (section 3)", lambda: lib(x_row), 200, raw.nbytes),
+]
+print(f"{'method':34} {'median':>10} {'weight bytes':>13} {'GB/s':>6} {'vs NumPy':>9}")
+numpy_seconds = None
+results = {}
+for label, run, calls, nbytes in contenders:
+    seconds = median_seconds(run, calls)
+    numpy_seconds = numpy_seconds or seconds
+    results[label] = seconds
+    print(f"{label:34} {seconds * 1e6:7.0f} us {nbytes:>13,} {nbytes / seconds / 1e9:6.1f} "
+          f"{numpy_seconds / seconds:8.1f}x")
+
+# %% [markdown]
+# What to read in the table (your numbers will differ; when this chapter was written, one run on a
+# shared 2-core Xeon gave medians of about 2,000, 110, 560 and 90 us, top to bottom):
+#
+# - Dequantizing costs far more than the product itself: NumPy builds several temporary arrays per
+#   call (nibbles, float codes, the scaled matrix), some as big as the weights in float32.
+# - The plain loops beat dequantize-then-multiply (about 4× here) while reading a fifth of the
+#   bytes of a float32 matrix, but they are slower than BLAS on a ready float32 matrix: one float
+#   multiply-add per weight, with a mask or shift and a conversion in front of it, one weight at a
+#   time, and the adds chained through `dot` in order, which keeps LLVM from vectorizing them.
+# - minillm's kernel does the multiplies on integers in SIMD registers and reads the file's bytes
+#   unchanged; here it matches or beats BLAS on a matrix 6.4 times larger in memory. For the whole
+#   model that is 98 MB mapped instead of 538 MB resident, and when the weights come from main
+#   memory, fewer bytes per call count for even more.
+
+# %%
+print(f"loops kernel vs NumPy reference: {results[contenders[0][0]] / results[contenders[2][0]]:.0f}x; "
+      f"minillm kernel vs loops: {results[contenders[2][0]] / results[contenders[3][0]]:.1f}x; "
+      f"minillm kernel vs float32 BLAS: {results[contenders[1][0]] / results[contenders[3][0]]:.1f}x")
+
+# %% [markdown]
+# ## Exercises
+#
+# 1. Add `prange` (from numba) over the rows of `_matvec_q4_1_loops`, jit it with `parallel=True`, and
+#    time it with `numba.set_num_threads(1)` and `(2)`. Why does the bound of section 2 not change?
+#    Then time `QuantLinear(raw, Q.Q4_1, threads=2)`: on a shared 2-core machine, how close to 2×
+#    do you get?
+# 2. Replace the float32 `dot` in the loops kernel by an int32 sum of `code * q` with the int8 `q` and
+#    `dx` of section 3 (one block at a time: `acc += d * dx[b] * isum + m * dx[b] * qsum[b]`). Does it
+#    get faster? Look at `kernels/q4.py:_nibble_products` and explain what LLVM can vectorize there that
+#    it cannot in your version (hint: the byte-to-element index arithmetic, and int16 lanes).
+# 3. Time the LM head, `token_embd.weight` (Q8_0, 49,152 × 576, 30 MB: too big for the L2 cache):
+#    `QuantLinear(gguf.data("token_embd.weight"), Q.Q8_0)` against `x @ W.T` on its float32 copy
+#    (`quant.dequantize_q8_0`, 113 MB). How many GB/s does each reach now, and how does the ratio
+#    compare with section 4?
