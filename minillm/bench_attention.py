@@ -95,8 +95,8 @@ def speed(rt, patterns, contexts, decode_tokens: int, repeats: int, say) -> list
     return results
 
 
-def format_speed(rows, machine: str, threads: int) -> str:
-    lines = [f"machine: {machine}, {threads} threads; prefill in chunks of {CHUNK}; medians",
+def format_speed(rows, setting: str) -> str:
+    lines = [f"{setting}; prefill in chunks of {CHUNK}; medians",
              "", "| pattern | context | KV cache MiB | prefill s | of which attention s | decode tokens/s | blocks vs causal |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -178,6 +178,7 @@ def main(argv=None) -> int:
     parser.add_argument("-m", "--model", default=None, help="a known model name or a .gguf path (default: smollm2-135m)")
     parser.add_argument("--contexts", default=",".join(map(str, CONTEXTS)), help="comma-separated context lengths")
     parser.add_argument("--patterns", default=None, help="patterns separated by ';' (a pattern may contain commas; default: the issue's set)")
+    parser.add_argument("--bits", type=int, default=4, help="weight storage, as for every model command (default: 4)")
     parser.add_argument("--block-size", type=int, default=64, help="positions per block (default: 64)")
     parser.add_argument("--kv-bits", type=int, default=32, help="KV cache storage, 8 or 32 (default: 32)")
     parser.add_argument("--decode-tokens", type=int, default=8, help="decode steps per context (default: 8)")
@@ -191,24 +192,27 @@ def main(argv=None) -> int:
     from .errors import MinillmError, UsageError
     from .runtime import RunConfig, load
     try:
+        if not all(c.strip().isdigit() and int(c) > 0 for c in args.contexts.split(",")):
+            raise UsageError(f"--contexts {args.contexts!r}: expected positive whole numbers separated by commas")
         contexts = [int(c) for c in args.contexts.split(",")]
         default = SPEED_PATTERNS if args.what == "speed" else QUALITY_PATTERNS
         patterns = args.patterns.split(";") if args.patterns else list(default)
         if args.what == "quality" and not args.file:
             raise UsageError("quality needs a text file")
-        rt = load(RunConfig(model=args.model, ctx_size=None, block_size=args.block_size, kv_bits=args.kv_bits,
-                            threads=args.threads), announce=say)
+        rt = load(RunConfig(model=args.model, bits=args.bits, ctx_size=None, block_size=args.block_size,
+                            kv_bits=args.kv_bits, threads=args.threads), announce=say)
         if args.what == "speed":
             rows = speed(rt, patterns, contexts, args.decode_tokens, args.repeats, say)
             import numba
-            print(json.dumps(rows, indent=1) if args.json else format_speed(rows, machine(), numba.get_num_threads()))
+            setting = f"{rt.gguf.path.name} --bits {args.bits}, {machine()}, {numba.get_num_threads()} threads"
+            print(json.dumps(rows, indent=1) if args.json else format_speed(rows, setting))
         else:
             with open(args.file, encoding="utf-8") as f:
                 rows = quality(rt, f.read(), patterns, contexts, say)
             print(json.dumps(rows, indent=1) if args.json else format_quality(rows))
-    except (MinillmError, ValueError) as err:
+    except MinillmError as err:
         say(f"minillm.bench_attention: error: {err}")
-        return 2 if isinstance(err, (UsageError, ValueError)) else 1
+        return err.exit_code
     return 0
 
 

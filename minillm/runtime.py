@@ -92,7 +92,8 @@ def load(config: RunConfig, announce=print) -> Runtime:
     spec.check(config.ctx_size)
     check_kv_bits(config.kv_bits, model_config.head_dim)
     tokenizer = Tokenizer.from_metadata(gguf.metadata)
-    attention = masked_attention if spec.is_dense else block_sparse_attention
+    # Dense attention, and everything under --backend numpy, runs the NumPy reference; sparse patterns the kernels.
+    attention = masked_attention if spec.is_dense or config.backend == "numpy" else block_sparse_attention
     model = Llama(model_config, load_weights(gguf, model_config, config), attention=attention)
     runtime = Runtime(config, gguf, model, tokenizer, 0.0)
     warm_up(runtime)

@@ -17,6 +17,7 @@ from minillm.attention import (BLOCK_SIZES, DENSE, Pattern, block_sparse_attenti
                                visits)
 from minillm.errors import UsageError
 from minillm.gguf import GGUFFile
+from minillm.kernels.attention import exp_scores
 from minillm.kvcache import KVCache, PatternKVCache
 from minillm.model import Llama, attend, causal_mask, load_float_model, masked_attention
 
@@ -166,6 +167,20 @@ def test_keys_in_any_order_give_the_same_attention(pattern, S, T, seed):
     assert nmse(got, reference(q, k[:, order], v[:, order], pattern, q_pos, k_pos)) <= NMSE_LIMIT
 
 
+@kernel_settings
+@given(x=st.lists(st.floats(-200, 0, width=32) | st.just(-np.inf), min_size=1, max_size=128))
+def test_exp_scores_is_within_2_ulp_of_exp(x):
+    """The kernels' vectorizable exp: within 2 units in the last place of float32 (2^-22 relative)
+    of the exact value down to -87, and 0 below, where exp is under 1.7e-38."""
+    x = np.array(x, np.float32)
+    out, bits = np.empty_like(x), np.empty(len(x), np.int32)
+    exp_scores(x, out, bits, len(x))
+    exact = np.exp(x.astype(np.float64))
+    normal = x >= -87
+    assert np.all(np.abs(out[normal] - exact[normal]) <= 2.0**-22 * exact[normal])
+    assert np.all(out[~normal] == 0)
+
+
 @pytest.mark.parametrize("T", [1, 40])
 def test_a_query_that_sees_no_key_gets_zeros_not_nan(T):
     """Queries at positions 0.. against keys at 100..: the mask hides everything."""
@@ -186,7 +201,7 @@ def test_kernel_tests_pass_with_bounds_checks_and_without_the_jit(numba_env, tmp
     env = {**os.environ, **numba_env, "NUMBA_CACHE_DIR": str(tmp_path), "MINILLM_KERNEL_EXAMPLES": "4"}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-         "-k", "block_sparse or any_order or sees_no_key or at_least_the_sequence"],
+         "-k", "block_sparse or any_order or sees_no_key or at_least_the_sequence or exp_scores"],
         cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
