@@ -41,7 +41,7 @@ def _unpack_nibbles(codes: np.ndarray) -> np.ndarray:
 
 def _flatten_blocks(w: np.ndarray) -> np.ndarray:
     """(..., n_blocks, 32) -> (..., n_blocks * 32)."""
-    return w.reshape(*w.shape[:-2], -1)
+    return w.reshape(*w.shape[:-2], w.shape[-2] * w.shape[-1])
 
 
 def dequantize_q8_0(raw: np.ndarray) -> np.ndarray:
