@@ -6,7 +6,6 @@ import struct
 import subprocess
 import sys
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +19,7 @@ from minillm.gguf import GGUFFile
 from minillm.kernels.attention import exp_scores
 from minillm.kvcache import KVCache, PatternKVCache
 from minillm.model import Llama, attend, causal_mask, load_float_model, masked_attention
+from numba_checks import NUMBA_ENVS, run_checked
 
 NMSE_LIMIT = 1e-7  # from the issue: kernel against a float64 reference
 
@@ -193,16 +193,11 @@ def test_a_query_that_sees_no_key_gets_zeros_not_nan(T):
 
 @pytest.mark.slow
 @pytest.mark.skipif(bool(_EXAMPLES), reason="already inside a checked run")
-@pytest.mark.parametrize("numba_env", [{"NUMBA_BOUNDSCHECK": "1"}, {"NUMBA_DISABLE_JIT": "1"}], ids=str)
+@pytest.mark.parametrize("numba_env", NUMBA_ENVS, ids=str)
 def test_kernel_tests_pass_with_bounds_checks_and_without_the_jit(numba_env, tmp_path):
-    """Re-run the kernel tests above in a subprocess: once with every array index bounds-checked,
-    once as plain Python. NUMBA_CACHE_DIR is empty because Numba's cache does not key on
-    NUMBA_BOUNDSCHECK: a cached unchecked kernel would silently be reused."""
-    env = {**os.environ, **numba_env, "NUMBA_CACHE_DIR": str(tmp_path), "MINILLM_KERNEL_EXAMPLES": "4"}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-         "-k", "block_sparse or any_order or sees_no_key or at_least_the_sequence or exp_scores"],
-        cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True, timeout=600)
+    """Re-run the kernel tests above with every array index bounds-checked, then as plain Python."""
+    result = run_checked(__file__, "block_sparse or any_order or sees_no_key or at_least_the_sequence or exp_scores",
+                         numba_env, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 

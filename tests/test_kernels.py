@@ -11,10 +11,7 @@ JIT off, so every kernel index is checked and the plain-Python bodies are tested
 """
 
 import os
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import gguf
 import numpy as np
@@ -26,6 +23,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from bounds import exact_weights, matvec_bound, tile_bound
+from numba_checks import NUMBA_ENVS, run_checked
 from minillm import quant
 from minillm.errors import MinillmError
 from minillm.kernels import activations
@@ -343,14 +341,8 @@ def test_quant_embedding_shares_one_packed_table(ggml_type):
 
 @pytest.mark.slow
 @pytest.mark.skipif(bool(_EXAMPLES), reason="already inside a checked run")
-@pytest.mark.parametrize("numba_env", [{"NUMBA_BOUNDSCHECK": "1"}, {"NUMBA_DISABLE_JIT": "1"}], ids=str)
+@pytest.mark.parametrize("numba_env", NUMBA_ENVS, ids=str)
 def test_numba_checks_pass(numba_env, tmp_path):
-    """Re-run this module's kernel tests in a subprocess: once with every array index bounds-checked,
-    once as plain Python. NUMBA_CACHE_DIR points at an empty directory because Numba's cache does
-    not key on NUMBA_BOUNDSCHECK: a cached unchecked kernel would silently be reused."""
-    env = {**os.environ, **numba_env, "NUMBA_CACHE_DIR": str(tmp_path), "MINILLM_KERNEL_EXAMPLES": "4"}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__,
-         "-k", "not numba_checks and not gguf"],
-        cwd=Path(__file__).parent.parent, env=env, capture_output=True, text=True, timeout=600)
+    """Re-run this module's kernel tests with every array index bounds-checked, then as plain Python."""
+    result = run_checked(__file__, "not numba_checks and not gguf", numba_env, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
