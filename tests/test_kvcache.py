@@ -121,12 +121,22 @@ def tiny(tiny_q4_path):
     return load_float_model(GGUFFile(tiny_q4_path))
 
 
+def tiny_head_dim_32(directory, n_layers):
+    """A tiny model with head_dim 32, so its K and V rows fill Q8_0 blocks."""
+    path = write_tiny_llama(directory / f"tiny-hd32-{n_layers}.gguf", n_layers=n_layers, dim=128, n_heads=4,
+                            n_kv_heads=2, weight_type=gguf.GGMLQuantizationType.Q4_1,
+                            embedding_type=gguf.GGMLQuantizationType.Q8_0)
+    return load_float_model(GGUFFile(path))
+
+
 @pytest.fixture(scope="module")
 def tiny32(tmp_path_factory):
-    """A tiny model with head_dim 32, so its K and V rows fill Q8_0 blocks."""
-    path = write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-hd32.gguf", dim=128, n_heads=4, n_kv_heads=2,
-                            weight_type=gguf.GGMLQuantizationType.Q4_1, embedding_type=gguf.GGMLQuantizationType.Q8_0)
-    return load_float_model(GGUFFile(path))
+    return tiny_head_dim_32(tmp_path_factory.mktemp("tiny"), n_layers=2)
+
+
+@pytest.fixture(scope="module")
+def tiny32_one_layer(tmp_path_factory):
+    return tiny_head_dim_32(tmp_path_factory.mktemp("tiny"), n_layers=1)
 
 
 def run_in_parts(model, ids, cache, split):
@@ -138,10 +148,13 @@ def run_in_parts(model, ids, cache, split):
 @settings(max_examples=12)
 @given(text=st.sampled_from(["window:32", "sinks:4,window:32", "sinks:3,window:40/dense"]), kernel=st.booleans(),
        kv_bits=st.sampled_from([8, 32]), n=st.integers(40, 110), split=st.integers(0, 110), seed=st.integers(0, 99))
-def test_ring_buffer_equals_a_full_cache_under_the_same_mask(tiny32, text, kernel, kv_bits, n, split, seed):
+def test_ring_buffer_equals_a_full_cache_under_the_same_mask(tiny32, tiny32_one_layer, text, kernel, kv_bits, n,
+                                                              split, seed):
     """Ring buffers hand attention fewer keys, in another order; the visible ones are the same.
-    Both caches store the same rows (with Q8_0, the same blocks): only the order of sums differs."""
-    tiny = tiny32
+    Both caches store the same rows: only the order of sums differs. With Q8_0 storage that holds
+    for one layer only: a second layer's K and V come from the first layer's output, whose last bits
+    differ, and a last-bit change can move a Q8_0 code by one step (seen: 4.5e-5 on a logit)."""
+    tiny = tiny32_one_layer if kv_bits == 8 else tiny32
     model = Llama(tiny.config, tiny.weights, attention=block_sparse_attention if kernel else masked_attention)
     ids = np.random.default_rng(seed).integers(0, tiny.config.vocab_size, n)
     spec = parse_attention(text, 32)
