@@ -261,3 +261,26 @@ def test_smollm2_tokens_and_perplexity_match_llama_cpp(smollm2_path):
     ln_ppl_uncertainty = ref["uncertainty"] / ref["perplexity"]
     assert np.mean(np.abs(result.nll - np.array(ref["nll"]))) < ln_ppl_uncertainty
     assert abs(math.log(result.perplexity / ref["perplexity"])) < ln_ppl_uncertainty
+
+
+@pytest.mark.weights
+def test_a_base_written_by_llama_perplexity_is_read(smollm2_path):
+    """A base made by llama.cpp's own llama-perplexity (tests/data/make_llama_perplexity_base.py,
+    one chunk of 16 tokens): its tokens are ours for the same text, the perplexity its records
+    give is the one llama-perplexity printed (to the round-trip bound and the 4 printed decimals),
+    and minillm's float32 model against it gives the small KLD of llama.cpp's int8 activation
+    rounding (0.003 on average over 252 tokens at ctx 128; a misread record costs nats)."""
+    ref = json.loads((DATA / "llama_perplexity_ctx16.json").read_text())
+    base = read_kld_base(DATA / "llama_perplexity_ctx16.kld")
+    assert hashlib.sha256(base.path.read_bytes()).hexdigest() == ref["base_sha256"]
+    assert (base.n_ctx, base.n_vocab, base.n_chunk) == (16, 49152, 1)
+    rt = load(RunConfig(model=str(smollm2_path), bits=32, ctx_size=base.n_ctx), announce=lambda m: None)
+    text = TEXT.read_bytes()[:2000].decode()
+    run_tokens, n_chunk = ppl.tokens_to_score(rt.tokenizer, rt.model.config.vocab_size, base.n_ctx, text, base)
+    records = base.records[0]
+    log_p = decode_logprobs(records, base.n_vocab)
+    nll_base = -log_p[np.arange(len(records)), ppl.chunk_targets(base.chunk_tokens(0))]
+    bound = float(roundtrip_bound(records).max())
+    assert abs(math.log(np.exp(nll_base.mean()) / ref["perplexity"])) <= bound + 0.5e-4 / ref["perplexity"]
+    s = ppl.kl_divergence(rt.model, rt.new_cache, run_tokens, base.n_ctx, n_chunk, ppl.file_base_chunks(base, n_chunk))
+    assert s["count"] == scored_positions(16) and s["kld"][0] < 0.01
