@@ -19,6 +19,7 @@ offset against the file size before trusting it, so a truncated or hostile file 
 package, and the tests check this parser against `gguf.GGUFReader`.
 """
 
+import mmap
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -130,7 +131,9 @@ class GGUFFile:
             raise GGUFError(self.path, "no such file")
         if self.path.stat().st_size < 24:
             raise GGUFError(self.path, "not a GGUF file (too short for a GGUF header)")
-        self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        with open(self.path, "rb") as f:
+            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self._map = np.frombuffer(self._mmap, np.uint8)  # (file_size,) read-only view of the mapping
         cur = _Cursor(self._map, self.path)
         if bytes(self._map[:4]) != MAGIC:
             raise GGUFError(self.path, f"not a GGUF file (magic {bytes(self._map[:4])!r}, expected b'GGUF')")
@@ -201,6 +204,20 @@ class GGUFFile:
         info = self.tensors[name]
         raw = self._map[info.offset:info.offset + info.nbytes]
         return raw.reshape(*info.shape[:-1], -1)
+
+    def release(self, name: str):
+        """Drop the pages of tensor `name` from this process's resident memory (madvise DONTNEED).
+        For a tensor that was converted at load and is never read from the map again: its pages
+        would otherwise stay counted in RSS. The file is unchanged; a later read maps them back in."""
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        info = self.tensors[name]
+        first = info.offset // mmap.PAGESIZE * mmap.PAGESIZE
+        # only whole pages that no other tensor shares: the neighbours may still be in use
+        start = first if first == info.offset else first + mmap.PAGESIZE
+        stop = (info.offset + info.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if stop > start:
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, stop - start)
 
     @property
     def file_size(self) -> int:

@@ -1,5 +1,6 @@
 """The GGUF parser: it agrees with gguf.GGUFReader, and bad files get one clear GGUFError."""
 
+import mmap
 import struct
 
 import gguf
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from minillm.config import LlamaConfig
 from minillm.errors import GGUFError
 from minillm.gguf import GGUFFile
+from minillm.memory import MiB, usage
 from minillm.synthetic import write_tiny_llama
 from minillm.weights import validate
 
@@ -44,8 +46,23 @@ def test_parser_matches_gguf_reader_on_smollm2(smollm2_path):
 def test_tensor_data_is_memory_mapped_not_copied(smollm2_path):
     f = GGUFFile(smollm2_path)
     data = f.data("token_embd.weight")
-    assert isinstance(data.base, np.memmap) or isinstance(data, np.memmap)
+    base = data
+    while isinstance(base, np.ndarray):
+        base = base.base
+    assert isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap)
     assert not data.flags.writeable and not data.flags.owndata
+
+
+@pytest.mark.weights
+def test_released_tensor_pages_leave_rss(smollm2_path):
+    f = GGUFFile(smollm2_path)
+    name = "token_embd.weight"  # 28 MiB
+    before = usage().file
+    assert int(f.data(name).sum(dtype=np.int64)) > 0     # touch every page
+    touched = usage().file
+    f.release(name)
+    assert touched - before > 20 * MiB and usage().file - before < 1 * MiB
+    assert np.array_equal(f.data(name)[:3], GGUFFile(smollm2_path).data(name)[:3])  # still readable
 
 
 # --- bad files: each gets a GGUFError naming the file and the problem --------------------------

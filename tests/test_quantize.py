@@ -11,7 +11,8 @@ from gguf import GGMLQuantizationType as Q
 from minillm.gguf import GGUFFile
 from minillm.quantize import requantize
 from minillm.runtime import RunConfig, load
-from minillm.weights import dequantized
+from minillm.gguf import TensorInfo
+from minillm.weights import dequantized, storage_type
 
 
 @pytest.mark.parametrize("bits, int4, want", [(4, "asym", Q.Q4_1), (4, "sym", Q.Q4_0), (8, "asym", Q.Q8_0)])
@@ -53,3 +54,17 @@ def test_cli_quantize_and_bad_bits(tiny_path, tmp_path):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "4 or 8" in bad.stderr
     same = run(tiny_path, tiny_path)
     assert same.returncode == 2 and "differ" in same.stderr
+
+
+@pytest.mark.parametrize("stored, tied, int4, want", [
+    (Q.F32, True, "asym", Q.Q8_0),     # a float tied head: Q8_0, as llama.cpp keeps its output above 4 bits
+    (Q.F16, True, "sym", Q.Q8_0),
+    (Q.Q8_0, True, "asym", Q.Q8_0),    # kept as stored
+    (Q.Q4_0, True, "asym", Q.Q4_0),    # already int4: kept
+    (Q.F32, False, "asym", Q.Q4_1),    # an ordinary matrix follows --int4
+    (Q.F32, False, "sym", Q.Q4_0),
+    (Q.Q8_0, False, "sym", Q.Q4_0),
+])
+def test_storage_at_4_bits_keeps_the_tied_head_at_8(stored, tied, int4, want):
+    info = TensorInfo("token_embd.weight" if tied else "blk.0.ffn_up.weight", (64, 32), stored, 0, 0)
+    assert storage_type(info, 4, int4, tied_head=tied) == want
