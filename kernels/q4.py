@@ -22,7 +22,6 @@ bound `tests/bounds.py` derives.
 """
 
 import numpy as np
-from numba import prange
 
 from ._jit import jit, jit_inline
 
@@ -78,47 +77,40 @@ def _row_dot_q4_1(w16_row, p, xd, qsum, f16):
 row_dot_q4_1 = jit_inline(_row_dot_q4_1)
 
 
-def _matvec_q4_0(w16, xa, xd, qsum, f16, out, p):
-    """out = W x for one token, from Q4_0 rows.
+def _matvec_rows_q4_0(w16, xa, xd, qsum, f16, out, p, first, stop):
+    """out[first:stop] = those rows of W times x, from Q4_0 rows, on the calling thread.
 
     w16: (N, 9 * nb) u16 view of the packed rows (read-only is fine); xa: (4, 9 * nb) i8, xd: (nb,)
     f32 and qsum: (nb,) i32 from `activation_for_q4(..., header_words=1)`; f16: F16_TO_F32;
-    out: (N,) f32; p: (parts, >= 9 * nb) i16 scratch, one row per thread.
+    out: (N,) f32; p: (>= 9 * nb,) i16 scratch.
 
-    Loop order: the N rows are cut into p.shape[0] contiguous parts, run in parallel (prange);
-    each row is one SIMD pass over its words (nibble_products) and one pass over its blocks.
-    Allocation: none; the caller owns out and p. Load-time unpacking: none.
+    Loop order: each row is one SIMD pass over its words (nibble_products), then one pass over
+    its blocks. Allocation: none; the caller owns out and p. Load-time unpacking: none.
     """
-    n_rows = out.shape[0]
-    parts = p.shape[0]
-    for part in prange(parts):
-        for row in range(part * n_rows // parts, (part + 1) * n_rows // parts):
-            nibble_products(w16[row], xa, p[part])
-            out[row] = row_dot_q4_0(w16[row], p[part], xd, qsum, f16)
+    for row in range(first, stop):
+        nibble_products(w16[row], xa, p)
+        out[row] = row_dot_q4_0(w16[row], p, xd, qsum, f16)
 
 
-matvec_q4_0 = jit(_matvec_q4_0, parallel=True)
+matvec_rows_q4_0 = jit(_matvec_rows_q4_0)
 
 
-def _matvec_q4_1(w16, xa, xd, qsum, f16, out, p):
-    """out = W x for one token, from Q4_1 rows.
+def _matvec_rows_q4_1(w16, xa, xd, qsum, f16, out, p, first, stop):
+    """out[first:stop] = those rows of W times x, from Q4_1 rows, on the calling thread.
 
     w16: (N, 10 * nb) u16 view of the packed rows (read-only is fine); xa: (4, 10 * nb) i8, xd:
     (nb,) f32 and qsum: (nb,) i32 from `activation_for_q4(..., header_words=2)`; f16: F16_TO_F32;
-    out: (N,) f32; p: (parts, >= 10 * nb) i16 scratch, one row per thread.
+    out: (N,) f32; p: (>= 10 * nb,) i16 scratch.
 
-    Loop order, allocation and unpacking as `matvec_q4_0`: parts in parallel, a SIMD pass over
-    each row's words, then a pass over its blocks; nothing allocated, nothing unpacked at load.
+    Loop order, allocation and unpacking as `matvec_rows_q4_0`: a SIMD pass over each row's
+    words, then a pass over its blocks; nothing allocated, nothing unpacked at load.
     """
-    n_rows = out.shape[0]
-    parts = p.shape[0]
-    for part in prange(parts):
-        for row in range(part * n_rows // parts, (part + 1) * n_rows // parts):
-            nibble_products(w16[row], xa, p[part])
-            out[row] = row_dot_q4_1(w16[row], p[part], xd, qsum, f16)
+    for row in range(first, stop):
+        nibble_products(w16[row], xa, p)
+        out[row] = row_dot_q4_1(w16[row], p, xd, qsum, f16)
 
 
-matvec_q4_1 = jit(_matvec_q4_1, parallel=True)
+matvec_rows_q4_1 = jit(_matvec_rows_q4_1)
 
 
 def _codes_of_word(word):

@@ -7,12 +7,11 @@ views of the same bytes: `w16` as 17 little-endian 16-bit words per block, `w8` 
     word 17 b + t      weights 2 (t - 1) (low byte) and 2 (t - 1) + 1 (high byte), t = 1..16
 
 NumPy references (minillm.quant): `dequantize_q8_0` for `dequantize_rows_q8_0` (bit-identical);
-float64 `dequantize_q8_0(W) @ x` for `matvec_q8_0`, within the bound `tests/bounds.py` derives
+float64 `dequantize_q8_0(W) @ x` for `matvec_rows_q8_0`, within the bound `tests/bounds.py` derives
 (the kernel multiplies by the int8 activation of `quantize_activation`, then adds in float32).
 """
 
 import numpy as np
-from numba import prange
 
 from ._jit import jit, jit_inline
 
@@ -46,26 +45,22 @@ def _row_dot_q8_0(w16_row, p, xd, f16):
 row_dot_q8_0 = jit_inline(_row_dot_q8_0)
 
 
-def _matvec_q8_0(w16, w8, xa, xd, f16, out, p):
-    """out = W x for one token, from Q8_0 rows.
+def _matvec_rows_q8_0(w16, w8, xa, xd, f16, out, p, first, stop):
+    """out[first:stop] = those rows of W times x, from Q8_0 rows, on the calling thread.
 
     w16: (N, 17 * nb) u16 and w8: (N, 34 * nb) i8, views of the same packed rows (read-only is fine);
     xa: (2, 17 * nb) i8 and xd: (nb,) f32 from `activation_for_q8_0`; f16: F16_TO_F32;
-    out: (N,) f32; p: (parts, >= 17 * nb) i16 scratch, one row per thread.
+    out: (N,) f32; p: (>= 17 * nb,) i16 scratch.
 
-    Loop order: the N rows are cut into p.shape[0] contiguous parts, run in parallel (prange);
-    each row is one SIMD pass over its words (pair_products) and one pass over its blocks.
-    Allocation: none; the caller owns out and p. Load-time unpacking: none.
+    Loop order: each row is one SIMD pass over its words (pair_products), then one pass over its
+    blocks. Allocation: none; the caller owns out and p. Load-time unpacking: none.
     """
-    n_rows = out.shape[0]
-    parts = p.shape[0]
-    for part in prange(parts):
-        for row in range(part * n_rows // parts, (part + 1) * n_rows // parts):
-            pair_products(w8[row], xa, p[part])
-            out[row] = row_dot_q8_0(w16[row], p[part], xd, f16)
+    for row in range(first, stop):
+        pair_products(w8[row], xa, p)
+        out[row] = row_dot_q8_0(w16[row], p, xd, f16)
 
 
-matvec_q8_0 = jit(_matvec_q8_0, parallel=True)
+matvec_rows_q8_0 = jit(_matvec_rows_q8_0)
 
 
 def _dequantize_rows_q8_0(w16, w8, f16, out):

@@ -76,11 +76,12 @@ class QuantLinear:
     `raw` is (out_features, row_bytes) uint8, for example `GGUFFile.data(name)`: it is used as it
     is (a memory map stays a memory map), read through zero-copy views, never copied or unpacked.
 
-    One token (T == 1, backend "numba"): a Numba matvec kernel reads the blocks directly, on
-    `threads` threads (kernels/q8_0.py, kernels/q4.py). Several tokens (prefill), float types and
-    backend "numpy": rows are dequantized one tile at a time into a float32 buffer, which BLAS
-    multiplies (x @ tile.T); BLAS uses its own threads (OPENBLAS_NUM_THREADS). The "numpy"
-    backend dequantizes with the NumPy references in minillm.quant, so it needs no Numba.
+    One token (T == 1, backend "numba"): a Numba matvec kernel reads the blocks (or float16 rows)
+    directly, on `threads` threads (kernels/q8_0.py, kernels/q4.py, kernels/f16.py). Several tokens
+    (prefill), F32 and BF16, and backend "numpy": rows are dequantized one tile at a time into a
+    float32 buffer, which BLAS multiplies (x @ tile.T); BLAS uses its own threads
+    (OPENBLAS_NUM_THREADS). The "numpy" backend dequantizes with the NumPy references in
+    minillm.quant, so it needs no Numba.
     """
 
     def __init__(self, raw: np.ndarray, ggml_type: GGMLQuantizationType, backend: str = "numba",
@@ -96,15 +97,15 @@ class QuantLinear:
         self.tile_rows = max(1, TILE_BYTES // (4 * self.in_features))
         self.threads = threads
         self.pool = row_pool(threads)
-        self.kernels = None  # PackedRows for the Numba backend and a block type
+        self.kernels = None  # PackedRows or F16Rows, for the Numba backend and a type it has kernels for
         if backend == "numba":
-            from .kernels.packed import TYPES, PackedRows  # imports Numba; "numpy" never does
+            from .kernels.packed import TYPES, packed_rows  # imports Numba; "numpy" never does
             from .kernels.threads import max_threads
             if not 1 <= threads <= max_threads():
                 raise MinillmError(f"{threads} threads requested: this machine runs 1 to {max_threads()} "
                                    "(NUMBA_NUM_THREADS)")
             if self.ggml_type.name in TYPES:
-                self.kernels = PackedRows(self.raw, self.ggml_type.name)
+                self.kernels = packed_rows(self.raw, self.ggml_type.name)
 
     @property
     def nbytes(self) -> int:

@@ -115,7 +115,9 @@ def matvec_bound(raw: np.ndarray, ggml_type, x: np.ndarray) -> np.ndarray:
 
 def tile_bound(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     """Largest |x @ tile.T - x @ w.T| (T, N) when the exact weights w (N, K) float64 are dequantized
-    to a float32 tile and multiplied by BLAS (the prefill path and the "numpy" backend).
+    to a float32 tile and multiplied by BLAS (the prefill path and the "numpy" backend). It also
+    covers the F16 matvec kernel (kernels/f16.py): its weights widen exactly, and it adds the same K
+    rounded products in an order LLVM picks, with or without FMA, as BLAS does.
 
     Dequantizing rounds each weight at most once (Q4_1's d*c + m; the other formats decode exactly
     in float32), and BLAS's float32 dot product of K terms is within gamma_K of the exact one in

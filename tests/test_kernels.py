@@ -4,13 +4,16 @@
   activation quantizer and dequantizers equal their NumPy references bit for bit.
 - The matvec kernels multiply by int8 activations: they are held to float64 W @ x within
   `bounds.matvec_bound`, derived from the blocks' scales and the float32 sums (see its docstring).
-- The tile path (prefill and the "numpy" backend) is held within `bounds.tile_bound`.
+- The F16 matvec kernel widens float16 exactly and adds K float32 products in some order: it is
+  held within `bounds.tile_bound`, the same bound as the tile path (prefill and the "numpy" backend).
+- The parallel kernels (rows split over threads) give the same bits as the serial ones.
 
 The last test runs this module again in subprocesses with Numba's bounds checking on and with the
 JIT off, so every kernel index is checked and the plain-Python bodies are tested as well.
 """
 
 import os
+import time
 import warnings
 
 import gguf
@@ -27,12 +30,13 @@ from numba_checks import NUMBA_ENVS, run_checked
 from minillm import quant
 from minillm.errors import MinillmError
 from minillm.kernels import activations
-from minillm.kernels.packed import PackedRows
-from minillm.kernels.threads import max_threads
+from minillm.kernels.packed import PackedRows, packed_rows
+from minillm.kernels.threads import SharingPool, max_threads
 from minillm.linear import QuantEmbedding, QuantLinear
 from strategies import raw_rows
 
 BLOCK_TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1]
+MATVEC_TYPES = BLOCK_TYPES + [Q.F16]     # the types with a matvec kernel
 FLOAT_TYPES = [Q.F32, Q.F16, Q.BF16]
 THREADS = [1, min(2, max_threads())]
 
@@ -240,14 +244,93 @@ def test_matvec_edge_blocks(ggml_type, case):
         assert np.array_equal(PackedRows(raw, ggml_type.name).matvec(x, 1), np.zeros(3, np.float32))
 
 
-@pytest.mark.parametrize("ggml_type", BLOCK_TYPES, ids=lambda t: t.name)
+def finite_f16(raw: np.ndarray) -> np.ndarray:
+    """The same float16 bits with inf and NaN (exponent 31) made finite by clearing the exponent's top bit."""
+    h = raw.copy().view(np.uint16)
+    return np.where((h >> 10) & 31 == 31, h & 0xBFFF, h).astype(np.uint16).view(np.uint8)
+
+
+def packed_with_finite_values(ggml_type, max_rows=6, max_blocks=4):
+    if ggml_type == Q.F16:
+        return raw_rows(Q.F16, max_rows, 32 * max_blocks).map(finite_f16)
+    return packed_with_finite_scales(ggml_type, max_rows, max_blocks)
+
+
+@pytest.mark.parametrize("ggml_type", MATVEC_TYPES, ids=lambda t: t.name)
 @kernel_settings
 @given(data=st.data())
 def test_matvec_does_not_depend_on_thread_count(ggml_type, data):
-    raw = data.draw(packed_with_finite_scales(ggml_type, max_rows=9))
+    """A matvec split over threads (forced here on small matrices) gives the bits of one thread."""
+    raw = data.draw(packed_with_finite_values(ggml_type, max_rows=9))
     x = data.draw(arrays(np.float32, n_cols(raw, ggml_type), elements=ACTIVATIONS))
-    rows = PackedRows(raw, ggml_type.name)
+    rows = packed_rows(raw, ggml_type.name, min_parallel_weights=0)
     assert np.array_equal(rows.matvec(x, 1).view(np.uint32), rows.matvec(x, THREADS[-1]).view(np.uint32))
+
+
+def test_only_large_matrices_use_a_second_thread():
+    small = packed_rows(np.zeros((4, 34), np.uint8), "Q8_0")
+    large = packed_rows(np.zeros((4, 34), np.uint8), "Q8_0", min_parallel_weights=4 * 32)
+    x = np.ones(32, np.float32)
+    for rows in (small, large):
+        rows.matvec(x, THREADS[-1])
+    assert [buf.parts for buf in small.buffers.values()] == [1]
+    assert [buf.parts for buf in large.buffers.values()] == [THREADS[-1]]
+
+
+def test_sharing_pool_runs_every_range_once_on_exclusive_slots():
+    pool = SharingPool(2)
+    ranges, busy, clashes = [], set(), []
+
+    def record(slot, start, stop):
+        clashes.append(slot in busy)
+        busy.add(slot)
+        time.sleep(0.001)                 # releases the GIL, as the kernels do: ranges overlap
+        ranges.append((start, stop))
+        busy.discard(slot)
+    for n_rows, n_ranges in ((100, 8), (3, 8)):
+        ranges.clear()
+        pool.run(n_rows, n_ranges, record)
+        bounds = sorted(ranges)
+        assert len(bounds) == n_ranges and bounds[0][0] == 0 and bounds[-1][1] == n_rows
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+    assert not any(clashes)
+
+
+def test_sharing_pool_reraises_instead_of_waiting_forever():
+    def fail(slot, start, stop):
+        raise ValueError("range failed")
+    with pytest.raises(ValueError, match="range failed"):
+        SharingPool(2).run(10, 4, fail)
+
+
+# --- float16 rows --------------------------------------------------------------------------------
+
+
+def test_f16_rows_widen_every_bit_pattern_exactly():
+    """All 65,536 float16 values, subnormals, infinities and NaNs included, as NumPy casts them."""
+    raw = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.uint8).reshape(64, 2048)
+    out = np.empty((64, 1024), np.float32)
+    packed_rows(raw, "F16").dequantize_rows(0, 64, out)
+    assert_same_bits_up_to_nan_payload(out, quant.dequantize(raw, Q.F16))
+
+
+@kernel_settings
+@given(data=st.data(), threads=st.sampled_from(THREADS))
+def test_f16_matvec_within_tile_bound(data, threads):
+    """Any finite float16 rows of any length (not only multiples of a SIMD width)."""
+    raw = data.draw(raw_rows(Q.F16, max_rows=6, max_blocks=100).map(finite_f16))
+    x = data.draw(arrays(np.float32, n_cols(raw, Q.F16), elements=ACTIVATIONS))
+    got = packed_rows(raw, "F16", min_parallel_weights=0).matvec(x, threads)
+    w = quant.dequantize(raw, Q.F16).astype(np.float64)              # float16 -> float64 is exact
+    assert got.dtype == np.float32 and got.shape == (raw.shape[0],)
+    assert_within(got, w @ x.astype(np.float64), tile_bound(w, x[None, :])[0])
+
+
+def test_matvec_rejects_a_wrong_activation():
+    for rows in (packed_rows(np.zeros((4, 34), np.uint8), "Q8_0"), packed_rows(np.zeros((4, 64), np.uint8), "F16")):
+        for x in (np.ones(33, np.float32), np.ones(32, np.float64)):
+            with pytest.raises(ValueError, match="x must be"):
+                rows.matvec(x, 1)
 
 
 # --- QuantLinear and QuantEmbedding --------------------------------------------------------------
@@ -275,7 +358,8 @@ def exact_weights_any(raw, ggml_type) -> np.ndarray:
 
 
 def expected_bound(linear, raw, ggml_type, x) -> np.ndarray:
-    """The bound of the path QuantLinear takes: the int8 matvec for one token on Numba, else tiles."""
+    """The bound of the path QuantLinear takes: the int8 matvec for one token on Numba, else
+    tile_bound (tiles, or the F16 matvec, whose arithmetic it also covers)."""
     if linear.backend == "numba" and x.shape[0] == 1 and ggml_type in BLOCK_TYPES:
         return matvec_bound(raw, ggml_type, x[0])[None, :]
     return tile_bound(exact_weights_any(raw, ggml_type), x)

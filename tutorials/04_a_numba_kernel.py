@@ -183,7 +183,8 @@ print(f"loops kernel:  largest error {loops_error.max():.2e}, "
 # ## 3. minillm's kernel: integers all the way down
 #
 # `QuantLinear(raw, Q4_1, threads=1)` multiplies the same memory-mapped bytes with
-# `kernels/q4.py:matvec_q4_1`. Three ideas take it beyond the loops above:
+# `kernels/q4.py:matvec_rows_q4_1` (with several threads, each runs it on ranges of rows:
+# `kernels/threads.py`). Three ideas take it beyond the loops above:
 #
 # 1. **The activation becomes int8 blocks, once per call.** `quantize_activation` gives each block
 #    of 32 values a float32 scale dx = max|x| / 127 and integers q = round(x / dx), so x ~ dx * q with
@@ -335,8 +336,9 @@ print(f"loops kernel vs NumPy reference: {results[contenders[0][0]] / results[co
 #
 # 1. Add `prange` (from numba) over the rows of `_matvec_q4_1_loops`, jit it with `parallel=True`, and
 #    time it with `numba.set_num_threads(1)` and `(2)`. Why does the bound of section 2 not change?
-#    Then time `QuantLinear(raw, Q.Q4_1, threads=2)`: on a shared 2-core machine, how close to 2×
-#    do you get?
+#    minillm itself splits only large matrices over threads (`MIN_PARALLEL_WEIGHTS` in
+#    kernels/packed.py): why not this one? Time `QuantLinear(raw, Q.Q4_1, threads=2)` and the LM head
+#    (exercise 3) with threads=1 and 2: on a shared 2-core machine, how close to 2× does each get?
 # 2. Replace the float32 `dot` in the loops kernel by an int32 sum of `code * q` with the int8 `q` and
 #    `dx` of section 3 (one block at a time: `acc += d * dx[b] * isum + m * dx[b] * qsum[b]`). Does it
 #    get faster? Look at `kernels/q4.py:_nibble_products` and explain what LLVM can vectorize there that
