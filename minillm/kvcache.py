@@ -9,7 +9,8 @@ again. Every buffer is allocated once, when the cache is made; storing a token o
   positions, plus S sinks (`window:W`, `sinks:S,window:W`), keeps a ring buffer of S + W rows:
   rows 0..S-1 hold the sinks, and position p >= S lives in row S + (p - S) % W, overwriting the
   position W earlier, which no later query can see. Other layers keep every position. Rows hold
-  float32 or, with `kv_bits=8`, Q8_0 blocks (minillm.quant).
+  float32 or, with `kv_bits=8`, Q8_0 blocks (minillm.quant); `kv_bits=16` stores float16 as
+  llama.cpp's default cache (`--mode ggml`), `kv_bits=64` float64 (`--mode oracle`).
 
 When every layer is a ring buffer, the cache never fills: generation can go on past `max_len`.
 
@@ -17,7 +18,8 @@ Bytes, as `kv_cache_bytes` computes and `nbytes` counts (keys and values, every 
 
     sum over layers of  2 * n_kv_heads * rows * row_bytes
     rows      = S + W for a ring buffer (when S + W < max_len), else max_len
-    row_bytes = 4 * head_dim (float32), or 34 * head_dim / 32 (Q8_0: a float16 scale + 32 int8 per 32 values)
+    row_bytes = kv_bits / 8 * head_dim (float16, 32, 64), or 34 * head_dim / 32 (Q8_0: a float16 scale
+                + 32 int8 per 32 values)
 """
 
 import numpy as np
@@ -28,7 +30,7 @@ from .attention import DENSE, AttentionSpec
 from .config import LlamaConfig
 from .errors import MinillmError, UsageError
 
-KV_BITS = (8, 32)
+KV_BITS = (8, 16, 32, 64)
 
 
 class KVCache:
@@ -79,9 +81,11 @@ class KVCache:
 class Float32Rows:
     """Keys and values of n_rows cached positions: (n_kv_heads, n_rows, head_dim) float32 each."""
 
+    dtype = np.float32
+
     def __init__(self, n_kv_heads: int, n_rows: int, head_dim: int):
-        self.k = np.zeros((n_kv_heads, n_rows, head_dim), np.float32)
-        self.v = np.zeros((n_kv_heads, n_rows, head_dim), np.float32)
+        self.k = np.zeros((n_kv_heads, n_rows, head_dim), self.dtype)
+        self.v = np.zeros((n_kv_heads, n_rows, head_dim), self.dtype)
 
     def write(self, rows, k, v):
         self.k[:, rows], self.v[:, rows] = k, v
@@ -97,6 +101,24 @@ class Float32Rows:
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+
+class Float64Rows(Float32Rows):
+    """The same rows in float64, for the oracle (minillm.modes)."""
+
+    dtype = np.float64
+
+
+class Float16Rows(Float32Rows):
+    """The same rows in float16, as llama.cpp's default KV cache. Reads return float32 copies."""
+
+    dtype = np.float16
+
+    def read(self, rows):
+        return self.k[:, rows].astype(np.float32), self.v[:, rows].astype(np.float32)
+
+    def roundtrip(self, x):
+        return x.astype(np.float16).astype(np.float32)
 
 
 class Q8Rows(Float32Rows):
@@ -192,13 +214,13 @@ class RingLayer:
 
 class PatternKVCache:
     """A cache shaped by an attention spec: a RingLayer where a layer's pattern allows one that is
-    smaller than max_len, else a FullLayer; float32 rows, or Q8_0 with kv_bits=8.
+    smaller than max_len, else a FullLayer; float32 rows, or Q8_0, float16, float64 with kv_bits=8, 16, 64.
     `rings=False` keeps every position in every layer, to check the ring buffers against."""
 
     def __init__(self, config: LlamaConfig, max_len: int, spec: AttentionSpec = DENSE, kv_bits: int = 32,
                  rings: bool = True):
         check_kv_bits(kv_bits, config.head_dim)
-        make_rows = Float32Rows if kv_bits == 32 else Q8Rows
+        make_rows = {8: Q8Rows, 16: Float16Rows, 32: Float32Rows, 64: Float64Rows}[kv_bits]
         self.layers = []
         for i in range(config.n_layers):
             p = spec.pattern(i)
@@ -257,7 +279,7 @@ def ring_rows(pattern, max_len: int) -> int:
 
 def kv_cache_bytes(config: LlamaConfig, max_len: int, spec: AttentionSpec = DENSE, kv_bits: int = 32) -> int:
     """Bytes of the cache `new_cache` builds (the formula in the module docstring)."""
-    row_bytes = 4 * config.head_dim if kv_bits == 32 else config.head_dim // quant.BLOCK * 34
+    row_bytes = config.head_dim // quant.BLOCK * 34 if kv_bits == 8 else kv_bits // 8 * config.head_dim
     rows = sum(ring_rows(spec.pattern(i), max_len) for i in range(config.n_layers))
     return 2 * config.n_kv_heads * rows * row_bytes
 

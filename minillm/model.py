@@ -30,13 +30,13 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt(mean_square + eps) * weight
 
 
-def rope_angles(positions: np.ndarray, rope_dim: int, base: float):
+def rope_angles(positions: np.ndarray, rope_dim: int, base: float, dtype=np.float32):
     """cos and sin of the rotation angle for each position and each pair of channels.
-    positions: (T,) -> cos, sin: (T, rope_dim // 2) float32.
+    positions: (T,) -> cos, sin: (T, rope_dim // 2) in dtype (float32; float64 for the oracle).
     Pair i turns at frequency base^(-2i / rope_dim): fast for the first pairs, slow for the last."""
     inv_freq = base ** (-np.arange(0, rope_dim, 2, dtype=np.float64) / rope_dim)
     angles = positions[:, None].astype(np.float64) * inv_freq[None, :]
-    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+    return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
 
 
 def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -112,18 +112,22 @@ def _no_trace(name: str, x: np.ndarray) -> np.ndarray:
 class Llama:
     """The model: configuration plus weights; `forward` runs tokens through it.
     `attention` computes attention under a pattern: the NumPy reference `masked_attention`, or
-    `minillm.attention.block_sparse_attention`, which computes only the blocks the pattern can see."""
+    `minillm.attention.block_sparse_attention`, which computes only the blocks the pattern can see.
+    `dtype` is the float type of the activations: float32, or float64 for the oracle (minillm.modes),
+    whose weights return float64. `norm`, `angles`, `rotate` and `mlp` are methods so that a compute mode can
+    replace their float arithmetic (minillm.modes.ggml.GGMLLlama)."""
 
-    def __init__(self, config: LlamaConfig, weights: ModelWeights, attention=masked_attention):
+    def __init__(self, config: LlamaConfig, weights: ModelWeights, attention=masked_attention, dtype=np.float32):
         self.config = config
         self.weights = weights
         self.attention_fn = attention
+        self.dtype = dtype
 
     def attention(self, layer: int, w: LayerWeights, x: np.ndarray, cache: KVCache, cos, sin, trace) -> np.ndarray:
         """x: (T, dim) normalised input -> (T, dim) attention output; stores this layer's K, V."""
         c = self.config
-        q = trace(f"Qcur-{layer}", rope(split_heads(w.wq(x), c.n_heads), cos, sin))     # (n_heads, T, head_dim)
-        k = trace(f"Kcur-{layer}", rope(split_heads(w.wk(x), c.n_kv_heads), cos, sin))  # (n_kv_heads, T, head_dim)
+        q = trace(f"Qcur-{layer}", self.rotate(split_heads(w.wq(x), c.n_heads), cos, sin))     # (n_heads, T, head_dim)
+        k = trace(f"Kcur-{layer}", self.rotate(split_heads(w.wk(x), c.n_kv_heads), cos, sin))  # (n_kv_heads, T, head_dim)
         v = trace(f"Vcur-{layer}", split_heads(w.wv(x), c.n_kv_heads))                  # (n_kv_heads, T, head_dim)
         q_pos = cache.length + np.arange(x.shape[0])             # absolute positions of the new tokens
         # The cache returns what this layer's pattern can still see: (n_kv_heads, S, head_dim) and positions (S,)
@@ -131,32 +135,40 @@ class Llama:
         out = self.attention_fn(q, k_all, v_all, cache.pattern(layer), q_pos, k_pos)  # (n_heads, T, head_dim)
         return w.wo(trace(f"kqv_out-{layer}", merge_heads(out)))
 
+    def norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        return rmsnorm(x, weight, self.config.norm_eps)
+
+    def angles(self, positions: np.ndarray):
+        return rope_angles(positions, self.config.rope_dim, self.config.rope_base, self.dtype)
+
+    def rotate(self, x: np.ndarray, cos, sin) -> np.ndarray:
+        return rope(x, cos, sin)
+
     def mlp(self, w: LayerWeights, x: np.ndarray) -> np.ndarray:
         """SwiGLU: down(silu(gate(x)) * up(x)). x: (T, dim) -> (T, dim)"""
         return w.w_down(silu(w.w_gate(x)) * w.w_up(x))
 
     def forward(self, ids, cache: KVCache, last_only: bool = False, trace=None) -> np.ndarray:
-        """Run new tokens `ids` (T,) after the cached ones; return logits (T, vocab_size) float32,
+        """Run new tokens `ids` (T,) after the cached ones; return logits (T, vocab_size) in self.dtype,
         or (1, vocab_size) for the last token only when `last_only` (what generation needs).
 
         `trace(name, array)`, if given, sees every intermediate under llama.cpp's graph names
         (`inp_embd`, `attn_norm-0`, `Qcur-0`, ..., `l_out-29`, `result_norm`, `result_output`)."""
-        c = self.config
         trace = trace or _no_trace
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         self.check_ids(ids, cache)
         T = len(ids)
-        cos, sin = rope_angles(cache.length + np.arange(T), c.rope_dim, c.rope_base)
+        cos, sin = self.angles(cache.length + np.arange(T))
         x = trace("inp_embd", self.weights.embedding.lookup(ids))                # (T, dim)
         for i, w in enumerate(self.weights.layers):
-            h = trace(f"attn_norm-{i}", rmsnorm(x, w.attn_norm, c.norm_eps))
+            h = trace(f"attn_norm-{i}", self.norm(x, w.attn_norm))
             x = trace(f"ffn_inp-{i}", x + trace(f"attn_out-{i}", self.attention(i, w, h, cache, cos, sin, trace)))
-            h = trace(f"ffn_norm-{i}", rmsnorm(x, w.ffn_norm, c.norm_eps))
+            h = trace(f"ffn_norm-{i}", self.norm(x, w.ffn_norm))
             x = trace(f"l_out-{i}", x + trace(f"ffn_out-{i}", self.mlp(w, h)))
         cache.commit(T)
         if last_only:
             x = x[-1:]
-        x = trace("result_norm", rmsnorm(x, self.weights.output_norm, c.norm_eps))
+        x = trace("result_norm", self.norm(x, self.weights.output_norm))
         return trace("result_output", self.weights.head(x))
 
     def check_ids(self, ids: np.ndarray, cache: KVCache):

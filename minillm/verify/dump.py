@@ -7,9 +7,10 @@ A dump is a NumPy .npz archive (layout version 1):
 | `version`    | int64 scalar: 1                                                            |
 | `token_ids`  | (T,) int32: the tokens that were run, from position 0                      |
 | `metadata`   | 0-d str: a JSON object, optional for other runtimes (below)                |
-| a graph name | (T, ...) float32: one intermediate tensor, first axis the token position   |
+| a graph name | (T, ...) float: one intermediate tensor, first axis the token position     |
 
-`metadata` as minillm writes it: `producer` ("minillm 0.1.0"), `mode` (the compute mode, "f32"),
+minillm writes float32 tensors, float64 in `--mode oracle` (minillm.modes).
+`metadata` as minillm writes it: `producer` ("minillm 0.1.0"), `mode` (the compute mode: oracle, f32, ggml),
 `bits`, `model_file`, `model_size` (bytes), `model_sha256`, `prompt`, and `hf_names` (graph name
 -> HF module, as in the table below). Another runtime writes the tensors it has under the same
 names and shapes; any tensor may be missing. `load_dump` checks the layout, `check_same_run`
@@ -109,13 +110,15 @@ def hf_name(name: str) -> str | None:
 
 
 def record_forward(model, ids, cache) -> dict[str, np.ndarray]:
-    """Run `ids` through `model` and keep every traced intermediate as a (T, ...) float32 copy.
-    Q, K and V come from the model as (heads, T, head_dim) and are stored as (T, heads, head_dim)."""
+    """Run `ids` through `model` and keep every traced intermediate as a (T, ...) copy, float32
+    (float64 when the model computes in float64, as the oracle does). Q, K and V come from the
+    model as (heads, T, head_dim) and are stored as (T, heads, head_dim)."""
     tensors = {}
+    dtype = np.float64 if getattr(model, "dtype", np.float32) == np.float64 else np.float32
 
     def keep(name, x):
         rows = x.transpose(1, 0, 2) if split_name(name)[0] in HEAD_MAJOR else x
-        tensors[name] = np.array(rows, dtype=np.float32)   # a copy: the model may reuse its buffers
+        tensors[name] = np.array(rows, dtype=dtype)   # a copy: the model may reuse its buffers
         return x
     model.forward(ids, cache, trace=keep)
     return tensors
@@ -129,9 +132,12 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
-def dump_runtime(rt, prompt: str, mode: str) -> Dump:
+def dump_runtime(rt, prompt: str, mode: str | None = None) -> Dump:
     """Tokenize `prompt`, run it through the runtime's model once, and describe the run.
-    `mode` names the compute mode the runtime's model was built for (recorded, not applied)."""
+    The compute mode is the runtime's (`rt.config.mode`); `mode`, if given, must name it."""
+    if mode is not None and mode != rt.config.mode:
+        raise MinillmError(f"dump of mode {mode!r} asked from a runtime loaded in mode {rt.config.mode!r}")
+    mode = rt.config.mode
     ids = rt.tokenizer.encode(prompt)
     if not ids:
         raise MinillmError("the prompt gives no tokens")

@@ -16,7 +16,13 @@ tools/perplexity/perplexity.cpp (the default, no --ppl-stride):
    PPL * sqrt((mean(nll^2) - mean(nll)^2) / (N - 1)), printed as "PPL = 12.3456 +/- 0.12345".
 
 The functions take the model to run and a function making an empty KV cache, so any compute
-mode (or another model as the base) goes through the same loop.
+mode (`--mode oracle|f32|ggml`, minillm.modes) or another model as the base goes through the same
+loop. Each chunk runs as one batch of n_ctx tokens, as llama-perplexity runs it with its default
+--batch-size 2048. `--mode ggml` reproduces llama.cpp's one-token decode bit for bit, not its
+batched attention, which adds in another float32 order; with 8-bit activations such last-bit
+differences flip codes and grow through the layers (llama.cpp against itself, SmolLM2, 64 tokens
+at n_batch 1 and 64: logit NMSE 9e-4, mean KLD 4.5e-3), so expect its perplexity within that
+level of llama-perplexity's, not equal to it.
 """
 
 import math
@@ -43,7 +49,7 @@ def count_chunks(n_tokens: int, n_ctx: int, max_chunks: int | None = None) -> in
 
 def chunk_logits(model, new_cache, chunk, bos_id: int | None = None) -> np.ndarray:
     """Run one chunk from an empty cache; return the logits of its scored positions.
-    chunk: (n_ctx,) token ids -> (n_ctx - 1 - n_ctx/2, vocab_size) float32"""
+    chunk: (n_ctx,) token ids -> (n_ctx - 1 - n_ctx/2, vocab_size) float32 (float64 in --mode oracle)"""
     ids = np.array(chunk, dtype=np.int64)
     if bos_id is not None:
         ids[0] = bos_id
