@@ -9,12 +9,11 @@ import argparse
 import json
 import os
 import sys
-import time
-
-START = time.perf_counter()
 
 
-def _add_model_flags(p: argparse.ArgumentParser):
+def _add_model_flags(p: argparse.ArgumentParser, generates: bool = True):
+    """The flags that pick and load a model; with `generates`, also --max-tokens and the sampling
+    flags (dump and perplexity score a given text and never sample)."""
     g = p.add_argument_group("model")
     g.add_argument("-m", "--model", default=None,
                    help="a known model name or a path to a .gguf file (default: smollm2-135m, fetched on first use)")
@@ -27,10 +26,21 @@ def _add_model_flags(p: argparse.ArgumentParser):
                    help="numba = the compiled kernels; numpy = the NumPy references, no Numba (default: numba)")
     g.add_argument("-c", "--ctx-size", type=int, default=None,
                    help="context length in tokens (default: 2048, or the model's own if smaller)")
-    g.add_argument("-n", "--max-tokens", type=int, default=256, help="new tokens per answer at most (default: 256)")
+    if generates:
+        g.add_argument("-n", "--max-tokens", type=int, default=256, help="new tokens per answer at most (default: 256)")
     g.add_argument("-t", "--threads", type=int, default=None,
                    help=f"compute threads (default: all {os.cpu_count()} cores)")
+    g.add_argument("--mem-cap", default=None, metavar="SIZE",
+                   help="bound the memory the run adds on top of the warmed-up process (the interpreter with numpy, numba "
+                        "and tokenizers imported and every kernel compiled, about 140-170 MiB): weights, KV cache, "
+                        "activations, tokenizer. A unit is required: 96MiB, 64MB, 0.5GB. Weights that do not fit are "
+                        "streamed from the file; the plan is printed first (default: no cap)")
     _add_attention_flags(g)
+    if generates:
+        _add_sampling_flags(p)
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser):
     s = p.add_argument_group("sampling")
     s.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default: 0.8)")
     s.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens; 0 = off (default: 40)")
@@ -41,6 +51,17 @@ def _add_model_flags(p: argparse.ArgumentParser):
     s.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same output (default: 0)")
 
 
+def _add_mode_flag(p: argparse.ArgumentParser):
+    p.add_argument("--mode", default="f32", metavar="{oracle,f32,ggml}",
+                   help="arithmetic: oracle = exact weights, float64 everywhere; f32 = float32 (int8 activations "
+                        "in the --bits 4/8 decode kernels); ggml = llama.cpp's CPU arithmetic (Q8_0/Q8_1 "
+                        "activations, float16 KV cache), in NumPy (minillm.modes; default: f32)")
+    p.add_argument("--ggml-rounding", default="x86", metavar="{ref,x86,arm}",
+                   help="with --mode ggml: how activations are rounded to int8, as ggml's reference C quantizer "
+                        "(roundf, halves away from zero), its x86 path (127/amax, halves to even, AVX2 order) or its "
+                        "ARM path (halves to even) (default: x86, what llama.cpp runs on this machine)")
+
+
 def _add_attention_flags(g):
     g.add_argument("--attention", default="dense", metavar="PATTERN",
                    help="which keys each query sees: dense | window:W | sinks:S,window:W | strided:K | bigbird:W,G,R "
@@ -48,8 +69,8 @@ def _add_attention_flags(g):
                         "(default: dense)")
     g.add_argument("--block-size", type=int, default=64, metavar="{32,64,128}",
                    help="positions per block of the attention layout (default: 64)")
-    g.add_argument("--kv-bits", type=int, default=32, metavar="{8,32}",
-                   help="KV cache storage: 32 = float32, 8 = Q8_0 blocks (default: 32)")
+    g.add_argument("--kv-bits", type=int, default=32, metavar="{8,16,32,64}",
+                   help="KV cache storage: 32 = float32, 16 = float16, 8 = Q8_0 blocks, 64 = float64 (default: 32)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--system", default=None, help="system message (with --chat)")
     p.add_argument("--json", action="store_true", help="print one JSON object with ids, text, timings and peak RSS")
+    _add_mode_flag(p)
     p.set_defaults(run=cmd_generate)
 
     p = sub.add_parser("info", help="metadata, tensor types, parameter count and memory of a model")
@@ -74,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--ctx-size", type=int, default=2048, help="context length for the KV cache size (default: 2048)")
     p.add_argument("--bits", type=int, default=4, metavar="{4,8,16,32}", help="weight storage to size (default: 4)")
     p.add_argument("--int4", default="asym", metavar="{asym,sym}", help="int4 format for float sources (default: asym)")
+    p.add_argument("--mem-cap", default=None, metavar="SIZE",
+                   help="also print the memory plan a run under this cap would follow (e.g. 64MiB; see `generate --help`)")
     _add_attention_flags(p)
     p.set_defaults(run=cmd_info)
 
@@ -88,12 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--int4", default="asym", metavar="{asym,sym}", help="asym = Q4_1, sym = Q4_0 (default: asym)")
     p.set_defaults(run=cmd_quantize)
 
-    p = sub.add_parser("bench", help="measure prefill and decode speed, time to first token and peak memory")
+    p = sub.add_parser("bench", help="measure prefill and decode speed, time to first token, start-up and memory")
     _add_model_flags(p)
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for prefill (default: 128)")
     p.add_argument("--new-tokens", type=int, default=128, help="tokens to decode (default: 128)")
     p.add_argument("--repeats", type=int, default=3, help="runs; medians are reported (default: 3)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--compare-llamacpp", action="store_true",
+                   help="also run llama.cpp (llama-cpp-python) on the same file, prompt and threads, and print "
+                        "minillm / llama.cpp ratios")
     p.add_argument("--quality", metavar="TEXT", default=None,
                    help="instead of speed: KL divergence and top-1 agreement against --bits 32 over a text file, "
                         "decoding one token at a time")
@@ -106,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_verify_commands(sub):
     p = sub.add_parser("dump", help="save token ids and every intermediate tensor of one forward pass (.npz)")
     p.add_argument("prompt", help="the text to run")
-    _add_model_flags(p)
+    _add_model_flags(p, generates=False)
     p.add_argument("-o", "--output", required=True, help="the .npz file to write (layout: minillm.verify.dump)")
+    _add_mode_flag(p)
     p.set_defaults(run=cmd_dump)
 
     p = sub.add_parser("compare", help="compare two dumps tensor by tensor; exit 1 when one differs beyond --tol")
@@ -120,7 +148,7 @@ def _add_verify_commands(sub):
     p = sub.add_parser("perplexity", help="perplexity over a text file as llama-perplexity computes it, "
                                           "and KL divergence against a base")
     p.add_argument("file", nargs="?", help="UTF-8 text (optional with --kl-divergence-base: the base holds the tokens)")
-    _add_model_flags(p)
+    _add_model_flags(p, generates=False)
     p.add_argument("--chunks", type=int, default=None, help="score only the first N chunks (default: all)")
     p.add_argument("--save-kld-base", metavar="BASE", help="also write the log-probabilities in llama.cpp's "
                                                            "--kl-divergence-base format")
@@ -128,6 +156,7 @@ def _add_verify_commands(sub):
                                                                 "--save-kld-base or llama-perplexity")
     p.add_argument("--kld-base-model", metavar="MODEL", help="KL divergence against another model run in the same "
                                                              "process; adds the exact KLD from float logits")
+    _add_mode_flag(p)
     p.set_defaults(run=cmd_perplexity)
     p.epilog = ("--ctx-size here defaults to 512 (llama-perplexity's default), or to the base's context "
                 "with --kl-divergence-base.")
@@ -151,12 +180,21 @@ def set_thread_count(threads: int | None):
 def run_config(args):
     from .generate import SamplingSettings
     from .runtime import RunConfig
-    sampling = SamplingSettings(temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                                repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed)
+    generation = {}
+    if hasattr(args, "temp"):  # the commands that generate; dump and perplexity keep RunConfig's defaults
+        generation = {"max_tokens": args.max_tokens, "sampling": SamplingSettings(
+            temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+            repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed)}
     return RunConfig(model=args.model, bits=args.bits, int4=args.int4, backend=args.backend,
-                     ctx_size=args.ctx_size, max_tokens=args.max_tokens,
-                     threads=args.threads, sampling=sampling, attention=args.attention,
-                     block_size=args.block_size, kv_bits=args.kv_bits)
+                     ctx_size=args.ctx_size, threads=args.threads, attention=args.attention,
+                     block_size=args.block_size, kv_bits=args.kv_bits, mem_cap=mem_cap(args),
+                     all_logits=args.command == "perplexity", mode=getattr(args, "mode", "f32"),
+                     ggml_rounding=getattr(args, "ggml_rounding", "x86"), **generation)
+
+
+def mem_cap(args) -> int | None:
+    from .memory import parse_size
+    return parse_size(args.mem_cap) if args.mem_cap is not None else None
 
 
 def say(message: str):
@@ -179,12 +217,16 @@ def cmd_info(args) -> int:
     from .registry import resolve_model
     from .runtime import RunConfig
     config = RunConfig(bits=args.bits, int4=args.int4, ctx_size=args.ctx_size, attention=args.attention,
-                       block_size=args.block_size, kv_bits=args.kv_bits)
+                       block_size=args.block_size, kv_bits=args.kv_bits, mem_cap=mem_cap(args))
     config.check()
     spec = config.attention_spec()
     spec.check(args.ctx_size)
-    print(describe(resolve_model(args.model, announce=say), ctx_size=args.ctx_size, attention=spec,
-                   kv_bits=args.kv_bits, bits=args.bits, int4=args.int4))
+    path = resolve_model(args.model, announce=say)
+    print(describe(path, ctx_size=args.ctx_size, attention=spec, kv_bits=args.kv_bits, bits=args.bits, int4=args.int4))
+    if config.mem_cap is not None:
+        from .memory import plan_for_file
+        print()
+        print(plan_for_file(path, config).format())
     return 0
 
 
@@ -218,13 +260,30 @@ def cmd_generate(args) -> int:
                         "prefill_tokens_per_second": stats.prefill_tokens_per_second,
                         "decode_tokens_per_second": stats.decode_tokens_per_second},
             "peak_rss_mb": peak_rss_bytes() / 2**20,
+            "memory": memory_json(rt),
         }))
     else:
         print(stream.flush(), flush=True)
         say(f"[{stats.prompt_tokens} prompt tokens at {stats.prefill_tokens_per_second:.1f} t/s, "
             f"{stats.generated_tokens} new at {stats.decode_tokens_per_second:.1f} t/s, "
             f"first token after {stats.time_to_first_token * 1000:.0f} ms; stop: {stats.stop_reason}]")
+        report_memory(rt)
     return 0
+
+
+def report_memory(rt):
+    """Under --mem-cap: what the run added above its baseline, on stderr."""
+    if rt.meter is not None:
+        say(rt.meter.measure().format())
+
+
+def memory_json(rt) -> dict | None:
+    """Under --mem-cap: the cap, the plan and what was measured above the baseline, in bytes."""
+    if rt.meter is None:
+        return None
+    from dataclasses import asdict
+    return {"cap": rt.plan.cap, "plan_total": rt.plan.total, "strategy": rt.plan.strategy,
+            "plan": {item: nbytes for item, nbytes, _ in rt.plan.lines}, **asdict(rt.meter.measure())}
 
 
 def check_prompt_fits(n_tokens: int, ctx_size: int):
@@ -287,6 +346,9 @@ def cmd_quantize(args) -> int:
 
 def cmd_bench(args) -> int:
     from .bench import decode_quality, format_table, run_bench
+    from .errors import UsageError
+    if args.quality and args.compare_llamacpp:
+        raise UsageError("--quality and --compare-llamacpp cannot be used together")
     if args.quality:
         from dataclasses import replace
         from .runtime import load
@@ -296,11 +358,18 @@ def cmd_bench(args) -> int:
         result = decode_quality(rt, base_rt, read_text(args.quality), args.quality_tokens)
         print(json.dumps({"bits": rt.config.bits, **result}, indent=None if args.json else 2))
         return 0
+    for flag, value in (("--prompt-tokens", args.prompt_tokens), ("--new-tokens", args.new_tokens),
+                        ("--repeats", args.repeats)):
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
+    if args.compare_llamacpp:
+        from .bench_llamacpp import import_llama_cpp
+        import_llama_cpp()  # fail at once, before the model loads, when llama-cpp-python is missing
     rt = load_runtime(args)
-    startup = time.perf_counter() - START
     result = run_bench(rt, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                       repeats=args.repeats, startup_seconds=startup)
+                       repeats=args.repeats, compare_llamacpp=args.compare_llamacpp)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
+    report_memory(rt)
     return 0
 
 
@@ -310,7 +379,7 @@ def cmd_dump(args) -> int:
         raise UsageError("the prompt is empty")
     from .verify.dump import dump_runtime, save_dump
     rt = load_runtime(args)
-    dump = dump_runtime(rt, args.prompt, mode="f32")
+    dump = dump_runtime(rt, args.prompt)
     try:
         save_dump(dump, args.output)
     except OSError as e:
@@ -350,6 +419,7 @@ def cmd_perplexity(args) -> int:
     bos_id = rt.tokenizer.bos_id if rt.tokenizer.add_bos else None
     if base is None and not args.kld_base_model:
         print(run_perplexity(args, rt, tokens, n_chunk, bos_id).report())
+        report_memory(rt)
         return 0
     if args.kld_base_model:
         base_rt = load_base_runtime(rt, args.kld_base_model)

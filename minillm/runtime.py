@@ -17,8 +17,13 @@ from .errors import UsageError
 from .generate import SamplingSettings
 from .gguf import GGUFFile
 from .kvcache import check_kv_bits, new_cache
+from .memory import Meter, cache_arrays, mib, plan_for_cap, touch_pages
 from .model import Llama, masked_attention
+from .modes import KV_BITS as MODE_KV_BITS
+from .modes import check_mode, mode_attention, mode_dtype, mode_model, mode_weights
+from .modes.ggml import ROUNDING
 from .registry import resolve_model
+from .streaming import ChunkedLlama, load_streamed
 from .tokenizer import Tokenizer
 from .weights import INT4_TYPES, load_float, load_packed
 
@@ -39,7 +44,16 @@ class RunConfig:
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     attention: str = "dense"        # the attention pattern (minillm.attention); dense runs the NumPy reference
     block_size: int = 64            # positions per block of the attention layout: 32, 64 or 128
-    kv_bits: int = 32               # KV cache storage: 32 = float32, 8 = Q8_0 blocks
+    kv_bits: int = 32               # KV cache storage: 32 = float32, 8 = Q8_0 blocks, 16 = float16, 64 = float64
+    mode: str = "f32"               # compute mode: oracle | f32 | ggml (minillm.modes)
+    ggml_rounding: str = "x86"      # --mode ggml: activation rounding of ggml's ref | x86 | arm quantizers
+    mem_cap: int | None = None      # bytes the run may add above the warmed-up process (minillm.memory); None = no cap
+    all_logits: bool = False        # logits of every position are kept (perplexity): the memory plan counts them
+
+    @property
+    def cache_bits(self) -> int:
+        """The KV cache the mode needs: float64 for oracle, float16 for ggml, else kv_bits."""
+        return MODE_KV_BITS.get(self.mode, self.kv_bits)
 
     def attention_spec(self) -> AttentionSpec:
         return parse_attention(self.attention, self.block_size)
@@ -60,6 +74,14 @@ class RunConfig:
         self.sampling.check()
         self.attention_spec()
         check_kv_bits(self.kv_bits)
+        check_mode(self.mode)
+        if self.mode != "f32" and self.kv_bits != 32:
+            raise UsageError(f"--kv-bits applies to --mode f32; --mode {self.mode} stores the cache in "
+                             f"{self.cache_bits}-bit floats")
+        if self.mode != "f32" and self.mem_cap is not None:
+            raise UsageError(f"--mem-cap runs --mode f32 only, not --mode {self.mode}")
+        if self.ggml_rounding not in ROUNDING:
+            raise UsageError(f"--ggml-rounding {self.ggml_rounding} is not one of {', '.join(ROUNDING)}")
 
 
 @dataclass
@@ -71,16 +93,23 @@ class Runtime:
     model: Llama
     tokenizer: Tokenizer
     load_seconds: float
+    plan: object = None    # the memory plan under --mem-cap (minillm.memory.MemoryPlan)
+    meter: object = None   # measures the run above its baseline under --mem-cap (minillm.memory.Meter)
 
     def new_cache(self):
-        """A KV cache for the settings: dense, or shaped by the attention pattern (minillm.kvcache)."""
-        return new_cache(self.model.config, self.config.ctx_size, self.config.attention_spec(), self.config.kv_bits)
+        """A KV cache for the settings: dense, or shaped by the attention pattern (minillm.kvcache).
+        Under --mem-cap its pages are touched at once, so it holds what the plan counted from the start."""
+        cache = new_cache(self.model.config, self.config.ctx_size, self.config.attention_spec(), self.config.cache_bits)
+        if self.plan is not None:
+            touch_pages(cache_arrays(cache))
+        return cache
 
 
 def load(config: RunConfig, announce=print) -> Runtime:
     """Validate the settings, then open, check and load the model they name."""
     config.check()
     start = time.perf_counter()
+    meter = warm_up_kernels(config) if config.mem_cap is not None else None
     gguf = GGUFFile(resolve_model(config.model, announce=announce))
     model_config = LlamaConfig.from_metadata(gguf.metadata, gguf.path)
     if config.ctx_size is None:
@@ -91,10 +120,19 @@ def load(config: RunConfig, announce=print) -> Runtime:
     spec = config.attention_spec()
     spec.check(config.ctx_size)
     check_kv_bits(config.kv_bits, model_config.head_dim)
+    if meter is not None:
+        plan_for_cap(gguf, model_config, config, meter, tokenizer_built=False)  # refuses a hopeless cap now
     tokenizer = Tokenizer.from_metadata(gguf.metadata)
-    # Dense attention, and everything under --backend numpy, runs the NumPy reference; sparse patterns the kernels.
-    attention = masked_attention if spec.is_dense or config.backend == "numpy" else block_sparse_attention
-    model = Llama(model_config, load_weights(gguf, model_config, config), attention=attention)
+    # Dense attention, and everything under --backend numpy, runs the NumPy reference; sparse patterns the
+    # kernels. The oracle and ggml modes run their own NumPy attention (minillm.modes).
+    if config.mode != "f32":
+        attention = mode_attention(config.mode)
+    else:
+        attention = masked_attention if spec.is_dense or config.backend == "numpy" else block_sparse_attention
+    if meter is not None:
+        return load_capped(config, gguf, model_config, tokenizer, attention, meter, announce, start)
+    model = mode_model(config.mode)(model_config, load_weights(gguf, model_config, config), attention=attention,
+                                    dtype=mode_dtype(config.mode))
     runtime = Runtime(config, gguf, model, tokenizer, 0.0)
     warm_up(runtime)
     runtime.load_seconds = time.perf_counter() - start
@@ -102,8 +140,12 @@ def load(config: RunConfig, announce=print) -> Runtime:
 
 
 def load_weights(gguf: GGUFFile, model_config: LlamaConfig, config: RunConfig):
-    """float32 for --bits 32 (the oracle path); packed blocks, read by the kernels, otherwise."""
+    """float32 for --bits 32; packed blocks, read by the kernels, otherwise. The oracle and ggml modes
+    wrap the packed blocks (as `--bits` stores them) in their own objects (minillm.modes)."""
     threads = config.threads or os.cpu_count()
+    if config.mode != "f32":
+        packed = load_packed(gguf, model_config, config.bits, int4=config.int4, backend="numpy", threads=threads)
+        return mode_weights(packed, config.mode, config.ggml_rounding)
     if config.bits == 32:
         return load_float(gguf, model_config, threads)
     return load_packed(gguf, model_config, config.bits, int4=config.int4, backend=config.backend, threads=threads)
@@ -116,3 +158,37 @@ def warm_up(runtime: Runtime):
     cache = runtime.new_cache()
     runtime.model.forward([0, 0], cache, last_only=True)
     runtime.model.forward([0], cache)
+
+
+def warm_up_kernels(config: RunConfig) -> Meter:
+    """Under --mem-cap: load (or compile) every kernel the run calls by running a tiny random model
+    in the same formats, then start measuring. The baseline the cap is counted from is this
+    process: interpreter, numpy, numba, tokenizers, compiled kernels, and no model."""
+    import tempfile
+    from pathlib import Path
+
+    from gguf import GGMLQuantizationType
+
+    from .synthetic import write_tiny_llama
+    ctx_size = config.ctx_size or DEFAULT_CTX_SIZE
+    with tempfile.TemporaryDirectory() as tmp:
+        # head_dim 32, so --kv-bits 8 (Q8_0 blocks of 32) works on it as on SmolLM2
+        path = write_tiny_llama(Path(tmp) / "warm-up.gguf", n_heads=2, n_kv_heads=1, context_length=ctx_size,
+                                weight_type=GGMLQuantizationType.Q4_1, embedding_type=GGMLQuantizationType.Q8_0)
+        load(replace(config, model=str(path), mem_cap=None, ctx_size=ctx_size), announce=lambda _: None)
+    return Meter()
+
+
+def load_capped(config, gguf, model_config, tokenizer, attention, meter: Meter, announce, start) -> Runtime:
+    """The model held as the memory plan says (minillm.memory), refused before any weight is read
+    when no plan fits under config.mem_cap."""
+    plan = plan_for_cap(gguf, model_config, config, meter)
+    announce(f"--mem-cap {mib(config.mem_cap)} on top of a baseline of {mib(meter.baseline)} "
+             "(the warmed-up process: interpreter, numpy, numba, tokenizers, compiled kernels)")
+    announce(plan.format())
+    config = replace(config, kv_bits=plan.layout.kv_bits)
+    threads = config.threads or os.cpu_count()
+    weights = load_streamed(gguf, model_config, plan.layout, config.backend, threads) if plan.index.streamable \
+        else load_weights(gguf, model_config, config)
+    model = ChunkedLlama(model_config, weights, attention, plan.layout.prefill_chunk)
+    return Runtime(config, gguf, model, tokenizer, time.perf_counter() - start, plan=plan, meter=meter)

@@ -1,0 +1,117 @@
+"""Speed against the memory cap: decode tokens/s and time to first token of SmolLM2 under
+`--mem-cap` 32, 48, 64, 96, 128, 256 MiB and without a cap.
+
+    python -m minillm.bench_memory [--caps 32,48,64,96,128,256,none] [--repeats 3] [--plot PATH] [--json]
+
+A benchmark, not a test: each run is a fresh `python -m minillm generate --mem-cap ... --json`
+process (so each has its own baseline and high-water mark), greedy, on a fixed prompt; figures are
+medians over the repeats. A cap below the plan's minimum is refused by minillm and shown as such.
+Runs use --ctx-size 256, so the KV cache (5.6 MiB as float32) leaves the cap to the weights.
+"""
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+
+CAPS = ("32", "48", "64", "96", "128", "256", "none")
+PROMPT = " ".join(["The quick brown fox jumps over the lazy dog."] * 6)  # 61 tokens
+DEFAULT_PLOT = "tutorials/figures/05_memory_cap_speed.png"  # tutorials/figures/ is git-ignored
+
+
+def run_once(model: str | None, cap: str, new_tokens: int, ctx_size: int, threads: int | None) -> dict:
+    """One capped (or uncapped) generate run: its timings and memory, or the refusal's minimum."""
+    command = [sys.executable, "-m", "minillm", "generate", PROMPT, "--temp", "0", "-n", str(new_tokens),
+               "-c", str(ctx_size), "--json"] + (["-m", model] if model else []) \
+        + ([] if cap == "none" else ["--mem-cap", f"{cap}MiB"]) + (["-t", str(threads)] if threads else [])
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        minimum = re.search(r"below the minimum of ([0-9.]+) MiB", done.stderr)
+        if minimum is None:
+            raise RuntimeError(f"minillm generate failed:\n{done.stderr}")
+        return {"refused": True, "minimum_mib": float(minimum.group(1))}
+    out = json.loads(done.stdout)
+    memory = out["memory"] or {}
+    return {"refused": False, "decode_tps": out["timings"]["decode_tokens_per_second"],
+            "ttft_s": out["timings"]["time_to_first_token"], "strategy": memory.get("strategy", "uncapped"),
+            "peak_mib": memory["peak"] / 2**20 if memory else None}
+
+
+def measure(model, caps, repeats: int, new_tokens: int, ctx_size: int, threads, progress) -> list:
+    rows = []
+    for cap in caps:
+        runs = [run_once(model, cap, new_tokens, ctx_size, threads) for _ in range(repeats)]
+        row = {"cap": cap, **runs[0]}
+        if not row["refused"]:
+            row["decode_tps"] = statistics.median(r["decode_tps"] for r in runs)
+            row["ttft_s"] = statistics.median(r["ttft_s"] for r in runs)
+        progress(f"cap {cap}: {row}")
+        rows.append(row)
+    return rows
+
+
+def format_table(rows, setting: str) -> str:
+    lines = [f"{setting}", "", "| --mem-cap | decode tok/s | first token | peak above baseline | plan |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        cap = "none" if r["cap"] == "none" else f"{r['cap']} MiB"
+        if r["refused"]:
+            lines.append(f"| {cap} | refused | | | minimum {r['minimum_mib']:.1f} MiB |")
+            continue
+        peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:.1f} MiB"
+        lines.append(f"| {cap} | {r['decode_tps']:.1f} | {r['ttft_s'] * 1000:.0f} ms | {peak} | {r['strategy']} |")
+    return "\n".join(lines)
+
+
+def plot(rows, path: str, setting: str):
+    """Decode speed and time to first token against the cap, uncapped as a dashed line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    capped = [r for r in rows if r["cap"] != "none" and not r["refused"]]
+    free = [r for r in rows if r["cap"] == "none"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    panels = ((axes[0], "decode_tps", "decode tokens/s", 1), (axes[1], "ttft_s", "time to first token (ms)", 1000))
+    for ax, key, label, scale in panels:
+        ax.plot([int(r["cap"]) for r in capped], [r[key] * scale for r in capped], "o-", label="under --mem-cap")
+        if free:
+            ax.axhline(free[0][key] * scale, linestyle="--", color="gray", label="no cap (all resident)")
+        ax.set_xlabel("--mem-cap (MiB above the baseline)")
+        ax.set_ylabel(label)
+        ax.legend()
+    fig.suptitle(setting, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m minillm.bench_memory", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-m", "--model", default=None,
+                        help="a known model name or a .gguf path (default: smollm2-135m)")
+    parser.add_argument("--caps", default=",".join(CAPS), help="caps in MiB separated by commas; none = no cap")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per cap; medians are reported (default: 3)")
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per run (default: 32)")
+    parser.add_argument("-c", "--ctx-size", type=int, default=256, help="context size (default: 256)")
+    parser.add_argument("-t", "--threads", type=int, default=None, help="compute threads (default: all cores)")
+    parser.add_argument("--plot", default=DEFAULT_PLOT, help=f"PNG to write (default: {DEFAULT_PLOT})")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    from .bench import machine
+    from .cli import say
+    caps = args.caps.split(",")
+    if not all(c == "none" or c.isdigit() for c in caps) or args.repeats < 1:
+        say("minillm.bench_memory: error: --caps takes whole MiB or none; --repeats at least 1")
+        return 2
+    rows = measure(args.model, caps, args.repeats, args.new_tokens, args.ctx_size, args.threads, say)
+    setting = f"SmolLM2-135M Q4_1, --ctx-size {args.ctx_size}, {args.new_tokens} new tokens, {machine()}"
+    print(json.dumps(rows, indent=1) if args.json else format_table(rows, setting))
+    if args.plot:
+        plot(rows, args.plot, setting)
+        say(f"[plot: {args.plot}]")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,185 @@
+"""Memory caps: parsing sizes, the plan, streamed weights against resident ones, and measured runs.
+
+The measured runs start `python -m minillm generate --mem-cap ... --json` in a subprocess, so the
+baseline and the high-water mark belong to that run alone."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from minillm.cli import main
+from minillm.config import LlamaConfig
+from minillm.errors import MinillmError, UsageError
+from minillm.generate import Sampler, SamplingSettings, generate
+from minillm.gguf import GGUFFile
+from minillm.memory import Layout, PlanInputs, parse_size, plan_memory, weight_index
+from minillm.runtime import RunConfig, load
+from minillm.streaming import ChunkedLlama, load_streamed, prefill_chunks
+
+MiB = 1 << 20
+# 70 tokens: longer than any prefill chunk the plans below choose, so the planned activations occur.
+PROMPT = " ".join(["one two three four five six seven eight nine ten"] * 7)
+
+
+@pytest.mark.parametrize("text, size", [("96MiB", 96 * MiB), ("64MB", 64_000_000), ("0.5GB", 500_000_000),
+                                        ("1GiB", 1 << 30), ("512 KiB", 512 << 10), ("2mib", 2 * MiB)])
+def test_parse_size(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["64", "MiB", "-1MiB", "0MB", "12XB", "1.5.2MB", ""])
+def test_parse_size_refuses_a_size_without_a_known_unit(text):
+    with pytest.raises(UsageError):
+        parse_size(text)
+
+
+def test_cli_cap_without_unit_is_a_usage_error(capsys, tiny_q4_path):
+    assert main(["generate", "hi", "-m", str(tiny_q4_path), "--mem-cap", "64"]) == 2
+    assert "--mem-cap '64' is not a size with a unit" in capsys.readouterr().err
+    assert main(["info", "-m", str(tiny_q4_path), "--mem-cap", "lots"]) == 2
+
+
+def smollm2_inputs(path, ctx_size=128, kv_bits=32, tokenizer_bytes=30 * MiB):
+    gguf = GGUFFile(path)
+    config = LlamaConfig.from_metadata(gguf.metadata, gguf.path)
+    run = PlanInputs(config, ctx_size, RunConfig().attention_spec(), kv_bits, 2, tokenizer_bytes, tokenizer_bytes)
+    return weight_index(gguf, config, 4, "asym"), run
+
+
+def packed_bytes(index) -> int:
+    return sum(index.layer_bytes) + index.head_bytes
+
+
+@pytest.mark.weights
+def test_plan_streams_more_as_the_cap_shrinks(smollm2_path):
+    """Each plan fits its cap, and a smaller cap never streams fewer bytes per token."""
+    index, run = smollm2_inputs(smollm2_path)
+    assert index.streamable and len(set(index.layer_bytes)) == 1
+    streamed = []
+    for cap in range(200 * MiB, 40 * MiB, -4 * MiB):
+        plan = plan_memory(index, run, cap)
+        assert plan.total <= cap
+        streamed.append(plan.layout.streamed_bytes(index))
+    assert streamed == sorted(streamed)
+    assert streamed[0] == 0 and streamed[-1] == packed_bytes(index)
+
+
+@pytest.mark.weights
+def test_plan_below_the_minimum_names_it_and_the_flags(smollm2_path):
+    index, run = smollm2_inputs(smollm2_path, ctx_size=2048)
+    with pytest.raises(MinillmError) as refused:
+        plan_memory(index, run, 60 * MiB)
+    message = str(refused.value)
+    assert "is below the minimum of" in message
+    assert "--ctx-size" in message and "--attention sinks:4,window:W" in message
+
+
+def test_tiny_streamed_logits_are_bit_identical_to_resident(tiny_q4_path):
+    rt = load(RunConfig(model=str(tiny_q4_path), ctx_size=64), announce=lambda _: None)
+    ids = [5, 70, 71, 72, 3, 9]
+    for layout in [Layout(0, True, 32, 64), Layout(1, False, 32, 64), Layout(2, True, 32, 64)]:
+        streamed = load_streamed(rt.gguf, rt.model.config, layout, "numba", 1)
+        assert_same_logits(rt, streamed, ids, steps=4)
+
+
+@pytest.mark.weights
+def test_smollm2_streamed_logits_are_bit_identical_to_resident(smollm2_path):
+    rt = load(RunConfig(model=str(smollm2_path), ctx_size=64), announce=lambda _: None)
+    streamed = load_streamed(rt.gguf, rt.model.config, Layout(0, True, 32, 64), "numba", rt.config.threads or
+                             os.cpu_count())
+    assert_same_logits(rt, streamed, rt.tokenizer.encode("The capital of France is"), steps=3)
+
+
+def assert_same_logits(rt, streamed_weights, ids, steps):
+    """Prefill `ids`, then decode greedily for `steps` tokens with both weight sets: every logit equal."""
+    from minillm.model import Llama
+    streamed = Llama(rt.model.config, streamed_weights, attention=rt.model.attention_fn)
+    caches = rt.new_cache(), rt.new_cache()
+    tokens = list(ids)
+    for _ in range(steps + 1):
+        new = tokens if caches[0].length == 0 else tokens[-1:]
+        a = rt.model.forward(new, caches[0], last_only=True)
+        b = streamed.forward(new, caches[1], last_only=True)
+        np.testing.assert_array_equal(a, b)
+        tokens.append(int(np.argmax(a[-1])))
+
+
+def capped_run(path, cap: int):
+    """`generate` under --mem-cap in a fresh process: (exit code, JSON output or None, stderr)."""
+    command = [sys.executable, "-m", "minillm", "generate", PROMPT, "-m", str(path), "--temp", "0", "-n", "4",
+               "-c", "128", "--mem-cap", f"{cap}B", "--json"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    return done.returncode, json.loads(done.stdout) if done.returncode == 0 else None, done.stderr
+
+
+@pytest.mark.weights
+@pytest.mark.parametrize("fraction", [0.5, 1.0, 1.5])
+def test_measured_peak_stays_under_the_cap_and_near_the_plan(smollm2_path, fraction):
+    index, _ = smollm2_inputs(smollm2_path)
+    cap = int(fraction * packed_bytes(index))
+    code, out, err = capped_run(smollm2_path, cap)
+    assert code == 0, err
+    m = out["memory"]
+    assert m["peak_was_reset"]
+    assert m["peak"] <= cap
+    assert abs(m["plan_total"] - m["peak"]) <= max(0.05 * m["peak"], 2 * MiB), m
+    assert "memory plan for --mem-cap" in err and "baseline of" in err
+
+
+def refusal_figures(err: str):
+    """(the minimum stated, the peak the refused run reached above its baseline), in bytes."""
+    minimum = re.search(r"is below the minimum of ([0-9.]+) MiB", err)
+    held = re.search(r"refused with ([0-9.]+) MiB at most above the baseline", err)
+    return float(minimum.group(1)) * MiB, float(held.group(1)) * MiB
+
+
+@pytest.mark.weights
+def test_cap_below_the_minimum_is_refused_before_the_weights(smollm2_path):
+    """A quarter of the packed weights is less than the tokenizer alone holds (about 30 MiB): refused
+    with exit 1, stating the minimum, having allocated less than that minimum."""
+    index, _ = smollm2_inputs(smollm2_path)
+    code, _, err = capped_run(smollm2_path, int(0.25 * packed_bytes(index)))
+    assert code == 1
+    minimum, held = refusal_figures(err)
+    assert held < minimum
+    assert "memory: peak" not in err  # no run, so no measurement of one
+
+
+@pytest.mark.weights
+def test_a_hopeless_cap_is_refused_before_the_tokenizer(smollm2_path):
+    """8 MiB is less than the smallest streaming layout even without the tokenizer's ~30 MiB: the
+    refusal comes before the tokenizer is built."""
+    code, _, err = capped_run(smollm2_path, 8 * MiB)
+    assert code == 1
+    assert "plus the tokenizer (not built yet)" in err
+    minimum, held = refusal_figures(err)
+    assert held < minimum
+
+
+@pytest.mark.parametrize("T, chunk, want", [(8, 4, [(0, 4), (4, 8)]), (9, 4, [(0, 4), (4, 9)]),
+                                           (3, 4, [(0, 3)]), (1, 4, [(0, 1)]), (37, 16, [(0, 16), (16, 32), (32, 37)])])
+def test_prefill_chunks_never_leave_one_token_alone(T, chunk, want):
+    assert prefill_chunks(T, chunk) == want
+
+
+def test_chunked_prefill_gives_the_same_greedy_tokens(tiny_q4_path):
+    """A prompt run 4 tokens at a time continues with the same greedy tokens as one run whole."""
+    greedy = SamplingSettings(temperature=0)
+    rt = load(RunConfig(model=str(tiny_q4_path), ctx_size=64, sampling=greedy), announce=lambda _: None)
+    chunked = ChunkedLlama(rt.model.config, rt.model.weights, rt.model.attention_fn, prefill_chunk=4)
+    ids = list(range(3, 40))
+    runs = [list(generate(model, rt.new_cache(), ids, Sampler(greedy), max_tokens=8, stop_ids=()))
+            for model in (rt.model, chunked)]
+    assert runs[0] == runs[1]
+
+
+@pytest.mark.weights
+def test_info_prints_the_plan(smollm2_path, capsys):
+    assert main(["info", "-m", str(smollm2_path), "-c", "128", "--mem-cap", "64MiB"]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan for --mem-cap 64.0 MiB" in out and "streaming buffers" in out and "headroom" in out
