@@ -1,19 +1,46 @@
-"""`minillm bench`: prefill and decode speed, time to first token, start-up and peak memory.
+"""`minillm bench`: prefill and decode speed, time to first token, start-up, weight memory, and
+optionally llama.cpp on the same file.
 
 A benchmark, not a test: machines are shared and noisy, so each figure is the median of several
 runs. The prompt is a fixed text cut to exactly `prompt_tokens` ids, and decoding is greedy with
 stop tokens ignored, so every run does the same amount of work.
+
+What each figure means:
+- prefill / decode tokens/s: the batched pass over the prompt, then the single-token passes that
+  follow it (their count divided by their time), as `minillm.generate` times them.
+- start-up, cold and warm: seconds from launching `python -m minillm chat` in a child process until
+  it prints its banner, i.e. is ready for the first prompt token (interpreter, imports, GGUF
+  parse, weights, tokenizer, kernels compiled or loaded from Numba's cache, warm-up). Cold runs
+  with NUMBA_CACHE_DIR set to a new empty directory, so every kernel is compiled; warm runs again
+  with that directory filled. The model file and Python's own files stay in the OS page cache in
+  both: "cold" is about the Numba cache, not the disk.
+- weights in memory: the planned bytes (the loaded arrays' nbytes) and the measured resident
+  bytes; see `weight_memory`.
+- peak RSS: the high-water mark of this process after loading and one run.
+- llama.cpp (--compare-llamacpp): the same runs on the same file and threads (minillm.bench_llamacpp).
 """
 
+import gc
 import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
+import time
 
 import numpy as np
 
+from .bench_llamacpp import LlamaCpp
+from .errors import MinillmError
 from .generate import GenerationStats, Sampler, SamplingSettings, generate
-from .memory import peak_rss_bytes
+from .gguf import GGUFFile
+from .kvcache import kv_cache_bytes
+from .memory import peak_rss_bytes, reset_peak, usage
+from .model import Llama
+from .runtime import load_weights
 
+MiB = 2**20
 TEXT = (
     "The history of computing is a story of ever smaller machines doing ever larger work. Early "
     "calculators filled rooms and drew as much power as a small town; today a phone carries more memory "
@@ -38,24 +65,36 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
-def run_once(rt, prompt_ids, new_tokens) -> GenerationStats:
+def run_once(model, cache, prompt_ids, new_tokens) -> GenerationStats:
+    """One greedy generation of exactly new_tokens ids after prompt_ids, into an empty cache."""
     stats = GenerationStats()
     greedy = Sampler(SamplingSettings(temperature=0.0))
-    for _ in generate(rt.model, rt.new_cache(), prompt_ids, greedy, max_tokens=new_tokens,
-                      stop_ids=frozenset(), stats=stats):
+    for _ in generate(model, cache, prompt_ids, greedy, max_tokens=new_tokens, stop_ids=frozenset(), stats=stats):
         pass
     return stats
 
 
-def run_bench(rt, *, prompt_tokens=128, new_tokens=128, repeats=3, startup_seconds=None) -> dict:
+def run_bench(rt, *, prompt_tokens=128, new_tokens=128, repeats=3, compare_llamacpp=False) -> dict:
+    """Every figure of `minillm bench` for the loaded runtime `rt`, as a JSON-ready dict.
+
+    The order: minillm's first run, then the process's peak RSS (load plus one run, before anything
+    else is loaded); the weight memory measurement (a second copy of the model, freed again); the
+    remaining runs, alternating with llama.cpp's when compared, so that on a shared machine both see
+    the same background load; last the start-up children."""
     prompt_ids = bench_prompt(rt.tokenizer, prompt_tokens)
-    runs = [run_once(rt, prompt_ids, new_tokens) for _ in range(repeats)]
-    median = lambda f: statistics.median(f(s) for s in runs)
-    weights = rt.model.weights
-    return {
+    ours = [run_once(rt.model, rt.new_cache(), prompt_ids, new_tokens)]
+    peak_rss = peak_rss_bytes()
+    planned = weight_bytes(rt.model.weights)
+    # Under --mem-cap a second copy of the weights would break the cap: the run's own meter reports instead.
+    memory = weight_memory(rt, prompt_ids, new_tokens, planned / MiB) if rt.plan is None else capped_memory(rt)
+    threads = rt.config.threads or os.cpu_count()
+    llama = LlamaCpp(rt.gguf.path, prompt_tokens, new_tokens, threads) if compare_llamacpp else None
+    theirs = alternate_runs(rt, llama, prompt_ids, new_tokens, repeats, ours)
+    median = lambda f: statistics.median(f(s) for s in ours)  # noqa: E731
+    result = {
         "model": str(rt.gguf.path.name),
         "bits": rt.config.bits,
-        "threads": rt.config.threads or os.cpu_count(),
+        "threads": threads,
         "machine": machine(),
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,
@@ -63,11 +102,28 @@ def run_bench(rt, *, prompt_tokens=128, new_tokens=128, repeats=3, startup_secon
         "prefill_tokens_per_second": median(lambda s: s.prefill_tokens_per_second),
         "decode_tokens_per_second": median(lambda s: s.decode_tokens_per_second),
         "time_to_first_token_ms": 1000 * median(lambda s: s.time_to_first_token),
-        "startup_seconds": startup_seconds,
         "load_seconds": rt.load_seconds,
-        "weight_mb": weight_bytes(weights) / 2**20,
-        "peak_rss_mb": peak_rss_bytes() / 2**20,
+        "weight_mb": planned / MiB,
+        "kv_cache_mb": kv_cache_bytes(rt.model.config, rt.config.ctx_size, rt.config.attention_spec(),
+                                      rt.config.kv_bits) / MiB,
+        "peak_rss_mb": peak_rss / MiB,
+        **memory,
+        **startup(rt, repeats),
     }
+    result["llamacpp"] = llamacpp_figures(llama.version, theirs, result) if llama is not None else None
+    return result
+
+
+def alternate_runs(rt, llama, prompt_ids, new_tokens: int, repeats: int, ours: list) -> list:
+    """llama.cpp's runs (none when llama is None), each followed by one of minillm's, appended to
+    `ours`, until both have `repeats`. -> llama.cpp's (prefill, decode) tokens/s per run"""
+    theirs = []
+    for _ in range(repeats):
+        if llama is not None:
+            theirs.append(llama.run_once(prompt_ids, new_tokens))
+        if len(ours) < repeats:
+            ours.append(run_once(rt.model, rt.new_cache(), prompt_ids, new_tokens))
+    return theirs
 
 
 def weight_bytes(weights) -> int:
@@ -81,6 +137,99 @@ def weight_bytes(weights) -> int:
     return total
 
 
+def weight_memory(rt, prompt_ids, new_tokens: int, planned_mb: float) -> dict:
+    """Resident memory the weights take, measured as RSS growth over a warmed-up baseline.
+
+    Call it after `rt` has done the same run (run_bench's first run): then the kernels are compiled
+    and every library and code path has been used once, so loading the weights a second time and
+    running again costs only the weights (measured on SmolLM2 without that run first, the first-time
+    costs added 0.6 MiB of library pages and 1.6 MiB of heap). Baseline: after opening the file
+    again (a new memory map, none of its weight pages touched yet; the header and tokenizer arrays
+    are parsed, so their pages are in the baseline). Then the weights are loaded and one full greedy run (prompt and
+    new tokens) touches every one of them; its KV cache and activations are freed again, and RSS
+    is read. The growth splits into file pages (the mapped GGUF: weights used as stored) and
+    anonymous memory (weights converted at load, norms, and whatever the allocator kept of the
+    freed activations: more than the weights' own anonymous bytes). `run_peak_above_baseline_mb` is
+    the high-water mark during that load and run, with the KV cache (`kv_cache_mb`, for --ctx-size
+    positions) and the activations.
+    None everywhere the OS reports no memory figures (no /proc)."""
+    gguf = GGUFFile(rt.gguf.path)
+    gc.collect()
+    before = usage()
+    if before is None:
+        return dict.fromkeys(("weight_rss_mb", "weight_rss_file_mb", "weight_rss_anon_mb", "weight_rss_ratio",
+                              "run_peak_above_baseline_mb"))
+    peak_was_reset = reset_peak()
+    model = Llama(rt.model.config, load_weights(gguf, rt.model.config, rt.config), attention=rt.model.attention_fn)
+    run_once(model, rt.new_cache(), prompt_ids, new_tokens)
+    gc.collect()
+    after = usage()
+    weight_rss = (after.rss - before.rss) / MiB
+    return {
+        "weight_rss_mb": weight_rss,
+        "weight_rss_file_mb": (after.file - before.file) / MiB,
+        "weight_rss_anon_mb": (after.anon - before.anon) / MiB,
+        "weight_rss_ratio": weight_rss / planned_mb,
+        "run_peak_above_baseline_mb": (after.peak - before.rss) / MiB if peak_was_reset else None,
+    }
+
+
+def capped_memory(rt) -> dict:
+    """Under --mem-cap: what the run added above its warmed-up baseline (minillm.memory.Meter), in
+    place of `weight_memory`, which loads a second copy of the weights."""
+    m = rt.meter.measure()
+    return {"weight_rss_mb": None, "weight_rss_file_mb": m.file / MiB, "weight_rss_anon_mb": m.anon / MiB,
+            "weight_rss_ratio": None, "run_peak_above_baseline_mb": m.peak / MiB if m.peak_was_reset else None}
+
+
+def startup(rt, repeats: int) -> dict:
+    """Median cold and warm start-up seconds of `python -m minillm chat` with rt's settings: each
+    repeat compiles into a new empty Numba cache (cold), then starts again from it (warm)."""
+    cold, warm = [], []
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory(prefix="minillm-numba-cache-") as cache_dir:
+            cold.append(seconds_to_ready(rt, cache_dir))
+            warm.append(seconds_to_ready(rt, cache_dir))
+    return {"startup_cold_seconds": statistics.median(cold), "startup_warm_seconds": statistics.median(warm)}
+
+
+def chat_command(rt) -> list:
+    """`python -m minillm chat` with the settings rt was loaded with."""
+    c = rt.config
+    command = [sys.executable, "-m", "minillm", "chat", "--model", str(rt.gguf.path), "--bits", str(c.bits),
+               "--int4", c.int4, "--backend", c.backend, "--ctx-size", str(c.ctx_size), "--attention", c.attention,
+               "--block-size", str(c.block_size), "--kv-bits", str(c.kv_bits)]
+    return (command + (["--threads", str(c.threads)] if c.threads else [])
+            + (["--mem-cap", f"{c.mem_cap}B"] if c.mem_cap is not None else []))
+
+
+def seconds_to_ready(rt, numba_cache_dir) -> float:
+    """Seconds from launching `minillm chat` to its banner on stderr, with Numba's cache in numba_cache_dir."""
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(numba_cache_dir), PYTHONUNBUFFERED="1")
+    start = time.perf_counter()
+    with subprocess.Popen(chat_command(rt), stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, env=env) as child:
+        last = ""
+        for line in child.stderr:
+            if line.startswith("minillm chat:"):
+                ready = time.perf_counter() - start
+                child.stdin.close()  # end of input: chat leaves
+                child.wait()
+                return ready
+            last = line.strip() or last
+    raise MinillmError(f"start-up measurement: `minillm chat` exited ({child.returncode}) before it was ready: {last}")
+
+
+def llamacpp_figures(version: str, runs: list, result: dict) -> dict:
+    """Medians of llama.cpp's (prefill, decode) tokens/s runs, and minillm / llama.cpp ratios."""
+    prefill = statistics.median(p for p, _ in runs)
+    decode = statistics.median(d for _, d in runs)
+    ratio = lambda ours, other: ours / other if other > 0 else None  # noqa: E731
+    return {"version": version, "prefill_tokens_per_second": prefill, "decode_tokens_per_second": decode,
+            "prefill_ratio": ratio(result["prefill_tokens_per_second"], prefill),
+            "decode_ratio": ratio(result["decode_tokens_per_second"], decode)}
+
+
 def format_table(r: dict) -> str:
     rows = [
         ("model", f"{r['model']} --bits {r['bits']}, {r['threads']} threads"),
@@ -88,12 +237,37 @@ def format_table(r: dict) -> str:
         (f"prefill ({r['prompt_tokens']} tokens)", f"{r['prefill_tokens_per_second']:.1f} tokens/s"),
         (f"decode ({r['new_tokens']} tokens)", f"{r['decode_tokens_per_second']:.1f} tokens/s"),
         ("time to first token", f"{r['time_to_first_token_ms']:.0f} ms"),
-        ("start-up (to model ready)", f"{r['startup_seconds']:.2f} s (loading {r['load_seconds']:.2f} s)"),
-        ("weights in memory", f"{r['weight_mb']:.1f} MiB"),
+        ("start-up to ready, cold", f"{r['startup_cold_seconds']:.2f} s (an empty Numba cache)"),
+        ("start-up to ready, warm", f"{r['startup_warm_seconds']:.2f} s "
+                                    f"(this process loaded in {r['load_seconds']:.2f} s)"),
+        ("weights, packed", f"{r['weight_mb']:.1f} MiB"),
+        ("weights, resident", weight_rss_text(r)),
         ("peak RSS", f"{r['peak_rss_mb']:.1f} MiB"),
     ]
+    if r["llamacpp"] is not None:
+        ll = r["llamacpp"]
+        rows += [(f"llama.cpp {ll['version']} prefill", f"{ll['prefill_tokens_per_second']:.1f} tokens/s "
+                                                        f"(minillm / llama.cpp = {ratio_text(ll['prefill_ratio'])})"),
+                 (f"llama.cpp {ll['version']} decode", f"{ll['decode_tokens_per_second']:.1f} tokens/s "
+                                                       f"(minillm / llama.cpp = {ratio_text(ll['decode_ratio'])})")]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows) + f"\n(medians of {r['repeats']} runs)"
+
+
+def weight_rss_text(r: dict) -> str:
+    if r["weight_rss_mb"] is None and r["run_peak_above_baseline_mb"] is not None:
+        return f"under --mem-cap: run peak {r['run_peak_above_baseline_mb']:.1f} MiB above the warmed-up baseline"
+    if r["weight_rss_mb"] is None:
+        return "not measured (the OS reports no RSS)"
+    peak = r["run_peak_above_baseline_mb"]
+    return (f"{r['weight_rss_mb']:.1f} MiB = {r['weight_rss_ratio']:.3f} x packed "
+            f"({r['weight_rss_file_mb']:.1f} mapped file, {r['weight_rss_anon_mb']:.1f} anonymous); "
+            f"run peak {'?' if peak is None else f'{peak:.1f}'} MiB above baseline "
+            f"(with a {r['kv_cache_mb']:.1f} MiB KV cache)")
+
+
+def ratio_text(ratio) -> str:
+    return "n/a" if ratio is None else f"{ratio:.2f}"
 
 
 def decode_quality(rt, base_rt, text: str, n_tokens: int) -> dict:

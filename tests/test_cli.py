@@ -30,6 +30,14 @@ def test_help_is_instant_and_lists_commands():
         assert command in result.stdout
 
 
+@pytest.mark.parametrize("command", ["dump", "perplexity"])
+def test_commands_that_never_sample_show_no_sampling_flags(command):
+    shown = minillm(command, "--help").stdout
+    assert "--bits" in shown and "--threads" in shown
+    for flag in ("--temp", "--top-k", "--seed", "--max-tokens"):
+        assert flag not in shown
+
+
 @pytest.mark.parametrize("flags, words", [
     (["--temp", "-1"], ["temperature"]),
     (["--top-p", "0"], ["top-p"]),

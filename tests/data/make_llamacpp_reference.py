@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from minillm.bench_llamacpp import without_extra_buffer_types
+
 HERE = Path(__file__).parent
 ROOT = HERE.parent.parent
 
@@ -36,24 +38,6 @@ def nll_per_position(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
     top = x.max(axis=1, keepdims=True)
     log_sum = np.log(np.exp(x - top).sum(axis=1)) + top[:, 0]
     return log_sum - x[np.arange(len(targets)), targets]
-
-
-def without_extra_buffer_types(llama_cpp):
-    """Make llama-cpp-python load models with use_extra_bufts = false (llama.cpp's --no-repack).
-
-    On the development machine (a Xeon with AMX) llama_decode crashed with a segmentation fault
-    when the CPU backend's extra buffer types (weight repacking, AMX) were on. Llama() offers no
-    argument for it, so the default model parameters it reads (from the llama_cpp.llama_cpp
-    module) are wrapped. The plain CPU kernels still compute the usual ggml arithmetic (Q8_1
-    activations against the Q4_1 weights)."""
-    bindings = llama_cpp.llama_cpp
-    defaults = bindings.llama_model_default_params
-
-    def params():
-        p = defaults()
-        p.use_extra_bufts = False
-        return p
-    bindings.llama_model_default_params = params
 
 
 def chunk_logits(llama_cpp, llm, chunk) -> np.ndarray:

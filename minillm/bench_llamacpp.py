@@ -1,0 +1,80 @@
+"""llama.cpp on the same GGUF file and the same prompt ids, for `minillm bench --compare-llamacpp`.
+
+llama.cpp is the reference to beat. It is reached through llama-cpp-python (the optional extra
+`reference`: `pip install 'minillm[reference]'`), imported only when a comparison is asked for.
+`LlamaCpp.run_once` mirrors `minillm.bench.run_once`: one batched pass over the prompt (prefill), the first
+token by argmax, then `new_tokens - 1` single-token passes each followed by an argmax over the
+logits (decode), with stop tokens ignored. Each repeat starts from an empty KV cache.
+
+llama.cpp always runs the file's own tensor types, so the ratios compare like with like only when
+`--bits` keeps them too (`--bits 4` for a Q4 file).
+"""
+
+import time
+
+import numpy as np
+
+from .errors import MinillmError
+
+
+def import_llama_cpp():
+    """The llama_cpp module with the extra buffer types off, or a one-line error when it is missing."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise MinillmError("--compare-llamacpp needs llama-cpp-python: "
+                           "pip install 'minillm[reference]' (it builds llama.cpp, about 15 minutes)") from None
+    without_extra_buffer_types(llama_cpp)
+    return llama_cpp
+
+
+def without_extra_buffer_types(llama_cpp):
+    """Make llama-cpp-python load models with use_extra_bufts = false (llama.cpp's --no-repack).
+
+    On the development machine (a Xeon with AMX) llama_decode crashed with a segmentation fault
+    when the CPU backend's extra buffer types (weight repacking, AMX) were on. Llama() offers no
+    argument for it, so the default model parameters it reads (from the llama_cpp.llama_cpp
+    module) are wrapped. The plain CPU kernels still compute the usual ggml arithmetic (Q8_1
+    activations against the Q4_1 weights). Calling this twice wraps once."""
+    bindings = llama_cpp.llama_cpp
+    defaults = bindings.llama_model_default_params
+    if getattr(defaults, "without_extra_buffer_types", False):
+        return
+
+    def params():
+        p = defaults()
+        p.use_extra_bufts = False
+        return p
+    params.without_extra_buffer_types = True
+    bindings.llama_model_default_params = params
+
+
+class LlamaCpp:
+    """llama.cpp with a GGUF file loaded: `threads` threads for decode and for prefill batches, a
+    batch as long as the prompt (one pass, as minillm's prefill), logits of the last position only."""
+
+    def __init__(self, path, prompt_tokens: int, new_tokens: int, threads: int):
+        self.llama_cpp = import_llama_cpp()
+        self.version = self.llama_cpp.__version__
+        self.llm = self.llama_cpp.Llama(model_path=str(path), n_ctx=prompt_tokens + new_tokens,
+                                        n_batch=prompt_tokens, n_ubatch=prompt_tokens,
+                                        n_threads=threads, n_threads_batch=threads, verbose=False)
+
+    def last_logits(self) -> np.ndarray:
+        """The logits of the last position evaluated, viewed in llama.cpp's buffer. -> (vocab_size,) float32"""
+        pointer = self.llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(pointer, shape=(self.llm.n_vocab(),))
+
+    def run_once(self, prompt_ids, new_tokens: int) -> tuple:
+        """(prefill tokens/s, decode tokens/s) of one greedy run from an empty cache."""
+        self.llm.reset()  # the next eval removes every cached position
+        start = time.perf_counter()
+        self.llm.eval([int(i) for i in prompt_ids])
+        token = int(self.last_logits().argmax())
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(new_tokens - 1):
+            self.llm.eval([token])
+            token = int(self.last_logits().argmax())
+        decode = time.perf_counter() - start
+        return len(prompt_ids) / prefill, (new_tokens - 1) / decode if new_tokens > 1 else 0.0
