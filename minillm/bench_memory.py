@@ -18,7 +18,7 @@ import sys
 
 CAPS = ("32", "48", "64", "96", "128", "256", "none")
 PROMPT = " ".join(["The quick brown fox jumps over the lazy dog."] * 6)  # 61 tokens
-DEFAULT_PLOT = "tutorials/figures/05_memory_cap_speed.png"  # tutorials/figures/ is git-ignored
+DEFAULT_PLOT = "tutorials/measured/memory_cap_speed.png"  # the figure the README shows
 
 
 def run_once(model: str | None, cap: str, new_tokens: int, ctx_size: int, threads: int | None) -> dict:
