@@ -61,7 +61,8 @@ def test_released_tensor_pages_leave_rss(smollm2_path):
     assert int(f.data(name).sum(dtype=np.int64)) > 0     # touch every page
     touched = usage().file
     f.release(name)
-    assert touched - before > 20 * MiB and usage().file - before < 1 * MiB
+    # pages shared with the neighbouring tensors stay: at most a large folio (2 MiB) at each end
+    assert touched - before > 20 * MiB and usage().file - before <= 4 * MiB
     assert np.array_equal(f.data(name)[:3], GGUFFile(smollm2_path).data(name)[:3])  # still readable
 
 
