@@ -17,7 +17,8 @@ What each figure means:
 - weights in memory: the planned bytes (the loaded arrays' nbytes) and the measured resident
   bytes; see `weight_memory`.
 - peak RSS: the high-water mark of this process after loading and one run.
-- llama.cpp (--compare-llamacpp): the same runs on the same file and threads (minillm.bench_llamacpp).
+- llama.cpp (--compare-llamacpp): the same runs on the same file and threads, in a child process
+  with the user's environment (minillm.bench_llamacpp).
 """
 
 import gc
@@ -31,7 +32,7 @@ import time
 
 import numpy as np
 
-from .bench_llamacpp import LlamaCpp
+from .bench_llamacpp import LlamaCppProcess
 from .errors import MinillmError
 from .generate import GenerationStats, Sampler, SamplingSettings, generate
 from .gguf import GGUFFile
@@ -74,7 +75,7 @@ def run_once(model, cache, prompt_ids, new_tokens) -> GenerationStats:
     return stats
 
 
-def run_bench(rt, *, prompt_tokens=128, new_tokens=128, repeats=3, compare_llamacpp=False) -> dict:
+def run_bench(rt, *, prompt_tokens=128, new_tokens=128, repeats=3, compare_llamacpp=False, llamacpp_env=None) -> dict:
     """Every figure of `minillm bench` for the loaded runtime `rt`, as a JSON-ready dict.
 
     The order: minillm's first run, then the process's peak RSS (load plus one run, before anything
@@ -88,8 +89,12 @@ def run_bench(rt, *, prompt_tokens=128, new_tokens=128, repeats=3, compare_llama
     # Under --mem-cap a second copy of the weights would break the cap: the run's own meter reports instead.
     memory = weight_memory(rt, prompt_ids, new_tokens, planned / MiB) if rt.plan is None else capped_memory(rt)
     threads = rt.config.threads or os.cpu_count()
-    llama = LlamaCpp(rt.gguf.path, prompt_tokens, new_tokens, threads) if compare_llamacpp else None
+    llama = None
+    if compare_llamacpp:
+        llama = LlamaCppProcess(rt.gguf.path, prompt_tokens, new_tokens, threads, llamacpp_env or dict(os.environ))
     theirs = alternate_runs(rt, llama, prompt_ids, new_tokens, repeats, ours)
+    if llama is not None:
+        llama.close()
     median = lambda f: statistics.median(f(s) for s in ours)  # noqa: E731
     result = {
         "model": str(rt.gguf.path.name),

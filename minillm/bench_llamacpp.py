@@ -8,8 +8,18 @@ logits (decode), with stop tokens ignored. Each repeat starts from an empty KV c
 
 llama.cpp always runs the file's own tensor types, so the ratios compare like with like only when
 `--bits` keeps them too (`--bits 4` for a Q4 file).
+
+llama.cpp runs in a child process (`LlamaCppProcess`), with the environment the user started
+minillm with. In minillm's own process it would share the OpenMP runtime and the variables minillm
+sets for itself: OMP_WAIT_POLICY=PASSIVE, which keeps minillm's idle threads from spinning, also puts
+llama.cpp's threads to sleep between operations (its 2-thread decode of SmolLM2 measured 42 tokens/s
+with the variable set, 93 without).
 """
 
+import importlib.util
+import json
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -17,13 +27,17 @@ import numpy as np
 from .errors import MinillmError
 
 
+def check_llama_cpp_installed():
+    """A one-line error, before anything is loaded, when llama-cpp-python is missing."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise MinillmError("--compare-llamacpp needs llama-cpp-python: "
+                           "pip install 'minillm[reference]' (it builds llama.cpp, about 15 minutes)")
+
+
 def import_llama_cpp():
     """The llama_cpp module with the extra buffer types off, or a one-line error when it is missing."""
-    try:
-        import llama_cpp
-    except ImportError:
-        raise MinillmError("--compare-llamacpp needs llama-cpp-python: "
-                           "pip install 'minillm[reference]' (it builds llama.cpp, about 15 minutes)") from None
+    check_llama_cpp_installed()
+    import llama_cpp
     without_extra_buffer_types(llama_cpp)
     return llama_cpp
 
@@ -78,3 +92,45 @@ class LlamaCpp:
             token = int(self.last_logits().argmax())
         decode = time.perf_counter() - start
         return len(prompt_ids) / prefill, (new_tokens - 1) / decode if new_tokens > 1 else 0.0
+
+
+class LlamaCppProcess:
+    """`LlamaCpp` in a child process started with `env`: the model is loaded once, then each
+    `run_once` sends the prompt ids and reads back (prefill tokens/s, decode tokens/s)."""
+
+    def __init__(self, path, prompt_tokens: int, new_tokens: int, threads: int, env: dict):
+        command = [sys.executable, "-m", "minillm.bench_llamacpp", str(path), str(prompt_tokens), str(new_tokens),
+                   str(threads)]
+        self.child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=env)
+        self.version = self._reply()["version"]
+
+    def run_once(self, prompt_ids, new_tokens: int) -> tuple:
+        print(json.dumps([int(i) for i in prompt_ids]), file=self.child.stdin, flush=True)
+        reply = self._reply()
+        return reply["prefill"], reply["decode"]
+
+    def close(self):
+        self.child.stdin.close()
+        self.child.wait()
+
+    def _reply(self) -> dict:
+        line = self.child.stdout.readline()
+        if not line:
+            self.child.wait()
+            last = (self.child.stderr.read().strip().splitlines() or ["no message"])[-1]
+            raise MinillmError(f"llama.cpp's benchmark process exited ({self.child.returncode}): {last}")
+        return json.loads(line)
+
+
+def serve(path, prompt_tokens: int, new_tokens: int, threads: int):
+    """The child's side of LlamaCppProcess: prompt ids in, one JSON line of speeds out, per line."""
+    llama = LlamaCpp(path, prompt_tokens, new_tokens, threads)
+    print(json.dumps({"version": llama.version}), flush=True)
+    for line in sys.stdin:
+        prefill, decode = llama.run_once(json.loads(line), new_tokens)
+        print(json.dumps({"prefill": prefill, "decode": decode}), flush=True)
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1], *map(int, sys.argv[2:5]))

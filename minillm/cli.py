@@ -363,11 +363,12 @@ def cmd_bench(args) -> int:
         if value < 1:
             raise UsageError(f"{flag} must be at least 1, got {value}")
     if args.compare_llamacpp:
-        from .bench_llamacpp import import_llama_cpp
-        import_llama_cpp()  # fail at once, before the model loads, when llama-cpp-python is missing
+        from .bench_llamacpp import check_llama_cpp_installed
+        check_llama_cpp_installed()  # fail at once, before the model loads
     rt = load_runtime(args)
     result = run_bench(rt, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
-                       repeats=args.repeats, compare_llamacpp=args.compare_llamacpp)
+                       repeats=args.repeats, compare_llamacpp=args.compare_llamacpp,
+                       llamacpp_env=args.user_environ)
     print(json.dumps(result, indent=2) if args.json else format_table(result))
     report_memory(rt)
     return 0
@@ -490,6 +491,7 @@ def read_text(path) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    args.user_environ = dict(os.environ)  # as the user started us: what a llama.cpp child gets (bench)
     set_thread_count(getattr(args, "threads", None))
     from .errors import MinillmError
     try:
