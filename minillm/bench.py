@@ -37,7 +37,7 @@ from .errors import MinillmError
 from .generate import GenerationStats, Sampler, SamplingSettings, generate
 from .gguf import GGUFFile
 from .kvcache import kv_cache_bytes
-from .memory import peak_rss_bytes, reset_peak, usage
+from .memory import Meter, peak_rss_bytes, usage
 from .model import Llama
 from .runtime import load_weights
 
@@ -159,23 +159,21 @@ def weight_memory(rt, prompt_ids, new_tokens: int, planned_mb: float) -> dict:
     positions) and the activations.
     None everywhere the OS reports no memory figures (no /proc)."""
     gguf = GGUFFile(rt.gguf.path)
-    gc.collect()
-    before = usage()
-    if before is None:
+    if usage() is None:
         return dict.fromkeys(("weight_rss_mb", "weight_rss_file_mb", "weight_rss_anon_mb", "weight_rss_ratio",
                               "run_peak_above_baseline_mb"))
-    peak_was_reset = reset_peak()
+    meter = Meter()
     model = Llama(rt.model.config, load_weights(gguf, rt.model.config, rt.config), attention=rt.model.attention_fn)
     run_once(model, rt.new_cache(), prompt_ids, new_tokens)
     gc.collect()
-    after = usage()
-    weight_rss = (after.rss - before.rss) / MiB
+    m = meter.measure()
+    weight_rss = (m.anon + m.file) / MiB
     return {
         "weight_rss_mb": weight_rss,
-        "weight_rss_file_mb": (after.file - before.file) / MiB,
-        "weight_rss_anon_mb": (after.anon - before.anon) / MiB,
+        "weight_rss_file_mb": m.file / MiB,
+        "weight_rss_anon_mb": m.anon / MiB,
         "weight_rss_ratio": weight_rss / planned_mb,
-        "run_peak_above_baseline_mb": (after.peak - before.rss) / MiB if peak_was_reset else None,
+        "run_peak_above_baseline_mb": m.peak / MiB if m.peak_was_reset else None,
     }
 
 

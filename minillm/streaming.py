@@ -76,6 +76,30 @@ def slot_offsets(infos: list) -> tuple[list, int]:
     return offsets, end
 
 
+class ReadAhead:
+    """One read ahead into a pool of slots: `prefetch(item, slot)` starts `fill(item, slot)` on the
+    reader's background thread; `take(item)` returns the slot holding `item` once its read is done,
+    filling slot 0 now when the read in flight was for another item (the first call, or after an
+    interrupted pass). Used for the layers and for the chunks of the LM head."""
+
+    def __init__(self, reader: FileReader, fill):
+        self.reader, self.fill = reader, fill
+        self.pending = None  # (item, slot, future): the read running in the background
+
+    def prefetch(self, item: int, slot: int):
+        self.pending = (item, slot, self.reader.thread.submit(self.fill, item, slot))
+
+    def take(self, item: int) -> int:
+        if self.pending is not None:
+            pending_item, slot, future = self.pending
+            self.pending = None
+            future.result()
+            if pending_item == item:
+                return slot
+        self.fill(item, 0)
+        return 0
+
+
 class StreamedLayers:
     """The model's layer sequence with layers `resident_layers` and up read from the file on the
     fly. Iterating yields LayerWeights, as a list of them would; layer i is valid until layer i + 1
@@ -93,7 +117,7 @@ class StreamedLayers:
         self.linears = [{name: QuantLinear(buf[o:o + info.nbytes].reshape(*info.shape[:-1], -1), info.ggml_type,
                                            backend, threads, f"blk.*.{name}")
                          for name, o, info in zip(self.matrices, self.offsets, infos)} for buf in self.buffers]
-        self.pending = None  # (layer, slot, future): the read running in the background
+        self.read_ahead = ReadAhead(reader, self._fill)
 
     def __len__(self) -> int:
         return self.n_layers
@@ -103,8 +127,8 @@ class StreamedLayers:
             if i < len(self.resident):
                 yield self.resident[i]
                 continue
-            slot = self._take(i)
-            self._prefetch(self._next_streamed(i), (slot + 1) % STREAM_SLOTS)
+            slot = self.read_ahead.take(i)
+            self.read_ahead.prefetch(self._next_streamed(i), (slot + 1) % STREAM_SLOTS)
             yield self._layer(i, slot)
 
     def _fill(self, layer: int, slot: int):
@@ -112,21 +136,6 @@ class StreamedLayers:
         for name, offset in zip(self.matrices, self.offsets):
             info = self.gguf.tensors[f"blk.{layer}.{name}"]
             self.reader.read_into(buf[offset:offset + info.nbytes], info.offset)
-
-    def _prefetch(self, layer: int, slot: int):
-        self.pending = (layer, slot, self.reader.thread.submit(self._fill, layer, slot))
-
-    def _take(self, layer: int) -> int:
-        """The slot holding `layer`: the prefetched one, or (first pass, or after an interrupted
-        pass) a slot filled now. Either way the background read is finished when this returns."""
-        if self.pending is not None:
-            pending_layer, slot, future = self.pending
-            self.pending = None
-            future.result()
-            if pending_layer == layer:
-                return slot
-        self._fill(layer, 0)
-        return 0
 
     def _next_streamed(self, layer: int) -> int:
         """The streamed layer after `layer`, wrapping round to the first for the next token."""
@@ -152,7 +161,7 @@ class StreamedEmbedding:
         tail = self.vocab_size - (self.n_chunks - 1) * self.rows  # rows in the last chunk
         self.linears = [(QuantLinear(buf, info.ggml_type, backend, threads, info.name),
                          QuantLinear(buf[:tail], info.ggml_type, backend, threads, info.name)) for buf in self.buffers]
-        self.pending = None  # (chunk, slot, future)
+        self.read_ahead = ReadAhead(reader, self._fill)
 
     @property
     def n_chunks(self) -> int:
@@ -173,8 +182,8 @@ class StreamedEmbedding:
         # x: (T, dim) -> (T, vocab_size) logits, one chunk of rows at a time
         out = np.empty((x.shape[0], self.vocab_size), np.float32)
         for chunk in range(self.n_chunks):
-            slot = self._take(chunk)
-            self._prefetch((chunk + 1) % self.n_chunks, (slot + 1) % STREAM_SLOTS)
+            slot = self.read_ahead.take(chunk)
+            self.read_ahead.prefetch((chunk + 1) % self.n_chunks, (slot + 1) % STREAM_SLOTS)
             start = chunk * self.rows
             full, tail = self.linears[slot]
             linear = full if chunk + 1 < self.n_chunks else tail
@@ -185,19 +194,6 @@ class StreamedEmbedding:
         start = chunk * self.rows
         n = min(self.rows, self.vocab_size - start)
         self.reader.read_into(self.buffers[slot][:n], self.info.offset + start * self.row_bytes)
-
-    def _prefetch(self, chunk: int, slot: int):
-        self.pending = (chunk, slot, self.reader.thread.submit(self._fill, chunk, slot))
-
-    def _take(self, chunk: int) -> int:
-        if self.pending is not None:
-            pending_chunk, slot, future = self.pending
-            self.pending = None
-            future.result()
-            if pending_chunk == chunk:
-                return slot
-        self._fill(chunk, 0)
-        return 0
 
 
 def load_streamed(gguf: GGUFFile, config, layout: Layout, backend: str, threads: int) -> ModelWeights:
