@@ -83,7 +83,7 @@ def test_hf_names_follow_the_documented_table():
 
 def test_saved_dump_loads_back_unchanged(tiny_rt, tmp_path):
     from minillm.verify.dump import dump_runtime
-    dump = dump_runtime(tiny_rt, PROMPT, mode="f32")
+    dump = dump_runtime(tiny_rt, PROMPT)
     save_dump(dump, tmp_path / "run.npz")
     back = load_dump(tmp_path / "run.npz")
     np.testing.assert_array_equal(back.token_ids, dump.token_ids)
@@ -229,7 +229,7 @@ def test_smollm2_dump_lines_up_with_hf_transformers(smollm2_path):
     hf = load_dump(Path(__file__).parent / "data" / "hf_dump.npz")
     rt = load(RunConfig(model=str(smollm2_path), ctx_size=64), announce=lambda m: None)
     from minillm.verify.dump import dump_runtime
-    ours = dump_runtime(rt, hf.metadata["prompt"], mode="f32")
+    ours = dump_runtime(rt, hf.metadata["prompt"])
     c = compare_dumps(hf, ours, tolerance=1e-6)
     assert len(c.tensors) == 2 + 2 * len(LAYER_TENSORS) and not c.only_in_a
     assert c.ok, c.first_over
@@ -239,7 +239,7 @@ def test_smollm2_dump_lines_up_with_hf_transformers(smollm2_path):
 def test_smollm2_dump_matches_its_own_forward(smollm2_path, tmp_path):
     rt = load(RunConfig(model=str(smollm2_path), ctx_size=64), announce=lambda m: None)
     from minillm.verify.dump import dump_runtime
-    dump = dump_runtime(rt, "The capital of France is", mode="f32")
+    dump = dump_runtime(rt, "The capital of France is")
     T = len(dump.token_ids)
     assert len(dump.tensors) == 3 + 10 * 30
     assert dump.tensors["Qcur-29"].shape == (T, 9, 64) and dump.tensors["Vcur-0"].shape == (T, 3, 64)

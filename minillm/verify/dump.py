@@ -132,19 +132,16 @@ def file_sha256(path) -> str:
     return digest.hexdigest()
 
 
-def dump_runtime(rt, prompt: str, mode: str | None = None) -> Dump:
-    """Tokenize `prompt`, run it through the runtime's model once, and describe the run.
-    The compute mode is the runtime's (`rt.config.mode`); `mode`, if given, must name it."""
-    if mode is not None and mode != rt.config.mode:
-        raise MinillmError(f"dump of mode {mode!r} asked from a runtime loaded in mode {rt.config.mode!r}")
-    mode = rt.config.mode
+def dump_runtime(rt, prompt: str) -> Dump:
+    """Tokenize `prompt`, run it through the runtime's model once, and describe the run, recording
+    the runtime's compute mode (`rt.config.mode`)."""
     ids = rt.tokenizer.encode(prompt)
     if not ids:
         raise MinillmError("the prompt gives no tokens")
     tensors = record_forward(rt.model, ids, rt.new_cache())
     path = Path(rt.gguf.path)
     metadata = {
-        "producer": f"minillm {__version__}", "mode": mode, "bits": rt.config.bits, "model_file": path.name,
+        "producer": f"minillm {__version__}", "mode": rt.config.mode, "bits": rt.config.bits, "model_file": path.name,
         "model_size": path.stat().st_size, "model_sha256": file_sha256(path), "prompt": prompt,
         "hf_names": {name: hf_name(name) for name in tensors},
     }
