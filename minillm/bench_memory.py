@@ -1,7 +1,7 @@
 """Speed against the memory cap: decode tokens/s and time to first token of SmolLM2 under
-`--mem-cap` 32, 48, 64, 96, 128, 256 MiB and without a cap.
+`--mem-cap` 16, 24, 32, 48, 64, 96, 128, 256 MiB and without a cap.
 
-    python -m minillm.bench_memory [--caps 32,48,64,96,128,256,none] [--repeats 3] [--plot PATH] [--json]
+    python -m minillm.bench_memory [--caps 16,24,32,48,64,96,128,256,none] [--repeats 3] [--plot PATH] [--json]
 
 A benchmark, not a test: each run is a fresh `python -m minillm generate --mem-cap ... --json`
 process (so each has its own baseline and high-water mark), greedy, on a fixed prompt; figures are
@@ -16,7 +16,7 @@ import statistics
 import subprocess
 import sys
 
-CAPS = ("32", "48", "64", "96", "128", "256", "none")
+CAPS = ("16", "24", "32", "48", "64", "96", "128", "256", "none")
 PROMPT = " ".join(["The quick brown fox jumps over the lazy dog."] * 6)  # 61 tokens
 DEFAULT_PLOT = "tutorials/measured/memory_cap_speed.png"  # the figure the README shows
 

@@ -12,6 +12,11 @@ where a string is a u64 byte length followed by UTF-8 bytes, and an array value 
 (element_type: u32, count: u64, elements). `ne[0]` is the fastest-varying dimension, so a
 matrix stored as ne = [n_cols, n_rows] is a NumPy array of shape (n_rows, n_cols).
 
+Metadata values become Python values, except that an array of strings becomes a `StringArray`:
+SmolLM2's vocabulary and merge rules are 98k strings, ~8 MiB as Python str objects but ~1.1 MiB
+as one bytes object (and the strings' offsets) per array. Once parsed, nothing refers to the
+header in the file any more, so its pages are dropped from resident memory (`_release_header`).
+
 The parser is written out here, rather than taken from `gguf.GGUFReader`, for two reasons: it
 reads a 49k-token vocabulary in milliseconds instead of seconds, and it checks every count and
 offset against the file size before trusting it, so a truncated or hostile file gets a one-line
@@ -21,6 +26,7 @@ package, and the tests check this parser against `gguf.GGUFReader`.
 
 import mmap
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +66,55 @@ class TensorInfo:
         return int(np.prod(self.shape, dtype=np.int64))
 
 
+def join_with_offsets(pieces, count: int) -> tuple[bytes, np.ndarray]:
+    """`count` bytes objects as one: piece i is blob[offsets[i]:offsets[i + 1]], offsets (count + 1,)
+    in the smallest unsigned type that holds them (uint32 for SmolLM2's vocabulary)."""
+    blob = bytearray()
+    offsets = np.zeros(count + 1, np.int64)
+    for i, piece in enumerate(pieces):
+        blob += piece
+        offsets[i + 1] = len(blob)
+    return bytes(blob), offsets.astype(np.min_scalar_type(len(blob)))
+
+
+class StringArray(Sequence):
+    """A GGUF array of strings held as one bytes object of UTF-8: string i is
+    blob[offsets[i]:offsets[i + 1]], decoded when it is read. It behaves as a read-only list:
+    len, indexing, iteration, `in`; a slice is a list of str, and it equals a list (or tuple)
+    of the same strings."""
+
+    def __init__(self, blob: bytes, offsets: np.ndarray):
+        self._blob = blob
+        self._offsets = offsets  # (len + 1,) unsigned ints, offsets[0] = 0
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        n = len(self._offsets) - 1
+        i = index + n if index < 0 else index
+        if not 0 <= i < n:
+            raise IndexError(f"string index {index} out of range for {n} strings")
+        return self._blob[self._offsets[i]:self._offsets[i + 1]].decode("utf-8")
+
+    def __iter__(self):
+        for i in range(len(self._offsets) - 1):
+            yield self._blob[self._offsets[i]:self._offsets[i + 1]].decode("utf-8")
+
+    def __eq__(self, other):
+        if not isinstance(other, (StringArray, list, tuple)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # equal to a list, which is unhashable
+
+    def __repr__(self) -> str:
+        head = ", ".join(map(repr, self[:3]))
+        return f"StringArray([{head}{', ...' if len(self) > 3 else ''}], {len(self)} strings)"
+
+
 class _Cursor:
     """Reads little-endian values from a byte buffer, refusing to read past its end."""
 
@@ -78,15 +133,25 @@ class _Cursor:
         self.pos += size
         return value
 
-    def string(self, what: str) -> str:
+    def string_bytes(self, what: str) -> bytes:
+        """The bytes of one string, checked to be UTF-8."""
         n = self.scalar("Q", what)
         self.need(n, what)
         raw = bytes(self.buf[self.pos:self.pos + n])
         self.pos += n
         try:
-            return raw.decode("utf-8")
+            raw.decode("utf-8")
         except UnicodeDecodeError:
             raise GGUFError(self.path, f"{what} is not valid UTF-8") from None
+        return raw
+
+    def string(self, what: str) -> str:
+        return self.string_bytes(what).decode("utf-8")
+
+    def string_array(self, count: int, what: str) -> StringArray:
+        """`count` strings, each checked on its own (so a bad one fails here, not when read),
+        gathered into one bytes object."""
+        return StringArray(*join_with_offsets((self.string_bytes(what) for _ in range(count)), count))
 
     def value(self, vtype: int, what: str):
         if vtype == GGUFValueType.STRING:
@@ -105,7 +170,7 @@ class _Cursor:
         if etype == GGUFValueType.STRING:
             # Every string costs at least its 8-byte length: bound the count before looping.
             self.need(8 * count, what)
-            return [self.string(what) for _ in range(count)]
+            return self.string_array(count, what)
         if etype == GGUFValueType.ARRAY:
             self.need(12 * count, what)
             return [self.array(what) for _ in range(count)]
@@ -121,9 +186,9 @@ class _Cursor:
 
 
 class GGUFFile:
-    """A parsed GGUF file: `metadata` (key -> Python value) with `value_types` (key -> GGUF types),
-    `tensors` (name -> TensorInfo), and `data(name)`, a read-only view of a tensor's bytes in the
-    memory map (no copy)."""
+    """A parsed GGUF file: `metadata` (key -> Python value; a `StringArray` for an array of
+    strings) with `value_types` (key -> GGUF types), `tensors` (name -> TensorInfo), and
+    `data(name)`, a read-only view of a tensor's bytes in the memory map (no copy)."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -164,6 +229,15 @@ class GGUFFile:
         self.tensors = {}
         for name, shape, ggml_type, offset in entries:
             self.tensors[name] = self._place_tensor(name, shape, ggml_type, offset, alignment)
+        self._release_header()
+
+    def _release_header(self):
+        """Drop the header's pages from this process's resident memory (madvise DONTNEED): every
+        value in it was copied out above. SmolLM2's 98k vocabulary and merge strings make it ~1.7 MiB.
+        Only whole pages before the first tensor's page are released."""
+        end = self.data_start // mmap.PAGESIZE * mmap.PAGESIZE
+        if hasattr(mmap, "MADV_DONTNEED") and end:
+            self._mmap.madvise(mmap.MADV_DONTNEED, 0, end)
 
     def _read_tensor_entry(self, cur: _Cursor, i: int):
         name = cur.string(f"tensor name #{i}")

@@ -7,6 +7,7 @@ even though nothing was copied. Writing "5" to /proc/self/clear_refs resets the 
 to the current RSS, so the peak of one stretch of work can be measured on its own.
 """
 
+import ctypes
 import gc
 import os
 import re
@@ -79,6 +80,24 @@ def reset_peak() -> bool:
     return True
 
 
+def return_freed_memory_at_once() -> bool:
+    """Make the C allocator give freed memory back to the OS at once, so RSS tracks what is alive.
+    glibc keeps freed memory for reuse, and after a large array is freed it serves later large
+    arrays from that kept heap instead of fresh mappings (its mmap threshold adapts upwards): the
+    RSS a capped run reaches would then depend on its history, not on its plan. Fixed thresholds
+    (arrays of 128 KiB or more mapped on their own, heap tops of 128 KiB or more trimmed) stop
+    both; what glibc already kept is trimmed now. False where the allocator is not glibc's."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+    ok = mallopt(M_MMAP_THRESHOLD, 128 << 10) == 1 and mallopt(M_TRIM_THRESHOLD, 128 << 10) == 1
+    malloc_trim(0)
+    return ok
+
+
 # ---------------------------------------------------------------------------------------------
 # Sizes on the command line: "96MiB", "64MB", "0.5GB". A unit is required, so "64" (bytes? MB?)
 # is never guessed.
@@ -129,6 +148,7 @@ class Meter:
 
     def __init__(self):
         gc.collect()
+        return_freed_memory_at_once()
         self.peak_was_reset = reset_peak()
         self.start = usage()
 
@@ -165,6 +185,10 @@ MIN_PREFILL_CHUNK = 16
 HEAD_CHUNK_BYTES = 1 << 20     # rows of the streamed LM head read at a time
 SLOT_ALIGN = 64                # each tensor in a streaming buffer starts on a cache line
 STREAM_SLOTS = 2               # buffers in the streaming pool: one computing, one being filled
+# Pages a run touches that no line of the plan counts: code of numpy, BLAS and the kernels run
+# for the first time, allocator pages of the worker threads, thread stacks. Measured on SmolLM2
+# runs (generate under caps of 25% to 150% of its weights) at 0 to 1.2 MiB above the counted lines.
+RESERVE_BYTES = 3 << 19
 
 
 @dataclass(frozen=True)
@@ -268,30 +292,45 @@ def weight_index(gguf, config, bits: int, int4: str = "asym") -> WeightIndex:
 
 
 def activation_bytes(config, chunk: int, ctx_size: int, threads: int, kv_bits: int, all_logits: bool = False) -> int:
-    """Bytes of the arrays alive at the peak of one forward pass over `chunk` new tokens (T) that
-    attend to up to `ctx_size` positions (S), plus sampling. Counted array by array, float32:
+    """Bytes of the arrays alive at the peak of one forward pass over up to `chunk` + 1 new tokens
+    (T: a last chunk of one token joins the one before, minillm.streaming.prefill_chunks) that
+    attend to up to `ctx_size` positions (S), or of sampling after it. Counted array by array as
+    minillm.model computes them; a layer's steps run one after the other, so the peak is the
+    residual stream plus the largest step, not the sum of all steps:
 
-      attention   3 x (n_heads, T, S): the scores, their masked copy, the exponentials;
-                  2 x (T, S) bool: the mask, and the comparison it is built from
-      KV reads    2 x (n_kv_heads, S, head_dim) float32 copies when the cache holds Q8_0 blocks
-      MLP         5 x (T, ffn_dim): gate, up, and SiLU's temporaries
-      the rest    12 x (T, dim): residual, norms, q, k, v, their RoPE copies, attention output
-      prefill     one float32 tile of dequantized rows per thread (minillm.linear.TILE_BYTES), T > 1
-      sampling    logits (vocab,) float32, plus the sampler's float64 copies and sort order (3 x 8 bytes)
+      residual    3 x (T, dim): x, the normalised h, and their sum
+      projection  one float32 tile of dequantized rows per thread (minillm.linear.TILE_BYTES), T > 1
+      attention   q, the new k and v, float32 copies of all S cached keys and values when the
+                  cache holds Q8_0 or float16, and the largest of: RoPE's temporaries (q projected,
+                  and two half-size products: 2.5 x (n_heads, T, head_dim)); for Q8_0, while the
+                  values are decoded, their codes as float32 and their 34-byte blocks gathered from
+                  the cache; 3 x (n_heads, T, S) scores (the product, its masked copy and the
+                  exponentials) and 2 x (T, S) bool (the mask and its comparison); the output
+                  projection: the heads' output, merged, and the tiles
+      MLP         SiLU of the gate: the gate and two (T, ffn_dim) temporaries; the up projection:
+                  SiLU's result, its output and the tiles
+      sampling    the logits, a penalised copy, the sort order (int64) and the sorted logits (vocab,)
       all_logits  (perplexity) logits of all S positions, float32, twice (the chunks' pieces and the
                   array they are joined into), and a float64 log-softmax of the scored half, with its
-                  exponentials and result: 3 x 8 bytes x S / 2 per id
+                  exponentials and result: 3 x 8 bytes x S / 2 per id; added to the peak above
     """
     from .linear import TILE_BYTES
-    T, S, c = chunk, ctx_size, config
-    attention = 3 * 4 * c.n_heads * T * S + 2 * T * S
-    kv_reads = 2 * 4 * c.n_kv_heads * S * c.head_dim if kv_bits == 8 else 0
-    mlp = 5 * 4 * T * c.ffn_dim
-    rest = 12 * 4 * T * c.dim
+    T, S, c = min(chunk + 1, ctx_size), ctx_size, config
+    f = 8 if kv_bits == 64 else 4   # bytes of a score: q @ k.T is float64 with a float64 cache
+    residual = 3 * 4 * T * c.dim
     tiles = threads * TILE_BYTES if T > 1 else 0
-    sampling = (4 + 3 * 8) * c.vocab_size
+    q = 4 * c.n_heads * T * c.head_dim
+    new_kv = 2 * 4 * c.n_kv_heads * T * c.head_dim
+    one_read = 4 * c.n_kv_heads * S * c.head_dim  # all S keys (or values) as float32
+    kv_reads = 2 * one_read if kv_bits in (8, 16) else 0
+    decoding = one_read + one_read * 34 // 128 if kv_bits == 8 else 0  # while the values are decoded
+    scores = 3 * f * c.n_heads * T * S + 2 * T * S
+    attention = q + new_kv + kv_reads + max(5 * q // 2, decoding, scores, 2 * q + tiles)
+    ffn = 4 * T * c.ffn_dim
+    mlp = max(3 * ffn, 2 * ffn + tiles)
+    sampling = (4 + 4 + 8 + 4) * c.vocab_size
     every_position = (2 * 4 + 3 * 8 // 2) * S * c.vocab_size if all_logits else 0
-    return attention + kv_reads + mlp + rest + tiles + sampling + every_position
+    return max(residual + max(attention, mlp), sampling) + every_position
 
 
 def streaming_buffer_bytes(index: WeightIndex, layout: Layout, n_layers: int) -> int:
@@ -335,6 +374,7 @@ def plan_lines(index: WeightIndex, layout: Layout, run) -> tuple:
                                          run.all_logits),
          f"prefill chunk of {layout.prefill_chunk} tokens, {run.threads} threads"
          + (f", logits of all {run.ctx_size} positions" if run.all_logits else "")),
+        ("reserve", RESERVE_BYTES, "pages not counted above: code run first, worker threads' allocator pages"),
     ]
     if index.converted_bytes:
         lines.append(("converted from", index.converted_source,
@@ -354,7 +394,7 @@ class PlanInputs:
     tokenizer_bytes: int    # measured: held after building the tokenizer (with the file's metadata)
     tokenizer_peak: int     # measured: the peak while building it
     all_logits: bool = False  # the command keeps logits of every position (perplexity)
-    tokenizer_built: bool = True  # False: a first check, before the tokenizer's tens of MiB are spent
+    tokenizer_built: bool = True  # False: a first check, before the tokenizer is built
 
 
 def candidate_layouts(index: WeightIndex, run: PlanInputs):
@@ -435,7 +475,7 @@ def touch_pages(arrays: list):
     page = os.sysconf("SC_PAGE_SIZE")
     for a in arrays:
         flat = a.reshape(-1).view(np.uint8)
-        flat[::page] = flat[::page]
+        flat[::page] |= 0  # a write, even of the same value, makes the page resident (`x = x` is skipped)
 
 
 def plan_for_file(path, config) -> MemoryPlan:

@@ -9,7 +9,10 @@ thread 93).
 """
 
 import functools
+import threading
 from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
 
 # Below this many multiply-adds a product is done on the calling thread: handing it to the
 # pool (tens of microseconds) would cost more than the second core saves.
@@ -30,6 +33,27 @@ class RowPool:
         step = -(-n_rows // self.threads)
         futures = [self.executor.submit(fn, start, min(n_rows, start + step)) for start in range(0, n_rows, step)]
         for future in futures:
+            future.result()
+
+    def touch_blas_buffers(self, max_rows: int, tile_bytes: int):
+        """Run on every thread of the pool, and on the caller, the largest products a prefill makes:
+        (max_rows, K) times a tile of `tile_bytes` float32 rows, for short and long rows K. BLAS packs
+        its operands into work buffers of each thread that calls it, and touches more of them the
+        larger the product; done once here, that memory belongs to the warmed-up process, not to
+        the first long prompt."""
+        def products():
+            for k in (256, 1024, 4096):
+                np.ones((max_rows, k), np.float32) @ np.ones((max(1, tile_bytes // (4 * k)), k), np.float32).T
+
+        products()
+        if self.executor is None:
+            return
+        together = threading.Barrier(self.threads)  # one job per thread: each waits for the others
+
+        def job():
+            together.wait()
+            products()
+        for future in [self.executor.submit(job) for _ in range(self.threads)]:
             future.result()
 
 

@@ -14,14 +14,17 @@ from dataclasses import dataclass, field, replace
 from .attention import AttentionSpec, block_sparse_attention, parse_attention
 from .config import LlamaConfig
 from .errors import UsageError
-from .generate import SamplingSettings
+from .generate import Sampler, SamplingSettings, generate
 from .gguf import GGUFFile
 from .kvcache import check_kv_bits, new_cache
-from .memory import Meter, cache_arrays, mib, plan_for_cap, touch_pages
+from .linear import TILE_BYTES
+from .memory import (MAX_PREFILL_CHUNK, MIN_PREFILL_CHUNK, Meter, cache_arrays, mib, plan_for_cap,
+                     return_freed_memory_at_once, touch_pages)
 from .model import Llama, masked_attention
 from .modes import KV_BITS as MODE_KV_BITS
 from .modes import check_mode, mode_attention, mode_dtype, mode_model, mode_weights
 from .modes.ggml import ROUNDING
+from .parallel import row_pool
 from .registry import resolve_model
 from .streaming import ChunkedLlama, load_streamed
 from .tokenizer import Tokenizer
@@ -162,8 +165,9 @@ def warm_up(runtime: Runtime):
 
 def warm_up_kernels(config: RunConfig) -> Meter:
     """Under --mem-cap: load (or compile) every kernel the run calls by running a tiny random model
-    in the same formats, then start measuring. The baseline the cap is counted from is this
-    process: interpreter, numpy, numba, tokenizers, compiled kernels, and no model."""
+    in the same formats (its chat template too), and touch BLAS's work buffers with the largest
+    prefill products, then start measuring. The baseline the cap is counted from is this process:
+    interpreter, numpy, numba, tokenizers, compiled kernels and BLAS buffers, and no model."""
     import tempfile
     from pathlib import Path
 
@@ -171,11 +175,20 @@ def warm_up_kernels(config: RunConfig) -> Meter:
 
     from .synthetic import write_tiny_llama
     ctx_size = config.ctx_size or DEFAULT_CTX_SIZE
+    return_freed_memory_at_once()  # from now on: warm-up's large temporaries must not stay in the heap
     with tempfile.TemporaryDirectory() as tmp:
         # head_dim 32, so --kv-bits 8 (Q8_0 blocks of 32) works on it as on SmolLM2
         path = write_tiny_llama(Path(tmp) / "warm-up.gguf", n_heads=2, n_kv_heads=1, context_length=ctx_size,
                                 weight_type=GGMLQuantizationType.Q4_1, embedding_type=GGMLQuantizationType.Q8_0)
-        load(replace(config, model=str(path), mem_cap=None, ctx_size=ctx_size), announce=lambda _: None)
+        tiny = load(replace(config, model=str(path), mem_cap=None, ctx_size=ctx_size), announce=lambda _: None)
+    # the pre-tokenizer's code and the template engine are paged in on first use
+    tiny.tokenizer.encode_chat([{"role": "user", "content": "Warm-up: words, digits 0123, ünïcödé — 漢字 🙂"}])
+    prompt = list(range(3, 3 + min(40, ctx_size - 3)))  # a prefill of several chunks, then decode and sample
+    for kv_bits in {tiny.config.cache_bits, 8}:  # the plan may choose Q8_0 KV (c)
+        cache = new_cache(tiny.model.config, ctx_size, tiny.config.attention_spec(), kv_bits)
+        chunked = ChunkedLlama(tiny.model.config, tiny.model.weights, tiny.model.attention_fn, MIN_PREFILL_CHUNK)
+        list(generate(chunked, cache, prompt, Sampler(config.sampling), max_tokens=2, stop_ids=()))
+    row_pool(config.threads or os.cpu_count()).touch_blas_buffers(MAX_PREFILL_CHUNK + 1, TILE_BYTES)
     return Meter()
 
 

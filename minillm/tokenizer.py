@@ -13,25 +13,34 @@ Byte-level BPE (GPT-2's scheme, used by SmolLM2) turns text into ids in three st
    the ranked merge list (`tokenizer.ggml.merges`, "Ġ t" before "Ġ a" ...) until no rule
    applies. Each remaining piece is a vocabulary entry, and its index is the token id.
 
-Decoding runs backwards: token strings -> bytes -> UTF-8. One character can span several
+Decoding runs backwards: token ids -> bytes -> UTF-8. One character can span several
 tokens (an emoji is 4 bytes, often 2 or 3 tokens), so `StreamDecoder` holds back the bytes of
 an unfinished character instead of printing a replacement character.
 
-The BPE itself runs in the `tokenizers` library, built from the GGUF metadata alone.
+Who does what: step 1 is the `tokenizers` library's pre-tokenizer (its regex needs \\p{L} and
+\\p{N}, which Python's `re` lacks); steps 2 and 3 and decoding run here, on NumPy tables built
+from the GGUF metadata: the merge rules as sorted int64 pair keys (`MergeTable`) and the bytes of
+every token in one bytes object. For SmolLM2 they hold ~1.3 MiB; a `tokenizers` BPE model, with
+the Python lists and dicts it is built from, held ~28 MiB. The tests check the ids against
+llama.cpp's, and against a `tokenizers` BPE built from the same metadata.
 """
 
 import codecs
 import re
-from functools import cached_property
+from functools import cached_property, lru_cache
 
+import numpy as np
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import Tokenizer as BPETokenizer
-from tokenizers import decoders, models, pre_tokenizers
+from tokenizers import pre_tokenizers
 
 from .errors import MinillmError
+from .gguf import join_with_offsets
 
 CONTROL = 3  # tokenizer.ggml.token_type of special tokens such as <|im_start|> (llama.cpp's LLAMA_TOKEN_TYPE_CONTROL)
+WORD_CACHE = 4096  # words whose merged ids encode remembers (~0.5 MiB when full)
+PIECE_CHARS = 4096  # encode pre-tokenizes long text this many characters at a time (see text_pieces)
+_CUT = re.compile(r"\S ")  # a space after a character that is not whitespace: cut between them
 
 # A noncharacter ("not for interchange"): encode_chat inserts it into special-token strings typed
 # in message text, so that only the template's own special tokens survive rendering intact.
@@ -62,6 +71,24 @@ def _pre_tokenizer(pre: str):
     raise MinillmError(f"unsupported tokenizer.ggml.pre {pre!r}: minillm knows only 'smollm'")
 
 
+def text_pieces(text: str, size: int = PIECE_CHARS):
+    """`text` in consecutive pieces of about `size` characters (more when no cut point comes),
+    each cut just before a space that follows a non-space character. The pre-tokenizer splits
+    the pieces into the same words as the whole text: no pattern of its regex matches a
+    non-space character followed by a space (" ?\\p{L}+" and the like take a space only in
+    front), so a word always ends there, and the regex looks at no text before a match.
+    Pre-tokenizing a long text whole would hold a Python tuple per word at once (~18 MiB for a
+    150 kB book), and CPython keeps much of that memory after it is freed."""
+    start = 0
+    while len(text) - start > size:
+        cut = _CUT.search(text, start + size)
+        if cut is None:
+            break
+        yield text[start:cut.start() + 1]
+        start = cut.start() + 1
+    yield text[start:]
+
+
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> character table: printable Latin-1 bytes stand for themselves, the other
     68 bytes (controls, space, ...) are moved to U+0100 onwards, in byte order."""
@@ -73,17 +100,17 @@ def bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-def _token_bytes_table(tokens: list[str]) -> list[bytes]:
-    """The bytes each token stands for. A token with a character outside the byte alphabet is
-    taken as its own UTF-8 text, as the `tokenizers` ByteLevel decoder does."""
+def _token_bytes_table(tokens) -> tuple[bytes, np.ndarray]:
+    """The bytes each token stands for, all in one bytes object: token i is
+    blob[offsets[i]:offsets[i + 1]]. A token with a character outside the byte alphabet is taken
+    as its own UTF-8 text, as the `tokenizers` ByteLevel decoder does."""
     byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
-    table = []
-    for token in tokens:
+
+    def token_bytes(token: str) -> bytes:
         if all(ch in byte_of for ch in token):
-            table.append(bytes(byte_of[ch] for ch in token))
-        else:
-            table.append(token.encode("utf-8"))
-    return table
+            return bytes(byte_of[ch] for ch in token)
+        return token.encode("utf-8")
+    return join_with_offsets(map(token_bytes, tokens), len(tokens))
 
 
 def _required(metadata: dict, key: str):
@@ -92,13 +119,90 @@ def _required(metadata: dict, key: str):
     return metadata[key]
 
 
-def _parse_merges(merges: list[str]) -> list[tuple[str, str]]:
-    """"Ġ t" -> ("Ġ", "t"). Byte-level tokens never contain a space, so one space separates the pair."""
-    pairs = [tuple(m.split(" ")) for m in merges]
-    for rank, pair in enumerate(pairs):
-        if len(pair) != 2:
-            raise MinillmError(f"tokenizer.ggml.merges[{rank}] = {merges[rank]!r} is not two tokens")
-    return pairs
+class TokenIndex:
+    """Token string -> id, without a dict of the vocabulary's strings.
+
+    A dict {str: id} of SmolLM2's 49k tokens holds ~8 MiB while it exists, and CPython keeps
+    2-3 MiB of that after it is freed (its allocator for small objects returns memory to the
+    system only in whole 1 MiB arenas, and the strings are spread over many). Here the index is
+    the tokens' hashes, sorted (NumPy, 0.8 MiB): `find` looks the hash up by binary search, then
+    compares the strings, since different strings can share a hash. Each token string exists only
+    while it is hashed or compared.
+    """
+
+    def __init__(self, tokens):
+        self.tokens = tokens
+        hashes = np.fromiter(map(hash, tokens), np.int64, count=len(tokens))  # (vocab,)
+        self.ids = np.argsort(hashes, kind="stable")  # (vocab,) ids in hash order; equal hashes by id
+        self.hashes = hashes[self.ids]  # (vocab,) ascending
+
+    def find(self, text: str) -> int | None:
+        """The id of the first token equal to `text`, or None."""
+        h = hash(text)
+        at = int(self.hashes.searchsorted(h))
+        while at < len(self.hashes) and self.hashes[at] == h:
+            token_id = int(self.ids[at])
+            if self.tokens[token_id] == text:
+                return token_id
+            at += 1
+        return None
+
+    def has_duplicates(self) -> bool:
+        """Whether two tokens are the same string. Only tokens sharing a hash can be: each one
+        after the first of its hash is looked up, and a duplicate finds an earlier id."""
+        shares_hash = np.flatnonzero(self.hashes[1:] == self.hashes[:-1]) + 1
+        return any(self.find(self.tokens[i]) != i for i in self.ids[shares_hash].tolist())
+
+
+NO_RULE = np.iinfo(np.int32).max  # the rank of a pair no merge rule joins
+
+
+class MergeTable:
+    """The ranked merge rules as NumPy arrays: rule r joins the adjacent tokens (left, right)
+    into one token, and a lower r is applied first.
+
+    A pair is one int64 key, left * vocab_size + right. The keys are sorted, with each pair's
+    rank and merged token id alongside, so `find` looks up many pairs at once by binary search
+    (np.searchsorted). SmolLM2's 48,900 rules take 16 bytes each (~0.8 MiB); a dict of string
+    pairs would take ~10 MiB.
+    """
+
+    def __init__(self, left: np.ndarray, right: np.ndarray, merged: np.ndarray, vocab_size: int):
+        # left, right, merged: (n_rules,) token ids in rank order
+        keys = left.astype(np.int64) * vocab_size + right
+        # np.unique sorts the keys and gives where each first occurs: its rank. A rule repeated
+        # later never applies, as in llama.cpp (`tokenizers` keeps the last of the repeats).
+        keys, first = np.unique(keys, return_index=True)
+        # A key no pair has, after the last, so every search lands on an entry.
+        self.keys = np.append(keys, np.iinfo(np.int64).max)  # (n_pairs + 1,) int64, ascending
+        self.ranks = np.append(first, NO_RULE).astype(np.int32)  # (n_pairs + 1,)
+        self.merged = np.append(merged[first], -1).astype(np.int32)  # (n_pairs + 1,)
+        self.vocab_size = vocab_size
+
+    @classmethod
+    def from_strings(cls, merges, index: TokenIndex) -> "MergeTable":
+        """From tokenizer.ggml.merges, "Ġ t" -> the ids of "Ġ", "t" and "Ġt". Byte-level tokens
+        never contain a space, so one space separates the pair."""
+        ids = np.zeros((3, len(merges)), np.int32)  # rows: left, right, merged
+        for rank, merge in enumerate(merges):
+            pair = merge.split(" ")
+            if len(pair) != 2:
+                raise MinillmError(f"tokenizer.ggml.merges[{rank}] = {merge!r} is not two tokens")
+            for row, token in enumerate([*pair, "".join(pair)]):
+                token_id = index.find(token)
+                if token_id is None:
+                    raise MinillmError(f"tokenizer.ggml.merges[{rank}] = {merge!r} needs the token "
+                                       f"{token!r}, which is not in the vocabulary")
+                ids[row, rank] = token_id
+        return cls(*ids, len(index.tokens))
+
+    def find(self, left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The rank of the rule joining each pair (NO_RULE where none does) and the token it
+        makes. left, right: (n,) int64 -> ranks, merged: (n,) int32."""
+        keys = left * self.vocab_size + right
+        at = np.searchsorted(self.keys, keys)  # (n,) in [0, n_pairs]: the sentinel catches the rest
+        found = self.keys[at] == keys
+        return np.where(found, self.ranks[at], NO_RULE), self.merged[at]
 
 
 def _raise_template_error(message):
@@ -109,15 +213,19 @@ def _raise_template_error(message):
 class Tokenizer:
     """Byte-level BPE encode/decode and chat rendering for one model."""
 
-    def __init__(self, tokens, merges, token_types, pre, bos_id, eos_id, eot_id, add_bos, chat_template):
+    def __init__(self, tokens, byte_char_ids: dict[str, int], merges: MergeTable, token_types, pre: str,
+                 bos_id, eos_id, eot_id, add_bos, chat_template):
+        """`tokens`: the vocabulary's strings (read here, not kept); `byte_char_ids`: the token of
+        each byte character ("Ġ" -> 220), without the bytes the vocabulary has no token for."""
         self.vocab_size = len(tokens)
         self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, add_bos
         self.chat_template = chat_template
-        self._tokens = tokens
-        self._bpe = BPETokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-        self._bpe.pre_tokenizer = _pre_tokenizer(pre)
-        self._bpe.decoder = decoders.ByteLevel()
-        self._token_bytes = _token_bytes_table(tokens)
+        self._pre_tokenizer = _pre_tokenizer(pre)
+        self._merges = merges
+        self._byte_char_ids = byte_char_ids
+        self._token_blob, self._token_offsets = _token_bytes_table(tokens)
+        # The texts the chat template is given, not the whole list of token strings.
+        self._template_tokens = {i: tokens[i] for i in (bos_id, eos_id) if i is not None}
         # Control tokens are recognised only in text the chat template wrote (see encode_chat).
         self._special_ids = {tokens[i]: i for i, t in enumerate(token_types) if t == CONTROL and tokens[i]}
         by_length = sorted(self._special_ids, key=len, reverse=True)  # longest first: "<a_b>" before "<a>"
@@ -125,6 +233,8 @@ class Tokenizer:
         self._special_re = re.compile("|".join(map(re.escape, by_length)) or "(?!)")
         named_stops = (self._special_ids.get(name) for name in ("<|im_end|>", "<|endoftext|>"))
         self.stop_ids = frozenset(i for i in (eos_id, eot_id, *named_stops) if i is not None)
+        # Text repeats its words: each one is merged once (per instance, so the cache dies with it).
+        self._word_ids = lru_cache(maxsize=WORD_CACHE)(self._merge_word)
 
     @classmethod
     def from_metadata(cls, metadata: dict) -> "Tokenizer":
@@ -137,7 +247,8 @@ class Tokenizer:
         token_types = _required(metadata, "tokenizer.ggml.token_type")
         if len(token_types) != len(tokens):
             raise MinillmError(f"tokenizer.ggml.token_type has {len(token_types)} entries for {len(tokens)} tokens")
-        if len(set(tokens)) != len(tokens):
+        index = TokenIndex(tokens)  # only while building
+        if index.has_duplicates():
             raise MinillmError("tokenizer.ggml.tokens lists the same token twice")
         ids = {key: metadata.get(f"tokenizer.ggml.{key}_token_id") for key in ("bos", "eos", "eot")}
         for key, token_id in ids.items():
@@ -147,16 +258,17 @@ class Tokenizer:
         add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
         if add_bos and ids["bos"] is None:
             raise MinillmError("tokenizer.ggml.add_bos_token is set but there is no tokenizer.ggml.bos_token_id")
-        return cls(tokens, _parse_merges(_required(metadata, "tokenizer.ggml.merges")), token_types,
-                   _required(metadata, "tokenizer.ggml.pre"), ids["bos"], ids["eos"], ids["eot"], add_bos,
-                   metadata.get("tokenizer.chat_template"))
+        merges = MergeTable.from_strings(_required(metadata, "tokenizer.ggml.merges"), index)
+        byte_char_ids = {ch: i for ch in bytes_to_unicode().values() if (i := index.find(ch)) is not None}
+        return cls(tokens, byte_char_ids, merges, token_types, _required(metadata, "tokenizer.ggml.pre"),
+                   ids["bos"], ids["eos"], ids["eot"], add_bos, metadata.get("tokenizer.chat_template"))
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of plain text. Special-token strings in it ("<|im_start|>") are ordinary text.
 
         A byte with no token of its own is dropped. SmolLM2 lacks six ASCII controls (0x04 0x06
         0x13 0x14 0x16 0x1D) and the UTF-8 lead bytes F1 and F2, which only the unassigned planes
-        4-11 use: such text does not survive a round trip. `tokenizers` (and so minillm) drops the
+        4-11 use: such text does not survive a round trip. minillm (like `tokenizers`) drops the
         byte before merging; llama.cpp drops it after, so inside a word the ids can differ
         ("!\x16!" is "!!" here, "!", "!" in llama.cpp).
         """
@@ -164,10 +276,26 @@ class Tokenizer:
             text.encode("utf-8")
         except UnicodeEncodeError as e:
             raise MinillmError(f"text is not valid Unicode: {e.reason} at character {e.start}") from None
-        ids = self._bpe.encode(text, add_special_tokens=False).ids
+        ids = []
+        for piece in text_pieces(text):
+            # pre_tokenize_str gives (word in byte characters, (start, end) in the piece) pairs
+            for word, _ in self._pre_tokenizer.pre_tokenize_str(piece):
+                ids += self._word_ids(word)
         if self.add_bos if add_bos is None else add_bos:
             ids = self._with_bos(ids)
         return ids
+
+    def _merge_word(self, word: str) -> tuple[int, ...]:
+        """BPE on one word of byte characters: start from one token per character, then join
+        the adjacent pair whose rule ranks first (the leftmost among equals) until no rule applies."""
+        ids = np.array([self._byte_char_ids[ch] for ch in word if ch in self._byte_char_ids], np.int64)  # (n,)
+        while len(ids) > 1:
+            ranks, merged = self._merges.find(ids[:-1], ids[1:])  # (n - 1,) for the pairs (ids[i], ids[i + 1])
+            i = int(np.argmin(ranks))
+            if ranks[i] == NO_RULE:
+                break
+            ids = np.concatenate([ids[:i], merged[i:i + 1], ids[i + 2:]])  # (n - 1,)
+        return tuple(ids.tolist())
 
     def _with_bos(self, ids: list[int]) -> list[int]:
         if self.bos_id is None:
@@ -190,7 +318,7 @@ class Tokenizer:
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The conversation as the model's chat template writes it out."""
         def token_text(token_id):
-            return "" if token_id is None else self._tokens[token_id]
+            return "" if token_id is None else self._template_tokens[token_id]
         try:
             return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                          bos_token=token_text(self.bos_id), eos_token=token_text(self.eos_id))
@@ -224,14 +352,12 @@ class Tokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         """The raw bytes one token stands for (a piece of UTF-8, not always a whole character)."""
         self._check_id(token_id)
-        return self._token_bytes[token_id]
+        return self._token_blob[self._token_offsets[token_id]:self._token_offsets[token_id + 1]]
 
     def decode(self, ids) -> str:
-        """Text of a token sequence; bytes that are not valid UTF-8 become U+FFFD."""
-        ids = [int(i) for i in ids]
-        for token_id in ids:
-            self._check_id(token_id)
-        return self._bpe.decode(ids)
+        """Text of a token sequence; bytes that are not valid UTF-8 become U+FFFD (each maximal
+        invalid piece one U+FFFD, as Rust's from_utf8_lossy in `tokenizers` does)."""
+        return b"".join(self.token_bytes(int(i)) for i in ids).decode("utf-8", errors="replace")
 
     def _check_id(self, token_id: int):
         if not 0 <= token_id < self.vocab_size:

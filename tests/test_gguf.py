@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from minillm.config import LlamaConfig
 from minillm.errors import GGUFError
-from minillm.gguf import GGUFFile
+from minillm.gguf import GGUFFile, StringArray
 from minillm.memory import MiB, usage
 from minillm.synthetic import write_tiny_llama
 from minillm.weights import validate
@@ -40,6 +40,20 @@ def test_parser_matches_gguf_reader_on_tiny_model(tiny_q4_path):
 @pytest.mark.weights
 def test_parser_matches_gguf_reader_on_smollm2(smollm2_path):
     assert_same_as_gguf_reader(smollm2_path)
+
+
+def test_string_arrays_behave_as_read_only_lists(tiny_path):
+    """An array of strings is held as one bytes object, and reads as the list GGUFReader gives."""
+    ours = GGUFFile(tiny_path).metadata["tokenizer.ggml.tokens"]
+    theirs = gguf.GGUFReader(tiny_path).fields["tokenizer.ggml.tokens"].contents()
+    assert isinstance(ours, StringArray) and len(ours) == len(theirs) == 267
+    assert list(ours) == theirs and ours == theirs and ours == tuple(theirs)
+    assert ours[-1] == theirs[-1] and ours[3:9] == theirs[3:9] and ours[::-40] == theirs[::-40]
+    assert theirs[200] in ours and "not a token" not in ours
+    assert ours != theirs[:-1] and ours != [*theirs[:-1], "x"] and ours != "a string"
+    for index in (len(theirs), -len(theirs) - 1):
+        with pytest.raises(IndexError):
+            ours[index]
 
 
 @pytest.mark.weights
@@ -162,6 +176,14 @@ def test_hostile_lengths_are_refused_without_allocating(tiny_path, tmp_path, key
     path = tmp_path / "h.gguf"
     path.write_bytes(hostile)
     expect_error(path, "runs past the end")
+
+
+def test_invalid_utf8_in_a_string_array_is_refused_at_open(tiny_path, tmp_path):
+    data = tiny_path.read_bytes()
+    at = data.index("Ġthe".encode(), data.index(b"tokenizer.ggml.tokens"))  # the token, not the merge "Ġt he"
+    path = tmp_path / "u.gguf"
+    path.write_bytes(data[:at] + b"\xff" + data[at + 1:])
+    expect_error(path, "tokenizer.ggml.tokens is not valid UTF-8")
 
 
 def test_hostile_tensor_count(tiny_path, tmp_path):

@@ -1,19 +1,26 @@
-"""The tokenizer against llama.cpp's token ids, the chat template's exact text, and round trips.
+"""The tokenizer against llama.cpp's token ids, against a `tokenizers` BPE built from the same
+metadata, the chat template's exact text, round trips, and the memory it holds.
 
 tests/data/tokenizer_reference.json holds llama.cpp's ids for tests/data/tokenizer_corpus.json;
 tests/data/make_tokenizer_reference.py regenerates it.
 """
 
 import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from tokenizers import Tokenizer as RustTokenizer
+from tokenizers import decoders, models, pre_tokenizers
 
 from minillm.errors import MinillmError
 from minillm.gguf import GGUFFile
-from minillm.tokenizer import CONTROL, Tokenizer, bytes_to_unicode
+from minillm.memory import MiB
+from minillm.tokenizer import CONTROL, Tokenizer, _pre_tokenizer, bytes_to_unicode, text_pieces
 
 DATA = Path(__file__).parent / "data"
 CORPUS = json.loads((DATA / "tokenizer_corpus.json").read_text(encoding="utf-8"))
@@ -34,6 +41,11 @@ representable_chars = st.one_of(
 PIECES = ["👨\u200d👩\u200d👧\u200d👦", "🇫🇷", "👍🏽", "❤\ufe0f\u200d🔥", "日本語", "中文", "한국어", "é", "e\u0301",
           "€", "\n", "   ", "\t", "<|im_end|>", "<|im_start|>", "<|endoftext|>", "\ufdd0", "1,000", "don't", " the"]
 texts = st.lists(st.one_of(st.text(representable_chars, max_size=8), st.sampled_from(PIECES)), max_size=12).map("".join)
+# Any text (no lone surrogates: those are not Unicode), with whole words and whitespace runs of the corpus.
+CORPUS_WORDS = sorted({word for text in CORPUS for word in re.split(r"(\s+)", text) if word})
+any_text = st.lists(st.one_of(st.text(st.characters(exclude_categories=["Cs"])), st.sampled_from(CORPUS_WORDS),
+                              st.sampled_from(PIECES)), max_size=16).map("".join)
+BOOK = (DATA / "alice_in_wonderland.txt").read_text(encoding="utf-8")
 
 # Where minillm knowingly differs from llama.cpp: a byte with no token (MISSING_BYTES) inside a
 # word. `tokenizers`, the library SmolLM2 was trained with, drops it before merging, so its
@@ -66,6 +78,33 @@ def single_byte_ids(tok):
 @pytest.fixture(scope="module")
 def tiny_metadata(tiny_path):
     return GGUFFile(tiny_path).metadata
+
+
+@pytest.fixture(scope="module")
+def tiny_tok(tiny_metadata):
+    return Tokenizer.from_metadata(tiny_metadata)
+
+
+def tokenizers_bpe(metadata) -> RustTokenizer:
+    """The independent reference: a `tokenizers` BPE model built from the same vocabulary and merges,
+    with the pre-tokenizer and decoder of HF's tokenizer.json for SmolLM2."""
+    vocab = {token: i for i, token in enumerate(metadata["tokenizer.ggml.tokens"])}
+    merges = [tuple(merge.split(" ")) for merge in metadata["tokenizer.ggml.merges"]]
+    bpe = RustTokenizer(models.BPE(vocab=vocab, merges=merges))
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    bpe.decoder = decoders.ByteLevel()
+    return bpe
+
+
+@pytest.fixture(scope="module")
+def smollm2_bpe(smollm2_metadata):
+    return tokenizers_bpe(smollm2_metadata)
+
+
+@pytest.fixture(scope="module")
+def tiny_bpe(tiny_metadata):
+    return tokenizers_bpe(tiny_metadata)
 
 
 # --- the real vocabulary ---------------------------------------------------------------------
@@ -121,9 +160,75 @@ def test_add_bos_defaults_to_the_metadata(tok):
 
 
 @pytest.mark.weights
-def test_token_bytes_agree_with_the_tokenizers_decoder(tok):
-    decoded = [tok.decode([i]) for i in range(tok.vocab_size)]
+def test_token_bytes_agree_with_the_tokenizers_decoder(tok, smollm2_bpe):
+    decoded = [smollm2_bpe.decode([i]) for i in range(tok.vocab_size)]
     assert [tok.token_bytes(i).decode("utf-8", errors="replace") for i in range(tok.vocab_size)] == decoded
+    assert [tok.decode([i]) for i in range(tok.vocab_size)] == decoded
+
+
+# --- against a `tokenizers` BPE built from the same metadata ---------------------------------------
+
+@pytest.mark.weights
+def test_encode_matches_tokenizers_on_the_corpus_and_a_book(tok, smollm2_bpe):
+    """The corpus, and a 150 kB book: encode pre-tokenizes long text in pieces (text_pieces)."""
+    assert [tok.encode(text) for text in CORPUS] == [smollm2_bpe.encode(text).ids for text in CORPUS]
+    assert tok.encode(BOOK) == smollm2_bpe.encode(BOOK).ids
+
+
+@pytest.mark.weights
+@given(text=any_text)
+def test_encode_matches_tokenizers(tok, smollm2_bpe, text):
+    assert tok.encode(text) == smollm2_bpe.encode(text).ids
+
+
+@given(text=any_text)
+def test_encode_matches_tokenizers_on_the_tiny_vocabulary(tiny_tok, tiny_bpe, text):
+    assert tiny_tok.encode(text) == tiny_bpe.encode(text).ids
+
+
+@pytest.mark.weights
+@given(data=st.data())
+def test_decode_matches_the_tokenizers_decoder(tok, smollm2_bpe, single_byte_ids, data):
+    """Invalid UTF-8 becomes U+FFFD as in Rust's from_utf8_lossy: one per maximal invalid piece."""
+    ids = data.draw(st.lists(st.one_of(st.integers(0, tok.vocab_size - 1), st.sampled_from(single_byte_ids))))
+    assert tok.decode(ids) == smollm2_bpe.decode(ids)
+
+
+@given(text=any_text, size=st.integers(1, 12))
+def test_text_pieces_split_into_the_same_words(text, size):
+    pre = _pre_tokenizer("smollm")
+    pieces = list(text_pieces(text, size))
+    assert "".join(pieces) == text
+    assert [word for piece in pieces for word, _ in pre.pre_tokenize_str(piece)] == \
+        [word for word, _ in pre.pre_tokenize_str(text)]
+
+
+# What a capped run (minillm.runtime.load) measures for the tokenizer: from the baseline after
+# warm_up_kernels, the file's header parsed and the tokenizer built, both still held.
+MEASURE_TOKENIZER = """
+import gc, sys
+from minillm.gguf import GGUFFile
+from minillm.runtime import RunConfig, warm_up_kernels
+from minillm.tokenizer import Tokenizer
+meter = warm_up_kernels(RunConfig(mem_cap=1 << 30))
+gguf = GGUFFile(sys.argv[1])
+tokenizer = Tokenizer.from_metadata(gguf.metadata)
+gc.collect()
+held = meter.measure()
+print(held.anon + held.file, held.peak)
+"""
+
+
+@pytest.mark.weights
+def test_tokenizer_and_metadata_hold_a_few_mib(smollm2_path):
+    """Its share of `generate --mem-cap 23MiB` (a quarter of SmolLM2's packed weights, the rest of
+    the run needing ~12.4 MiB): 5 MiB held, 15 MiB at the peak of building. A `tokenizers` BPE
+    model and the metadata as Python lists held ~28 MiB, ~38 MiB at the peak. Measured in a
+    process of its own, so the baseline and the high-water mark are this test's alone."""
+    run = subprocess.run([sys.executable, "-c", MEASURE_TOKENIZER, str(smollm2_path)],
+                         capture_output=True, text=True, check=True)
+    held, peak = map(int, run.stdout.split()[-2:])
+    assert held <= 5 * MiB and peak <= 15 * MiB, (held / MiB, peak / MiB)
 
 
 # --- chat ------------------------------------------------------------------------------------
@@ -232,11 +337,28 @@ def test_tiny_vocabulary_applies_merges_in_rank_order(tiny_metadata):
     ("tokenizer.ggml.pre", "qwen2", "'qwen2'"),
     ("tokenizer.ggml.eos_token_id", 10**6, "outside the vocabulary"),
     ("tokenizer.ggml.merges", ["Ġ t x"], "is not two tokens"),
+    ("tokenizer.ggml.merges", ["Ġ t", "Ġ xyz"], r"merges\[1\] = 'Ġ xyz' needs the token 'xyz', which is not in"),
+    ("tokenizer.ggml.merges", ["x y"], "needs the token 'xy', which is not in the vocabulary"),
     ("tokenizer.ggml.token_type", [1], "entries for"),
 ])
 def test_bad_metadata_is_a_minillm_error(tiny_metadata, key, value, message):
     with pytest.raises(MinillmError, match=message):
         Tokenizer.from_metadata({**tiny_metadata, key: value})
+
+
+def test_repeated_token_is_a_minillm_error(tiny_metadata):
+    tokens = list(tiny_metadata["tokenizer.ggml.tokens"])
+    with pytest.raises(MinillmError, match="the same token twice"):
+        Tokenizer.from_metadata({**tiny_metadata, "tokenizer.ggml.tokens": [*tokens[:-1], tokens[100]]})
+
+
+def test_a_repeated_merge_keeps_its_first_rank(tiny_metadata):
+    """As in llama.cpp: "h e" repeated after "e r" still ranks before it, so "her" is he + r
+    (`tokenizers` keeps the last rank: h + er)."""
+    tokens, merges = tiny_metadata["tokenizer.ggml.tokens"], list(tiny_metadata["tokenizer.ggml.merges"])
+    assert merges.index("h e") < merges.index("e r")
+    repeated = Tokenizer.from_metadata({**tiny_metadata, "tokenizer.ggml.merges": [*merges, "h e"]})
+    assert [tokens[i] for i in repeated.encode("her")] == ["he", "r"]
 
 
 def test_missing_merges_is_a_minillm_error(tiny_metadata):
