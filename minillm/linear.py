@@ -10,7 +10,7 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from . import quant
 from .errors import MinillmError
-from .parallel import row_pool
+from .parallel import row_pool, tile_buffer
 
 
 class FloatLinear:
@@ -123,13 +123,14 @@ class QuantLinear:
 
     def _tiled(self, x: np.ndarray) -> np.ndarray:
         # x: (T, K) -> (T, N): each thread takes a range of rows and dequantizes it one float32
-        # tile at a time into a buffer of its own, which BLAS multiplies.
+        # tile at a time into a buffer of its own (kept for the next product), which BLAS multiplies.
         if self.ggml_type == GGMLQuantizationType.F32:
             return rows_product(x, self.raw.view(np.float32), self.pool)  # already float32: no tile
         out = np.empty((x.shape[0], self.out_features), np.float32)
 
         def product(start, stop):
-            tile = np.empty((min(self.tile_rows, stop - start), self.in_features), np.float32)
+            n = min(self.tile_rows, stop - start)
+            tile = tile_buffer(n * self.in_features).reshape(n, self.in_features)
             for first in range(start, stop, self.tile_rows):
                 last = min(stop, first + self.tile_rows)
                 rows = tile[: last - first]

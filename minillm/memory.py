@@ -148,7 +148,6 @@ class Meter:
 
     def __init__(self):
         gc.collect()
-        return_freed_memory_at_once()
         self.peak_was_reset = reset_peak()
         self.start = usage()
 
@@ -174,14 +173,16 @@ class Meter:
 #       layout that reads the fewest bytes per token;
 #   (c) the KV cache as Q8_0 blocks instead of float32 (`--kv-bits 8`, chosen and printed);
 #   (d) a smaller prefill chunk (the prompt runs through the model this many tokens at a time).
-#       It costs least (prefill only, no decode speed), so each holding of the weights is tried with
-#       every smaller chunk before the plan streams more bytes.
+#       Down to 64 tokens it costs least (BLAS still runs near full speed), so each holding of the
+#       weights is tried with those chunks before the plan streams more bytes; chunks of 32 and 16
+#       tokens cost time to first token (2.5x at 16), so they come last, when nothing else fits.
 # (a) and (b) compute exactly the same numbers: the kernels read the same bytes. (c) changes the
 # cache's rounding and is printed in the plan; the attention pattern and the context size are never
 # changed by the plan: when only they would help, the run is refused with the flags that would fit.
 
 MAX_PREFILL_CHUNK = 512
 MIN_PREFILL_CHUNK = 16
+FAST_PREFILL_CHUNK = 64        # smaller chunks slow prefill down: a last resort
 HEAD_CHUNK_BYTES = 1 << 20     # rows of the streamed LM head read at a time
 SLOT_ALIGN = 64                # each tensor in a streaming buffer starts on a cache line
 STREAM_SLOTS = 2               # buffers in the streaming pool: one computing, one being filled
@@ -296,19 +297,20 @@ def activation_bytes(config, chunk: int, ctx_size: int, threads: int, kv_bits: i
     (T: a last chunk of one token joins the one before, minillm.streaming.prefill_chunks) that
     attend to up to `ctx_size` positions (S), or of sampling after it. Counted array by array as
     minillm.model computes them; a layer's steps run one after the other, so the peak is the
-    residual stream plus the largest step, not the sum of all steps:
+    tiles, the residual stream and the largest step, not the sum of all steps:
 
+      tiles       one float32 tile of dequantized rows per thread (minillm.linear.TILE_BYTES), T > 1:
+                  made by the first prefill and kept (minillm.parallel.tile_buffer)
       residual    3 x (T, dim): x, the normalised h, and their sum
-      projection  one float32 tile of dequantized rows per thread (minillm.linear.TILE_BYTES), T > 1
       attention   q, the new k and v, float32 copies of all S cached keys and values when the
                   cache holds Q8_0 or float16, and the largest of: RoPE's temporaries (q projected,
                   and two half-size products: 2.5 x (n_heads, T, head_dim)); for Q8_0, while the
                   values are decoded, their codes as float32 and their 34-byte blocks gathered from
                   the cache; 3 x (n_heads, T, S) scores (the product, its masked copy and the
                   exponentials) and 2 x (T, S) bool (the mask and its comparison); the output
-                  projection: the heads' output, merged, and the tiles
-      MLP         SiLU of the gate: the gate and two (T, ffn_dim) temporaries; the up projection:
-                  SiLU's result, its output and the tiles
+                  projection: the heads' output, merged
+      MLP         SiLU of the gate: the gate and two (T, ffn_dim) temporaries; then SiLU's result,
+                  the up projection and their product
       sampling    the logits, a penalised copy, the sort order (int64) and the sorted logits (vocab,)
       all_logits  (perplexity) logits of all S positions, float32, twice (the chunks' pieces and the
                   array they are joined into), and a float64 log-softmax of the scored half, with its
@@ -325,12 +327,11 @@ def activation_bytes(config, chunk: int, ctx_size: int, threads: int, kv_bits: i
     kv_reads = 2 * one_read if kv_bits in (8, 16) else 0
     decoding = one_read + one_read * 34 // 128 if kv_bits == 8 else 0  # while the values are decoded
     scores = 3 * f * c.n_heads * T * S + 2 * T * S
-    attention = q + new_kv + kv_reads + max(5 * q // 2, decoding, scores, 2 * q + tiles)
-    ffn = 4 * T * c.ffn_dim
-    mlp = max(3 * ffn, 2 * ffn + tiles)
+    attention = q + new_kv + kv_reads + max(5 * q // 2, decoding, scores, 2 * q)
+    mlp = 3 * 4 * T * c.ffn_dim
     sampling = (4 + 4 + 8 + 4) * c.vocab_size
     every_position = (2 * 4 + 3 * 8 // 2) * S * c.vocab_size if all_logits else 0
-    return max(residual + max(attention, mlp), sampling) + every_position
+    return tiles + max(residual + max(attention, mlp), sampling) + every_position
 
 
 def streaming_buffer_bytes(index: WeightIndex, layout: Layout, n_layers: int) -> int:
@@ -400,8 +401,9 @@ class PlanInputs:
 def candidate_layouts(index: WeightIndex, run: PlanInputs):
     """Layouts in the order the plan tries them: (a), then (b) by bytes streamed per token, then
     the same with (c) Q8_0 KV. Each holding of the weights is tried with (d) every smaller prefill
-    chunk before the next: a smaller chunk costs a little prefill speed once, streaming costs
-    every token."""
+    chunk down to FAST_PREFILL_CHUNK before the next: such a chunk costs a little prefill speed
+    once, streaming costs every token. Smaller chunks are tried, in the same order, only when no
+    layout fits with the larger ones."""
     n = run.config.n_layers
     first_chunk = min(run.ctx_size, MAX_PREFILL_CHUNK)
     chunks = [first_chunk] + [c for c in (256, 128, 64, 32, MIN_PREFILL_CHUNK) if c < first_chunk]
@@ -410,10 +412,12 @@ def candidate_layouts(index: WeightIndex, run: PlanInputs):
     if index.streamable:
         holdings += sorted(((r, head) for head in (False, True) for r in range(n + 1) if (r, head) != (n, False)),
                            key=lambda rh: Layout(rh[0], rh[1], 32, 1).streamed_bytes(index))
-    for kv_bits in kv_choices:
-        for resident_layers, stream_head in holdings:
-            for chunk in chunks:
-                yield Layout(resident_layers, stream_head, kv_bits, chunk)
+    fast = [c for c in chunks if c >= min(FAST_PREFILL_CHUNK, first_chunk)]
+    for chunk_choices in (fast, [c for c in chunks if c not in fast]):
+        for kv_bits in kv_choices:
+            for resident_layers, stream_head in holdings:
+                for chunk in chunk_choices:
+                    yield Layout(resident_layers, stream_head, kv_bits, chunk)
 
 
 def plan_memory(index: WeightIndex, run: PlanInputs, cap: int) -> MemoryPlan:

@@ -175,7 +175,7 @@ def warm_up_kernels(config: RunConfig) -> Meter:
 
     from .synthetic import write_tiny_llama
     ctx_size = config.ctx_size or DEFAULT_CTX_SIZE
-    return_freed_memory_at_once()  # from now on: warm-up's large temporaries must not stay in the heap
+    return_freed_memory_at_once()  # from now on (this process runs capped): nothing freed stays in the heap
     with tempfile.TemporaryDirectory() as tmp:
         # head_dim 32, so --kv-bits 8 (Q8_0 blocks of 32) works on it as on SmolLM2
         path = write_tiny_llama(Path(tmp) / "warm-up.gguf", n_heads=2, n_kv_heads=1, context_length=ctx_size,
@@ -189,6 +189,7 @@ def warm_up_kernels(config: RunConfig) -> Meter:
         chunked = ChunkedLlama(tiny.model.config, tiny.model.weights, tiny.model.attention_fn, MIN_PREFILL_CHUNK)
         list(generate(chunked, cache, prompt, Sampler(config.sampling), max_tokens=2, stop_ids=()))
     row_pool(config.threads or os.cpu_count()).touch_blas_buffers(MAX_PREFILL_CHUNK + 1, TILE_BYTES)
+    return_freed_memory_at_once()
     return Meter()
 
 
@@ -204,4 +205,7 @@ def load_capped(config, gguf, model_config, tokenizer, attention, meter: Meter, 
     weights = load_streamed(gguf, model_config, plan.layout, config.backend, threads) if plan.index.streamable \
         else load_weights(gguf, model_config, config)
     model = ChunkedLlama(model_config, weights, attention, plan.layout.prefill_chunk)
-    return Runtime(config, gguf, model, tokenizer, time.perf_counter() - start, plan=plan, meter=meter)
+    runtime = Runtime(config, gguf, model, tokenizer, 0.0, plan=plan, meter=meter)
+    warm_up(runtime)  # the resident weights' pages are read in now, as start-up, not in the first answer
+    runtime.load_seconds = time.perf_counter() - start
+    return runtime
