@@ -255,6 +255,8 @@ def strategy_name(layout: Layout, n_layers: int) -> str:
     else:
         parts = [f"(b) {streamed} of {n_layers} layers streamed through {STREAM_SLOTS} buffers"
                  + (", LM head streamed in row chunks" if layout.stream_head else "")]
+    if layout.kv_bits == 8:
+        parts.append("Q8_0 KV cache")
     parts.append(f"prefill chunks of {layout.prefill_chunk} tokens")
     return "; ".join(parts)
 
