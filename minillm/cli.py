@@ -310,7 +310,7 @@ def cmd_chat(args) -> int:
             line = input("> ")
         except EOFError:
             print()
-            return 0
+            break
         except KeyboardInterrupt:
             say("\n(/exit or Ctrl-D leaves)")
             continue
@@ -318,7 +318,7 @@ def cmd_chat(args) -> int:
         if not command:
             continue
         if command == "/exit":
-            return 0
+            break
         if command == "/reset":
             session.reset()
             say("(conversation cleared)")
@@ -332,6 +332,8 @@ def cmd_chat(args) -> int:
         for notice in session.notices:
             say(f"({notice})")
         session.notices.clear()
+    report_memory(rt)
+    return 0
 
 
 def cmd_quantize(args) -> int:

@@ -137,6 +137,21 @@ def test_measured_peak_stays_under_the_cap_and_near_the_plan(smollm2_path, fract
     assert "memory plan for --mem-cap" in err and "baseline of" in err
 
 
+@pytest.mark.weights
+def test_chat_under_a_quarter_of_the_weights_answers_and_reports_its_peak(smollm2_path):
+    """Two turns of `chat` at 25% of the packed weights: both answered, the peak printed at exit
+    within the cap."""
+    index, _ = smollm2_inputs(smollm2_path)
+    cap = int(0.25 * packed_bytes(index))
+    done = subprocess.run([sys.executable, "-m", "minillm", "chat", "-m", str(smollm2_path), "-c", "256", "--temp", "0",
+                           "-n", "24", "--mem-cap", f"{cap}B"], input="What is the capital of France?\nAnd of Italy?\n",
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Paris" in done.stdout and "Rome" in done.stdout
+    peak = re.search(r"memory: peak ([0-9.]+) MiB above the baseline", done.stderr)
+    assert peak and float(peak.group(1)) * MiB <= cap
+
+
 def refusal_figures(err: str):
     """(the minimum stated, the peak the refused run reached above its baseline), in bytes."""
     minimum = re.search(r"is below the minimum of ([0-9.]+) MiB", err)
