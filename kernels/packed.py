@@ -10,7 +10,7 @@ how many threads run it. Views, not copies: `raw` may be a read-only memory map.
 A decode step makes over 200 matvec calls of tens of microseconds each, so the per-call Python
 work matters: buffers are allocated on the first call and reused, and a matrix too small to
 gain from a second thread runs on the calling thread alone. A large one is split into ranges
-of rows shared out by `threads.SharingPool`; every range runs the same serial kernel, so the
+of rows shared out by `minillm.parallel.SharingPool`; every range runs the same serial kernel, so the
 result does not depend on the number of threads.
 """
 
@@ -19,11 +19,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..parallel import sharing_pool
 from .activations import F16_TO_F32, activation_for_q4, activation_for_q8_0
 from .f16 import matvec_rows_f16, widen_f16_rows
 from .q4 import dequantize_rows_q4_0, dequantize_rows_q4_1, matvec_rows_q4_0, matvec_rows_q4_1
 from .q8_0 import dequantize_rows_q8_0, matvec_rows_q8_0
-from .threads import check_threads, sharing_pool, use_threads
+from .threads import check_threads, use_threads
 
 # Words (16-bit) per block of 32 weights, and how many of them are header (scales).
 WORDS_PER_BLOCK = {"Q8_0": 17, "Q4_0": 9, "Q4_1": 10}
@@ -37,7 +38,7 @@ TYPES = (*WORDS_PER_BLOCK, "F16")
 # gave 1.07x and 1.00x the speed of no split; adding the 1536 x 576 MLP matrices (~85 us each)
 # 0.84x and 0.87x; adding the 576 x 576 ones too 0.70x and 0.84x.
 MIN_PARALLEL_WEIGHTS = 1 << 22
-# A split matvec cuts its rows into this many ranges per thread (threads.SharingPool): small
+# A split matvec cuts its rows into this many ranges per thread (parallel.SharingPool): small
 # enough that a helper thread stalled by another program holds up the result by little.
 RANGES_PER_THREAD = 4
 

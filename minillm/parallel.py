@@ -1,14 +1,19 @@
-"""Split a matrix product over ranges of output rows, run on a pool of Python threads.
+"""Split work over ranges of rows, run on a pool of Python threads.
 
-BLAS (kept at one thread of its own: the CLI sets OPENBLAS_NUM_THREADS=1) and the Numba
-dequantizers release the GIL, so plain Python threads run them on separate cores. Threads that
-wait for work block on a queue instead of spinning, so when another program holds a core the
-product slows down by that core's share instead of collapsing, as spinning pools do (measured
-here with 2 threads and the other core busy: OpenBLAS's own pool prefilled 8 tokens/s, one
-thread 93).
+BLAS (kept at one thread of its own: the CLI sets OPENBLAS_NUM_THREADS=1), the Numba dequantizers
+and matvec kernels release the GIL, so plain Python threads run them on separate cores. Threads
+that wait for work block on a queue instead of spinning, so when another program holds a core the
+work slows down by that core's share instead of collapsing, as spinning pools do (measured here
+with 2 threads and the other core busy: OpenBLAS's own pool prefilled 8 tokens/s, one thread 93).
+
+The calling thread works too and takes whatever ranges are left: it waits only for a range a
+helper has already started, so a busy core costs at most about one range. (Numba's `prange` ends
+only when every one of its threads has finished its share: with other jobs running, decode took
+63 ms per token splitting the larger matrices with `prange`, 37 ms on one thread.)
 """
 
 import functools
+import itertools
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -19,36 +24,77 @@ import numpy as np
 MIN_PARALLEL_MACS = 1 << 22
 
 
-class RowPool:
-    """Runs `fn(start, stop)` over the rows of a product, one contiguous range per thread: the
-    calling thread takes the last range, `threads - 1` pool threads the others."""
+class SharingPool:
+    """Runs fn(slot, start, stop) over n_rows rows cut into ranges, on the calling thread (slot 0)
+    and threads - 1 helper threads (slots 1..threads-1): whoever is free takes the next range.
+    fn must release the GIL to run in parallel (BLAS and the Numba kernels do) and may use
+    per-slot scratch: no two ranges run on the same slot at once."""
 
     def __init__(self, threads: int):
         self.threads = threads
-        self.executor = ThreadPoolExecutor(threads - 1, thread_name_prefix="minillm") if threads > 1 else None
+        self.helpers = ThreadPoolExecutor(threads - 1, thread_name_prefix="minillm-rows")
+
+    def run(self, n_rows: int, n_ranges: int, fn):
+        bounds = [n_rows * i // n_ranges for i in range(n_ranges + 1)]
+        claims = itertools.count()              # next(claims) is atomic under the GIL
+        lock = threading.Lock()
+        finished = [0]
+        errors = []
+        all_finished = threading.Event()
+
+        def take_ranges(slot):
+            try:
+                while (i := next(claims)) < n_ranges:
+                    fn(slot, bounds[i], bounds[i + 1])
+                    with lock:
+                        finished[0] += 1
+                        if finished[0] == n_ranges:
+                            all_finished.set()
+            except BaseException as error:      # re-raised by the caller, which would wait forever
+                errors.append(error)
+                all_finished.set()
+
+        # A helper that starts after the last range was taken finds none and returns at once,
+        # without touching its slot: so slots stay exclusive even across calls.
+        for slot in range(1, self.threads):
+            self.helpers.submit(take_ranges, slot)
+        take_ranges(0)
+        all_finished.wait()
+        if errors:
+            raise errors[0]
+
+
+@functools.lru_cache(maxsize=None)
+def sharing_pool(threads: int) -> SharingPool:
+    """One pool per thread count (2 or more), shared by every product and kernel of a model."""
+    return SharingPool(threads)
+
+
+class RowPool:
+    """Runs `fn(start, stop)` over the rows of a product: on the calling thread alone when the
+    product is small, else in one range per thread on the shared pool."""
+
+    def __init__(self, threads: int):
+        self.threads = threads
+        self.pool = sharing_pool(threads) if threads > 1 else None
 
     def run(self, n_rows: int, macs: int, fn):
-        if self.executor is None or macs < MIN_PARALLEL_MACS or n_rows < self.threads:
+        if self.pool is None or macs < MIN_PARALLEL_MACS or n_rows < self.threads:
             fn(0, n_rows)
             return
-        step = -(-n_rows // self.threads)
-        starts = list(range(0, n_rows, step))
-        futures = [self.executor.submit(fn, start, start + step) for start in starts[:-1]]
-        fn(starts[-1], n_rows)
-        for future in futures:
-            future.result()
+        self.pool.run(n_rows, self.threads, lambda slot, start, stop: fn(start, stop))
 
     def on_every_thread(self, fn):
-        """Run fn() once on each pool thread and on the caller, all at the same time."""
-        together = threading.Barrier(self.threads)  # a pool thread that finishes waits for the others
-
-        def job():
-            together.wait()
+        """Run fn() once on each thread of the pool, the caller's included, all at the same time."""
+        if self.pool is None:
             fn()
-        futures = [self.executor.submit(job) for _ in range(self.threads - 1)] if self.executor else []
-        job()
-        for future in futures:
-            future.result()
+            return
+        together = threading.Barrier(self.threads)  # a thread that has run fn waits: it takes no second turn
+
+        def turn(slot, start, stop):
+            fn()
+            together.wait()
+        self.pool.run(self.threads, self.threads, turn)
 
     def touch_blas_buffers(self, max_rows: int, tile_bytes: int):
         """Run on every thread the largest products a prefill makes: (max_rows, K) times a tile of

@@ -31,8 +31,9 @@ from minillm import quant
 from minillm.errors import MinillmError
 from minillm.kernels import activations
 from minillm.kernels.packed import PackedRows, packed_rows
-from minillm.kernels.threads import SharingPool, max_threads
+from minillm.kernels.threads import max_threads
 from minillm.linear import QuantEmbedding, QuantLinear
+from minillm.parallel import SharingPool
 from strategies import raw_rows
 
 BLOCK_TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1]
