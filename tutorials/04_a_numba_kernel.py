@@ -184,7 +184,7 @@ print(f"loops kernel:  largest error {loops_error.max():.2e}, "
 #
 # `QuantLinear(raw, Q4_1, threads=1)` multiplies the same memory-mapped bytes with
 # `kernels/q4.py:matvec_rows_q4_1` (with several threads, each runs it on ranges of rows:
-# `kernels/threads.py`). Three ideas take it beyond the loops above:
+# `minillm/parallel.py`). Three ideas take it beyond the loops above:
 #
 # 1. **The activation becomes int8 blocks, once per call.** `quantize_activation` gives each block
 #    of 32 values a float32 scale dx = max|x| / 127 and integers q = round(x / dx), so x ~ dx * q with
