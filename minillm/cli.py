@@ -224,7 +224,7 @@ def cmd_info(args) -> int:
     path = resolve_model(args.model, announce=say)
     print(describe(path, ctx_size=args.ctx_size, attention=spec, kv_bits=args.kv_bits, bits=args.bits, int4=args.int4))
     if config.mem_cap is not None:
-        from .memory import plan_for_file
+        from .plan import plan_for_file
         print()
         print(plan_for_file(path, config).format())
     return 0

@@ -18,13 +18,13 @@ from .generate import Sampler, SamplingSettings, generate
 from .gguf import GGUFFile
 from .kvcache import check_kv_bits, new_cache
 from .linear import TILE_BYTES
-from .memory import (MAX_PREFILL_CHUNK, MIN_PREFILL_CHUNK, Meter, cache_arrays, mib, plan_for_cap,
-                     return_freed_memory_at_once, touch_pages)
+from .memory import Meter, cache_arrays, mib, return_freed_memory_at_once, touch_pages
 from .model import Llama, masked_attention
 from .modes import KV_BITS as MODE_KV_BITS
 from .modes import check_mode, mode_attention, mode_dtype, mode_model, mode_weights
 from .modes.ggml import ROUNDING
 from .parallel import row_pool
+from .plan import MAX_PREFILL_CHUNK, MIN_PREFILL_CHUNK, plan_for_cap
 from .registry import resolve_model
 from .streaming import ChunkedLlama, load_streamed
 from .tokenizer import Tokenizer
@@ -50,7 +50,7 @@ class RunConfig:
     kv_bits: int = 32               # KV cache storage: 32 = float32, 8 = Q8_0 blocks, 16 = float16, 64 = float64
     mode: str = "f32"               # compute mode: oracle | f32 | ggml (minillm.modes)
     ggml_rounding: str = "x86"      # --mode ggml: activation rounding of ggml's ref | x86 | arm quantizers
-    mem_cap: int | None = None      # bytes the run may add above the warmed-up process (minillm.memory); None = no cap
+    mem_cap: int | None = None      # bytes the run may add above the warmed-up process (minillm.plan); None = no cap
     all_logits: bool = False        # logits of every position are kept (perplexity): the memory plan counts them
 
     @property
@@ -96,7 +96,7 @@ class Runtime:
     model: Llama
     tokenizer: Tokenizer
     load_seconds: float
-    plan: object = None    # the memory plan under --mem-cap (minillm.memory.MemoryPlan)
+    plan: object = None    # the memory plan under --mem-cap (minillm.plan.MemoryPlan)
     meter: object = None   # measures the run above its baseline under --mem-cap (minillm.memory.Meter)
 
     def new_cache(self):
@@ -194,7 +194,7 @@ def warm_up_kernels(config: RunConfig) -> Meter:
 
 
 def load_capped(config, gguf, model_config, tokenizer, attention, meter: Meter, announce, start) -> Runtime:
-    """The model held as the memory plan says (minillm.memory), refused before any weight is read
+    """The model held as the memory plan says (minillm.plan), refused before any weight is read
     when no plan fits under config.mem_cap."""
     plan = plan_for_cap(gguf, model_config, config, meter)
     announce(f"--mem-cap {mib(config.mem_cap)} on top of a baseline of {mib(meter.baseline)} "

@@ -1,6 +1,6 @@
 """Weights read from the GGUF file while the model runs, through a fixed pool of buffers.
 
-Under `--mem-cap` the plan (minillm.memory) may keep only some weights resident. The others are
+Under `--mem-cap` the plan (minillm.plan) may keep only some weights resident. The others are
 streamed: for every forward pass, each streamed layer's bytes are read with `os.preadv` into one of
 two preallocated buffers, by a background thread, while the previous layer computes:
 
@@ -28,7 +28,7 @@ from . import quant
 from .errors import MinillmError
 from .gguf import GGUFFile
 from .linear import QuantEmbedding, QuantLinear
-from .memory import SLOT_ALIGN, STREAM_SLOTS, Layout, head_chunk_rows
+from .plan import SLOT_ALIGN, STREAM_SLOTS, Layout, head_chunk_rows
 from .model import Llama
 from .weights import LAYER_TENSORS, LayerWeights, ModelWeights, validate
 

@@ -17,7 +17,8 @@ from minillm.config import LlamaConfig
 from minillm.errors import MinillmError, UsageError
 from minillm.generate import Sampler, SamplingSettings, generate
 from minillm.gguf import GGUFFile
-from minillm.memory import Layout, PlanInputs, parse_size, plan_memory, weight_index
+from minillm.memory import parse_size
+from minillm.plan import Layout, PlanInputs, plan_memory, weight_index
 from minillm.runtime import RunConfig, load
 from minillm.streaming import ChunkedLlama, load_streamed, prefill_chunks
 
@@ -190,7 +191,7 @@ def test_activation_bytes_bound_the_arrays_of_a_forward_pass(smollm2_path, chunk
     import tracemalloc
 
     from minillm.kvcache import new_cache
-    from minillm.memory import RESERVE_BYTES, activation_bytes
+    from minillm.plan import RESERVE_BYTES, activation_bytes
     from minillm.model import Llama
     from minillm.parallel import row_pool, tile_buffer
     rt = load(RunConfig(model=str(smollm2_path), ctx_size=ctx_size, threads=threads, kv_bits=kv_bits),

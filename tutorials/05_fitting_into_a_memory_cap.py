@@ -22,8 +22,9 @@
 # outside the process, and only the buffers count. While one layer computes, a background thread
 # reads the next one into the other buffer.
 #
-# minillm plans before loading (`minillm.memory`), streams what the plan says (`minillm.streaming`)
-# and measures the run against its baseline. We rebuild each piece and check it against the library.
+# minillm plans before loading (`minillm.plan`), streams what the plan says (`minillm.streaming`)
+# and measures the run against its baseline (`minillm.memory`). We rebuild each piece and check it
+# against the library.
 
 # %%
 # requires: weights  (the chapter measures SmolLM2 itself)
@@ -35,7 +36,7 @@ import threading
 
 import numpy as np
 
-from minillm import memory
+from minillm import memory, plan
 from minillm.config import LlamaConfig
 from minillm.gguf import GGUFFile
 from minillm.linear import QuantLinear
@@ -163,18 +164,18 @@ print(f"{config.n_layers} layers streamed through 2 buffers of {sum(sizes) / MiB
 # changes with the cap, down to a quarter of the weights.
 
 # %%
-index = memory.weight_index(gguf, config, bits=4)
+index = plan.weight_index(gguf, config, bits=4)
 from minillm.attention import DENSE  # noqa: E402
 
-run = memory.PlanInputs(config, ctx_size=256, spec=DENSE, kv_bits=32, threads=2,
+run = plan.PlanInputs(config, ctx_size=256, spec=DENSE, kv_bits=32, threads=2,
                         tokenizer_bytes=4 * MiB, tokenizer_peak=6 * MiB)
 packed = sum(index.layer_bytes) + index.head_bytes
 print(f"packed weights {packed / MiB:.1f} MiB; {index.layer_bytes[0] / MiB:.2f} MiB per layer, "
       f"LM head {index.head_bytes / MiB:.1f} MiB")
 for cap_mib in (160, 96, 48, 24):
-    plan = memory.plan_memory(index, run, cap_mib * MiB)
-    print(plan.format(), "\n")
-    assert plan.total <= cap_mib * MiB
+    chosen = plan.plan_memory(index, run, cap_mib * MiB)
+    print(chosen.format(), "\n")
+    assert chosen.total <= cap_mib * MiB
 
 # %% [markdown]
 # ## 5. The measurement

@@ -1,0 +1,327 @@
+"""The memory plan: every byte a run will hold above the baseline, decided before any weight is read.
+
+A layout says how the weights are held; the plan tries layouts cheapest first and keeps the
+first that fits under the cap:
+  (a) every weight resident (the file's pages, mapped);
+  (b) layers streamed from the file through two buffers (the next layer is read by a background
+      thread while the current one computes), the first R layers kept resident; then the LM head
+      (the tied token embedding) streamed in row chunks too. Among these the plan prefers the
+      layout that reads the fewest bytes per token;
+  (c) the KV cache as Q8_0 blocks instead of float32 (`--kv-bits 8`, chosen and printed);
+  (d) a smaller prefill chunk (the prompt runs through the model this many tokens at a time).
+      Down to 64 tokens it costs least (BLAS still runs near full speed), so each holding of the
+      weights is tried with those chunks before the plan streams more bytes; chunks of 32 and 16
+      tokens cost time to first token (2.5x at 16), so they come last, when nothing else fits.
+(a) and (b) compute exactly the same numbers: the kernels read the same bytes. (c) changes the
+cache's rounding and is printed in the plan; the attention pattern and the context size are never
+changed by the plan: when only they would help, the run is refused with the flags that would fit.
+
+The measurement it is checked against is minillm.memory.
+"""
+
+import os
+from dataclasses import dataclass
+
+from .errors import MinillmError
+from .memory import MiB, Meter, mib
+
+MAX_PREFILL_CHUNK = 512
+MIN_PREFILL_CHUNK = 16
+FAST_PREFILL_CHUNK = 64        # smaller chunks slow prefill down: a last resort
+HEAD_CHUNK_BYTES = 1 << 20     # rows of the streamed LM head read at a time
+SLOT_ALIGN = 64                # each tensor in a streaming buffer starts on a cache line
+STREAM_SLOTS = 2               # buffers in the streaming pool: one computing, one being filled
+# Pages a run touches that no line of the plan counts: code of numpy, BLAS and the kernels run
+# for the first time, allocator pages of the worker threads, thread stacks. Measured on SmolLM2
+# runs (generate under caps of 25% to 150% of its weights) at 0 to 1.2 MiB above the counted lines.
+RESERVE_BYTES = 3 << 19
+
+
+@dataclass(frozen=True)
+class WeightIndex:
+    """What the plan needs to know about the weights, from the GGUF tensor table alone."""
+    layer_bytes: tuple       # bytes of each layer's matrices as they are held
+    head_bytes: int          # token embedding (the tied LM head), plus output.weight when untied
+    head_row_bytes: int      # bytes of one row of the LM head
+    head_rows: int           # rows of the LM head (vocab_size)
+    head_tables: int         # 1 when the LM head is the tied token embedding, 2 with an output.weight
+    norms_bytes: int         # the float32 norm vectors
+    converted_bytes: int     # weights held in another format than stored (not zero-copy)
+    converted_source: int    # their stored bytes: read through the memory map to convert, and left mapped
+    conversion_scratch: int  # float32 copy of the largest converted tensor, alive while it is re-encoded
+    streamable: bool         # matrices held as stored and every layer alike: layers can be streamed
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one run holds its weights, cache and prefill activations."""
+    resident_layers: int   # the first R layers stay resident, the others are streamed
+    stream_head: bool      # the LM head / token embedding is read in row chunks
+    kv_bits: int
+    prefill_chunk: int
+
+    def streamed_bytes(self, index: WeightIndex) -> int:
+        """Bytes read from the file for every token: the cost of this layout."""
+        return sum(index.layer_bytes[self.resident_layers:]) + (index.head_bytes if self.stream_head else 0)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    cap: int
+    layout: Layout
+    index: WeightIndex
+    lines: tuple            # (item, bytes, detail), every allocation the run holds above the baseline
+    tokenizer_peak: int     # bytes at the peak of building the tokenizer, before anything else is held
+
+    @property
+    def total(self) -> int:
+        return max(sum(nbytes for _, nbytes, _ in self.lines), self.tokenizer_peak)
+
+    @property
+    def headroom(self) -> int:
+        return self.cap - self.total
+
+    @property
+    def strategy(self) -> str:
+        return strategy_name(self.layout, len(self.index.layer_bytes))
+
+    def format(self) -> str:
+        width = max(len(item) for item, _, _ in self.lines)
+        rows = [f"memory plan for --mem-cap {mib(self.cap)}: {self.strategy}"]
+        rows += [f"  {item:<{width}} {mib(nbytes):>11}  {detail}" for item, nbytes, detail in self.lines]
+        rows.append(f"  {'total':<{width}} {mib(self.total):>11}  headroom {mib(self.headroom)}")
+        return "\n".join(rows)
+
+
+def strategy_name(layout: Layout, n_layers: int) -> str:
+    streamed = n_layers - layout.resident_layers
+    if not streamed and not layout.stream_head:
+        parts = ["(a) all weights resident"]
+    else:
+        parts = [f"(b) {streamed} of {n_layers} layers streamed through {STREAM_SLOTS} buffers"
+                 + (", LM head streamed in row chunks" if layout.stream_head else "")]
+    if layout.kv_bits == 8:
+        parts.append("Q8_0 KV cache")
+    parts.append(f"prefill chunks of {layout.prefill_chunk} tokens")
+    return "; ".join(parts)
+
+
+def weight_index(gguf, config, bits: int, int4: str = "asym") -> WeightIndex:
+    """Sizes of the weights as `--bits` holds them (minillm.weights.storage_type), per layer."""
+    from .quant import row_bytes
+    from .weights import LAYER_TENSORS, storage_type
+    tied = "output.weight" not in gguf.tensors
+
+    def held(name):
+        info = gguf.tensors[name]
+        target = storage_type(info, bits, int4, tied_head=tied and name == "token_embd.weight")
+        return info, target, info.n_elements // info.shape[-1] * row_bytes(target, info.shape[-1])
+
+    matrices = [f"blk.{i}.{name}" for i in range(config.n_layers) for name in LAYER_TENSORS
+                if len(gguf.tensors[f"blk.{i}.{name}"].shape) == 2]
+    heads = ["token_embd.weight"] + ([] if tied else ["output.weight"])
+    converted = [held(name) for name in matrices + heads if held(name)[1] != gguf.tensors[name].ggml_type]
+    per_layer = [sum(held(f"blk.{i}.{name}")[2] for name in LAYER_TENSORS
+                     if len(gguf.tensors[f"blk.{i}.{name}"].shape) == 2) for i in range(config.n_layers)]
+    signature = [[(gguf.tensors[f"blk.{i}.{name}"].shape, gguf.tensors[f"blk.{i}.{name}"].ggml_type)
+                  for name in LAYER_TENSORS] for i in range(config.n_layers)]
+    head_info, head_type, _ = held("token_embd.weight")
+    return WeightIndex(
+        layer_bytes=tuple(per_layer),
+        head_bytes=sum(held(name)[2] for name in heads),
+        head_row_bytes=row_bytes(head_type, head_info.shape[-1]),
+        head_rows=head_info.shape[0],
+        head_tables=len(heads),
+        norms_bytes=4 * config.dim * (2 * config.n_layers + 1),
+        converted_bytes=sum(nbytes for _, _, nbytes in converted),
+        converted_source=sum(info.nbytes for info, _, _ in converted),
+        conversion_scratch=max([4 * info.n_elements for info, _, _ in converted], default=0),
+        streamable=not converted and all(s == signature[0] for s in signature))
+
+
+def activation_bytes(config, chunk: int, ctx_size: int, threads: int, kv_bits: int, all_logits: bool = False) -> int:
+    """Bytes of the arrays alive at the peak of one forward pass over up to `chunk` + 1 new tokens
+    (T: a last chunk of one token joins the one before, minillm.streaming.prefill_chunks) that
+    attend to up to `ctx_size` positions (S), or of sampling after it. Counted array by array as
+    minillm.model computes them; a layer's steps run one after the other, so the peak is the
+    tiles, the residual stream and the largest step, not the sum of all steps:
+
+      tiles       one float32 tile of dequantized rows per thread (minillm.linear.TILE_BYTES), T > 1:
+                  made by the first prefill and kept (minillm.parallel.tile_buffer)
+      residual    3 x (T, dim): x, the normalised h, and their sum
+      attention   q, the new k and v, float32 copies of all S cached keys and values when the
+                  cache holds Q8_0 or float16, and the largest of: RoPE's temporaries (q projected,
+                  and two half-size products: 2.5 x (n_heads, T, head_dim)); for Q8_0, while the
+                  values are decoded, their codes as float32 and their 34-byte blocks gathered from
+                  the cache; 3 x (n_heads, T, S) scores (the product, its masked copy and the
+                  exponentials) and 2 x (T, S) bool (the mask and its comparison); the output
+                  projection: the heads' output, merged
+      MLP         SiLU of the gate: the gate and two (T, ffn_dim) temporaries; then SiLU's result,
+                  the up projection and their product
+      sampling    the logits, a penalised copy, the sort order (int64) and the sorted logits (vocab,)
+      all_logits  (perplexity) logits of all S positions, float32, twice (the chunks' pieces and the
+                  array they are joined into), and a float64 log-softmax of the scored half, with its
+                  exponentials and result: 3 x 8 bytes x S / 2 per id; added to the peak above
+    """
+    from .linear import TILE_BYTES
+    T, S, c = min(chunk + 1, ctx_size), ctx_size, config
+    f = 8 if kv_bits == 64 else 4   # bytes of a score: q @ k.T is float64 with a float64 cache
+    residual = 3 * 4 * T * c.dim
+    tiles = threads * TILE_BYTES if T > 1 else 0
+    q = 4 * c.n_heads * T * c.head_dim
+    new_kv = 2 * 4 * c.n_kv_heads * T * c.head_dim
+    one_read = 4 * c.n_kv_heads * S * c.head_dim  # all S keys (or values) as float32
+    kv_reads = 2 * one_read if kv_bits in (8, 16) else 0
+    decoding = one_read + one_read * 34 // 128 if kv_bits == 8 else 0  # while the values are decoded
+    scores = 3 * f * c.n_heads * T * S + 2 * T * S
+    attention = q + new_kv + kv_reads + max(5 * q // 2, decoding, scores, 2 * q)
+    mlp = 3 * 4 * T * c.ffn_dim
+    sampling = (4 + 4 + 8 + 4) * c.vocab_size
+    every_position = (2 * 4 + 3 * 8 // 2) * S * c.vocab_size if all_logits else 0
+    return tiles + max(residual + max(attention, mlp), sampling) + every_position
+
+
+def streaming_buffer_bytes(index: WeightIndex, layout: Layout, n_layers: int) -> int:
+    """The pool of layer buffers (when any layer streams) and of LM head chunks (when it streams)."""
+    layers = STREAM_SLOTS * (max(index.layer_bytes) + SLOT_ALIGN * 16) if layout.resident_layers < n_layers else 0
+    head = index.head_tables * STREAM_SLOTS * head_chunk_rows(index.head_row_bytes, index.head_rows) \
+        * index.head_row_bytes if layout.stream_head else 0
+    return layers + head
+
+
+def head_chunk_rows(row_bytes: int, n_rows: int) -> int:
+    """Rows of the LM head read at a time: HEAD_CHUNK_BYTES worth, at most all of them."""
+    return min(n_rows, max(1, HEAD_CHUNK_BYTES // row_bytes))
+
+
+def buffers_detail(index: WeightIndex, layout: Layout, n_layers: int) -> str:
+    parts = [f"{STREAM_SLOTS} x layer"] if layout.resident_layers < n_layers else []
+    if layout.stream_head:
+        parts.append(f"{STREAM_SLOTS} x {head_chunk_rows(index.head_row_bytes, index.head_rows)} LM head rows")
+    return " + ".join(parts) or "none"
+
+
+def plan_lines(index: WeightIndex, layout: Layout, run) -> tuple:
+    """(item, bytes, detail) for every allocation of the run; `run` is a PlanInputs."""
+    c, n = run.config, run.config.n_layers
+    resident = sum(index.layer_bytes[:layout.resident_layers]) + (0 if layout.stream_head else index.head_bytes)
+    held_as = "converted copies" if index.converted_bytes else "file pages, mapped"
+    from .kvcache import kv_cache_bytes
+    kv_type = {8: "Q8_0", 16: "float16", 32: "float32", 64: "float64"}[layout.kv_bits]
+    chosen = " (chosen by the plan)" if layout.kv_bits != run.kv_bits else ""
+    lines = [
+        ("tokenizer and metadata", run.tokenizer_bytes,
+         "measured while building it" if run.tokenizer_built else "file metadata only: the tokenizer comes next"),
+        ("resident weights", resident, f"{layout.resident_layers} of {n} layers"
+         + ("" if layout.stream_head else " + LM head") + f" ({held_as})"),
+        ("streaming buffers", streaming_buffer_bytes(index, layout, n), buffers_detail(index, layout, n)),
+        ("norms", index.norms_bytes, "float32"),
+        ("KV cache", kv_cache_bytes(c, run.ctx_size, run.spec, layout.kv_bits),
+         f"{run.ctx_size} positions, {kv_type}{chosen}, --attention {run.spec.name}"),
+        ("activations", activation_bytes(c, layout.prefill_chunk, run.ctx_size, run.threads, layout.kv_bits,
+                                         run.all_logits),
+         f"prefill chunk of {layout.prefill_chunk} tokens, {run.threads} threads"
+         + (f", logits of all {run.ctx_size} positions" if run.all_logits else "")),
+        ("reserve", RESERVE_BYTES, "pages not counted above: code run first, worker threads' allocator pages"),
+    ]
+    if index.converted_bytes:
+        lines.append(("converted from", index.converted_source,
+                      "the stored tensors' file pages, mapped to convert them"))
+        lines.append(("conversion scratch", index.conversion_scratch, "float32 copy of the largest converted tensor"))
+    return tuple(lines)
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """The settings a plan depends on, besides the cap and the weights."""
+    config: object          # LlamaConfig
+    ctx_size: int
+    spec: object            # AttentionSpec
+    kv_bits: int
+    threads: int
+    tokenizer_bytes: int    # measured: held after building the tokenizer (with the file's metadata)
+    tokenizer_peak: int     # measured: the peak while building it
+    all_logits: bool = False  # the command keeps logits of every position (perplexity)
+    tokenizer_built: bool = True  # False: a first check, before the tokenizer is built
+
+
+def candidate_layouts(index: WeightIndex, run: PlanInputs):
+    """Layouts in the order the plan tries them: (a), then (b) by bytes streamed per token, then
+    the same with (c) Q8_0 KV. Each holding of the weights is tried with (d) every smaller prefill
+    chunk down to FAST_PREFILL_CHUNK before the next: such a chunk costs a little prefill speed
+    once, streaming costs every token. Smaller chunks are tried, in the same order, only when no
+    layout fits with the larger ones."""
+    n = run.config.n_layers
+    first_chunk = min(run.ctx_size, MAX_PREFILL_CHUNK)
+    chunks = [first_chunk] + [c for c in (256, 128, 64, 32, MIN_PREFILL_CHUNK) if c < first_chunk]
+    kv_choices = [run.kv_bits] + ([8] if run.kv_bits == 32 and run.config.head_dim % 32 == 0 else [])
+    holdings = [(n, False)]
+    if index.streamable:
+        holdings += sorted(((r, head) for head in (False, True) for r in range(n + 1) if (r, head) != (n, False)),
+                           key=lambda rh: Layout(rh[0], rh[1], 32, 1).streamed_bytes(index))
+    fast = [c for c in chunks if c >= min(FAST_PREFILL_CHUNK, first_chunk)]
+    for chunk_choices in (fast, [c for c in chunks if c not in fast]):
+        for kv_bits in kv_choices:
+            for resident_layers, stream_head in holdings:
+                for chunk in chunk_choices:
+                    yield Layout(resident_layers, stream_head, kv_bits, chunk)
+
+
+def plan_memory(index: WeightIndex, run: PlanInputs, cap: int) -> MemoryPlan:
+    """The cheapest layout that fits under `cap`; MinillmError with the minimum when none does."""
+    plan = None
+    for layout in candidate_layouts(index, run):
+        plan = MemoryPlan(cap, layout, index, plan_lines(index, layout, run), run.tokenizer_peak)
+        if plan.total <= cap:
+            return plan
+    raise_below_minimum(plan, index, run)
+
+
+def raise_below_minimum(smallest: MemoryPlan, index: WeightIndex, run: PlanInputs):
+    """Refuse, stating the smallest plan's total and which flags would lower it."""
+    hints = []
+    kv = dict((item, nbytes) for item, nbytes, _ in smallest.lines)["KV cache"]
+    if kv > MiB:
+        hints.append(f"a smaller --ctx-size (the KV cache takes {mib(kv)} at {run.ctx_size})")
+        hints.append("--attention sinks:4,window:W (a ring buffer of 4 + W positions per layer)")
+    if smallest.layout.kv_bits == 32 and run.kv_bits == 32 and run.config.head_dim % 32 == 0:
+        hints.append("--kv-bits 8")
+    if index.converted_bytes:
+        hints.append("--bits matching the file's own formats (streaming reads the weights as stored)")
+    if run.threads > 1:
+        hints.append("fewer --threads (one prefill tile each)")
+    more = "" if run.tokenizer_built else " plus the tokenizer (not built yet)"
+    raise MinillmError(f"--mem-cap {mib(smallest.cap)} is below the minimum of {mib(smallest.total)}{more} for "
+                       f"these settings ({smallest.strategy}); lower it with " + ", ".join(hints)
+                       + "\n" + smallest.format())
+
+
+def plan_for_cap(gguf, model_config, config, meter: Meter, tokenizer_built: bool = True) -> MemoryPlan:
+    """The plan for a run (a RunConfig with mem_cap) whose file header and tokenizer are loaded: what
+    they hold is measured by `meter` since the baseline; everything else is planned. Called once
+    before the tokenizer is built too (`tokenizer_built=False`), so a cap that cannot fit even
+    without it is refused before it is spent."""
+    held = meter.measure()
+    run = PlanInputs(model_config, config.ctx_size, config.attention_spec(), config.kv_bits,
+                     config.threads or os.cpu_count(), tokenizer_bytes=held.anon + held.file,
+                     tokenizer_peak=held.peak, all_logits=config.all_logits, tokenizer_built=tokenizer_built)
+    try:
+        return plan_memory(weight_index(gguf, model_config, config.bits, config.int4), run, config.mem_cap)
+    except MinillmError as refusal:
+        raise MinillmError(f"{refusal}\nrefused with {mib(held.peak)} at most above the baseline of "
+                           f"{mib(meter.baseline)}, before any weight was read") from None
+
+
+def plan_for_file(path, config) -> MemoryPlan:
+    """The plan `info --mem-cap` prints for a RunConfig: the file's header and tokenizer are loaded
+    and measured here, as a run measures them; no kernel runs and no weight is read."""
+    from .config import LlamaConfig
+    from .gguf import GGUFFile
+    from .tokenizer import Tokenizer
+    meter = Meter()
+    gguf = GGUFFile(path)
+    model_config = LlamaConfig.from_metadata(gguf.metadata, gguf.path)
+    tokenizer = Tokenizer.from_metadata(gguf.metadata)
+    plan = plan_for_cap(gguf, model_config, config, meter)
+    del tokenizer  # held until measured
+    return plan
