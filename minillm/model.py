@@ -181,6 +181,35 @@ class Llama:
                                f"exceed the context size {cache.max_len} (--ctx-size)")
 
 
+class ChunkedLlama(Llama):
+    """The same model, with prompts longer than `prefill_chunk` run through it that many tokens at a
+    time, so the activations stay within what the memory plan counted for one chunk. The cache
+    makes chunked prefill compute the same function as one pass over the whole prompt."""
+
+    def __init__(self, config, weights, attention, prefill_chunk: int):
+        super().__init__(config, weights, attention)
+        self.prefill_chunk = prefill_chunk
+
+    def forward(self, ids, cache, last_only: bool = False, trace=None) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if len(ids) <= self.prefill_chunk:
+            return super().forward(ids, cache, last_only=last_only, trace=trace)
+        logits = [super(ChunkedLlama, self).forward(ids[start:stop], cache, last_only=last_only, trace=trace)
+                  for start, stop in prefill_chunks(len(ids), self.prefill_chunk)]
+        return logits[-1] if last_only else np.concatenate(logits)
+
+
+def prefill_chunks(T: int, chunk: int) -> list:
+    """(start, stop) of each chunk of a T-token prompt: `chunk` tokens each, except that a last chunk
+    of a single token joins the one before (chunk + 1 tokens). One token alone would take the
+    decode path (a matvec on Q8_0-quantized activations), which rounds differently from the
+    prefill path the rest of the prompt takes."""
+    bounds = list(range(0, T, chunk)) + [T]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
 def load_float_model(gguf) -> Llama:
     """The float32 baseline model from an open GGUFFile: every weight dequantized at load."""
     from .config import LlamaConfig

@@ -141,7 +141,7 @@ def weight_index(gguf, config, bits: int, int4: str = "asym") -> WeightIndex:
 
 def activation_bytes(config, chunk: int, ctx_size: int, threads: int, kv_bits: int, all_logits: bool = False) -> int:
     """Bytes of the arrays alive at the peak of one forward pass over up to `chunk` + 1 new tokens
-    (T: a last chunk of one token joins the one before, minillm.streaming.prefill_chunks) that
+    (T: a last chunk of one token joins the one before, minillm.model.prefill_chunks) that
     attend to up to `ctx_size` positions (S), or of sampling after it. Counted array by array as
     minillm.model computes them; a layer's steps run one after the other, so the peak is the
     tiles, the residual stream and the largest step, not the sum of all steps:

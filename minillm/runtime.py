@@ -19,14 +19,14 @@ from .gguf import GGUFFile
 from .kvcache import check_kv_bits, new_cache
 from .linear import TILE_BYTES
 from .memory import Meter, cache_arrays, mib, return_freed_memory_at_once, touch_pages
-from .model import Llama, masked_attention
+from .model import ChunkedLlama, Llama, masked_attention
 from .modes import KV_BITS as MODE_KV_BITS
 from .modes import check_mode, mode_attention, mode_dtype, mode_model, mode_weights
 from .modes.ggml import ROUNDING
 from .parallel import row_pool
 from .plan import MAX_PREFILL_CHUNK, MIN_PREFILL_CHUNK, plan_for_cap
 from .registry import resolve_model
-from .streaming import ChunkedLlama, load_streamed
+from .streaming import load_streamed
 from .tokenizer import Tokenizer
 from .weights import INT4_TYPES, load_float, load_packed
 

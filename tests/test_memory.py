@@ -20,7 +20,8 @@ from minillm.gguf import GGUFFile
 from minillm.memory import parse_size
 from minillm.plan import Layout, PlanInputs, plan_memory, weight_index
 from minillm.runtime import RunConfig, load
-from minillm.streaming import ChunkedLlama, load_streamed, prefill_chunks
+from minillm.model import ChunkedLlama, prefill_chunks
+from minillm.streaming import load_streamed
 
 MiB = 1 << 20
 # 120 tokens, with 4 generated: the whole context of 128. Longer than any prefill chunk a plan for it
