@@ -35,6 +35,9 @@ STREAM_SLOTS = 2               # buffers in the streaming pool: one computing, o
 # for the first time, allocator pages of the worker threads, thread stacks. Measured on SmolLM2
 # runs (generate under caps of 25% to 150% of its weights) at 0 to 1.2 MiB above the counted lines.
 RESERVE_BYTES = 3 << 19
+# Temporaries of the NumPy dequantizers while they fill one tile, in tiles: measured 2.06 (Q8_0),
+# 2.31 (Q4_0), 2.35 (Q4_1), 2.0 (BF16), 1.0 (F16) with tracemalloc.
+NUMPY_DEQUANTIZE_TILES = 2.5
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,8 @@ def weight_index(gguf, config, bits: int, int4: str = "asym") -> WeightIndex:
         streamable=not converted and all(s == signature[0] for s in signature))
 
 
-def activation_bytes(config, chunk: int, ctx_size: int, threads: int, kv_bits: int, all_logits: bool = False) -> int:
+def activation_bytes(config, chunk: int, ctx_size: int, threads: int, kv_bits: int, all_logits: bool = False,
+                     backend: str = "numba") -> int:
     """Bytes of the arrays alive at the peak of one forward pass over up to `chunk` + 1 new tokens
     (T: a last chunk of one token joins the one before, minillm.model.prefill_chunks) that
     attend to up to `ctx_size` positions (S), or of sampling after it. Counted array by array as
@@ -147,7 +151,10 @@ def activation_bytes(config, chunk: int, ctx_size: int, threads: int, kv_bits: i
     tiles, the residual stream and the largest step, not the sum of all steps:
 
       tiles       one float32 tile of dequantized rows per thread (minillm.linear.TILE_BYTES), T > 1:
-                  made by the first prefill and kept (minillm.parallel.tile_buffer)
+                  made by the first prefill and kept (minillm.parallel.tile_buffer). With --backend
+                  numpy every product, decode too, goes through tiles, and the NumPy dequantizers
+                  (minillm.quant) make temporaries of up to NUMPY_DEQUANTIZE_TILES tiles while
+                  they fill one
       residual    3 x (T, dim): x, the normalised h, and their sum
       attention   q, the new k and v, float32 copies of all S cached keys and values when the
                   cache holds Q8_0 or float16, and the largest of: RoPE's temporaries (q projected,
@@ -167,7 +174,10 @@ def activation_bytes(config, chunk: int, ctx_size: int, threads: int, kv_bits: i
     T, S, c = min(chunk + 1, ctx_size), ctx_size, config
     f = 8 if kv_bits == 64 else 4   # bytes of a score: q @ k.T is float64 with a float64 cache
     residual = 3 * 4 * T * c.dim
-    tiles = threads * TILE_BYTES if T > 1 else 0
+    if backend == "numpy":
+        tiles = int(threads * TILE_BYTES * (1 + NUMPY_DEQUANTIZE_TILES))
+    else:
+        tiles = threads * TILE_BYTES if T > 1 else 0
     q = 4 * c.n_heads * T * c.head_dim
     new_kv = 2 * 4 * c.n_kv_heads * T * c.head_dim
     one_read = 4 * c.n_kv_heads * S * c.head_dim  # all S keys (or values) as float32
@@ -219,9 +229,10 @@ def plan_lines(index: WeightIndex, layout: Layout, run) -> tuple:
         ("KV cache", kv_cache_bytes(c, run.ctx_size, run.spec, layout.kv_bits),
          f"{run.ctx_size} positions, {kv_type}{chosen}, --attention {run.spec.name}"),
         ("activations", activation_bytes(c, layout.prefill_chunk, run.ctx_size, run.threads, layout.kv_bits,
-                                         run.all_logits),
+                                         run.all_logits, run.backend),
          f"prefill chunk of {layout.prefill_chunk} tokens, {run.threads} threads"
-         + (f", logits of all {run.ctx_size} positions" if run.all_logits else "")),
+         + (f", logits of all {run.ctx_size} positions" if run.all_logits else "")
+         + (", --backend numpy" if run.backend == "numpy" else "")),
         ("reserve", RESERVE_BYTES, "pages not counted above: code run first, worker threads' allocator pages"),
     ]
     if index.converted_bytes:
@@ -243,6 +254,7 @@ class PlanInputs:
     tokenizer_peak: int     # measured: the peak while building it
     all_logits: bool = False  # the command keeps logits of every position (perplexity)
     tokenizer_built: bool = True  # False: a first check, before the tokenizer is built
+    backend: str = "numba"        # "numpy": products dequantize tiles in NumPy, decode too
 
 
 def candidate_layouts(index: WeightIndex, run: PlanInputs):
@@ -304,7 +316,8 @@ def plan_for_cap(gguf, model_config, config, meter: Meter, tokenizer_built: bool
     held = meter.measure()
     run = PlanInputs(model_config, config.ctx_size, config.attention_spec(), config.kv_bits,
                      config.threads or os.cpu_count(), tokenizer_bytes=held.anon + held.file,
-                     tokenizer_peak=held.peak, all_logits=config.all_logits, tokenizer_built=tokenizer_built)
+                     tokenizer_peak=held.peak, all_logits=config.all_logits, tokenizer_built=tokenizer_built,
+                     backend=config.backend)
     try:
         return plan_memory(weight_index(gguf, model_config, config.bits, config.int4), run, config.mem_cap)
     except MinillmError as refusal:

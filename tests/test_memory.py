@@ -117,10 +117,10 @@ def assert_same_logits(rt, streamed_weights, ids, steps):
         tokens.append(int(np.argmax(a[-1])))
 
 
-def capped_run(path, cap: int):
+def capped_run(path, cap: int, *flags):
     """`generate` under --mem-cap in a fresh process: (exit code, JSON output or None, stderr)."""
     command = [sys.executable, "-m", "minillm", "generate", PROMPT, "-m", str(path), "--temp", "0", "-n", "4",
-               "-c", "128", "--mem-cap", f"{cap}B", "--json"]
+               "-c", "128", "--mem-cap", f"{cap}B", "--json", *flags]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     return done.returncode, json.loads(done.stdout) if done.returncode == 0 else None, done.stderr
 
@@ -137,6 +137,17 @@ def test_measured_peak_stays_under_the_cap_and_near_the_plan(smollm2_path, fract
     assert m["peak"] <= cap
     assert abs(m["plan_total"] - m["peak"]) <= max(0.05 * m["peak"], 2 * MiB), m
     assert "memory plan for --mem-cap" in err and "baseline of" in err
+
+
+@pytest.mark.weights
+def test_numpy_backend_stays_under_the_cap(smollm2_path):
+    """--backend numpy dequantizes a tile for every product, decode included, with NumPy's
+    temporaries: the plan counts them, and the run stays under half the packed weights."""
+    index, _ = smollm2_inputs(smollm2_path)
+    cap = int(0.5 * packed_bytes(index))
+    code, out, err = capped_run(smollm2_path, cap, "--backend", "numpy", "-n", "2")
+    assert code == 0, err
+    assert out["memory"]["peak"] <= cap
 
 
 @pytest.mark.weights
