@@ -177,13 +177,17 @@ def warm_up_kernels(config: RunConfig) -> Meter:
     ctx_size = config.ctx_size or DEFAULT_CTX_SIZE
     return_freed_memory_at_once()  # from now on (this process runs capped): nothing freed stays in the heap
     with tempfile.TemporaryDirectory() as tmp:
-        # head_dim 32, so --kv-bits 8 (Q8_0 blocks of 32) works on it as on SmolLM2
-        path = write_tiny_llama(Path(tmp) / "warm-up.gguf", n_heads=2, n_kv_heads=1, context_length=ctx_size,
+        # head_dim 32, so --kv-bits 8 (Q8_0 blocks of 32) works on it as on SmolLM2; several KV heads, so
+        # the kernels see the cache's per-head views laid out as a real model's (Numba compiles one
+        # version per memory layout, and compiling inside a capped run takes tens of MiB)
+        path = write_tiny_llama(Path(tmp) / "warm-up.gguf", dim=128, n_heads=4, n_kv_heads=2, context_length=ctx_size,
                                 weight_type=GGMLQuantizationType.Q4_1, embedding_type=GGMLQuantizationType.Q8_0)
         tiny = load(replace(config, model=str(path), mem_cap=None, ctx_size=ctx_size), announce=lambda _: None)
     # the pre-tokenizer's code and the template engine are paged in on first use
     tiny.tokenizer.encode_chat([{"role": "user", "content": "Warm-up: words, digits 0123, ünïcödé — 漢字 🙂"}])
-    prompt = list(range(3, 3 + min(40, ctx_size - 3)))  # a prefill of several chunks, then decode and sample
+    # a prefill of several chunks, then decode and sample; past every window, so ring caches wrap round
+    windows = [p.sinks + p.window + p.block for p in tiny.config.attention_spec().patterns if p.window is not None]
+    prompt = [3 + i % 200 for i in range(min(ctx_size - 3, max([40, *windows])))]
     for kv_bits in {tiny.config.cache_bits, 8}:  # the plan may choose Q8_0 KV (c)
         cache = new_cache(tiny.model.config, ctx_size, tiny.config.attention_spec(), kv_bits)
         chunked = ChunkedLlama(tiny.model.config, tiny.model.weights, tiny.model.attention_fn, MIN_PREFILL_CHUNK)

@@ -140,6 +140,23 @@ def test_measured_peak_stays_under_the_cap_and_near_the_plan(smollm2_path, fract
 
 
 @pytest.mark.weights
+def test_nothing_compiles_after_the_plan(smollm2_path, tmp_path):
+    """With an empty Numba cache, every kernel a capped run calls is compiled during the warm-up
+    (compiling takes tens of MiB): with block-sparse attention, whose kernels Numba compiles once per
+    memory layout of the cache's views, and a prompt that wraps the ring cache round."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_DEBUG_CACHE": "1"}
+    cap = 24 * MiB
+    done = subprocess.run([sys.executable, "-m", "minillm", "generate", PROMPT, "-m", str(smollm2_path), "--temp", "0",
+                           "-n", "8", "-c", "256", "--attention", "sinks:4,window:64", "--mem-cap", f"{cap}B", "--json"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr
+    log = done.stdout + done.stderr
+    assert "index saved" in log  # the cache was empty: the warm-up compiled
+    assert "index saved" not in log[log.index("memory plan for --mem-cap"):]
+    assert json.loads(done.stdout[done.stdout.index("{"):])["memory"]["peak"] <= cap
+
+
+@pytest.mark.weights
 def test_numpy_backend_stays_under_the_cap(smollm2_path):
     """--backend numpy dequantizes a tile for every product, decode included, with NumPy's
     temporaries: the plan counts them, and the run stays under half the packed weights."""
