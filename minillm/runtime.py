@@ -133,11 +133,12 @@ def load(config: RunConfig, announce=print) -> Runtime:
     else:
         attention = masked_attention if spec.is_dense or config.backend == "numpy" else block_sparse_attention
     if meter is not None:
-        return load_capped(config, gguf, model_config, tokenizer, attention, meter, announce, start)
-    model = mode_model(config.mode)(model_config, load_weights(gguf, model_config, config), attention=attention,
-                                    dtype=mode_dtype(config.mode))
-    runtime = Runtime(config, gguf, model, tokenizer, 0.0)
-    warm_up(runtime)
+        runtime = load_capped(config, gguf, model_config, tokenizer, attention, meter, announce)
+    else:
+        model = mode_model(config.mode)(model_config, load_weights(gguf, model_config, config), attention=attention,
+                                        dtype=mode_dtype(config.mode))
+        runtime = Runtime(config, gguf, model, tokenizer, 0.0)
+    warm_up(runtime)  # the weights' pages and the kernels are loaded now, as start-up, not in the first answer
     runtime.load_seconds = time.perf_counter() - start
     return runtime
 
@@ -197,19 +198,16 @@ def warm_up_kernels(config: RunConfig) -> Meter:
     return Meter()
 
 
-def load_capped(config, gguf, model_config, tokenizer, attention, meter: Meter, announce, start) -> Runtime:
+def load_capped(config, gguf, model_config, tokenizer, attention, meter: Meter, announce) -> Runtime:
     """The model held as the memory plan says (minillm.plan), refused before any weight is read
     when no plan fits under config.mem_cap."""
     plan = plan_for_cap(gguf, model_config, config, meter)
     announce(f"--mem-cap {mib(config.mem_cap)} on top of a baseline of {mib(meter.baseline)} "
-             "(the warmed-up process: interpreter, numpy, numba, tokenizers, compiled kernels)")
+             "(the warmed-up process: interpreter, numpy, numba, tokenizers, compiled kernels, BLAS buffers)")
     announce(plan.format())
     config = replace(config, kv_bits=plan.layout.kv_bits)
     threads = config.threads or os.cpu_count()
     weights = load_streamed(gguf, model_config, plan.layout, config.backend, threads) if plan.index.streamable \
         else load_weights(gguf, model_config, config)
     model = ChunkedLlama(model_config, weights, attention, plan.layout.prefill_chunk)
-    runtime = Runtime(config, gguf, model, tokenizer, 0.0, plan=plan, meter=meter)
-    warm_up(runtime)  # the resident weights' pages are read in now, as start-up, not in the first answer
-    runtime.load_seconds = time.perf_counter() - start
-    return runtime
+    return Runtime(config, gguf, model, tokenizer, 0.0, plan=plan, meter=meter)
