@@ -186,7 +186,8 @@ def main(argv=None) -> int:
     parser.add_argument("-t", "--threads", type=int, default=None, help="compute threads (default: all cores)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    from .cli import say, set_thread_count
+    from .cli import set_thread_count
+    from .commands.output import say
     set_thread_count(args.threads)
     from .bench import machine
     from .errors import MinillmError, UsageError

@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     from .bench import machine
-    from .cli import say
+    from .commands.output import say
     caps = args.caps.split(",")
     if not all(c == "none" or c.isdigit() for c in caps) or args.repeats < 1:
         say("minillm.bench_memory: error: --caps takes whole MiB or none; --repeats at least 1")
