@@ -34,7 +34,7 @@ import numpy as np
 
 from .bench_llamacpp import LlamaCppProcess
 from .errors import MinillmError
-from .generate import GenerationStats, Sampler, SamplingSettings, generate
+from .generate import GenerationStats, Sampler, SamplingSettings, generate, log_softmax
 from .gguf import GGUFFile
 from .kvcache import kv_cache_bytes
 from .memory import Meter, peak_rss_bytes, usage
@@ -286,8 +286,3 @@ def decode_quality(rt, base_rt, text: str, n_tokens: int) -> dict:
         kl.append(float(np.exp(p) @ (p - q)))
         same += int(p.argmax() == q.argmax())
     return {"tokens": len(ids), "mean_kl": statistics.fmean(kl), "max_kl": max(kl), "top1_agreement": same / len(ids)}
-
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64) - logits.max()
-    return z - np.log(np.exp(z).sum())

@@ -132,6 +132,7 @@ def claims(rows) -> list[str]:
 def quality(rt, text: str, patterns, contexts, say) -> list[dict]:
     """Mean KL(dense || pattern) and top-1 agreement per range of positions [previous context, context)."""
     import numpy as np
+    from .generate import log_softmax
     from .kvcache import new_cache
     ids = rt.tokenizer.encode(text)
     n = max(contexts)
@@ -156,13 +157,6 @@ def quality(rt, text: str, patterns, contexts, say) -> list[dict]:
     counts = np.diff(edges)
     return [{"pattern": label, "positions": f"{edges[j]}-{edges[j + 1] - 1}", "mean_kl": kl[i, j] / counts[j],
              "top1_agreement": agree[i, j] / counts[j]} for i, label in enumerate(patterns) for j in range(len(contexts))]
-
-
-def log_softmax(logits):
-    import numpy as np
-    x = logits.astype(np.float64)
-    x -= x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 def format_quality(rows) -> str:

@@ -1,5 +1,6 @@
-"""Sampling and the generation loop: logits -> one token id, a prompt -> a stream of ids, and a chat
-session that keeps its KV cache from one turn to the next.
+"""Sampling and the generation loop: logits -> one token id, a prompt -> a stream of ids, and that
+stream as text, cut at stop strings, with each token's log-probabilities if asked (`Completion`).
+minillm.chat keeps a conversation on top of it.
 
 The sampler follows llama.cpp's default chain (common/sampling.cpp, src/llama-sampling.cpp):
 
@@ -39,7 +40,8 @@ class SamplingSettings:
     min_p: float = 0.05
     repeat_penalty: float = 1.0
     repeat_last_n: int = 64
-    seed: int = 0
+    seed: int = 0           # the CLI draws a random one unless --seed is given (as llama.cpp)
+    stop: tuple = ()        # strings that end generation before them (StopStrings); not sampling, but chosen with it
 
     def check(self):
         """Raise UsageError for a value the sampler cannot use, naming the command-line flag."""
@@ -57,12 +59,21 @@ class SamplingSettings:
             raise UsageError(f"--repeat-last-n must be 0 (off) or positive, not {self.repeat_last_n}")
         if self.seed < 0:
             raise UsageError(f"--seed must be 0 or positive, not {self.seed}")
+        if any(not stop for stop in self.stop):
+            raise UsageError("--stop: a stop string must not be empty")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Probabilities in float64 from logits (n,): float32 would round small probabilities away."""
     e = np.exp(logits.astype(np.float64) - logits.max())
     return e / e.sum()
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities in float64 over the last axis: (..., vocab) -> (..., vocab)."""
+    x = logits.astype(np.float64)
+    x -= x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
 def recent_ids(history: Sequence[int], n: int) -> np.ndarray:
@@ -151,7 +162,7 @@ class GenerationStats:
     decode_seconds: float = 0.0     # the single-token forward passes, with their sampling
     decode_steps: int = 0           # how many single-token forward passes ran
     time_to_first_token: float = 0.0  # from the start of prefill to the first sampled token
-    stop_reason: str = ""           # "eos", "length", "context", or "interrupted"
+    stop_reason: str = ""           # "eos", "length", "context", "interrupted" or (Completion) "stop_string"
 
     @property
     def prefill_tokens_per_second(self) -> float:
@@ -163,7 +174,8 @@ class GenerationStats:
 
 
 def generate(model, cache: KVCache, prompt_ids: Sequence[int], sampler: Sampler, *, max_tokens: int,
-             stop_ids, stats: GenerationStats | None = None, earlier_ids: Sequence[int] = ()) -> Iterator[int]:
+             stop_ids, stats: GenerationStats | None = None, earlier_ids: Sequence[int] = (),
+             on_token=None) -> Iterator[int]:
     """Yield generated token ids one by one after `prompt_ids`.
 
     The prompt runs in one batched forward pass (prefill), then each sampled token is fed back
@@ -173,7 +185,8 @@ def generate(model, cache: KVCache, prompt_ids: Sequence[int], sampler: Sampler,
     Stops when a stop id is sampled (not yielded), after `max_tokens` ids, or when the cache is
     full (the last id yielded could not be fed back). A token is fed only when the consumer asks
     for the next one, so a consumer that stops early leaves the cache holding exactly the prompt
-    and the tokens fed so far: every id yielded but the last.
+    and the tokens fed so far: every id yielded but the last. `on_token(id, logits)`, if given, sees
+    each id before it is yielded, with the logits (vocab_size,) it was sampled from.
     """
     if max_tokens < 1:
         raise UsageError(f"--max-tokens must be at least 1, not {max_tokens}")
@@ -189,6 +202,8 @@ def generate(model, cache: KVCache, prompt_ids: Sequence[int], sampler: Sampler,
         while token not in stop_ids:
             stats.generated_tokens += 1
             history.append(token)
+            if on_token is not None:
+                on_token(token, logits)
             yield token
             if stats.generated_tokens == max_tokens:
                 stats.stop_reason = "length"
@@ -207,101 +222,107 @@ def generate(model, cache: KVCache, prompt_ids: Sequence[int], sampler: Sampler,
         raise
 
 
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading ids two sequences share."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+class StopStrings:
+    """Finds stop strings in text that arrives piece by piece; a stop string may span pieces (tokens).
+
+    `push` returns the text that is safe to show: everything except a tail that could still become
+    the start of a stop string, which is held back until the next piece decides. When a stop string
+    is complete, the text before it is returned, `found` names it, and the rest is dropped: the stop
+    string itself is never shown (as llama.cpp's and OpenAI's `stop`)."""
+
+    def __init__(self, stops: Sequence[str] = ()):
+        self.stops = tuple(stops)
+        self.found: str | None = None
+        self._held = ""
+
+    def push(self, text: str) -> str:
+        if self.found is not None:
+            return ""
+        self._held += text
+        hits = [(self._held.find(stop), stop) for stop in self.stops if stop in self._held]
+        if hits:
+            at, self.found = min(hits)  # the earliest one
+            out, self._held = self._held[:at], ""
+            return out
+        keep = max((self._partial(stop) for stop in self.stops), default=0)
+        out, self._held = self._held[:len(self._held) - keep], self._held[len(self._held) - keep:]
+        return out
+
+    def _partial(self, stop: str) -> int:
+        """Length of the longest tail of the held text that is a proper prefix of `stop`."""
+        for n in range(min(len(stop) - 1, len(self._held)), 0, -1):
+            if self._held.endswith(stop[:n]):
+                return n
+        return 0
+
+    def flush(self) -> str:
+        """The held-back text, at the end of the generation (no stop string completed it)."""
+        out, self._held = self._held, ""
+        return out
 
 
-class ChatSession:
-    """A conversation with the model that reuses its KV cache across turns.
+@dataclass
+class TokenLogprob:
+    """One generated token with its log-probability and the `top` most likely alternatives, all in
+    the model's own distribution (log-softmax of the logits: temperature 1, before the repetition
+    penalty and the top-k/top-p/min-p filters, as OpenAI's and llama-server's logprobs)."""
 
-    Each turn renders the whole conversation with the chat template, keeps the cached positions
-    that agree with the new rendering (normally everything up to the end of the last answer) and
-    prefills only the rest. The invariant: the cache holds `self.ids[:cache.length]`. `ids` may
-    run one token ahead of the cache (an id yielded but not yet fed back); it is extended before
-    the cache, so the invariant survives an interrupted reply.
+    id: int
+    logprob: float
+    top: list  # [(id, logprob)] most likely first
 
-    The stop token that ends an answer is not fed to the model at once: the next rendering
-    writes `<|im_end|>` there, and it is prefilled with the next user message.
-    """
 
-    def __init__(self, model, tokenizer, sampler: Sampler, *, ctx_size: int, max_tokens: int, system: str | None = None,
-                 cache=None):
-        """`cache`: the KV cache to keep the conversation in (default: a dense KVCache of ctx_size)."""
-        if max_tokens < 1:
-            raise UsageError(f"--max-tokens must be at least 1, not {max_tokens}")
-        self.model, self.tokenizer, self.sampler = model, tokenizer, sampler
-        self.max_tokens = max_tokens
-        self.system = system
-        self.cache = KVCache(model.config, ctx_size) if cache is None else cache
-        self.reset()
+def token_logprob(token: int, logits: np.ndarray, n_top: int) -> TokenLogprob:
+    logprobs = log_softmax(logits)                                   # (vocab_size,)
+    top = np.argsort(-logprobs, kind="stable")[:n_top]
+    return TokenLogprob(int(token), float(logprobs[token]), [(int(i), float(logprobs[i])) for i in top])
 
-    def reset(self):
-        """Forget the conversation; the system message stays."""
-        self.messages = [{"role": "system", "content": self.system}] if self.system is not None else []
-        self.ids = []
-        self.cache.truncate(0)
-        self.notices = []  # what the latest reply had to change, for the user to read
-        self.last_stats = GenerationStats()
 
-    def reply(self, user_text: str) -> Iterator[str]:
-        """Stream the answer to `user_text` as text pieces. One reply at a time: finish or close
-        this iterator before starting the next. Stopping early keeps the partial answer."""
-        self.notices = []
-        self.messages.append({"role": "user", "content": user_text})
-        try:
-            ids = self._render_to_fit()
-        except MinillmError:
-            self.messages.pop()
-            raise
-        answer = {"role": "assistant", "content": ""}
-        self.messages.append(answer)
-        reused = self._reuse_cache(ids)
-        self.ids = list(ids)
-        self.last_stats = GenerationStats()
+class Completion:
+    """One generation as text: ids decoded to whole characters as they come, stop strings cut out,
+    and, if asked, each token's log-probabilities.
+
+    Iterate over `run(...)` for the printable pieces; afterwards `ids` holds every id generated
+    (those that spelled a stop string too), `text` what was shown, `stats` the counts and timings
+    (stop_reason "stop_string" when a stop string ended it, `stop_string` which one), `logprobs`
+    one TokenLogprob per id. A character left unfinished when generation stops at a limit (`-n`,
+    the context, a stop string, Ctrl-C) is dropped, never shown as U+FFFD; only after the end of
+    text does the decoder's U+FFFD for invalid bytes stand (as `Tokenizer.decode` gives it)."""
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str] = (), top_logprobs: int | None = None):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self.stats = GenerationStats()
+        self.logprobs: list[TokenLogprob] = []
+        self.top_logprobs = top_logprobs
+        self._stops = StopStrings(stop_strings)
+
+    @property
+    def stop_string(self) -> str | None:
+        return self._stops.found
+
+    def run(self, model, cache, prompt_ids, sampler: Sampler, *, max_tokens: int,
+            earlier_ids: Sequence[int] = ()) -> Iterator[str]:
+        """Generate after `prompt_ids` (minillm.generate.generate) and yield the text as it becomes printable."""
+        record = None if self.top_logprobs is None else \
+            (lambda token, logits: self.logprobs.append(token_logprob(token, logits, self.top_logprobs)))
+        tokens = generate(model, cache, prompt_ids, sampler, max_tokens=max_tokens, stop_ids=self.tokenizer.stop_ids,
+                          stats=self.stats, earlier_ids=earlier_ids, on_token=record)
         decoder = self.tokenizer.stream()
-        tokens = generate(self.model, self.cache, ids[reused:], self.sampler, max_tokens=self.max_tokens,
-                          stop_ids=self.tokenizer.stop_ids, stats=self.last_stats, earlier_ids=ids[:reused])
         with closing(tokens):
             for token in tokens:
                 self.ids.append(token)
-                piece = decoder.push(token)
-                answer["content"] += piece
-                if piece:
-                    yield piece
-        tail = decoder.flush()
-        answer["content"] += tail
-        if tail:
-            yield tail
+                yield from self._show(self._stops.push(decoder.push(token)))
+                if self._stops.found is not None:
+                    break
+        if self._stops.found is not None:
+            self.stats.stop_reason = "stop_string"  # closing the generator above marked it "interrupted"
+            return
+        tail = decoder.flush() if self.stats.stop_reason == "eos" else ""  # else a character cut at a limit
+        yield from self._show(self._stops.push(tail) + self._stops.flush())
 
-    def _render_to_fit(self) -> list[int]:
-        """Token ids of the conversation, leaving room for a `max_tokens` answer in the context.
-        Drops the oldest user/assistant turns (never the system message) when it must."""
-        first_turn = 1 if self.system is not None else 0
-        newest_alone = self.tokenizer.encode_chat(self.messages[:first_turn] + self.messages[-1:])
-        if len(newest_alone) + self.max_tokens > self.cache.max_len:
-            raise MinillmError(f"the message takes {len(newest_alone)} tokens with the chat template; with room "
-                               f"for a {self.max_tokens}-token answer that exceeds the context size "
-                               f"{self.cache.max_len}: raise --ctx-size or lower --max-tokens")
-        dropped = 0
-        ids = self.tokenizer.encode_chat(self.messages)
-        while len(ids) + self.max_tokens > self.cache.max_len:
-            del self.messages[first_turn:first_turn + 2]  # the oldest user message and its answer
-            dropped += 1
-            ids = self.tokenizer.encode_chat(self.messages)
-        if dropped:
-            self.notices.append(f"dropped the {dropped} oldest turn{'s' if dropped > 1 else ''} to fit the context")
-        return ids
-
-    def _reuse_cache(self, ids: list[int]) -> int:
-        """Keep the cached prefix that `ids` starts with, forget the rest; return its length.
-        The last id is always run again, since sampling needs the logits after it. A ring-buffer
-        cache may keep less than asked (see PatternKVCache.truncate)."""
-        keep = min(common_prefix_length(self.ids[:self.cache.length], ids), len(ids) - 1)
-        self.cache.truncate(keep)
-        return self.cache.length
+    def _show(self, piece: str) -> Iterator[str]:
+        if piece:
+            self.text += piece
+            yield piece

@@ -9,9 +9,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from minillm.chat import ChatSession, common_prefix_length
 from minillm.errors import MinillmError, UsageError
-from minillm.generate import (ChatSession, GenerationStats, Sampler, SamplingSettings, apply_repetition_penalty,
-                              common_prefix_length, generate, keep_min_p, keep_top_k, keep_top_p, sort_candidates)
+from minillm.generate import (Completion, GenerationStats, Sampler, SamplingSettings, StopStrings,
+                              apply_repetition_penalty, generate, keep_min_p, keep_top_k, keep_top_p, log_softmax,
+                              sort_candidates)
 from minillm.gguf import GGUFFile
 from minillm.kvcache import KVCache
 from minillm.model import load_float_model
@@ -234,6 +236,88 @@ def test_bad_generation_arguments_raise(tiny):
         greedy_ids(model, prompt, 4, max_len=len(prompt) - 1)
 
 
+# --- the text of a generation: stop strings, unfinished characters, log-probabilities -------------
+
+@given(text=st.text(max_size=40), cuts=st.lists(st.integers(0, 40), max_size=8), data=st.data())
+def test_stop_strings_end_the_text_before_the_first_one_however_it_arrives(text, cuts, data):
+    """Pushed in any pieces, the shown text is the text up to the earliest stop string (all of it
+    when none occurs), and the stop string itself is never shown."""
+    def stop_string():
+        if not text:
+            return data.draw(st.text(min_size=1, max_size=4))
+        start = data.draw(st.integers(0, len(text) - 1))
+        return data.draw(st.one_of(st.integers(start + 1, len(text)).map(lambda end: text[start:end]),
+                                   st.text(min_size=1, max_size=4)))
+    stops = [stop_string() for _ in range(data.draw(st.integers(1, 3)))]
+    bounds = [0, *sorted(c for c in cuts if c <= len(text)), len(text)]
+    filter_ = StopStrings(stops)
+    shown = "".join(filter_.push(text[a:b]) for a, b in zip(bounds, bounds[1:]))
+    if filter_.found is None:
+        shown += filter_.flush()
+    hits = [text.find(stop) for stop in stops if stop in text]
+    assert shown == (text[:min(hits)] if hits else text)
+    assert (filter_.found is not None) == bool(hits)
+
+
+class ScriptedModel:
+    """The real model, with each step's logits pushed so far towards the next id of `script` that
+    greedy sampling picks it: a way to make it generate a chosen text."""
+
+    def __init__(self, model, script):
+        self.model, self.config, self.script = model, model.config, list(script)
+
+    def forward(self, ids, cache, last_only=False):
+        logits = self.model.forward(ids, cache, last_only=last_only).copy()
+        logits[-1, self.script.pop(0)] += 1e4
+        return logits
+
+
+def scripted_completion(tiny, script, max_tokens, **options):
+    model, tokenizer = tiny
+    prompt = tokenizer.encode(PROMPT)
+    completion = Completion(tokenizer, **options)
+    shown = "".join(completion.run(ScriptedModel(model, script), KVCache(model.config, 256), prompt,
+                                   Sampler(GREEDY), max_tokens=max_tokens))
+    assert shown == completion.text
+    return completion
+
+
+def test_a_character_cut_at_the_limit_is_dropped_not_shown_as_a_replacement(tiny):
+    _, tokenizer = tiny
+    script = tokenizer.encode("ab🙂")           # the tiny vocabulary spells 🙂 as its 4 bytes
+    assert len(script) == 6
+    cut = scripted_completion(tiny, script, max_tokens=4)
+    assert (cut.text, cut.stats.stop_reason, len(cut.ids)) == ("ab", "length", 4)
+    whole = scripted_completion(tiny, script, max_tokens=6)
+    assert whole.text == "ab🙂"
+    # Ended by the model (end of text) inside a character, the bytes are invalid: U+FFFD, as decode gives.
+    ended = scripted_completion(tiny, script[:4] + [tokenizer.eos_id], max_tokens=8)
+    assert ended.stats.stop_reason == "eos" and ended.text == tokenizer.decode(script[:4]) == "ab\ufffd"
+
+
+def test_a_stop_string_across_tokens_ends_the_text_before_it(tiny):
+    _, tokenizer = tiny
+    script = tokenizer.encode("hello world. more text")
+    done = scripted_completion(tiny, script, max_tokens=len(script), stop_strings=["ld. m", "zzz"])
+    assert (done.text, done.stop_string, done.stats.stop_reason) == ("hello wor", "ld. m", "stop_string")
+    assert tokenizer.decode(done.ids).endswith("ld. m")   # generation ran until the stop string was complete
+
+
+def test_logprobs_are_the_models_own_distribution(tiny):
+    model, tokenizer = tiny
+    prompt = tokenizer.encode(PROMPT)
+    completion = Completion(tokenizer, top_logprobs=3)
+    "".join(completion.run(model, KVCache(model.config, 64), prompt, Sampler(GREEDY), max_tokens=4))
+    want = log_softmax(model.forward(prompt, KVCache(model.config, 64), last_only=True)[-1])  # as generate runs it
+    first = completion.logprobs[0]
+    assert first.logprob == want[first.id]
+    assert [i for i, _ in first.top] == list(np.argsort(-want, kind="stable")[:3])
+    assert len(completion.logprobs) == len(completion.ids)
+    for entry in completion.logprobs:   # greedy: the chosen id is the most likely one
+        assert entry.top[0][0] == entry.id and len(entry.top) == 3
+        assert [lp for _, lp in entry.top] == sorted((lp for _, lp in entry.top), reverse=True)
+
+
 # --- chat ----------------------------------------------------------------------------------------
 
 class RecordingModel:
@@ -360,6 +444,16 @@ def test_a_keyboard_interrupt_inside_the_model_leaves_the_session_consistent(tin
     "".join(session.reply("go on"))
     messages = session.messages[:-1]
     assert answer_ids(session, messages) == from_scratch(model, tokenizer, messages, 8)
+
+
+def test_a_stop_string_ends_a_chat_answer_and_is_not_kept(tiny):
+    model, tokenizer = tiny
+    script = tokenizer.encode("Sure. STOP here")
+    session = ChatSession(ScriptedModel(model, script), tokenizer, Sampler(GREEDY), ctx_size=256, max_tokens=20,
+                          stop_strings=["STOP"])
+    assert "".join(session.reply("hi")) == "Sure. "
+    assert session.messages[-1] == {"role": "assistant", "content": "Sure. "}
+    assert session.last_stats.stop_reason == "stop_string"
 
 
 # --- the real model ------------------------------------------------------------------------------

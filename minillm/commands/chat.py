@@ -12,7 +12,8 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from ..generate import ChatSession, Sampler
+    from ..chat import ChatSession
+    from ..generate import Sampler
     rt = load_runtime(args)
     session = ChatSession(rt.model, rt.tokenizer, Sampler(rt.config.sampling), ctx_size=rt.config.ctx_size,
                           max_tokens=rt.config.max_tokens, system=args.system, cache=rt.new_cache())
