@@ -323,18 +323,3 @@ def plan_for_cap(gguf, model_config, config, meter: Meter, tokenizer_built: bool
     except MinillmError as refusal:
         raise MinillmError(f"{refusal}\nrefused with {mib(held.peak)} at most above the baseline of "
                            f"{mib(meter.baseline)}, before any weight was read") from None
-
-
-def plan_for_file(path, config) -> MemoryPlan:
-    """The plan `info --mem-cap` prints for a RunConfig: the file's header and tokenizer are loaded
-    and measured here, as a run measures them; no kernel runs and no weight is read."""
-    from .config import LlamaConfig
-    from .gguf import GGUFFile
-    from .tokenizer import Tokenizer
-    meter = Meter()
-    gguf = GGUFFile(path)
-    model_config = LlamaConfig.from_metadata(gguf.metadata, gguf.path)
-    tokenizer = Tokenizer.from_metadata(gguf.metadata)
-    plan = plan_for_cap(gguf, model_config, config, meter)
-    del tokenizer  # held until measured
-    return plan

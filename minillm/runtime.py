@@ -108,10 +108,25 @@ class Runtime:
         return cache
 
 
-def load(config: RunConfig, announce=print) -> Runtime:
-    """Validate the settings, then open, check and load the model they name."""
+@dataclass
+class Prepared:
+    """What `load` has before it reads a weight: the checked settings (defaults resolved), the open
+    file, the tokenizer and, under --mem-cap, the meter and the plan."""
+
+    config: RunConfig
+    gguf: GGUFFile
+    model_config: LlamaConfig
+    tokenizer: Tokenizer
+    meter: Meter | None = None
+    plan: object = None    # minillm.plan.MemoryPlan under --mem-cap
+
+
+def prepare(config: RunConfig, announce=print) -> Prepared:
+    """The steps of `load` before any weight is read: check the settings; under --mem-cap warm up
+    the kernels and take the baseline; open the file; build the tokenizer; make the memory plan.
+    `minillm info --mem-cap` runs exactly this, so the plan it prints is the plan the run follows
+    (the tokenizer's bytes are measured above the same warmed-up baseline)."""
     config.check()
-    start = time.perf_counter()
     meter = warm_up_kernels(config) if config.mem_cap is not None else None
     gguf = GGUFFile(resolve_model(config.model, announce=announce))
     model_config = LlamaConfig.from_metadata(gguf.metadata, gguf.path)
@@ -120,24 +135,33 @@ def load(config: RunConfig, announce=print) -> Runtime:
     if config.ctx_size > model_config.context_length:
         raise UsageError(f"--ctx-size {config.ctx_size} is larger than the model's context "
                          f"length {model_config.context_length}")
-    spec = config.attention_spec()
-    spec.check(config.ctx_size)
+    config.attention_spec().check(config.ctx_size)
     check_kv_bits(config.kv_bits, model_config.head_dim)
     if meter is not None:
         plan_for_cap(gguf, model_config, config, meter, tokenizer_built=False)  # refuses a hopeless cap now
     tokenizer = Tokenizer.from_metadata(gguf.metadata)
+    plan = plan_for_cap(gguf, model_config, config, meter) if meter is not None else None
+    return Prepared(config, gguf, model_config, tokenizer, meter, plan)
+
+
+def load(config: RunConfig, announce=print) -> Runtime:
+    """Validate the settings, then open, check and load the model they name."""
+    start = time.perf_counter()
+    p = prepare(config, announce)
+    config = p.config
     # Dense attention, and everything under --backend numpy, runs the NumPy reference; sparse patterns the
     # kernels. The oracle and ggml modes run their own NumPy attention (minillm.modes).
     if config.mode != "f32":
         attention = mode_attention(config.mode)
     else:
-        attention = masked_attention if spec.is_dense or config.backend == "numpy" else block_sparse_attention
-    if meter is not None:
-        runtime = load_capped(config, gguf, model_config, tokenizer, attention, meter, announce)
+        attention = masked_attention if config.attention_spec().is_dense or config.backend == "numpy" \
+            else block_sparse_attention
+    if p.plan is not None:
+        runtime = load_capped(p, attention, announce)
     else:
-        model = mode_model(config.mode)(model_config, load_weights(gguf, model_config, config), attention=attention,
-                                        dtype=mode_dtype(config.mode))
-        runtime = Runtime(config, gguf, model, tokenizer, 0.0)
+        model = mode_model(config.mode)(p.model_config, load_weights(p.gguf, p.model_config, config),
+                                        attention=attention, dtype=mode_dtype(config.mode))
+        runtime = Runtime(config, p.gguf, model, p.tokenizer, 0.0)
     warm_up(runtime)  # the weights' pages and the kernels are loaded now, as start-up, not in the first answer
     runtime.load_seconds = time.perf_counter() - start
     return runtime
@@ -198,16 +222,15 @@ def warm_up_kernels(config: RunConfig) -> Meter:
     return Meter()
 
 
-def load_capped(config, gguf, model_config, tokenizer, attention, meter: Meter, announce) -> Runtime:
-    """The model held as the memory plan says (minillm.plan), refused before any weight is read
-    when no plan fits under config.mem_cap."""
-    plan = plan_for_cap(gguf, model_config, config, meter)
-    announce(f"--mem-cap {mib(config.mem_cap)} on top of a baseline of {mib(meter.baseline)} "
+def load_capped(p: Prepared, attention, announce) -> Runtime:
+    """The model held as the memory plan says (minillm.plan); the plan is announced first."""
+    plan, meter = p.plan, p.meter
+    announce(f"--mem-cap {mib(p.config.mem_cap)} on top of a baseline of {mib(meter.baseline)} "
              "(the warmed-up process: interpreter, numpy, numba, tokenizers, compiled kernels, BLAS buffers)")
     announce(plan.format())
-    config = replace(config, kv_bits=plan.layout.kv_bits)
+    config = replace(p.config, kv_bits=plan.layout.kv_bits)
     threads = config.threads or os.cpu_count()
-    weights = load_streamed(gguf, model_config, plan.layout, config.backend, threads) if plan.index.streamable \
-        else load_weights(gguf, model_config, config)
-    model = ChunkedLlama(model_config, weights, attention, plan.layout.prefill_chunk)
-    return Runtime(config, gguf, model, tokenizer, 0.0, plan=plan, meter=meter)
+    weights = load_streamed(p.gguf, p.model_config, plan.layout, config.backend, threads) if plan.index.streamable \
+        else load_weights(p.gguf, p.model_config, config)
+    model = ChunkedLlama(p.model_config, weights, attention, plan.layout.prefill_chunk)
+    return Runtime(config, p.gguf, model, p.tokenizer, 0.0, plan=plan, meter=meter)

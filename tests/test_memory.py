@@ -280,3 +280,46 @@ def test_info_prints_the_plan(smollm2_path, capsys):
     assert main(["info", "-m", str(smollm2_path), "-c", "128", "--mem-cap", "64MiB"]) == 0
     out = capsys.readouterr().out
     assert "memory plan for --mem-cap 64.0 MiB" in out and "streaming buffers" in out and "headroom" in out
+
+
+def printed_plans(path, cap: str, *flags):
+    """The plan `info --mem-cap` prints (stdout) and the plan `generate --mem-cap` follows (stderr),
+    with the same flags, each in a fresh process started outside the checkout: their lines from
+    "memory plan for" to "total"."""
+    def plan_lines(*args, stream):
+        done = subprocess.run([sys.executable, "-m", "minillm", *args, "-m", str(path), "--mem-cap", cap, *flags],
+                              capture_output=True, text=True, timeout=300, cwd=os.path.dirname(path))
+        assert done.returncode == 0, done.stderr
+        lines = getattr(done, stream).splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith("memory plan for"))
+        end = next(i for i in range(start, len(lines)) if lines[i].lstrip().startswith("total"))
+        return lines[start:end + 1]
+    return plan_lines("info", stream="stdout"), plan_lines("generate", "hi", "--temp", "0", "-n", "1", stream="stderr")
+
+
+def assert_same_plan(info, run):
+    """The same layout and lines; the tokenizer's bytes are measured in each process, to within a few
+    pages, and so is the total."""
+    assert info[0] == run[0]  # the strategy
+    for a, b in zip(info[1:], run[1:]):
+        item = a[:28]
+        assert item == b[:28]
+        if item.strip() in ("tokenizer and metadata", "total"):
+            assert abs(float(a[28:].split()[0]) - float(b[28:].split()[0])) <= 0.25, (a, b)
+        else:
+            assert a == b
+    assert len(info) == len(run)
+
+
+def test_info_plans_what_the_run_follows(tiny_q4_path):
+    assert_same_plan(*printed_plans(tiny_q4_path, "8MiB", "-c", "128", "-t", "1"))
+
+
+@pytest.mark.weights
+@pytest.mark.parametrize("cap, flags", [("18MiB", ["-c", "256"]), ("64MiB", []), ("24MiB", ["-c", "256"])])
+def test_info_plans_what_the_run_follows_on_smollm2(smollm2_path, cap, flags):
+    """The issue's cases: at 18 MiB with -c 256 info refused (it measured the tokenizer without the
+    warm-up a run does first, 1.8 MiB more) while generate ran; at 64 MiB they chose different layouts.
+    (A cap within about 0.2 MiB of a layout's total may still go either way: the tokenizer's bytes are
+    measured in each process, and info says so.)"""
+    assert_same_plan(*printed_plans(smollm2_path, cap, *flags))

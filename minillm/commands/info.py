@@ -1,34 +1,35 @@
-"""`minillm info`: what a GGUF file holds and what running it would cost, without loading it."""
+"""`minillm info`: what a GGUF file holds and what running it would cost, without loading the weights.
 
-from .flags import add_attention_flags, mem_cap
+With --mem-cap it prints the memory plan of a run with the same flags, computed by the same code
+(minillm.runtime.prepare: warm-up, baseline, tokenizer measured above it), so the two agree.
+"""
+
+from .flags import add_model_flags, run_config
 from .output import say
 
-HELP = "metadata, tensor types, parameter count and memory of a model"
+# The tokenizer's bytes are measured (RSS) in each process: from one to the next they vary by up to
+# about 0.2 MiB (SmolLM2: 2.98 to 3.16 MiB), so with less headroom a run may choose the next layout.
+MEASURED_SPREAD = 1 << 18  # 0.25 MiB
+
+HELP = "metadata, tensor types, parameter count and memory of a model; its memory plan"
 
 
 def add_arguments(p):
-    p.add_argument("-m", "--model", default=None, help="a known model name or a .gguf path")
-    p.add_argument("-c", "--ctx-size", type=int, default=2048, help="context length for the KV cache size (default: 2048)")
-    p.add_argument("--bits", type=int, default=4, metavar="{4,8,16,32}", help="weight storage to size (default: 4)")
-    p.add_argument("--int4", default="asym", metavar="{asym,sym}", help="int4 format for float sources (default: asym)")
-    p.add_argument("--mem-cap", default=None, metavar="SIZE",
-                   help="also print the memory plan a run under this cap would follow (e.g. 64MiB; see `generate --help`)")
-    add_attention_flags(p)
+    add_model_flags(p, generates=False)
 
 
 def run(args) -> int:
     from ..info import describe
-    from ..registry import resolve_model
-    from ..runtime import RunConfig
-    config = RunConfig(bits=args.bits, int4=args.int4, ctx_size=args.ctx_size, attention=args.attention,
-                       block_size=args.block_size, kv_bits=args.kv_bits, mem_cap=mem_cap(args))
-    config.check()
-    spec = config.attention_spec()
-    spec.check(args.ctx_size)
-    path = resolve_model(args.model, announce=say)
-    print(describe(path, ctx_size=args.ctx_size, attention=spec, kv_bits=args.kv_bits, bits=args.bits, int4=args.int4))
-    if config.mem_cap is not None:
-        from ..plan import plan_for_file
-        print()
-        print(plan_for_file(path, config).format())
+    from ..memory import mib
+    from ..runtime import prepare
+    p = prepare(run_config(args), announce=say)
+    c = p.config
+    print(describe(p.gguf.path, ctx_size=c.ctx_size, attention=c.attention_spec(), kv_bits=c.kv_bits, bits=c.bits,
+                   int4=c.int4))
+    if p.plan is not None:
+        print(f"\n--mem-cap {mib(c.mem_cap)} on top of a baseline of {mib(p.meter.baseline)}, as a run measures it")
+        print(p.plan.format())
+        if p.plan.headroom < MEASURED_SPREAD:
+            print("(headroom below 0.25 MiB: the tokenizer's bytes, measured in each process, vary by about 0.2 MiB "
+                  "from one to the next, so a run may choose the next layout)")
     return 0
