@@ -157,18 +157,24 @@ class BlockLayout:
         return float(self.active.sum()) / (self.n_blocks * (self.n_blocks + 1) / 2)
 
     def summary(self) -> str:
-        return (f"{self.name} (block {self.block}) over {self.n} positions: {int(self.active.sum())} of "
-                f"{self.n_blocks}x{self.n_blocks} blocks, {self.share_of_square:.1%} of the square, "
-                f"{self.share_of_causal:.1%} of the causal triangle")
+        """One line; two layouts that compute as many blocks still differ in how many are full."""
+        active, full = int(self.active.sum()), int(self.full.sum())
+        return (f"{self.name} (block {self.block}) over {self.n} positions: {active} of "
+                f"{self.n_blocks}x{self.n_blocks} blocks ({full} full, {active - full} partly masked), "
+                f"{self.share_of_square:.1%} of the square, {self.share_of_causal:.1%} of the causal triangle")
 
-    def png(self, pixels_per_block: int = 4) -> bytes:
-        """The layout as a PNG: black full blocks, grey partly masked ones, light grey skipped causal
-        blocks, white future ones; query blocks run down, key blocks across."""
+    def image(self, pixels_per_block: int = 4) -> np.ndarray:
+        """The layout as a greyscale image (n_blocks * pixels_per_block, same) uint8: black full blocks,
+        grey partly masked ones, light grey skipped causal blocks, white future ones; query blocks run
+        down, key blocks across."""
         shade = np.where(np.tril(np.ones_like(self.active)), 225, 255).astype(np.uint8)
         shade[self.active] = 120
         shade[self.full] = 0
-        image = np.repeat(np.repeat(shade, pixels_per_block, axis=0), pixels_per_block, axis=1)
-        return png_bytes(image)
+        return np.repeat(np.repeat(shade, pixels_per_block, axis=0), pixels_per_block, axis=1)
+
+    def png(self, pixels_per_block: int = 4) -> bytes:
+        """`image` as a PNG file's bytes."""
+        return png_bytes(self.image(pixels_per_block))
 
 
 def png_bytes(gray: np.ndarray) -> bytes:

@@ -97,21 +97,18 @@ def run_bench(rt, *, prompt_tokens=128, new_tokens=128, repeats=3, compare_llama
         llama.close()
     median = lambda f: statistics.median(f(s) for s in ours)  # noqa: E731
     result = {
-        "model": str(rt.gguf.path.name),
-        "bits": rt.config.bits,
-        "threads": threads,
         "machine": machine(),
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,
         "repeats": repeats,
-        "prefill_tokens_per_second": median(lambda s: s.prefill_tokens_per_second),
-        "decode_tokens_per_second": median(lambda s: s.decode_tokens_per_second),
+        "prefill_tokens_per_s": median(lambda s: s.prefill_tokens_per_second),
+        "decode_tokens_per_s": median(lambda s: s.decode_tokens_per_second),
         "time_to_first_token_ms": 1000 * median(lambda s: s.time_to_first_token),
-        "load_seconds": rt.load_seconds,
-        "weight_mb": planned / MiB,
-        "kv_cache_mb": kv_cache_bytes(rt.model.config, rt.config.ctx_size, rt.config.attention_spec(),
-                                      rt.config.kv_bits) / MiB,
-        "peak_rss_mb": peak_rss / MiB,
+        "load_s": rt.load_seconds,
+        "weights_packed_mib": planned / MiB,
+        "kv_cache_mib": kv_cache_bytes(rt.model.config, rt.config.ctx_size, rt.config.attention_spec(),
+                                       rt.config.kv_bits) / MiB,
+        "peak_rss_mib": peak_rss / MiB,
         **memory,
         **startup(rt, repeats),
     }
@@ -142,7 +139,7 @@ def weight_bytes(weights) -> int:
     return total
 
 
-def weight_memory(rt, prompt_ids, new_tokens: int, planned_mb: float) -> dict:
+def weight_memory(rt, prompt_ids, new_tokens: int, planned_mib: float) -> dict:
     """Resident memory the weights take, measured as RSS growth over a warmed-up baseline.
 
     Call it after `rt` has done the same run (run_bench's first run): then the kernels are compiled
@@ -154,14 +151,14 @@ def weight_memory(rt, prompt_ids, new_tokens: int, planned_mb: float) -> dict:
     new tokens) touches every one of them; its KV cache and activations are freed again, and RSS
     is read. The growth splits into file pages (the mapped GGUF: weights used as stored) and
     anonymous memory (weights converted at load, norms, and whatever the allocator kept of the
-    freed activations: more than the weights' own anonymous bytes). `run_peak_above_baseline_mb` is
-    the high-water mark during that load and run, with the KV cache (`kv_cache_mb`, for --ctx-size
+    freed activations: more than the weights' own anonymous bytes). `run_peak_above_baseline_mib` is
+    the high-water mark during that load and run, with the KV cache (`kv_cache_mib`, for --ctx-size
     positions) and the activations.
     None everywhere the OS reports no memory figures (no /proc)."""
     gguf = GGUFFile(rt.gguf.path)
     if usage() is None:
-        return dict.fromkeys(("weight_rss_mb", "weight_rss_file_mb", "weight_rss_anon_mb", "weight_rss_ratio",
-                              "run_peak_above_baseline_mb"))
+        return dict.fromkeys(("weight_rss_mib", "weight_rss_file_mib", "weight_rss_anon_mib", "weight_rss_ratio",
+                              "run_peak_above_baseline_mib"))
     meter = Meter()
     model = Llama(rt.model.config, load_weights(gguf, rt.model.config, rt.config), attention=rt.model.attention_fn)
     run_once(model, rt.new_cache(), prompt_ids, new_tokens)
@@ -169,11 +166,11 @@ def weight_memory(rt, prompt_ids, new_tokens: int, planned_mb: float) -> dict:
     m = meter.measure()
     weight_rss = (m.anon + m.file) / MiB
     return {
-        "weight_rss_mb": weight_rss,
-        "weight_rss_file_mb": m.file / MiB,
-        "weight_rss_anon_mb": m.anon / MiB,
-        "weight_rss_ratio": weight_rss / planned_mb,
-        "run_peak_above_baseline_mb": m.peak / MiB if m.peak_was_reset else None,
+        "weight_rss_mib": weight_rss,
+        "weight_rss_file_mib": m.file / MiB,
+        "weight_rss_anon_mib": m.anon / MiB,
+        "weight_rss_ratio": weight_rss / planned_mib,
+        "run_peak_above_baseline_mib": m.peak / MiB if m.peak_was_reset else None,
     }
 
 
@@ -181,8 +178,8 @@ def capped_memory(rt) -> dict:
     """Under --mem-cap: what the run added above its warmed-up baseline (minillm.memory.Meter), in
     place of `weight_memory`, which loads a second copy of the weights."""
     m = rt.meter.measure()
-    return {"weight_rss_mb": None, "weight_rss_file_mb": m.file / MiB, "weight_rss_anon_mb": m.anon / MiB,
-            "weight_rss_ratio": None, "run_peak_above_baseline_mb": m.peak / MiB if m.peak_was_reset else None}
+    return {"weight_rss_mib": None, "weight_rss_file_mib": m.file / MiB, "weight_rss_anon_mib": m.anon / MiB,
+            "weight_rss_ratio": None, "run_peak_above_baseline_mib": m.peak / MiB if m.peak_was_reset else None}
 
 
 def startup(rt, repeats: int) -> dict:
@@ -193,7 +190,7 @@ def startup(rt, repeats: int) -> dict:
         with tempfile.TemporaryDirectory(prefix="minillm-numba-cache-") as cache_dir:
             cold.append(seconds_to_ready(rt, cache_dir))
             warm.append(seconds_to_ready(rt, cache_dir))
-    return {"startup_cold_seconds": statistics.median(cold), "startup_warm_seconds": statistics.median(warm)}
+    return {"startup_cold_s": statistics.median(cold), "startup_warm_s": statistics.median(warm)}
 
 
 def chat_command(rt) -> list:
@@ -228,45 +225,45 @@ def llamacpp_figures(version: str, runs: list, result: dict) -> dict:
     prefill = statistics.median(p for p, _ in runs)
     decode = statistics.median(d for _, d in runs)
     ratio = lambda ours, other: ours / other if other > 0 else None  # noqa: E731
-    return {"version": version, "prefill_tokens_per_second": prefill, "decode_tokens_per_second": decode,
-            "prefill_ratio": ratio(result["prefill_tokens_per_second"], prefill),
-            "decode_ratio": ratio(result["decode_tokens_per_second"], decode)}
+    return {"version": version, "prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode,
+            "prefill_ratio": ratio(result["prefill_tokens_per_s"], prefill),
+            "decode_ratio": ratio(result["decode_tokens_per_s"], decode)}
 
 
-def format_table(r: dict) -> str:
+def format_table(r: dict, model: str, bits: int, threads: int) -> str:
     rows = [
-        ("model", f"{r['model']} --bits {r['bits']}, {r['threads']} threads"),
+        ("model", f"{model} --bits {bits}, {threads} threads"),
         ("machine", r["machine"]),
-        (f"prefill ({r['prompt_tokens']} tokens)", f"{r['prefill_tokens_per_second']:.1f} tokens/s"),
-        (f"decode ({r['new_tokens']} tokens)", f"{r['decode_tokens_per_second']:.1f} tokens/s"),
+        (f"prefill ({r['prompt_tokens']} tokens)", f"{r['prefill_tokens_per_s']:.1f} tokens/s"),
+        (f"decode ({r['new_tokens']} tokens)", f"{r['decode_tokens_per_s']:.1f} tokens/s"),
         ("time to first token", f"{r['time_to_first_token_ms']:.0f} ms"),
-        ("start-up to ready, cold", f"{r['startup_cold_seconds']:.2f} s (an empty Numba cache)"),
-        ("start-up to ready, warm", f"{r['startup_warm_seconds']:.2f} s "
-                                    f"(this process loaded in {r['load_seconds']:.2f} s)"),
-        ("weights, packed", f"{r['weight_mb']:.1f} MiB"),
+        ("start-up to ready, cold", f"{r['startup_cold_s']:.2f} s (an empty Numba cache)"),
+        ("start-up to ready, warm", f"{r['startup_warm_s']:.2f} s "
+                                    f"(this process loaded in {r['load_s']:.2f} s)"),
+        ("weights, packed", f"{r['weights_packed_mib']:.1f} MiB"),
         ("weights, resident", weight_rss_text(r)),
-        ("peak RSS", f"{r['peak_rss_mb']:.1f} MiB"),
+        ("peak RSS", f"{r['peak_rss_mib']:.1f} MiB"),
     ]
     if r["llamacpp"] is not None:
         ll = r["llamacpp"]
-        rows += [(f"llama.cpp {ll['version']} prefill", f"{ll['prefill_tokens_per_second']:.1f} tokens/s "
+        rows += [(f"llama.cpp {ll['version']} prefill", f"{ll['prefill_tokens_per_s']:.1f} tokens/s "
                                                         f"(minillm / llama.cpp = {ratio_text(ll['prefill_ratio'])})"),
-                 (f"llama.cpp {ll['version']} decode", f"{ll['decode_tokens_per_second']:.1f} tokens/s "
+                 (f"llama.cpp {ll['version']} decode", f"{ll['decode_tokens_per_s']:.1f} tokens/s "
                                                        f"(minillm / llama.cpp = {ratio_text(ll['decode_ratio'])})")]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows) + f"\n(medians of {r['repeats']} runs)"
 
 
 def weight_rss_text(r: dict) -> str:
-    if r["weight_rss_mb"] is None and r["run_peak_above_baseline_mb"] is not None:
-        return f"under --mem-cap: run peak {r['run_peak_above_baseline_mb']:.1f} MiB above the warmed-up baseline"
-    if r["weight_rss_mb"] is None:
+    if r["weight_rss_mib"] is None and r["run_peak_above_baseline_mib"] is not None:
+        return f"under --mem-cap: run peak {r['run_peak_above_baseline_mib']:.1f} MiB above the warmed-up baseline"
+    if r["weight_rss_mib"] is None:
         return "not measured (the OS reports no RSS)"
-    peak = r["run_peak_above_baseline_mb"]
-    return (f"{r['weight_rss_mb']:.1f} MiB = {r['weight_rss_ratio']:.3f} x packed "
-            f"({r['weight_rss_file_mb']:.1f} mapped file, {r['weight_rss_anon_mb']:.1f} anonymous); "
+    peak = r["run_peak_above_baseline_mib"]
+    return (f"{r['weight_rss_mib']:.1f} MiB = {r['weight_rss_ratio']:.3f} x packed "
+            f"({r['weight_rss_file_mib']:.1f} mapped file, {r['weight_rss_anon_mib']:.1f} anonymous); "
             f"run peak {'?' if peak is None else f'{peak:.1f}'} MiB above baseline "
-            f"(with a {r['kv_cache_mb']:.1f} MiB KV cache)")
+            f"(with a {r['kv_cache_mib']:.1f} MiB KV cache)")
 
 
 def ratio_text(ratio) -> str:

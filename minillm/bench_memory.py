@@ -3,40 +3,47 @@
 
     python -m minillm.bench_memory [--caps 16,24,32,48,64,96,128,256,none] [--repeats 3] [--plot PATH] [--json]
 
-A benchmark, not a test: each run is a fresh `python -m minillm generate --mem-cap ... --json`
+A benchmark, not a test: each run is a fresh `python -m minillm generate --raw --mem-cap ... --json`
 process (so each has its own baseline and high-water mark), greedy, on a fixed prompt; figures are
 medians over the repeats. A cap below the plan's minimum is refused by minillm and shown as such.
 Runs use --ctx-size 256, so the KV cache (5.6 MiB as float32) leaves the cap to the weights.
+The figure goes to --plot (default: memory_cap_speed.png in the current directory); the README's
+is tutorials/measured/memory_cap_speed.png, written only when that path is given.
 """
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
 import sys
 
+from .errors import MinillmError, UsageError
+
 CAPS = ("16", "24", "32", "48", "64", "96", "128", "256", "none")
 PROMPT = " ".join(["The quick brown fox jumps over the lazy dog."] * 6)  # 61 tokens
-DEFAULT_PLOT = "tutorials/measured/memory_cap_speed.png"  # the figure the README shows
+DEFAULT_PLOT = "memory_cap_speed.png"  # in the current directory: never the README's figure unless asked
 
 
 def run_once(model: str | None, cap: str, new_tokens: int, ctx_size: int, threads: int | None) -> dict:
     """One capped (or uncapped) generate run: its timings and memory, or the refusal's minimum."""
-    command = [sys.executable, "-m", "minillm", "generate", PROMPT, "--temp", "0", "-n", str(new_tokens),
+    command = [sys.executable, "-m", "minillm", "generate", PROMPT, "--raw", "--temp", "0", "-n", str(new_tokens),
                "-c", str(ctx_size), "--json"] + (["-m", model] if model else []) \
         + ([] if cap == "none" else ["--mem-cap", f"{cap}MiB"]) + (["-t", str(threads)] if threads else [])
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         minimum = re.search(r"below the minimum of ([0-9.]+) MiB", done.stderr)
         if minimum is None:
-            raise RuntimeError(f"minillm generate failed:\n{done.stderr}")
+            last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+            raise MinillmError(f"`minillm generate --mem-cap {cap}MiB` failed: {last}")
         return {"refused": True, "minimum_mib": float(minimum.group(1))}
     out = json.loads(done.stdout)
-    memory = out["memory"] or {}
-    return {"refused": False, "decode_tps": out["timings"]["decode_tokens_per_second"],
-            "ttft_s": out["timings"]["time_to_first_token"], "strategy": memory.get("strategy", "uncapped"),
-            "peak_mib": memory["peak"] / 2**20 if memory else None}
+    memory = out["memory"]
+    return {"refused": False, "decode_tokens_per_s": out["timings"]["decode_tokens_per_s"],
+            "time_to_first_token_ms": out["timings"]["time_to_first_token_ms"],
+            "strategy": memory["plan"]["strategy"] if "plan" in memory else "uncapped",
+            "peak_above_baseline_mib": memory.get("peak_above_baseline_mib")}
 
 
 def measure(model, caps, repeats: int, new_tokens: int, ctx_size: int, threads, progress) -> list:
@@ -45,11 +52,21 @@ def measure(model, caps, repeats: int, new_tokens: int, ctx_size: int, threads, 
         runs = [run_once(model, cap, new_tokens, ctx_size, threads) for _ in range(repeats)]
         row = {"cap": cap, **runs[0]}
         if not row["refused"]:
-            row["decode_tps"] = statistics.median(r["decode_tps"] for r in runs)
-            row["ttft_s"] = statistics.median(r["ttft_s"] for r in runs)
-        progress(f"cap {cap}: {row}")
+            row["decode_tokens_per_s"] = statistics.median(r["decode_tokens_per_s"] for r in runs)
+            row["time_to_first_token_ms"] = statistics.median(r["time_to_first_token_ms"] for r in runs)
+        progress(progress_line(row))
         rows.append(row)
     return rows
+
+
+def progress_line(row: dict) -> str:
+    cap = "no cap" if row["cap"] == "none" else f"--mem-cap {row['cap']} MiB"
+    if row["refused"]:
+        return f"{cap}: refused (minimum {row['minimum_mib']:.1f} MiB)"
+    peak = row["peak_above_baseline_mib"]
+    return (f"{cap}: decode {row['decode_tokens_per_s']:.1f} tokens/s, first token after "
+            f"{row['time_to_first_token_ms']:.0f} ms" + ("" if peak is None else f", peak {peak:.1f} MiB above "
+                                                         f"the baseline") + f"; {row['strategy']}")
 
 
 def format_table(rows, setting: str) -> str:
@@ -60,8 +77,9 @@ def format_table(rows, setting: str) -> str:
         if r["refused"]:
             lines.append(f"| {cap} | refused | | | minimum {r['minimum_mib']:.1f} MiB |")
             continue
-        peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:.1f} MiB"
-        lines.append(f"| {cap} | {r['decode_tps']:.1f} | {r['ttft_s'] * 1000:.0f} ms | {peak} | {r['strategy']} |")
+        peak = "" if r["peak_above_baseline_mib"] is None else f"{r['peak_above_baseline_mib']:.1f} MiB"
+        lines.append(f"| {cap} | {r['decode_tokens_per_s']:.1f} | {r['time_to_first_token_ms']:.0f} ms | {peak} "
+                     f"| {r['strategy']} |")
     return "\n".join(lines)
 
 
@@ -73,11 +91,12 @@ def plot(rows, path: str, setting: str):
     capped = [r for r in rows if r["cap"] != "none" and not r["refused"]]
     free = [r for r in rows if r["cap"] == "none"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    panels = ((axes[0], "decode_tps", "decode tokens/s", 1), (axes[1], "ttft_s", "time to first token (ms)", 1000))
-    for ax, key, label, scale in panels:
-        ax.plot([int(r["cap"]) for r in capped], [r[key] * scale for r in capped], "o-", label="under --mem-cap")
+    panels = ((axes[0], "decode_tokens_per_s", "decode tokens/s"), (axes[1], "time_to_first_token_ms",
+                                                                     "time to first token (ms)"))
+    for ax, key, label in panels:
+        ax.plot([int(r["cap"]) for r in capped], [r[key] for r in capped], "o-", label="under --mem-cap")
         if free:
-            ax.axhline(free[0][key] * scale, linestyle="--", color="gray", label="no cap (all resident)")
+            ax.axhline(free[0][key], linestyle="--", color="gray", label="no cap (all resident)")
         ax.set_xlabel("--mem-cap (MiB above the baseline)")
         ax.set_ylabel(label)
         ax.legend()
@@ -95,22 +114,41 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens decoded per run (default: 32)")
     parser.add_argument("-c", "--ctx-size", type=int, default=256, help="context size (default: 256)")
     parser.add_argument("-t", "--threads", type=int, default=None, help="compute threads (default: all cores)")
-    parser.add_argument("--plot", default=DEFAULT_PLOT, help=f"PNG to write (default: {DEFAULT_PLOT})")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--plot", default=DEFAULT_PLOT,
+                        help=f"PNG to write, '' for none (default: {DEFAULT_PLOT} in the current directory; the "
+                             "README's figure is tutorials/measured/memory_cap_speed.png in the checkout)")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     args = parser.parse_args(argv)
     from .bench import machine
     from .commands.output import say
-    caps = args.caps.split(",")
-    if not all(c == "none" or c.isdigit() for c in caps) or args.repeats < 1:
-        say("minillm.bench_memory: error: --caps takes whole MiB or none; --repeats at least 1")
-        return 2
-    rows = measure(args.model, caps, args.repeats, args.new_tokens, args.ctx_size, args.threads, say)
-    setting = f"SmolLM2-135M Q4_1, --ctx-size {args.ctx_size}, {args.new_tokens} new tokens, {machine()}"
-    print(json.dumps(rows, indent=1) if args.json else format_table(rows, setting))
-    if args.plot:
-        plot(rows, args.plot, setting)
-        say(f"[plot: {args.plot}]")
+    try:
+        check_arguments(args)
+        rows = measure(args.model, args.caps.split(","), args.repeats, args.new_tokens, args.ctx_size, args.threads,
+                       say)
+        model = args.model or "SmolLM2-135M Q4_1"
+        setting = f"{model}, --ctx-size {args.ctx_size}, {args.new_tokens} new tokens, {machine()}"
+        print(json.dumps(rows, indent=1) if args.json else format_table(rows, setting))
+        if args.plot:
+            plot(rows, args.plot, setting)
+            say(f"[plot: {os.path.abspath(args.plot)}]")
+    except MinillmError as err:
+        say(f"minillm.bench_memory: error: {err}")
+        return err.exit_code
     return 0
+
+
+def check_arguments(args):
+    """Refuse bad caps, a plot that cannot be written or drawn, before any run."""
+    if not all(c == "none" or c.isdigit() for c in args.caps.split(",")) or args.repeats < 1:
+        raise UsageError("--caps takes whole MiB or none, separated by commas; --repeats at least 1")
+    if args.plot:
+        folder = os.path.dirname(os.path.abspath(args.plot))
+        if not os.path.isdir(folder):
+            raise UsageError(f"--plot {args.plot}: no directory {folder}")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise MinillmError("--plot needs matplotlib (pip install matplotlib), or --plot '' for none") from None
 
 
 if __name__ == "__main__":

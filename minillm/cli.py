@@ -10,13 +10,17 @@ import argparse
 import os
 import sys
 
-from .commands import bench, chat, compare, dump, fetch, generate, info, perplexity, quantize
+from . import __version__
+from .commands import (bench, chat, compare, dump, fetch, generate, info, list_models, perplexity, quantize,
+                       tokenize)
 
 # name -> module with HELP, add_arguments(parser), run(args) and maybe EPILOG; in `--help`'s order
 COMMANDS = {
     "chat": chat,
     "generate": generate,
+    "tokenize": tokenize,
     "info": info,
+    "list": list_models,
     "fetch": fetch,
     "quantize": quantize,
     "bench": bench,
@@ -28,6 +32,7 @@ COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="minillm", description="A from-scratch LLM runtime in NumPy and Numba.")
+    parser.add_argument("--version", action="version", version=f"minillm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, command in COMMANDS.items():
         p = sub.add_parser(name, help=command.HELP, epilog=getattr(command, "EPILOG", None))

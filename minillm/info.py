@@ -1,17 +1,24 @@
-"""`minillm info`: what a GGUF file holds and what loading it costs, without loading it."""
+"""`minillm info`: what a GGUF file holds and what running it would cost, without loading it.
+
+`describe` gathers the facts as a dict (what `info --json` prints); `format_description` writes them
+as text. Sizes are in MiB (2^20 bytes), as everywhere in minillm's output.
+"""
 
 from collections import defaultdict
 
-from .attention import DENSE, AttentionSpec
+import numpy as np
+
 from .config import LlamaConfig
 from .gguf import GGUFFile
-from .kvcache import check_kv_bits, kv_cache_bytes, ring_rows
+from .kvcache import kv_cache_bytes, ring_rows
 from .quant import row_bytes
 from .weights import storage_type, validate
 
-MB = 1e6
+MiB = 1 << 20
 SHOWN_KEYS = ("general.name", "general.architecture", "general.license", "general.file_type",
               "tokenizer.ggml.model", "tokenizer.ggml.pre")
+KV_TYPES = {8: "Q8_0", 16: "float16", 32: "float32", 64: "float64"}
+MASK_ROWS = 256  # query rows of the element mask built at a time when counting the keys a query sees
 
 
 def type_summary(gguf: GGUFFile) -> dict:
@@ -36,38 +43,76 @@ def loaded_bytes(gguf: GGUFFile, bits: int, int4: str = "asym") -> int:
     return total
 
 
-def describe(path, ctx_size: int, attention: AttentionSpec = DENSE, kv_bits: int = 32, bits: int = 4,
-             int4: str = "asym") -> str:
-    gguf = GGUFFile(path)
-    config = LlamaConfig.from_metadata(gguf.metadata, gguf.path)
-    validate(gguf, config)
-    check_kv_bits(kv_bits, config.head_dim)
-    lines = [f"file      {gguf.path} ({gguf.file_size / MB:.1f} MB, GGUF v{gguf.version})"]
-    lines += [f"{key:<22} {gguf.metadata[key]}" for key in SHOWN_KEYS if key in gguf.metadata]
-    lines.append(f"{'vocabulary':<22} {len(gguf.metadata.get('tokenizer.ggml.tokens', []))} tokens, "
-                 f"chat template: {'yes' if 'tokenizer.chat_template' in gguf.metadata else 'no'}")
-    lines.append("")
-    lines.append("hyper-parameters")
-    for name, value in vars(config).items():
-        lines.append(f"  {name:<16} {value}")
-    lines.append("")
-    lines.append(f"{'type':<6} {'tensors':>8} {'parameters':>14} {'stored MB':>10}")
-    summary = type_summary(gguf)
-    for name, (count, elements, nbytes) in sorted(summary.items()):
-        lines.append(f"{name:<6} {count:>8} {elements:>14,} {nbytes / MB:>10.1f}")
-    n_params = sum(row[1] for row in summary.values())
-    stored = sum(row[2] for row in summary.values())
-    lines.append(f"{'total':<6} {len(gguf.tensors):>8} {n_params:>14,} {stored / MB:>10.1f}")
-    tied = "output.weight" not in gguf.tensors
-    lines.append("")
-    lines.append(f"LM head        {'tied to token_embd.weight (one array)' if tied else 'output.weight'}")
-    lines.append(f"weights        {stored / MB:.1f} MB as stored, {loaded_bytes(gguf, bits, int4) / MB:.1f} MB as "
-                 f"loaded with --bits {bits}" + (f" --int4 {int4}" if bits == 4 else ""))
-    storage = "float32" if kv_bits == 32 else "Q8_0"
-    lines.append(f"KV cache       {kv_cache_bytes(config, ctx_size, attention, kv_bits) / MB:.1f} MB at --ctx-size "
-                 f"{ctx_size} ({storage}, --attention {attention.name})")
-    if all(ring_rows(p, ctx_size) < ctx_size for p in attention.patterns):
+def mean_keys_per_query(pattern, n: int) -> float:
+    """How many keys a query sees on average over n positions under `pattern` (dense: (n + 1) / 2)."""
+    k_pos = np.arange(n)
+    seen = sum(int(pattern.mask(q_pos, k_pos).sum()) for q_pos in np.array_split(k_pos, max(1, n // MASK_ROWS)))
+    return seen / n
+
+
+def attention_facts(pattern, n: int) -> dict:
+    layout = pattern.layout(n)
+    return {"pattern": pattern.name, "block_size": layout.block, "positions": n, "summary": layout.summary(),
+            "blocks": layout.n_blocks ** 2, "blocks_computed": int(layout.active.sum()),
+            "blocks_full": int(layout.full.sum()), "share_of_causal": layout.share_of_causal,
+            "mean_keys_per_query": mean_keys_per_query(pattern, n)}
+
+
+def describe(gguf: GGUFFile, config) -> dict:
+    """The facts `info` prints for a file and a RunConfig whose defaults are resolved (minillm.runtime.prepare)."""
+    model_config = LlamaConfig.from_metadata(gguf.metadata, gguf.path)
+    validate(gguf, model_config)
+    spec, ctx = config.attention_spec(), config.ctx_size
+    types = type_summary(gguf)
+    return {
+        "file": {"path": str(gguf.path), "file_mib": gguf.file_size / MiB, "gguf_version": gguf.version},
+        "metadata": {key: gguf.metadata[key] for key in SHOWN_KEYS if key in gguf.metadata},
+        "vocabulary_tokens": len(gguf.metadata.get("tokenizer.ggml.tokens", [])),
+        "chat_template": "tokenizer.chat_template" in gguf.metadata,
+        "hyper_parameters": vars(model_config),
+        "tensor_types": {name: {"tensors": count, "parameters": elements, "stored_mib": nbytes / MiB}
+                         for name, (count, elements, nbytes) in sorted(types.items())},
+        "tensors": len(gguf.tensors),
+        "parameters": sum(row[1] for row in types.values()),
+        "stored_mib": sum(row[2] for row in types.values()) / MiB,
+        "lm_head": "output.weight" if "output.weight" in gguf.tensors else "tied to token_embd.weight",
+        "loaded_mib": loaded_bytes(gguf, config.bits, config.int4) / MiB,
+        "kv_cache_mib": kv_cache_bytes(model_config, ctx, spec, config.kv_bits) / MiB,
+        "kv_cache_type": KV_TYPES[config.kv_bits],
+        "ring_buffers": all(ring_rows(p, ctx) < ctx for p in spec.patterns),
+        "attention": [attention_facts(p, ctx) for p in dict.fromkeys(spec.patterns)],  # each distinct one once
+    }
+
+
+def format_description(facts: dict, config) -> str:
+    lines = [f"file      {facts['file']['path']} ({facts['file']['file_mib']:.1f} MiB, "
+             f"GGUF v{facts['file']['gguf_version']})"]
+    lines += [f"{key:<22} {value}" for key, value in facts["metadata"].items()]
+    lines.append(f"{'vocabulary':<22} {facts['vocabulary_tokens']} tokens, "
+                 f"chat template: {'yes' if facts['chat_template'] else 'no'}")
+    lines += ["", "hyper-parameters"] + [f"  {name:<16} {value}" for name, value in facts["hyper_parameters"].items()]
+    lines += ["", f"{'type':<6} {'tensors':>8} {'parameters':>14} {'stored MiB':>11}"]
+    for name, t in facts["tensor_types"].items():
+        lines.append(f"{name:<6} {t['tensors']:>8} {t['parameters']:>14,} {t['stored_mib']:>11.1f}")
+    lines.append(f"{'total':<6} {facts['tensors']:>8} {facts['parameters']:>14,} {facts['stored_mib']:>11.1f}")
+    lines += ["", f"LM head        {facts['lm_head']}" + (" (one array)" if facts["lm_head"].startswith("tied") else ""),
+              f"weights        {facts['stored_mib']:.1f} MiB as stored, {facts['loaded_mib']:.1f} MiB as loaded with "
+              f"--bits {config.bits}" + (f" --int4 {config.int4}" if config.bits == 4 else ""),
+              f"KV cache       {facts['kv_cache_mib']:.1f} MiB at --ctx-size {config.ctx_size} "
+              f"({facts['kv_cache_type']}, --attention {config.attention})"]
+    if facts["ring_buffers"]:
         lines.append("               ring buffers: generation can continue past --ctx-size")
-    for pattern in dict.fromkeys(attention.patterns):  # each distinct pattern once, in order
-        lines.append(f"attention      {pattern.layout(ctx_size).summary()}")
+    for a in facts["attention"]:
+        lines.append(f"attention      {a['summary']}; a query sees {a['mean_keys_per_query']:.1f} keys on average "
+                     f"(dense: {(a['positions'] + 1) / 2:.1f})")
     return "\n".join(lines)
+
+
+def layouts_image(spec, n: int, size: int = 512) -> np.ndarray:
+    """Every distinct pattern's block layout over n positions, side by side with a white gap, about
+    `size` pixels high: (height, width) uint8 (minillm.attention.BlockLayout.image)."""
+    layouts = [p.layout(n) for p in dict.fromkeys(spec.patterns)]
+    pixels = max(1, size // layouts[0].n_blocks)
+    images = [layout.image(pixels) for layout in layouts]
+    gap = np.full((images[0].shape[0], max(4, pixels)), 255, np.uint8)
+    return np.hstack([part for image in images for part in (image, gap)][:-1])

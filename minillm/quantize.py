@@ -50,7 +50,8 @@ def requantize(src_path, dst_path, bits: int, int4: str = "asym", progress: bool
             vtype, element_type = src.value_types[key]
             writer.add_key_value(key, value, vtype, sub_type=element_type)
     writer.add_file_type(FILE_TYPES[plan["blk.0.attn_q.weight"]])  # the format of the layers' matrices
-    for name in tqdm(src.tensors, desc=f"quantizing to {bits} bits", unit="tensor", disable=not progress):
+    for name in tqdm(src.tensors, desc=f"quantizing to {bits} bits", unit="tensor",
+                     disable=None if progress else True):  # None: off when stderr is no terminal
         info, target = src.tensors[name], plan[name]
         if target == info.ggml_type:
             writer.add_tensor(name, src.data(name), raw_dtype=target)

@@ -177,7 +177,8 @@ def _existing_file_is_good(entry: ModelEntry, path: Path, quiet: bool) -> bool:
 
 
 def _progress(total: int, desc: str, quiet: bool) -> tqdm:
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=quiet)
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True,
+                disable=True if quiet else None)  # None: off when stderr is no terminal
 
 
 def _sha256_of_file(path: Path, quiet: bool) -> str:

@@ -167,7 +167,7 @@ def load_packed(gguf: GGUFFile, config: LlamaConfig, bits: int, *, int4: str = "
             for name, info in gguf.tensors.items() if name in expected_shapes(config) or name == "output.weight"}
     converting = [name for name, target in plan.items() if target != gguf.tensors[name].ggml_type]
     bar = tqdm(total=len(converting), desc=f"converting weights to --bits {bits}", unit="tensor",
-               disable=not (progress and converting))
+               disable=None if progress and converting else True)  # None: off when stderr is no terminal
 
     def linear(name):
         raw = packed_tensor(gguf, name, plan[name])

@@ -26,16 +26,17 @@ def bench_json(*args):
 
 def test_bench_reports_every_figure(tiny_q4_path):
     r = bench_json("--model", tiny_q4_path, *TINY)
-    for key in ("prefill_tokens_per_second", "decode_tokens_per_second", "time_to_first_token_ms",
-                "startup_cold_seconds", "startup_warm_seconds", "load_seconds", "peak_rss_mb"):
+    for key in ("prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_ms",
+                "startup_cold_s", "startup_warm_s", "load_s", "peak_rss_mib"):
         assert r[key] > 0, key
+    assert r["settings"]["bits"] == 4 and r["model"]["path"] == str(tiny_q4_path.resolve())
     # The planned bytes are what `info` plans for the file at --bits 4.
-    assert r["weight_mb"] * MiB == loaded_bytes(GGUFFile(tiny_q4_path), 4)
-    assert r["weight_rss_mb"] >= 0 and r["weight_rss_ratio"] == r["weight_rss_mb"] / r["weight_mb"]
+    assert r["weights_packed_mib"] * MiB == loaded_bytes(GGUFFile(tiny_q4_path), 4)
+    assert r["weight_rss_mib"] >= 0 and r["weight_rss_ratio"] == r["weight_rss_mib"] / r["weights_packed_mib"]
     # RSS after the run is at most its high-water mark during the run.
-    assert r["run_peak_above_baseline_mb"] >= r["weight_rss_mb"]
+    assert r["run_peak_above_baseline_mib"] >= r["weight_rss_mib"]
     assert r["llamacpp"] is None
-    table = format_table(r)
+    table = format_table(r, "tiny.gguf", 4, 2)
     for words in ("prefill (8 tokens)", "decode (4 tokens)", "cold", "warm", "packed", "resident", "peak RSS"):
         assert words in table
 
@@ -62,10 +63,10 @@ def test_compare_llamacpp_reports_ratios(tiny_q4_path):
     pytest.importorskip("llama_cpp")
     r = bench_json("--model", tiny_q4_path, "--compare-llamacpp", *TINY)
     theirs = r["llamacpp"]
-    assert theirs["prefill_tokens_per_second"] > 0 and theirs["decode_tokens_per_second"] > 0
-    assert theirs["prefill_ratio"] == r["prefill_tokens_per_second"] / theirs["prefill_tokens_per_second"]
-    assert theirs["decode_ratio"] == r["decode_tokens_per_second"] / theirs["decode_tokens_per_second"]
-    assert "minillm / llama.cpp" in format_table(r)
+    assert theirs["prefill_tokens_per_s"] > 0 and theirs["decode_tokens_per_s"] > 0
+    assert theirs["prefill_ratio"] == r["prefill_tokens_per_s"] / theirs["prefill_tokens_per_s"]
+    assert theirs["decode_ratio"] == r["decode_tokens_per_s"] / theirs["decode_tokens_per_s"]
+    assert "minillm / llama.cpp" in format_table(r, "tiny.gguf", 4, 2)
 
 
 # Linux maps already cached file pages around each page fault: up to fault_around_bytes (64 KiB by
@@ -84,9 +85,23 @@ def test_weights_at_4_bits_take_their_packed_bytes(smollm2_path):
     prompt_ids = bench_prompt(rt.tokenizer, 16)
     run_once(rt.model, rt.new_cache(), prompt_ids, 4)  # the warm-up weight_memory expects
     r = weight_memory(rt, prompt_ids, 4, planned / MiB)
-    if r["weight_rss_mb"] is None:
+    if r["weight_rss_mib"] is None:
         pytest.skip("this OS reports no RSS")
     assert r["weight_rss_ratio"] <= 1.05
     norms = sum(layer.attn_norm.nbytes + layer.ffn_norm.nbytes for layer in rt.model.weights.layers) \
         + rt.model.weights.output_norm.nbytes  # float32 copies, not in the map
-    assert r["weight_rss_file_mb"] * MiB >= planned - norms - HEADER_FAULT_BYTES
+    assert r["weight_rss_file_mib"] * MiB >= planned - norms - HEADER_FAULT_BYTES
+
+
+def test_bench_memory_runs_outside_the_checkout_and_writes_its_figure_there(tiny_q4_path, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "minillm.bench_memory", "-m", str(tiny_q4_path), "--caps", "8,none",
+                           "--repeats", "1", "--new-tokens", "2", "-c", "256"], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "memory_cap_speed.png").read_bytes().startswith(b"\x89PNG")   # in the cwd, not the README's
+    progress = [line for line in done.stderr.splitlines() if "cap" in line]
+    assert progress[0].startswith("--mem-cap 8 MiB: decode ") and progress[1].startswith("no cap: decode ")
+    assert "{" not in done.stderr and "| 8 MiB |" in done.stdout
+    missing = subprocess.run([sys.executable, "-m", "minillm.bench_memory", "--plot", "no/such/dir/x.png"],
+                             capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert_one_line_error(missing, 2, "no directory")

@@ -119,7 +119,7 @@ def assert_same_logits(rt, streamed_weights, ids, steps):
 
 def capped_run(path, cap: int, *flags):
     """`generate` under --mem-cap in a fresh process: (exit code, JSON output or None, stderr)."""
-    command = [sys.executable, "-m", "minillm", "generate", PROMPT, "-m", str(path), "--temp", "0", "-n", "4",
+    command = [sys.executable, "-m", "minillm", "generate", PROMPT, "--raw", "-m", str(path), "--temp", "0", "-n", "4",
                "-c", "128", "--mem-cap", f"{cap}B", "--json", *flags]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     return done.returncode, json.loads(done.stdout) if done.returncode == 0 else None, done.stderr
@@ -134,8 +134,9 @@ def test_measured_peak_stays_under_the_cap_and_near_the_plan(smollm2_path, fract
     assert code == 0, err
     m = out["memory"]
     assert m["peak_was_reset"]
-    assert m["peak"] <= cap
-    assert abs(m["plan_total"] - m["peak"]) <= max(0.05 * m["peak"], 2 * MiB), m
+    peak, plan = m["peak_above_baseline_mib"] * MiB, m["plan"]["total_mib"] * MiB
+    assert peak <= cap
+    assert abs(plan - peak) <= max(0.05 * peak, 2 * MiB), m
     assert "memory plan for --mem-cap" in err and "baseline of" in err
 
 
@@ -146,14 +147,15 @@ def test_nothing_compiles_after_the_plan(smollm2_path, tmp_path):
     memory layout of the cache's views, and a prompt that wraps the ring cache round."""
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_DEBUG_CACHE": "1"}
     cap = 24 * MiB
-    done = subprocess.run([sys.executable, "-m", "minillm", "generate", PROMPT, "-m", str(smollm2_path), "--temp", "0",
-                           "-n", "8", "-c", "256", "--attention", "sinks:4,window:64", "--mem-cap", f"{cap}B", "--json"],
+    done = subprocess.run([sys.executable, "-m", "minillm", "generate", PROMPT, "--raw", "-m", str(smollm2_path),
+                           "--temp", "0", "-n", "8", "-c", "256", "--attention", "sinks:4,window:64",
+                           "--mem-cap", f"{cap}B", "--json"],
                           capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr
     log = done.stdout + done.stderr
     assert "index saved" in log  # the cache was empty: the warm-up compiled
     assert "index saved" not in log[log.index("memory plan for --mem-cap"):]
-    assert json.loads(done.stdout[done.stdout.index("{"):])["memory"]["peak"] <= cap
+    assert json.loads(done.stdout[done.stdout.index("{"):])["memory"]["peak_above_baseline_mib"] * MiB <= cap
 
 
 @pytest.mark.weights
@@ -164,7 +166,7 @@ def test_numpy_backend_stays_under_the_cap(smollm2_path):
     cap = int(0.5 * packed_bytes(index))
     code, out, err = capped_run(smollm2_path, cap, "--backend", "numpy", "-n", "2")
     assert code == 0, err
-    assert out["memory"]["peak"] <= cap
+    assert out["memory"]["peak_above_baseline_mib"] * MiB <= cap
 
 
 @pytest.mark.weights
@@ -280,6 +282,7 @@ def test_info_prints_the_plan(smollm2_path, capsys):
     assert main(["info", "-m", str(smollm2_path), "-c", "128", "--mem-cap", "64MiB"]) == 0
     out = capsys.readouterr().out
     assert "memory plan for --mem-cap 64.0 MiB" in out and "streaming buffers" in out and "headroom" in out
+
 
 
 def printed_plans(path, cap: str, *flags):

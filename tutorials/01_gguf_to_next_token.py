@@ -1,7 +1,7 @@
 # %% [markdown]
 # # Chapter 1: From GGUF bytes to the next token
 #
-# **The question.** `python -m minillm generate "The capital of France is" --temp 0` prints
+# **The question.** `python -m minillm generate "The capital of France is" --raw --temp 0` prints
 # " Paris". Between the 98 MB file on disk and that word there are a few dozen well-defined steps.
 # Which ones, exactly, and what does each one do to the numbers?
 #

@@ -1,20 +1,25 @@
-"""`minillm bench`: speed, start-up and memory of a model (minillm.bench), or its decode quality."""
+"""`minillm bench`: speed, start-up and memory of a model (minillm.bench), or its decode quality.
 
-import json
+Every run is greedy with stop tokens ignored, so no sampling flag applies; `-p` and `-n` are the
+prompt and generated token counts, as in llama-bench.
+"""
+
+import os
+from pathlib import Path
 
 from .flags import add_model_flags, load_runtime
 from .inputs import read_text
-from .output import report_memory, say
+from .output import json_head, print_json, report_memory, say
 
 HELP = "measure prefill and decode speed, time to first token, start-up and memory"
 
 
 def add_arguments(p):
-    add_model_flags(p)
-    p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for prefill (default: 128)")
-    p.add_argument("--new-tokens", type=int, default=128, help="tokens to decode (default: 128)")
-    p.add_argument("--repeats", type=int, default=3, help="runs; medians are reported (default: 3)")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    add_model_flags(p, generates=False)
+    p.add_argument("-p", "--prompt-tokens", type=int, default=128, help="prompt length for prefill (default: 128)")
+    p.add_argument("-n", "--new-tokens", type=int, default=128, help="tokens to decode, greedy (default: 128)")
+    p.add_argument("-r", "--repeats", type=int, default=3, help="runs; medians are reported (default: 3)")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.add_argument("--compare-llamacpp", action="store_true",
                    help="also run llama.cpp (llama-cpp-python) on the same file, prompt and threads, and print "
                         "minillm / llama.cpp ratios")
@@ -25,19 +30,12 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from ..bench import decode_quality, format_table, run_bench
+    from ..bench import format_table, run_bench
     from ..errors import UsageError
     if args.quality and args.compare_llamacpp:
         raise UsageError("--quality and --compare-llamacpp cannot be used together")
     if args.quality:
-        from dataclasses import replace
-        from ..runtime import load
-        args.ctx_size = max(args.ctx_size or 0, args.quality_tokens)
-        rt = load_runtime(args)
-        base_rt = load(replace(rt.config, bits=32), announce=say)
-        result = decode_quality(rt, base_rt, read_text(args.quality), args.quality_tokens)
-        print(json.dumps({"bits": rt.config.bits, **result}, indent=None if args.json else 2))
-        return 0
+        return run_quality(args)
     for flag, value in (("--prompt-tokens", args.prompt_tokens), ("--new-tokens", args.new_tokens),
                         ("--repeats", args.repeats)):
         if value < 1:
@@ -49,6 +47,28 @@ def run(args) -> int:
     result = run_bench(rt, prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens,
                        repeats=args.repeats, compare_llamacpp=args.compare_llamacpp,
                        llamacpp_env=args.user_environ)
-    print(json.dumps(result, indent=2) if args.json else format_table(result))
-    report_memory(rt)
+    if args.json:
+        print_json({**json_head("bench", rt.gguf, rt.config), **result})
+    else:
+        print(format_table(result, Path(rt.gguf.path).name, rt.config.bits, rt.config.threads or os.cpu_count()))
+        report_memory(rt)
+    return 0
+
+
+def run_quality(args) -> int:
+    """KL divergence of --bits N against --bits 32, decoding the text one token at a time."""
+    from dataclasses import replace
+
+    from ..bench import decode_quality
+    from ..runtime import load
+    args.ctx_size = max(args.ctx_size or 0, args.quality_tokens)
+    rt = load_runtime(args)
+    base_rt = load(replace(rt.config, bits=32), announce=say)
+    result = decode_quality(rt, base_rt, read_text(args.quality), args.quality_tokens)
+    if args.json:
+        print_json({**json_head("bench", rt.gguf, rt.config), "quality": result})
+    else:
+        print(f"--bits {rt.config.bits} against --bits 32, {result['tokens']} tokens decoded one at a time: "
+              f"mean KL {result['mean_kl']:.4f}, max KL {result['max_kl']:.3f}, "
+              f"same top token {result['top1_agreement']:.1%}")
     return 0

@@ -1,6 +1,6 @@
 """`minillm compare`: two dumps tensor by tensor; exit 1 when one differs beyond --tol."""
 
-import json
+from .output import json_head, print_json
 
 HELP = "compare two dumps tensor by tensor; exit 1 when one differs beyond --tol"
 
@@ -20,5 +20,8 @@ def run(args) -> int:
     from ..verify.dump import load_dump
     a, b = load_dump(args.a), load_dump(args.b)
     result = compare_dumps(a, b, args.tol)
-    print(json.dumps(comparison_json(result), indent=1) if args.json else format_comparison(result, a, b))
+    if args.json:
+        print_json({**json_head("compare"), "a": args.a, "b": args.b, **comparison_json(result)})
+    else:
+        print(format_comparison(result, a, b))
     return 0 if result.ok else 1

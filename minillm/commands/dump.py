@@ -1,25 +1,24 @@
 """`minillm dump`: the token ids and every intermediate tensor of one forward pass, as .npz."""
 
 from .flags import add_mode_flag, add_model_flags, load_runtime
+from .inputs import add_prompt_arguments, read_prompt
 from .output import say
 
 HELP = "save token ids and every intermediate tensor of one forward pass (.npz)"
 
 
 def add_arguments(p):
-    p.add_argument("prompt", help="the text to run")
+    add_prompt_arguments(p, "the text to run, as it is (no chat template)")
     add_model_flags(p, generates=False)
     p.add_argument("-o", "--output", required=True, help="the .npz file to write (layout: minillm.verify.dump)")
     add_mode_flag(p)
 
 
 def run(args) -> int:
-    from ..errors import UsageError
-    if not args.prompt.strip():
-        raise UsageError("the prompt is empty")
     from ..verify.dump import dump_runtime, save_dump
+    prompt = read_prompt(args)
     rt = load_runtime(args)
-    dump = dump_runtime(rt, args.prompt)
+    dump = dump_runtime(rt, prompt)
     try:
         save_dump(dump, args.output)
     except OSError as e:

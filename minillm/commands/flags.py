@@ -3,9 +3,9 @@
 import os
 
 
-def add_model_flags(p, generates: bool = True):
-    """The flags that pick and load a model; with `generates`, also --max-tokens and the sampling
-    flags (dump and perplexity score a given text and never sample)."""
+def add_model_flags(p, generates: bool = True, ctx_default: str = "2048, or the model's own if smaller"):
+    """The flags that pick and load a model; with `generates`, also --max-tokens, --stop and the
+    sampling flags (bench, dump, info and perplexity never sample)."""
     g = p.add_argument_group("model")
     g.add_argument("-m", "--model", default=None,
                    help="a known model name or a path to a .gguf file (default: smollm2-135m, fetched on first use)")
@@ -17,9 +17,7 @@ def add_model_flags(p, generates: bool = True):
     g.add_argument("--backend", default="numba", metavar="{numba,numpy}",
                    help="numba = the compiled kernels; numpy = the NumPy references, no Numba (default: numba)")
     g.add_argument("-c", "--ctx-size", type=int, default=None,
-                   help="context length in tokens (default: 2048, or the model's own if smaller)")
-    if generates:
-        g.add_argument("-n", "--max-tokens", type=int, default=256, help="new tokens per answer at most (default: 256)")
+                   help=f"context length in tokens (default: {ctx_default})")
     g.add_argument("-t", "--threads", type=int, default=None,
                    help=f"compute threads (default: all {os.cpu_count()} cores)")
     g.add_argument("--mem-cap", default=None, metavar="SIZE",
@@ -29,10 +27,15 @@ def add_model_flags(p, generates: bool = True):
                         "streamed from the file; the plan is printed first (default: no cap)")
     add_attention_flags(g)
     if generates:
-        add_sampling_flags(p)
+        add_generation_flags(p)
 
 
-def add_sampling_flags(p):
+def add_generation_flags(p):
+    g = p.add_argument_group("generation")
+    g.add_argument("-n", "--max-tokens", type=int, default=256, help="new tokens per answer at most (default: 256)")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end the answer before this text, which may span tokens and is not printed; "
+                        "repeat for several (default: only the model's end-of-text tokens)")
     s = p.add_argument_group("sampling")
     s.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default: 0.8)")
     s.add_argument("--top-k", type=int, default=40, help="keep the k most likely tokens; 0 = off (default: 40)")
@@ -40,7 +43,9 @@ def add_sampling_flags(p):
     s.add_argument("--min-p", type=float, default=0.05, help="drop tokens below min-p times the top probability, in [0, 1] (default: 0.05)")
     s.add_argument("--repeat-penalty", type=float, default=1.0, help="divide logits of recent tokens by this; 1 = off (default: 1.0)")
     s.add_argument("--repeat-last-n", type=int, default=64, help="how many recent tokens the penalty sees (default: 64)")
-    s.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same output (default: 0)")
+    s.add_argument("--seed", type=int, default=None,
+                   help="random seed; the same seed (with the same settings) gives the same output "
+                        "(default: a random one, printed, and recorded by --json)")
 
 
 def add_mode_flag(p):
@@ -66,14 +71,15 @@ def add_attention_flags(g):
 
 
 def run_config(args):
-    """The RunConfig the flags describe."""
+    """The RunConfig the flags describe; without --seed, a seed drawn at random."""
     from ..generate import SamplingSettings
     from ..runtime import RunConfig
     generation = {}
-    if hasattr(args, "temp"):  # the commands that generate; dump and perplexity keep RunConfig's defaults
+    if hasattr(args, "temp"):  # the commands that generate; the others keep RunConfig's defaults
+        seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
         generation = {"max_tokens": args.max_tokens, "sampling": SamplingSettings(
             temperature=args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-            repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=args.seed)}
+            repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n, seed=seed, stop=tuple(args.stop))}
     return RunConfig(model=args.model, bits=args.bits, int4=args.int4, backend=args.backend,
                      ctx_size=args.ctx_size, threads=args.threads, attention=args.attention,
                      block_size=args.block_size, kv_bits=args.kv_bits, mem_cap=mem_cap(args),

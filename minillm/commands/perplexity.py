@@ -4,16 +4,15 @@ import sys
 
 from .flags import add_mode_flag, add_model_flags, load_runtime
 from .inputs import read_text
-from .output import report_memory, say
+from .output import json_head, memory_json, print_json, report_memory, say
 
 HELP = "perplexity over a text file as llama-perplexity computes it, and KL divergence against a base"
-EPILOG = ("--ctx-size here defaults to 512 (llama-perplexity's default), or to the base's context "
-          "with --kl-divergence-base.")
 
 
 def add_arguments(p):
-    p.add_argument("file", nargs="?", help="UTF-8 text (optional with --kl-divergence-base: the base holds the tokens)")
-    add_model_flags(p, generates=False)
+    p.add_argument("file", nargs="?", help="UTF-8 text, - for standard input (optional with --kl-divergence-base: "
+                                           "the base holds the tokens)")
+    add_model_flags(p, generates=False, ctx_default="512, llama-perplexity's; with --kl-divergence-base the base's")
     p.add_argument("--chunks", type=int, default=None, help="score only the first N chunks (default: all)")
     p.add_argument("--save-kld-base", metavar="BASE", help="also write the log-probabilities in llama.cpp's "
                                                            "--kl-divergence-base format")
@@ -21,6 +20,8 @@ def add_arguments(p):
                                                                 "--save-kld-base or llama-perplexity")
     p.add_argument("--kld-base-model", metavar="MODEL", help="KL divergence against another model run in the same "
                                                              "process; adds the exact KLD from float logits")
+    p.add_argument("--json", action="store_true", help="print the result (perplexity, or the KL-divergence "
+                                                       "statistics) as one JSON object")
     add_mode_flag(p)
 
 
@@ -40,9 +41,16 @@ def run(args) -> int:
     say(f"[{len(tokens)} tokens, {n_chunk} chunks of {n_ctx}, scoring the last {n_ctx - 1 - n_ctx // 2} "
         f"positions of each]")
     bos_id = rt.tokenizer.bos_id if rt.tokenizer.add_bos else None
+    head = {**json_head("perplexity", rt.gguf, rt.config), "tokens": len(tokens), "chunks": n_chunk,
+            "scored_tokens": n_chunk * (n_ctx - 1 - n_ctx // 2)}
     if base is None and not args.kld_base_model:
-        print(run_perplexity(args, rt, tokens, n_chunk, bos_id).report())
-        report_memory(rt)
+        result = run_perplexity(args, rt, tokens, n_chunk, bos_id)
+        if args.json:
+            print_json({**head, "perplexity": result.perplexity, "perplexity_uncertainty": result.uncertainty,
+                        "memory": memory_json(rt)})
+        else:
+            print(result.report())
+            report_memory(rt)
         return 0
     if args.kld_base_model:
         base_rt = load_base_runtime(rt, args.kld_base_model)
@@ -51,9 +59,24 @@ def run(args) -> int:
         chunks = ppl.file_base_chunks(base, n_chunk)
     from ..verify.kld import format_summary
     summary = ppl.kl_divergence(rt.model, rt.new_cache, tokens, n_ctx, n_chunk, chunks, bos_id, progress=say)
-    print(format_summary(summary) if summary["count"] >= 100 else
-          f"only {summary['count']} scored tokens: too few for summary statistics (llama-perplexity wants 100)")
+    if args.json:
+        print_json({**head, "kl_divergence": kld_json(summary), "memory": memory_json(rt)})
+    else:
+        print(format_summary(summary) if summary["count"] >= 100 else
+              f"only {summary['count']} scored tokens: too few for summary statistics (llama-perplexity wants 100)")
     return 0
+
+
+def kld_json(summary: dict) -> dict:
+    """minillm.verify.kld.summarize's statistics: an estimate (value, uncertainty) becomes
+    {"value", "uncertainty"}, percentiles are keyed by their fraction as text ("0.99")."""
+    def plain(value):
+        if isinstance(value, tuple):
+            return {"value": value[0], "uncertainty": value[1]}
+        if isinstance(value, dict):
+            return {str(key): v for key, v in value.items()}
+        return value
+    return {key: plain(value) for key, value in summary.items()}
 
 
 def run_perplexity(args, rt, tokens, n_chunk, bos_id):
