@@ -1,23 +1,44 @@
-"""Every tutorial runs top to bottom: its assertions tie the hand-written code to the library.
+"""Every tutorial runs top to bottom, as a script and as a notebook: its assertions tie the
+hand-written code to the library. Its figures are the committed ones, and its exercises have answers
+that run.
 
-A chapter declares what it needs in a line of its own, `# requires: weights`; such a chapter gets
-the `weights` mark and the `smollm2_path` fixture: without the real model file it is skipped, or
-fails when CI is set (CI fetches the file first), like every other test on the real model.
+- Script route: `python tutorials/NN_topic.py`, started from a temporary directory (a chapter must
+  not depend on the working directory), with its peak memory measured and bounded.
+- Notebook route: the same file converted by jupytext (as `jupytext --to ipynb` does) and executed by
+  nbclient in a Jupyter kernel whose working directory is tutorials/, as when a student opens it there.
+  No `__file__` exists in a notebook: a chapter that uses it fails here.
+- Figures: both routes write into a temporary folder (MINILLM_TUTORIAL_FIGURES, see tutorials/course.py),
+  never over the committed ones. Each figure a chapter shows (`![...](figures/NAME.png)`) must be one it
+  wrote, and match the committed tutorials/figures/NAME.png: the same size in pixels, and for a figure of
+  computed (not measured) data nearly the same pixels.
+
+A chapter declares what it needs in a line of its own, `# requires: weights`; such a chapter gets the `weights` mark and the `smollm2_path` fixture: without the real model file it is
+skipped, or fails when CI is set (CI fetches the file first), like every other test on the real model.
 """
 
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TUTORIALS = sorted((ROOT / "tutorials").glob("[0-9][0-9]_*.py"))
+TUTORIALS = ROOT / "tutorials"
+FIGURES = TUTORIALS / "figures"
+CHAPTERS = sorted(TUTORIALS.glob("[0-9][0-9]_*.py"))
 REQUIRES_PREFIX = "# requires:"
 KNOWN_REQUIREMENTS = {"weights"}
-TIMEOUT_SECONDS = 300  # a chapter aims at under a minute on 2 cores; this leaves room for a slow runner
+TIMEOUT_SECONDS = 300      # a chapter aims at under a minute on 2 cores; this leaves room for a slow runner
+PEAK_LIMIT_MB = 400        # a course about small machines: no chapter holds more
 TAIL_LINES = 30
+SHOWN_FIGURE = re.compile(r"\]\(figures/([\w.-]+\.png)\)")
+PIXEL_TOLERANCE = 48       # of 255: antialiasing, or a line moved by a rounding difference
+CHANGED_PIXELS_ALLOWED = 0.01
 
 
 def requirements(path: Path) -> set:
@@ -31,34 +52,123 @@ def requirements(path: Path) -> set:
     return needs
 
 
-def chapter_params():
-    params = []
-    for path in TUTORIALS:
+def params(paths):
+    out = []
+    for path in paths:
         marks = [pytest.mark.weights] if "weights" in requirements(path) else []
-        params.append(pytest.param(path, id=path.stem, marks=marks))
-    return params
+        out.append(pytest.param(path, id=path.stem, marks=marks))
+    return out
 
 
 def tail(text: str) -> str:
     return "\n".join(text.splitlines()[-TAIL_LINES:])
 
 
-def test_tutorials_exist():
-    assert TUTORIALS, f"no tutorials/NN_*.py found under {ROOT}"
-
-
-@pytest.mark.parametrize("path", chapter_params())
-def test_tutorial_runs(path, request):
+def check_requirements(path: Path, request):
     needs = requirements(path)
     assert needs <= KNOWN_REQUIREMENTS, f"{path.name}: unknown requirement(s) {sorted(needs - KNOWN_REQUIREMENTS)}"
     if "weights" in needs:
         request.getfixturevalue("smollm2_path")  # skips (or, in CI, fails) when the file is missing
-    env = {**os.environ, "MPLBACKEND": "Agg"}
+
+
+def run_script(path: Path, cwd: Path, env: dict) -> tuple[str, float]:
+    """Run `python path` in `cwd`; fail the test on a non-zero exit or a timeout. Return its stdout
+    and its peak resident memory in MB (the largest of the process and the children it waited for)."""
+    out, err = cwd / f"{path.stem}.stdout", cwd / f"{path.stem}.stderr"
+    with open(out, "w") as stdout, open(err, "w") as stderr:
+        child = subprocess.Popen([sys.executable, str(path)], cwd=cwd, env=env, stdout=stdout, stderr=stderr,
+                                 start_new_session=True)
+    deadline = time.monotonic() + TIMEOUT_SECONDS
+    while True:
+        pid, status, usage = os.wait4(child.pid, os.WNOHANG)  # wait4 gives this child's own peak RSS
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            os.killpg(child.pid, signal.SIGKILL)
+            os.wait4(child.pid, 0)
+            pytest.fail(f"{path.name} did not finish in {TIMEOUT_SECONDS} s; stderr ends with:\n{tail(err.read_text())}")
+        time.sleep(0.05)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        pytest.fail(f"{path.name} exited with {child.returncode}; stderr ends with:\n{tail(err.read_text())}")
+    return out.read_text(), usage.ru_maxrss / 1024  # Linux reports kilobytes
+
+
+def course_env(figures: Path) -> dict:
+    return {**os.environ, "MPLBACKEND": "Agg", "MINILLM_TUTORIAL_FIGURES": str(figures)}
+
+
+def picture_difference(new: Path, committed: Path) -> str | None:
+    """Why `new` is not the committed picture, or None if it is (see the module docstring)."""
+    from PIL import Image
+    a, b = Image.open(new), Image.open(committed)
+    if a.size != b.size:
+        return f"{a.size[0]} x {a.size[1]} pixels, the committed one {b.size[0]} x {b.size[1]}"
+    if a.text.get("Source") == "measured":
+        return None
+    x, y = (np.asarray(im.convert("RGB"), dtype=np.int16) for im in (a, b))
+    changed = float((np.abs(x - y).max(axis=-1) > PIXEL_TOLERANCE).mean())
+    return f"{changed:.1%} of its pixels changed" if changed > CHANGED_PIXELS_ALLOWED else None
+
+
+def check_figures(chapter: Path, written: Path):
+    """The figures a run wrote are the ones the chapter shows, and equal the committed ones."""
+    shown = set(SHOWN_FIGURE.findall(chapter.read_text(encoding="utf-8")))
+    made = {p.name for p in written.glob("*.png")} if written.is_dir() else set()
+    assert made <= shown, f"{chapter.name} wrote {sorted(made - shown)} but shows no such figure"
+    assert shown <= made, f"{chapter.name} shows {sorted(shown - made)} but did not write it"
+    for name in sorted(made):
+        committed = FIGURES / name
+        assert committed.is_file(), f"{chapter.name} wrote {name}: commit it as tutorials/figures/{name}"
+        difference = picture_difference(written / name, committed)
+        assert difference is None, (f"tutorials/figures/{name} is out of date ({difference}): run "
+                                    f"`python tutorials/{chapter.name}` and commit the new figure")
+
+
+def test_tutorials_exist():
+    assert CHAPTERS, f"no tutorials/NN_*.py found under {ROOT}"
+
+
+@pytest.mark.parametrize("path", params(CHAPTERS))
+def test_tutorial_runs_as_a_script(path, request, tmp_path):
+    check_requirements(path, request)
+    _, peak_mb = run_script(path, tmp_path, course_env(tmp_path / "figures"))
+    assert peak_mb <= PEAK_LIMIT_MB, f"{path.name} peaked at {peak_mb:.0f} MB, more than {PEAK_LIMIT_MB} MB"
+    check_figures(path, tmp_path / "figures")
+
+
+@pytest.mark.parametrize("path", params(CHAPTERS))
+def test_tutorial_runs_as_a_notebook(path, request, tmp_path, monkeypatch):
+    check_requirements(path, request)
+    jupytext = pytest.importorskip("jupytext")
+    nbclient = pytest.importorskip("nbclient")
+    for name, value in course_env(tmp_path / "figures").items():
+        monkeypatch.setenv(name, value)  # the kernel inherits this process's environment
+    notebook = jupytext.read(path)       # what `jupytext --to ipynb` writes, in memory
+    client = nbclient.NotebookClient(notebook, timeout=TIMEOUT_SECONDS, kernel_name="python3",
+                                     resources={"metadata": {"path": str(TUTORIALS)}})
     try:
-        result = subprocess.run([sys.executable, str(path)], cwd=ROOT, env=env, capture_output=True,
-                                text=True, timeout=TIMEOUT_SECONDS)
-    except subprocess.TimeoutExpired as err:
-        stderr = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else (err.stderr or "")
-        pytest.fail(f"{path.name} did not finish in {TIMEOUT_SECONDS} s; stderr ends with:\n{tail(stderr)}")
-    if result.returncode != 0:
-        pytest.fail(f"{path.name} exited with {result.returncode}; stderr ends with:\n{tail(result.stderr)}")
+        client.execute()
+    except nbclient.exceptions.CellExecutionError as err:
+        pytest.fail(f"{path.name} as a notebook: {tail(str(err))}")
+    check_figures(path, tmp_path / "figures")
+
+
+def test_every_committed_figure_is_shown():
+    """Each file in tutorials/figures is drawn by exactly one chapter and shown in tutorials/README.md."""
+    readme = set(SHOWN_FIGURE.findall((TUTORIALS / "README.md").read_text(encoding="utf-8")))
+    owners = {}
+    for chapter in CHAPTERS:
+        for name in SHOWN_FIGURE.findall(chapter.read_text(encoding="utf-8")):
+            owners.setdefault(name, set()).add(chapter.name)
+    for figure in sorted(FIGURES.glob("*.png")):
+        assert len(owners.get(figure.name, ())) == 1, f"{figure.name} is shown by {sorted(owners.get(figure.name, ()))}"
+        assert figure.name in readme, f"tutorials/README.md does not show figures/{figure.name}"
+
+
+def test_readme_lists_every_chapter():
+    """The table of contents links every chapter, in order; the main README's links to tutorials exist."""
+    toc = re.findall(r"\]\((\d\d_[\w]+\.py)\)", (TUTORIALS / "README.md").read_text(encoding="utf-8"))
+    assert list(dict.fromkeys(toc)) == [p.name for p in CHAPTERS]
+    for link in re.findall(r"\]\((tutorials/[^)#]+)", (ROOT / "README.md").read_text(encoding="utf-8")):
+        assert (ROOT / link).exists(), f"README.md links to {link}, which does not exist"

@@ -23,24 +23,17 @@
 
 # %%
 # requires: weights  (the chapter measures the real SmolLM2 weights)
-import os
 import time
-from pathlib import Path
 
-import matplotlib
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
-matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
-import matplotlib.pyplot as plt  # noqa: E402
+import course  # tutorials/course.py: figures and timing shared by the chapters
+from minillm import quant
+from minillm.gguf import GGUFFile
+from minillm.registry import resolve_model
+from minillm.weights import dequantized
 
-from minillm import quant  # noqa: E402
-from minillm.gguf import GGUFFile  # noqa: E402
-from minillm.registry import resolve_model  # noqa: E402
-from minillm.weights import dequantized  # noqa: E402
-
-FIGURES = Path(__file__).resolve().parent / "figures"
-FIGURES.mkdir(exist_ok=True)
 gguf = GGUFFile(resolve_model(None))
 
 # %% [markdown]
@@ -138,7 +131,7 @@ assert rows[0][2] < rows[1][2] < rows[2][2] < rows[3][2]
 # at zero is the values that land exactly on a grid point (zeros, and each block's extremes).
 
 # %%
-fig, ax = plt.subplots(figsize=(7, 3.5))
+fig, ax = course.figure(7, 3.5)
 for name in ("Q8_0", "Q4_1", "Q4_0"):
     ax.hist(errors[name], bins=200, range=(-0.05, 0.05), histtype="step", label=name, density=True)
 ax.set_xlabel("dequantized - original")
@@ -146,10 +139,10 @@ ax.set_ylabel("density (log scale)")
 ax.set_yscale("log")
 ax.set_title("Quantization error of SmolLM2 token-embedding rows")
 ax.legend()
-fig.tight_layout()
-figure = FIGURES / "02_quantization_error.png"
-fig.savefig(figure, dpi=100)
-print("wrote", figure)
+course.save(fig, "quantization_error.png")
+
+# %% [markdown]
+# ![Histograms of the quantization error of Q8_0, Q4_1 and Q4_0](figures/quantization_error.png)
 
 # %% [markdown]
 # ## 5. The whole model in bytes

@@ -24,32 +24,25 @@
 
 # %%
 # requires: weights  (the chapter runs SmolLM2 itself)
-import os
 import time
-from pathlib import Path
 
-import matplotlib
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
-matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
-import matplotlib.pyplot as plt  # noqa: E402
+import course  # tutorials/course.py: figures and timing shared by the chapters
+from minillm import quant
+from minillm.config import LlamaConfig
+from minillm.gguf import GGUFFile
+from minillm.kvcache import KVCache, PatternKVCache
+from minillm.model import Llama, masked_attention
+from minillm.modes.ggml import GGMLLlama, GGMLLinear, ggml_attention, ggml_weights
+from minillm.registry import resolve_model
+from minillm.runtime import RunConfig, load
+from minillm.tokenizer import Tokenizer
+from minillm.verify.compare import compare_dumps, tensor_diff
+from minillm.verify.dump import Dump, dump_runtime, record_forward
+from minillm.weights import load_packed
 
-from minillm import quant  # noqa: E402
-from minillm.config import LlamaConfig  # noqa: E402
-from minillm.gguf import GGUFFile  # noqa: E402
-from minillm.kvcache import KVCache, PatternKVCache  # noqa: E402
-from minillm.model import Llama, masked_attention  # noqa: E402
-from minillm.modes.ggml import GGMLLlama, GGMLLinear, ggml_attention, ggml_weights  # noqa: E402
-from minillm.registry import resolve_model  # noqa: E402
-from minillm.runtime import RunConfig, load  # noqa: E402
-from minillm.tokenizer import Tokenizer  # noqa: E402
-from minillm.verify.compare import compare_dumps, tensor_diff  # noqa: E402
-from minillm.verify.dump import Dump, dump_runtime, record_forward  # noqa: E402
-from minillm.weights import load_packed  # noqa: E402
-
-FIGURES = Path(__file__).resolve().parent / "figures"
-FIGURES.mkdir(exist_ok=True)
 PATH = resolve_model(None)
 PROMPT = "Alice was beginning to get very tired of sitting by her sister on the bank"
 
@@ -67,6 +60,7 @@ for mode in ("f32", "ggml"):
     start = time.perf_counter()
     rt = load(RunConfig(mode=mode, backend="numpy", ctx_size=64), announce=lambda m: None)
     runs[mode] = dump_runtime(rt, PROMPT)
+    del rt  # its memory map of the weights goes too: one mapped model at a time
     print(f"--mode {mode}: {len(runs[mode].token_ids)} tokens, {len(runs[mode].tensors)} tensors, "
           f"{time.perf_counter() - start:.1f} s (load included)")
 comparison = compare_dumps(runs["f32"], runs["ggml"], tolerance=1e-4)
@@ -147,22 +141,21 @@ assert order[-1] > curves["all of ggml"][-1] / 10
 assert np.array_equal(dumps["all of ggml"].tensors["result_output"], runs["ggml"].tensors["result_output"])
 
 # %%
-fig, ax = plt.subplots(figsize=(7, 4))
+fig, ax = course.figure(7, 4)
 for name, curve in curves.items():
     ax.semilogy(layers, curve, label=f"{name} vs f32")
 ax.semilogy(layers, order, "k--", label="x86 vs reference rounding")
 ax.set_xlabel("layer")
-ax.set_ylabel("NMSE of l_out")
+ax.set_ylabel("NMSE of l_out (log scale)")
 ax.set_title(f"SmolLM2 Q4_1, {len(tokens)} tokens: where ggml and f32 part")
-ax.legend(fontsize=8)
-fig.tight_layout()
-figure = FIGURES / "06_nmse_per_layer.png"
-fig.savefig(figure, dpi=100)
-print(f"wrote {figure}")
+ax.legend()
+course.save(fig, "nmse_per_layer.png")
 peak = [np.abs(runs["f32"].tensors[f"l_out-{i}"]).max() for i in layers]
 print("largest |l_out| per layer:", " ".join(f"{p:.0f}" for p in peak))
 
 # %% [markdown]
+# ![NMSE of each layer's output against f32, for each ingredient of ggml's arithmetic](figures/nmse_per_layer.png)
+#
 # Reading the figure (NMSE is relative to the tensor's size: where the residual stream grows a few
 # very large values, from layer 11 on, the same absolute error reads as a smaller NMSE):
 #
