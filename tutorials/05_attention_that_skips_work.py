@@ -1,5 +1,5 @@
 # %% [markdown]
-# # Chapter 3: Attention that skips work
+# # Chapter 5: Attention that skips work
 #
 # **The question.** For every new token, attention compares its query with the key of every earlier
 # position, and the KV cache keeps every one of those keys and values. For SmolLM2-135M a position

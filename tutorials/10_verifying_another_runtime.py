@@ -1,5 +1,5 @@
 # %% [markdown]
-# # Chapter 6: Verifying another runtime, layer by layer
+# # Chapter 10: Verifying another runtime, layer by layer
 #
 # **The question.** You ported a quantized model to a new runtime, and its logits are close to the
 # reference but not equal. Is that a bug, or the expected cost of different arithmetic? And if the

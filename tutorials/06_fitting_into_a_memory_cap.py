@@ -1,5 +1,5 @@
 # %% [markdown]
-# # Chapter 5: Fitting a model into a memory cap
+# # Chapter 6: Fitting a model into a memory cap
 #
 # **The question.** SmolLM2's weights take 92 MiB as stored, and a float32 KV cache for 2048 positions
 # another 90 MiB. Say a machine can give the model 48 MiB on top of what Python, NumPy and Numba
@@ -244,7 +244,7 @@ for cap_mib in (160, 96, 48, 24):
 # the streaming buffers hold two of the largest layer (its seven tensors each start on a 64-byte
 # boundary, so 16 × 64 bytes are set aside for that) and, when the LM head streams, two chunks of
 # 1 MiB worth of its rows; the norms are 2 per layer plus the final one, in float32; the KV cache is
-# the attention chapter's formula, with Q8_0 rows (34 bytes per 32 numbers) when the plan chose them.
+# chapter 5's formula, with Q8_0 rows (34 bytes per 32 numbers) when the plan chose them.
 
 # %%
 layout, lines = chosen.layout, {item: nbytes for item, nbytes, _ in chosen.lines}

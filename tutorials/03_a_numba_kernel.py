@@ -1,5 +1,5 @@
 # %% [markdown]
-# # Chapter 4: A Numba kernel that beats NumPy
+# # Chapter 3: A Numba kernel that beats NumPy
 #
 # **The question.** A decode step feeds one token through the model: every weight matrix is
 # multiplied by one vector. SmolLM2's matrices are stored as Q4_1 blocks (chapter 2), 5 bits per
