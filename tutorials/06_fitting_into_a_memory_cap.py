@@ -335,11 +335,12 @@ course.save(fig, "memory_cap_speed.png")
 # %% [markdown]
 # ## Exercises
 #
-# 1. Run `python -m minillm info --mem-cap 64MiB -c 2048` and then with `--kv-bits 8` and with
-#    `--attention sinks:4,window:252`. Which line of the plan moves, and by how much?
-# 2. Streaming with 3 buffers instead of 2 lets the reader run two layers ahead. With what kind of
-#    disk would that help, and what would the plan have to count?
+# 1. Run `python -m minillm info --mem-cap 64MiB -c 2048`, then again with `--kv-bits 8` and with
+#    `--attention sinks:4,window:252`. Which lines of the plan move, and by how much?
+# 2. Streaming with 3 buffers instead of 2 would let the reader run two layers ahead. Time one layer's
+#    read and one layer's compute as section 3 does: which one limits the loop here? With what kind of
+#    disk would a third buffer help, and which line of the plan would grow, by how much?
 # 3. The tokenizer line is about 3.5 MiB. It was about 30 MiB while the BPE ran in the `tokenizers`
 #    library, built from the vocabulary as 49,152 Python strings and 48,900 merge strings. Build
 #    that object from the same metadata (`tests/test_tokenizer.py` shows how) and measure what it
-#    and the lists hold with `memory.usage()`. Which one would a 23 MiB cap have refused?
+#    and the lists hold with `memory.usage()`. Which caps of the README's table would it have refused?

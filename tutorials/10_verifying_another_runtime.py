@@ -180,6 +180,7 @@ print("largest |l_out| per layer:", " ".join(f"{p:.0f}" for p in peak))
 # 1. Dump `--mode oracle` and compare it with `f32` (`python -m minillm compare`). How large is
 #    the float32 error, and does it grow through the layers like the quantization error?
 # 2. Change ggml_weights(packed) to ggml_weights(packed, "arm") (NEON's rule: id = 1/d, halves to
-#    even). At which layer does it first differ from x86's rule, and why so rarely?
-# 3. Run `tests/data/make_ggml_reference.py --tokens 64` with llama-cpp-python installed: which
-#    variant of this chapter matches llama.cpp exactly?
+#    even). At which tensor does it first differ from x86's rule, and why so rarely?
+# 3. `tests/data/ggml_reference.npz` holds llama.cpp's own logits for 64 tokens of *Alice*, fed one at
+#    a time (written by `tests/data/make_ggml_reference.py` with llama-cpp-python, which this course
+#    does not need). Which variant of this chapter matches them exactly?
