@@ -11,8 +11,11 @@ that run.
   never over the committed ones. Each figure a chapter shows (`![...](figures/NAME.png)`) must be one it
   wrote, and match the committed tutorials/figures/NAME.png: the same size in pixels, and for a figure of
   computed (not measured) data nearly the same pixels.
+- Solutions: tutorials/solutions/NN_topic.py holds the worked answers to chapter NN's exercises; each
+  runs as a script, under the same memory limit.
 
-A chapter declares what it needs in a line of its own, `# requires: weights`; such a chapter gets the `weights` mark and the `smollm2_path` fixture: without the real model file it is
+A chapter declares what it needs in a line of its own, `# requires: weights`; such a chapter (or
+solution) gets the `weights` mark and the `smollm2_path` fixture: without the real model file it is
 skipped, or fails when CI is set (CI fetches the file first), like every other test on the real model.
 """
 
@@ -31,10 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 TUTORIALS = ROOT / "tutorials"
 FIGURES = TUTORIALS / "figures"
 CHAPTERS = sorted(TUTORIALS.glob("[0-9][0-9]_*.py"))
+SOLUTIONS = TUTORIALS / "solutions"
 REQUIRES_PREFIX = "# requires:"
 KNOWN_REQUIREMENTS = {"weights"}
 TIMEOUT_SECONDS = 300      # a chapter aims at under a minute on 2 cores; this leaves room for a slow runner
-PEAK_LIMIT_MB = 400        # a course about small machines: no chapter holds more
+PEAK_LIMIT_MB = 400        # a course about small machines: no chapter (nor its solutions) holds more
 TAIL_LINES = 30
 SHOWN_FIGURE = re.compile(r"\]\(figures/([\w.-]+\.png)\)")
 PIXEL_TOLERANCE = 48       # of 255: antialiasing, or a line moved by a rounding difference
@@ -152,6 +156,17 @@ def test_tutorial_runs_as_a_notebook(path, request, tmp_path, monkeypatch):
     except nbclient.exceptions.CellExecutionError as err:
         pytest.fail(f"{path.name} as a notebook: {tail(str(err))}")
     check_figures(path, tmp_path / "figures")
+
+
+@pytest.mark.parametrize("path", params(CHAPTERS))
+def test_solutions_run(path, request, tmp_path):
+    solution = SOLUTIONS / path.name
+    assert solution.is_file(), f"{path.name} has no worked answers: write tutorials/solutions/{path.name}"
+    assert f"tutorials/solutions/{path.name}" in path.read_text(encoding="utf-8"), \
+        f"{path.name}: the exercises do not say where their answers are"
+    check_requirements(solution, request)
+    _, peak_mb = run_script(solution, tmp_path, course_env(tmp_path / "figures"))
+    assert peak_mb <= PEAK_LIMIT_MB, f"{solution.name} peaked at {peak_mb:.0f} MB, more than {PEAK_LIMIT_MB} MB"
 
 
 def test_every_committed_figure_is_shown():

@@ -704,6 +704,8 @@ file.close()
 # %% [markdown]
 # ## Exercises
 #
+# Worked answers: `tutorials/solutions/01_gguf_to_next_token.py`.
+#
 # 1. The file says `tokenizer.ggml.add_bos_token = False`, so the prompt starts without the
 #    beginning-of-sequence token (`tokenizer.bos_id`, which is `<|im_start|>` here). Prepend it to
 #    `ids` and compare the top-5 of section 6. Which rows of the logits change, and why?

@@ -179,6 +179,8 @@ print(f"file  {sum(info.nbytes for info in gguf.tensors.values()) / 1e6:8.1f} MB
 # %% [markdown]
 # ## Exercises
 #
+# Worked answers: `tutorials/solutions/02_quantization.py`.
+#
 # 1. Q4_0 maps the value of largest magnitude to code 0 (`d = max / -8`). Quantize a block whose
 #    values are all positive with Q4_0 and Q4_1: which codes does each use, and why is Q4_1 better here?
 # 2. Change the block size from 32 to 16 in `my_q8_0` (two scales per 32 weights). How do the bits per

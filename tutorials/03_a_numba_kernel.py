@@ -371,6 +371,8 @@ course.save(fig, "kernel_time_against_bytes.png", measured=True)
 # %% [markdown]
 # ## Exercises
 #
+# Worked answers: `tutorials/solutions/03_a_numba_kernel.py`.
+#
 # 1. Add `prange` (from numba) over the rows of `_matvec_q4_1_loops`, jit it with `parallel=True`, and
 #    time it with `numba.set_num_threads(1)` and `(2)`. Why does the bound of section 2 not change?
 #    minillm itself splits only large matrices over threads (`MIN_PARALLEL_WEIGHTS` in

@@ -413,6 +413,8 @@ for T, S in ((4096, 4096), (1, 8192)):
 #
 # ## Exercises
 #
+# Worked answers: `tutorials/solutions/05_attention_that_skips_work.py`.
+#
 # 1. Compute the KV cache of every pattern of section 2 at 8,192 positions with `kv_cache_bytes`.
 #    `strided:512` and `bigbird:512,4,2` compute about a third of the blocks, like the windows: why
 #    do they not make the cache any smaller?

@@ -335,6 +335,8 @@ course.save(fig, "memory_cap_speed.png")
 # %% [markdown]
 # ## Exercises
 #
+# Worked answers: `tutorials/solutions/06_fitting_into_a_memory_cap.py`.
+#
 # 1. Run `python -m minillm info --mem-cap 64MiB -c 2048`, then again with `--kv-bits 8` and with
 #    `--attention sinks:4,window:252`. Which lines of the plan move, and by how much?
 # 2. Streaming with 3 buffers instead of 2 would let the reader run two layers ahead. Time one layer's

@@ -177,6 +177,8 @@ print("largest |l_out| per layer:", " ".join(f"{p:.0f}" for p in peak))
 #
 # ## Exercises
 #
+# Worked answers: `tutorials/solutions/10_verifying_another_runtime.py`.
+#
 # 1. Dump `--mode oracle` and compare it with `f32` (`python -m minillm compare`). How large is
 #    the float32 error, and does it grow through the layers like the quantization error?
 # 2. Change ggml_weights(packed) to ggml_weights(packed, "arm") (NEON's rule: id = 1/d, halves to
