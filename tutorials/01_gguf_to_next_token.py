@@ -30,6 +30,8 @@
 
 # %%
 # requires: weights  (tests/test_tutorials.py reads this line: the chapter runs on the real SmolLM2 file)
+import course  # first, before NumPy loads: thread settings, figures, timing (tutorials/course.py)
+
 import dataclasses
 import math
 import mmap
@@ -40,7 +42,6 @@ from collections import Counter
 import numpy as np
 from gguf import GGMLQuantizationType
 
-import course  # tutorials/course.py: figures and timing shared by the chapters
 from minillm import generate as gen
 from minillm import quant
 from minillm.config import LlamaConfig
@@ -541,7 +542,7 @@ for y, (label, value, weight, part) in enumerate(steps):
 ax.set_yticks(range(len(steps)), [label for label, *_ in steps])
 ax.invert_yaxis()
 ax.set_xlim(0, 2400)
-ax.set_xlabel("values per token (T = %d tokens in all); blue: attention, orange: MLP" % T)
+ax.set_xlabel(f"values per token (T = {T} tokens in all); blue: attention, orange: MLP")
 ax.set_ylabel("step of the block, in order")
 ax.set_title("One transformer block of SmolLM2 (layer 0)")
 course.save(fig, "transformer_block.png")

@@ -23,12 +23,13 @@
 
 # %%
 # requires: weights  (the chapter measures the real SmolLM2 weights)
+import course  # first, before NumPy loads: thread settings, figures, timing (tutorials/course.py)
+
 import time
 
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
-import course  # tutorials/course.py: figures and timing shared by the chapters
 from minillm import quant
 from minillm.gguf import GGUFFile
 from minillm.registry import resolve_model

@@ -28,21 +28,19 @@
 
 # %%
 # requires: weights  (the chapter multiplies a real SmolLM2 matrix)
-import os
+import course  # first, before NumPy loads: one BLAS thread for every contender, figures, timing
 
-os.environ["OPENBLAS_NUM_THREADS"] = "1"  # one thread for every contender, as the CLI sets it
-import time  # noqa: E402
+import time
 
-import numba  # noqa: E402
-import numpy as np  # noqa: E402
-from gguf import GGMLQuantizationType as Q  # noqa: E402
+import numba
+import numpy as np
+from gguf import GGMLQuantizationType as Q
 
-import course  # noqa: E402  (tutorials/course.py: figures and timing shared by the chapters)
-from minillm import quant  # noqa: E402
-from minillm.gguf import GGUFFile  # noqa: E402
-from minillm.linear import QuantLinear  # noqa: E402
-from minillm.model import rmsnorm  # noqa: E402
-from minillm.registry import resolve_model  # noqa: E402
+from minillm import quant
+from minillm.gguf import GGUFFile
+from minillm.linear import QuantLinear
+from minillm.model import rmsnorm
+from minillm.registry import resolve_model
 
 gguf = GGUFFile(resolve_model(None))
 NAME = "blk.0.ffn_up.weight"

@@ -30,6 +30,8 @@
 # download.
 
 # %%
+import course  # first, before NumPy loads: thread settings, figures, timing (tutorials/course.py)
+
 import math
 import tempfile
 from pathlib import Path
@@ -38,7 +40,6 @@ import gguf
 import numba
 import numpy as np
 
-import course  # tutorials/course.py: figures and timing shared by the chapters
 from minillm.attention import Pattern, block_sparse_attention, parse_attention
 from minillm.config import LlamaConfig
 from minillm.generate import GenerationStats, Sampler, SamplingSettings, generate

@@ -28,6 +28,8 @@
 
 # %%
 # requires: weights  (the chapter measures SmolLM2 itself)
+import course  # first, before NumPy loads: thread settings, figures, timing (tutorials/course.py)
+
 import json
 import os
 import subprocess
@@ -37,7 +39,6 @@ import time
 
 import numpy as np
 
-import course  # tutorials/course.py: figures and timing shared by the chapters
 from minillm import memory, plan
 from minillm.config import LlamaConfig
 from minillm.gguf import GGUFFile
@@ -228,7 +229,7 @@ course.save(fig, "streaming_timeline.png", measured=True)
 
 # %%
 index = plan.weight_index(gguf, config, bits=4)
-from minillm.attention import DENSE  # noqa: E402
+from minillm.attention import DENSE
 
 run = plan.PlanInputs(config, ctx_size=256, spec=DENSE, kv_bits=32, threads=2,
                         tokenizer_bytes=4 * MiB, tokenizer_peak=6 * MiB)
@@ -295,7 +296,7 @@ README_UNCAPPED, README_MINIMUM_MIB = (40.2, 185), 17.4
 # Here we measure four points with one run each (on a shared machine the numbers move), and compare.
 
 # %%
-from minillm.bench_memory import format_table, measure  # noqa: E402
+from minillm.bench_memory import format_table, measure
 
 rows = measure(str(path), ["16", "24", "48", "none"], repeats=1, new_tokens=16, ctx_size=256, threads=None,
                progress=lambda _: None)

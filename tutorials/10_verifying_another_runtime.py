@@ -24,12 +24,13 @@
 
 # %%
 # requires: weights  (the chapter runs SmolLM2 itself)
+import course  # first, before NumPy loads: thread settings, figures, timing (tutorials/course.py)
+
 import time
 
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
-import course  # tutorials/course.py: figures and timing shared by the chapters
 from minillm import quant
 from minillm.config import LlamaConfig
 from minillm.gguf import GGUFFile
@@ -86,7 +87,7 @@ gguf = GGUFFile(PATH)
 config = LlamaConfig.from_metadata(gguf.metadata, gguf.path)
 raw = gguf.data("blk.0.attn_q.weight")                           # (576, 18 blocks * 20 bytes)
 x = runs["ggml"].tensors["attn_norm-0"][:1]                       # (1, 576): the first token's input
-f16 = lambda v: np.float32(v).astype(np.float16).astype(np.float32)  # noqa: E731
+f16 = lambda v: np.float32(v).astype(np.float16).astype(np.float32)
 
 blocks = x[0].reshape(-1, 32)
 amax = np.abs(blocks).max(axis=1)

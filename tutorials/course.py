@@ -1,4 +1,4 @@
-"""What every chapter shares: where its figures go, one plotting style, and timing.
+"""What every chapter shares: thread settings, where its figures go, one plotting style, and timing.
 
 A chapter draws with matplotlib's object interface, never with pyplot's global figures:
 
@@ -20,8 +20,17 @@ same data give the same bytes. A figure of timings is saved with `measured=True`
 check its size in pixels only, since its data change from run to run.
 """
 
-import io
 import os
+
+# Before NumPy, BLAS and Numba load: BLAS runs one thread per call (minillm splits large products over
+# threads of its own) and Numba's idle threads sleep instead of spinning, as the `minillm` command
+# sets them for itself. So a chapter imports this module before anything else. On a shared
+# 2-core machine, BLAS's default threads made a 5-token prompt pass take 9 s instead of 0.4 s.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+for _variable in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
+
+import io
 import statistics
 import time
 from pathlib import Path
@@ -32,6 +41,9 @@ from matplotlib.figure import Figure
 from PIL import Image, PngImagePlugin
 
 FIGURES = Path(os.environ.get("MINILLM_TUTORIAL_FIGURES") or Path(__file__).resolve().parent / "figures")
+# Alice's Adventures in Wonderland (public domain; tests/data/alice_in_wonderland.SOURCE.md): the text
+# the chapters feed the model, as the README's quality and perplexity figures do.
+ALICE = Path(__file__).resolve().parents[1] / "tests" / "data" / "alice_in_wonderland.txt"
 DPI = 100
 MAX_BYTES = 80_000  # a PNG larger than this has too many pixels or too much noise for a course figure
 STYLE = {

@@ -5,8 +5,11 @@
 
 # %%
 # requires: weights  (the answers run SmolLM2)
-import statistics
-import time
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tutorials/, where course.py is
+import course  # first, before NumPy loads: thread settings and timing
 
 import numpy as np
 
@@ -97,13 +100,7 @@ packed_bytes = sum(info.nbytes for info in rt.gguf.tensors.values())
 float32_bytes = 4 * sum(info.n_elements for info in rt.gguf.tensors.values())
 cache = KVCache(config, len(ids) + 1)
 model.forward(ids, cache)
-times = []
-for _ in range(7):
-    cache.truncate(len(ids))
-    start = time.perf_counter()
-    model.forward([7042], cache)
-    times.append(time.perf_counter() - start)
-decode_s = statistics.median(times)
+decode_s = course.median_seconds(lambda: (cache.truncate(len(ids)), model.forward([7042], cache)), 7)
 rate = packed_bytes / decode_s
 print(f"packed: {packed_bytes / 1e6:.0f} MB in {decode_s * 1e3:.1f} ms = {rate / 1e9:.1f} GB/s")
 print(f"float32 at that rate: {float32_bytes / 1e6:.0f} MB in {float32_bytes / rate * 1e3:.0f} ms "

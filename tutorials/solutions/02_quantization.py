@@ -5,6 +5,12 @@
 
 # %%
 # requires: weights  (exercises 2 and 3 measure the real SmolLM2 embedding)
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tutorials/, where course.py is
+import course  # noqa: F401  first, before NumPy loads: thread settings
+
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 

@@ -6,21 +6,21 @@
 
 # %%
 # requires: weights  (the answers multiply real SmolLM2 matrices)
-import os
+import sys
+from pathlib import Path
 
-os.environ["OPENBLAS_NUM_THREADS"] = "1"  # before NumPy is imported: one BLAS thread, as in the chapter
-import statistics  # noqa: E402
-import time  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tutorials/, where course.py is
+import course  # first, before NumPy loads: thread settings and timing
 
-import numba  # noqa: E402
-import numpy as np  # noqa: E402
-from gguf import GGMLQuantizationType as Q  # noqa: E402
-from numba import prange  # noqa: E402
+import numba
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+from numba import prange
 
-from minillm import quant  # noqa: E402
-from minillm.gguf import GGUFFile  # noqa: E402
-from minillm.linear import QuantLinear  # noqa: E402
-from minillm.registry import resolve_model  # noqa: E402
+from minillm import quant
+from minillm.gguf import GGUFFile
+from minillm.linear import QuantLinear
+from minillm.registry import resolve_model
 
 gguf = GGUFFile(resolve_model(None))
 raw = gguf.data("blk.0.ffn_up.weight")                  # (1536, 360) u8: Q4_1
@@ -33,13 +33,7 @@ x = np.random.default_rng(0).standard_normal(32 * nb).astype(np.float32)  # (K,)
 
 
 def median_us(run, calls=50):
-    run()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
+    return course.median_seconds(run, calls) * 1e6
 
 
 # %% [markdown]

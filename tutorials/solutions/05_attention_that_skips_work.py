@@ -2,19 +2,19 @@
 # # Chapter 5, worked answers
 
 # %%
-import os
+import sys
+from pathlib import Path
 
-os.environ["OPENBLAS_NUM_THREADS"] = "1"  # before NumPy is imported: one thread for BLAS, as for the kernel
-import statistics  # noqa: E402
-import time  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tutorials/, where course.py is
+import course  # first, before NumPy loads: thread settings and timing
 
-import numba  # noqa: E402
-import numpy as np  # noqa: E402
+import numba
+import numpy as np
 
-from minillm.attention import block_sparse_attention, parse_attention  # noqa: E402
-from minillm.config import LlamaConfig  # noqa: E402
-from minillm.kvcache import kv_cache_bytes  # noqa: E402
-from minillm.model import masked_attention  # noqa: E402
+from minillm.attention import block_sparse_attention, parse_attention
+from minillm.config import LlamaConfig
+from minillm.kvcache import kv_cache_bytes
+from minillm.model import masked_attention
 
 smollm2 = LlamaConfig(n_layers=30, dim=576, ffn_dim=1536, n_heads=9, n_kv_heads=3, head_dim=64, vocab_size=49152,
                       context_length=8192, rope_base=100000.0, rope_dim=64, norm_eps=1e-5)
@@ -70,13 +70,7 @@ rng = np.random.default_rng(0)
 
 
 def median_ms(run, calls=5):
-    run()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return course.median_seconds(run, calls) * 1e3
 
 
 dense, window = parse_attention("dense").pattern(0), parse_attention("window:1024").pattern(0)

@@ -3,13 +3,16 @@
 
 # %%
 # requires: weights  (the answers plan, read and tokenize with SmolLM2)
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tutorials/, where course.py is
+import course  # first, before NumPy loads: thread settings and timing
+
 import gc
 import os
 import re
-import statistics
 import subprocess
-import sys
-import time
 
 import numpy as np
 from tokenizers import Tokenizer as RustTokenizer
@@ -92,17 +95,7 @@ def compute_layer():
         linear(x_ffn if linear.in_features == 1536 else x)
 
 
-def median_ms(run, calls=30):
-    run()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
-read_ms, compute_ms = median_ms(read_layer), median_ms(compute_layer)
+read_ms, compute_ms = (course.median_seconds(run, 30) * 1e3 for run in (read_layer, compute_layer))
 print(f"one layer: read {read_ms:.2f} ms, compute {compute_ms:.2f} ms -> the loop is limited by "
       f"{'the reads' if read_ms > compute_ms else 'the compute'}")
 print(f"a third buffer would add {(buffer.nbytes + 16 * 64) / MiB:.2f} MiB to the plan's streaming buffers")

@@ -3,7 +3,11 @@
 
 # %%
 # requires: weights  (the answers run SmolLM2 in several modes)
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tutorials/, where course.py is
+import course  # noqa: F401  first, before NumPy loads: thread settings
 
 import numpy as np
 
@@ -16,7 +20,7 @@ from minillm.modes.ggml import GGMLLlama, ggml_attention, ggml_weights, quantize
 from minillm.registry import resolve_model
 from minillm.runtime import RunConfig, load
 from minillm.verify.compare import compare_dumps, tensor_diff
-from minillm.verify.dump import Dump, dump_runtime, record_forward
+from minillm.verify.dump import dump_runtime, record_forward
 from minillm.weights import load_packed
 
 PATH = resolve_model(None)
