@@ -35,10 +35,11 @@ import statistics
 import time
 from pathlib import Path
 
-import matplotlib
-import matplotlib.style
-from matplotlib.figure import Figure
-from PIL import Image, PngImagePlugin
+from minillm.memory import return_freed_memory_at_once
+
+# Freed arrays go back to the OS at once (glibc would keep them for reuse), so a chapter's resident
+# memory follows what it holds, not its history: the chapters report and bound their peak memory.
+return_freed_memory_at_once()
 
 FIGURES = Path(os.environ.get("MINILLM_TUTORIAL_FIGURES") or Path(__file__).resolve().parent / "figures")
 # Alice's Adventures in Wonderland (public domain; tests/data/alice_in_wonderland.SOURCE.md): the text
@@ -58,21 +59,22 @@ STYLE = {
 }
 
 
-# One style for every figure, whatever a matplotlibrc on the machine says.
-matplotlib.style.use(["default", STYLE])
-
-
 def figure(width: float, height: float, nrows: int = 1, ncols: int = 1, **subplots) -> tuple:
     """A new figure of width x height inches and its axes (one Axes, or an array of them, as
     `Figure.subplots` returns). A `Figure` made directly, not through pyplot, is not kept by any
-    global list: it disappears when the chapter drops it, and Jupyter does not show it twice."""
+    global list: it disappears when the chapter drops it, and Jupyter does not show it twice.
+    matplotlib is imported here, at the first figure: it holds about 40 MB."""
+    import matplotlib.style
+    from matplotlib.figure import Figure
+    matplotlib.style.use(["default", STYLE])  # the same style whatever a matplotlibrc or a chapter set
     fig = Figure(figsize=(width, height), layout="constrained")
     return fig, fig.subplots(nrows, ncols, **subplots)
 
 
-def save(fig: Figure, name: str, measured: bool = False) -> Path:
+def save(fig, name: str, measured: bool = False) -> Path:
     """Write `fig` to FIGURES/name as a small deterministic PNG and return the path.
     `measured`: the figure shows timings (or other data that change between runs)."""
+    from PIL import Image, PngImagePlugin
     rendered = io.BytesIO()
     fig.savefig(rendered, format="png", dpi=DPI, metadata={"Software": None})
     check_labels(fig, name)
@@ -90,7 +92,7 @@ def save(fig: Figure, name: str, measured: bool = False) -> Path:
     return path
 
 
-def check_labels(fig: Figure, name: str):
+def check_labels(fig, name: str):
     """Raise ValueError if an axis shows tick labels but has no label saying what they count."""
     for ax in fig.axes:
         if not ax.axison:
