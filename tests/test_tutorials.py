@@ -6,7 +6,8 @@ that run.
   not depend on the working directory), with its peak memory measured and bounded.
 - Notebook route: the same file converted by jupytext (as `jupytext --to ipynb` does) and executed by
   nbclient in a Jupyter kernel whose working directory is tutorials/, as when a student opens it there.
-  No `__file__` exists in a notebook: a chapter that uses it fails here.
+  No `__file__` exists in a notebook: a chapter that uses it fails here. The two routes of a chapter
+  run at the same time, one per core, so the notebook route adds little to the suite's time.
 - Figures: both routes write into a temporary folder (MINILLM_TUTORIAL_FIGURES, see tutorials/course.py),
   never over the committed ones. Each figure a chapter shows (`![...](figures/NAME.png)`) must be one it
   wrote, and match the committed tutorials/figures/NAME.png: the same size in pixels, and for a figure of
@@ -75,27 +76,52 @@ def check_requirements(path: Path, request):
         request.getfixturevalue("smollm2_path")  # skips (or, in CI, fails) when the file is missing
 
 
-def run_script(path: Path, cwd: Path, env: dict) -> tuple[str, float]:
-    """Run `python path` in `cwd`; fail the test on a non-zero exit or a timeout. Return its stdout
-    and its peak resident memory in MB (the largest of the process and the children it waited for)."""
-    out, err = cwd / f"{path.stem}.stdout", cwd / f"{path.stem}.stderr"
-    with open(out, "w") as stdout, open(err, "w") as stderr:
-        child = subprocess.Popen([sys.executable, str(path)], cwd=cwd, env=env, stdout=stdout, stderr=stderr,
-                                 start_new_session=True)
-    deadline = time.monotonic() + TIMEOUT_SECONDS
-    while True:
-        pid, status, usage = os.wait4(child.pid, os.WNOHANG)  # wait4 gives this child's own peak RSS
-        if pid:
-            break
-        if time.monotonic() > deadline:
-            os.killpg(child.pid, signal.SIGKILL)
-            os.wait4(child.pid, 0)
-            pytest.fail(f"{path.name} did not finish in {TIMEOUT_SECONDS} s; stderr ends with:\n{tail(err.read_text())}")
-        time.sleep(0.05)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode != 0:
-        pytest.fail(f"{path.name} exited with {child.returncode}; stderr ends with:\n{tail(err.read_text())}")
-    return out.read_text(), usage.ru_maxrss / 1024  # Linux reports kilobytes
+class Script:
+    """`python path` running in `cwd` as a child process, its output going to files there."""
+
+    def __init__(self, path: Path, cwd: Path, env: dict):
+        cwd.mkdir(parents=True, exist_ok=True)
+        self.path, self.stdout, self.stderr = path, cwd / f"{path.stem}.stdout", cwd / f"{path.stem}.stderr"
+        with open(self.stdout, "w") as stdout, open(self.stderr, "w") as stderr:
+            self.child = subprocess.Popen([sys.executable, str(path)], cwd=cwd, env=env, stdout=stdout,
+                                          stderr=stderr, start_new_session=True)
+        self.deadline = time.monotonic() + TIMEOUT_SECONDS
+
+    def finish(self) -> float:
+        """Wait for it; fail the test on a non-zero exit or a timeout. Returns its peak resident
+        memory in MB (the largest of the process and the children it waited for)."""
+        while True:
+            pid, status, usage = os.wait4(self.child.pid, os.WNOHANG)  # wait4: this child's own peak RSS
+            if pid:
+                break
+            if time.monotonic() > self.deadline:
+                os.killpg(self.child.pid, signal.SIGKILL)
+                os.wait4(self.child.pid, 0)
+                pytest.fail(f"{self.path.name} did not finish in {TIMEOUT_SECONDS} s; stderr ends with:\n"
+                            f"{tail(self.stderr.read_text())}")
+            time.sleep(0.05)
+        self.child.returncode = os.waitstatus_to_exitcode(status)
+        if self.child.returncode != 0:
+            pytest.fail(f"{self.path.name} exited with {self.child.returncode}; stderr ends with:\n"
+                        f"{tail(self.stderr.read_text())}")
+        return usage.ru_maxrss / 1024  # Linux reports kilobytes
+
+
+def run_notebook(path: Path, figures: Path, monkeypatch) -> str | None:
+    """Execute the jupytext conversion of `path` in a kernel started in tutorials/. Returns the end of
+    the error if a cell failed, else None."""
+    jupytext = pytest.importorskip("jupytext")
+    nbclient = pytest.importorskip("nbclient")
+    for name, value in course_env(figures).items():
+        monkeypatch.setenv(name, value)  # the kernel inherits this process's environment
+    notebook = jupytext.read(path)       # what `jupytext --to ipynb` writes, in memory
+    client = nbclient.NotebookClient(notebook, timeout=TIMEOUT_SECONDS, kernel_name="python3",
+                                     resources={"metadata": {"path": str(TUTORIALS)}})
+    try:
+        client.execute()
+    except nbclient.exceptions.CellExecutionError as err:
+        return tail(str(err))
+    return None
 
 
 def course_env(figures: Path) -> dict:
@@ -134,28 +160,19 @@ def test_tutorials_exist():
 
 
 @pytest.mark.parametrize("path", params(CHAPTERS))
-def test_tutorial_runs_as_a_script(path, request, tmp_path):
+def test_tutorial_runs_as_a_script_and_as_a_notebook(path, request, tmp_path, monkeypatch):
+    """Both routes at once, on the two cores a CI machine has: the script in a child process, the
+    notebook in a kernel; the chapters run their models on one thread, so neither waits much."""
     check_requirements(path, request)
-    _, peak_mb = run_script(path, tmp_path, course_env(tmp_path / "figures"))
-    assert peak_mb <= PEAK_LIMIT_MB, f"{path.name} peaked at {peak_mb:.0f} MB, more than {PEAK_LIMIT_MB} MB"
-    check_figures(path, tmp_path / "figures")
-
-
-@pytest.mark.parametrize("path", params(CHAPTERS))
-def test_tutorial_runs_as_a_notebook(path, request, tmp_path, monkeypatch):
-    check_requirements(path, request)
-    jupytext = pytest.importorskip("jupytext")
-    nbclient = pytest.importorskip("nbclient")
-    for name, value in course_env(tmp_path / "figures").items():
-        monkeypatch.setenv(name, value)  # the kernel inherits this process's environment
-    notebook = jupytext.read(path)       # what `jupytext --to ipynb` writes, in memory
-    client = nbclient.NotebookClient(notebook, timeout=TIMEOUT_SECONDS, kernel_name="python3",
-                                     resources={"metadata": {"path": str(TUTORIALS)}})
+    script = Script(path, tmp_path / "script", course_env(tmp_path / "script" / "figures"))
     try:
-        client.execute()
-    except nbclient.exceptions.CellExecutionError as err:
-        pytest.fail(f"{path.name} as a notebook: {tail(str(err))}")
-    check_figures(path, tmp_path / "figures")
+        notebook_error = run_notebook(path, tmp_path / "notebook" / "figures", monkeypatch)
+    finally:
+        peak_mb = script.finish()
+    assert notebook_error is None, f"{path.name} as a notebook: {notebook_error}"
+    assert peak_mb <= PEAK_LIMIT_MB, f"{path.name} peaked at {peak_mb:.0f} MB, more than {PEAK_LIMIT_MB} MB"
+    check_figures(path, tmp_path / "script" / "figures")
+    check_figures(path, tmp_path / "notebook" / "figures")
 
 
 @pytest.mark.parametrize("path", params(CHAPTERS))
@@ -165,7 +182,7 @@ def test_solutions_run(path, request, tmp_path):
     assert f"tutorials/solutions/{path.name}" in path.read_text(encoding="utf-8"), \
         f"{path.name}: the exercises do not say where their answers are"
     check_requirements(solution, request)
-    _, peak_mb = run_script(solution, tmp_path, course_env(tmp_path / "figures"))
+    peak_mb = Script(solution, tmp_path, course_env(tmp_path / "figures")).finish()
     assert peak_mb <= PEAK_LIMIT_MB, f"{solution.name} peaked at {peak_mb:.0f} MB, more than {PEAK_LIMIT_MB} MB"
 
 

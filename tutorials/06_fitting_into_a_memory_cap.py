@@ -304,7 +304,7 @@ print(format_table(rows, "this run: SmolLM2-135M Q4_1, --ctx-size 256, 16 new to
 ran = {row["cap"]: row for row in rows}
 assert ran["16"]["refused"] and not ran["24"]["refused"]  # the minimum lies between, as in the README
 for cap in ("24", "48"):
-    print(f"--mem-cap {cap} MiB: decode at {ran[cap]['decode_tps'] / ran['none']['decode_tps']:.0%} of uncapped "
+    print(f"--mem-cap {cap} MiB: decode at {ran[cap]['decode_tokens_per_s'] / ran['none']['decode_tokens_per_s']:.0%} of uncapped "
           f"(README: {README_CURVE[int(cap)][0] / README_UNCAPPED[0]:.0%})")
 
 # %%

@@ -97,7 +97,8 @@ for n, b in enumerate(b for b in range(256) if b not in table):
     table[b] = chr(256 + n)
 assert table == BYTE_CHAR
 print({chr(b) if b > 32 else hex(b): table[b] for b in (0x0A, 0x20, ord("A"), 0xF0)})
-missing = [b for b in range(256) if table[b] not in set(TOKENS)]
+vocabulary = set(TOKENS)
+missing = [b for b in range(256) if table[b] not in vocabulary]
 print(f"bytes with no token of their own in this vocabulary: {[hex(b) for b in missing]}")
 
 # %% [markdown]

@@ -54,7 +54,8 @@ for item in items:
 for flags, (_, strategy) in plans.items():
     print(f"{' '.join(flags) or 'as is'}: {strategy}")
 base, q8, window = (lines for lines, _ in plans.values())
-assert q8 == base
+# the same plan (the tokenizer line is measured in each run, so it may move by a fraction of a MiB)
+assert plans[("--kv-bits", "8")][1] == plans[()][1] and q8["KV cache"] == base["KV cache"]
 assert window["KV cache"] < base["KV cache"] and window["resident weights"] > base["resident weights"]
 assert "Q8_0 KV" in plans[()][1] and "Q8_0 KV" not in plans[("--attention", "sinks:4,window:252")][1]
 
