@@ -89,7 +89,7 @@ class Script:
 
     def finish(self) -> float:
         """Wait for it; fail the test on a non-zero exit or a timeout. Returns its peak resident
-        memory in MB (the largest of the process and the children it waited for)."""
+        memory in MB (10^6 bytes; the largest of the process and the children it waited for)."""
         while True:
             pid, status, usage = os.wait4(self.child.pid, os.WNOHANG)  # wait4: this child's own peak RSS
             if pid:
@@ -104,7 +104,7 @@ class Script:
         if self.child.returncode != 0:
             pytest.fail(f"{self.path.name} exited with {self.child.returncode}; stderr ends with:\n"
                         f"{tail(self.stderr.read_text())}")
-        return usage.ru_maxrss / 1024  # Linux reports kilobytes
+        return usage.ru_maxrss * 1024 / 1e6  # Linux reports KiB; MB here, as the limit is stated
 
 
 def run_notebook(path: Path, figures: Path, monkeypatch) -> str | None:
