@@ -197,8 +197,8 @@ for name in sorted(alone, key=lambda n: -alone[n][0])[:4]:
 
 # %% [markdown]
 # Now together. Each layer moved to Q4_0 leaves its Q4_1 pages unread by the combined model, so we
-# drop them from this process's memory (`GGUFFile.release`, chapter 6): the new copies then cost
-# less than nothing.
+# drop them from this process's memory with `GGUFFile.release` (mapped pages count in RSS once read,
+# chapter 6): the new copies then cost less than nothing.
 
 # %%
 order = sorted(alone, key=lambda n: alone[n][0] / alone[n][1])  # least KL per MiB first
