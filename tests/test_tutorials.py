@@ -25,7 +25,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -76,35 +75,51 @@ def check_requirements(path: Path, request):
         request.getfixturevalue("smollm2_path")  # skips (or, in CI, fails) when the file is missing
 
 
+# Runs a script as `python path` would (its __name__, __file__, sys.argv and sys.path[0]) and, at exit,
+# writes its peak resident memory: VmHWM, this process's own high-water mark since exec. (Not
+# ru_maxrss from wait4 or getrusage: Linux carries into it the RSS of the process the child was forked
+# from, here the whole test session, which can be over a GB by the time the tutorials run.)
+RUN_AND_REPORT_PEAK = """
+import atexit, os, runpy, sys
+path, report = sys.argv[1], sys.argv[2]
+
+def report_peak():
+    with open("/proc/self/status") as status:
+        kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    with open(report, "w") as out:
+        out.write(str(kib * 1024))
+
+atexit.register(report_peak)
+sys.argv, sys.path[0] = [path], os.path.dirname(path)
+runpy.run_path(path, run_name="__main__")
+"""
+
+
 class Script:
     """`python path` running in `cwd` as a child process, its output going to files there."""
 
     def __init__(self, path: Path, cwd: Path, env: dict):
         cwd.mkdir(parents=True, exist_ok=True)
         self.path, self.stdout, self.stderr = path, cwd / f"{path.stem}.stdout", cwd / f"{path.stem}.stderr"
+        self.peak = cwd / f"{path.stem}.peak"
         with open(self.stdout, "w") as stdout, open(self.stderr, "w") as stderr:
-            self.child = subprocess.Popen([sys.executable, str(path)], cwd=cwd, env=env, stdout=stdout,
-                                          stderr=stderr, start_new_session=True)
-        self.deadline = time.monotonic() + TIMEOUT_SECONDS
+            self.child = subprocess.Popen([sys.executable, "-c", RUN_AND_REPORT_PEAK, str(path), str(self.peak)],
+                                          cwd=cwd, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
 
     def finish(self) -> float:
         """Wait for it; fail the test on a non-zero exit or a timeout. Returns its peak resident
-        memory in MB (10^6 bytes; the largest of the process and the children it waited for)."""
-        while True:
-            pid, status, usage = os.wait4(self.child.pid, os.WNOHANG)  # wait4: this child's own peak RSS
-            if pid:
-                break
-            if time.monotonic() > self.deadline:
-                os.killpg(self.child.pid, signal.SIGKILL)
-                os.wait4(self.child.pid, 0)
-                pytest.fail(f"{self.path.name} did not finish in {TIMEOUT_SECONDS} s; stderr ends with:\n"
-                            f"{tail(self.stderr.read_text())}")
-            time.sleep(0.05)
-        self.child.returncode = os.waitstatus_to_exitcode(status)
+        memory in MB (10^6 bytes, as the limit is stated)."""
+        try:
+            self.child.wait(timeout=TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.child.pid, signal.SIGKILL)
+            self.child.wait()
+            pytest.fail(f"{self.path.name} did not finish in {TIMEOUT_SECONDS} s; stderr ends with:\n"
+                        f"{tail(self.stderr.read_text())}")
         if self.child.returncode != 0:
             pytest.fail(f"{self.path.name} exited with {self.child.returncode}; stderr ends with:\n"
                         f"{tail(self.stderr.read_text())}")
-        return usage.ru_maxrss * 1024 / 1e6  # Linux reports KiB; MB here, as the limit is stated
+        return int(self.peak.read_text()) / 1e6
 
 
 def run_notebook(path: Path, figures: Path, monkeypatch) -> str | None:
