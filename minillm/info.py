@@ -10,8 +10,8 @@ import numpy as np
 
 from .config import LlamaConfig
 from .gguf import GGUFFile
+from .formats import row_bytes
 from .kvcache import kv_cache_bytes, ring_rows
-from .quant import row_bytes
 from .weights import storage_type, validate
 
 MiB = 1 << 20

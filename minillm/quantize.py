@@ -11,21 +11,20 @@ from pathlib import Path
 import gguf
 from tqdm import tqdm
 
-from . import quant
+from . import formats
 from .config import LlamaConfig
 from .errors import MinillmError, UsageError
 from .gguf import GGUFFile
 from .weights import dequantized, storage_type, validate
 
-# general.file_type values (llama.cpp's LLAMA_FTYPE_MOSTLY_*) for the formats written here.
-FILE_TYPES = {
-    gguf.GGMLQuantizationType.F32: gguf.LlamaFileType.ALL_F32,
-    gguf.GGMLQuantizationType.F16: gguf.LlamaFileType.MOSTLY_F16,
-    gguf.GGMLQuantizationType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
-    gguf.GGMLQuantizationType.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
-    gguf.GGMLQuantizationType.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
-}
 WRITER_OWNS = ("general.architecture", "general.alignment", "general.file_type")
+
+
+def file_type(ggml_type) -> gguf.LlamaFileType:
+    """general.file_type (llama.cpp's LLAMA_FTYPE_*) of a file whose matrices are of one type:
+    MOSTLY_<type> (ALL_F32 for float32)."""
+    members = gguf.LlamaFileType.__members__
+    return members.get(f"MOSTLY_{ggml_type.name}") or members[f"ALL_{ggml_type.name}"]
 
 
 def tensor_plan(src: GGUFFile, bits: int, int4: str) -> dict:
@@ -49,14 +48,14 @@ def requantize(src_path, dst_path, bits: int, int4: str = "asym", progress: bool
         if key not in WRITER_OWNS:
             vtype, element_type = src.value_types[key]
             writer.add_key_value(key, value, vtype, sub_type=element_type)
-    writer.add_file_type(FILE_TYPES[plan["blk.0.attn_q.weight"]])  # the format of the layers' matrices
+    writer.add_file_type(file_type(plan["blk.0.attn_q.weight"]))  # the format of the layers' matrices
     for name in tqdm(src.tensors, desc=f"quantizing to {bits} bits", unit="tensor",
                      disable=None if progress else True):  # None: off when stderr is no terminal
         info, target = src.tensors[name], plan[name]
         if target == info.ggml_type:
             writer.add_tensor(name, src.data(name), raw_dtype=target)
         else:
-            writer.add_tensor(name, quant.quantize(dequantized(src, name), target), raw_dtype=target)
+            writer.add_tensor(name, formats.quantize(dequantized(src, name), target), raw_dtype=target)
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

@@ -11,7 +11,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from tqdm import tqdm
 
-from . import quant
+from . import formats
 from .config import LlamaConfig
 from .errors import GGUFError
 from .gguf import GGUFFile
@@ -90,15 +90,15 @@ def validate(gguf: GGUFFile, config: LlamaConfig):
             raise GGUFError(gguf.path, f"missing tensor {name}")
         if tuple(info.shape) != shape:
             raise GGUFError(gguf.path, f"tensor {name} has shape {tuple(info.shape)}, expected {shape}")
-        if info.ggml_type not in quant.SUPPORTED_TYPES:
-            supported = ", ".join(t.name for t in quant.SUPPORTED_TYPES)
+        if info.ggml_type not in formats.weight_types():
+            supported = ", ".join(t.name for t in formats.weight_types())
             raise GGUFError(gguf.path, f"tensor {name} has unsupported type {info.ggml_type.name} (supported: {supported})")
 
 
 def dequantized(gguf: GGUFFile, name: str) -> np.ndarray:
     """A tensor decoded to float32 in its NumPy shape."""
     info = gguf.tensors[name]
-    return quant.dequantize(gguf.data(name), info.ggml_type).reshape(info.shape)
+    return formats.dequantize(gguf.data(name), info.ggml_type).reshape(info.shape)
 
 
 def load_float(gguf: GGUFFile, config: LlamaConfig, threads: int = 1) -> ModelWeights:
@@ -152,7 +152,7 @@ def packed_tensor(gguf: GGUFFile, name: str, target: GGMLQuantizationType) -> np
     info = gguf.tensors[name]
     if info.ggml_type == target:
         return gguf.data(name)
-    converted = quant.quantize(dequantized(gguf, name), target)
+    converted = formats.quantize(dequantized(gguf, name), target)
     gguf.release(name)
     return converted
 

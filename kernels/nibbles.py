@@ -1,0 +1,52 @@
+"""4-bit codes read 16 bits at a time: the first pass of the Q4_0 and Q4_1 matvec kernels.
+
+Both formats store 32 weights as 16 bytes of 4-bit codes after a header; the kernels read a row
+as little-endian 16-bit words (a zero-copy view of the packed bytes), L words per block:
+
+    Q4_0  L = 9:   word 9 b = d                       w = d * (code - 8)
+    Q4_1  L = 10:  word 10 b = d, word 10 b + 1 = m   w = d * code + m
+    then 8 words of codes: code byte j of the block is in word (header + j // 2), low byte when
+    j is even; its low nibble is element j and its high nibble element j + 16.
+
+Both share the first pass (`nibble_products`, four code x int8 products per word); they differ
+only in how a block's integer sum becomes a float (kernels/q4_0.py, kernels/q4_1.py).
+"""
+
+import numpy as np
+
+from ._jit import jit_inline
+
+
+def _nibble_products(w16_row, xa, p):
+    # w16_row: (L * nb,) u16   xa: (4, L * nb) i8   p: (>= L * nb,) i16
+    # Four products code (0..15) x int8 per word: |p| <= 4 * 15 * 127 = 7620 fits an int16.
+    # A plain element-wise loop over the words, so LLVM vectorizes it.
+    for k in range(xa.shape[1]):
+        word = int(w16_row[k])
+        p[k] = ((word & 15) * int(xa[0, k]) + ((word >> 4) & 15) * int(xa[1, k])
+                + ((word >> 8) & 15) * int(xa[2, k]) + (word >> 12) * int(xa[3, k]))
+
+
+nibble_products = jit_inline(_nibble_products)
+
+
+def _block_sum(p, start):
+    # The eight code words of one block: |sum| <= 8 * 7620 fits an int32; saying so lets LLVM
+    # add them in a tree of 32-bit adds instead of a chain of 64-bit ones.
+    total = np.int32(0)
+    for t in range(8):
+        total = np.int32(total + p[start + t])
+    return total
+
+
+block_sum = jit_inline(_block_sum)
+
+
+def _codes_of_word(word):
+    # The four codes of code word t of a block, low bits first: elements 2t and 2t + 16 (low
+    # byte), then 2t + 1 and 2t + 17 (high byte).
+    return word & 15, (word >> 4) & 15, (word >> 8) & 15, word >> 12
+
+
+codes_of_word = jit_inline(_codes_of_word)
+

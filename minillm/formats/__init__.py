@@ -1,0 +1,71 @@
+"""The block formats: one module and one class per GGML type, in a registry keyed by type id.
+
+| type | bytes / weights | layout (module docstrings have the details)       | ggml pairs it with |
+|------|-----------------|----------------------------------------------------|--------------------|
+| F32  | 4 / 1           | float32                                            | F32                |
+| F16  | 2 / 1           | float16                                            | F16                |
+| BF16 | 2 / 1           | top half of a float32                              |                    |
+| Q8_0 | 34 / 32         | d, 32 int8                                         | Q8_0               |
+| Q4_0 | 18 / 32         | d, 32 4-bit codes, w = d (code - 8)                | Q8_0               |
+| Q4_1 | 20 / 32         | d, m, 32 4-bit codes, w = d code + m               | Q8_1               |
+| Q8_1 | 36 / 32         | activations only: d, s = d sum(q), 32 int8         |                    |
+
+
+A format is asked for by type: `formats.get(GGMLQuantizationType.Q4_1)` (or `formats.Q4_1`), and
+the loader asks `formats.weight_format(type, tensor_name)`, which refuses, naming the tensor, a type
+minillm cannot read. `dequantize`, `quantize` and `row_bytes` below are shorthands for the format's
+own methods. minillm.formats.base describes what a format class holds.
+"""
+
+import numpy as np
+
+from ..errors import MinillmError
+from .base import FORMATS, Format
+from .bf16 import BF16
+from .f16 import F16
+from .f32 import F32
+from .q4_0 import Q4_0
+from .q4_1 import Q4_1
+from .q8_0 import Q8_0
+from .q8_1 import Q8_1
+
+__all__ = ["FORMATS", "Format", "get", "weight_format", "weight_types", "dequantize", "quantize", "row_bytes",
+           "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q8_1"]
+
+
+def get(ggml_type) -> type[Format]:
+    """The format class of a GGML type (a GGMLQuantizationType or its id); MinillmError if none."""
+    fmt = FORMATS.get(ggml_type)
+    if fmt is None:
+        raise MinillmError(f"type {getattr(ggml_type, 'name', ggml_type)} is not a format minillm knows "
+                           f"(it reads {', '.join(t.name for t in weight_types())})")
+    return fmt
+
+
+def weight_types() -> tuple:
+    """The GGML types a model's tensors may have, by type id."""
+    return tuple(sorted((t for t, fmt in FORMATS.items() if fmt.weight), key=int))
+
+
+def weight_format(ggml_type, tensor: str) -> type[Format]:
+    """The format of a tensor's stored type, or a one-line MinillmError naming the tensor and the type."""
+    fmt = FORMATS.get(ggml_type)
+    if fmt is None or not fmt.weight:
+        raise MinillmError(f"{tensor}: type {getattr(ggml_type, 'name', ggml_type)} is not supported "
+                           f"(minillm reads {', '.join(t.name for t in weight_types())})")
+    return fmt
+
+
+def dequantize(raw: np.ndarray, ggml_type) -> np.ndarray:
+    """Decode raw bytes (..., row_bytes) of a type into float32 (..., n_cols)."""
+    return get(ggml_type).dequantize(raw)
+
+
+def quantize(w: np.ndarray, ggml_type) -> np.ndarray:
+    """Encode float weights (..., n_cols) as raw bytes (..., row_bytes) of a type."""
+    return get(ggml_type).quantize(w)
+
+
+def row_bytes(ggml_type, n_cols: int) -> int:
+    """Bytes that one row of n_cols weights takes in a type."""
+    return get(ggml_type).row_bytes(n_cols)
