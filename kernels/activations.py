@@ -47,8 +47,9 @@ class Int8Activation:
     xa: np.ndarray      # (values per word, words per row) int8, laid out per weight word
 
 
-def int8_activation(n_cols: int, values_per_word: int, words_per_block: int) -> Int8Activation:
-    """Buffers for one activation of n_cols values, laid out for rows of `words_per_block` 16-bit words per block."""
+def int8_activation(n_cols: int, values_per_word: int = 0, words_per_block: int = 0) -> Int8Activation:
+    """Buffers for one activation of n_cols values, laid out for rows of `words_per_block` 16-bit
+    words per block (none by default)."""
     nb = n_cols // 32
     return Int8Activation(q=np.empty(n_cols, np.int8), d=np.empty(nb, np.float32), sums=np.empty(nb, np.int32),
                           xa=np.empty((values_per_word, words_per_block * nb), np.int8))
@@ -128,3 +129,16 @@ def _activation_for_q4(x, q, d, qsum, xa, header_words):
 
 activation_for_q4 = jit(_activation_for_q4)
 
+
+def _activation_with_sums(x, q, d, sums):
+    """Quantize x as `quantize_activation` does and add up each block's codes: sums (K // 32,) i32,
+    for kernels that read the codes in place (Q5_0, Q5_1) and need no layout."""
+    quantize_activation(x, q, d)
+    for b in range(d.shape[0]):
+        total = 0
+        for e in range(32):
+            total += int(q[32 * b + e])      # int(): plain NumPy would add in int8 and wrap
+        sums[b] = total
+
+
+activation_with_sums = jit(_activation_with_sums)

@@ -1,4 +1,4 @@
-"""4-bit codes read 16 bits at a time: the first pass of the Q4_0 and Q4_1 matvec kernels.
+"""Packed 4- and 5-bit codes: what the Q4_0, Q4_1, Q5_0 and Q5_1 kernels share.
 
 Both formats store 32 weights as 16 bytes of 4-bit codes after a header; the kernels read a row
 as little-endian 16-bit words (a zero-copy view of the packed bytes), L words per block:
@@ -10,6 +10,10 @@ as little-endian 16-bit words (a zero-copy view of the packed bytes), L words pe
 
 Both share the first pass (`nibble_products`, four code x int8 products per word); they differ
 only in how a block's integer sum becomes a float (kernels/q4_0.py, kernels/q4_1.py).
+
+Q5_0 and Q5_1 add a fifth bit to each code: a little-endian uint32 qh after the header (read as two
+words), bit j for element j. Their kernels read the code bytes in place (`code_sum`: byte j gives
+elements j and j + 16, the two int8 activations it multiplies sit 16 apart).
 """
 
 import numpy as np
@@ -50,3 +54,34 @@ def _codes_of_word(word):
 
 codes_of_word = jit_inline(_codes_of_word)
 
+
+def _fifth_bits(w16_row, word):
+    # the uint32 qh of a Q5 block from two little-endian 16-bit words
+    return np.uint32(w16_row[word]) | (np.uint32(w16_row[word + 1]) << np.uint32(16))
+
+
+fifth_bits = jit_inline(_fifth_bits)
+
+
+def _codes5(byte, qh, j):
+    # elements j (low nibble) and j + 16 (high nibble) of a Q5 block, fifth bits from qh
+    byte = np.int32(byte)
+    low = (byte & 15) | (np.int32((qh >> np.uint32(j)) & np.uint32(1)) << 4)
+    high = (byte >> 4) | (np.int32((qh >> np.uint32(j + 16)) & np.uint32(1)) << 4)
+    return low, high
+
+
+codes5 = jit_inline(_codes5)
+
+
+def _code_sum(w8_row, start, qh, xq, first):
+    # sum_e code_e xq_e over one Q5 block: code bytes from w8_row[start], activations from xq[first];
+    # |sum| <= 32 * 31 * 127 fits an int32
+    total = np.int32(0)
+    for j in range(16):
+        low, high = codes5(w8_row[start + j], qh, j)
+        total = np.int32(total + low * np.int32(xq[first + j]) + high * np.int32(xq[first + 16 + j]))
+    return total
+
+
+code_sum = jit_inline(_code_sum)

@@ -170,7 +170,7 @@ def test_avx2_order_adds_the_generic_terms():
     np.testing.assert_array_less(np.abs(got - terms.sum(0)), (2 * 3 + 4) * EPS32 * magnitude)
 
 
-QUANTIZED = [GT.Q8_0, GT.Q4_0, GT.Q4_1]
+QUANTIZED = [GT.Q8_0, GT.Q4_0, GT.Q4_1, GT.Q5_0, GT.Q5_1]
 
 
 def dequantized_activation(act_type, act) -> np.ndarray:

@@ -153,9 +153,9 @@ def test_wrong_shape(tiny_path, tmp_path):
 
 
 def test_unsupported_tensor_type(tmp_path):
-    path = write_tiny_llama(tmp_path / "q5.gguf", weight_type=gguf.GGMLQuantizationType.Q5_0,
+    path = write_tiny_llama(tmp_path / "mxfp4.gguf", weight_type=gguf.GGMLQuantizationType.MXFP4,
                             embedding_type=gguf.GGMLQuantizationType.Q8_0)
-    expect_error(path, "blk.0.attn_q.weight", "unsupported type Q5_0")
+    expect_error(path, "blk.0.attn_q.weight", "unsupported type MXFP4")
 
 
 def test_unknown_tensor_type_id(tiny_path, tmp_path):

@@ -8,6 +8,8 @@
 | Q8_0 | 34 / 32         | d, 32 int8                                         | Q8_0               |
 | Q4_0 | 18 / 32         | d, 32 4-bit codes, w = d (code - 8)                | Q8_0               |
 | Q4_1 | 20 / 32         | d, m, 32 4-bit codes, w = d code + m               | Q8_1               |
+| Q5_0 | 22 / 32         | d, 32 5-bit codes, w = d (code - 16)               | Q8_0               |
+| Q5_1 | 24 / 32         | d, m, 32 5-bit codes, w = d code + m               | Q8_1               |
 | Q8_1 | 36 / 32         | activations only: d, s = d sum(q), 32 int8         |                    |
 
 
@@ -26,11 +28,13 @@ from .f16 import F16
 from .f32 import F32
 from .q4_0 import Q4_0
 from .q4_1 import Q4_1
+from .q5_0 import Q5_0
+from .q5_1 import Q5_1
 from .q8_0 import Q8_0
 from .q8_1 import Q8_1
 
 __all__ = ["FORMATS", "Format", "get", "weight_format", "weight_types", "dequantize", "quantize", "row_bytes",
-           "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q8_1"]
+           "F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_1"]
 
 
 def get(ggml_type) -> type[Format]:

@@ -1,6 +1,7 @@
 """Reading and writing the fields blocks are made of, and ggml's rounding rules, in NumPy.
 
-Shared by the format modules: float16 scales, 4-bit codes packed two to a byte, C's roundf. Every step is the float32 operation ggml
+Shared by the format modules: float16 scales, 4-bit codes packed two to a byte, single high bits
+packed 32 to a word, C's roundf. Every step is the float32 operation ggml
 does, so the formats built on them are bit-identical to ggml and gguf-py.
 """
 
@@ -26,6 +27,16 @@ def pack_nibbles(codes: np.ndarray) -> np.ndarray:
     """(..., 2 n) codes 0..15 -> (..., n) bytes: element j in the low nibble, element j + n in the high."""
     n = codes.shape[-1] // 2
     return codes[..., :n] | (codes[..., n:] << np.uint8(4))
+
+
+def unpack_bits(four_bytes: np.ndarray) -> np.ndarray:
+    """(..., 4) uint8, a little-endian uint32 -> (..., 32) uint8: bit j of it as element j."""
+    return np.unpackbits(four_bytes, axis=-1, bitorder="little")
+
+
+def pack_bits(bits: np.ndarray) -> np.ndarray:
+    """(..., 32) values 0 or 1 -> (..., 4) uint8: element j as bit j of a little-endian uint32."""
+    return np.packbits(bits.astype(np.uint8), axis=-1, bitorder="little")
 
 
 def round_half_away(v: np.ndarray) -> np.ndarray:
