@@ -36,7 +36,8 @@ STREAM_SLOTS = 2               # buffers in the streaming pool: one computing, o
 # runs (generate under caps of 25% to 150% of its weights) at 0 to 1.2 MiB above the counted lines.
 RESERVE_BYTES = 3 << 19
 # Temporaries of the NumPy dequantizers (minillm.formats) while they fill one tile, in tiles: measured
-# 2.06 (Q8_0, Q4_1, Q5_1), 2.31 (Q4_0, Q5_0), 2.0 (BF16), 1.0 (F16) with tracemalloc.
+# 2.06 (Q8_0, Q4_1, Q5_1), 2.31 (Q4_0, Q5_0), 2.36 (Q4_K, Q5_K), 2.35 (Q6_K), 2.0 (BF16), 1.0 (F16)
+# with tracemalloc.
 NUMPY_DEQUANTIZE_TILES = 2.5
 
 

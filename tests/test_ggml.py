@@ -170,7 +170,7 @@ def test_avx2_order_adds_the_generic_terms():
     np.testing.assert_array_less(np.abs(got - terms.sum(0)), (2 * 3 + 4) * EPS32 * magnitude)
 
 
-QUANTIZED = [GT.Q8_0, GT.Q4_0, GT.Q4_1, GT.Q5_0, GT.Q5_1]
+QUANTIZED = [GT.Q8_0, GT.Q4_0, GT.Q4_1, GT.Q5_0, GT.Q5_1, GT.Q4_K, GT.Q5_K, GT.Q6_K]
 
 
 def dequantized_activation(act_type, act) -> np.ndarray:
@@ -215,6 +215,40 @@ def test_ggml_product_is_within_its_bound_of_float64(ggml_type, data, rounding, 
     got = GGMLLinear(QuantLinear(raw, ggml_type, backend="numpy"), rounding)(x)
     want = x.astype(np.float64) @ formats.get(ggml_type).exact(raw).T
     assert np.all(np.abs(got - want) <= product_bound(raw, ggml_type, x, rounding))
+
+
+# ---------------------------------------------------------------------------------------------
+# Against ggml itself (tests/data/make_ggml_quants_reference.py: libggml's x86 build, through ctypes)
+
+GOLDEN_QUANTS = np.load(Path(__file__).parent / "data" / "ggml_quants_reference.npz")
+
+
+def activation_bytes(act_type, act) -> np.ndarray:
+    """An activation of ggml_quantize as ggml lays it out in memory, (T, row_bytes) uint8."""
+    if act_type == GT.Q8_0:
+        return q8_0_bytes(*act)
+    if act_type == GT.Q8_1:
+        return q8_1_bytes(*act)
+    d, q, bsums = act                                                    # block_q8_K: f32 d, 256 int8, 16 int16
+    return np.concatenate([d[..., None].view(np.uint8), q.view(np.uint8),
+                           bsums.astype(np.int16).view(np.uint8)], axis=-1).reshape(d.shape[0], -1)
+
+
+@pytest.mark.parametrize("act_type", [GT.Q8_0, GT.Q8_1, GT.Q8_K], ids=lambda t: t.name)
+def test_activation_quantizers_equal_ggml_x86(act_type):
+    act = formats.get(act_type).ggml_quantize(GOLDEN_QUANTS["dot_x"], "x86")
+    assert np.array_equal(activation_bytes(act_type, act), GOLDEN_QUANTS[f"act_{act_type.name}"])
+
+
+@pytest.mark.parametrize("ggml_type", QUANTIZED, ids=lambda t: t.name)
+def test_dot_products_equal_ggml_x86(ggml_type):
+    """ggml_vec_dot_* of the x86 build (AVX2 paths) on quantized and random weight rows, bit for bit."""
+    fmt = formats.get(ggml_type)
+    act = formats.get(fmt.vec_dot_type).ggml_quantize(GOLDEN_QUANTS["dot_x"], "x86")
+    with np.errstate(over="ignore", invalid="ignore"):    # random rows' huge scales: inf - inf is NaN in ggml too
+        got = fmt.ggml_dot(GOLDEN_QUANTS[f"weights_{ggml_type.name}"], act, "x86")
+    want = GOLDEN_QUANTS[f"dot_{ggml_type.name}"]
+    assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
 def test_ggml_expf_is_exp_to_a_few_ulps():

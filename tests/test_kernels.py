@@ -29,8 +29,10 @@ from bounds import exact_weights, matvec_bound, tile_bound
 from numba_checks import NUMBA_ENVS, run_checked
 from minillm import formats
 from minillm.errors import MinillmError
+from minillm.formats import Q8_K
 from minillm.formats.activation import FLUSH, Int8Blocks
 from minillm.kernels import activations
+from minillm.kernels.q8_k import q8_k_activation, quantize_q8_k
 from minillm.kernels.threads import max_threads
 from minillm.linear import QuantEmbedding, QuantLinear
 from minillm.packed import PackedRows
@@ -170,6 +172,29 @@ def test_activation_rounding_bound(x):
     err = np.abs(blocks - d[:, None] * q)
     assert np.all(err[kept] <= d[kept, None] * (0.5 + 255 * 2.0**-24))
     assert np.all(q[~kept] == 0) and np.all(np.abs(blocks[~kept]) < FLUSH)
+
+
+@kernel_settings
+@given(x=float_matrices(max_rows=1, block=256, max_blocks=3).map(lambda a: a[0]))
+def test_q8_k_activation_kernel_equals_reference(x):
+    """The K-quant kernels' activation is ggml's Q8_K bit for bit: codes, scales, sums of 16."""
+    act = q8_k_activation(x.shape[0])
+    quantize_q8_k(x, act.q, act.d, act.bsums)
+    d, q, bsums = Q8_K.ggml_quantize(x[None])
+    assert np.array_equal(act.q, q.ravel()) and np.array_equal(act.bsums, bsums.ravel())
+    assert np.array_equal(act.d.view(np.uint32), d.ravel().view(np.uint32))
+
+
+def test_q8_k_activation_edge_blocks():
+    """Zeros (d = 0), a maximum below 127 / FLT_MAX (ggml's iscale is infinite: codes 0), ties."""
+    x = np.concatenate([np.zeros(256), np.full(256, 1e-38), np.arange(256) - 127.5,
+                        np.where(np.arange(256) == 3, -2.0, 0.5)]).astype(np.float32)
+    act = q8_k_activation(x.shape[0])
+    quantize_q8_k(x, act.q, act.d, act.bsums)
+    d, q, bsums = Q8_K.ggml_quantize(x[None])
+    assert np.array_equal(act.q, q.ravel()) and np.array_equal(act.d, d.ravel())
+    assert np.all(act.q[:512] == 0) and act.q[256 * 3 + 3] == -127         # the max, -2, maps to -127
+    assert act.q[256 * 3] == 32                                            # 0.5 * 63.5 = 31.75
 
 
 def test_activation_flush_level_is_shared():

@@ -1,7 +1,7 @@
 """Reading and writing the fields blocks are made of, and ggml's rounding rules, in NumPy.
 
 Shared by the format modules: float16 scales, 4-bit codes packed two to a byte, single high bits
-packed 32 to a word, C's roundf. Every step is the float32 operation ggml
+packed 32 to a word, C's roundf and ggml's `nearest_int`. Every step is the float32 operation ggml
 does, so the formats built on them are bit-identical to ggml and gguf-py.
 """
 
@@ -44,6 +44,14 @@ def round_half_away(v: np.ndarray) -> np.ndarray:
     a = np.abs(v)
     whole = np.floor(a)
     return np.sign(v) * (whole + np.floor(2 * (a - whole)))
+
+
+def nearest_int(v: np.ndarray) -> np.ndarray:
+    """ggml-quants.c `nearest_int` on float32 values, as int32: adds 1.5 * 2^23 in float32 and reads
+    the low 23 bits, which rounds halves to even for |v| < 2^22. ggml asserts that range (a check
+    that release builds drop); outside it, and for inf or NaN, this returns what those builds compute."""
+    magic = (np.asarray(v, np.float32) + np.float32(12582912)).view(np.int32)
+    return (magic & 0x007FFFFF) - 0x00400000
 
 
 def reciprocal(d: np.ndarray) -> np.ndarray:
