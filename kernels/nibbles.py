@@ -19,6 +19,8 @@ elements j and j + 16, the two int8 activations it multiplies sit 16 apart).
 import numpy as np
 
 from ._jit import jit_inline
+from .activations import activation_for_q4, activation_with_sums, int8_activation
+from .rows import Rows, read_only, scratch_rows
 
 
 def _nibble_products(w16_row, xa, p):
@@ -85,3 +87,39 @@ def _code_sum(w8_row, start, qh, xq, first):
 
 
 code_sum = jit_inline(_code_sum)
+
+
+class NibbleRows(Rows):
+    """Q4_0 or Q4_1 rows read as 16-bit words, `header` of them before each block's 8 code words
+    (minillm.kernels.rows); subclasses add the kernels."""
+
+    header = 1
+
+    def __init__(self, raw):
+        super().__init__(raw)
+        self.w16 = read_only(raw.view(np.uint16))                # (N, (header + 8) nb), same bytes
+
+    def new_activation(self):
+        return int8_activation(self.n_cols, values_per_word=4, words_per_block=self.header + 8)
+
+    def quantize(self, x, act):
+        activation_for_q4(x, act.q, act.d, act.sums, act.xa, self.header)
+
+    def new_scratch(self, parts):
+        return scratch_rows(parts, (self.header + 8) * self.n_blocks, np.int16)
+
+
+class Q5Rows(Rows):
+    """Q5_0 or Q5_1 rows read as 16-bit words and as bytes, the codes in place, against int8
+    activations with their block sums (minillm.kernels.rows); subclasses add the kernels."""
+
+    def __init__(self, raw):
+        super().__init__(raw)
+        self.w16 = read_only(raw.view(np.uint16))                # same bytes
+        self.w8 = read_only(raw.view(np.uint8))
+
+    def new_activation(self):
+        return int8_activation(self.n_cols)
+
+    def quantize(self, x, act):
+        activation_with_sums(x, act.q, act.d, act.sums)

@@ -15,9 +15,8 @@ NumPy references (minillm.formats.q4_1): `Q4_1.dequantize` for `dequantize_rows_
 import numpy as np
 
 from ._jit import jit, jit_inline
-from .activations import F16_TO_F32, activation_for_q4, int8_activation
-from .nibbles import block_sum, codes_of_word, nibble_products
-from .rows import Rows, read_only, scratch_rows
+from .activations import F16_TO_F32
+from .nibbles import NibbleRows, block_sum, codes_of_word, nibble_products
 
 
 def _row_dot_q4_1(w16_row, p, xd, qsum, f16):
@@ -73,23 +72,10 @@ def _dequantize_rows_q4_1(w16, f16, out):
 dequantize_rows_q4_1 = jit(_dequantize_rows_q4_1)
 
 
-class Q4_1Rows(Rows):
+class Q4_1Rows(NibbleRows):
     """Q4_1 rows for the kernels above: 20-byte blocks read as 10 words (minillm.kernels.rows)."""
 
-    type_size = 20
-
-    def __init__(self, raw):
-        super().__init__(raw)
-        self.w16 = read_only(raw.view(np.uint16))                # (N, 10 nb), same bytes
-
-    def new_activation(self):
-        return int8_activation(self.n_cols, values_per_word=4, words_per_block=10)
-
-    def quantize(self, x, act):
-        activation_for_q4(x, act.q, act.d, act.sums, act.xa, 2)
-
-    def new_scratch(self, parts):
-        return scratch_rows(parts, 10 * self.n_blocks, np.int16)
+    type_size, header = 20, 2
 
     def matvec_rows(self, act, p, out, first, stop):
         matvec_rows_q4_1(self.w16, act.xa, act.d, act.sums, F16_TO_F32, out, p, first, stop)

@@ -21,8 +21,8 @@ import numpy as np
 from ._jit import jit, jit_inline
 from .activations import F16_TO_F32
 from .kquants import field, scales_k4
-from .q8_k import q8_k_activation, quantize_q8_k
-from .rows import Rows, read_only, scratch_rows
+from .q8_k import Q8KRows
+from .rows import read_only
 
 
 def _nibble_sums(w8_row, start, xq, first):
@@ -111,25 +111,17 @@ def _dequantize_rows_q4_k(w32, w8, f16, out):
 dequantize_rows_q4_k = jit(_dequantize_rows_q4_k)
 
 
-class Q4_KRows(Rows):
+class Q4_KRows(Q8KRows):
     """Q4_K rows for the kernels above: 144-byte super-blocks read as 36 words and as bytes
     (minillm.kernels.rows)."""
 
-    block_size, type_size = 256, 144
+    type_size = 144
 
     def __init__(self, raw):
         super().__init__(raw)
         self.w32 = read_only(raw.view(np.uint32))                # (N, 36 nsb), same bytes
         self.w8 = read_only(raw.view(np.uint8))
 
-    def new_activation(self):
-        return q8_k_activation(self.n_cols)
-
-    def quantize(self, x, act):
-        quantize_q8_k(x, act.q, act.d, act.bsums)
-
-    def new_scratch(self, parts):
-        return scratch_rows(parts, 0, np.int16)                 # none needed
 
     def matvec_rows(self, act, scratch, out, first, stop):
         matvec_rows_q4_k(self.w32, self.w8, act.q, act.d, act.bsums, F16_TO_F32, out, first, stop)

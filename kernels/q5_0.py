@@ -16,9 +16,8 @@ NumPy references (minillm.formats.q5_0): `Q5_0.dequantize` for `dequantize_rows_
 import numpy as np
 
 from ._jit import jit
-from .activations import F16_TO_F32, activation_with_sums, int8_activation
-from .nibbles import code_sum, codes5, fifth_bits
-from .rows import Rows, read_only, scratch_rows
+from .activations import F16_TO_F32
+from .nibbles import Q5Rows, code_sum, codes5, fifth_bits
 
 
 def _matvec_rows_q5_0(w16, w8, xq, xd, qsum, f16, out, first, stop):
@@ -60,24 +59,10 @@ def _dequantize_rows_q5_0(w16, w8, f16, out):
 dequantize_rows_q5_0 = jit(_dequantize_rows_q5_0)
 
 
-class Q5_0Rows(Rows):
+class Q5_0Rows(Q5Rows):
     """Q5_0 rows for the kernels above: 22-byte blocks read as 11 words and as bytes (minillm.kernels.rows)."""
 
     type_size = 22
-
-    def __init__(self, raw):
-        super().__init__(raw)
-        self.w16 = read_only(raw.view(np.uint16))                # (N, 11 nb), same bytes
-        self.w8 = read_only(raw.view(np.uint8))
-
-    def new_activation(self):
-        return int8_activation(self.n_cols)
-
-    def quantize(self, x, act):
-        activation_with_sums(x, act.q, act.d, act.sums)
-
-    def new_scratch(self, parts):
-        return scratch_rows(parts, 0, np.int16)                 # none needed
 
     def matvec_rows(self, act, scratch, out, first, stop):
         matvec_rows_q5_0(self.w16, self.w8, act.q, act.d, act.sums, F16_TO_F32, out, first, stop)

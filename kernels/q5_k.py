@@ -17,8 +17,8 @@ from ._jit import jit, jit_inline
 from .activations import F16_TO_F32
 from .kquants import field, scales_k4
 from .q4_k import min_sum
-from .q8_k import q8_k_activation, quantize_q8_k
-from .rows import Rows, read_only, scratch_rows
+from .q8_k import Q8KRows
+from .rows import read_only
 
 
 def _code_sums(w8_row, codes_start, bits_start, j, xq, first):
@@ -105,25 +105,17 @@ def _dequantize_rows_q5_k(w32, w8, f16, out):
 dequantize_rows_q5_k = jit(_dequantize_rows_q5_k)
 
 
-class Q5_KRows(Rows):
+class Q5_KRows(Q8KRows):
     """Q5_K rows for the kernels above: 176-byte super-blocks read as 44 words and as bytes
     (minillm.kernels.rows)."""
 
-    block_size, type_size = 256, 176
+    type_size = 176
 
     def __init__(self, raw):
         super().__init__(raw)
         self.w32 = read_only(raw.view(np.uint32))                # (N, 44 nsb), same bytes
         self.w8 = read_only(raw.view(np.uint8))
 
-    def new_activation(self):
-        return q8_k_activation(self.n_cols)
-
-    def quantize(self, x, act):
-        quantize_q8_k(x, act.q, act.d, act.bsums)
-
-    def new_scratch(self, parts):
-        return scratch_rows(parts, 0, np.int16)                 # none needed
 
     def matvec_rows(self, act, scratch, out, first, stop):
         matvec_rows_q5_k(self.w32, self.w8, act.q, act.d, act.bsums, F16_TO_F32, out, first, stop)

@@ -17,8 +17,8 @@ import numpy as np
 
 from ._jit import jit, jit_inline
 from .activations import F16_TO_F32
-from .q8_k import q8_k_activation, quantize_q8_k
-from .rows import Rows, read_only, scratch_rows
+from .q8_k import Q8KRows
+from .rows import read_only
 
 
 def _codes6(w8_row, block, n, l):
@@ -111,11 +111,11 @@ def _dequantize_rows_q6_k(w16, w8, wi8, f16, out):
 dequantize_rows_q6_k = jit(_dequantize_rows_q6_k)
 
 
-class Q6_KRows(Rows):
+class Q6_KRows(Q8KRows):
     """Q6_K rows for the kernels above: 210-byte super-blocks read as 105 words, as bytes and as
     signed bytes (minillm.kernels.rows)."""
 
-    block_size, type_size = 256, 210
+    type_size = 210
 
     def __init__(self, raw):
         super().__init__(raw)
@@ -123,14 +123,6 @@ class Q6_KRows(Rows):
         self.w8 = read_only(raw.view(np.uint8))
         self.wi8 = read_only(raw.view(np.int8))
 
-    def new_activation(self):
-        return q8_k_activation(self.n_cols)
-
-    def quantize(self, x, act):
-        quantize_q8_k(x, act.q, act.d, act.bsums)
-
-    def new_scratch(self, parts):
-        return scratch_rows(parts, 0, np.int16)                 # none needed
 
     def matvec_rows(self, act, scratch, out, first, stop):
         matvec_rows_q6_k(self.w16, self.w8, self.wi8, act.q, act.d, act.bsums, F16_TO_F32, out, first, stop)

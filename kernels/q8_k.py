@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._jit import jit
+from .rows import Rows
 
 
 @dataclass
@@ -55,3 +56,16 @@ def _quantize_q8_k(x, q, d, bsums):
 
 
 quantize_q8_k = jit(_quantize_q8_k)
+
+
+class Q8KRows(Rows):
+    """Rows of a K-quant (super-blocks of 256), multiplied by Q8_K activations (minillm.kernels.rows);
+    subclasses add the views and the kernels."""
+
+    block_size = 256
+
+    def new_activation(self):
+        return q8_k_activation(self.n_cols)
+
+    def quantize(self, x, act):
+        quantize_q8_k(x, act.q, act.d, act.bsums)

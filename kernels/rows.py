@@ -42,3 +42,7 @@ class Rows:
         self.n_rows = raw.shape[0]
         self.n_cols = raw.shape[1] // self.type_size * self.block_size
         self.n_blocks = self.n_cols // self.block_size
+
+    def new_scratch(self, parts: int) -> np.ndarray:
+        """(parts, ...) what each thread's matvec_rows writes besides out: nothing, unless a format says."""
+        return scratch_rows(parts, 0, np.int16)

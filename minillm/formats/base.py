@@ -34,10 +34,12 @@ class Format:
     name: ClassVar[str]                # ggml's name: "Q4_K"
     block_size: ClassVar[int]          # weights per block (1 for float types, 32, or 256 for K-quants)
     type_size: ClassVar[int]           # bytes per block
+    bits_per_weight: ClassVar[float]   # 8 * type_size / block_size: 4.5 for Q4_0 and Q4_K, 32 for F32
     vec_dot_type: ClassVar = None      # the type ggml quantizes activations to for this one's dot product
     kernels: ClassVar = None           # module in minillm.kernels with its Numba matvec, or None
     weight: ClassVar[bool] = True      # False for ggml's activation-only types (Q8_1, Q8_K)
     f16_fields: ClassVar[tuple] = ()   # byte offsets of the float16 fields (scales) in a block
+    fallback: ClassVar = None          # the type llama.cpp writes instead where rows are not whole blocks
 
     def __init_subclass__(cls, ggml_type=None, vec_dot_type=None, kernels=None, weight=True, type_size=None,
                           **kwargs):
@@ -47,6 +49,7 @@ class Format:
         cls.ggml_type, cls.name = ggml_type, ggml_type.name
         cls.block_size, cls.type_size = GGML_QUANT_SIZES[ggml_type]
         cls.type_size = type_size or cls.type_size
+        cls.bits_per_weight = 8 * cls.type_size / cls.block_size
         cls.vec_dot_type, cls.kernels, cls.weight = vec_dot_type, kernels, weight
         assert ggml_type not in FORMATS, f"{ggml_type.name} registered twice"
         FORMATS[ggml_type] = cls

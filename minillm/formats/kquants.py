@@ -12,6 +12,11 @@ so every product and sum rounds on its own, as here; with `nearest_int` for C's 
 quantizers built on them are bit-identical to `quantize_row_q4_K_ref` etc.
 (tests/data/make_ggml_quants_reference.py calls those through ctypes).
 
+Q4_K and Q5_K share more: both are `ScalesMinsBlock`s, w = d * sc * code - dmin * m per sub-block
+of 32, and differ only in where their codes are; the base class holds their dequantizer, parts,
+kernel terms and ggml's dot product (`scales_mins_dot`). ggml's K-quant dot products form integer
+lanes of their own (`lane_sums_k` for the AVX2 order, `lane_sums_k_generic` for the C one).
+
 The 6-bit scales and minimums of Q4_K and Q5_K, 8 of each in 12 bytes (`get_scale_min_k4`):
 
     byte 0..3   scale j (low 6 bits) | bits 4..5 of scale j + 4 (top 2 bits)       j = 0..3
@@ -21,8 +26,10 @@ The 6-bit scales and minimums of Q4_K and Q5_K, 8 of each in 12 bytes (`get_scal
 
 import numpy as np
 
-from .fields import nearest_int
-from .ggml_math import block_sums, lane_sums
+from .base import Format
+from .fields import f16, nearest_int
+from .ggml_math import block_sums, fma32, hsum_float_4, hsum_float_8, lane_sums, round_f16
+from .q8_k import Q8_K
 
 F32 = np.float32
 GROUP_MAX_EPS = F32(1e-15)   # ggml-quants.c: a group whose largest |x| is below this is all zeros
@@ -180,16 +187,128 @@ def lane_sums_k_generic(codes: np.ndarray, scales: np.ndarray, q: np.ndarray) ->
     return (sums * scales.astype(np.float64).transpose(1, 2, 0)[:, :, None, :, None]).sum(axis=1)
 
 
-def kquant_terms(d, dmin, sc, m, codes, q, dx):
-    """What the Q4_K and Q5_K matvec kernels (kernels/q4_k.py, q5_k.py) add in float32, exactly, for
-    the bound in tests/bounds.py: per super-block (d dx) I - (dmin dx) M with I = sum_s sc_s sum_e
-    code_e q_e and M = sum_s m_s sum_e q_e, exact int32 sums (I can pass 2^24, so its conversion to
-    float32 rounds): 3 roundings each, 1 for the difference, then nsb additions.
-    d, dmin (N, nsb) float32; sc, m (N, nsb, 8); codes (N, nsb, 8, 32); q (K,) int8; dx (nsb,)
-    -> coefficients (N, 2 nsb), integers (N, 2 nsb) float64, depth"""
-    qb = q.reshape(-1, 8, 32).astype(np.float64)                         # (nsb, 8, 32)
-    isum = np.einsum("nbsj,bsj->nbs", codes.astype(np.float64), qb)      # per sub-block
-    big_i = (sc.astype(np.float64) * isum).sum(axis=-1)                  # (N, nsb) exact
-    big_m = (m.astype(np.float64) * qb.sum(axis=-1)).sum(axis=-1)
-    coefficients = np.concatenate([d.astype(np.float64) * dx, dmin.astype(np.float64) * dx], axis=-1)
-    return coefficients, np.concatenate([big_i, -big_m], axis=-1), dx.shape[0] + 4
+def quantize_scales_mins(x: np.ndarray, nmax: int, rmin: float, nstep: int):
+    """The first half of quantize_row_q4_K_ref / _q5_K_ref, for super-blocks x (..., 256) float32:
+    each sub-block's scale and minimum by make_qkx2_quants, then both quantized to 6 bits against
+    the largest of each. -> d, dmin (..., 1) float32 as stored (float16), the 12 scale bytes,
+    sc and m (..., 8) uint8, and the sub-blocks' codes from the search (..., 8, 32)."""
+    groups = x.reshape(-1, 32)
+    scales, mins, L = make_qkx2_quants(groups, subblock_weights(groups), nmax, rmin, 0.1, nstep)
+    scales, mins = scales.reshape(*x.shape[:-1], 8), mins.reshape(*x.shape[:-1], 8)
+    max_scale, max_min = running_max(scales), running_max(mins)
+    inv_scale = np.where(max_scale > 0, F32(63) / max_scale, F32(0))[..., None]
+    inv_min = np.where(max_min > 0, F32(63) / max_min, F32(0))[..., None]
+    # C: uint8_t ls = nearest_int(...) (kept modulo 256), then MIN(63, ls)
+    sc = np.minimum(63, nearest_int(inv_scale * scales) & 0xFF).astype(np.uint8)
+    m = np.minimum(63, nearest_int(inv_min * mins) & 0xFF).astype(np.uint8)
+    d = round_f16(max_scale / F32(63))[..., None]
+    dmin = round_f16(max_min / F32(63))[..., None]
+    return d, dmin, pack_scales_k4(sc, m), sc, m, L.reshape(*x.shape[:-1], 8, 32)
+
+
+def requantize(x, d, dmin, sc, m, L, nmax: int) -> np.ndarray:
+    """The second half: every sub-block with a nonzero scale d * sc is coded again against the
+    stored scales, l = nearest_int((x + dmin * m) / (d * sc)) in 0..nmax; the others keep the
+    search's codes. x (..., 256), d and dmin (..., 1), sc, m (..., 8), L (..., 8, 32) -> (..., 256)"""
+    scale = (d * sc.astype(F32))[..., None]                              # (..., 8, 1), exact
+    shift = (dmin * m.astype(F32))[..., None]
+    fresh = np.clip(nearest_int((x.reshape(L.shape) + shift) / scale), 0, nmax)
+    return np.where(scale != 0, fresh, L).reshape(x.shape)
+
+
+class ScalesMinsBlock(Format):
+    """A super-block of 8 sub-blocks of 32, w = d * sc_s * code - dmin * m_s (Q4_K, Q5_K): d, dmin
+    float16 in bytes 0..3, the 6-bit sc and m in bytes 4..15; subclasses say where the codes are
+    (`codes(blocks) -> (..., 256)`). ggml multiplies them by Q8_K activations."""
+
+    f16_fields = (0, 2)
+    matvec_activation = Q8_K
+    fused_summs = False           # Q5_K's AVX2 code adds the minimums' sum with one fma per super-block
+
+    @staticmethod
+    def codes(blocks):
+        """The codes (..., 256) of blocks (..., type_size), in element order."""
+        raise NotImplementedError
+
+    @classmethod
+    def unpacked(cls, blocks):
+        """-> d, dmin (..., 1) float32; sc, m (..., 8) uint8; codes (..., 8, 32)."""
+        sc, m = unpack_scales_k4(blocks[..., 4:16])
+        return f16(blocks[..., 0:2]), f16(blocks[..., 2:4]), sc, m, cls.codes(blocks).reshape(*blocks.shape[:-1], 8, 32)
+
+    @classmethod
+    def dequantize_blocks(cls, blocks):
+        # (..., type_size) uint8 -> (..., 256) float32, as gguf: (d * sc) * code - dmin * m
+        d, dmin, sc, m, codes = cls.unpacked(blocks)
+        scale, shift = (d * sc.astype(F32))[..., None], (dmin * m.astype(F32))[..., None]   # (..., 8, 1)
+        return (scale * codes.astype(F32) - shift).reshape(*blocks.shape[:-1], 256)   # temporaries reused
+
+    @classmethod
+    def parts(cls, blocks):
+        """(scale, offset, codes) per sub-block of 32: d * sc, -dmin * m (both exact in float32), code."""
+        d, dmin, sc, m, codes = cls.unpacked(blocks)
+        return d * sc.astype(F32), -(dmin * m.astype(F32)), codes
+
+    @classmethod
+    def matvec_terms(cls, blocks, q, dx):
+        """The float32 terms kernels/q4_k.py and q5_k.py add, exactly: per super-block (d dx) I -
+        (dmin dx) M with I = sum_s sc_s sum_e code_e q_e and M = sum_s m_s sum_e q_e, exact int32
+        sums (I can pass 2^24, so its conversion to float32 rounds): 3 roundings each, 1 for the
+        difference, then nsb additions."""
+        d, dmin, sc, m, codes = cls.unpacked(blocks)
+        qb = q.reshape(-1, 8, 32).astype(np.float64)                     # (nsb, 8, 32)
+        isum = np.einsum("nbsj,bsj->nbs", codes.astype(np.float64), qb)  # per sub-block
+        big_i = (sc.astype(np.float64) * isum).sum(axis=-1)              # (N, nsb) exact
+        big_m = (m.astype(np.float64) * qb.sum(axis=-1)).sum(axis=-1)
+        coefficients = np.concatenate([d[..., 0].astype(np.float64) * dx, dmin[..., 0].astype(np.float64) * dx], axis=-1)
+        return coefficients, np.concatenate([big_i, -big_m], axis=-1), dx.shape[0] + 4
+
+    @classmethod
+    def ggml_dot(cls, raw, act, rounding="x86"):
+        """ggml_vec_dot_q4_K_q8_K or _q5_K_q8_K: raw (N, row_bytes), act = Q8_K.ggml_quantize(x)
+        -> (N, T) float32 (scales_mins_dot)."""
+        d, dmin, sc, m, codes = cls.unpacked(cls.blocks(raw))
+        return scales_mins_dot(codes.reshape(*codes.shape[:-2], 256), sc, d[..., 0], m, dmin[..., 0], act,
+                               rounding, cls.fused_summs)
+
+
+def scales_mins_dot(codes, sc, d, m, dmin, act, rounding, fused_summs):
+    """ggml_vec_dot_q4_K_q8_K and _q5_K_q8_K for codes (N, nsb, 256), 6-bit sc, m (N, nsb, 8),
+    float16 d, dmin (N, nsb) and a Q8_K activation (dy (T, nsb), q (T, nsb, 256), bsums (T, nsb, 16))
+    -> (N, T) float32.
+
+    x86 (AVX2), per super-block: d = dy * dW, dmin = -dy * dminW; 8 int32 lanes (lane_sums_k) into
+    acc = fma(d, lanes, acc); the minimums' sums m_s * (bsums 2s + bsums 2s+1) either in 4 lanes
+    acc_m = fma(dmin, pair sums, acc_m) added after hsum_float_8(acc) (Q4_K), or as one integer
+    into summs = fma(dmin, sum, summs) (Q5_K: GCC contracts `summs += dmin * sum`).
+    Generic: 8 float sums[l] += d * aux32[l] per super-block, sumf -= dmin * sumi, then the 8 sums
+    added to sumf in order."""
+    dy, qy, bsums = act
+    pairs = (bsums[..., 0::2] + bsums[..., 1::2]).astype(np.float64)      # (T, nsb, 8): sums of 32
+    mins = np.einsum("nbs,tbs->bnt", m.astype(np.float64), pairs)        # (nsb, N, T) exact
+    dW, dminW = d.T[:, :, None], dmin.T[:, :, None]                      # (nsb, N, 1)
+    dY = dy.T[:, None, :]                                                # (nsb, 1, T)
+    if rounding == "x86":
+        lanes = lane_sums_k(codes, sc, qy).astype(F32)                   # (nsb, 8, N, T), rounded as cvtepi32_ps
+        min_lanes = np.einsum("nbks,tbks->bknt", m.reshape(*m.shape[:2], 4, 2).astype(np.float64),
+                              pairs.reshape(*pairs.shape[:2], 4, 2)).astype(F32)   # (nsb, 4, N, T)
+        acc = np.zeros(lanes.shape[1:], F32)
+        acc_m = np.zeros(min_lanes.shape[1:], F32)
+        summs = np.zeros(lanes.shape[2:], F32)
+        for b in range(lanes.shape[0]):
+            scale, scale_min = dY[b] * dW[b], -dY[b] * dminW[b]
+            if fused_summs:
+                summs = fma32(scale_min, mins[b].astype(F32), summs)
+            else:
+                acc_m = fma32(scale_min, min_lanes[b], acc_m)
+            acc = fma32(scale, lanes[b], acc)
+        return hsum_float_8(acc) + (summs if fused_summs else hsum_float_4(acc_m))
+    lanes = lane_sums_k_generic(codes, sc, qy).astype(F32)
+    sums = np.zeros(lanes.shape[1:], F32)
+    sumf = np.zeros(lanes.shape[2:], F32)
+    for b in range(lanes.shape[0]):
+        sums += (dW[b] * dY[b]) * lanes[b]
+        sumf -= (dminW[b] * dY[b]) * mins[b].astype(F32)
+    for lane in sums:
+        sumf += lane
+    return sumf

@@ -48,6 +48,7 @@ class Q6_K(Format, ggml_type=GT.Q6_K, vec_dot_type=GT.Q8_K, kernels="q6_k"):
     """Q6_K (module docstring)."""
 
     f16_fields = (208,)
+    fallback = GT.Q8_0             # llama.cpp's type for rows that are not whole super-blocks
     matvec_activation = Q8_K
 
     @staticmethod

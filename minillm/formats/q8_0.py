@@ -16,18 +16,15 @@ import numpy as np
 from gguf import GGMLQuantizationType as GT
 
 from ..errors import MinillmError
-from .activation import Int8Blocks
-from .base import Format
+from .blocks import ScaledBlock
 from .fields import f16, f16_bytes, reciprocal, round_half_away
-from .ggml_math import ROUNDING, accumulate_avx2, block_sums, lane_sums, round_f16
+from .ggml_math import ROUNDING, round_f16
 
 
-class Q8_0(Format, ggml_type=GT.Q8_0, vec_dot_type=GT.Q8_0, kernels="q8_0"):
+class Q8_0(ScaledBlock, ggml_type=GT.Q8_0, vec_dot_type=GT.Q8_0, kernels="q8_0"):
     """Q8_0 (module docstring)."""
 
     f16_fields = (0,)
-
-    matvec_activation = Int8Blocks
 
     @staticmethod
     def dequantize_blocks(blocks):
@@ -47,36 +44,11 @@ class Q8_0(Format, ggml_type=GT.Q8_0, vec_dot_type=GT.Q8_0, kernels="q8_0"):
         d = f16(blocks[..., 0:2])
         return d, np.zeros_like(d), blocks[..., None, 2:].view(np.int8)
 
-    @classmethod
-    def matvec_terms(cls, blocks, q, dx):
-        """The float32 terms kernels/q8_0.py adds, exactly, for the bound in tests/bounds.py:
-        per block d dx I with I = sum q_w q_x (exact); 2 roundings each, then nb additions."""
-        d, _, codes = cls.parts(blocks)
-        isum = np.einsum("nbj,bj->nb", codes[:, :, 0].astype(np.float64), q.reshape(-1, 32).astype(np.float64))
-        return d[..., 0].astype(np.float64) * dx, isum, dx.shape[0] + 2
-
     @staticmethod
     def ggml_quantize(x, rounding="x86"):
         """x (T, K) float32 -> d (T, nb) float32 holding float16 scales, q (T, nb, 32) int8."""
         d, q = quantize_q8(x, rounding)
         return round_f16(d), q
-
-    @classmethod
-    def ggml_dot(cls, raw, act, rounding="x86"):
-        """ggml_vec_dot_q8_0_q8_0 of each row with each token: raw (N, row_bytes), act from
-        ggml_quantize -> (N, T) float32. Generic C: sumf += sumi * (dW * dx) block after block;
-        x86: 8 AVX2 lanes (ggml_math.accumulate_avx2)."""
-        dx, qx = act
-        blocks = cls.blocks(raw)
-        dw, codes = f16(blocks[..., 0:2])[..., 0], blocks[..., 2:].view(np.int8)
-        scales = dw.T[:, :, None] * dx.T[:, None, :]                       # (nb, N, T)
-        if rounding == "x86":
-            return accumulate_avx2(scales, lane_sums(codes, qx))
-        sums = block_sums(codes, qx)
-        acc = np.zeros(sums.shape[1:], np.float32)
-        for b in range(sums.shape[0]):
-            acc += sums[b] * scales[b]
-        return acc
 
 
 def quantize_q8(x: np.ndarray, rounding: str = "x86"):
