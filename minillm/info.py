@@ -9,8 +9,8 @@ from collections import defaultdict
 import numpy as np
 
 from .config import LlamaConfig
-from .gguf import GGUFFile
 from .formats import row_bytes
+from .gguf import GGUFFile
 from .kvcache import kv_cache_bytes, ring_rows
 from .weights import storage_type, validate
 

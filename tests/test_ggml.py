@@ -1,6 +1,7 @@
 """The compute modes (minillm.modes): ggml's activation quantizers and products, the float16 KV
 cache, the float64 oracle, the --mode flag, and `--mode ggml` against llama.cpp's own logits."""
 
+import hashlib
 import json
 import math
 import os
@@ -17,13 +18,14 @@ from hypothesis import strategies as st
 
 from minillm import formats
 from minillm.config import LlamaConfig
-from minillm.gguf import GGUFFile
-from minillm.kvcache import Float16Rows, kv_cache_bytes, new_cache
-from minillm.linear import QuantLinear
 from minillm.formats.ggml_math import accumulate_avx2, block_sums, lane_sums
 from minillm.formats.q8_0 import q8_0_bytes
 from minillm.formats.q8_1 import q8_1_bytes
+from minillm.gguf import GGUFFile
+from minillm.kvcache import Float16Rows, kv_cache_bytes, new_cache
+from minillm.linear import QuantLinear
 from minillm.modes.ggml import GGMLLinear, f16_dot, ggml_expf
+from minillm.quantize import pure_plan, write_requantized
 from minillm.runtime import RunConfig, load
 from minillm.verify.compare import logits_diff, tensor_diff
 from strategies import float_rows
@@ -362,3 +364,35 @@ def test_ggml_mode_matches_llamacpp(smollm2_path):
     ref = golden["logits"].astype(np.float32)
     assert tensor_diff("logits", ref, at).nmse < GGML_NMSE_TARGET
     assert logits_diff(ref, at).kld_mean < GGML_KLD_TARGET
+
+
+KQUANT_GOLDEN = Path(__file__).parent / "data" / "ggml_kquant_reference.npz"
+
+
+def kquant_case_plan(src: GGUFFile, name: str) -> dict:
+    """The tensor types of SmolLM2 requantized for one case of tests/data/make_ggml_kquant_reference.py:
+    Q4_K and Q5_K as `llama-quantize --pure` writes them (minillm.quantize.pure_plan: the fallback
+    type, Q5_0 or Q5_1, where rows of 576 are not whole super-blocks); Q6_K: SmolLM2's own types with
+    ffn_down in Q6_K (its fallback Q8_0 would be converted to Q4_1 by --bits 4)."""
+    if name == "Q6_K":
+        return {n: formats.Q6_K.ggml_type if ".ffn_down." in n else info.ggml_type for n, info in src.tensors.items()}
+    return pure_plan(src, getattr(formats, name).ggml_type)
+
+
+@pytest.mark.weights
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["Q4_K", "Q5_K", "Q6_K"])
+def test_ggml_mode_matches_llamacpp_on_k_quant_files(smollm2_path, tmp_path, name):
+    """SmolLM2 requantized by minillm's quantizers (which give llama-quantize's bytes: the script
+    checks every tensor), decoded one token at a time in `--mode ggml`: llama.cpp's float32 logits
+    bit for bit (their sha256 in the golden), so Q4_K, Q5_K, Q6_K, Q5_0 and Q5_1 products are exact."""
+    golden = np.load(KQUANT_GOLDEN)
+    meta = json.loads(str(golden["metadata"]))["types"][name]
+    src = GGUFFile(smollm2_path)
+    path = write_requantized(src, tmp_path / f"{name}.gguf", kquant_case_plan(src, name), progress=False)
+    assert sorted({info.ggml_type.name for info in GGUFFile(path).tensors.values()}) == meta["types_in_file"]
+    ours = run_tokens(path, [int(i) for i in golden["token_ids"]], mode="ggml")
+    assert np.array_equal(ours.argmax(-1), golden[f"{name}_top1"])
+    last = tensor_diff("logits", golden[f"{name}_last_logits"].astype(np.float32)[None], ours[-1:].astype(np.float16))
+    digest = hashlib.sha256(np.ascontiguousarray(ours, np.float32).tobytes()).hexdigest()
+    assert digest == meta["logits_sha256"], f"logits differ from llama.cpp's (last position: NMSE {last.nmse:.2e})"
