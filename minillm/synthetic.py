@@ -30,9 +30,11 @@ def tiny_vocab():
 
 
 def write_tiny_llama(path, *, n_layers=2, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=96, context_length=256,
-                     weight_type=gguf.GGMLQuantizationType.F32, embedding_type=None, seed=0) -> Path:
-    """Write a random Llama GGUF and return its path. Matrices use `weight_type`, the tied token
-    embedding `embedding_type` (default: the same); norms are F32, as in real files."""
+                     weight_type=gguf.GGMLQuantizationType.F32, embedding_type=None, output_type=None,
+                     seed=0) -> Path:
+    """Write a random Llama GGUF and return its path. Matrices use `weight_type`, the token embedding
+    `embedding_type` (default: the same), tied to the LM head unless `output_type` asks for a separate
+    output.weight of that type; norms are F32, as in real files."""
     rng = np.random.default_rng(seed)
     tokens, types, merges = tiny_vocab()
     head_dim = dim // n_heads
@@ -69,6 +71,8 @@ def write_tiny_llama(path, *, n_layers=2, dim=64, n_heads=4, n_kv_heads=2, ffn_d
 
     matrix("token_embd.weight", len(tokens), dim, embedding_type or weight_type)
     norm("output_norm.weight")
+    if output_type is not None:
+        matrix("output.weight", len(tokens), dim, output_type)
     for i in range(n_layers):
         norm(f"blk.{i}.attn_norm.weight")
         norm(f"blk.{i}.ffn_norm.weight")

@@ -25,7 +25,8 @@ from minillm.gguf import GGUFFile
 from minillm.kvcache import Float16Rows, kv_cache_bytes, new_cache
 from minillm.linear import QuantLinear
 from minillm.modes.ggml import GGMLLinear, f16_dot, ggml_expf
-from minillm.quantize import pure_plan, write_requantized
+from minillm import mixes
+from minillm.quantize import tensor_plan, write_requantized
 from minillm.runtime import RunConfig, load
 from minillm.verify.compare import logits_diff, tensor_diff
 from strategies import float_rows
@@ -371,12 +372,12 @@ KQUANT_GOLDEN = Path(__file__).parent / "data" / "ggml_kquant_reference.npz"
 
 def kquant_case_plan(src: GGUFFile, name: str) -> dict:
     """The tensor types of SmolLM2 requantized for one case of tests/data/make_ggml_kquant_reference.py:
-    Q4_K and Q5_K as `llama-quantize --pure` writes them (minillm.quantize.pure_plan: the fallback
+    Q4_K and Q5_K as `llama-quantize --pure` writes them (minillm.mixes: the fallback
     type, Q5_0 or Q5_1, where rows of 576 are not whole super-blocks); Q6_K: SmolLM2's own types with
     ffn_down in Q6_K (its fallback Q8_0 would be converted to Q4_1 by --bits 4)."""
     if name == "Q6_K":
         return {n: formats.Q6_K.ggml_type if ".ffn_down." in n else info.ggml_type for n, info in src.tensors.items()}
-    return pure_plan(src, getattr(formats, name).ggml_type)
+    return tensor_plan(src, mixes.file_type(name), pure=True)
 
 
 @pytest.mark.weights
@@ -389,7 +390,8 @@ def test_ggml_mode_matches_llamacpp_on_k_quant_files(smollm2_path, tmp_path, nam
     golden = np.load(KQUANT_GOLDEN)
     meta = json.loads(str(golden["metadata"]))["types"][name]
     src = GGUFFile(smollm2_path)
-    path = write_requantized(src, tmp_path / f"{name}.gguf", kquant_case_plan(src, name), progress=False)
+    path = write_requantized(src, tmp_path / f"{name}.gguf", kquant_case_plan(src, name), mixes.file_type(name).ftype,
+                             progress=False)
     assert sorted({info.ggml_type.name for info in GGUFFile(path).tensors.values()}) == meta["types_in_file"]
     ours = run_tokens(path, [int(i) for i in golden["token_ids"]], mode="ggml")
     assert np.array_equal(ours.argmax(-1), golden[f"{name}_top1"])

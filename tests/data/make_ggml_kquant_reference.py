@@ -40,7 +40,7 @@ sys.path.insert(0, str(HERE.parent))
 
 from make_ggml_reference import llamacpp_logits, minillm_logits, table_row  # noqa: E402
 
-from minillm import formats  # noqa: E402
+from minillm import formats, mixes  # noqa: E402
 from minillm.gguf import GGUFFile  # noqa: E402
 from minillm.quantize import write_requantized  # noqa: E402
 from minillm.tokenizer import Tokenizer  # noqa: E402
@@ -91,12 +91,13 @@ def main():
     meta = {"model_file": Path(args.model).name, "tokens": len(ids), "types": {}}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        f32 = write_requantized(source, Path(tmp) / "f32.gguf", float32_plan(source))
+        f32 = write_requantized(source, Path(tmp) / "f32.gguf", float32_plan(source), mixes.file_type("F32").ftype)
         for name in args.types.split(","):
             options, ftype = CASES[name]
             theirs = Path(tmp) / f"llama-quantize-{name}.gguf"
             subprocess.run([args.llama_quantize, *options, str(f32), str(theirs), ftype], check=True, capture_output=True)
-            ours = write_requantized(source, Path(tmp) / f"minillm-{name}.gguf", case_plan(source, name))
+            ours = write_requantized(source, Path(tmp) / f"minillm-{name}.gguf", case_plan(source, name),
+                                     mixes.file_type(name).ftype)
             check_tensors(GGUFFile(ours), GGUFFile(theirs), source)
             ref = llamacpp_logits(str(theirs), ids, args.threads)
             mine = minillm_logits(str(theirs), ids, "ggml")
