@@ -12,7 +12,7 @@ from .config import LlamaConfig
 from .formats import row_bytes
 from .gguf import GGUFFile
 from .kvcache import kv_cache_bytes, ring_rows
-from .weights import storage_type, validate
+from .weights import holds_low_bit_blocks, storage_type, validate
 
 MiB = 1 << 20
 SHOWN_KEYS = ("general.name", "general.architecture", "general.license", "general.file_type",
@@ -35,10 +35,10 @@ def type_summary(gguf: GGUFFile) -> dict:
 def loaded_bytes(gguf: GGUFFile, bits: int, int4: str = "asym") -> int:
     """Bytes the weights take once loaded with --bits: each tensor in the format storage_type picks
     (for a Q4 file at --bits 4 that is the file's own bytes, mapped, not copied)."""
-    tied = "output.weight" not in gguf.tensors
+    tied, low_bit = "output.weight" not in gguf.tensors, holds_low_bit_blocks(gguf)
     total = 0
     for name, info in gguf.tensors.items():
-        target = storage_type(info, bits, int4, tied_head=tied and name == "token_embd.weight")
+        target = storage_type(info, bits, int4, tied_head=tied and name == "token_embd.weight", low_bit_file=low_bit)
         total += info.n_elements // info.shape[-1] * row_bytes(target, info.shape[-1])
     return total
 

@@ -42,17 +42,19 @@ from .errors import UsageError
 
 @dataclass(frozen=True)
 class FileType:
-    """One of llama-quantize's TYPE arguments: its name, general.file_type, and its default type."""
+    """One of llama-quantize's TYPE arguments: its name, general.file_type, its default type, and
+    the `--bits` that runs a file of this type as written (minillm.weights.storage_type)."""
     name: str
     ftype: FT
     default: GT
+    bits: int = 4
 
 
 FILE_TYPES = {ft.name: ft for ft in (
-    FileType("F32", FT.ALL_F32, GT.F32),
-    FileType("F16", FT.MOSTLY_F16, GT.F16),
-    FileType("BF16", FT.MOSTLY_BF16, GT.BF16),
-    FileType("Q8_0", FT.MOSTLY_Q8_0, GT.Q8_0),
+    FileType("F32", FT.ALL_F32, GT.F32, bits=32),
+    FileType("F16", FT.MOSTLY_F16, GT.F16, bits=16),
+    FileType("BF16", FT.MOSTLY_BF16, GT.BF16, bits=32),       # no --bits holds BF16: 32 decodes it exactly
+    FileType("Q8_0", FT.MOSTLY_Q8_0, GT.Q8_0, bits=8),
     FileType("Q4_0", FT.MOSTLY_Q4_0, GT.Q4_0),
     FileType("Q4_1", FT.MOSTLY_Q4_1, GT.Q4_1),
     FileType("Q5_0", FT.MOSTLY_Q5_0, GT.Q5_0),

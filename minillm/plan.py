@@ -113,12 +113,12 @@ def strategy_name(layout: Layout, n_layers: int) -> str:
 def weight_index(gguf, config, bits: int, int4: str = "asym") -> WeightIndex:
     """Sizes of the weights as `--bits` holds them (minillm.weights.storage_type), per layer."""
     from .formats import row_bytes
-    from .weights import LAYER_TENSORS, storage_type
-    tied = "output.weight" not in gguf.tensors
+    from .weights import LAYER_TENSORS, holds_low_bit_blocks, storage_type
+    tied, low_bit = "output.weight" not in gguf.tensors, holds_low_bit_blocks(gguf)
 
     def held(name):
         info = gguf.tensors[name]
-        target = storage_type(info, bits, int4, tied_head=tied and name == "token_embd.weight")
+        target = storage_type(info, bits, int4, tied_head=tied and name == "token_embd.weight", low_bit_file=low_bit)
         return info, target, info.n_elements // info.shape[-1] * row_bytes(target, info.shape[-1])
 
     matrices = [f"blk.{i}.{name}" for i in range(config.n_layers) for name in LAYER_TENSORS

@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 
-from minillm.gguf import GGUFFile
+from minillm import mixes
 from minillm.commands.quantize import TYPES
+from minillm.config import LlamaConfig
+from minillm.gguf import GGUFFile, TensorInfo
+from minillm.info import loaded_bytes
 from minillm.mixes import choices
 from minillm.quantize import bits_file_type, requantize
 from minillm.runtime import RunConfig, load
-from minillm.gguf import TensorInfo
-from minillm.weights import dequantized, storage_type
+from minillm.weights import dequantized, holds_low_bit_blocks, load_packed, storage_type
 
 
 @pytest.mark.parametrize("bits, int4, want", [(4, "asym", Q.Q4_1), (4, "sym", Q.Q4_0), (8, "asym", Q.Q8_0)])
@@ -102,3 +104,18 @@ def test_storage_at_4_bits_keeps_every_format_below_8_bits(stored, tied, want):
     info = TensorInfo("token_embd.weight" if tied else "blk.0.ffn_up.weight", (64, 256), stored, 0, 0)
     assert storage_type(info, 4, "asym", tied_head=tied) == want
     assert storage_type(info, 8, "asym", tied_head=tied) == Q.Q8_0
+
+
+def test_bits_4_runs_a_mix_as_written_and_converts_a_q8_0_file(tiny_path, tmp_path):
+    """A Q4_K_M file holds Q8_0 matrices beside its Q5_0 ones (the last layer's attn_v and ffn_down,
+    Q6_K fallbacks on rows of 64 and 96): --bits 4 keeps them, as llama.cpp runs the file. A Q8_0
+    file has no matrix below 8 bits, so --bits 4 makes it int4."""
+    mix = GGUFFile(requantize(tiny_path, tmp_path / "mix.gguf", mixes.file_type("Q4_K_M"), progress=False))
+    q8 = GGUFFile(requantize(tiny_path, tmp_path / "q8.gguf", mixes.file_type("Q8_0"), progress=False))
+    assert mix.tensors["blk.1.attn_v.weight"].ggml_type == Q.Q8_0 and holds_low_bit_blocks(mix)
+    assert not holds_low_bit_blocks(q8)
+    config = LlamaConfig.from_metadata(mix.metadata, mix.path)
+    held = load_packed(mix, config, 4, backend="numpy")
+    assert held.layers[1].wv.ggml_type == Q.Q8_0 and held.layers[0].wv.ggml_type == Q.Q5_0
+    assert loaded_bytes(mix, 4) == sum(info.nbytes for info in mix.tensors.values())
+    assert load_packed(q8, config, 4, backend="numpy").layers[1].wv.ggml_type == Q.Q4_1
