@@ -34,8 +34,9 @@ sys.path.insert(0, str(HERE.parent))
 from test_mixes import CASES, TINY_MODELS, digest, llama_quantize, tiny_model  # noqa: E402
 
 from minillm.gguf import GGUFFile  # noqa: E402
-from minillm.mixes import FILE_TYPES  # noqa: E402
-from minillm.quantize import write_requantized  # noqa: E402
+from minillm.mixes import file_type  # noqa: E402
+from minillm.quantize import requantize  # noqa: E402
+from minillm.registry import resolve_model  # noqa: E402
 
 OUT = HERE / "llama_quantize_types.json"
 
@@ -77,19 +78,13 @@ def version(binary: str, tmp: Path) -> str:
     return next(line for line in (run.stdout + run.stderr).splitlines() if line.startswith("version:"))
 
 
-def float32_copy(model: Path, out: Path) -> Path:
-    """The model with every matrix decoded to float32 (exactly), vectors as stored."""
-    src = GGUFFile(model)
-    plan = {name: FILE_TYPES["F32"].default if len(info.shape) == 2 else info.ggml_type for name, info in src.tensors.items()}
-    return write_requantized(src, out, plan, FILE_TYPES["F32"].ftype, progress=False)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--llama-quantize", required=True)
-    parser.add_argument("--model", default=str(ROOT / "weights/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    parser.add_argument("--model", default=None, help="SmolLM2's Q4_1 file (default: the registry's, fetched on first use)")
     parser.add_argument("--gemma", help="Gemma 3 270M Q4_K_M as published (sha256 a5fd3b62...6818)")
     args = parser.parse_args()
+    args.model = str(resolve_model(args.model))
     golden = {"models": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -98,7 +93,7 @@ def main():
             print(name, file=sys.stderr)
             golden["models"][name] = record(args.llama_quantize, tiny_model(name, tmp), tmp, with_digests=True)
         print("SmolLM2 as float32", file=sys.stderr)
-        source = float32_copy(Path(args.model), tmp / "smollm2-f32.gguf")
+        source = requantize(args.model, tmp / "smollm2-f32.gguf", file_type("F32"), progress=False)
         golden["models"]["smollm2-135m"] = record(args.llama_quantize, source, tmp, with_digests=False)
     if args.gemma:
         gemma = GGUFFile(args.gemma)
