@@ -71,7 +71,7 @@ def test_plan_streams_more_as_the_cap_shrinks(smollm2_path):
             plan = plan_memory(index, run, cap)
         except MinillmError:
             break
-        assert plan.total <= cap
+        assert plan.fits and plan.total < cap
         streamed.append((-plan.layout.kv_bits, plan.layout.streamed_bytes(index)))
     assert streamed == sorted(streamed)
     assert streamed[0] == (-32, 0) and streamed[-1] == (-8, packed_bytes(index))
@@ -135,7 +135,7 @@ def test_measured_peak_stays_under_the_cap_and_near_the_plan(smollm2_path, fract
     m = out["memory"]
     assert m["peak_was_reset"]
     peak, plan = m["peak_above_baseline_mib"] * MiB, m["plan"]["total_mib"] * MiB
-    assert peak <= cap
+    assert peak <= cap, m
     assert abs(plan - peak) <= max(0.05 * peak, 2 * MiB), m
     assert "memory plan for --mem-cap" in err and "baseline of" in err
 
@@ -319,10 +319,10 @@ def test_info_plans_what_the_run_follows(tiny_q4_path):
 
 
 @pytest.mark.weights
-@pytest.mark.parametrize("cap, flags", [("18MiB", ["-c", "256"]), ("64MiB", []), ("24MiB", ["-c", "256"])])
+@pytest.mark.parametrize("cap, flags", [("20MiB", ["-c", "256"]), ("64MiB", []), ("24MiB", ["-c", "256"])])
 def test_info_plans_what_the_run_follows_on_smollm2(smollm2_path, cap, flags):
-    """The issue's cases: at 18 MiB with -c 256 info refused (it measured the tokenizer without the
-    warm-up a run does first, 1.8 MiB more) while generate ran; at 64 MiB they chose different layouts.
+    """The issue's cases: just above the minimum with -c 256 (then 18 MiB) info refused (it measured the
+    tokenizer without the warm-up a run does first, 1.8 MiB more) while generate ran; at 64 MiB they chose different layouts.
     (A cap within about 0.2 MiB of a layout's total may still go either way: the tokenizer's bytes are
     measured in each process, and info says so.)"""
     assert_same_plan(*printed_plans(smollm2_path, cap, *flags))
