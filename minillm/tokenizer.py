@@ -34,6 +34,7 @@ from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import pre_tokenizers
 
+from . import metadata as typed
 from .errors import MinillmError
 from .gguf import join_with_offsets
 
@@ -111,12 +112,6 @@ def _token_bytes_table(tokens) -> tuple[bytes, np.ndarray]:
             return bytes(byte_of[ch] for ch in token)
         return token.encode("utf-8")
     return join_with_offsets(map(token_bytes, tokens), len(tokens))
-
-
-def _required(metadata: dict, key: str):
-    if key not in metadata:
-        raise MinillmError(f"GGUF metadata has no {key}: the file carries no usable tokenizer")
-    return metadata[key]
 
 
 class TokenIndex:
@@ -237,31 +232,37 @@ class Tokenizer:
         self._word_ids = lru_cache(maxsize=WORD_CACHE)(self._merge_word)
 
     @classmethod
-    def from_metadata(cls, metadata: dict) -> "Tokenizer":
-        """Build the tokenizer from GGUF metadata (`minillm.gguf.GGUFFile(path).metadata`)."""
-        model = metadata.get("tokenizer.ggml.model")
+    def from_metadata(cls, metadata: dict, path="model") -> "Tokenizer":
+        """Build the tokenizer from GGUF metadata (`minillm.gguf.GGUFFile(path).metadata`); `path`
+        names the file in errors. Every key is read through minillm.metadata, which checks its type."""
+        def get(key, default=None):
+            return typed.get(metadata, key, default, path)
+
+        def require(key):
+            return typed.require(metadata, key, path)
+        model = get("tokenizer.ggml.model")
         if model != "gpt2":
             raise MinillmError(f"unsupported tokenizer.ggml.model {model!r}: "
                                "minillm reads only 'gpt2' (byte-level BPE)")
-        tokens = _required(metadata, "tokenizer.ggml.tokens")
-        token_types = _required(metadata, "tokenizer.ggml.token_type")
+        tokens = require("tokenizer.ggml.tokens")
+        token_types = require("tokenizer.ggml.token_type")
         if len(token_types) != len(tokens):
             raise MinillmError(f"tokenizer.ggml.token_type has {len(token_types)} entries for {len(tokens)} tokens")
         index = TokenIndex(tokens)  # only while building
         if index.has_duplicates():
             raise MinillmError("tokenizer.ggml.tokens lists the same token twice")
-        ids = {key: metadata.get(f"tokenizer.ggml.{key}_token_id") for key in ("bos", "eos", "eot")}
+        ids = {key: get(f"tokenizer.ggml.{key}_token_id") for key in ("bos", "eos", "eot")}
         for key, token_id in ids.items():
             if token_id is not None and not 0 <= token_id < len(tokens):
                 raise MinillmError(f"tokenizer.ggml.{key}_token_id {token_id} "
                                    f"is outside the vocabulary of {len(tokens)}")
-        add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
+        add_bos = get("tokenizer.ggml.add_bos_token", False)
         if add_bos and ids["bos"] is None:
             raise MinillmError("tokenizer.ggml.add_bos_token is set but there is no tokenizer.ggml.bos_token_id")
-        merges = MergeTable.from_strings(_required(metadata, "tokenizer.ggml.merges"), index)
+        merges = MergeTable.from_strings(require("tokenizer.ggml.merges"), index)
         byte_char_ids = {ch: i for ch in bytes_to_unicode().values() if (i := index.find(ch)) is not None}
-        return cls(tokens, byte_char_ids, merges, token_types, _required(metadata, "tokenizer.ggml.pre"),
-                   ids["bos"], ids["eos"], ids["eot"], add_bos, metadata.get("tokenizer.chat_template"))
+        return cls(tokens, byte_char_ids, merges, token_types, require("tokenizer.ggml.pre"),
+                   ids["bos"], ids["eos"], ids["eot"], add_bos, get("tokenizer.chat_template"))
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of plain text. Special-token strings in it ("<|im_start|>") are ordinary text.

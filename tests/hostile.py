@@ -1,0 +1,247 @@
+"""Hostile GGUF files, written on purpose: a raw writer that can say anything, the smallest
+reproducer of every defect issue 16 lists.
+
+gguf's GGUFWriter only writes valid files (one value per key, offsets it computes itself), so the
+files here are written by `RawGGUF`, a plain serializer of the format (minillm.gguf's docstring
+shows the layout) that records where each field of the header lands (`Region`), so a mutation can
+aim at any one of them. Every file starts from the micro model: `write_tiny_llama` with one layer of
+width 32 and Q4_0 matrices, 14.7 KB; `generate -n 2` runs on it (in its chat template).
+"""
+
+import contextlib
+import io
+import math
+import struct
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFValueType
+
+from minillm.gguf import GGUFFile
+from minillm.synthetic import write_tiny_llama
+
+V = GGUFValueType
+SCALAR_FORMATS = {V.UINT8: "B", V.INT8: "b", V.UINT16: "H", V.INT16: "h", V.UINT32: "I", V.INT32: "i",
+                  V.UINT64: "Q", V.INT64: "q", V.FLOAT32: "f", V.FLOAT64: "d", V.BOOL: "?"}
+
+
+@dataclass
+class Value:
+    """A metadata value as stored: its type and, for an array, the element type. Items of an
+    array of arrays are Values themselves."""
+    vtype: int
+    value: object
+    element: int | None = None
+
+
+@dataclass
+class Tensor:
+    name: str
+    ne: list            # GGUF order: ne[0] is the row length
+    ggml_type: int
+    offset: int         # from the start of the data section
+
+
+@dataclass(frozen=True)
+class Region:
+    """Where one field of the header lies in the written file: `kind` is "u32", "u64", "str" (the
+    bytes of a string) or a scalar format."""
+    name: str
+    start: int
+    size: int
+    kind: str
+
+
+@dataclass
+class RawGGUF:
+    kv: list                      # [(key, Value)], in file order; a key may repeat
+    tensors: list                 # [Tensor], in file order
+    data: bytes                   # the data section
+    version: int = 3
+    n_kv: int | None = None       # None: the number of entries in kv
+    n_tensors: int | None = None  # None: the number of entries in tensors
+    alignment: int = 32
+    regions: list = field(default_factory=list)
+
+    @classmethod
+    def read(cls, path) -> "RawGGUF":
+        f = GGUFFile(path)
+        kv = [(key, Value(vtype, value, element)) for key, value in f.metadata.items()
+              for vtype, element in [f.value_types[key]]]
+        tensors = [Tensor(t.name, list(reversed(t.shape)), int(t.ggml_type), t.offset - f.data_start)
+                   for t in f.tensors.values()]
+        return cls(kv, tensors, Path(path).read_bytes()[f.data_start:])
+
+    def get(self, key):
+        return next(v for k, v in self.kv if k == key)
+
+    def with_value(self, key, value: Value) -> "RawGGUF":
+        """A copy with `key` set to `value` (added at the end when absent)."""
+        kv = [(k, value if k == key else v) for k, v in self.kv]
+        return replace(self, kv=kv if any(k == key for k, _ in kv) else kv + [(key, value)])
+
+    def without_key(self, key) -> "RawGGUF":
+        return replace(self, kv=[(k, v) for k, v in self.kv if k != key])
+
+    def tensor_bytes(self, t: Tensor) -> bytes:
+        return self.data[t.offset:t.offset + tensor_nbytes(t)]
+
+    def with_tensors(self, tensors: list) -> "RawGGUF":
+        """A copy holding `tensors` (their bytes taken from this file at their offsets), laid out
+        one after the other as a valid file is, padded to the alignment."""
+        data, placed = bytearray(), []
+        for t in tensors:
+            payload = self.tensor_bytes(t)
+            placed.append(replace(t, offset=len(data)))
+            data += payload + bytes(-len(payload) % self.alignment)
+        return replace(self, tensors=placed, data=bytes(data))
+
+    def to_bytes(self) -> bytes:
+        """The file, with `regions` filled in."""
+        w = _Writer()
+        w.put("magic", "str", b"GGUF")
+        w.put("version", "u32", struct.pack("<I", self.version))
+        w.put("tensor count", "u64", struct.pack("<Q", len(self.tensors) if self.n_tensors is None else self.n_tensors))
+        w.put("metadata count", "u64", struct.pack("<Q", len(self.kv) if self.n_kv is None else self.n_kv))
+        for key, value in self.kv:
+            w.string(f"key {key}", key)
+            w.put(f"{key} type", "u32", struct.pack("<I", value.vtype))
+            w.value(key, value.vtype, value.value, value.element)
+        for t in self.tensors:
+            w.string(f"tensor {t.name} name", t.name)
+            w.put(f"tensor {t.name} n_dims", "u32", struct.pack("<I", len(t.ne)))
+            for i, n in enumerate(t.ne):
+                w.put(f"tensor {t.name} ne[{i}]", "u64", struct.pack("<Q", n))
+            w.put(f"tensor {t.name} type", "u32", struct.pack("<I", t.ggml_type))
+            w.put(f"tensor {t.name} offset", "u64", struct.pack("<Q", t.offset))
+        w.put("padding", "str", bytes(-len(w.buf) % self.alignment))
+        w.put("data", "str", self.data)
+        self.regions = w.regions
+        return bytes(w.buf)
+
+    def write(self, path) -> Path:
+        Path(path).write_bytes(self.to_bytes())
+        return Path(path)
+
+
+def tensor_nbytes(t: Tensor) -> int:
+    from gguf import GGML_QUANT_SIZES
+    block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(t.ggml_type)]
+    return math.prod(t.ne) // block * type_size
+
+
+class _Writer:
+    def __init__(self):
+        self.buf, self.regions = bytearray(), []
+
+    def put(self, name, kind, data: bytes):
+        self.regions.append(Region(name, len(self.buf), len(data), kind))
+        self.buf += data
+
+    def string(self, name, text):
+        raw = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
+        self.put(f"{name} length", "u64", struct.pack("<Q", len(raw)))
+        self.put(name, "str", raw)
+
+    def value(self, name, vtype, value, element):
+        if vtype == V.STRING:
+            self.string(f"{name} value", value)
+        elif vtype == V.ARRAY:
+            self.put(f"{name} element type", "u32", struct.pack("<I", element))
+            self.put(f"{name} count", "u64", struct.pack("<Q", len(value)))
+            for item in value:
+                if element == V.ARRAY:
+                    self.value(f"{name}[]", V.ARRAY, item.value, item.element)
+                else:
+                    self.value(f"{name}[]", element, item, None)
+        elif vtype in SCALAR_FORMATS:
+            fmt = SCALAR_FORMATS[V(vtype)]
+            self.put(f"{name} value", fmt, struct.pack("<" + fmt, value))
+
+
+# --- the micro model and the reproducers of issue 16 ------------------------------------------
+
+def micro_model(path) -> Path:
+    """The 14.7 KB valid model every hostile file starts from (generate -n 2 runs on it)."""
+    return write_tiny_llama(path, n_layers=1, dim=32, n_heads=1, n_kv_heads=1, ffn_dim=32, context_length=64,
+                            weight_type=GGMLQuantizationType.Q4_0)
+
+
+def nested(depth: int) -> Value:
+    """An array of arrays `depth` deep, with one UINT8 at the bottom."""
+    value = Value(V.ARRAY, [1], V.UINT8)
+    for _ in range(depth - 1):
+        value = Value(V.ARRAY, [value], V.ARRAY)
+    return value
+
+
+def with_nan_tensor(g: RawGGUF, name: str) -> RawGGUF:
+    t = next(t for t in g.tensors if t.name == name)
+    values = np.frombuffer(g.tensor_bytes(t), np.float32).copy()
+    values[0] = np.nan
+    data = g.data[:t.offset] + values.tobytes() + g.data[t.offset + values.nbytes:]
+    return replace(g, data=data)
+
+
+def duplicate_tensor(g: RawGGUF, name: str) -> RawGGUF:
+    """`name` listed twice, the second entry with bytes of its own after the others: only the name repeats."""
+    t = next(t for t in g.tensors if t.name == name)
+    return g.with_tensors(g.tensors + [t])
+
+
+def overlapping_tensors(g: RawGGUF, a: str, b: str) -> RawGGUF:
+    """Tensor b pointed at tensor a's bytes (they have the same shape and type)."""
+    ta = next(t for t in g.tensors if t.name == a)
+    return replace(g, tensors=[replace(t, offset=ta.offset) if t.name == b else t for t in g.tensors])
+
+
+# name -> (how the micro model is changed, extra command-line flags, words the one-line error must contain)
+REPRODUCERS = {
+    "nested_array_600": (lambda g: g.with_value("x.nested", nested(600)), [], ["x.nested", "nests arrays"]),
+    "block_count_2^32-1": (lambda g: g.with_value("llama.block_count", Value(V.UINT32, 2**32 - 1)), [],
+                           ["block_count 4294967295", "tensors"]),
+    "bos_id_float": (lambda g: g.with_value("tokenizer.ggml.bos_token_id", Value(V.FLOAT32, 1.0)), [],
+                     ["tokenizer.ggml.bos_token_id is a FLOAT, expected an INTEGER"]),
+    "bos_id_bool": (lambda g: g.with_value("tokenizer.ggml.bos_token_id", Value(V.BOOL, True)), [],
+                    ["tokenizer.ggml.bos_token_id is a BOOL"]),
+    "eos_id_string": (lambda g: g.with_value("tokenizer.ggml.eos_token_id", Value(V.STRING, "2")), [],
+                      ["tokenizer.ggml.eos_token_id is a STRING"]),
+    "eos_id_array": (lambda g: g.with_value("tokenizer.ggml.eos_token_id", Value(V.ARRAY, [2], V.UINT32)), [],
+                     ["tokenizer.ggml.eos_token_id is an ARRAY of INTEGER"]),
+    "tokens_scalar": (lambda g: g.with_value("tokenizer.ggml.tokens", Value(V.UINT32, 5)), [],
+                      ["tokenizer.ggml.tokens is an INTEGER, expected an ARRAY of STRING"]),
+    "tokens_nested_arrays": (lambda g: g.with_value("tokenizer.ggml.tokens", Value(
+        V.ARRAY, [Value(V.ARRAY, [t], V.STRING) for t in g.get("tokenizer.ggml.tokens").value], V.ARRAY)), [],
+        ["tokenizer.ggml.tokens is an ARRAY of ARRAY of STRING"]),
+    "token_type_scalar": (lambda g: g.with_value("tokenizer.ggml.token_type", Value(V.INT32, 1)), [],
+                          ["tokenizer.ggml.token_type is an INTEGER, expected an ARRAY of INTEGER"]),
+    "merges_scalar": (lambda g: g.with_value("tokenizer.ggml.merges", Value(V.UINT32, 7)), [],
+                      ["tokenizer.ggml.merges is an INTEGER"]),
+    "merges_u32_array": (lambda g: g.with_value("tokenizer.ggml.merges", Value(V.ARRAY, [1, 2], V.UINT32)), [],
+                         ["tokenizer.ggml.merges is an ARRAY of INTEGER, expected an ARRAY of STRING"]),
+    "template_not_a_string": (lambda g: g.with_value("tokenizer.chat_template", Value(V.INT32, 5)), [],
+                              ["tokenizer.chat_template is an INTEGER, expected a STRING"]),
+    "missing_tensor_under_mem_cap": (
+        lambda g: replace(g, tensors=[replace(t, name="blk.0.ffn_down.bias") if t.name == "blk.0.ffn_down.weight"
+                                      else t for t in g.tensors]),
+        ["--mem-cap", "64MiB"], ["missing tensor blk.0.ffn_down.weight"]),
+    "duplicate_tensor": (lambda g: duplicate_tensor(g, "output_norm.weight"), [],
+                         ["tensor output_norm.weight is listed twice"]),
+    "duplicate_key": (lambda g: replace(g, kv=g.kv + [("tokenizer.ggml.eos_token_id", Value(V.UINT32, 0))]), [],
+                      ["metadata key tokenizer.ggml.eos_token_id appears twice"]),
+    "overlapping_tensors": (lambda g: overlapping_tensors(g, "blk.0.attn_norm.weight", "blk.0.ffn_norm.weight"), [],
+                            ["tensor blk.0.ffn_norm.weight has offset", "expected"]),
+    "nan_output_norm": (lambda g: with_nan_tensor(g, "output_norm.weight"), [], ["non-finite"]),
+}
+
+# --- running a file as the command line does ------------------------------------------------------
+
+def run_cli(argv: list) -> tuple[int, str]:
+    """minillm's command line in this process: (exit code, stderr). An exception other than the
+    one-line errors main() prints escapes from here, as it would as a traceback."""
+    from minillm.cli import main
+    err = io.StringIO()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, err.getvalue()
