@@ -30,13 +30,12 @@ import re
 from functools import cached_property, lru_cache
 
 import numpy as np
-from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import pre_tokenizers
 
 from . import metadata as typed
 from .errors import MinillmError
 from .gguf import join_with_offsets
+from .template import ChatTemplate
 
 CONTROL = 3  # tokenizer.ggml.token_type of special tokens such as <|im_start|> (llama.cpp's LLAMA_TOKEN_TYPE_CONTROL)
 WORD_CACHE = 4096  # words whose merged ids encode remembers (~0.5 MiB when full)
@@ -200,11 +199,6 @@ class MergeTable:
         return np.where(found, self.ranks[at], NO_RULE), self.merged[at]
 
 
-def _raise_template_error(message):
-    """`raise_exception(msg)` for chat templates, as in HF transformers."""
-    raise MinillmError(f"chat template: {message}")
-
-
 class Tokenizer:
     """Byte-level BPE encode/decode and chat rendering for one model."""
 
@@ -304,27 +298,19 @@ class Tokenizer:
         return ids if ids[:1] == [self.bos_id] else [self.bos_id, *ids]
 
     @cached_property
-    def _template(self):
-        """The chat template compiled as HF transformers does: sandboxed, trim_blocks, lstrip_blocks."""
+    def _template(self) -> ChatTemplate:
+        """The chat template compiled in minillm.template's bounded sandbox."""
         if self.chat_template is None:
             raise MinillmError("this model has no tokenizer.chat_template in its metadata")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
-        env.globals["raise_exception"] = _raise_template_error
-        try:
-            return env.from_string(self.chat_template)
-        except TemplateError as e:
-            raise MinillmError(f"the model's chat template does not parse: {e}") from None
+        return ChatTemplate(self.chat_template)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The conversation as the model's chat template writes it out."""
+        """The conversation as the model's chat template writes it out (as HF transformers renders
+        it: sandboxed, trim_blocks, lstrip_blocks), within minillm.template's bounds."""
         def token_text(token_id):
             return "" if token_id is None else self._template_tokens[token_id]
-        try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=token_text(self.bos_id), eos_token=token_text(self.eos_id))
-        except TemplateError as e:
-            raise MinillmError(f"chat template failed: {e}") from None
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=token_text(self.bos_id), eos_token=token_text(self.eos_id))
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the rendered conversation: special tokens the template wrote become their

@@ -235,6 +235,47 @@ REPRODUCERS = {
     "nan_output_norm": (lambda g: with_nan_tensor(g, "output_norm.weight"), [], ["non-finite"]),
 }
 
+# Chat templates that escaped the sandbox before (the list), and others of their kind.
+HOSTILE_TEMPLATES = {
+    "range over the sandbox limit": "{{ range(1000000) }}",
+    "division by zero": "{{ 1/0 }}",
+    "break outside a loop": "{% break %}",
+    "wordwrap(0)": "{{ 'a b c'|wordwrap(0) }}",
+    "truncate(-5)": "{{ 'abc'|truncate(-5) }}",
+    "huge integer power": "{{ 9**999999 }}",
+    "str + int": "{{ 'a' + 1 }}",
+    "macro recursion": "{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}",
+    "deep parentheses": "{{ " + "(" * 5000 + "1" + ")" * 5000 + " }}",
+    "string times 3e8": "{{ 'x' * 300000000 }}",
+    "center(1e9)": "{{ 'x'|center(1000000000) }}",
+    "indent(1e9)": "{{ 'x\ny'|indent(1000000000) }}",
+    "namespace doubling": "{% set ns = namespace(s='ab') %}{% for i in range(34) %}{% set ns.s = ns.s ~ ns.s %}"
+                          "{% endfor %}{{ ns.s }}",
+    "nested loops of 1e10": "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
+    "lipsum(1e5)": "{{ lipsum(100000) }}",
+    "printf width 1e9": "{{ '%0999999999d' % 1 }}",
+    "format width 1e9": "{{ '{:>999999999}'.format(1) }}",
+    "str.center(1e9)": "{{ 'x'.center(10**9) }}",
+    "replace blow-up": "{{ ('x' * 1000).replace('', 'y' * 10000) }}",
+    "join blow-up": "{{ (range(100000)|list)|join('x' * 1000) }}",
+    "batch(1e9)": "{{ [1]|batch(10**9, 0)|list }}",
+    "list doubling": "{% set ns = namespace(x=[]) %}{% for i in range(40) %}{% set ns.x = [ns.x, ns.x] %}{% endfor %}"
+                     "{{ ns.x }}",
+    "integer squaring": "{% set ns = namespace(n=3) %}{% for i in range(100) %}{% set ns.n = ns.n * ns.n %}"
+                        "{% endfor %}{{ ns.n }}",
+    "sum of lists": "{{ ([[1]] * 100000)|sum(start=[]) }}",
+    "lazy map of big strings": "{% for x in range(100000)|map('center', 100000) %}{% endfor %}",
+    "captured output": "{% set x %}{% for i in range(100000) %}{{ 'y' * 1000 }}{% endfor %}{% endset %}{{ x|length }}",
+    "int.to_bytes(1e9)": "{{ (2).to_bytes(10**9, 'little') }}",
+    "undefined filter": "{{ 'x'|nosuchfilter }}",
+    "syntax error": "{% for %}",
+}
+
+
+def hostile_template(g: RawGGUF, source: str) -> RawGGUF:
+    return g.with_value("tokenizer.chat_template", Value(V.STRING, source))
+
+
 # --- running a file as the command line does ------------------------------------------------------
 
 def run_cli(argv: list) -> tuple[int, str]:

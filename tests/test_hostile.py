@@ -12,7 +12,7 @@ import time
 import tracemalloc
 
 import pytest
-from hostile import REPRODUCERS, RawGGUF, V, Value, micro_model, run_cli
+from hostile import HOSTILE_TEMPLATES, REPRODUCERS, RawGGUF, V, Value, hostile_template, micro_model, run_cli
 
 from minillm.config import LlamaConfig
 from minillm.errors import GGUFError
@@ -109,3 +109,12 @@ def test_a_gap_between_tensors_is_refused(micro, tmp_path):
     gap.data += bytes(32)
     with pytest.raises(GGUFError, match=f"tensor {last.name} has offset"):
         GGUFFile(gap.write(tmp_path / "gap.gguf"))
+
+
+@pytest.mark.parametrize("name", HOSTILE_TEMPLATES)
+def test_hostile_chat_template_gets_a_one_line_error(micro, tmp_path, name):
+    path = hostile_template(micro, HOSTILE_TEMPLATES[name]).write(tmp_path / "template.gguf")
+    start = time.perf_counter()
+    code, stderr = run_cli(["generate", "-m", path, "hi", "-n", "2"])
+    assert time.perf_counter() - start < 10
+    assert_refused(code, stderr, ["chat template"])
