@@ -26,6 +26,7 @@ llama.cpp's, and against a `tokenizers` BPE built from the same metadata.
 """
 
 import codecs
+import heapq
 import re
 from functools import cached_property, lru_cache
 
@@ -282,15 +283,46 @@ class Tokenizer:
 
     def _merge_word(self, word: str) -> tuple[int, ...]:
         """BPE on one word of byte characters: start from one token per character, then join
-        the adjacent pair whose rule ranks first (the leftmost among equals) until no rule applies."""
-        ids = np.array([self._byte_char_ids[ch] for ch in word if ch in self._byte_char_ids], np.int64)  # (n,)
-        while len(ids) > 1:
-            ranks, merged = self._merges.find(ids[:-1], ids[1:])  # (n - 1,) for the pairs (ids[i], ids[i + 1])
-            i = int(np.argmin(ranks))
-            if ranks[i] == NO_RULE:
-                break
-            ids = np.concatenate([ids[:i], merged[i:i + 1], ids[i + 2:]])  # (n - 1,)
-        return tuple(ids.tolist())
+        the adjacent pair whose rule ranks first (the leftmost among equals) until no rule applies.
+
+        The candidate joins wait in a heap ordered by (rank, position), so each join costs
+        O(log n): the ranks of all first pairs are found at once, and a join looks up only the two
+        pairs it makes with its neighbours. A heap entry remembers the two tokens it would join and
+        is skipped once either has changed. (Finding the best pair by scanning the whole word for
+        every join cost O(n) each: a word of 30,000 repeated characters took a minute.)"""
+        ids = [self._byte_char_ids[ch] for ch in word if ch in self._byte_char_ids]  # n tokens, joined in place
+        n = len(ids)
+        if n < 2:
+            return tuple(ids)
+        pairs = np.array(ids, np.int64)
+        ranks, merged = self._merges.find(pairs[:-1], pairs[1:])  # (n - 1,) for the pairs (ids[i], ids[i + 1])
+        heap = [(r, i, ids[i], ids[i + 1], m) for i, (r, m) in enumerate(zip(ranks.tolist(), merged.tolist()))
+                if r != NO_RULE]
+        heapq.heapify(heap)
+        after = list(range(1, n + 1))   # the token after position i (n: none); joined positions drop out
+        before = list(range(-1, n - 1))
+        rules = {}  # (left, right) -> (rank, token): a long word meets the same pairs again and again
+
+        def push(i, left, right):
+            if (left, right) not in rules:
+                r, m = self._merges.find(np.array([left]), np.array([right]))
+                rules[left, right] = int(r[0]), int(m[0])
+            rank, token = rules[left, right]
+            if rank != NO_RULE:
+                heapq.heappush(heap, (rank, i, left, right, token))
+        while heap:
+            _, i, left, right, token = heapq.heappop(heap)
+            j = after[i]
+            if j == n or ids[i] != left or ids[j] != right:  # i was joined into its left neighbour, or j changed
+                continue
+            ids[i], ids[j] = token, -1
+            after[i] = after[j]
+            if after[i] < n:
+                before[after[i]] = i
+                push(i, token, ids[after[i]])
+            if before[i] >= 0:
+                push(before[i], ids[before[i]], token)
+        return tuple(t for t in ids if t >= 0)
 
     def _with_bos(self, ids: list[int]) -> list[int]:
         if self.bos_id is None:

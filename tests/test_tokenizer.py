@@ -9,6 +9,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -398,3 +399,14 @@ def test_unusable_text_and_ids_are_minillm_errors(tiny_metadata):
         tok.decode([0, tok.vocab_size])
     with pytest.raises(MinillmError, match="outside the vocabulary"):
         tok.stream().push(-1)
+
+
+def test_a_long_word_is_merged_in_about_linear_time(tiny_metadata):
+    """A word of 200,000 characters (no space for the pre-tokenizer to cut at) with 100,000 joins.
+    Scanning the whole word for the best pair before every join took O(n) per join: minutes."""
+    tok = Tokenizer.from_metadata(tiny_metadata)
+    he = tok.encode("he")
+    assert len(he) == 1
+    start = time.perf_counter()
+    assert tok.encode("he" * 100_000) == he * 100_000
+    assert time.perf_counter() - start < 5
