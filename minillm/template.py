@@ -40,7 +40,7 @@ from jinja2.compiler import CodeGenerator
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter
 from jinja2.utils import Namespace
 
-from .errors import MinillmError
+from .errors import MinillmError, printable
 
 MAX_CHARS = 1_000_000
 MAX_WORK = 16 * MAX_CHARS
@@ -407,11 +407,11 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
 
 def raise_exception(message):
     """`raise_exception(msg)` for chat templates, as in HF transformers."""
-    raise ChatTemplateError(f"chat template: {message}")
+    raise ChatTemplateError(printable(f"chat template: {message}"))
 
 
 def one_line(error: Exception) -> str:
-    text = " ".join(str(error).split())
+    text = printable(" ".join(str(error).split()))
     return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__
 
 

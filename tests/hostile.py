@@ -1,15 +1,20 @@
 """Hostile GGUF files, written on purpose: a raw writer that can say anything, the smallest
-reproducer of every defect issue 16 lists.
+reproducer of every defect issue 16 lists, and the structured mutations the fuzzers draw from.
 
 gguf's GGUFWriter only writes valid files (one value per key, offsets it computes itself), so the
 files here are written by `RawGGUF`, a plain serializer of the format (minillm.gguf's docstring
 shows the layout) that records where each field of the header lands (`Region`), so a mutation can
 aim at any one of them. Every file starts from the micro model: `write_tiny_llama` with one layer of
 width 32 and Q4_0 matrices, 14.7 KB; `generate -n 2` runs on it (in its chat template).
+
+tests/test_fuzz.py runs a fixed sample of the mutations in the suite; `python tests/fuzz_gguf.py`
+is the campaign (10,000 files by default).
 """
 
+import collections
 import contextlib
 import io
+import itertools
 import math
 import struct
 from dataclasses import dataclass, field, replace
@@ -18,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 
+from minillm import metadata
 from minillm.gguf import GGUFFile
 from minillm.synthetic import write_tiny_llama
 
@@ -51,6 +57,10 @@ class Region:
     start: int
     size: int
     kind: str
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
 
 
 @dataclass
@@ -286,3 +296,126 @@ def run_cli(argv: list) -> tuple[int, str]:
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
         code = main([str(a) for a in argv])
     return code, err.getvalue()
+
+
+def command(path, n: int, chat: bool = False) -> list:
+    """The n-th of the commands the fuzzers run a file through (they take turns); with `chat`, one
+    that renders the chat template (generate does unless --raw)."""
+    generate = ["generate", "-m", path, "hi", "-n", "2", "--temp", "0", "-t", "1"]
+    turns = [["info", "-m", path], generate, generate + ["--bits", "8"], generate + ["--raw", "--bits", "32"],
+             generate + ["--backend", "numpy"], generate + ["--mode", "ggml"]]
+    turn = turns[n % len(turns)]
+    return turn if not chat or "--raw" not in turn else generate
+
+
+# --- structured mutations -------------------------------------------------------------------------
+
+READ_KEYS = [key.replace("{arch}", "llama") for key in metadata.KEYS]
+# A value of every GGUF type, with edge values of each.
+SAMPLE_VALUES = [
+    Value(V.UINT8, 0), Value(V.UINT8, 255), Value(V.INT8, -1), Value(V.UINT16, 65535), Value(V.INT16, -32768),
+    Value(V.UINT32, 0), Value(V.UINT32, 1), Value(V.UINT32, 2**32 - 1), Value(V.INT32, -1), Value(V.INT32, 2**31 - 1),
+    Value(V.UINT64, 2**64 - 1), Value(V.UINT64, 2**40), Value(V.INT64, -(2**63)), Value(V.FLOAT32, float("nan")),
+    Value(V.FLOAT32, float("inf")), Value(V.FLOAT32, 0.0), Value(V.FLOAT32, 1e-5), Value(V.FLOAT64, -1.0),
+    Value(V.BOOL, True), Value(V.BOOL, False), Value(V.STRING, ""), Value(V.STRING, "llama"), Value(V.STRING, "gpt2"),
+    Value(V.STRING, "{{ messages }}"), Value(V.ARRAY, [], V.UINT32), Value(V.ARRAY, [1, 2, 3], V.INT32),
+    Value(V.ARRAY, [0.5], V.FLOAT32), Value(V.ARRAY, ["a", "b"], V.STRING), Value(V.ARRAY, [True], V.BOOL),
+    Value(V.ARRAY, [Value(V.ARRAY, [1], V.UINT8)], V.ARRAY), nested(3),
+]
+U64_EDGES = [0, 1, 2**32, 2**63, 2**64 - 1]  # with the field's own value +-1 and doubled, and the file size
+U32_EDGES = [0, 1, 2**31, 2**32 - 1]
+
+
+def metadata_mutations(g: RawGGUF):
+    """Every key minillm reads given a value of every type, removed, and repeated."""
+    for key in READ_KEYS:
+        for value in SAMPLE_VALUES:
+            yield f"{key} = {V(value.vtype).name} {value.value!r:.40}", g.with_value(key, value)
+        yield f"without {key}", g.without_key(key)
+        if any(k == key for k, _ in g.kv):
+            yield f"{key} twice", replace(g, kv=g.kv + [(key, g.get(key))])
+
+
+def tensor_mutations(g: RawGGUF):
+    """Every field of every tensor entry, and the tensors' data: names, dimensions, types, offsets,
+    NaN in norms and NaN or infinite block scales."""
+    names = [t.name for t in g.tensors]
+    for i, t in enumerate(g.tensors):
+        def changed(**fields):
+            return replace(g, tensors=[replace(u, **fields) if j == i else u for j, u in enumerate(g.tensors)])
+        for name in ("", "x", names[(i + 1) % len(names)], t.name + ".extra"):
+            yield f"{t.name} renamed {name!r}", changed(name=name)
+        for ne in ([], [32], [1] + t.ne, t.ne + [1, 1, 1, 1], [n * 2 for n in t.ne], [0] + t.ne[1:],
+                   [2**63] + t.ne[1:], t.ne[::-1]):
+            yield f"{t.name} ne {ne}", changed(ne=ne)
+        for ggml_type in (*(int(q) for q in GGMLQuantizationType), 99, 2**31):
+            yield f"{t.name} type {ggml_type}", changed(ggml_type=ggml_type)
+        for offset in (0, t.offset + 32, abs(t.offset - 32), t.offset + 1, 2**63, len(g.data)):
+            yield f"{t.name} offset {offset}", changed(offset=offset)
+        yield f"{t.name} dropped", g.with_tensors([u for u in g.tensors if u.name != t.name])
+        yield f"{t.name} twice", duplicate_tensor(g, t.name)
+        if t.ggml_type == GGMLQuantizationType.F32:
+            yield f"{t.name} NaN", with_nan_tensor(g, t.name)
+        else:  # a NaN and an infinity as the float16 scale of the first block
+            for bits in (0x7E00, 0x7C00):
+                data = bytearray(g.data)
+                data[t.offset:t.offset + 2] = struct.pack("<H", bits)
+                yield f"{t.name} scale {bits:#x}", replace(g, data=bytes(data))
+
+
+def template_mutations(g: RawGGUF):
+    for name, source in HOSTILE_TEMPLATES.items():
+        yield f"template: {name}", hostile_template(g, source)
+
+
+def region_mutations(g: RawGGUF, items_per_array: int | None = None):
+    """Each field of the header overwritten in place with edge values of its kind, and the file
+    cut at the start of every field: counts, lengths, types, dimensions and offsets that lie. With
+    `items_per_array`, only the fields of that many items of each array (the vocabulary's 267
+    strings are otherwise most of the header)."""
+    raw = g.to_bytes()
+    seen = collections.Counter()
+    for region in g.regions:
+        if items_per_array is not None:
+            seen[region.name] += 1
+            if seen[region.name] > items_per_array:
+                continue
+        if region.kind in ("u32", "u64"):
+            fmt = "<I" if region.kind == "u32" else "<Q"
+            original = struct.unpack_from(fmt, raw, region.start)[0]
+            edges = U32_EDGES if region.kind == "u32" else U64_EDGES
+            for value in sorted({*edges, original + 1, max(original - 1, 0), 2 * original, len(raw)} - {original}):
+                if value < 1 << (8 * region.size):
+                    yield f"{region.name} = {value}", raw[:region.start] + struct.pack(fmt, value) + raw[region.end:]
+        elif region.kind == "str" and region.size and region.name != "data":
+            for patch in (b"\xff", b"\x00", b"{"):
+                yield f"{region.name}: first byte {patch!r}", raw[:region.start] + patch + raw[region.start + 1:]
+        yield f"cut at {region.name}", raw[:region.start]
+
+
+def mutations(g: RawGGUF, items_per_array: int | None = None):
+    """(description, file bytes) of every structured mutation, in a fixed order (header fields of
+    `items_per_array` items of each array only, when given)."""
+    for description, mutated in itertools.chain(metadata_mutations(g), tensor_mutations(g), template_mutations(g)):
+        yield description, mutated.to_bytes()
+    yield from region_mutations(g, items_per_array)
+
+
+def random_mutations(g: RawGGUF, rng: np.random.Generator):
+    """Endless mutations for the campaign: a structured one (its family drawn first, so the many
+    fields of the vocabulary do not crowd out the rest), and for one in four, 1 to 3 random bytes
+    of its header changed on top."""
+    families = [[(d, m.to_bytes()) for d, m in family(g)]
+                for family in (metadata_mutations, tensor_mutations, template_mutations)]
+    families.append(list(region_mutations(g)))
+    header_end = len(g.to_bytes()) - len(g.data)
+    while True:
+        family = families[rng.integers(len(families))]
+        description, raw = family[rng.integers(len(family))]
+        flips = int(rng.integers(1, 4)) if rng.random() < 0.25 else 0
+        raw = bytearray(raw)
+        for _ in range(flips):
+            at = int(rng.integers(0, max(min(header_end, len(raw)), 1)))
+            if at < len(raw):
+                raw[at] = int(rng.integers(0, 256))
+        yield description + (f", {flips} header bytes changed" if flips else ""), bytes(raw)

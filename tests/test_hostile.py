@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
+from dataclasses import replace
 
 import pytest
 from hostile import HOSTILE_TEMPLATES, REPRODUCERS, RawGGUF, V, Value, hostile_template, micro_model, run_cli
@@ -118,3 +119,12 @@ def test_hostile_chat_template_gets_a_one_line_error(micro, tmp_path, name):
     code, stderr = run_cli(["generate", "-m", path, "hi", "-n", "2"])
     assert time.perf_counter() - start < 10
     assert_refused(code, stderr, ["chat template"])
+
+
+def test_an_error_quoting_the_files_strings_stays_one_line(micro, tmp_path):
+    """A repeated key whose name holds a newline and a NUL: the message escapes them."""
+    key = "evil\nminillm: error: fake\x00"
+    path = micro.with_value(key, Value(V.UINT8, 1))
+    path = replace(path, kv=path.kv + [(key, Value(V.UINT8, 2))]).write(tmp_path / "evil.gguf")
+    code, stderr = run_cli(["info", "-m", path])
+    assert_refused(code, stderr, ["metadata key evil\\nminillm: error: fake\\x00 appears twice"])
