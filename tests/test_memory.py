@@ -95,6 +95,21 @@ def test_tiny_streamed_logits_are_bit_identical_to_resident(tiny_q4_path):
         assert_same_logits(rt, streamed, ids, steps=4)
 
 
+@pytest.mark.parametrize("layout", [Layout(0, True, 32, 64), Layout(1, True, 32, 64)], ids=["all streamed", "one resident"])
+def test_every_streamed_read_but_the_first_runs_ahead(tiny_q4_path, layout):
+    """The reader fetches each streamed layer while the one before computes, and after the last
+    layer the first streamed one, for the next token: over three forward passes only the very
+    first read waits on the caller's thread. (The LM head's chunks wrap round the same way.)"""
+    from minillm.model import Llama
+    rt = load(RunConfig(model=str(tiny_q4_path), ctx_size=64), announce=lambda _: None)
+    weights = load_streamed(rt.gguf, rt.model.config, layout, "numba", 1)
+    model, cache = Llama(rt.model.config, weights, attention=rt.model.attention_fn), rt.new_cache()
+    for ids in ([5, 70, 71], [3], [9]):
+        model.forward(ids, cache)
+    assert weights.layers.read_ahead.misses == 1
+    assert weights.embedding.read_ahead.misses == 1
+
+
 @pytest.mark.weights
 def test_smollm2_streamed_logits_are_bit_identical_to_resident(smollm2_path):
     rt = load(RunConfig(model=str(smollm2_path), ctx_size=64), announce=lambda _: None)
