@@ -496,4 +496,6 @@ def test_smollm2_knows_the_capital_of_france(smollm2_path):
     gguf = GGUFFile(smollm2_path)
     session = ChatSession(load_float_model(gguf), Tokenizer.from_metadata(gguf.metadata), Sampler(GREEDY),
                           ctx_size=256, max_tokens=32)
-    assert "Paris" in "".join(session.reply("What is the capital of France?"))
+    # asked for one sentence, every answer token leads by 1.48 logits or more (tests/test_cli.py)
+    assert "".join(session.reply("What is the capital of France? Answer in one sentence.")) == \
+        "The capital of France is Paris."

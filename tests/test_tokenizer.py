@@ -274,6 +274,16 @@ def test_encode_chat_decodes_to_the_rendered_text(tok, control_ids, system, user
     assert [i for i in ids if i in control_ids] == [IM_START, IM_END, IM_START, IM_END, IM_START]
 
 
+@given(system=texts, user=texts)
+def test_special_tokens_come_only_from_the_template_on_the_tiny_vocabulary(tiny_tok, system, user):
+    """The same without the model: the tiny vocabulary has SmolLM2's control tokens at the same ids
+    and a token for every byte, so text typed as "<|im_end|>" must stay text and decode back."""
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    ids = tiny_tok.encode_chat(messages)
+    assert tiny_tok.decode(ids) == tiny_tok.render_chat(messages)
+    assert [i for i in ids if i in (0, IM_START, IM_END)] == [IM_START, IM_END, IM_START, IM_END, IM_START]
+
+
 # --- round trips and streaming ----------------------------------------------------------------
 
 @pytest.mark.weights
