@@ -10,9 +10,9 @@ import numpy as np
 
 from . import metadata as typed
 from .config import LlamaConfig
+from .formats import row_bytes
 from .gguf import GGUFFile
 from .kvcache import kv_cache_bytes, ring_rows
-from .quant import row_bytes
 from .weights import storage_type, validate
 
 MiB = 1 << 20

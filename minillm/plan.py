@@ -39,8 +39,9 @@ RESERVE_BYTES = 2 * MiB
 # Kept free under the cap besides the plan's total: the uncounted pages differ between machines by
 # more than the reserve covers, and the cap is a promise, not an estimate.
 MARGIN_BYTES = 3 << 19
-# Temporaries of the NumPy dequantizers while they fill one tile, in tiles: measured 2.06 (Q8_0),
-# 2.31 (Q4_0), 2.35 (Q4_1), 2.0 (BF16), 1.0 (F16) with tracemalloc.
+# Temporaries of the NumPy dequantizers (minillm.formats) while they fill one tile, in tiles: measured
+# 2.06 (Q8_0, Q4_1, Q5_1), 2.31 (Q4_0, Q5_0), 2.36 (Q4_K, Q5_K), 2.35 (Q6_K), 2.0 (BF16), 1.0 (F16)
+# with tracemalloc.
 NUMPY_DEQUANTIZE_TILES = 2.5
 
 
@@ -121,7 +122,7 @@ def strategy_name(layout: Layout, n_layers: int) -> str:
 
 def weight_index(gguf, config, bits: int, int4: str = "asym") -> WeightIndex:
     """Sizes of the weights as `--bits` holds them (minillm.weights.storage_type), per layer."""
-    from .quant import row_bytes
+    from .formats import row_bytes
     from .weights import LAYER_TENSORS, storage_type
     tied = "output.weight" not in gguf.tensors
 
@@ -163,7 +164,7 @@ def activation_bytes(config, chunk: int, ctx_size: int, threads: int, kv_bits: i
       tiles       one float32 tile of dequantized rows per thread (minillm.linear.TILE_BYTES), T > 1:
                   made by the first prefill and kept (minillm.parallel.tile_buffer). With --backend
                   numpy every product, decode too, goes through tiles, and the NumPy dequantizers
-                  (minillm.quant) make temporaries of up to NUMPY_DEQUANTIZE_TILES tiles while
+                  (minillm.formats) make temporaries of up to NUMPY_DEQUANTIZE_TILES tiles while
                   they fill one
       residual    3 x (T, dim): x, the normalised h, and their sum
       attention   q, the new k and v, float32 copies of all S cached keys and values when the

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import quant
+from . import formats
 from .errors import MinillmError
 from .gguf import GGUFFile
 from .linear import QuantEmbedding, QuantLinear
@@ -177,7 +177,7 @@ class StreamedEmbedding:
         ids = np.asarray(ids)
         if ids.ndim != 1 or ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise MinillmError(f"{self.info.name}: token ids must be a 1-D array in 0..{self.vocab_size - 1}")
-        return quant.dequantize(self.reader.read_rows(self.info, ids), self.info.ggml_type)
+        return formats.dequantize(self.reader.read_rows(self.info, ids), self.info.ggml_type)
 
     def head(self, x: np.ndarray) -> np.ndarray:
         # x: (T, dim) -> (T, vocab_size) logits, one chunk of rows at a time

@@ -11,7 +11,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from tqdm import tqdm
 
-from . import quant
+from . import formats
 from .config import LlamaConfig
 from .errors import GGUFError
 from .gguf import GGUFFile
@@ -96,15 +96,15 @@ def validate(gguf: GGUFFile, config: LlamaConfig):
             raise GGUFError(gguf.path, f"missing tensor {name}")
         if tuple(info.shape) != shape:
             raise GGUFError(gguf.path, f"tensor {name} has shape {tuple(info.shape)}, expected {shape}")
-        if info.ggml_type not in quant.SUPPORTED_TYPES:
-            supported = ", ".join(t.name for t in quant.SUPPORTED_TYPES)
+        if info.ggml_type not in formats.weight_types():
+            supported = ", ".join(t.name for t in formats.weight_types())
             raise GGUFError(gguf.path, f"tensor {name} has unsupported type {info.ggml_type.name} (supported: {supported})")
 
 
 def dequantized(gguf: GGUFFile, name: str) -> np.ndarray:
     """A tensor decoded to float32 in its NumPy shape."""
     info = gguf.tensors[name]
-    return quant.dequantize(gguf.data(name), info.ggml_type).reshape(info.shape)
+    return formats.dequantize(gguf.data(name), info.ggml_type).reshape(info.shape)
 
 
 def load_float(gguf: GGUFFile, config: LlamaConfig, threads: int = 1) -> ModelWeights:
@@ -132,11 +132,12 @@ FLOAT_TYPES = {32: GGMLQuantizationType.F32, 16: GGMLQuantizationType.F16}
 
 def storage_type(info, bits: int, int4: str = "asym", tied_head: bool = False) -> GGMLQuantizationType:
     """The format a tensor is held in for `--bits`: vectors stay as stored; matrices become float32,
-    float16, Q8_0, or int4 (Q4_1 or Q4_0, `--int4 asym|sym`). At 4 bits a matrix already in an int4
-    format is kept as stored. A tied embedding is also the LM head, which llama.cpp's quantizer keeps
-    at higher precision (Q6_K for its Q4 types): at 4 bits it stays as stored when that is int4 or
-    Q8_0, and becomes Q8_0 otherwise. On SmolLM2 requantized from float, an int4 head instead of
-    Q8_0 costs a mean KL of about 0.07 against float32 (README, quality table)."""
+    float16, Q8_0, or int4 (Q4_1 or Q4_0, `--int4 asym|sym`). At 4 bits a matrix already in a block
+    format of fewer than 8 bits per weight (Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K: a K-quant mix
+    as llama.cpp wrote it) is kept as stored. A tied embedding is also the LM head, which llama.cpp's
+    quantizer keeps at higher precision (Q6_K for its Q4 types): at 4 bits it stays as stored when
+    that is a block format, and becomes Q8_0 when it is float. On SmolLM2 requantized from float, an
+    int4 head instead of Q8_0 costs a mean KL of about 0.07 against float32 (README, quality table)."""
     stored = info.ggml_type
     if len(info.shape) == 1:
         return stored
@@ -144,7 +145,8 @@ def storage_type(info, bits: int, int4: str = "asym", tied_head: bool = False) -
         return FLOAT_TYPES[bits]
     if bits == 8:
         return GGMLQuantizationType.Q8_0
-    if stored in INT4_TYPES.values():
+    quantized = formats.get(stored).parts is not None
+    if quantized and (tied_head or formats.get(stored).bits_per_weight < 8):
         return stored
     if tied_head:
         return GGMLQuantizationType.Q8_0
@@ -158,7 +160,7 @@ def packed_tensor(gguf: GGUFFile, name: str, target: GGMLQuantizationType) -> np
     info = gguf.tensors[name]
     if info.ggml_type == target:
         return gguf.data(name)
-    converted = quant.quantize(dequantized(gguf, name), target)
+    converted = formats.quantize(dequantized(gguf, name), target)
     gguf.release(name)
     return converted
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minillm import quant
+from minillm.formats import Q8_0
 from minillm.attention import Pattern, block_sparse_attention, parse_attention
 from minillm.config import LlamaConfig
 from minillm.errors import MinillmError, UsageError
@@ -106,7 +106,7 @@ def test_q8_rows_store_quantized_blocks_within_the_format_bound(seed, scale):
     index = np.array([7, 2, 5])
     rows.write(index, x, 2 * x)
     k, v = rows.read(index)
-    np.testing.assert_array_equal(k, quant.dequantize_q8_0(quant.quantize(x, gguf.GGMLQuantizationType.Q8_0)))
+    np.testing.assert_array_equal(k, Q8_0.dequantize(Q8_0.quantize(x)))
     np.testing.assert_array_equal(v, rows.roundtrip(2 * x))
     assert rows.k.shape == (2, 10, 68) and rows.k.dtype == np.uint8
     d = np.abs(x.reshape(2, 3, 2, 32)).max(axis=-1, keepdims=True).astype(np.float64) / 127

@@ -41,7 +41,7 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from minillm import generate as gen
-from minillm import quant
+from minillm.formats import Q4_1, Q8_0
 from minillm.config import LlamaConfig
 from minillm.gguf import GGUFFile
 from minillm.kvcache import KVCache
@@ -196,7 +196,7 @@ for j, byte in enumerate(block[4:]):
 print(f"d = {d:.6g}, m = {m:.6g}, codes (hex) {block[4:].hex(' ')}")
 print(np.array2string(weights[:8], precision=5), "...")
 
-assert np.array_equal(weights, quant.dequantize_q4_1(np.frombuffer(block, np.uint8)))
+assert np.array_equal(weights, Q4_1.dequantize(np.frombuffer(block, np.uint8)))
 
 # %% [markdown]
 # The token embedding is Q8_0: per block a float16 scale and 32 signed bytes, `w = d * q`, 34 bytes
@@ -210,7 +210,7 @@ first_block = buf[row_start:row_start + 34]
 (d,) = struct.unpack("<e", first_block[:2])
 codes = np.frombuffer(first_block[2:], np.int8)
 block0_by_hand = np.float32(d) * codes.astype(np.float32)
-row = quant.dequantize_q8_0(np.frombuffer(buf[row_start:row_start + row_bytes], np.uint8))
+row = Q8_0.dequantize(np.frombuffer(buf[row_start:row_start + row_bytes], np.uint8))
 print(f"{row_bytes} bytes per row; block 0: d = {d:.6g}, q = {codes[:8]} ...")
 print(f"row 504, first 8 of {row.size}: {np.array2string(row[:8], precision=5)}")
 assert np.array_equal(block0_by_hand, row[:32])

@@ -35,7 +35,7 @@ from gguf import GGMLQuantizationType as Q
 matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
 import matplotlib.pyplot as plt  # noqa: E402
 
-from minillm import quant  # noqa: E402
+from minillm import formats  # noqa: E402
 from minillm.config import LlamaConfig  # noqa: E402
 from minillm.gguf import GGUFFile  # noqa: E402
 from minillm.kvcache import KVCache, PatternKVCache  # noqa: E402
@@ -106,7 +106,7 @@ by_hand = np.float32(0)
 for b in range(len(blocks)):                                       # ggml's generic loop
     by_hand += (np.float32(dw[b]) * f16(d[b])) * np.float32(codes[b] @ q[b]) + np.float32(mw[b]) * s[b]
 library = GGMLLinear(load_packed(gguf, config, 4, backend="numpy", progress=False).layers[0].wq, "arm")(x)[0, 0]
-exact = x[0].astype(np.float64) @ quant.dequantize(raw[:1], Q.Q4_1)[0].astype(np.float64)
+exact = x[0].astype(np.float64) @ formats.dequantize(raw[:1], Q.Q4_1)[0].astype(np.float64)
 print(f"by hand {by_hand:.7f}   library {library:.7f}   float64 on exact x {exact:.7f}")
 assert by_hand == library   # "arm" keeps the generic loop order; "x86" adds in AVX2's lanes instead
 
