@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import gguf
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 
 from minillm import formats
 from minillm.config import LlamaConfig
-from minillm.formats.ggml_math import accumulate_avx2, block_sums, lane_sums
+from minillm.formats.ggml_math import accumulate_avx2, block_sums, fma32, lane_sums
 from minillm.formats.q8_0 import q8_0_bytes
 from minillm.formats.q8_1 import q8_1_bytes
 from minillm.gguf import GGUFFile
@@ -221,6 +222,37 @@ def test_avx2_order_adds_the_generic_terms():
     magnitude = (np.abs(dw.T[:, :, None] * dx.T[:, None, :] * sums)
                  + np.abs(mw.T[:, :, None] * sx.T[:, None, :])).sum(0)
     np.testing.assert_array_less(np.abs(got - terms.sum(0)), (2 * 3 + 4) * EPS32 * magnitude)
+
+
+def fma_reference(a, b, c) -> np.float32:
+    """a * b + c rounded once to float32, from the exact rational value: the nearer of the float32
+    values around it, the one with an even last bit on a tie."""
+    exact = Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c))
+    guess = np.float32(float(exact))                        # at most one float32 step off
+    near = [np.nextafter(guess, np.float32(-np.inf)), guess, np.nextafter(guess, np.float32(np.inf))]
+    return min(near, key=lambda r: (abs(Fraction(float(r)) - exact), int(np.float32(r).view(np.uint32)) & 1))
+
+
+SMALL_F32 = st.floats(-2.0**60, 2.0**60, width=32)   # products and sums stay far from float32's overflow
+
+
+@given(a=SMALL_F32, b=SMALL_F32, c=SMALL_F32)
+def test_fma32_rounds_once(a, b, c):
+    assert fma32(np.float32(a), np.float32(b), np.float32(c)) == fma_reference(a, b, c)
+
+
+def test_fma32_on_float64_ties_and_subnormals():
+    """Where float64 rounds p + c onto a float32 midpoint, rounding that to float32 would break the
+    tie the wrong way: (1 + 2^-20)(1 - 2^-20) + (2^24 + 2) is 2^24 + 3 - 2^-40, just below the
+    midpoint between 2^24 + 2 and 2^24 + 4. Subnormal results keep fewer bits; a batch mixes both."""
+    one_up, one_down = np.float32(1 + 2.0**-20), np.float32(1 - 2.0**-20)
+    a = np.array([one_up, -one_up, 2.0**-70, 3.0 * 2.0**-75, 1.5], np.float32)
+    b = np.array([one_down, one_down, 2.0**-70, -(2.0**-70), 2.0], np.float32)
+    c = np.array([2.0**24 + 2, -(2.0**24 + 2), 2.0**-140, 2.0**-144, 0.25], np.float32)
+    want = [fma_reference(*abc) for abc in zip(a, b, c)]
+    assert want[0] == 2.0**24 + 2
+    assert fma32(a, b, c).tolist() == [float(w) for w in want]
+    assert fma32(a[:, None], b[None, :], c[0]).shape == (5, 5)      # broadcasts as NumPy does
 
 
 QUANTIZED = [GT.Q8_0, GT.Q4_0, GT.Q4_1, GT.Q5_0, GT.Q5_1, GT.Q4_K, GT.Q5_K, GT.Q6_K]
