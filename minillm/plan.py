@@ -110,35 +110,33 @@ def strategy_name(layout: Layout, n_layers: int) -> str:
 
 
 def weight_index(gguf, config, bits: int, int4: str = "asym") -> WeightIndex:
-    """Sizes of the weights as `--bits` holds them (minillm.weights.storage_type), per layer."""
+    """Sizes of the weights as `--bits` holds them (minillm.weights.storage_type), per layer, from the
+    architecture's tensor table (minillm.arch): its matrices are the layer's bytes, its vectors the norms."""
     from .quant import row_bytes
-    from .weights import LAYER_TENSORS, storage_type
-    tied = "output.weight" not in gguf.tensors
+    from .weights import block_tensors, expected_shapes, held_types, validate
+    validate(gguf, config)
+    held = held_types(gguf, config, bits, int4)
 
-    def held(name):
+    def held_bytes(name):
         info = gguf.tensors[name]
-        target = storage_type(info, bits, int4, tied_head=tied and name == "token_embd.weight")
-        return info, target, info.n_elements // info.shape[-1] * row_bytes(target, info.shape[-1])
+        return info.n_elements // info.shape[-1] * row_bytes(held[name], info.shape[-1])
 
-    matrices = [f"blk.{i}.{name}" for i in range(config.n_layers) for name in LAYER_TENSORS
-                if len(gguf.tensors[f"blk.{i}.{name}"].shape) == 2]
-    heads = ["token_embd.weight"] + ([] if tied else ["output.weight"])
-    converted = [held(name) for name in matrices + heads if held(name)[1] != gguf.tensors[name].ggml_type]
-    per_layer = [sum(held(f"blk.{i}.{name}")[2] for name in LAYER_TENSORS
-                     if len(gguf.tensors[f"blk.{i}.{name}"].shape) == 2) for i in range(config.n_layers)]
-    signature = [[(gguf.tensors[f"blk.{i}.{name}"].shape, gguf.tensors[f"blk.{i}.{name}"].ggml_type)
-                  for name in LAYER_TENSORS] for i in range(config.n_layers)]
-    head_info, head_type, _ = held("token_embd.weight")
+    layers = [[name for name, (_, shape) in block_tensors(config, i).items() if len(shape) == 2]
+              for i in range(config.n_layers)]
+    heads = [name for name in ("token_embd.weight", "output.weight") if name in held]
+    converted = [name for name in held if held[name] != gguf.tensors[name].ggml_type]
+    signature = [[(gguf.tensors[name].shape, gguf.tensors[name].ggml_type) for name in names] for names in layers]
+    head_info = gguf.tensors["token_embd.weight"]
     return WeightIndex(
-        layer_bytes=tuple(per_layer),
-        head_bytes=sum(held(name)[2] for name in heads),
-        head_row_bytes=row_bytes(head_type, head_info.shape[-1]),
+        layer_bytes=tuple(sum(map(held_bytes, names)) for names in layers),
+        head_bytes=sum(map(held_bytes, heads)),
+        head_row_bytes=row_bytes(held["token_embd.weight"], head_info.shape[-1]),
         head_rows=head_info.shape[0],
         head_tables=len(heads),
-        norms_bytes=4 * config.dim * (2 * config.n_layers + 1),
-        converted_bytes=sum(nbytes for _, _, nbytes in converted),
-        converted_source=sum(info.nbytes for info, _, _ in converted),
-        conversion_scratch=max([4 * info.n_elements for info, _, _ in converted], default=0),
+        norms_bytes=sum(4 * shape[0] for shape in expected_shapes(config).values() if len(shape) == 1),
+        converted_bytes=sum(map(held_bytes, converted)),
+        converted_source=sum(gguf.tensors[name].nbytes for name in converted),
+        conversion_scratch=max([4 * gguf.tensors[name].n_elements for name in converted], default=0),
         streamable=not converted and all(s == signature[0] for s in signature))
 
 
@@ -245,7 +243,7 @@ def plan_lines(index: WeightIndex, layout: Layout, run) -> tuple:
 @dataclass(frozen=True)
 class PlanInputs:
     """The settings a plan depends on, besides the cap and the weights."""
-    config: object          # LlamaConfig
+    config: object          # the architecture's config (minillm.arch)
     ctx_size: int
     spec: object            # AttentionSpec
     kv_bits: int

@@ -12,7 +12,7 @@ import gguf
 from tqdm import tqdm
 
 from . import quant
-from .config import LlamaConfig
+from .arch import read_config
 from .errors import MinillmError, UsageError
 from .gguf import GGUFFile
 from .weights import dequantized, storage_type, validate
@@ -39,7 +39,7 @@ def requantize(src_path, dst_path, bits: int, int4: str = "asym", progress: bool
     if bits not in (4, 8):
         raise UsageError(f"--bits {bits}: quantize writes 4 or 8 bits")
     src = GGUFFile(src_path)
-    validate(src, LlamaConfig.from_metadata(src.metadata, src.path))
+    validate(src, read_config(src.metadata, src.path))
     dst_path = Path(dst_path)
     if dst_path.resolve() == src.path.resolve():
         raise UsageError("the output file must differ from the input file")

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from minillm.registry import DEFAULT_MODEL, MODELS, weights_dir
-from minillm.synthetic import write_tiny_llama
+from minillm.synthetic import write_tiny
 
 # The first example of a kernel test pays the JIT compile: no deadline. CI runs more examples.
 settings.register_profile("dev", deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
@@ -31,13 +31,11 @@ def smollm2_path():
 @pytest.fixture(scope="session")
 def tiny_path(tmp_path_factory):
     """A 2-layer random Llama (dim 64, GQA 4:2) with F32 matrices and a Q8_0 tied embedding."""
-    return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-f32.gguf",
-                            embedding_type=gguf.GGMLQuantizationType.Q8_0)
+    return write_tiny(tmp_path_factory.mktemp("tiny") / "tiny-f32.gguf", embedding_type=gguf.GGMLQuantizationType.Q8_0)
 
 
 @pytest.fixture(scope="session")
 def tiny_q4_path(tmp_path_factory):
     """The same shapes with Q4_1 matrices and a Q8_0 embedding, like SmolLM2's file."""
-    return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-q4_1.gguf",
-                            weight_type=gguf.GGMLQuantizationType.Q4_1,
-                            embedding_type=gguf.GGMLQuantizationType.Q8_0)
+    return write_tiny(tmp_path_factory.mktemp("tiny") / "tiny-q4_1.gguf", weight_type=gguf.GGMLQuantizationType.Q4_1,
+                      embedding_type=gguf.GGMLQuantizationType.Q8_0)

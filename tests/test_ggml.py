@@ -16,12 +16,13 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from minillm import quant
-from minillm.config import LlamaConfig
+from minillm.arch.llama import LlamaConfig
 from minillm.gguf import GGUFFile
 from minillm.kvcache import Float16Rows, kv_cache_bytes, new_cache
 from minillm.linear import QuantLinear
-from minillm.modes.ggml import (GGMLLinear, accumulate_avx2, block_sums, f16_dot, ggml_expf, lane_sums,
-                                q8_0_bytes, q8_1_bytes, quantize_q8_0, quantize_q8_1, weight_blocks)
+from minillm.modes.ggml import (GGMLLinear, accumulate_avx2, block_sums, lane_sums, q8_0_bytes, q8_1_bytes,
+                                quantize_q8_0, quantize_q8_1, weight_blocks)
+from minillm.ops.ggml import f16_dot, ggml_expf
 from minillm.runtime import RunConfig, load
 from minillm.verify.compare import logits_diff, tensor_diff
 from strategies import float_rows

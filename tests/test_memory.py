@@ -3,6 +3,7 @@
 The measured runs start `python -m minillm generate --mem-cap ... --json` in a subprocess, so the
 baseline and the high-water mark belong to that run alone."""
 
+import dataclasses
 import json
 import os
 import re
@@ -13,15 +14,16 @@ import numpy as np
 import pytest
 
 from minillm.cli import main
-from minillm.config import LlamaConfig
+from minillm.arch import read_config
 from minillm.errors import MinillmError, UsageError
 from minillm.generate import Sampler, SamplingSettings, generate
 from minillm.gguf import GGUFFile
 from minillm.memory import parse_size
 from minillm.plan import Layout, PlanInputs, plan_memory, weight_index
 from minillm.runtime import RunConfig, load
-from minillm.model import ChunkedLlama, prefill_chunks
-from minillm.streaming import load_streamed
+from minillm.model import prefill_chunks
+from minillm.streaming import StreamingSource
+from minillm.weights import load_weights
 
 MiB = 1 << 20
 # 120 tokens, with 4 generated: the whole context of 128. Longer than any prefill chunk a plan for it
@@ -49,7 +51,7 @@ def test_cli_cap_without_unit_is_a_usage_error(capsys, tiny_q4_path):
 
 def smollm2_inputs(path, ctx_size=128, kv_bits=32, tokenizer_bytes=4 * MiB):
     gguf = GGUFFile(path)
-    config = LlamaConfig.from_metadata(gguf.metadata, gguf.path)
+    config = read_config(gguf.metadata, gguf.path)
     run = PlanInputs(config, ctx_size, RunConfig().attention_spec(), kv_bits, 2, tokenizer_bytes, tokenizer_bytes)
     return weight_index(gguf, config, 4, "asym"), run
 
@@ -91,22 +93,21 @@ def test_tiny_streamed_logits_are_bit_identical_to_resident(tiny_q4_path):
     rt = load(RunConfig(model=str(tiny_q4_path), ctx_size=64), announce=lambda _: None)
     ids = [5, 70, 71, 72, 3, 9]
     for layout in [Layout(0, True, 32, 64), Layout(1, False, 32, 64), Layout(2, True, 32, 64)]:
-        streamed = load_streamed(rt.gguf, rt.model.config, layout, "numba", 1)
+        streamed = load_weights(rt.gguf, rt.model.config, StreamingSource(rt.gguf, "numba", 1), layout)
         assert_same_logits(rt, streamed, ids, steps=4)
 
 
 @pytest.mark.weights
 def test_smollm2_streamed_logits_are_bit_identical_to_resident(smollm2_path):
     rt = load(RunConfig(model=str(smollm2_path), ctx_size=64), announce=lambda _: None)
-    streamed = load_streamed(rt.gguf, rt.model.config, Layout(0, True, 32, 64), "numba", rt.config.threads or
-                             os.cpu_count())
+    source = StreamingSource(rt.gguf, "numba", rt.config.threads or os.cpu_count())
+    streamed = load_weights(rt.gguf, rt.model.config, source, Layout(0, True, 32, 64))
     assert_same_logits(rt, streamed, rt.tokenizer.encode("The capital of France is"), steps=3)
 
 
 def assert_same_logits(rt, streamed_weights, ids, steps):
     """Prefill `ids`, then decode greedily for `steps` tokens with both weight sets: every logit equal."""
-    from minillm.model import Llama
-    streamed = Llama(rt.model.config, streamed_weights, attention=rt.model.attention_fn)
+    streamed = dataclasses.replace(rt.model, weights=streamed_weights)
     caches = rt.new_cache(), rt.new_cache()
     tokens = list(ids)
     for _ in range(steps + 1):
@@ -223,13 +224,12 @@ def test_activation_bytes_bound_the_arrays_of_a_forward_pass(smollm2_path, chunk
 
     from minillm.kvcache import new_cache
     from minillm.plan import RESERVE_BYTES, activation_bytes
-    from minillm.model import Llama
     from minillm.parallel import row_pool, tile_buffer
     rt = load(RunConfig(model=str(smollm2_path), ctx_size=ctx_size, threads=threads, kv_bits=kv_bits),
               announce=lambda _: None)
     c = rt.model.config
-    model = Llama(c, load_streamed(rt.gguf, c, Layout(0, True, kv_bits, chunk), "numba", threads),
-                  attention=rt.model.attention_fn)
+    weights = load_weights(rt.gguf, c, StreamingSource(rt.gguf, "numba", threads), Layout(0, True, kv_bits, chunk))
+    model = dataclasses.replace(rt.model, weights=weights)
     T = min(chunk + 1, ctx_size)
     measured = []
     for _ in range(2):  # the first pass allocates each kernel's buffers, once
@@ -270,7 +270,7 @@ def test_chunked_prefill_gives_the_same_greedy_tokens(tiny_q4_path):
     """A prompt run 4 tokens at a time continues with the same greedy tokens as one run whole."""
     greedy = SamplingSettings(temperature=0)
     rt = load(RunConfig(model=str(tiny_q4_path), ctx_size=64, sampling=greedy), announce=lambda _: None)
-    chunked = ChunkedLlama(rt.model.config, rt.model.weights, rt.model.attention_fn, prefill_chunk=4)
+    chunked = dataclasses.replace(rt.model, prefill_chunk=4)
     ids = list(range(3, 40))
     runs = [list(generate(model, rt.new_cache(), ids, Sampler(greedy), max_tokens=8, stop_ids=()))
             for model in (rt.model, chunked)]

@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 from minillm.gguf import GGUFFile
 from minillm.kvcache import KVCache
-from minillm.model import attend, causal_mask, load_float_model, rmsnorm, rope, rope_angles, softmax
+from minillm.model import load_float_model
+from minillm.ops.f32 import attend, causal_mask, rmsnorm, rope, rope_angles, softmax
 from minillm.errors import MinillmError
 
 from bounds import reordering_atol

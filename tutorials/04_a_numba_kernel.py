@@ -41,7 +41,7 @@ from gguf import GGMLQuantizationType as Q  # noqa: E402
 from minillm import quant  # noqa: E402
 from minillm.gguf import GGUFFile  # noqa: E402
 from minillm.linear import QuantLinear  # noqa: E402
-from minillm.model import rmsnorm  # noqa: E402
+from minillm.ops.f32 import rmsnorm  # noqa: E402
 from minillm.registry import resolve_model  # noqa: E402
 
 gguf = GGUFFile(resolve_model(None))

@@ -28,15 +28,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 ROOT = Path(__file__).parents[2]
 sys.path.insert(0, str(ROOT))
-from minillm.verify.dump import HF_LAYER_NAMES, HF_OTHER_NAMES, LAYER_TENSORS  # noqa: E402
+from minillm.arch.llama import LAYER_GRAPH, OUTER_GRAPH  # noqa: E402
 
 
 def module_names(n_layers: int) -> dict[str, str]:
     """graph name -> HF module name (":input" for a module's input), from minillm's table."""
-    names = dict((graph, hf) for hf, graph in ((v, k) for k, v in HF_OTHER_NAMES.items()))
+    names = dict(OUTER_GRAPH)
     for i in range(n_layers):
-        for t in LAYER_TENSORS:
-            names[f"{t}-{i}"] = HF_LAYER_NAMES[t].format(i=i).split(" ")[0]
+        for t, hf in LAYER_GRAPH.items():
+            names[f"{t}-{i}"] = hf.format(i=i).split(" ")[0]
     return names
 
 
