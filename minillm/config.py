@@ -18,9 +18,11 @@ class HyperParameters:
     def value(self, key: str, kind, default=_REQUIRED):
         """`{arch}.{key}` as `kind` (a type or tuple of types); `default` when absent, if given."""
         full = f"{self.arch}.{key}"
-        v = self.metadata.get(full, default)
-        if v is _REQUIRED:
-            raise GGUFError(self.path, f"missing metadata key {full}")
+        if full not in self.metadata:
+            if default is _REQUIRED:
+                raise GGUFError(self.path, f"missing metadata key {full}")
+            return default
+        v = self.metadata[full]
         if isinstance(v, bool) or not isinstance(v, kind):
             raise GGUFError(self.path, f"metadata key {full} = {v!r} has the wrong type")
         return v

@@ -284,8 +284,10 @@ def kv_cache_bytes(config: TransformerConfig, max_len: int, spec: AttentionSpec 
     return 2 * config.n_kv_heads * rows * row_bytes
 
 
-def new_cache(config: TransformerConfig, max_len: int, spec: AttentionSpec = DENSE, kv_bits: int = 32):
-    """The cache a run needs: the plain KVCache for dense float32 attention, else a PatternKVCache."""
+def new_cache(config: TransformerConfig, max_len: int, spec: AttentionSpec = DENSE, kv_bits: int = 32,
+              rings: bool = True):
+    """The cache a run needs: the plain KVCache for dense float32 attention, else a PatternKVCache
+    (with `rings=False`, windowed layers keep every position too, masked: llama.cpp's layout)."""
     if spec.is_dense and kv_bits == 32:
         return KVCache(config, max_len)
-    return PatternKVCache(config, max_len, spec, kv_bits)
+    return PatternKVCache(config, max_len, spec, kv_bits, rings)

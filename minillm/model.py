@@ -38,7 +38,7 @@ class Model:
 
     @property
     def arch(self):
-        """The architecture module (minillm.arch.llama, ...)."""
+        """The architecture module (minillm.arch.llama, minillm.arch.gemma3, ...)."""
         return arch.of(self.config)
 
     @property

@@ -110,8 +110,12 @@ class Runtime:
 
     def new_cache(self):
         """A KV cache for the settings: dense, or shaped by the attention pattern (minillm.kvcache).
-        Under --mem-cap its pages are touched at once, so it holds what the plan counted from the start."""
-        cache = new_cache(self.model.config, self.config.ctx_size, self.config.attention_spec(), self.config.cache_bits)
+        Under --mem-cap its pages are touched at once, so it holds what the plan counted from the start.
+        --mode ggml keeps every position in windowed layers too, masked, as llama-cpp-python's context
+        does (a full-size SWA cache): the order of the cached rows decides how ggml groups the
+        softmax's and the value product's sums, so a ring buffer could round differently."""
+        cache = new_cache(self.model.config, self.config.ctx_size, self.config.attention_spec(), self.config.cache_bits,
+                          rings=self.config.mode != "ggml")
         if self.plan is not None:
             touch_pages(cache_arrays(cache))
         return cache

@@ -17,9 +17,9 @@ table; minillm.model runs a forward pass over a KV cache.
 """
 
 from ..errors import GGUFError
-from . import llama
+from . import gemma3, llama
 
-ARCHITECTURES = {"llama": llama}
+ARCHITECTURES = {"llama": llama, "gemma3": gemma3}
 
 
 def architecture(metadata: dict, path="model"):

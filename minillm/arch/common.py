@@ -20,4 +20,17 @@ def outer_tensors(config) -> dict:
     return {"token_embd.weight": (config.vocab_size, config.dim), "output_norm.weight": (config.dim,)}
 
 
-OUTPUT = "output.weight"  # a separate LM head, (vocab_size, dim), when the file does not tie it
+OUTPUT = "output.weight"
+
+
+def write_common_metadata(writer, c):
+    """The `{arch}.*` keys of the hyper-parameters every architecture shares (config.HyperParameters
+    reads them), for tiny random models (minillm.synthetic)."""
+    writer.add_block_count(c.n_layers)
+    writer.add_context_length(c.context_length)
+    writer.add_embedding_length(c.dim)
+    writer.add_feed_forward_length(c.ffn_dim)
+    writer.add_head_count(c.n_heads)
+    writer.add_head_count_kv(c.n_kv_heads)
+    writer.add_rope_freq_base(c.rope_base)
+    writer.add_layer_norm_rms_eps(c.norm_eps)  # a separate LM head, (vocab_size, dim), when the file does not tie it

@@ -23,7 +23,7 @@ from typing import ClassVar
 import numpy as np
 
 from ..config import HyperParameters, TransformerConfig
-from .common import merge_heads, split_heads
+from .common import merge_heads, split_heads, write_common_metadata
 
 
 @dataclass(frozen=True)
@@ -136,15 +136,8 @@ def mlp(ops, w: Layer, x: np.ndarray) -> np.ndarray:
 
 def write_metadata(writer, c: LlamaConfig):
     """The `llama.*` keys of a file with these hyper-parameters (for tiny random models, minillm.synthetic)."""
-    writer.add_block_count(c.n_layers)
-    writer.add_context_length(c.context_length)
-    writer.add_embedding_length(c.dim)
-    writer.add_feed_forward_length(c.ffn_dim)
-    writer.add_head_count(c.n_heads)
-    writer.add_head_count_kv(c.n_kv_heads)
-    writer.add_rope_freq_base(c.rope_base)
+    write_common_metadata(writer, c)
     writer.add_rope_dimension_count(c.rope_dim)
-    writer.add_layer_norm_rms_eps(c.norm_eps)
 
 
 def tiny_config(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=267, context_length=256,

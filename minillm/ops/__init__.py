@@ -1,7 +1,7 @@
 """Compute modes: the arithmetic a forward pass is handed (`--mode`), one object per mode.
 
-A model's forward pass (minillm.arch) calls `ops.rms_norm`, `ops.rope_angles`, `ops.rope`, `ops.silu`
-and `ops.attention`; the loader passes every
+A model's forward pass (minillm.arch) calls `ops.rms_norm`, `ops.rope_angles`, `ops.rope` (or
+`ops.rope_neox`), `ops.silu` or `ops.gelu`, `ops.scale` and `ops.attention`; the loader passes every
 packed weight through `ops.linear` and `ops.embedding`. So one forward pass per architecture
 serves every mode:
 

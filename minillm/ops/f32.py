@@ -12,7 +12,7 @@ import numpy as np
 
 def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """Scale each row to unit root-mean-square, then by a learned per-channel weight.
-    x: (..., n), weight: (n,) -> (..., n)"""
+    x: (..., n), weight: (n,) -> (..., n). Gemma 3 applies it per head to Q and K too (n = head_dim)."""
     mean_square = np.mean(x * x, axis=-1, keepdims=True)
     return x / np.sqrt(mean_square + eps) * weight
 
@@ -40,9 +40,32 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return out
 
 
+def rope_neox(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate the pairs (x[i], x[i + rope_dim/2]) of every head by the position's angle: the
+    "rotate half" form of the original checkpoints, which llama.cpp calls NEOX and uses for files
+    whose converter did not permute Q and K (Gemma 3, Qwen).
+    x: (n_heads, T, head_dim), cos/sin: (T, rope_dim // 2) -> same shape."""
+    half = cos.shape[-1]
+    first, second = x[..., 0:half], x[..., half:2 * half]
+    out = x.copy()
+    out[..., 0:half] = first * cos - second * sin
+    out[..., half:2 * half] = first * sin + second * cos
+    return out
+
+
 def silu(x: np.ndarray) -> np.ndarray:
     """x * sigmoid(x), the gate of Llama's SwiGLU."""
     return x / (1.0 + np.exp(-x))
+
+
+GELU_COEF = 0.044715
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GELU in its tanh approximation (Gemma's "gelu_pytorch_tanh"), the gate of GeGLU:
+    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    return 0.5 * x * (1.0 + np.tanh(SQRT_2_OVER_PI * x * (1.0 + GELU_COEF * x * x)))
 
 
 def causal_mask(start: int, T: int, S: int) -> np.ndarray:
@@ -106,8 +129,18 @@ class F32:
     def rope(self, x, cos, sin):
         return rope(x, cos, sin)
 
+    def rope_neox(self, x, cos, sin):
+        return rope_neox(x, cos, sin)
+
     def silu(self, x):
         return silu(x)
+
+    def gelu(self, x):
+        return gelu_tanh(x)
+
+    def scale(self, x, s: float):
+        """x * s, s rounded to x's float type first (as ggml_scale takes a float)."""
+        return x * x.dtype.type(s)
 
     def linear(self, packed):
         return packed

@@ -9,11 +9,13 @@ GGMLLinear; this module holds what a forward pass does around them, in ggml's or
 | RMS norm     | float32 squares summed in double, scale = 1/sqrtf(mean + eps), (x * scale) * weight  |
 | RoPE angles  | theta_scale = powf(base, -2/n_dims), theta built pair by pair in float32, cosf, sinf |
 | RoPE         | fma(x0, cos, -(x1 sin)), fma(x0, sin, x1 cos) (GCC contracts C++ to FMA); normal     |
-|              | mode pairs (2i, 2i+1)                                                                |
+|              | mode pairs (2i, 2i+1), NEOX mode pairs (i, i + n_dims/2)                            |
 | SiLU         | x / (1 + ggml_v_expf(-x)), a degree-5 polynomial exp                                 |
+| GELU (tanh)  | a 65,536-entry table of float16 results indexed by float16(x), for -10 < x < 10     |
 | softmax      | exp by ggml_v_expf, float32 sums over 16 lanes added in double, times float(1/sum)   |
 | attention    | K, V in a float16 cache, Q and the softmax weights rounded to float16 for the two    |
 |              | products, added in ggml_vec_dot_f16's order in a one-token decode                    |
+| scale        | x * s in float32 (ggml_scale)                                                        |
 
 That matters: the products quantize their input, so a value one float32 ulp off can round to
 another 8-bit code, and such flips grow through the layers. With all of the above, minillm's hidden
@@ -30,6 +32,7 @@ reproduced here.
 
 import ctypes
 import ctypes.util
+from functools import cache
 
 import numpy as np
 
@@ -70,11 +73,12 @@ def ggml_rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 
 _LIBM = ctypes.CDLL(ctypes.util.find_library("m"))
-for _name in ("powf", "cosf", "sinf"):
+for _name in ("powf", "cosf", "sinf", "tanhf"):
     getattr(_LIBM, _name).restype = ctypes.c_float
 _LIBM.powf.argtypes = [ctypes.c_float, ctypes.c_float]
-_LIBM.cosf.argtypes = _LIBM.sinf.argtypes = [ctypes.c_float]
+_LIBM.cosf.argtypes = _LIBM.sinf.argtypes = _LIBM.tanhf.argtypes = [ctypes.c_float]
 _cosf, _sinf = np.vectorize(_LIBM.cosf, otypes=[np.float32]), np.vectorize(_LIBM.sinf, otypes=[np.float32])
+_tanhf = np.vectorize(_LIBM.tanhf, otypes=[np.float32])
 
 
 def ggml_rope_angles(positions: np.ndarray, rope_dim: int, base: float):
@@ -100,6 +104,43 @@ def ggml_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     out = np.empty_like(x)
     out[..., 0::2], out[..., 1::2] = rotate_pairs(x[..., 0::2], x[..., 1::2], cos, sin)
     return out
+
+
+def ggml_rope_neox(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """NEOX mode (Gemma 3): pairs (i, i + rope_dim/2), the channels past rope_dim copied.
+    x: (heads, T, head_dim), cos, sin: (T, rope_dim // 2)"""
+    half = cos.shape[-1]
+    out = x.copy()
+    out[..., :half], out[..., half:2 * half] = rotate_pairs(x[..., :half], x[..., half:2 * half], cos, sin)
+    return out
+
+
+GELU_COEF_A = np.float32(0.044715)
+SQRT_2_OVER_PI = np.float32(0.79788456080286535587989211986876)
+
+
+@cache
+def gelu_table() -> np.ndarray:
+    """ggml_table_gelu_f16 (ggml-cpu.c, filled by ggml_cpu_init): for every float16 bit pattern f,
+    float16(ggml_gelu_f32(f)), with ggml_gelu_f32(x) = 0.5f*x*(1.0f + tanhf(SQRT_2_OVER_PI*x*(1.0f +
+    GELU_COEF_A*x*x))) in float32 and the C library's tanhf. (65536,) float32 holding float16 values.
+    Filled over the finite values (-65504 to 65504); the others are never looked up (|x| < 10)."""
+    f = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    finite = np.isfinite(f)
+    x = f[finite]
+    inner = SQRT_2_OVER_PI * x * _fma(GELU_COEF_A * x, x, np.float32(1))  # GCC contracts 1 + a*x*x to an FMA
+    table = np.zeros_like(f)
+    with np.errstate(over="ignore", invalid="ignore"):
+        table[finite] = f16(np.float32(0.5) * x * (np.float32(1) + _tanhf(inner)))
+    return table
+
+
+def ggml_gelu(x: np.ndarray) -> np.ndarray:
+    """ggml_vec_geglu_f32's GELU (vec.h with GGML_GELU_FP16): 0 for x <= -10, x for x >= 10, else
+    the table's value at float16(x). x: float32 (...) -> (...)"""
+    x = np.asarray(x, np.float32)
+    looked_up = gelu_table()[f16(np.clip(x, -10, 10)).astype(np.float16).view(np.uint16)]
+    return np.where(x <= -10, np.float32(0), np.where(x >= 10, x, looked_up))
 
 
 def reduce_16_lanes(lanes: np.ndarray) -> np.ndarray:
@@ -184,8 +225,17 @@ class GGML:
     def rope(self, x, cos, sin):
         return ggml_rope(x, cos, sin)
 
+    def rope_neox(self, x, cos, sin):
+        return ggml_rope_neox(x, cos, sin)
+
     def silu(self, x):
         return ggml_silu(x)
+
+    def gelu(self, x):
+        return ggml_gelu(x)
+
+    def scale(self, x, s: float):
+        return x * np.float32(s)
 
     def attention(self, q, k, v, pattern, q_pos, k_pos, scale):
         return ggml_attention(q, k, v, pattern, q_pos, k_pos, scale)

@@ -18,7 +18,7 @@ refuses to line up two dumps whose token ids or shapes differ.
 
 Names and shapes (T tokens, layer i) are llama.cpp's graph names, which differ by architecture: each
 architecture module lists what its forward pass traces, with the HF transformers module holding the
-same values (`LAYER_GRAPH`, `OUTER_GRAPH` in minillm.arch.llama). For Llama
+same values (`LAYER_GRAPH`, `OUTER_GRAPH` in minillm.arch.llama, minillm.arch.gemma3). For Llama
 (HF = the module of LlamaForCausalLM whose output, or input where marked, holds the same values):
 
 | llama.cpp name | shape                     | HF module                                  | note            |
@@ -36,6 +36,12 @@ same values (`LAYER_GRAPH`, `OUTER_GRAPH` in minillm.arch.llama). For Llama
 | `l_out-i`      | (T, dim)                  | `model.layers.i`                           |                 |
 | `result_norm`  | (T, dim)                  | `model.norm`                               |                 |
 | `result_output`| (T, vocab_size)           | `lm_head`                                  | the logits      |
+
+Gemma 3 adds `inp_scaled` (the embedding times sqrt(dim), HF's `model.embed_tokens`), the per-head
+norms `Qcur_normed-i` and `Kcur_normed-i` (before RoPE; HF's `q_norm`, `k_norm`), `attn_post_norm-i`,
+`sa_out-i` (the residual after attention) and `ffn_post_norm-i`, and has no `ffn_inp-i`; its Q and K
+are not permuted (NEOX RoPE), and HF applies RoPE inside its attention, so `Qcur`/`Kcur` have no
+module there.
 
 (1) HF's q_proj/k_proj give Q and K before RoPE, which HF applies inside the attention
 function, and in the "rotate-half" channel order of the original checkpoint. llama.cpp's
@@ -57,12 +63,12 @@ from ..arch import ARCHITECTURES
 from ..errors import MinillmError
 
 LAYOUT_VERSION = 1
-HEAD_MAJOR = ("Qcur", "Kcur", "Vcur")  # traced as (heads, T, head_dim)
+HEAD_MAJOR = ("Qcur_normed", "Kcur_normed", "Qcur", "Kcur", "Vcur")  # traced as (heads, T, head_dim)
 
 
 def merged_order(orders) -> tuple:
     """One order of names consistent with each of `orders`: each name not placed yet goes right after
-    the name before it in its own order."""
+    the name before it in its own order (llama's block, then what gemma3 adds around it)."""
     merged = []
     for order in orders:
         for k, name in enumerate(order):

@@ -50,11 +50,9 @@ def rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> n
     return out.numpy()
 
 
-def record(model, ids: list[int]) -> dict[str, np.ndarray]:
-    """Run the prompt once with hooks on every module of the table. -> graph name -> (T, ...) float32"""
-    c = model.config
-    head_dim = c.hidden_size // c.num_attention_heads
-    wanted = module_names(c.num_hidden_layers)
+def module_outputs(model, wanted: dict[str, str], ids: list[int]) -> dict:
+    """Run the prompt once with a hook on each module `wanted` names (graph name -> HF module, ":input"
+    for its input). -> graph name -> the module's output (or input), a torch tensor with a batch axis"""
     seen, handles = {}, []
     for graph, hf in wanted.items():
         module = model.get_submodule(hf.removesuffix(":input"))
@@ -64,11 +62,21 @@ def record(model, ids: list[int]) -> dict[str, np.ndarray]:
             handles.append(module.register_forward_hook(
                 lambda m, args, out, g=graph: seen.__setitem__(g, out[0] if isinstance(out, tuple) else out)))
     with torch.no_grad():
-        x = torch.tensor([ids])
-        model(x)
-        cos, sin = model.model.rotary_emb(model.model.embed_tokens(x), torch.arange(len(ids))[None])
+        model(torch.tensor([ids]))
     for h in handles:
         h.remove()
+    return seen
+
+
+def record(model, ids: list[int]) -> dict[str, np.ndarray]:
+    """Run the prompt once with hooks on every module of the table. -> graph name -> (T, ...) float32"""
+    c = model.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    wanted = module_names(c.num_hidden_layers)
+    seen = module_outputs(model, wanted, ids)
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        cos, sin = model.model.rotary_emb(model.model.embed_tokens(x), torch.arange(len(ids))[None])
     tensors = {}
     for graph in sorted(seen, key=list(wanted).index):
         value = seen[graph][0].detach()                              # drop the batch axis: (T, ...)
