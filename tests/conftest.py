@@ -15,17 +15,27 @@ settings.register_profile("ci", deadline=None, max_examples=150, suppress_health
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 
-@pytest.fixture(scope="session")
-def smollm2_path():
-    """The real SmolLM2 GGUF. CI fetches it before the tests, so there a missing file is a failure;
+def real_model(name: str):
+    """A real model's GGUF. CI fetches them before the tests, so there a missing file is a failure;
     elsewhere the test is skipped with the command that fetches it."""
-    path = weights_dir() / MODELS[DEFAULT_MODEL].filename
+    path = weights_dir() / MODELS[name].filename
     if not path.is_file():
-        message = f"{path} is missing: run `python -m minillm fetch`"
+        message = f"{path} is missing: run `python -m minillm fetch {name}`"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    return real_model(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def gemma3_path():
+    """Gemma 3 270M (`python -m minillm fetch gemma3-270m`), Q4_K_M."""
+    return real_model("gemma3-270m")
 
 
 @pytest.fixture(scope="session")
