@@ -302,3 +302,39 @@ def test_ggml_mode_keeps_every_position_as_llama_cpp_does(tmp_path):
     rt = load(RunConfig(model=str(path), mode="ggml", ctx_size=256), announce=lambda _: None)
     assert [type(layer) for layer in rt.new_cache().layers] == [FullLayer] * 3
     assert rt.config.attention == "window:64/window:64/dense"
+
+
+# ---------------------------------------------------------------------------------------------
+# Against llama.cpp (tests/data/make_ggml_reference.py --model tests/data/tiny_gemma3.gguf ...): the
+# converted model decoded one token at a time by llama-cpp-python 0.3.36 (CPU backend, repacking off).
+
+GGML_GOLDEN = Path(__file__).parent / "data" / "gemma3_ggml_reference.npz"
+
+
+@pytest.fixture(scope="module")
+def llamacpp():
+    with np.load(GGML_GOLDEN) as golden:
+        return {key: golden[key] for key in golden.files}
+
+
+def test_ggml_mode_equals_llama_cpp_bit_for_bit(llamacpp):
+    """100 tokens, past the 64-position window: every float32 logit kept (positions 0 to 99, around
+    the window's edge) equal, and llama.cpp's top token at every position: NEOX RoPE, the per-head
+    norms, the float16 GELU table, Q scaled before the product and the full-size window cache."""
+    ids = llamacpp["token_ids"]
+    rt = load(RunConfig(model=str(TINY_GEMMA3), bits=8, mode="ggml", ctx_size=len(ids)), announce=lambda _: None)
+    cache = rt.new_cache()
+    ours = np.concatenate([rt.model.forward([t], cache) for t in ids])
+    assert np.array_equal(ours[llamacpp["positions"]], llamacpp["logits"])
+    assert np.array_equal(ours.argmax(-1), llamacpp["top1"])
+
+
+def test_gelu_table_is_llama_cpps(llamacpp):
+    """minillm's GELU table hashes as libggml-cpu's ggml_table_gelu_f16 over every finite float16 input."""
+    import hashlib
+    import json
+
+    from minillm.ops.ggml import gelu_table
+    f = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    ours = hashlib.sha256(gelu_table()[np.isfinite(f)].astype(np.float16).tobytes()).hexdigest()
+    assert ours == json.loads(str(llamacpp["metadata"]))["gelu_table_sha256"]
