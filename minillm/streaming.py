@@ -66,13 +66,25 @@ class FileReader:
         return out
 
 
-def slot_offsets(infos: list) -> tuple[list, int]:
-    """Where each tensor starts in a buffer holding them all (cache-line aligned), and its size."""
+def slot_offsets(sizes: list) -> tuple[list, int]:
+    """Where each of tensors of `sizes` bytes starts in a buffer holding them all (cache-line aligned),
+    and the buffer's size."""
     offsets, end = [], 0
-    for info in infos:
+    for size in sizes:
         offsets.append(end)
-        end += -(-info.nbytes // SLOT_ALIGN) * SLOT_ALIGN
+        end += -(-size // SLOT_ALIGN) * SLOT_ALIGN
     return offsets, end
+
+
+def streamed_matrices(gguf: GGUFFile, config) -> tuple[dict, list, int]:
+    """The layout of a layer buffer: each matrix of the architecture's table (GGUF name inside a block
+    -> field) at an offset, with room for the largest that tensor is in any layer: a file may store
+    it in another format in some layers (Gemma 3's Q4_K_M keeps attn_v and ffn_down at higher
+    precision on some). -> (matrices, offsets, buffer size)"""
+    table = arch.of(config).layer_tensors(config)        # GGUF name inside a block -> (field, shape)
+    matrices = {name: field for name, (field, shape) in table.items() if len(shape) == 2}
+    largest = [max(gguf.tensors[f"blk.{i}.{name}"].nbytes for i in range(config.n_layers)) for name in matrices]
+    return (matrices, *slot_offsets(largest))
 
 
 class ReadAhead:
@@ -110,16 +122,10 @@ class StreamedLayers:
         self.gguf, self.reader, self.n_layers = gguf, reader, config.n_layers
         self.resident, self.vectors = resident, vectors  # vectors[i]: field -> array, for each streamed layer
         self.make_layer = arch.of(config).Layer
-        first = len(resident)
-        table = arch.of(config).layer_tensors(config)   # GGUF name inside a block -> (field, shape)
-        self.matrices = {name: field for name, (field, shape) in table.items() if len(shape) == 2}
-        infos = [gguf.tensors[f"blk.{first}.{name}"] for name in self.matrices]
-        self.offsets, size = slot_offsets(infos)
+        self.matrices, self.offsets, size = streamed_matrices(gguf, config)
         self.buffers = [np.zeros(size, np.uint8) for _ in range(STREAM_SLOTS)]
-        self.linears = [{field: QuantLinear(buf[o:o + info.nbytes].reshape(*info.shape[:-1], -1), info.ggml_type,
-                                            backend, threads, f"blk.*.{name}")
-                         for (name, field), o, info in zip(self.matrices.items(), self.offsets, infos)}
-                        for buf in self.buffers]
+        self.backend, self.threads = backend, threads
+        self.linears = {}   # (slot, GGUF name in a block, type) -> QuantLinear over that part of the buffer
         self.read_ahead = ReadAhead(reader, self._fill)
 
     def __len__(self) -> int:
@@ -132,7 +138,19 @@ class StreamedLayers:
                 continue
             slot = self.read_ahead.take(i)
             self.read_ahead.prefetch(self._next_streamed(i), (slot + 1) % STREAM_SLOTS)
-            yield self.make_layer(**self.vectors[i], **self.linears[slot])
+            yield self.make_layer(**self.vectors[i], **{field: self._linear(slot, name, i)
+                                                        for name, field in self.matrices.items()})
+
+    def _linear(self, slot: int, name: str, layer: int) -> QuantLinear:
+        """The QuantLinear over `slot`'s part for matrix `name` in the format layer `layer` stores it
+        in; made once per slot, matrix and format, and kept (refilling the buffer changes its weights)."""
+        info = self.gguf.tensors[f"blk.{layer}.{name}"]
+        key = (slot, name, info.ggml_type)
+        if key not in self.linears:
+            offset = self.offsets[list(self.matrices).index(name)]
+            raw = self.buffers[slot][offset:offset + info.nbytes].reshape(*info.shape[:-1], -1)
+            self.linears[key] = QuantLinear(raw, info.ggml_type, self.backend, self.threads, f"blk.*.{name}")
+        return self.linears[key]
 
     def _fill(self, layer: int, slot: int):
         buf = self.buffers[slot]

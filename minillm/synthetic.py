@@ -34,11 +34,13 @@ def tiny_vocab():
 
 
 def write_tiny(path, architecture: str = "llama", *, weight_type=gguf.GGMLQuantizationType.F32, embedding_type=None,
-               seed=0, **sizes) -> Path:
+               tensor_types=None, seed=0, **sizes) -> Path:
     """Write a random model of `architecture` and return its path. `sizes` go to the architecture's
     `tiny_config` (n_layers, dim, n_heads, n_kv_heads, ffn_dim, context_length, ...). Matrices use
-    `weight_type`, the tied token embedding `embedding_type` (default: the same); vectors (norms) are
-    F32 near 1, as in real files."""
+    `weight_type`, the tied token embedding `embedding_type` (default: the same), and `tensor_types`
+    (GGUF name -> type) overrides either for single tensors, as llama.cpp's mixes do; vectors (norms)
+    are F32 near 1, as in real files."""
+    tensor_types = tensor_types or {}
     rng = np.random.default_rng(seed)
     tokens, types, merges = tiny_vocab()
     module = ARCHITECTURES[architecture]
@@ -67,11 +69,11 @@ def write_tiny(path, architecture: str = "llama", *, weight_type=gguf.GGMLQuanti
             writer.add_tensor(name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
 
     for name, shape in outer_tensors(config).items():
-        tensor(name, shape, embedding_type or weight_type)
+        tensor(name, shape, tensor_types.get(name, embedding_type or weight_type))
     for i in range(config.n_layers):
         table = block_tensors(config, i)  # each layer's vectors first, then its matrices (the draws of old files)
         for name, (_, shape) in sorted(table.items(), key=lambda item: len(item[1][1])):
-            tensor(name, shape, weight_type)
+            tensor(name, shape, tensor_types.get(name, weight_type))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

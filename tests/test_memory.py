@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 
+import gguf
 import numpy as np
 import pytest
 
@@ -23,6 +24,7 @@ from minillm.plan import Layout, PlanInputs, plan_memory, weight_index
 from minillm.runtime import RunConfig, load
 from minillm.model import prefill_chunks
 from minillm.streaming import StreamingSource
+from minillm.synthetic import write_tiny
 from minillm.weights import load_weights
 
 MiB = 1 << 20
@@ -94,6 +96,24 @@ def test_tiny_streamed_logits_are_bit_identical_to_resident(tiny_q4_path):
     ids = [5, 70, 71, 72, 3, 9]
     for layout in [Layout(0, True, 32, 64), Layout(1, False, 32, 64), Layout(2, True, 32, 64)]:
         streamed = load_weights(rt.gguf, rt.model.config, StreamingSource(rt.gguf, "numba", 1), layout)
+        assert_same_logits(rt, streamed, ids, steps=4)
+
+
+def test_layers_stored_in_different_formats_stream_bit_identically(tmp_path):
+    """A mix as llama.cpp's Q4_K_M writes one (Gemma 3 270M keeps attn_v and ffn_down at more bits on
+    some layers; here Q4_1 among Q4_0, both held as stored at --bits 4): each buffer has room for the
+    largest form of each matrix, and streamed layers use the format their own layer stores."""
+    q = gguf.GGMLQuantizationType
+    path = write_tiny(tmp_path / "mix.gguf", "gemma3", n_layers=4, weight_type=q.Q4_0, embedding_type=q.Q8_0,
+                      tensor_types={f"blk.{i}.{name}.weight": q.Q4_1 for i in (1, 2) for name in ("attn_v", "ffn_down")})
+    rt = load(RunConfig(model=str(path), ctx_size=128), announce=lambda _: None)
+    index = weight_index(rt.gguf, rt.model.config, 4)
+    assert index.streamable and len(set(index.layer_bytes)) == 2
+    assert index.slot_bytes >= max(index.layer_bytes)
+    ids = list(range(5, 80))
+    threads = rt.config.threads or os.cpu_count()  # the products split as the resident model's do
+    for layout in [Layout(0, True, 32, 64), Layout(2, False, 32, 64)]:
+        streamed = load_weights(rt.gguf, rt.model.config, StreamingSource(rt.gguf, "numba", threads), layout)
         assert_same_logits(rt, streamed, ids, steps=4)
 
 
@@ -211,10 +231,33 @@ def test_caps_below_the_minimum_are_refused_as_early_as_possible(smollm2_path):
     assert "memory: peak" not in err  # no run, so no measurement of one
 
 
+ACTIVATION_CASES = [(16, 128, 8, 2), (32, 128, 32, 2), (127, 128, 32, 1), (64, 512, 8, 2), (16, 256, 16, 1)]
+
+
 @pytest.mark.weights
-@pytest.mark.parametrize("chunk, ctx_size, kv_bits, threads", [(16, 128, 8, 2), (32, 128, 32, 2), (127, 128, 32, 1),
-                                                              (64, 512, 8, 2), (16, 256, 16, 1)])
+@pytest.mark.parametrize("chunk, ctx_size, kv_bits, threads", ACTIVATION_CASES)
 def test_activation_bytes_bound_the_arrays_of_a_forward_pass(smollm2_path, chunk, ctx_size, kv_bits, threads):
+    check_activation_bytes(smollm2_path, chunk, ctx_size, kv_bits, threads)
+
+
+@pytest.fixture(scope="module")
+def gemma3_widths(tmp_path_factory):
+    """Two layers of Gemma 3 270M's widths (dim 640, 4 query heads and 1 KV head of 256, GeGLU 2048),
+    random Q4_0 matrices: the activations depend on the widths, not on the depth or the weights."""
+    q = gguf.GGMLQuantizationType
+    return write_tiny(tmp_path_factory.mktemp("gemma") / "gemma3-widths.gguf", "gemma3", n_layers=2, dim=640, n_heads=4,
+                      n_kv_heads=1, head_dim=256, ffn_dim=2048, sliding_window=512, context_length=2048,
+                      weight_type=q.Q4_0, embedding_type=q.Q8_0)
+
+
+@pytest.mark.parametrize("chunk, ctx_size, kv_bits, threads", ACTIVATION_CASES)
+def test_activation_bytes_follow_gemma3s_forward_pass(gemma3_widths, chunk, ctx_size, kv_bits, threads):
+    """Its per-head Q and K norms and its GeGLU hold more than Llama's steps: the plan counts them from
+    gemma3.ACTIVATION_PEAKS (dense attention: the NumPy reference's scores, as the plan counts them)."""
+    check_activation_bytes(gemma3_widths, chunk, ctx_size, kv_bits, threads, attention="dense")
+
+
+def check_activation_bytes(path, chunk, ctx_size, kv_bits, threads, **settings):
     """The planned activations against the arrays Python and NumPy allocate (tracemalloc) during the
     chunk that ends the context, where the scores are largest, plus the tile buffers every thread
     keeps from the first prefill: within a quarter of the reserve the
@@ -225,7 +268,7 @@ def test_activation_bytes_bound_the_arrays_of_a_forward_pass(smollm2_path, chunk
     from minillm.kvcache import new_cache
     from minillm.plan import RESERVE_BYTES, activation_bytes
     from minillm.parallel import row_pool, tile_buffer
-    rt = load(RunConfig(model=str(smollm2_path), ctx_size=ctx_size, threads=threads, kv_bits=kv_bits),
+    rt = load(RunConfig(model=str(path), ctx_size=ctx_size, threads=threads, kv_bits=kv_bits, **settings),
               announce=lambda _: None)
     c = rt.model.config
     weights = load_weights(rt.gguf, c, StreamingSource(rt.gguf, "numba", threads), Layout(0, True, kv_bits, chunk))
@@ -235,9 +278,9 @@ def test_activation_bytes_bound_the_arrays_of_a_forward_pass(smollm2_path, chunk
     for _ in range(2):  # the first pass allocates each kernel's buffers, once
         cache = new_cache(c, ctx_size, rt.config.attention_spec(), kv_bits)
         if ctx_size - T:
-            model.forward(np.arange(ctx_size - T) % 1000, cache, last_only=True)
+            model.forward(np.arange(ctx_size - T) % min(1000, c.vocab_size), cache, last_only=True)
         tracemalloc.start()
-        model.forward(np.arange(T) + 100, cache, last_only=True)
+        model.forward((np.arange(T) + 100) % c.vocab_size, cache, last_only=True)
         measured.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
     tiles = []  # each thread's tile buffer, made by the first prefill and kept since

@@ -105,6 +105,11 @@ LAYER_GRAPH = {
 OUTER_GRAPH = {"inp_embd": None, "inp_scaled": "model.embed_tokens", "result_norm": "model.norm",
                "result_output": "lm_head"}
 
+# For the memory plan (minillm.plan.activation_bytes), measured with tracemalloc at 270M's widths:
+# q-sized arrays alive while Q is normed, rotated and scaled (2.1 to 3 of them), (T, ffn_dim) float32
+# arrays at the MLP's peak (gate, up, and the tanh-GELU's three temporaries).
+ACTIVATION_PEAKS = {"rope": 3, "mlp": 5}
+
 
 def local_layers(window: int, pattern, n_layers: int) -> tuple:
     """Which layers use the sliding window, as llama.cpp's set_swa_pattern: a period p makes layer i
