@@ -32,7 +32,7 @@ from functools import cached_property, lru_cache
 import numpy as np
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import pre_tokenizers
+from tokenizers import Regex, pre_tokenizers
 
 from .errors import MinillmError
 from .gguf import join_with_offsets
@@ -71,15 +71,27 @@ def _pre_tokenizer(pre: str):
             pre_tokenizers.Digits(individual_digits=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
         ])
-    raise MinillmError(f"unsupported tokenizer.ggml.pre {pre!r}: minillm knows only 'smollm'")
+    if pre == "qwen2":
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_WORDS), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    raise MinillmError(f"unsupported tokenizer.ggml.pre {pre!r}: minillm knows 'smollm' and 'qwen2'")
+
+
+# Qwen 2 and 3's words (their tokenizer.json; llama.cpp's LLAMA_VOCAB_PRE_TYPE_QWEN2 spells the
+# case-insensitive contractions out): letters with one leading non-letter, single digits,
+# punctuation runs with the newlines after them, newline runs, other whitespace.
+QWEN2_WORDS = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def text_pieces(text: str, size: int = PIECE_CHARS):
     """`text` in consecutive pieces of about `size` characters (more when no cut point comes),
     each cut just before a space that follows a non-space character. The pre-tokenizer splits
-    the pieces into the same words as the whole text: no pattern of its regex matches a
-    non-space character followed by a space (" ?\\p{L}+" and the like take a space only in
-    front), so a word always ends there, and the regex looks at no text before a match.
+    the pieces into the same words as the whole text: no pattern of its regex (smollm's or
+    qwen2's) matches a non-space character followed by a space (" ?\\p{L}+" and the like take a
+    space only in front), so a word always ends there, and the regex looks at no text before a match.
     Pre-tokenizing a long text whole would hold a Python tuple per word at once (~18 MiB for a
     150 kB book), and CPython keeps much of that memory after it is freed."""
     start = 0

@@ -4,7 +4,6 @@ float32 path against the float64 oracle, and the windows' masks seen from the mo
 
 import dataclasses
 import struct
-from pathlib import Path
 
 import gguf
 import numpy as np
@@ -15,7 +14,6 @@ from hypothesis import strategies as st
 from minillm.arch import gemma3, read_config
 from minillm.attention import block_sparse_attention, parse_attention
 from minillm.errors import GGUFError
-from minillm.generate import Sampler, SamplingSettings, generate
 from minillm.gguf import GGUFFile
 from minillm.kvcache import FullLayer, PatternKVCache, RingLayer, kv_cache_bytes, new_cache
 from minillm.model import load_float_model
@@ -23,9 +21,10 @@ from minillm.ops.f32 import F32, masked_attention, rope, rope_angles, rope_neox
 from minillm.runtime import RunConfig, load
 from minillm.synthetic import write_tiny
 from minillm.verify.compare import tensor_diff
-from minillm.verify.dump import record_forward
 
 from bounds import reordering_atol
+from references import (DATA, F32_NMSE_TARGET, check_dump_names, check_ggml_golden, check_greedy,
+                        check_logits, load_reference)
 
 Q = gguf.GGMLQuantizationType
 # The weight types a tiny Gemma is written in, with the --bits that holds each as stored.
@@ -213,15 +212,12 @@ def test_new_cache_for_an_unwindowed_gemma(tmp_path):
 # Gemma 3 built in transformers, converted by llama.cpp's own convert_hf_to_gguf.py to Q8_0, whose
 # weights transformers runs exactly (they were put on the Q8_0 grid before converting).
 
-REFERENCE = Path(__file__).parent / "data" / "gemma3_reference.npz"
-TINY_GEMMA3 = Path(__file__).parent / "data" / "tiny_gemma3.gguf"
-F32_NMSE_TARGET = 1e-6  # the float path against an independent float implementation
+TINY_GEMMA3 = DATA / "tiny_gemma3.gguf"
 
 
 @pytest.fixture(scope="module")
 def hf():
-    with np.load(REFERENCE) as golden:
-        return {key: golden[key] for key in golden.files}
+    return load_reference("gemma3_reference.npz")
 
 
 @pytest.fixture(scope="module")
@@ -244,31 +240,18 @@ def test_converted_file_has_the_shape_built_in_transformers(converted):
 def test_logits_match_hf_transformers(converted, hf):
     """100 tokens, past the 64-position window: NMSE below 1e-6 and the same argmax everywhere. With
     dense attention instead of the windows the logits part from HF's, so the windows are tested."""
-    ids = hf["token_ids"]
-    ours = converted.forward(ids, own_cache(converted))
-    assert tensor_diff("logits", hf["logits"], ours).nmse < F32_NMSE_TARGET
-    assert np.array_equal(ours.argmax(-1), hf["logits"].argmax(-1))
-    dense = converted.forward(ids, own_cache(converted, "dense"))
+    check_logits(converted, lambda: own_cache(converted), hf)
+    dense = converted.forward(hf["token_ids"], own_cache(converted, "dense"))
     assert tensor_diff("logits", hf["logits"][64:], dense[64:]).nmse > 1e4 * F32_NMSE_TARGET
 
 
 def test_greedy_tokens_match_hf_transformers(converted, hf):
-    ids = list(hf["token_ids"][:20])
-    greedy = Sampler(SamplingSettings(temperature=0))
-    ours = list(generate(converted, own_cache(converted), ids, greedy, max_tokens=len(hf["greedy"]), stop_ids=()))
-    assert ours == hf["greedy"].tolist()
+    check_greedy(converted, lambda: own_cache(converted), hf)
 
 
 def test_dump_names_match_hf_modules(converted, hf):
-    """Every intermediate of layers 0 (local) and 5 (global) under its llama.cpp graph name equals the
-    output of the HF module gemma3.LAYER_GRAPH names for it."""
-    ours = record_forward(converted, hf["token_ids"], own_cache(converted))
-    names = [key.removeprefix("tensor/") for key in hf if key.startswith("tensor/")]
-    with_module = [graph for graph in (gemma3.OUTER_GRAPH, gemma3.LAYER_GRAPH, gemma3.LAYER_GRAPH)
-                   for hf_module in graph.values() if hf_module is not None]
-    assert len(names) == len(with_module)
-    for name in names:
-        assert tensor_diff(name, hf[f"tensor/{name}"], ours[name]).nmse < F32_NMSE_TARGET, name
+    """Layers 0 (local) and 5 (global)."""
+    check_dump_names(converted, lambda: own_cache(converted), hf, "gemma3", layers=2)
 
 
 def test_info_shows_which_layers_cache_what(capsys):
@@ -308,25 +291,15 @@ def test_ggml_mode_keeps_every_position_as_llama_cpp_does(tmp_path):
 # Against llama.cpp (tests/data/make_ggml_reference.py --model tests/data/tiny_gemma3.gguf ...): the
 # converted model decoded one token at a time by llama-cpp-python 0.3.36 (CPU backend, repacking off).
 
-GGML_GOLDEN = Path(__file__).parent / "data" / "gemma3_ggml_reference.npz"
-
-
 @pytest.fixture(scope="module")
 def llamacpp():
-    with np.load(GGML_GOLDEN) as golden:
-        return {key: golden[key] for key in golden.files}
+    return load_reference("gemma3_ggml_reference.npz")
 
 
 def test_ggml_mode_equals_llama_cpp_bit_for_bit(llamacpp):
-    """100 tokens, past the 64-position window: every float32 logit kept (positions 0 to 99, around
-    the window's edge) equal, and llama.cpp's top token at every position: NEOX RoPE, the per-head
-    norms, the float16 GELU table, Q scaled before the product and the full-size window cache."""
-    ids = llamacpp["token_ids"]
-    rt = load(RunConfig(model=str(TINY_GEMMA3), bits=8, mode="ggml", ctx_size=len(ids)), announce=lambda _: None)
-    cache = rt.new_cache()
-    ours = np.concatenate([rt.model.forward([t], cache) for t in ids])
-    assert np.array_equal(ours[llamacpp["positions"]], llamacpp["logits"])
-    assert np.array_equal(ours.argmax(-1), llamacpp["top1"])
+    """100 tokens, past the 64-position window, at positions around the window's edge: NEOX RoPE, the
+    per-head norms, the float16 GELU table, Q scaled before the product and the full-size window cache."""
+    check_ggml_golden(TINY_GEMMA3, llamacpp, bits=8)
 
 
 def test_gelu_table_is_llama_cpps(llamacpp):

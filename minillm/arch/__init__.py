@@ -1,4 +1,5 @@
-"""Model architectures, one module each, chosen by a file's `general.architecture`.
+"""Model architectures, one module each, chosen by a file's `general.architecture`: llama (SmolLM2),
+gemma3, qwen3.
 
 An architecture module holds everything that makes the family what it is, and nothing else:
 
@@ -17,9 +18,9 @@ table; minillm.model runs a forward pass over a KV cache.
 """
 
 from ..errors import GGUFError
-from . import gemma3, llama
+from . import gemma3, llama, qwen3
 
-ARCHITECTURES = {"llama": llama, "gemma3": gemma3}
+ARCHITECTURES = {"llama": llama, "gemma3": gemma3, "qwen3": qwen3}
 
 
 def architecture(metadata: dict, path="model"):

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..config import HyperParameters, TransformerConfig
 from ..errors import GGUFError
-from .common import merge_heads, split_heads, write_common_metadata
+from .common import PER_HEAD_NORMED_GRAPH, merge_heads, per_head_normed_qkv, write_common_metadata
 
 SWA_PERIOD = 6  # llama.cpp's default pattern for Gemma 3: five local layers, then one global
 
@@ -88,11 +88,7 @@ Config = Gemma3Config
 # or None where HF has no module for it (RoPE is applied inside HF's attention function).
 LAYER_GRAPH = {
     "attn_norm": "model.layers.{i}.input_layernorm",
-    "Qcur_normed": "model.layers.{i}.self_attn.q_norm",
-    "Kcur_normed": "model.layers.{i}.self_attn.k_norm",
-    "Qcur": None,
-    "Kcur": None,
-    "Vcur": "model.layers.{i}.self_attn.v_proj",
+    **PER_HEAD_NORMED_GRAPH,
     "kqv_out": "model.layers.{i}.self_attn.o_proj:input",
     "attn_out": "model.layers.{i}.self_attn.o_proj",
     "attn_post_norm": "model.layers.{i}.post_attention_layernorm",
@@ -192,13 +188,8 @@ def forward(c: Gemma3Config, weights, ops, ids: np.ndarray, cache, last_only: bo
 
 def attention(c: Gemma3Config, ops, layer: int, w: Layer, x: np.ndarray, cache, cos, sin, trace) -> np.ndarray:
     """x: (T, dim) normalised input -> (T, dim) attention output; stores this layer's K, V."""
-    q = split_heads(w.wq(x), c.n_heads)                                 # (n_heads, T, head_dim)
-    k = split_heads(w.wk(x), c.n_kv_heads)                              # (n_kv_heads, T, head_dim)
-    q = trace(f"Qcur_normed-{layer}", ops.rms_norm(q, w.q_norm, c.norm_eps))  # each head to unit RMS
-    k = trace(f"Kcur_normed-{layer}", ops.rms_norm(k, w.k_norm, c.norm_eps))
-    q = trace(f"Qcur-{layer}", ops.rope_neox(q, cos, sin))
-    k = trace(f"Kcur-{layer}", ops.rope_neox(k, cos, sin))
-    v = trace(f"Vcur-{layer}", split_heads(w.wv(x), c.n_kv_heads))      # (n_kv_heads, T, head_dim)
+    # q (n_heads, T, head_dim), k and v (n_kv_heads, T, head_dim): Q and K normed per head, then rotated
+    q, k, v = per_head_normed_qkv(c, ops, layer, w, x, cos, sin, trace)
     q = ops.scale(q, c.attention_scale)
     q_pos = cache.length + np.arange(x.shape[0])                        # absolute positions of the new tokens
     # The cache returns what this layer's pattern can still see: (n_kv_heads, S, head_dim) and positions (S,)

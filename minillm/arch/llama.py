@@ -105,15 +105,18 @@ def default_attention(c: LlamaConfig) -> str:
     return "dense"
 
 
-def forward(c: LlamaConfig, weights, ops, ids: np.ndarray, cache, last_only: bool, trace) -> np.ndarray:
+def forward(c: LlamaConfig, weights, ops, ids: np.ndarray, cache, last_only: bool, trace,
+            attention_block=None) -> np.ndarray:
     """Logits (T, vocab_size) for new tokens `ids` (T,) after the cached ones ((1, vocab_size) when
-    `last_only`); every layer stores its keys and values in `cache`."""
+    `last_only`); every layer stores its keys and values in `cache`. An architecture that differs from
+    Llama only in its attention block (Qwen 3) passes its own as `attention_block`."""
+    block = attention_block or attention
     positions = cache.length + np.arange(len(ids))                      # (T,) absolute positions
     cos, sin = ops.rope_angles(positions, c.rope_dim, c.rope_base)      # (T, rope_dim / 2) each
     x = trace("inp_embd", weights.embedding.lookup(ids))                # (T, dim)
     for i, w in enumerate(weights.layers):
         h = trace(f"attn_norm-{i}", ops.rms_norm(x, w.attn_norm, c.norm_eps))
-        x = trace(f"ffn_inp-{i}", x + trace(f"attn_out-{i}", attention(c, ops, i, w, h, cache, cos, sin, trace)))
+        x = trace(f"ffn_inp-{i}", x + trace(f"attn_out-{i}", block(c, ops, i, w, h, cache, cos, sin, trace)))
         h = trace(f"ffn_norm-{i}", ops.rms_norm(x, w.ffn_norm, c.norm_eps))
         x = trace(f"l_out-{i}", x + trace(f"ffn_out-{i}", mlp(ops, w, h)))
     if last_only:
@@ -146,9 +149,10 @@ def write_metadata(writer, c: LlamaConfig):
 
 
 def tiny_config(n_layers=2, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=267, context_length=256,
-                **extra) -> LlamaConfig:
-    """A tiny Llama of the given sizes, RoPE base 10,000, for tests and the warm-up."""
-    head_dim = dim // n_heads
-    return LlamaConfig(n_layers=n_layers, dim=dim, ffn_dim=ffn_dim, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                       head_dim=head_dim, vocab_size=vocab_size, context_length=context_length, rope_base=10000.0,
-                       rope_dim=head_dim, norm_eps=1e-5, **extra)
+                head_dim=None, config_class=LlamaConfig) -> LlamaConfig:
+    """A tiny Llama of the given sizes (head_dim: dim / n_heads unless given), RoPE base 10,000, for
+    tests and the warm-up; `config_class` for an architecture of Llama's hyper-parameters (Qwen 3)."""
+    head_dim = head_dim or dim // n_heads
+    return config_class(n_layers=n_layers, dim=dim, ffn_dim=ffn_dim, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                        head_dim=head_dim, vocab_size=vocab_size, context_length=context_length, rope_base=10000.0,
+                        rope_dim=head_dim, norm_eps=1e-5)

@@ -50,7 +50,7 @@ def chat_reference(llm: llama_cpp.Llama) -> dict:
     if "tokenizer.chat_template" in metadata:
         messages = CHAT_MESSAGES
         tokens_text = {name: llm.detokenize([int(metadata[f"tokenizer.ggml.{name}_token_id"])], special=True).decode()
-                       for name in ("bos", "eos")}
+                       if f"tokenizer.ggml.{name}_token_id" in metadata else "" for name in ("bos", "eos")}
         formatter = Jinja2ChatFormatter(metadata["tokenizer.chat_template"], eos_token=tokens_text["eos"],
                                         bos_token=tokens_text["bos"], add_generation_prompt=True)
         rendered = formatter(messages=messages).prompt
