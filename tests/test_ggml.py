@@ -18,14 +18,15 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from minillm import formats
-from minillm.config import LlamaConfig
+from minillm.arch.llama import LlamaConfig
 from minillm.formats.ggml_math import accumulate_avx2, block_sums, fma32, lane_sums
 from minillm.formats.q8_0 import q8_0_bytes
 from minillm.formats.q8_1 import q8_1_bytes
 from minillm.gguf import GGUFFile
 from minillm.kvcache import Float16Rows, kv_cache_bytes, new_cache
 from minillm.linear import QuantLinear
-from minillm.modes.ggml import GGMLLinear, f16_dot, ggml_expf
+from minillm.modes.ggml import GGMLLinear
+from minillm.ops.ggml import f16_dot, ggml_expf
 from minillm.quantize import pure_plan, write_requantized
 from minillm.runtime import RunConfig, load
 from minillm.verify.compare import logits_diff, tensor_diff

@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minillm.config import LlamaConfig
+from minillm.arch import read_config
 from minillm.errors import GGUFError
 from minillm.gguf import GGUFFile, StringArray
 from minillm.memory import MiB, usage
-from minillm.synthetic import write_tiny_llama
+from minillm.synthetic import write_tiny
 from minillm.weights import validate
 
 
@@ -102,7 +102,7 @@ def value_after_key(key: str, vtype: int) -> bytes:
 
 def open_model(path):
     f = GGUFFile(path)
-    validate(f, LlamaConfig.from_metadata(f.metadata, f.path))
+    validate(f, read_config(f.metadata, f.path))
 
 
 def expect_error(path, *words):
@@ -153,8 +153,8 @@ def test_wrong_shape(tiny_path, tmp_path):
 
 
 def test_unsupported_tensor_type(tmp_path):
-    path = write_tiny_llama(tmp_path / "mxfp4.gguf", weight_type=gguf.GGMLQuantizationType.MXFP4,
-                            embedding_type=gguf.GGMLQuantizationType.Q8_0)
+    path = write_tiny(tmp_path / "mxfp4.gguf", weight_type=gguf.GGMLQuantizationType.MXFP4,
+                      embedding_type=gguf.GGMLQuantizationType.Q8_0)
     expect_error(path, "blk.0.attn_q.weight", "unsupported type MXFP4")
 
 
