@@ -35,7 +35,7 @@ STREAM_SLOTS = 2               # buffers in the streaming pool: one computing, o
 # for the first time, allocator pages of the worker threads, thread stacks. Measured on SmolLM2
 # runs (generate under caps of 25% to 150% of its weights) at 0 to 1.2 MiB above the counted lines
 # on one machine, 2.1 MiB on another of the same kind.
-RESERVE_BYTES = 2 * MiB
+RESERVE_BYTES = 3 << 19
 # Kept free under the cap besides the plan's total: the uncounted pages differ between machines by
 # more than the reserve covers, and the cap is a promise, not an estimate.
 MARGIN_BYTES = 3 << 19
