@@ -20,7 +20,7 @@ import gguf
 from tqdm import tqdm
 
 from . import formats, mixes
-from .config import LlamaConfig
+from .arch import read_config
 from .errors import MinillmError, UsageError
 from .gguf import GGUFFile
 from .weights import dequantized, validate
@@ -46,7 +46,7 @@ def tensor_plan(src: GGUFFile, ft: mixes.FileType, pure: bool = False) -> dict:
 def requantize(src_path, dst_path, ft: mixes.FileType, pure: bool = False, progress: bool = True) -> Path:
     """`minillm quantize`: src_path converted to file type ft (`pure`: llama-quantize --pure)."""
     src = GGUFFile(src_path)
-    validate(src, LlamaConfig.from_metadata(src.metadata, src.path))
+    validate(src, read_config(src.metadata, src.path))
     return write_requantized(src, dst_path, tensor_plan(src, ft, pure), ft.ftype, progress)
 
 

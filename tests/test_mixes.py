@@ -20,7 +20,7 @@ from gguf import GGMLQuantizationType as GT
 from minillm import mixes
 from minillm.gguf import GGUFFile, TensorInfo
 from minillm.quantize import requantize
-from minillm.synthetic import write_tiny_llama
+from minillm.synthetic import write_tiny
 
 GOLDEN = Path(__file__).parent / "data" / "llama_quantize_types.json"
 # llama-quantize's TYPE argument and options: every file type minillm writes, and --pure for a few
@@ -36,7 +36,7 @@ TINY_MODELS = {
 
 def tiny_model(name: str, directory: Path) -> Path:
     """One of TINY_MODELS as a float32 GGUF (seed 0)."""
-    return write_tiny_llama(Path(directory) / f"{name}.gguf", **TINY_MODELS[name])
+    return write_tiny(Path(directory) / f"{name}.gguf", **TINY_MODELS[name])
 
 
 def llama_quantize(binary: str, source: Path, out: Path, case: str) -> GGUFFile:

@@ -10,14 +10,14 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 
 from minillm import mixes
+from minillm.arch.llama import LlamaConfig
 from minillm.commands.quantize import TYPES
-from minillm.config import LlamaConfig
 from minillm.gguf import GGUFFile, TensorInfo
 from minillm.info import loaded_bytes
 from minillm.mixes import choices
 from minillm.quantize import bits_file_type, requantize
 from minillm.runtime import RunConfig, load
-from minillm.weights import dequantized, holds_low_bit_blocks, load_packed, storage_type
+from minillm.weights import PackedSource, dequantized, holds_low_bit_blocks, load_weights, storage_type
 
 
 @pytest.mark.parametrize("bits, int4, want", [(4, "asym", Q.Q4_1), (4, "sym", Q.Q4_0), (8, "asym", Q.Q8_0)])
@@ -115,7 +115,8 @@ def test_bits_4_runs_a_mix_as_written_and_converts_a_q8_0_file(tiny_path, tmp_pa
     assert mix.tensors["blk.1.attn_v.weight"].ggml_type == Q.Q8_0 and holds_low_bit_blocks(mix)
     assert not holds_low_bit_blocks(q8)
     config = LlamaConfig.from_metadata(mix.metadata, mix.path)
-    held = load_packed(mix, config, 4, backend="numpy")
+    held = load_weights(mix, config, PackedSource(mix, config, 4, backend="numpy", progress=False))
     assert held.layers[1].wv.ggml_type == Q.Q8_0 and held.layers[0].wv.ggml_type == Q.Q5_0
     assert loaded_bytes(mix, 4) == sum(info.nbytes for info in mix.tensors.values())
-    assert load_packed(q8, config, 4, backend="numpy").layers[1].wv.ggml_type == Q.Q4_1
+    q8_held = load_weights(q8, config, PackedSource(q8, config, 4, backend="numpy", progress=False))
+    assert q8_held.layers[1].wv.ggml_type == Q.Q4_1
