@@ -2,22 +2,10 @@
 hand-written code to the library. Its figures are the committed ones, and its exercises have answers
 that run.
 
-- Script route: `python tutorials/NN_topic.py`, started from a temporary directory (a chapter must
-  not depend on the working directory), with its peak memory measured and bounded.
-- Notebook route: the same file converted by jupytext (as `jupytext --to ipynb` does) and executed by
-  nbclient in a Jupyter kernel whose working directory is tutorials/, as when a student opens it there.
-  No `__file__` exists in a notebook: a chapter that uses it fails here. The two routes of a chapter
-  run at the same time, one per core, so the notebook route adds little to the suite's time.
-- Figures: both routes write into a temporary folder (MINILLM_TUTORIAL_FIGURES, see tutorials/course.py),
-  never over the committed ones. Each figure a chapter shows (`![...](figures/NAME.png)`) must be one it
-  wrote, and match the committed tutorials/figures/NAME.png: the same size in pixels, and for a figure of
-  computed (not measured) data nearly the same pixels.
-- Solutions: tutorials/solutions/NN_topic.py holds the worked answers to chapter NN's exercises; each
-  runs as a script, under the same memory limit.
-
-A chapter declares what it needs in a line of its own, `# requires: weights`; such a chapter (or
-solution) gets the `weights` mark and the `smollm2_path` fixture: without the real model file it is
-skipped, or fails when CI is set (CI fetches the file first), like every other test on the real model.
+A chapter declares what it needs in a line of its own, `# requires: weights` (SmolLM2) or
+`# requires: weights, gemma` (and Gemma 3 270M); such a chapter (or solution) gets the `weights` mark
+and the fixture of each model: without the real model file it is skipped, or fails when CI is set (CI
+fetches the files first), like every other test on the real models.
 """
 
 import os
@@ -36,7 +24,8 @@ FIGURES = TUTORIALS / "figures"
 CHAPTERS = sorted(TUTORIALS.glob("[0-9][0-9]_*.py"))
 SOLUTIONS = TUTORIALS / "solutions"
 REQUIRES_PREFIX = "# requires:"
-KNOWN_REQUIREMENTS = {"weights"}
+# requirement -> the fixture that provides the real model file it names (skips, or fails under CI)
+REQUIREMENT_FIXTURES = {"weights": "smollm2_path", "gemma": "gemma3_path"}
 TIMEOUT_SECONDS = 300      # a chapter aims at under a minute on 2 cores; this leaves room for a slow runner
 PEAK_LIMIT_MB = 400        # a course about small machines: no chapter (nor its solutions) holds more
 TAIL_LINES = 30
@@ -59,7 +48,7 @@ def requirements(path: Path) -> set:
 def params(paths):
     out = []
     for path in paths:
-        marks = [pytest.mark.weights] if "weights" in requirements(path) else []
+        marks = [pytest.mark.weights] if requirements(path) & set(REQUIREMENT_FIXTURES) else []
         out.append(pytest.param(path, id=path.stem, marks=marks))
     return out
 
@@ -70,9 +59,10 @@ def tail(text: str) -> str:
 
 def check_requirements(path: Path, request):
     needs = requirements(path)
-    assert needs <= KNOWN_REQUIREMENTS, f"{path.name}: unknown requirement(s) {sorted(needs - KNOWN_REQUIREMENTS)}"
-    if "weights" in needs:
-        request.getfixturevalue("smollm2_path")  # skips (or, in CI, fails) when the file is missing
+    unknown = needs - set(REQUIREMENT_FIXTURES)
+    assert not unknown, f"{path.name}: unknown requirement(s) {sorted(unknown)}"
+    for need in sorted(needs):
+        request.getfixturevalue(REQUIREMENT_FIXTURES[need])  # skips (or, in CI, fails) when the file is missing
 
 
 # Runs a script as `python path` would (its __name__, __file__, sys.argv and sys.path[0]) and, at exit,

@@ -43,11 +43,11 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from minillm import generate as gen
-from minillm import quant
-from minillm.config import LlamaConfig
+from minillm.arch.llama import LlamaConfig, mlp
+from minillm.formats import Q4_1, Q8_0
 from minillm.gguf import GGUFFile
 from minillm.kvcache import KVCache
-from minillm.model import attend, causal_mask, rmsnorm, rope, rope_angles, silu
+from minillm.ops.f32 import attend, causal_mask, rmsnorm, rope, rope_angles, silu
 from minillm.registry import resolve_model
 from minillm.runtime import RunConfig, load
 from minillm.weights import dequantized
@@ -199,7 +199,7 @@ for j, byte in enumerate(block[4:]):
 print(f"d = {d:.6g}, m = {m:.6g}, codes (hex) {block[4:].hex(' ')}")
 print(np.array2string(weights[:8], precision=5), "...")
 
-assert np.array_equal(weights, quant.dequantize_q4_1(np.frombuffer(block, np.uint8)))
+assert np.array_equal(weights, Q4_1.dequantize(np.frombuffer(block, np.uint8)))
 
 # %% [markdown]
 # The same block as a picture: its 20 bytes on top, the 32 weights they encode below, each on one of
@@ -252,7 +252,7 @@ first_block = buf[row_start:row_start + 34]
 (d,) = struct.unpack("<e", first_block[:2])
 q8 = np.frombuffer(first_block[2:], np.int8)
 block0_by_hand = np.float32(d) * q8.astype(np.float32)
-row = quant.dequantize_q8_0(np.frombuffer(buf[row_start:row_start + row_bytes], np.uint8))
+row = Q8_0.dequantize(np.frombuffer(buf[row_start:row_start + row_bytes], np.uint8))
 print(f"{row_bytes} bytes per row; block 0: d = {d:.6g}, q = {q8[:8]} ...")
 print(f"row 504, first 8 of {row.size}: {np.array2string(row[:8], precision=5)}")
 assert np.array_equal(block0_by_hand, row[:32])
@@ -408,7 +408,7 @@ compare_projection(v_flat, layer.wv, "attn_v")
 # RoPE. Channel pair i of a head, (x[2i], x[2i+1]), is a point in the plane; at position p it is
 # rotated by the angle p · base^(-2i / head_dim). After rotation, the dot product of a query at p and a
 # key at s depends on p − s only: attention sees relative positions. (The pairs are adjacent because
-# llama.cpp's converter permuted the rows of Wq and Wk for this form; see `minillm.model.rope`.)
+# llama.cpp's converter permuted the rows of Wq and Wk for this form; see `minillm.ops.f32.rope`.)
 
 # %%
 def rotation(positions, head_dim, base):
@@ -511,13 +511,13 @@ def swiglu(x, w_gate, w_up, w_down):
 merged = attn.transpose(1, 0, 2).reshape(T, -1)  # (T, n_heads * head_dim)
 x_mid = x + merged @ w["attn_output"].T
 h2 = rms_norm(x_mid, w["ffn_norm"], config.norm_eps)
-mlp = swiglu(h2, w["ffn_gate"], w["ffn_up"], w["ffn_down"])
-x_out = x_mid + mlp
+ffn = swiglu(h2, w["ffn_gate"], w["ffn_up"], w["ffn_down"])
+x_out = x_mid + ffn
 print("block output", x_out.shape, x_out.dtype)
 assert_same_up_to_rounding(merged @ w["attn_output"].T, layer.wo(merged), exact_product(merged, w["attn_output"]))
 # the float64 reference uses the library's silu, so that a mistake in our swiglu cannot hide in it
 hidden = silu(exact_product(h2, w["ffn_gate"])) * exact_product(h2, w["ffn_up"])
-assert_same_up_to_rounding(mlp, model.mlp(layer, h2), exact_product(hidden, w["ffn_down"]))
+assert_same_up_to_rounding(ffn, mlp(model.ops, layer, h2), exact_product(hidden, w["ffn_down"]))
 
 # %% [markdown]
 # How wide each step is, per token, and which weights it reads:
@@ -592,7 +592,7 @@ print("logits", logits.shape, "largest difference from model.forward:", np.abs(l
 # %% [markdown]
 # The same question as before, now through 30 layers: how large is float32's rounding error on these
 # logits? `--mode oracle` runs the library's model in float64 from the same blocks, decoding them a
-# tile at a time (chapter 10 uses it to verify other runtimes). We close our runtime first and open the
+# tile at a time (chapter 11 uses it to verify other runtimes). We close our runtime first and open the
 # oracle on its own, so that only one model's pages are mapped at a time, then reopen the runtime.
 
 # %%
@@ -667,7 +667,7 @@ assert greedy.startswith(" Paris")
 
 # %% [markdown]
 # The library's `minillm.generate.generate` runs the same loop with a `Sampler` that adds llama.cpp's
-# filters (top-k, top-p, min-p, repetition penalty; chapter 8). Greedy, it must choose the same tokens.
+# filters (top-k, top-p, min-p, repetition penalty; chapter 9). Greedy, it must choose the same tokens.
 
 # %%
 greedy_sampler = gen.Sampler(gen.SamplingSettings(temperature=0))

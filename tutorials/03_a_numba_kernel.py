@@ -36,10 +36,12 @@ import numba
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
-from minillm import quant
+from minillm import formats
+from minillm.formats import Q4_1, Q8_0
+from minillm.formats.activation import Int8Blocks
 from minillm.gguf import GGUFFile
 from minillm.linear import QuantLinear
-from minillm.model import rmsnorm
+from minillm.ops.f32 import rmsnorm
 from minillm.registry import resolve_model
 
 gguf = GGUFFile(resolve_model(None))
@@ -57,14 +59,14 @@ print(f"{NAME}: {gguf.tensors[NAME].ggml_type.name}, {N} x {K}, {raw.nbytes:,} b
 # %%
 eps = gguf.metadata["llama.attention.layer_norm_rms_epsilon"]
 paris = gguf.data("token_embd.weight")[7042:7043]             # (1, 612) uint8, one Q8_0 row
-norm = quant.dequantize(gguf.data("blk.0.ffn_norm.weight"), Q.F32)
-x = rmsnorm(quant.dequantize_q8_0(paris), norm, eps)[0].astype(np.float32)  # (K,)
+norm = formats.dequantize(gguf.data("blk.0.ffn_norm.weight"), Q.F32)
+x = rmsnorm(Q8_0.dequantize(paris), norm, eps)[0].astype(np.float32)  # (K,)
 print(f"x: {x.shape} {x.dtype}, |x| from {np.abs(x).min():.2e} to {np.abs(x).max():.2f}")
 
 # %% [markdown]
 # ## 1. The NumPy reference
 #
-# `quant.dequantize_q4_1` turns the packed rows into a float32 matrix (vectorised over all blocks),
+# `Q4_1.dequantize` turns the packed rows into a float32 matrix (vectorised over all blocks),
 # then BLAS does the product. It is the definition of what every kernel must compute.
 #
 # To check kernels we also need the *exact* product. Each weight `d * code + m` (float16 `d` and
@@ -90,12 +92,12 @@ y_exact = w_exact @ x64                                               # (N,)
 
 def numpy_matvec(raw, x):
     """W x by dequantizing every row to float32 first: raw (N, row_bytes) u8, x (K,) f32 -> (N,) f32."""
-    return quant.dequantize_q4_1(raw) @ x
+    return Q4_1.dequantize(raw) @ x
 
 
 y_numpy = numpy_matvec(raw, x)
 # d * code is exact in float32 (11 + 4 significant bits); adding m rounds once, correctly:
-assert np.array_equal(quant.dequantize_q4_1(raw), w_exact.astype(np.float32))
+assert np.array_equal(Q4_1.dequantize(raw), w_exact.astype(np.float32))
 
 # %% [markdown]
 # How close must it be? Higham's bound ("Accuracy and Stability of Numerical Algorithms", 3.1):
@@ -186,10 +188,10 @@ print(f"loops kernel:  largest error {loops_error.max():.2e}, "
 # ## 3. minillm's kernel: integers all the way down
 #
 # `QuantLinear(raw, Q4_1, threads=1)` multiplies the same memory-mapped bytes with
-# `kernels/q4.py:matvec_rows_q4_1` (with several threads, each runs it on ranges of rows:
+# `kernels/q4_1.py:matvec_rows_q4_1` (with several threads, each runs it on ranges of rows:
 # `minillm/parallel.py`). Three ideas take it beyond the loops above:
 #
-# 1. **The activation becomes int8 blocks, once per call.** `quantize_activation` gives each block
+# 1. **The activation becomes int8 blocks, once per call.** `Int8Blocks.codes` gives each block
 #    of 32 values a float32 scale dx = max|x| / 127 and integers q = round(x / dx), so x ~ dx * q with
 #    |x - dx q| <= dx / 2 per element (plus a hair for float32, below). That costs K values per
 #    call; the matrix has N × K weights.
@@ -210,7 +212,7 @@ print(f"loops kernel:  largest error {loops_error.max():.2e}, "
 # We check the idea in NumPy first: the int8 activation, the integer sums, and the two scaled terms.
 
 # %%
-q, dx = quant.quantize_activation(x)               # (K,) int8, (nb,) float32: x ~ dx * q per block
+q, dx = Int8Blocks.codes(x)               # (K,) int8, (nb,) float32: x ~ dx * q per block
 qb = q.reshape(nb, 32).astype(np.int64)            # (nb, 32)
 isum = np.einsum("nbe,be->nb", c.astype(np.int64), qb)  # (N, nb) exact integers I_b
 qsum = qb.sum(axis=-1)                             # (nb,) S_b
@@ -229,7 +231,7 @@ y_lib = lib(x[None])[0]                            # (N,) float32; compiled kern
 #   sum with the m term, and at most nb for the running sum: gamma_(nb+3) times
 #   sum_b (|d_b dx_b I_b| + |m_b dx_b S_b|). This alone ties the library to `y_int8`.
 # - *int8 activation*: the kernel multiplies W by dx q instead of x, an error of
-#   sum_e |w_e| |x_e - dx q_e|. `quantize_activation` guarantees |x_e - dx q_e| <= dx (1/2 + 255 u)
+#   sum_e |w_e| |x_e - dx q_e|. `Int8Blocks.codes` guarantees |x_e - dx q_e| <= dx (1/2 + 255 u)
 #   (its docstring derives the 255 u: x * (1/dx) is rounded twice on the way to a value <= 127).
 #
 # Two things the bound assumes, checked here rather than assumed: no block of x was flushed to zero
@@ -284,7 +286,7 @@ print(f"bound from rounding x to int8 / bound from rounding W to Q4_1, median ov
 # %%
 def contenders(raw):
     """The four ways to compute W x for packed Q4_1 rows `raw`, each as (label, run, weight bytes read per call)."""
-    w_f32 = quant.dequantize_q4_1(raw)   # (N, K) float32, what --bits 32 keeps in memory
+    w_f32 = Q4_1.dequantize(raw)   # (N, K) float32, what --bits 32 keeps in memory
     d, m, codes = split_q4_1(raw)
     linear = QuantLinear(raw, Q.Q4_1, threads=1, name="contender")
     out = np.empty(len(raw), np.float32)
@@ -374,12 +376,12 @@ course.save(fig, "kernel_time_against_bytes.png", measured=True)
 # 1. Add `prange` (from numba) over the rows of `_matvec_q4_1_loops`, jit it with `parallel=True`, and
 #    time it with `numba.set_num_threads(1)` and `(2)`. Why does the bound of section 2 not change?
 #    minillm itself splits only large matrices over threads (`MIN_PARALLEL_WEIGHTS` in
-#    kernels/packed.py): time `QuantLinear(raw, Q.Q4_1, threads=2)` on this matrix and on the LM head
+#    minillm/packed.py): time `QuantLinear(raw, Q.Q4_1, threads=2)` on this matrix and on the LM head
 #    (exercise 3) against threads=1. On a shared 2-core machine, how close to 2× does each get, and why
 #    is the small one not worth splitting?
 # 2. Replace the float32 `dot` in the loops kernel by an int32 sum of `code * q` with the int8 `q` and
 #    `dx` of section 3 (one block at a time: `acc += d * dx[b] * isum + m * dx[b] * qsum[b]`). Does it
-#    get faster? Look at `kernels/q4.py:_nibble_products` and explain what LLVM can vectorize there that
+#    get faster? Look at `kernels/nibbles.py:_nibble_products` and explain what LLVM can vectorize there that
 #    it cannot in your version (hint: the byte-to-element index arithmetic, and int16 lanes).
 # 3. The LM head, `token_embd.weight` (Q8_0, 49,152 × 576), is 28 MB packed and 113 MB as float32.
 #    Time `QuantLinear(gguf.data("token_embd.weight"), Q.Q8_0, threads=1)` and its GB/s. Its float32

@@ -14,7 +14,7 @@ import course  # noqa: F401  first, before NumPy loads: thread settings
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
-from minillm import quant
+from minillm import formats
 from minillm.gguf import GGUFFile
 from minillm.registry import resolve_model
 from minillm.weights import dequantized
@@ -39,10 +39,10 @@ positive = rng.uniform(0.2, 1.0, (1, 32)).astype(np.float32)
 used = {}
 errors = {}
 for fmt in (Q.Q4_0, Q.Q4_1):
-    packed = quant.quantize(positive, fmt)[0]
+    packed = formats.quantize(positive, fmt)[0]
     nibbles = packed[-16:]
     used[fmt.name] = np.unique(np.concatenate([nibbles & 15, nibbles >> 4])).tolist()
-    errors[fmt.name] = np.abs(quant.dequantize(packed[None], fmt) - positive).max()
+    errors[fmt.name] = np.abs(formats.dequantize(packed[None], fmt) - positive).max()
     print(f"{fmt.name}: codes used {used[fmt.name]}, largest error {errors[fmt.name]:.4f}")
 assert max(used["Q4_0"]) <= 8 and min(used["Q4_0"]) == 0
 assert set(used["Q4_1"]) >= {0, 15}
@@ -76,7 +76,7 @@ for block in (16, 32, 64):
           f"{relative_rms(q8_0_roundtrip(emb, block) - emb, emb):.3e}")
 # block 32 by hand agrees with the library (which rounds halves away from zero; np.round to even,
 # so compare errors, not bits)
-lib = relative_rms(quant.dequantize(quant.quantize(emb, Q.Q8_0), Q.Q8_0) - emb, emb)
+lib = relative_rms(formats.dequantize(formats.quantize(emb, Q.Q8_0), Q.Q8_0) - emb, emb)
 assert abs(relative_rms(q8_0_roundtrip(emb, 32) - emb, emb) / lib - 1) < 0.01
 assert relative_rms(q8_0_roundtrip(emb, 16) - emb, emb) < relative_rms(q8_0_roundtrip(emb, 32) - emb, emb)
 
@@ -88,7 +88,7 @@ assert relative_rms(q8_0_roundtrip(emb, 16) - emb, emb) < relative_rms(q8_0_roun
 # values that are mostly small: its relative error is large. The correlation below shows it.
 
 # %%
-err = quant.dequantize(quant.quantize(emb, Q.Q4_1), Q.Q4_1) - emb
+err = formats.dequantize(formats.quantize(emb, Q.Q4_1), Q.Q4_1) - emb
 row_error = np.sqrt((err.astype(np.float64) ** 2).sum(axis=1) / (emb.astype(np.float64) ** 2).sum(axis=1))
 peak_to_rms = np.abs(emb).max(axis=1) / np.sqrt((emb.astype(np.float64) ** 2).mean(axis=1))
 correlation = np.corrcoef(row_error, peak_to_rms)[0, 1]

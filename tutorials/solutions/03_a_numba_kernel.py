@@ -17,7 +17,8 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from numba import prange
 
-from minillm import quant
+from minillm import formats
+from minillm.formats.activation import Int8Blocks
 from minillm.gguf import GGUFFile
 from minillm.linear import QuantLinear
 from minillm.registry import resolve_model
@@ -111,7 +112,7 @@ def _matvec_q4_1_int(q, dx, qsum, d, m, codes, out):
 
 
 integer = numba.njit(_matvec_q4_1_int)
-q, dx = quant.quantize_activation(x)
+q, dx = Int8Blocks.codes(x)
 qsum = q.reshape(nb, 32).astype(np.int32).sum(axis=1)
 y_int = np.empty(N, np.float32)
 integer(q, dx, qsum, d, m, codes, y_int)
@@ -137,7 +138,7 @@ print(f"float loops {median_us(lambda: serial(x, d, m, codes, y_serial)):6.0f} u
 x_head = np.random.default_rng(2).standard_normal((1, 576)).astype(np.float32)
 packed_head = QuantLinear(head, Q.Q8_0, threads=1)
 packed_us = median_us(lambda: packed_head(x_head), 10)
-quarter = quant.dequantize(head[:len(head) // 4], Q.Q8_0)                           # (12288, 576) float32
+quarter = formats.dequantize(head[:len(head) // 4], Q.Q8_0)                           # (12288, 576) float32
 quarter_us = median_us(lambda: x_head @ quarter.T, 10)
 print(f"packed Q8_0 head: {packed_us / 1e3:6.1f} ms, {head.nbytes / packed_us / 1e3:5.1f} GB/s")
 print(f"float32 BLAS, a quarter of the rows: {quarter_us / 1e3:6.1f} ms, {quarter.nbytes / quarter_us / 1e3:5.1f} GB/s "
