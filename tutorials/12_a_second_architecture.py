@@ -38,10 +38,11 @@ from minillm.arch import gemma3, read_config
 from minillm.attention import parse_attention
 from minillm.gguf import GGUFFile
 from minillm.kvcache import kv_cache_bytes, new_cache
+from minillm.linear import QuantEmbedding
 from minillm.model import Model
 from minillm.registry import resolve_model
 from minillm.tokenizer import Tokenizer
-from minillm.weights import FloatSource, ModelWeights, PackedSource, layer_weights
+from minillm.weights import FloatSource, ModelWeights, layer_weights
 
 smollm2 = GGUFFile(resolve_model(None))
 gemma = GGUFFile(resolve_model("gemma3-270m"))
@@ -225,17 +226,21 @@ print(f"{len(ids)} tokens through block 0 from scratch in {ours_ms:.1f} ms")
 
 # %% [markdown]
 # The library runs the same block as `minillm.arch.gemma3.forward` over a model of one layer: the
-# same float32 weights (FloatSource) and the packed Q8_0 table for the embedding. `trace` hands us
-# every intermediate under llama.cpp's graph names, as in chapter 11's dumps; `l_out-0` is the block's output.
+# same float32 weights (FloatSource) and, for the embedding, the packed Q8_0 rows of the prompt's
+# tokens: a vocabulary of just those tokens, since at the end of the pass the tied head would read
+# every row of the 170 MiB table (into this process's memory, as mapped pages), and block 0 does not
+# look at the vocabulary. `trace` hands us every intermediate under llama.cpp's graph names, as in
+# chapter 11's dumps; `l_out-0` is the block's output.
 
 # %%
-one_layer = dataclasses.replace(config, n_layers=1, local_layers=config.local_layers[:1])
-packed = PackedSource(gemma, config, 4, progress=False)
-weights = ModelWeights(embedding=packed.embedding("token_embd.weight"),
+vocabulary, local_ids = np.unique(ids, return_inverse=True)                   # the prompt's distinct tokens
+rows = np.ascontiguousarray(gemma.data("token_embd.weight")[vocabulary])      # their Q8_0 rows, (n, 680) u8
+one_layer = dataclasses.replace(config, n_layers=1, local_layers=config.local_layers[:1], vocab_size=len(vocabulary))
+weights = ModelWeights(embedding=QuantEmbedding(rows, gemma.tensors["token_embd.weight"].ggml_type, threads=1),
                        layers=[layer_weights(config, 0, source)], output_norm=source.vector("output_norm.weight"))
 traced = {}
 model = Model(one_layer, weights)
-model.forward(ids, new_cache(one_layer, 64, spec), last_only=True,
+model.forward(local_ids, new_cache(one_layer, 64, spec), last_only=True,
               trace=lambda name, a: traced.setdefault(name, a.copy()) if name == "l_out-0" else a)
 theirs = traced["l_out-0"]
 
