@@ -1,4 +1,4 @@
-"""Size and quality of each file type on SmolLM2, measured by llama.cpp and by minillm: the README's table.
+"""Size, quality and speed of each file type on SmolLM2, measured by llama.cpp and by minillm: the README's table.
 
     python -m minillm.bench_types --llama-bin DIR [--chunks 20] [--types Q4_K_M,Q8_0,...] [--results FILE]
 
@@ -13,6 +13,8 @@ quantize` writes the file from the Q4_1 file (whose decode is the base); then
 - minillm: `minillm perplexity --kl-divergence-base` on llama.cpp's base, each file with the --bits
   that keeps its types as stored (mixes.FileType.bits: 32 for F32 and BF16, 16 for F16, 8 for Q8_0,
   4 for the others).
+- speed: decode tokens/s of `minillm bench` and of `llama-bench` (default settings: repacking on) on
+  the same file, 2 threads, 64 new tokens, medians of 3 runs, one after the other.
 
 Each result is added to --results (JSON) as soon as it is measured, and a type already there is not
 measured again, so a long run can be resumed. The table is printed in markdown at the end.
@@ -21,6 +23,7 @@ measured again, so a long run can be resumed. The table is printed in markdown a
 import argparse
 import json
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -71,23 +74,47 @@ def minillm_perplexity(model: Path, base: Path, bits: int) -> dict:
     return {"perplexity": kld["ppl"]["value"], "kld_mean": kld["kld"]["value"], "same_top": kld["same_top"]["value"]}
 
 
-def measure(name: str, source: Path, work: Path, llama_bin: Path, base: Path, chunks: int) -> dict:
-    """One type: its file, then llama.cpp's and minillm's scores against the base."""
+DECODE_TOKENS, RUNS = 64, 3
+
+
+def decode_speed(model: Path, bits: int, llama_bin: Path) -> dict:
+    """Median decode tokens/s of minillm (`minillm bench`) and of llama.cpp (`llama-bench`) on one file."""
+    ours = subprocess.run([sys.executable, "-m", "minillm", "bench", "-m", str(model), "--bits", str(bits), "-t", "2",
+                           "-p", "16", "-n", str(DECODE_TOKENS), "-r", str(RUNS), "--json"],
+                          capture_output=True, text=True)
+    if ours.returncode:
+        raise RuntimeError(f"minillm bench failed on {model.name}: {ours.stderr.strip().splitlines()[-1]}")
+    theirs = subprocess.run([str(llama_bin / "llama-bench"), "-m", str(model), "-t", "2", "-p", "0",
+                             "-n", str(DECODE_TOKENS), "-r", str(RUNS), "-o", "json"],
+                            capture_output=True, text=True, check=True)
+    return {"minillm": json.loads(ours.stdout)["decode_tokens_per_s"],
+            "llama_cpp": statistics.median(json.loads(theirs.stdout)[0]["samples_ts"])}
+
+
+def measure(name: str, row: dict, source: Path, work: Path, llama_bin: Path, base: Path, chunks: int) -> dict:
+    """One type: its file, then what `row` (the results so far) lacks: llama.cpp's and minillm's
+    scores against the base, and their decode speeds."""
     path = requantize(source, work / f"{name}.gguf", mixes.file_type(name), progress=False)
-    row = {**file_stats(path), "llama_cpp": llama_perplexity(llama_bin / "llama-perplexity", path, base, chunks, False),
-           "minillm": minillm_perplexity(path, base, mixes.file_type(name).bits)}
+    bits = mixes.file_type(name).bits
+    if "minillm" not in row:
+        row = {**file_stats(path), "llama_cpp": llama_perplexity(llama_bin / "llama-perplexity", path, base, chunks, False),
+               "minillm": minillm_perplexity(path, base, bits)}
+    if "decode_tokens_per_s" not in row:
+        row["decode_tokens_per_s"] = decode_speed(path, bits, llama_bin)
     path.unlink()
     return row
 
 
 def table(results: dict) -> str:
     lines = ["| type | file MiB | bits/weight | PPL llama.cpp | PPL minillm | mean KLD llama.cpp | mean KLD minillm "
-             "| same top llama.cpp | same top minillm |", "|---|---|---|---|---|---|---|---|---|"]
+             "| same top llama.cpp | same top minillm | decode tok/s llama.cpp | decode tok/s minillm |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in sorted(results["types"].items(), key=lambda item: -item[1]["bits_per_weight"]):
-        lc, mm = r["llama_cpp"], r["minillm"]
+        lc, mm, speed = r["llama_cpp"], r["minillm"], r["decode_tokens_per_s"]
         lines.append(f"| {name} | {r['file_mib']:.1f} | {r['bits_per_weight']:.2f} | {lc['perplexity']:.3f} | "
                      f"{mm['perplexity']:.3f} | {lc['kld_mean']:.5f} | {mm['kld_mean']:.5f} | "
-                     f"{100 * lc['same_top']:.1f}% | {100 * mm['same_top']:.1f}% |")
+                     f"{100 * lc['same_top']:.1f}% | {100 * mm['same_top']:.1f}% | "
+                     f"{speed['llama_cpp']:.1f} | {speed['minillm']:.1f} |")
     return "\n".join(lines)
 
 
@@ -115,8 +142,9 @@ def main(argv=None):
         results["chunks"] = args.chunks
         print(f"base (F32): PPL {results['base_perplexity']:.3f}", file=sys.stderr, flush=True)
         for name in args.types.split(","):
-            if name not in results["types"]:
-                results["types"][name] = measure(name, source, work, args.llama_bin, base, args.chunks)
+            row = results["types"].get(name, {})
+            if "minillm" not in row or "decode_tokens_per_s" not in row:
+                results["types"][name] = measure(name, row, source, work, args.llama_bin, base, args.chunks)
                 args.results.write_text(json.dumps(results, indent=1) + "\n")
                 print(name, json.dumps(results["types"][name]), file=sys.stderr, flush=True)
     print(table(results))
