@@ -25,6 +25,10 @@ class FloatLinear:
         # x: (T, in_features) -> (T, out_features)
         return rows_product(x, self.w, self.pool)
 
+    def input_gradient(self, dy: np.ndarray) -> np.ndarray:
+        """dy W: dy (T, out_features) -> (T, in_features), what a backward pass needs (minillm.train)."""
+        return dy @ self.w
+
     @property
     def nbytes(self) -> int:
         return self.w.nbytes
@@ -139,6 +143,24 @@ class QuantLinear:
 
         self.pool.run(self.out_features, x.shape[0] * self.out_features * self.in_features, product)
         return out
+
+    def input_gradient(self, dy: np.ndarray) -> np.ndarray:
+        """dy W, the product a backward pass through this linear needs (dL/dx for dL/dy = dy,
+        minillm.train): dy (T, out_features) -> (T, in_features) float32. W is dequantized one
+        tile of rows at a time, as in prefill, on the calling thread (training splits the batch
+        over threads instead), so no float copy of the whole matrix is ever made."""
+        dy = np.ascontiguousarray(dy, dtype=np.float32)
+        if self.ggml_type == GGMLQuantizationType.F32:
+            return dy @ self.raw.view(np.float32)
+        dx = np.zeros((dy.shape[0], self.in_features), np.float32)
+        n = min(self.tile_rows, self.out_features)
+        tile = tile_buffer(n * self.in_features).reshape(n, self.in_features)
+        for first in range(0, self.out_features, self.tile_rows):
+            last = min(self.out_features, first + self.tile_rows)
+            rows = tile[: last - first]
+            self._dequantize_rows(first, last, rows)
+            dx += dy[:, first:last] @ rows
+        return dx
 
     def _dequantize_rows(self, start: int, stop: int, rows: np.ndarray):
         # rows: (stop - start, K) float32, filled with W[start:stop]

@@ -1,0 +1,11 @@
+"""Training in NumPy: backward passes written by hand, the gradient of a batch on several cores,
+and what is built on them (an optimizer and training loop, LoRA fine-tuning, pruning, distillation).
+
+| module     | what                                                                              |
+|------------|-----------------------------------------------------------------------------------|
+| `backward` | the backward of each forward step (linear, embedding, RMSNorm, RoPE, attention, SwiGLU) |
+| `losses`   | cross-entropy and the distillation KL, each with its gradient                      |
+| `tape`     | the weights as training holds them (trained, frozen packed, LoRA) and one pass's record |
+| `llama`    | Llama's backward over the model's own forward pass (minillm.model)                 |
+| `grad`     | the gradient of a batch of windows, split over threads                              |
+"""

@@ -1,0 +1,101 @@
+"""The gradient of a loss over a batch of token windows, on several cores.
+
+A batch is split into `threads` contiguous parts; each part runs in its own thread, window after
+window: forward with a tape, the loss and its dL/dlogits, backward, gradients added into the part's
+own dict. NumPy's matrix products (BLAS) and large array operations release the GIL, so with one
+BLAS thread per call (as the minillm command sets it) two parts keep two cores busy. The parts'
+sums are added in a fixed order, so a run is deterministic for a given number of threads.
+
+The loss is the mean over the positions that count: every position of a text window, only the
+answer's tokens of a chat example (`Example.weights`).
+"""
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import llama
+from .losses import cross_entropy, distillation_kl
+from .tape import add_gradient
+
+
+@dataclass
+class Example:
+    """One window: the model reads `ids` and is scored on predicting `targets` (ids shifted by one)."""
+
+    ids: np.ndarray                          # (T,) token ids
+    targets: np.ndarray                      # (T,) the next token at each position
+    weights: np.ndarray | None = None        # (T,) 1 where the position counts, 0 where not; None: all
+    teacher_ids: np.ndarray | None = None    # (T, k) a teacher's top-k tokens (distillation)
+    teacher_logprobs: np.ndarray | None = None  # (T, k) their log-probabilities at the temperature
+
+    @property
+    def position_weights(self) -> np.ndarray:
+        return np.ones(len(self.ids), np.float32) if self.weights is None else self.weights
+
+
+class CrossEntropy:
+    """-log p(next token): the language-modelling loss."""
+
+    def __call__(self, logits, example: Example):
+        return cross_entropy(logits, example.targets)
+
+
+@dataclass
+class Distillation:
+    """kl_weight * temperature^2 KL(teacher || student) + (1 - kl_weight) * cross-entropy, per position
+    (Hinton et al. 2015), against the teacher's top-k targets stored with each example."""
+
+    temperature: float = 2.0
+    kl_weight: float = 0.5
+
+    def __call__(self, logits, example: Example):
+        kl, dkl = distillation_kl(logits, example.teacher_ids, example.teacher_logprobs, self.temperature)
+        nll, dnll = cross_entropy(logits, example.targets)
+        dkl *= self.kl_weight
+        dkl += (1 - self.kl_weight) * dnll
+        return self.kl_weight * kl + (1 - self.kl_weight) * nll, dkl
+
+
+@dataclass
+class BatchResult:
+    loss: float        # mean over the scored positions
+    scored: float      # how many positions counted
+    grads: dict        # parameter name -> dL/dparameter of the mean loss
+
+
+def part_gradient(model, examples: list, loss) -> tuple[float, float, dict]:
+    """Summed loss, positions scored, and the gradient of the summed loss, for windows run one by one."""
+    grads, total, scored = {}, 0.0, 0.0
+    for ex in examples:
+        logits, weights, tape = llama.forward(model, ex.ids, grads)
+        per_position, dlogits = loss(logits, ex)
+        del logits
+        w = ex.position_weights.astype(dlogits.dtype)
+        total += float(np.dot(per_position, w))
+        scored += float(w.sum())
+        dlogits *= w[:, None]
+        llama.backward(model, weights, tape, dlogits)
+    return total, scored, grads
+
+
+def batch_gradient(model, examples: list, loss=None, threads: int = 1) -> BatchResult:
+    """Mean loss over the batch and its gradient, the batch split over `threads` threads."""
+    loss = loss or CrossEntropy()
+    parts = [p for p in np.array_split(np.arange(len(examples)), max(1, threads)) if len(p)]
+    if len(parts) == 1:
+        results = [part_gradient(model, examples, loss)]
+    else:
+        with ThreadPoolExecutor(len(parts)) as pool:
+            results = list(pool.map(lambda p: part_gradient(model, [examples[i] for i in p], loss), parts))
+    total = sum(r[0] for r in results)
+    scored = sum(r[1] for r in results)
+    grads = results[0][2]
+    for _, _, other in results[1:]:
+        for name, g in other.items():
+            add_gradient(grads, name, g)
+    scale = 1.0 / max(scored, 1.0)
+    for g in grads.values():
+        g *= scale
+    return BatchResult(total * scale, scored, grads)

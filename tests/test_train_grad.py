@@ -1,0 +1,115 @@
+"""The whole model's gradient: minillm.train's backward pass (over the model's own forward pass)
+against torch autograd on a tiny Llama (tests/data/make_train_reference.py), and against central
+finite differences of the loss in float64; the batch split over two threads against one."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gradcheck import assert_gradient_close, numerical_gradient
+from minillm.config import LlamaConfig
+from minillm.gguf import GGUFFile
+from minillm.train.grad import Example, batch_gradient
+from minillm.train import llama
+from minillm.train.llama import load_trained, trainable_from_arrays
+from minillm.train.losses import cross_entropy
+
+REFERENCE = Path(__file__).parent / "data" / "train_reference.npz"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return dict(np.load(REFERENCE))
+
+
+def reference_model(ref: dict, dtype):
+    c = {key.split("/", 1)[1]: ref[key].item() for key in ref if key.startswith("config/")}
+    config = LlamaConfig(n_layers=c["n_layers"], dim=c["dim"], ffn_dim=c["ffn_dim"], n_heads=c["n_heads"],
+                         n_kv_heads=c["n_kv_heads"], head_dim=c["head_dim"], vocab_size=c["vocab_size"],
+                         context_length=64, rope_base=c["rope_base"], rope_dim=c["head_dim"], norm_eps=c["norm_eps"])
+    arrays = {key.split("/", 1)[1]: ref[key].astype(dtype) for key in ref if key.startswith("weight/")}
+    return trainable_from_arrays(config, arrays, dtype)
+
+
+def reference_examples(ref: dict) -> list:
+    return [Example(ids=t[:-1], targets=t[1:], weights=w) for t, w in zip(ref["tokens"].astype(np.int64), ref["scored"])]
+
+
+def test_float64_gradient_equals_torch(reference):
+    """In float64 only the order of additions differs from torch: about 1e-15 of each gradient's
+    scale here (sums of at most a few hundred terms through two layers, amplified a few times);
+    1e-9 leaves room, while a wrong term is off by its whole size."""
+    model = reference_model(reference, np.float64)
+    result = batch_gradient(model, reference_examples(reference))
+    assert result.loss == pytest.approx(float(reference["loss"]), rel=1e-12)
+    assert set(result.grads) == {k.split("/", 1)[1] for k in reference if k.startswith("grad/")}
+    for name, g in result.grads.items():
+        want = reference[f"grad/{name}"]
+        np.testing.assert_allclose(g, want, rtol=0, atol=1e-9 * np.abs(want).max(), err_msg=name)
+
+
+def test_float32_gradient_on_two_threads_is_close_to_torch(reference):
+    """Training runs in float32: each stored activation is rounded (relative 2^-24), and the products
+    add K <= 64 terms (gamma_64 ~ 4e-6 of the sum of |terms|). Through 2 layers, the softmax and the
+    head this came to below 2e-6 of each gradient's scale when measured; 1e-4 bounds it with room
+    and still catches any wrong term, which moves a component by O(1e-2..1) of the scale."""
+    model = reference_model(reference, np.float32)
+    result = batch_gradient(model, reference_examples(reference), threads=2)
+    assert result.loss == pytest.approx(float(reference["loss"]), rel=1e-5)
+    for name, g in result.grads.items():
+        assert g.dtype == np.float32, name
+        want = reference[f"grad/{name}"]
+        np.testing.assert_allclose(g, want, rtol=0, atol=1e-4 * np.abs(want).max(), err_msg=name)
+
+
+def test_two_threads_add_up_to_one(reference):
+    """Four windows on two threads: ((g1 + g2) + (g3 + g4)) against (((g1 + g2) + g3) + g4), a
+    difference of float32 addition order only (tests/bounds.py: reordering_atol)."""
+    from bounds import reordering_atol
+    model = reference_model(reference, np.float32)
+    examples = reference_examples(reference) + reference_examples(reference)[:1]
+    one, two = batch_gradient(model, examples, threads=1), batch_gradient(model, examples, threads=2)
+    assert two.loss == pytest.approx(one.loss, rel=1e-6)
+    for name, g in one.grads.items():
+        np.testing.assert_allclose(two.grads[name], g, rtol=0, atol=reordering_atol(g), err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def tiny64(tiny_path):
+    return load_trained(GGUFFile(tiny_path), np.float64)
+
+
+@settings(max_examples=10)
+@given(seed=st.integers(0, 2**32 - 1), name=st.sampled_from([
+    "token_embd.weight", "output_norm.weight", "blk.0.attn_norm.weight", "blk.0.attn_q.weight",
+    "blk.0.attn_k.weight", "blk.1.attn_v.weight", "blk.1.attn_output.weight", "blk.0.ffn_norm.weight",
+    "blk.0.ffn_gate.weight", "blk.1.ffn_up.weight", "blk.1.ffn_down.weight"]))
+def test_whole_model_gradient_equals_finite_differences(tiny64, seed, name):
+    """The cross-entropy of a random window of the tiny model (2 layers, dim 64, GQA 4:2), differenced
+    in float64 along 6 coordinates of one weight (a row of the embedding that the window reads)."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, tiny64.config.vocab_size, 9)
+    example = Example(ids=tokens[:-1], targets=tokens[1:])
+    params = tiny64.parameters()
+    analytic = batch_gradient(tiny64, [example]).grads[name]
+    flat = params[name].reshape(-1)
+    if name == "token_embd.weight":  # a row the window reads (through lookup and head) and one only the head sees
+        rows = [tokens[0], (tokens.max() + 1) % tiny64.config.vocab_size]
+        coords = np.concatenate([r * tiny64.config.dim + rng.integers(0, tiny64.config.dim, 3) for r in rows])
+    else:
+        coords = rng.choice(flat.size, 6, replace=False)
+    picked = flat[coords].copy()
+
+    def loss():
+        flat[coords] = picked
+        logits, _, _ = llama.forward(tiny64, example.ids)
+        return cross_entropy(logits, example.targets)[0].mean()
+
+    try:
+        numeric = numerical_gradient(loss, picked)
+    finally:
+        flat[coords] = picked
+    assert_gradient_close(analytic.reshape(-1)[coords], numeric)
