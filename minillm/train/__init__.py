@@ -8,4 +8,9 @@ and what is built on them (an optimizer and training loop, LoRA fine-tuning, pru
 | `tape`     | the weights as training holds them (trained, frozen packed, LoRA) and one pass's record |
 | `llama`    | Llama's backward over the model's own forward pass (minillm.model)                 |
 | `grad`     | the gradient of a batch of windows, split over threads                              |
+| `optim`    | AdamW, the warm-up and cosine schedule, gradient clipping                          |
+| `data`     | token windows from text files, chat examples scored on the answer, seeded batches  |
+| `loop`     | the training loop: progress bar, held-out evaluation, checkpoints, peak memory     |
+| `evaluate` | held-out perplexity and KL against a base, with minillm.verify's code               |
+| `checkpoint` | GGUF files out: a model with its source's metadata, written under a temporary name |
 """

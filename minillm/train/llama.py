@@ -50,19 +50,31 @@ class Trainable:
         return params
 
 
-def taped_weights(model: Trainable, tape: Tape) -> ModelWeights:
-    """The weights the forward pass multiplies by, each linear wrapped to record into `tape`."""
+def model_weights(model: Trainable, wrap=lambda weight: weight, wrap_embedding=lambda e: e) -> ModelWeights:
+    """The weights as the forward pass takes them (minillm.weights.ModelWeights), each linear
+    passed through `wrap` and the embedding through `wrap_embedding` (to record a pass, `taped_weights`)."""
     layers = []
     for i in range(model.config.n_layers):
         fields = {}
         for name, field in LAYER_TENSORS.items():
             full = f"blk.{i}.{name}"
-            fields[field] = model.vectors[full] if full in model.vectors else Taped(model.matrices[full], tape)
+            fields[field] = model.vectors[full] if full in model.vectors else wrap(model.matrices[full])
         layers.append(LayerWeights(**fields))
     output = model.matrices.get("output.weight")
-    return ModelWeights(embedding=TapedEmbedding(model.embedding, tape), layers=layers,
+    return ModelWeights(embedding=wrap_embedding(model.embedding), layers=layers,
                         output_norm=model.vectors["output_norm.weight"],
-                        output=Taped(output, tape) if output is not None else None)
+                        output=wrap(output) if output is not None else None)
+
+
+def taped_weights(model: Trainable, tape: Tape) -> ModelWeights:
+    """The weights with each linear and the embedding wrapped to record into `tape`."""
+    return model_weights(model, lambda w: Taped(w, tape), lambda e: TapedEmbedding(e, tape))
+
+
+def inference_model(model: Trainable) -> Llama:
+    """The model as minillm runs it (minillm.model.Llama) on the weights being trained, as they are
+    now: for held-out evaluation with minillm.verify's perplexity and KL code."""
+    return Llama(model.config, model_weights(model), dtype=model.dtype)
 
 
 def forward(model: Trainable, ids: np.ndarray, grads: dict | None = None):
