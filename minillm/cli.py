@@ -11,8 +11,8 @@ import os
 import sys
 
 from . import __version__
-from .commands import (bench, chat, compare, dump, fetch, generate, info, list_models, perplexity, quantize,
-                       tokenize)
+from .commands import (bench, chat, compare, dump, fetch, finetune, generate, info, list_models, perplexity,
+                       quantize, tokenize)
 
 # name -> module with HELP, add_arguments(parser), run(args) and maybe EPILOG; in `--help`'s order
 COMMANDS = {
@@ -27,6 +27,7 @@ COMMANDS = {
     "dump": dump,
     "compare": compare,
     "perplexity": perplexity,
+    "finetune": finetune,
 }
 
 

@@ -11,6 +11,7 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 
+from .adapter import load_adapter
 from .attention import AttentionSpec, block_sparse_attention, parse_attention
 from .config import LlamaConfig
 from .errors import UsageError
@@ -52,6 +53,7 @@ class RunConfig:
     ggml_rounding: str = "x86"      # --mode ggml: activation rounding of ggml's ref | x86 | arm quantizers
     mem_cap: int | None = None      # bytes the run may add above the warmed-up process (minillm.plan); None = no cap
     all_logits: bool = False        # logits of every position are kept (perplexity): the memory plan counts them
+    lora: str | None = None         # a LoRA adapter (llama.cpp's GGUF) applied to the linears (minillm.adapter)
 
     @property
     def cache_bits(self) -> int:
@@ -83,6 +85,8 @@ class RunConfig:
                              f"{self.cache_bits}-bit floats")
         if self.mode != "f32" and self.mem_cap is not None:
             raise UsageError(f"--mem-cap runs --mode f32 only, not --mode {self.mode}")
+        if self.lora is not None and self.mem_cap is not None:
+            raise UsageError("--lora and --mem-cap do not run together yet: the memory plan does not count an adapter")
         if self.ggml_rounding not in ROUNDING:
             raise UsageError(f"--ggml-rounding {self.ggml_rounding} is not one of {', '.join(ROUNDING)}")
 
@@ -159,8 +163,10 @@ def load(config: RunConfig, announce=print) -> Runtime:
     if p.plan is not None:
         runtime = load_capped(p, attention, announce)
     else:
-        model = mode_model(config.mode)(p.model_config, load_weights(p.gguf, p.model_config, config),
-                                        attention=attention, dtype=mode_dtype(config.mode))
+        weights = load_weights(p.gguf, p.model_config, config)
+        if config.lora is not None:
+            weights = load_adapter(config.lora, weights, p.gguf, p.model_config)
+        model = mode_model(config.mode)(p.model_config, weights, attention=attention, dtype=mode_dtype(config.mode))
         runtime = Runtime(config, p.gguf, model, p.tokenizer, 0.0)
     warm_up(runtime)  # the weights' pages and the kernels are loaded now, as start-up, not in the first answer
     runtime.load_seconds = time.perf_counter() - start

@@ -18,6 +18,7 @@ from ..errors import MinillmError
 from ..gguf import GGUFFile
 
 WRITER_OWNS = ("general.architecture", "general.alignment", "general.file_type")
+NEW_KEY_TYPES = {int: gguf.GGUFValueType.UINT32, float: gguf.GGUFValueType.FLOAT32, str: gguf.GGUFValueType.STRING}
 
 
 @contextmanager
@@ -53,8 +54,9 @@ def finish(writer: gguf.GGUFWriter):
 
 def write_model(path, source: GGUFFile, tensors: dict, metadata: dict | None = None) -> Path:
     """A model file: every metadata key of `source` with its GGUF type (tokenizer, chat template),
-    the keys in `metadata` (name -> new value, of the source key's type) replaced, and `tensors`
-    (GGUF name -> (float array, GGML type)) in place of the source's."""
+    the keys in `metadata` (name -> value) set (a source key keeps its type; a new one is UINT32,
+    FLOAT32 or STRING by its Python type), and `tensors` (GGUF name -> (float array, GGML type))
+    in place of the source's."""
     metadata = metadata or {}
     path = Path(path)
     if path.exists() and path.resolve() == source.path.resolve():
@@ -65,6 +67,9 @@ def write_model(path, source: GGUFFile, tensors: dict, metadata: dict | None = N
             if key not in WRITER_OWNS:
                 vtype, element_type = source.value_types[key]
                 writer.add_key_value(key, metadata.get(key, value), vtype, sub_type=element_type)
+        for key, value in metadata.items():
+            if key not in source.metadata:
+                writer.add_key_value(key, value, NEW_KEY_TYPES[type(value)])
         write_tensors(writer, tensors)
         finish(writer)
     return path

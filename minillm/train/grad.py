@@ -80,15 +80,19 @@ def part_gradient(model, examples: list, loss) -> tuple[float, float, dict]:
     return total, scored, grads
 
 
+def in_parts(work, examples: list, threads: int) -> list:
+    """[work(part) for each of `threads` contiguous parts of the examples], the parts run in threads."""
+    parts = [[examples[i] for i in p] for p in np.array_split(np.arange(len(examples)), max(1, threads)) if len(p)]
+    if len(parts) == 1:
+        return [work(parts[0])]
+    with ThreadPoolExecutor(len(parts)) as pool:
+        return list(pool.map(work, parts))
+
+
 def batch_gradient(model, examples: list, loss=None, threads: int = 1) -> BatchResult:
     """Mean loss over the batch and its gradient, the batch split over `threads` threads."""
     loss = loss or CrossEntropy()
-    parts = [p for p in np.array_split(np.arange(len(examples)), max(1, threads)) if len(p)]
-    if len(parts) == 1:
-        results = [part_gradient(model, examples, loss)]
-    else:
-        with ThreadPoolExecutor(len(parts)) as pool:
-            results = list(pool.map(lambda p: part_gradient(model, [examples[i] for i in p], loss), parts))
+    results = in_parts(lambda part: part_gradient(model, part, loss), examples, threads)
     total = sum(r[0] for r in results)
     scored = sum(r[1] for r in results)
     grads = results[0][2]
@@ -99,3 +103,19 @@ def batch_gradient(model, examples: list, loss=None, threads: int = 1) -> BatchR
     for g in grads.values():
         g *= scale
     return BatchResult(total * scale, scored, grads)
+
+
+def mean_loss(model, examples: list, threads: int = 1, loss=None) -> float:
+    """The mean loss over the examples' scored positions, forward only (held-out evaluation)."""
+    loss = loss or CrossEntropy()
+
+    def part_loss(part):
+        total = scored = 0.0
+        for ex in part:
+            per_position, _ = loss(llama.forward(model, ex.ids)[0], ex)
+            total += float(np.dot(per_position, ex.position_weights))
+            scored += float(ex.position_weights.sum())
+        return total, scored
+
+    results = in_parts(part_loss, examples, threads)
+    return sum(r[0] for r in results) / max(1.0, sum(r[1] for r in results))

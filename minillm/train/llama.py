@@ -77,10 +77,10 @@ def inference_model(model: Trainable) -> Llama:
     return Llama(model.config, model_weights(model), dtype=model.dtype)
 
 
-def forward(model: Trainable, ids: np.ndarray, grads: dict | None = None):
+def forward(model: Trainable, ids: np.ndarray, grads: dict | None = None, keep_input_grads: bool = False):
     """Logits (T, vocab_size) of one window that starts at position 0, with the weights and the
     tape its backward needs; `grads` is the dict the backward will add into."""
-    tape = Tape(grads)
+    tape = Tape(grads, keep_input_grads)
     weights = taped_weights(model, tape)
     llama = Llama(model.config, weights, dtype=model.dtype)
     logits = llama.forward(np.asarray(ids), WindowCache(), trace=tape.trace)
@@ -133,13 +133,18 @@ def attention_block_backward(c: LlamaConfig, w: LayerWeights, i: int, tape: Tape
     return din
 
 
-def load_trained(gguf, dtype=np.float32) -> Trainable:
-    """Every weight of an open GGUFFile dequantized to `dtype`, all of them trained (distillation,
-    pruning's importance scores). A float copy of the model: 4 bytes a weight (540 MB for SmolLM2)."""
+def float_arrays(gguf, dtype=np.float32) -> tuple[LlamaConfig, dict]:
+    """The config and every weight of an open GGUFFile, dequantized to `dtype` (GGUF name -> array).
+    A float copy of the model: 4 bytes a weight in float32 (540 MB for SmolLM2)."""
     config = LlamaConfig.from_metadata(gguf.metadata, gguf.path)
     validate(gguf, config)
     names = list(expected_shapes(config)) + (["output.weight"] if "output.weight" in gguf.tensors else [])
-    arrays = {name: dequantized(gguf, name).astype(dtype) for name in names}
+    return config, {name: dequantized(gguf, name).astype(dtype) for name in names}
+
+
+def load_trained(gguf, dtype=np.float32) -> Trainable:
+    """Every weight of an open GGUFFile as a trained float array (distillation, the gradient tests)."""
+    config, arrays = float_arrays(gguf, dtype)
     return trainable_from_arrays(config, arrays, dtype)
 
 

@@ -55,26 +55,28 @@ class TrainLog:
 
 
 def train(model, params: dict, batches, settings: TrainSettings, loss=None, evaluate=None, checkpoint=None,
-          progress: bool = True, optimizer: AdamW | None = None) -> TrainLog:
+          progress: bool | None = None, optimizer: AdamW | None = None) -> TrainLog:
     """Run settings.steps steps on `params` (name -> array, updated in place), the weights of `model`.
     `batches` yields lists of Examples; `evaluate()` returns a dict of held-out figures (run before
     the first step, every eval_every steps and after the last); `checkpoint(step)` writes a file
-    (every checkpoint_every steps). The bar (tqdm) shows loss and tokens/s when stderr is a terminal."""
+    (every checkpoint_every steps). The bar (tqdm) shows loss and tokens/s: with `progress` None when
+    stderr is a terminal, True always, False never."""
     loss = loss or CrossEntropy()
     optimizer = optimizer or AdamW(params, weight_decay=settings.weight_decay)
     schedule = Schedule(settings.lr, settings.steps, settings.warmup, settings.final_lr_fraction)
     log = TrainLog()
     if evaluate is not None:
         log.evaluations.append((0, evaluate()))
-    bar = tqdm(total=settings.steps, desc="training", unit="step", disable=None if progress else True)
+    bar = tqdm(total=settings.steps, desc="training", unit="step", disable=None if progress is None else not progress)
     for step in range(settings.steps):
         start = time.perf_counter()
         batch = next(batches)
         result = batch_gradient(model, batch, loss, settings.threads)
-        norm = clip_gradients(result.grads, settings.clip)
+        grads = {name: g for name, g in result.grads.items() if name in params}  # not a frozen norm's
+        norm = clip_gradients(grads, settings.clip)
         lr = schedule(step)
-        optimizer.step(result.grads, lr)
-        del result.grads
+        optimizer.step(grads, lr)
+        del result.grads, grads
         entry = StepLog(step + 1, result.loss, lr, norm, sum(len(ex.ids) for ex in batch), time.perf_counter() - start)
         log.steps.append(entry)
         bar.update()

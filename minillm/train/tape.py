@@ -30,9 +30,10 @@ class Tape:
     """One forward pass's record: the traced intermediates by graph name, and the gradients its
     backward adds up by parameter name (a dict that several passes may share)."""
 
-    def __init__(self, grads: dict | None = None):
+    def __init__(self, grads: dict | None = None, keep_input_grads: bool = False):
         self.acts = {}
         self.grads = {} if grads is None else grads
+        self.keep_input_grads = keep_input_grads  # each Taped linear keeps dL/dx (pruning's importance)
 
     def trace(self, name: str, x: np.ndarray) -> np.ndarray:
         self.acts[name] = x
@@ -104,7 +105,7 @@ class Taped:
 
     def __init__(self, weight, tape: Tape):
         self.weight, self.tape = weight, tape
-        self.x = self.y = None
+        self.x = self.y = self.dx = None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         self.x, self.y = x, self.weight(x)
@@ -112,7 +113,10 @@ class Taped:
 
     def backward(self, dy: np.ndarray) -> np.ndarray:
         """dL/dx for dL/dy = dy (T, out) -> (T, in); the weight's own gradients go to the tape."""
-        return self.weight.backward(dy, self.x, self.tape)
+        dx = self.weight.backward(dy, self.x, self.tape)
+        if self.tape.keep_input_grads:
+            self.dx = dx
+        return dx
 
 
 class TrainedEmbedding:

@@ -1,0 +1,114 @@
+"""LoRA adapters: a low-rank change to a model's linears, kept beside the weights, in llama.cpp's file format.
+
+A LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") leaves a weight W
+(out_features, in_features) as it is and adds a product of two thin matrices:
+
+    y = x W^T + scale * (x A^T) B^T        A: (rank, in_features), B: (out_features, rank)
+
+rank * (in + out) numbers instead of in * out: for SmolLM2's 576 x 576 attn_q at rank 8, 9,216
+numbers instead of 331,776. So the base stays packed (Q4_1 blocks as stored) and only A and B are
+float32; `minillm finetune` trains them and writes the file (minillm.train.lora), `--lora ADAPTER`
+applies them (read_adapter, apply_adapter).
+
+The file is llama.cpp's (src/llama-adapter.cpp, convert_lora_to_gguf.py): a GGUF with
+`general.type = "adapter"`, `general.architecture` of the base, `adapter.type = "lora"` and
+`adapter.lora.alpha`; for each adapted weight two F32 tensors named after it, `<name>.lora_a` of
+NumPy shape (rank, in_features) (ggml ne = [in_features, rank]) and `<name>.lora_b` of NumPy shape
+(out_features, rank). llama.cpp computes scale = alpha / rank (times the user's --lora-scaled
+factor, 1 here), and scale = 1 when alpha is 0; so does `Adapter.scale`.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import GGUFError, MinillmError
+from .gguf import GGUFFile
+from .weights import LAYER_TENSORS, dequantized, expected_shapes
+
+
+class LoraLinear:
+    """y = base(x) + scale * (x A^T) B^T, with `base` the loader's linear (packed or float), untouched.
+    x: (T, in_features) -> (T, out_features) float32"""
+
+    def __init__(self, base, a: np.ndarray, b: np.ndarray, scale: float, name: str):
+        self.base, self.a, self.b, self.scale, self.name = base, a, b, scale, name
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y = self.base(x)
+        y += self.scale * ((x @ self.a.T) @ self.b.T)   # (T, rank) first: two thin products
+        return y
+
+    @property
+    def nbytes(self) -> int:
+        return self.base.nbytes + self.a.nbytes + self.b.nbytes
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter: alpha, and for each adapted weight (GGUF name) its A (rank, in) and B (out, rank)."""
+
+    architecture: str
+    alpha: float
+    pairs: dict          # weight name -> (a, b) float32
+
+    def scale(self, name: str) -> float:
+        rank = self.pairs[name][0].shape[0]
+        return self.alpha / rank if self.alpha else 1.0
+
+
+def read_adapter(path) -> Adapter:
+    """An adapter file, checked for what llama.cpp requires of it; GGUFError otherwise."""
+    f = GGUFFile(path)
+    meta = f.metadata
+    if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
+        raise GGUFError(f.path, "not a LoRA adapter (general.type must be 'adapter' and adapter.type 'lora')")
+    pairs = {}
+    for name in f.tensors:
+        base, dot, part = name.rpartition(".")
+        if not dot or part not in ("lora_a", "lora_b"):
+            raise GGUFError(f.path, f"tensor {name} is not a .lora_a or .lora_b")
+        pairs.setdefault(base, {})[part] = dequantized(f, name)
+    for base, ab in pairs.items():
+        if set(ab) != {"lora_a", "lora_b"}:
+            raise GGUFError(f.path, f"{base} has only its {next(iter(ab))}")
+        a, b = ab["lora_a"], ab["lora_b"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise GGUFError(f.path, f"{base}: lora_a {a.shape} and lora_b {b.shape} do not share a rank")
+    alpha = float(meta.get("adapter.lora.alpha", 0.0))
+    return Adapter(meta.get("general.architecture"), alpha,
+                   {base: (ab["lora_a"], ab["lora_b"]) for base, ab in pairs.items()})
+
+
+def check_fits(adapter: Adapter, architecture: str, shapes: dict, path="adapter"):
+    """Refuse an adapter made for another model: its architecture, a weight the model lacks or a
+    shape that differs. `shapes` is the model's GGUF name -> (out_features, in_features)."""
+    if adapter.architecture != architecture:
+        raise MinillmError(f"{path}: the adapter is for {adapter.architecture!r} models, the model is {architecture!r}")
+    for name, (a, b) in adapter.pairs.items():
+        shape = shapes.get(name)
+        if shape is None or len(shape) != 2:
+            raise MinillmError(f"{path}: the model has no matrix {name} to adapt (an adapter for another model?)")
+        if (b.shape[0], a.shape[1]) != tuple(shape):
+            raise MinillmError(f"{path}: {name} is {shape[0]} x {shape[1]} in the model, the adapter's is "
+                               f"{b.shape[0]} x {a.shape[1]} (an adapter for another model?)")
+
+
+def apply_adapter(weights, adapter: Adapter, layer_fields: dict = LAYER_TENSORS):
+    """Wrap each adapted linear of `weights` (minillm.weights.ModelWeights, changed in place) in a
+    LoraLinear. `layer_fields` maps a GGUF name inside a block to its field."""
+    for name, (a, b) in adapter.pairs.items():
+        _, layer, tensor = name.split(".", 2)
+        w = weights.layers[int(layer)]
+        field = layer_fields[tensor]
+        setattr(w, field, LoraLinear(getattr(w, field), a, b, adapter.scale(name), name))
+    return weights
+
+
+
+def load_adapter(path, weights, gguf, config):
+    """The adapter file at `path`, checked against the model (an open GGUFFile and its config) and
+    applied to its weights (minillm.weights.ModelWeights)."""
+    adapter = read_adapter(path)
+    check_fits(adapter, gguf.metadata.get("general.architecture"), expected_shapes(config), path)
+    return apply_adapter(weights, adapter, LAYER_TENSORS)
