@@ -12,7 +12,7 @@ import sys
 
 from . import __version__
 from .commands import (bench, chat, compare, dump, fetch, finetune, generate, info, list_models, perplexity,
-                       quantize, tokenize)
+                       prune, quantize, tokenize)
 
 # name -> module with HELP, add_arguments(parser), run(args) and maybe EPILOG; in `--help`'s order
 COMMANDS = {
@@ -28,6 +28,7 @@ COMMANDS = {
     "compare": compare,
     "perplexity": perplexity,
     "finetune": finetune,
+    "prune": prune,
 }
 
 
