@@ -4,7 +4,9 @@
     report = finetune(config)
 
 Each conversation (minillm.train.data.read_chat_jsonl) runs in the model's chat template and is
-scored on the assistant's tokens only. Held-out conversations (`eval_data`) give the mean loss on
+scored on the assistant's tokens only. A batch's conversations are packed into one window per
+thread (minillm.train.data.pack), each attending only to itself: for a packed base, every tile is
+dequantized once per window rather than once per conversation. Held-out conversations (`eval_data`) give the mean loss on
 their answers before and after training.
 """
 
@@ -18,7 +20,7 @@ from ..errors import UsageError
 from ..gguf import GGUFFile
 from ..registry import resolve_model
 from ..tokenizer import Tokenizer
-from .data import batches, chat_example, read_chat_jsonl
+from .data import batches, chat_example, pack, read_chat_jsonl
 from .grad import mean_loss
 from .llama import Trainable
 from .lora import adapter_pairs, lora_model, parse_targets, write_adapter
@@ -70,13 +72,19 @@ def finetune(config: FinetuneConfig, announce=print, progress: bool | None = Non
     params = model.parameters(train_norms=False)
     announce(f"LoRA rank {config.rank} on {len(adapter_pairs(model))} linears: {sum(p.size for p in params.values()):,} "
              f"trained numbers; {len(examples)} conversations, {sum(int(e.weights.sum()) for e in examples):,} answer tokens")
-    evaluate = (lambda: {"loss": mean_loss(model, held_out, config.train.threads)}) if held_out else None
+    threads = config.train.threads
+    if held_out:
+        held_windows = pack(held_out, threads, max_tokens)
+        evaluate = lambda: {"loss": mean_loss(model, held_windows, threads)}   # noqa: E731
+    else:
+        evaluate = None
 
     def checkpoint(step):
         write_adapter(config.output, gguf.metadata["general.architecture"], alpha, adapter_pairs(model))
         announce(f"step {step}: wrote {config.output}")
 
-    log = train(model, params, batches(examples, config.train.batch_size, config.train.seed), config.train,
+    packed = (pack(batch, threads, max_tokens) for batch in batches(examples, config.train.batch_size, config.train.seed))
+    log = train(model, params, packed, config.train,
                 evaluate=evaluate, checkpoint=checkpoint, progress=progress)
     write_adapter(config.output, gguf.metadata["general.architecture"], alpha, adapter_pairs(model))
     return report(config, model, log, alpha)

@@ -29,6 +29,7 @@ class Example:
     weights: np.ndarray | None = None        # (T,) 1 where the position counts, 0 where not; None: all
     teacher_ids: np.ndarray | None = None    # (T, k) a teacher's top-k tokens (distillation)
     teacher_logprobs: np.ndarray | None = None  # (T, k) their log-probabilities at the temperature
+    segments: tuple | None = None            # lengths of the examples packed into this one (minillm.train.data.pack)
 
     @property
     def position_weights(self) -> np.ndarray:
@@ -69,7 +70,7 @@ def part_gradient(model, examples: list, loss) -> tuple[float, float, dict]:
     """Summed loss, positions scored, and the gradient of the summed loss, for windows run one by one."""
     grads, total, scored = {}, 0.0, 0.0
     for ex in examples:
-        logits, weights, tape = llama.forward(model, ex.ids, grads)
+        logits, weights, tape = llama.forward(model, ex.ids, grads, segments=ex.segments)
         per_position, dlogits = loss(logits, ex)
         del logits
         w = ex.position_weights.astype(dlogits.dtype)
@@ -112,7 +113,7 @@ def mean_loss(model, examples: list, threads: int = 1, loss=None) -> float:
     def part_loss(part):
         total = scored = 0.0
         for ex in part:
-            per_position, _ = loss(llama.forward(model, ex.ids)[0], ex)
+            per_position, _ = loss(llama.forward(model, ex.ids, segments=ex.segments)[0], ex)
             total += float(np.dot(per_position, ex.position_weights))
             scored += float(ex.position_weights.sum())
         return total, scored

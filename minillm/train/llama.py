@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import LlamaConfig
-from ..model import Llama, causal_mask, merge_heads, rope_angles, split_heads
+from ..model import Llama, merge_heads, rope_angles, split_heads
 from ..weights import LAYER_TENSORS, LayerWeights, ModelWeights, dequantized, expected_shapes, validate
 from .backward import attention_backward, rmsnorm_backward, rope_backward, swiglu_backward
 from .tape import Tape, Taped, TapedEmbedding, Trained, TrainedEmbedding, WindowCache
@@ -77,13 +77,15 @@ def inference_model(model: Trainable) -> Llama:
     return Llama(model.config, model_weights(model), dtype=model.dtype)
 
 
-def forward(model: Trainable, ids: np.ndarray, grads: dict | None = None, keep_input_grads: bool = False):
-    """Logits (T, vocab_size) of one window that starts at position 0, with the weights and the
-    tape its backward needs; `grads` is the dict the backward will add into."""
-    tape = Tape(grads, keep_input_grads)
+def forward(model: Trainable, ids: np.ndarray, grads: dict | None = None, keep_input_grads: bool = False,
+            segments=None):
+    """Logits (T, vocab_size) of one window that starts at position 0 (or of the examples packed in
+    it, `segments` their lengths), with the weights and the tape its backward needs; `grads` is the
+    dict the backward will add into."""
+    tape = Tape(grads, keep_input_grads, WindowCache(segments))
     weights = taped_weights(model, tape)
     llama = Llama(model.config, weights, dtype=model.dtype)
-    logits = llama.forward(np.asarray(ids), WindowCache(), trace=tape.trace)
+    logits = llama.forward(np.asarray(ids), tape.cache, trace=tape.trace)
     return logits, weights, tape
 
 
@@ -98,10 +100,12 @@ def backward(model: Trainable, weights: ModelWeights, tape: Tape, dlogits: np.nd
     last = a[f"l_out-{c.n_layers - 1}"] if c.n_layers else a["inp_embd"]
     dx, dnorm = rmsnorm_backward(dx, last, weights.output_norm, c.norm_eps)
     tape.add_grad("output_norm.weight", dnorm)
-    cos, sin = rope_angles(np.arange(T), c.rope_dim, c.rope_base, model.dtype)
+    positions = np.arange(T)
+    cos, sin = rope_angles(positions, c.rope_dim, c.rope_base, model.dtype)
     for i in reversed(range(c.n_layers)):
+        mask = tape.cache.pattern(i).mask(positions, positions)                # (T, T), as the forward's
         dx = dx + mlp_backward(c, weights.layers[i], i, tape, dx)
-        dx = dx + attention_block_backward(c, weights.layers[i], i, tape, dx, cos, sin)
+        dx = dx + attention_block_backward(c, weights.layers[i], i, tape, dx, cos, sin, mask)
     weights.embedding.lookup_backward(dx)
     return tape.grads
 
@@ -117,13 +121,12 @@ def mlp_backward(c: LlamaConfig, w: LayerWeights, i: int, tape: Tape, dx: np.nda
 
 
 def attention_block_backward(c: LlamaConfig, w: LayerWeights, i: int, tape: Tape, dx: np.ndarray,
-                             cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+                             cos: np.ndarray, sin: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """dL/dx through the attention branch of block i (dx: dL/d ffn_inp-i, (T, dim))."""
     a = tape.acts
-    T = dx.shape[0]
     dout = split_heads(w.wo.backward(dx), c.n_heads)                          # (n_heads, T, head_dim)
-    dq, dk, dv = attention_backward(dout, a[f"Qcur-{i}"], a[f"Kcur-{i}"], a[f"Vcur-{i}"],
-                                    causal_mask(0, T, T), 1.0 / math.sqrt(c.head_dim))
+    dq, dk, dv = attention_backward(dout, a[f"Qcur-{i}"], a[f"Kcur-{i}"], a[f"Vcur-{i}"], mask,
+                                    1.0 / math.sqrt(c.head_dim))
     dh = (w.wq.backward(merge_heads(rope_backward(dq, cos, sin)))
           + w.wk.backward(merge_heads(rope_backward(dk, cos, sin)))
           + w.wv.backward(merge_heads(dv)))                                   # (T, dim)

@@ -26,11 +26,50 @@ import numpy as np
 from ..attention import DENSE
 
 
+class WindowCache:
+    """The KV cache of one training window: each window starts at position 0 and attends to its own
+    keys only, so nothing is stored. `store` hands k and v back as they are (float64 too, for the
+    gradient checks). The mask is causal (the dense pattern, as at inference), or block-diagonal
+    causal when several examples are packed into the window (`Segments`)."""
+
+    unbounded = True
+    length = 0
+
+    def __init__(self, segments=None):
+        self.segments = None if segments is None else Segments(segments)
+
+    def pattern(self, layer: int):
+        return DENSE.pattern(layer) if self.segments is None else self.segments
+
+    def store(self, layer: int, k: np.ndarray, v: np.ndarray):
+        return k, v, np.arange(k.shape[1])
+
+    def commit(self, T: int):
+        pass
+
+
+class Segments:
+    """Examples packed side by side into one window, each attending only to its own earlier tokens.
+    RoPE makes q.k depend on the two positions' difference only, so an example that starts at
+    position p computes what it would alone from position 0 (to the rounding of cos and sin), and
+    the products by the weights run once for the whole window: packed chat examples share the
+    dequantization of each tile of a packed base (minillm.train.lora)."""
+
+    def __init__(self, lengths):
+        self.segment = np.repeat(np.arange(len(lengths)), lengths)     # (T,) which example each position is in
+
+    def mask(self, q_pos: np.ndarray, k_pos: np.ndarray) -> np.ndarray:
+        """(T, S) bool: same example, and not later."""
+        same = self.segment[q_pos][:, None] == self.segment[k_pos][None, :]
+        return same & (k_pos[None, :] <= q_pos[:, None])
+
+
 class Tape:
     """One forward pass's record: the traced intermediates by graph name, and the gradients its
     backward adds up by parameter name (a dict that several passes may share)."""
 
-    def __init__(self, grads: dict | None = None, keep_input_grads: bool = False):
+    def __init__(self, grads: dict | None = None, keep_input_grads: bool = False, cache: WindowCache | None = None):
+        self.cache = cache or WindowCache()          # the forward's: its pattern gives the attention mask
         self.acts = {}
         self.grads = {} if grads is None else grads
         self.keep_input_grads = keep_input_grads  # each Taped linear keeps dL/dx (pruning's importance)
@@ -49,24 +88,6 @@ def add_gradient(grads: dict, name: str, g: np.ndarray):
         grads[name] += g
     else:
         grads[name] = g
-
-
-class WindowCache:
-    """The KV cache of one training window: each window starts at position 0 and attends to its own
-    keys only, so nothing is stored. `store` hands k and v back as they are (float64 too, for the
-    gradient checks); the forward's causal mask comes from the dense pattern, as at inference."""
-
-    unbounded = True
-    length = 0
-
-    def pattern(self, layer: int):
-        return DENSE.pattern(layer)
-
-    def store(self, layer: int, k: np.ndarray, v: np.ndarray):
-        return k, v, np.arange(k.shape[1])
-
-    def commit(self, T: int):
-        pass
 
 
 class Trained:
