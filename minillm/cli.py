@@ -11,8 +11,8 @@ import os
 import sys
 
 from . import __version__
-from .commands import (bench, chat, compare, dump, fetch, finetune, generate, info, list_models, perplexity,
-                       prune, quantize, tokenize)
+from .commands import (bench, chat, compare, distill, dump, fetch, finetune, generate, info, list_models,
+                       perplexity, prune, quantize, tokenize)
 
 # name -> module with HELP, add_arguments(parser), run(args) and maybe EPILOG; in `--help`'s order
 COMMANDS = {
@@ -29,6 +29,7 @@ COMMANDS = {
     "perplexity": perplexity,
     "finetune": finetune,
     "prune": prune,
+    "distill": distill,
 }
 
 

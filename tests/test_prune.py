@@ -18,8 +18,8 @@ from minillm.synthetic import write_tiny_llama
 from minillm.train.grad import Example, mean_loss
 from minillm.train.importance import calibrate, frozen_model
 from minillm.train.llama import float_arrays, inference_model
-from minillm.train.prune import (keep_heads, keep_neurons, magnitude_mask, row_mask, top_heads, top_neurons,
-                                 two_of_four_mask, without_layers)
+from minillm.train.prune import (heads_kept, keep_heads, keep_neurons, magnitude_mask, neurons_kept, row_mask,
+                                 top_heads, top_neurons, two_of_four_mask, without_layers)
 from test_cli import assert_one_line_error, minillm
 from test_lora import llamacpp_logits, minillm_logits
 
@@ -150,10 +150,11 @@ def test_wanda_norms_are_the_inputs_norms(tiny):
 def test_top_heads_and_neurons_keep_the_best_in_whole_groups(tiny):
     config, _ = tiny
     scores = np.array([[1.0, 5, 3, 2], [9, 8, 7, 6]])
-    np.testing.assert_array_equal(top_heads(config, scores, 0.5), [[1, 2], [0, 2]])  # groups (0, 1) and (2, 3)
+    assert heads_kept(config, 0.5) == 1
+    np.testing.assert_array_equal(top_heads(config, scores, 1), [[1, 2], [0, 2]])  # groups (0, 1) and (2, 3)
     scores = np.random.default_rng(0).random((2, 96))
-    neurons = top_neurons(config, scores, 0.5)
-    assert neurons.shape == (2, 64)  # half of 96 is 1.5 blocks of 32, rounded to 2
+    assert neurons_kept(config, 0.5) == 64  # half of 96 is 1.5 blocks of 32, rounded to 2
+    neurons = top_neurons(scores, 64)
     for layer, kept in enumerate(neurons):
         dropped = np.setdiff1d(np.arange(96), kept)
         assert scores[layer, kept].min() >= scores[layer, dropped].max()

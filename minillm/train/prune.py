@@ -138,19 +138,31 @@ def keep_neurons(config: LlamaConfig, arrays: dict, keep: np.ndarray) -> tuple[L
     return replace(config, ffn_dim=keep.shape[1]), out
 
 
-def top_heads(config: LlamaConfig, scores: np.ndarray, sparsity: float) -> np.ndarray:
-    """(n_layers, n_kept): in every KV group of every layer, the round((1 - S) * group) best heads (at least 1)."""
+def top_heads(config: LlamaConfig, scores: np.ndarray, per_group: int) -> np.ndarray:
+    """(n_layers, n_kv_heads * per_group): in every KV group of every layer, the per_group best heads."""
     group = config.group_size
-    per_group = max(1, round((1 - sparsity) * group))
     by_group = scores.reshape(config.n_layers, config.n_kv_heads, group)
     best = np.sort(np.argsort(-by_group, axis=-1)[..., :per_group], axis=-1)            # (layers, kv, per_group)
     return (best + group * np.arange(config.n_kv_heads)[None, :, None]).reshape(config.n_layers, -1)
 
 
-def top_neurons(config: LlamaConfig, scores: np.ndarray, sparsity: float) -> np.ndarray:
-    """(n_layers, n_kept), n_kept = (1 - S) * ffn_dim rounded to a multiple of BLOCK (at least BLOCK)."""
-    n_kept = max(BLOCK, int(round((1 - sparsity) * config.ffn_dim / BLOCK)) * BLOCK)
+def top_neurons(scores: np.ndarray, n_kept: int) -> np.ndarray:
+    """(n_layers, n_kept): each layer's n_kept best neurons, in their order."""
     return np.sort(np.argsort(-scores, axis=-1)[:, :n_kept], axis=-1)
+
+
+def heads_kept(config: LlamaConfig, sparsity: float) -> int:
+    """Query heads kept per KV group: round((1 - S) * group), at least 1."""
+    return max(1, round((1 - sparsity) * config.group_size))
+
+
+def neurons_kept(config: LlamaConfig, sparsity: float) -> int:
+    """(1 - S) * ffn_dim rounded to a multiple of BLOCK, at least BLOCK."""
+    return max(BLOCK, int(round((1 - sparsity) * config.ffn_dim / BLOCK)) * BLOCK)
+
+
+def layers_dropped(config: LlamaConfig, sparsity: float) -> int:
+    return min(config.n_layers - 1, round(sparsity * config.n_layers))
 
 
 def layer_losses(config: LlamaConfig, arrays: dict, windows: list, threads: int = 1) -> np.ndarray:
@@ -166,12 +178,16 @@ def layer_losses(config: LlamaConfig, arrays: dict, windows: list, threads: int 
 def structured(config: LlamaConfig, arrays: dict, method: str, sparsity: float, calibration: Calibration,
                windows: list, threads: int = 1) -> tuple[LlamaConfig, dict]:
     if method == "heads":
-        return keep_heads(config, arrays, top_heads(config, calibration.head_scores, sparsity))
+        return keep_heads(config, arrays, top_heads(config, calibration.head_scores, heads_kept(config, sparsity)))
     if method == "ffn":
-        return keep_neurons(config, arrays, top_neurons(config, calibration.neuron_scores, sparsity))
-    n_drop = min(config.n_layers - 1, round(sparsity * config.n_layers))
+        return keep_neurons(config, arrays, top_neurons(calibration.neuron_scores, neurons_kept(config, sparsity)))
+    return drop_layers(config, arrays, layers_dropped(config, sparsity), windows, threads)
+
+
+def drop_layers(config: LlamaConfig, arrays: dict, n_drop: int, windows: list, threads: int = 1):
+    """The model without the n_drop blocks whose removal alone costs the least calibration loss."""
     losses = layer_losses(config, arrays, windows, threads) if n_drop else np.zeros(config.n_layers)
-    return without_layers(config, arrays, np.argsort(losses)[:n_drop])   # the blocks missed least
+    return without_layers(config, arrays, np.argsort(losses)[:n_drop])
 
 
 def shape_metadata(config: LlamaConfig, arch: str = "llama") -> dict:
