@@ -15,9 +15,15 @@ It trains a rank-8 adapter on every linear for 40 steps of 8 conversations (both
 minutes on the 2-core machine) and writes DIR/train.jsonl, DIR/heldout.jsonl and DIR/adapter.gguf.
 """
 
+import os
+
+# As the minillm command does, before NumPy starts BLAS: one BLAS thread a call, since training
+# splits each batch over threads itself (two BLAS threads under each would fight for the cores).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -132,7 +138,6 @@ def main():
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args()
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as the minillm command: training splits the batch instead
     from minillm.registry import resolve_model
     from minillm.train.finetune import FinetuneConfig, finetune
     from minillm.train.loop import TrainSettings

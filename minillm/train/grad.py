@@ -17,7 +17,7 @@ import numpy as np
 
 from . import llama
 from .losses import cross_entropy, distillation_kl
-from .tape import add_gradient
+from .tape import WindowCache, add_gradient
 
 
 @dataclass
@@ -107,13 +107,15 @@ def batch_gradient(model, examples: list, loss=None, threads: int = 1) -> BatchR
 
 
 def mean_loss(model, examples: list, threads: int = 1, loss=None) -> float:
-    """The mean loss over the examples' scored positions, forward only (held-out evaluation)."""
+    """The mean loss over the examples' scored positions, forward only (held-out evaluation): the
+    model as inference runs it, which keeps no activations for a backward pass."""
     loss = loss or CrossEntropy()
+    runnable = llama.inference_model(model)
 
     def part_loss(part):
         total = scored = 0.0
         for ex in part:
-            per_position, _ = loss(llama.forward(model, ex.ids, segments=ex.segments)[0], ex)
+            per_position, _ = loss(runnable.forward(ex.ids, WindowCache(ex.segments)), ex)
             total += float(np.dot(per_position, ex.position_weights))
             scored += float(ex.position_weights.sum())
         return total, scored

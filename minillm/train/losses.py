@@ -10,10 +10,12 @@ import numpy as np
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """(T, vocab) -> (T, vocab) log-probabilities, in the logits' dtype (float32 in training).
-    Subtracting each row's maximum keeps exp() from overflowing."""
+    """(T, vocab) -> (T, vocab) log-probabilities, in the logits' dtype (float32 in training: unlike
+    minillm.verify's float64 one, it holds no float64 copy of a (T, 49152) table). Subtracting each
+    row's maximum keeps exp() from overflowing."""
     z = logits - logits.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    z -= np.log(np.exp(z).sum(axis=-1, keepdims=True))
+    return z
 
 
 def cross_entropy(logits: np.ndarray, targets: np.ndarray):
