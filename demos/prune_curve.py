@@ -91,7 +91,7 @@ def plot(rows: list, path, name: str):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=90)
 
 
 def main():
@@ -105,10 +105,9 @@ def main():
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     from minillm.registry import resolve_model
-    from minillm.gguf import GGUFFile
     path = resolve_model(args.model)
     rows = curve(path, args.ctx, args.calib_tokens, args.held_tokens, args.threads)
-    plot(rows, args.png, GGUFFile(path).metadata.get("general.name", path.stem))
+    plot(rows, args.png, path.name.split(".")[0])
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     print("| method | S | weights removed | layers | heads | FFN | perplexity | mean KL | same top token |")
