@@ -27,16 +27,23 @@ from .gguf import GGUFFile
 from .weights import LAYER_TENSORS, dequantized, expected_shapes
 
 
+def float_product(x: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """x M^T by BLAS. x: (T, K), m: (N, K) -> (T, N)"""
+    return x @ m.T
+
+
 class LoraLinear:
     """y = base(x) + scale * (x A^T) B^T, with `base` the loader's linear (packed or float), untouched.
-    x: (T, in_features) -> (T, out_features) float32"""
+    x: (T, in_features) -> (T, out_features) float32. The two thin products are `product(x, M)`:
+    BLAS, or in --mode ggml ggml's own float32 dot products (minillm.modes.ggml.ggml_f32_product),
+    in llama.cpp's order: B (A x), scaled, then added (llama-graph.cpp build_lora_mm)."""
 
-    def __init__(self, base, a: np.ndarray, b: np.ndarray, scale: float, name: str):
-        self.base, self.a, self.b, self.scale, self.name = base, a, b, scale, name
+    def __init__(self, base, a: np.ndarray, b: np.ndarray, scale: float, name: str, product=float_product):
+        self.base, self.a, self.b, self.scale, self.name, self.product = base, a, b, scale, name, product
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         y = self.base(x)
-        y += self.scale * ((x @ self.a.T) @ self.b.T)   # (T, rank) first: two thin products
+        y += self.scale * self.product(self.product(x, self.a), self.b)   # (T, rank) first
         return y
 
     @property
@@ -94,21 +101,20 @@ def check_fits(adapter: Adapter, architecture: str, shapes: dict, path="adapter"
                                f"{b.shape[0]} x {a.shape[1]} (an adapter for another model?)")
 
 
-def apply_adapter(weights, adapter: Adapter, layer_fields: dict = LAYER_TENSORS):
+def apply_adapter(weights, adapter: Adapter, layer_fields: dict = LAYER_TENSORS, product=float_product):
     """Wrap each adapted linear of `weights` (minillm.weights.ModelWeights, changed in place) in a
-    LoraLinear. `layer_fields` maps a GGUF name inside a block to its field."""
+    LoraLinear whose thin products are `product`. `layer_fields` maps a GGUF name inside a block to its field."""
     for name, (a, b) in adapter.pairs.items():
         _, layer, tensor = name.split(".", 2)
         w = weights.layers[int(layer)]
         field = layer_fields[tensor]
-        setattr(w, field, LoraLinear(getattr(w, field), a, b, adapter.scale(name), name))
+        setattr(w, field, LoraLinear(getattr(w, field), a, b, adapter.scale(name), name, product))
     return weights
 
 
-
-def load_adapter(path, weights, gguf, config):
+def load_adapter(path, weights, gguf, config, product=float_product):
     """The adapter file at `path`, checked against the model (an open GGUFFile and its config) and
-    applied to its weights (minillm.weights.ModelWeights)."""
+    applied to its weights (minillm.weights.ModelWeights), its products computed by `product`."""
     adapter = read_adapter(path)
     check_fits(adapter, gguf.metadata.get("general.architecture"), expected_shapes(config), path)
-    return apply_adapter(weights, adapter, LAYER_TENSORS)
+    return apply_adapter(weights, adapter, LAYER_TENSORS, product)

@@ -22,7 +22,7 @@ from .linear import TILE_BYTES
 from .memory import Meter, cache_arrays, mib, return_freed_memory_at_once, touch_pages
 from .model import ChunkedLlama, Llama, masked_attention
 from .modes import KV_BITS as MODE_KV_BITS
-from .modes import check_mode, mode_attention, mode_dtype, mode_model, mode_weights
+from .modes import check_mode, mode_attention, mode_dtype, mode_lora_product, mode_model, mode_weights
 from .modes.ggml import ROUNDING
 from .parallel import row_pool
 from .plan import MAX_PREFILL_CHUNK, MIN_PREFILL_CHUNK, plan_for_cap
@@ -165,7 +165,7 @@ def load(config: RunConfig, announce=print) -> Runtime:
     else:
         weights = load_weights(p.gguf, p.model_config, config)
         if config.lora is not None:
-            weights = load_adapter(config.lora, weights, p.gguf, p.model_config)
+            weights = load_adapter(config.lora, weights, p.gguf, p.model_config, mode_lora_product(config.mode))
         model = mode_model(config.mode)(p.model_config, weights, attention=attention, dtype=mode_dtype(config.mode))
         runtime = Runtime(config, p.gguf, model, p.tokenizer, 0.0)
     warm_up(runtime)  # the weights' pages and the kernels are loaded now, as start-up, not in the first answer

@@ -124,6 +124,27 @@ def test_llama_cpp_loads_the_adapter_and_gives_the_same_logits(tiny_q4_path, ada
     assert nmse(theirs, base_theirs) > 100 * f32_adapted
 
 
+@pytest.mark.weights
+def test_llama_cpp_applies_an_adapter_to_smollm2_as_minillm_does(smollm2_path, tmp_path):
+    """The real model's shapes (grouped K/V of 192 rows, FFN 1536, the tied Q8_0 head): an adapter on
+    three kinds of linear of all 30 blocks, loaded by llama.cpp, gives the logits minillm gives in
+    --mode ggml, bit for bit, one token at a time; and it moves them far beyond that arithmetic's noise."""
+    pytest.importorskip("llama_cpp")
+    gguf = GGUFFile(smollm2_path)
+    rng = np.random.default_rng(0)
+    model = lora_model(gguf, LlamaConfig.from_metadata(gguf.metadata), ("attn_k", "attn_output", "ffn_down"), 8,
+                       16.0, rng)
+    for _, b in adapter_pairs(model).values():   # large enough that the adapter's own rounding shows in the sums
+        b[:] = 0.3 * rng.standard_normal(b.shape)
+    path = tmp_path / "adapter.gguf"
+    write_adapter(path, "llama", 16.0, adapter_pairs(model))
+    ids = PROMPT[:8]
+    theirs = llamacpp_logits(smollm2_path, ids, path)
+    np.testing.assert_array_equal(minillm_logits(smollm2_path, ids, "ggml", path), theirs)
+    base_theirs = llamacpp_logits(smollm2_path, ids)
+    assert nmse(theirs, base_theirs) > 100 * nmse(minillm_logits(smollm2_path, ids, "f32"), base_theirs)
+
+
 def write_chat(path, n, rng):
     """n conversations teaching the tiny model to answer a question with 'ok'."""
     lines = [json.dumps({"messages": [{"role": "user", "content": f"say {rng.integers(100)}"},

@@ -59,3 +59,12 @@ def mode_model(mode: str):
 def mode_dtype(mode: str):
     """The float type activations are computed in."""
     return np.float64 if mode == "oracle" else np.float32
+
+
+def mode_lora_product(mode: str):
+    """x M^T for a LoRA adapter's float32 A and B (minillm.adapter): ggml's dot products in ggml mode."""
+    if mode == "ggml":
+        from .ggml import ggml_f32_product
+        return ggml_f32_product
+    from ..adapter import float_product
+    return float_product

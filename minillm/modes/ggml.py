@@ -13,7 +13,8 @@ pairs with W's type (`vec_dot_type` in ggml-cpu/ggml-cpu.c), then adds integer b
 | F32  | F32       | plain float32                                                                 |
 
 sumi is the exact integer sum of 32 code products; d, m, s are float16 values; sumf is a float32
-added to block after block. Q8_1 carries s = fp16(d * sum(q)), so the Q4_1 minimum m needs no
+added to block after block. A LoRA adapter's float32 A and B (minillm.adapter) are multiplied as
+ggml_vec_dot_f32 adds in a one-token decode (`f32_dot`), then scaled and added to W x. Q8_1 carries s = fp16(d * sum(q)), so the Q4_1 minimum m needs no
 second pass over x.
 
 Activations are quantized per block of 32: amax = max|x|, d = amax / 127, q = round(x * id).
@@ -385,6 +386,35 @@ def f16_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         acc = acc + steps[..., step, :, :]
     pairs = acc[..., :2, :] + acc[..., 2:, :]
     return reduce_16_lanes(pairs[..., 0, :] + pairs[..., 1, :])
+
+
+def f32_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """ggml_vec_dot_f32 (vec.cpp, AVX-512: GGML_F32_STEP 64, 4 registers of 16 lanes): element i of
+    the first n - n % 64 goes to lane i % 16 of register (i // 16) % 4 by a fused multiply-add, the
+    registers are added 0+2, 1+3, then 0+1, then its 16 lanes; the last n % 64 elements are added
+    one by one (`sumf += x[i]*y[i]`, contracted to a fused multiply-add).
+    a, b: (..., n) broadcastable float32 -> (...) float32"""
+    n = a.shape[-1]
+    whole = n - n % 64
+    acc = np.zeros(np.broadcast_shapes(a.shape[:-1], b.shape[:-1]) + (4, 16), np.float32)
+    for start in range(0, whole, 64):
+        step = (*a.shape[:-1], 4, 16)
+        acc = _fma(a[..., start:start + 64].reshape(step), b[..., start:start + 64].reshape(*b.shape[:-1], 4, 16), acc)
+    pairs = acc[..., :2, :] + acc[..., 2:, :]
+    total = reduce_16_lanes(pairs[..., 0, :] + pairs[..., 1, :])
+    for i in range(whole, n):
+        total = _fma(a[..., i], b[..., i], total)
+    return total
+
+
+def ggml_f32_product(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x W^T for a float32 W as ggml's CPU backend computes it: one token (llama.cpp's decode) by
+    ggml_vec_dot_f32 per row of W; a batch goes through llamafile's tinyBLAS in llama.cpp, whose
+    order is not reproduced (BLAS here). x: (T, K), w: (N, K) -> (T, N) float32"""
+    x, w = np.asarray(x, np.float32), np.asarray(w, np.float32)
+    if x.shape[0] != 1:
+        return x @ w.T
+    return f32_dot(x[:, None, :], w[None, :, :])
 
 
 def ggml_attention(q, k, v, pattern, q_pos, k_pos) -> np.ndarray:
