@@ -1,7 +1,9 @@
 """The model's hyper-parameters, read from GGUF metadata (`{arch}.*` keys)."""
 
+import math
 from dataclasses import dataclass
 
+from . import metadata as typed
 from .errors import GGUFError
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -30,29 +32,26 @@ class LlamaConfig:
 
     @classmethod
     def from_metadata(cls, metadata: dict, path="model") -> "LlamaConfig":
-        arch = metadata.get("general.architecture")
+        arch = typed.get(metadata, "general.architecture", path=path)
         if arch not in SUPPORTED_ARCHITECTURES:
             raise GGUFError(path, f"unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
 
-        def value(key, kind, default=None):
+        def value(key, default=None):
             full = f"{arch}.{key}"
-            v = metadata.get(full, default)
-            if v is None:
-                raise GGUFError(path, f"missing metadata key {full}")
-            if isinstance(v, bool) or not isinstance(v, kind):
-                raise GGUFError(path, f"metadata key {full} = {v!r} has the wrong type")
-            return v
+            if default is None:
+                return typed.require(metadata, full, path)
+            return typed.get(metadata, full, default, path)
 
-        dim, n_heads = value("embedding_length", int), value("attention.head_count", int)
-        head_dim = value("attention.key_length", int, dim // n_heads if n_heads > 0 else 0)
-        vocab = value("vocab_size", int, len(metadata.get("tokenizer.ggml.tokens", ())))
+        dim, n_heads = value("embedding_length"), value("attention.head_count")
+        head_dim = value("attention.key_length", dim // n_heads if n_heads > 0 else 0)
+        tokens = typed.get(metadata, "tokenizer.ggml.tokens", (), path)
         config = cls(
-            n_layers=value("block_count", int), dim=dim, ffn_dim=value("feed_forward_length", int),
-            n_heads=n_heads, n_kv_heads=value("attention.head_count_kv", int, n_heads), head_dim=head_dim,
-            vocab_size=vocab, context_length=value("context_length", int),
-            rope_base=float(value("rope.freq_base", (int, float), 10000.0)),
-            rope_dim=value("rope.dimension_count", int, head_dim),
-            norm_eps=float(value("attention.layer_norm_rms_epsilon", (int, float))),
+            n_layers=value("block_count"), dim=dim, ffn_dim=value("feed_forward_length"),
+            n_heads=n_heads, n_kv_heads=value("attention.head_count_kv", n_heads), head_dim=head_dim,
+            vocab_size=value("vocab_size", len(tokens)), context_length=value("context_length"),
+            rope_base=float(value("rope.freq_base", 10000.0)),
+            rope_dim=value("rope.dimension_count", head_dim),
+            norm_eps=float(value("attention.layer_norm_rms_epsilon")),
         )
         config.check(path)
         return config
@@ -69,7 +68,7 @@ class LlamaConfig:
                 problems.append(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
             if self.rope_dim % 2 or not 0 < self.rope_dim <= self.head_dim:
                 problems.append(f"rope dimension {self.rope_dim} must be even and at most head_dim {self.head_dim}")
-            if not self.rope_base > 0 or not self.norm_eps > 0:
-                problems.append("rope base and norm epsilon must be positive")
+            if not (0 < self.rope_base < math.inf and 0 < self.norm_eps < math.inf):
+                problems.append("rope base and norm epsilon must be positive and finite")
         if problems:
             raise GGUFError(path, "bad hyper-parameters: " + "; ".join(problems))

@@ -8,6 +8,7 @@ from collections import defaultdict
 
 import numpy as np
 
+from . import metadata as typed
 from .config import LlamaConfig
 from .gguf import GGUFFile
 from .kvcache import kv_cache_bytes, ring_rows
@@ -66,8 +67,9 @@ def describe(gguf: GGUFFile, config) -> dict:
     types = type_summary(gguf)
     return {
         "file": {"path": str(gguf.path), "file_mib": gguf.file_size / MiB, "gguf_version": gguf.version},
-        "metadata": {key: gguf.metadata[key] for key in SHOWN_KEYS if key in gguf.metadata},
-        "vocabulary_tokens": len(gguf.metadata.get("tokenizer.ggml.tokens", [])),
+        "metadata": {key: typed.get(gguf.metadata, key, path=gguf.path) for key in SHOWN_KEYS
+                     if key in gguf.metadata},
+        "vocabulary_tokens": len(typed.get(gguf.metadata, "tokenizer.ggml.tokens", [], gguf.path)),
         "chat_template": "tokenizer.chat_template" in gguf.metadata,
         "hyper_parameters": vars(model_config),
         "tensor_types": {name: {"tensors": count, "parameters": elements, "stored_mib": nbytes / MiB}

@@ -33,8 +33,12 @@ SLOT_ALIGN = 64                # each tensor in a streaming buffer starts on a c
 STREAM_SLOTS = 2               # buffers in the streaming pool: one computing, one being filled
 # Pages a run touches that no line of the plan counts: code of numpy, BLAS and the kernels run
 # for the first time, allocator pages of the worker threads, thread stacks. Measured on SmolLM2
-# runs (generate under caps of 25% to 150% of its weights) at 0 to 1.2 MiB above the counted lines.
+# runs (generate under caps of 25% to 150% of its weights) at 0 to 1.2 MiB above the counted lines
+# on one machine, 2.1 MiB on another of the same kind.
 RESERVE_BYTES = 3 << 19
+# Kept free under the cap besides the plan's total: the uncounted pages differ between machines by
+# more than the reserve covers, and the cap is a promise, not an estimate.
+MARGIN_BYTES = 3 << 19
 # Temporaries of the NumPy dequantizers while they fill one tile, in tiles: measured 2.06 (Q8_0),
 # 2.31 (Q4_0), 2.35 (Q4_1), 2.0 (BF16), 1.0 (F16) with tracemalloc.
 NUMPY_DEQUANTIZE_TILES = 2.5
@@ -85,6 +89,11 @@ class MemoryPlan:
         return self.cap - self.total
 
     @property
+    def fits(self) -> bool:
+        """The total leaves at least MARGIN_BYTES of the cap free."""
+        return self.total + MARGIN_BYTES <= self.cap
+
+    @property
     def strategy(self) -> str:
         return strategy_name(self.layout, len(self.index.layer_bytes))
 
@@ -92,7 +101,8 @@ class MemoryPlan:
         width = max(len(item) for item, _, _ in self.lines)
         rows = [f"memory plan for --mem-cap {mib(self.cap)}: {self.strategy}"]
         rows += [f"  {item:<{width}} {mib(nbytes):>11}  {detail}" for item, nbytes, detail in self.lines]
-        rows.append(f"  {'total':<{width}} {mib(self.total):>11}  headroom {mib(self.headroom)}")
+        rows.append(f"  {'total':<{width}} {mib(self.total):>11}  headroom {mib(self.headroom)} "
+                    f"(at least {mib(MARGIN_BYTES)} is kept free)")
         return "\n".join(rows)
 
 
@@ -284,7 +294,7 @@ def plan_memory(index: WeightIndex, run: PlanInputs, cap: int) -> MemoryPlan:
     plan = None
     for layout in candidate_layouts(index, run):
         plan = MemoryPlan(cap, layout, index, plan_lines(index, layout, run), run.tokenizer_peak)
-        if plan.total <= cap:
+        if plan.fits:
             return plan
     raise_below_minimum(plan, index, run)
 
@@ -303,7 +313,8 @@ def raise_below_minimum(smallest: MemoryPlan, index: WeightIndex, run: PlanInput
     if run.threads > 1:
         hints.append("fewer --threads (one prefill tile each)")
     more = "" if run.tokenizer_built else " plus the tokenizer (not built yet)"
-    raise MinillmError(f"--mem-cap {mib(smallest.cap)} is below the minimum of {mib(smallest.total)}{more} for "
+    minimum = smallest.total + MARGIN_BYTES
+    raise MinillmError(f"--mem-cap {mib(smallest.cap)} is below the minimum of {mib(minimum)}{more} for "
                        f"these settings ({smallest.strategy}); lower it with " + ", ".join(hints)
                        + "\n" + smallest.format())
 

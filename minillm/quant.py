@@ -222,10 +222,15 @@ def quantize_activation(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     to float16, which only adds error. With u = 2^-24, every element obeys
         |x - d * q| <= d * (1/2 + 255 u)
     (roundf is off by at most 1/2; x * (1/d) carries two float32 roundings of an x/d <= 127).
+    A block holding a NaN or an infinity gets d = NaN and q = 0: no int8 code can carry it, and a
+    NaN scale makes every product with the block NaN, so the model's output says so.
     """
     blocks = _float_blocks(x)                                      # (..., n_blocks, 32)
-    amax = np.abs(blocks).max(axis=-1)                             # (..., n_blocks)
+    amax = np.abs(blocks).max(axis=-1)                             # (..., n_blocks), NaN if any is
+    finite = np.isfinite(amax)
     d = np.where(amax < ACTIVATION_FLUSH, np.float32(0), amax / np.float32(127))
-    with np.errstate(divide="ignore"):
-        q = _round_half_away(blocks * _reciprocal(d)[..., None]).astype(np.int8)
+    d = np.where(finite, d, np.float32(np.nan))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = _round_half_away(blocks * _reciprocal(d)[..., None])
+    q = np.where(finite[..., None], q, 0).astype(np.int8)
     return _flatten_blocks(q), d

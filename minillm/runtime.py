@@ -29,7 +29,7 @@ from .plan import MAX_PREFILL_CHUNK, MIN_PREFILL_CHUNK, plan_for_cap
 from .registry import resolve_model
 from .streaming import load_streamed
 from .tokenizer import Tokenizer
-from .weights import INT4_TYPES, load_float, load_packed
+from .weights import INT4_TYPES, load_float, load_packed, validate
 
 BITS_CHOICES = (4, 8, 16, 32)
 BACKENDS = ("numba", "numpy")
@@ -134,6 +134,7 @@ def prepare(config: RunConfig, announce=print) -> Prepared:
     meter = warm_up_kernels(config) if config.mem_cap is not None else None
     gguf = GGUFFile(resolve_model(config.model, announce=announce))
     model_config = LlamaConfig.from_metadata(gguf.metadata, gguf.path)
+    validate(gguf, model_config)  # before the plan or the cache is sized by the hyper-parameters
     if config.ctx_size is None:
         config = replace(config, ctx_size=min(DEFAULT_CTX_SIZE, model_config.context_length))
     if config.ctx_size > model_config.context_length:
@@ -143,7 +144,7 @@ def prepare(config: RunConfig, announce=print) -> Prepared:
     check_kv_bits(config.kv_bits, model_config.head_dim)
     if meter is not None:
         plan_for_cap(gguf, model_config, config, meter, tokenizer_built=False)  # refuses a hopeless cap now
-    tokenizer = Tokenizer.from_metadata(gguf.metadata)
+    tokenizer = Tokenizer.from_metadata(gguf.metadata, gguf.path)
     plan = plan_for_cap(gguf, model_config, config, meter) if meter is not None else None
     return Prepared(config, gguf, model_config, tokenizer, meter, plan)
 

@@ -84,6 +84,7 @@ class ReadAhead:
     def __init__(self, reader: FileReader, fill):
         self.reader, self.fill = reader, fill
         self.pending = None  # (item, slot, future): the read running in the background
+        self.misses = 0      # reads done on the caller's thread because none ran ahead for the item
 
     def prefetch(self, item: int, slot: int):
         self.pending = (item, slot, self.reader.thread.submit(self.fill, item, slot))
@@ -95,6 +96,7 @@ class ReadAhead:
             future.result()
             if pending_item == item:
                 return slot
+        self.misses += 1
         self.fill(item, 0)
         return 0
 

@@ -26,16 +26,17 @@ llama.cpp's, and against a `tokenizers` BPE built from the same metadata.
 """
 
 import codecs
+import heapq
 import re
 from functools import cached_property, lru_cache
 
 import numpy as np
-from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import pre_tokenizers
 
+from . import metadata as typed
 from .errors import MinillmError
 from .gguf import join_with_offsets
+from .template import ChatTemplate
 
 CONTROL = 3  # tokenizer.ggml.token_type of special tokens such as <|im_start|> (llama.cpp's LLAMA_TOKEN_TYPE_CONTROL)
 WORD_CACHE = 4096  # words whose merged ids encode remembers (~0.5 MiB when full)
@@ -111,12 +112,6 @@ def _token_bytes_table(tokens) -> tuple[bytes, np.ndarray]:
             return bytes(byte_of[ch] for ch in token)
         return token.encode("utf-8")
     return join_with_offsets(map(token_bytes, tokens), len(tokens))
-
-
-def _required(metadata: dict, key: str):
-    if key not in metadata:
-        raise MinillmError(f"GGUF metadata has no {key}: the file carries no usable tokenizer")
-    return metadata[key]
 
 
 class TokenIndex:
@@ -205,11 +200,6 @@ class MergeTable:
         return np.where(found, self.ranks[at], NO_RULE), self.merged[at]
 
 
-def _raise_template_error(message):
-    """`raise_exception(msg)` for chat templates, as in HF transformers."""
-    raise MinillmError(f"chat template: {message}")
-
-
 class Tokenizer:
     """Byte-level BPE encode/decode and chat rendering for one model."""
 
@@ -237,31 +227,37 @@ class Tokenizer:
         self._word_ids = lru_cache(maxsize=WORD_CACHE)(self._merge_word)
 
     @classmethod
-    def from_metadata(cls, metadata: dict) -> "Tokenizer":
-        """Build the tokenizer from GGUF metadata (`minillm.gguf.GGUFFile(path).metadata`)."""
-        model = metadata.get("tokenizer.ggml.model")
+    def from_metadata(cls, metadata: dict, path="model") -> "Tokenizer":
+        """Build the tokenizer from GGUF metadata (`minillm.gguf.GGUFFile(path).metadata`); `path`
+        names the file in errors. Every key is read through minillm.metadata, which checks its type."""
+        def get(key, default=None):
+            return typed.get(metadata, key, default, path)
+
+        def require(key):
+            return typed.require(metadata, key, path)
+        model = get("tokenizer.ggml.model")
         if model != "gpt2":
             raise MinillmError(f"unsupported tokenizer.ggml.model {model!r}: "
                                "minillm reads only 'gpt2' (byte-level BPE)")
-        tokens = _required(metadata, "tokenizer.ggml.tokens")
-        token_types = _required(metadata, "tokenizer.ggml.token_type")
+        tokens = require("tokenizer.ggml.tokens")
+        token_types = require("tokenizer.ggml.token_type")
         if len(token_types) != len(tokens):
             raise MinillmError(f"tokenizer.ggml.token_type has {len(token_types)} entries for {len(tokens)} tokens")
         index = TokenIndex(tokens)  # only while building
         if index.has_duplicates():
             raise MinillmError("tokenizer.ggml.tokens lists the same token twice")
-        ids = {key: metadata.get(f"tokenizer.ggml.{key}_token_id") for key in ("bos", "eos", "eot")}
+        ids = {key: get(f"tokenizer.ggml.{key}_token_id") for key in ("bos", "eos", "eot")}
         for key, token_id in ids.items():
             if token_id is not None and not 0 <= token_id < len(tokens):
                 raise MinillmError(f"tokenizer.ggml.{key}_token_id {token_id} "
                                    f"is outside the vocabulary of {len(tokens)}")
-        add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
+        add_bos = get("tokenizer.ggml.add_bos_token", False)
         if add_bos and ids["bos"] is None:
             raise MinillmError("tokenizer.ggml.add_bos_token is set but there is no tokenizer.ggml.bos_token_id")
-        merges = MergeTable.from_strings(_required(metadata, "tokenizer.ggml.merges"), index)
+        merges = MergeTable.from_strings(require("tokenizer.ggml.merges"), index)
         byte_char_ids = {ch: i for ch in bytes_to_unicode().values() if (i := index.find(ch)) is not None}
-        return cls(tokens, byte_char_ids, merges, token_types, _required(metadata, "tokenizer.ggml.pre"),
-                   ids["bos"], ids["eos"], ids["eot"], add_bos, metadata.get("tokenizer.chat_template"))
+        return cls(tokens, byte_char_ids, merges, token_types, require("tokenizer.ggml.pre"),
+                   ids["bos"], ids["eos"], ids["eot"], add_bos, get("tokenizer.chat_template"))
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of plain text. Special-token strings in it ("<|im_start|>") are ordinary text.
@@ -287,15 +283,46 @@ class Tokenizer:
 
     def _merge_word(self, word: str) -> tuple[int, ...]:
         """BPE on one word of byte characters: start from one token per character, then join
-        the adjacent pair whose rule ranks first (the leftmost among equals) until no rule applies."""
-        ids = np.array([self._byte_char_ids[ch] for ch in word if ch in self._byte_char_ids], np.int64)  # (n,)
-        while len(ids) > 1:
-            ranks, merged = self._merges.find(ids[:-1], ids[1:])  # (n - 1,) for the pairs (ids[i], ids[i + 1])
-            i = int(np.argmin(ranks))
-            if ranks[i] == NO_RULE:
-                break
-            ids = np.concatenate([ids[:i], merged[i:i + 1], ids[i + 2:]])  # (n - 1,)
-        return tuple(ids.tolist())
+        the adjacent pair whose rule ranks first (the leftmost among equals) until no rule applies.
+
+        The candidate joins wait in a heap ordered by (rank, position), so each join costs
+        O(log n): the ranks of all first pairs are found at once, and a join looks up only the two
+        pairs it makes with its neighbours. A heap entry remembers the two tokens it would join and
+        is skipped once either has changed. (Finding the best pair by scanning the whole word for
+        every join cost O(n) each: a word of 30,000 repeated characters took a minute.)"""
+        ids = [self._byte_char_ids[ch] for ch in word if ch in self._byte_char_ids]  # n tokens, joined in place
+        n = len(ids)
+        if n < 2:
+            return tuple(ids)
+        pairs = np.array(ids, np.int64)
+        ranks, merged = self._merges.find(pairs[:-1], pairs[1:])  # (n - 1,) for the pairs (ids[i], ids[i + 1])
+        heap = [(r, i, ids[i], ids[i + 1], m) for i, (r, m) in enumerate(zip(ranks.tolist(), merged.tolist()))
+                if r != NO_RULE]
+        heapq.heapify(heap)
+        after = list(range(1, n + 1))   # the token after position i (n: none); joined positions drop out
+        before = list(range(-1, n - 1))
+        rules = {}  # (left, right) -> (rank, token): a long word meets the same pairs again and again
+
+        def push(i, left, right):
+            if (left, right) not in rules:
+                r, m = self._merges.find(np.array([left]), np.array([right]))
+                rules[left, right] = int(r[0]), int(m[0])
+            rank, token = rules[left, right]
+            if rank != NO_RULE:
+                heapq.heappush(heap, (rank, i, left, right, token))
+        while heap:
+            _, i, left, right, token = heapq.heappop(heap)
+            j = after[i]
+            if j == n or ids[i] != left or ids[j] != right:  # i was joined into its left neighbour, or j changed
+                continue
+            ids[i], ids[j] = token, -1
+            after[i] = after[j]
+            if after[i] < n:
+                before[after[i]] = i
+                push(i, token, ids[after[i]])
+            if before[i] >= 0:
+                push(before[i], ids[before[i]], token)
+        return tuple(t for t in ids if t >= 0)
 
     def _with_bos(self, ids: list[int]) -> list[int]:
         if self.bos_id is None:
@@ -303,27 +330,19 @@ class Tokenizer:
         return ids if ids[:1] == [self.bos_id] else [self.bos_id, *ids]
 
     @cached_property
-    def _template(self):
-        """The chat template compiled as HF transformers does: sandboxed, trim_blocks, lstrip_blocks."""
+    def _template(self) -> ChatTemplate:
+        """The chat template compiled in minillm.template's bounded sandbox."""
         if self.chat_template is None:
             raise MinillmError("this model has no tokenizer.chat_template in its metadata")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
-        env.globals["raise_exception"] = _raise_template_error
-        try:
-            return env.from_string(self.chat_template)
-        except TemplateError as e:
-            raise MinillmError(f"the model's chat template does not parse: {e}") from None
+        return ChatTemplate(self.chat_template)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The conversation as the model's chat template writes it out."""
+        """The conversation as the model's chat template writes it out (as HF transformers renders
+        it: sandboxed, trim_blocks, lstrip_blocks), within minillm.template's bounds."""
         def token_text(token_id):
             return "" if token_id is None else self._template_tokens[token_id]
-        try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=token_text(self.bos_id), eos_token=token_text(self.eos_id))
-        except TemplateError as e:
-            raise MinillmError(f"chat template failed: {e}") from None
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=token_text(self.bos_id), eos_token=token_text(self.eos_id))
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the rendered conversation: special tokens the template wrote become their

@@ -80,7 +80,13 @@ def expected_shapes(config: LlamaConfig) -> dict:
 
 
 def validate(gguf: GGUFFile, config: LlamaConfig):
-    """Raise GGUFError for a missing tensor, a wrong shape or an unsupported type."""
+    """Raise GGUFError for a missing tensor, a wrong shape or an unsupported type. Call it before
+    anything is sized by the hyper-parameters: once the tensors match them, the file's size bounds them."""
+    needed = 2 + len(LAYER_TENSORS) * config.n_layers  # token_embd, output_norm and the layers'
+    if needed > len(gguf.tensors):
+        # before expected_shapes, which would list every tensor of a block_count of 2^32 - 1
+        raise GGUFError(gguf.path, f"block_count {config.n_layers} needs {needed} tensors, "
+                                   f"the file has {len(gguf.tensors)}")
     shapes = expected_shapes(config)
     if "output.weight" in gguf.tensors:
         shapes["output.weight"] = (config.vocab_size, config.dim)

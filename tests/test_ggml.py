@@ -125,6 +125,57 @@ def test_q8_0_ref_equals_the_gguf_package_on_edge_blocks():
             assert np.array_equal(q8_0_bytes(*quantize_q8_0(block, "ref")), gguf.quants.quantize(block, GT.Q8_0))
 
 
+def test_activation_scales_are_the_float16_values_ggml_multiplies_by():
+    """ggml stores an activation block's scale as float16 (block_q8_0.d; block_q8_1.d and .s) and its
+    dot products multiply by that rounded value, so the quantizers return it rounded: 1/127 is
+    0x2008 = 0.00787353515625, not float32's 0.007874016. The byte comparisons above cannot see
+    this (q8_0_bytes rounds again); the products can (next test)."""
+    x = np.r_[np.float32(1), np.zeros(31, np.float32)]
+    for rounding in ("ref", "x86", "arm"):
+        d, q = quantize_q8_0(x, rounding)
+        assert d.tolist() == [0.00787353515625] and q[0, 0] == 127
+        d, s, q = quantize_q8_1(x, rounding)
+        assert d.tolist() == [0.00787353515625] and s.tolist() == [1.0]
+
+
+def transcribed_vec_dot(w_row: bytes, x_blocks: bytes, ggml_type) -> np.float32:
+    """ggml-cpu/quants.c, the generic vec_dot of one weight row with one activation row, element by
+    element in float32 (np.float32 scalars round as C float): q8_0_q8_0 (lines 451-475), q4_0_q8_0
+    (225-255), q4_1_q8_1 (262-292). The activation blocks are Q8_0 (34 bytes) or Q8_1 (36 bytes)."""
+    f = lambda raw: np.float32(np.frombuffer(raw, np.float16)[0])
+    w_size, x_size = {GT.Q8_0: (34, 34), GT.Q4_0: (18, 34), GT.Q4_1: (20, 36)}[ggml_type]
+    sumf = np.float32(0)
+    for ib in range(len(w_row) // w_size):
+        w, x = w_row[ib * w_size:(ib + 1) * w_size], x_blocks[ib * x_size:(ib + 1) * x_size]
+        qx = np.frombuffer(x[x_size - 32:], np.int8).astype(int)
+        if ggml_type == GT.Q8_0:
+            sumi = int(np.frombuffer(w[2:], np.int8).astype(int) @ qx)
+            sumf = np.float32(sumf + np.float32(sumi) * (f(w[0:2]) * f(x[0:2])))
+        elif ggml_type == GT.Q4_0:
+            codes = np.frombuffer(w[2:], np.uint8).astype(int)
+            sumi = int(((codes & 15) - 8) @ qx[:16] + ((codes >> 4) - 8) @ qx[16:])
+            sumf = np.float32(sumf + np.float32(sumi) * f(w[0:2]) * f(x[0:2]))
+        else:
+            codes = np.frombuffer(w[4:], np.uint8).astype(int)
+            sumi = int((codes & 15) @ qx[:16] + (codes >> 4) @ qx[16:])
+            sumf = np.float32(sumf + ((f(w[0:2]) * f(x[0:2])) * np.float32(sumi) + f(w[2:4]) * f(x[2:4])))
+    return sumf
+
+
+@pytest.mark.parametrize("ggml_type", [GT.Q8_0, GT.Q4_0, GT.Q4_1], ids=lambda t: t.name)
+@pytest.mark.parametrize("rounding", ["ref", "arm"])
+def test_generic_products_equal_the_transcribed_c(ggml_type, rounding):
+    """GGMLLinear with the generic (ref, arm) order against ggml's C loop: bit for bit, so the float16
+    rounding of every scale and the order of every product count."""
+    rng = np.random.default_rng(7)
+    w, x = rng.standard_normal((32, 256)).astype(np.float32), rng.standard_normal(256).astype(np.float32) * 3
+    raw = quant.quantize(w, ggml_type)
+    x_blocks = transcribed_q8(x, rounding, with_sum=ggml_type == GT.Q4_1)
+    want = [transcribed_vec_dot(raw[n].tobytes(), x_blocks, ggml_type) for n in range(len(w))]
+    got = GGMLLinear(QuantLinear(raw, ggml_type, "numpy", 1, "w"), rounding)(x[None])[0]
+    assert got.view(np.uint32).tolist() == np.array(want, np.float32).view(np.uint32).tolist()
+
+
 # ---------------------------------------------------------------------------------------------
 # Integer block sums and the products built on them
 

@@ -114,6 +114,47 @@ def test_quantize_matches_gguf_on_edge_rows(ggml_type, row):
     assert np.array_equal(quant.quantize(w, ggml_type), gguf_quantize(w, ggml_type))
 
 
+# Golden blocks on exact halves. Random floats almost never land on a half once scaled, so only
+# blocks made for it tell ggml's rounding from another: each block's extreme makes its scale
+# exactly 1 (Q8_0: amax 127 -> d = 127 / 127; Q4_0: extreme -8 -> d = -8 / -8; Q4_1: range 0..15
+# -> d = 15 / 15), so x * (1 / d) is x itself, a half. The codes are written out from ggml's C:
+#   Q8_0  roundf(x * id)                        halves away from zero: 2.5 -> 3, -2.5 -> -3
+#   Q4_0  MIN(15, (int8_t)(x * id + 8.5f))      truncation after + 8.5: halves up: -0.5 -> 8, 0.5 -> 9
+#   Q4_1  MIN(15, (int8_t)((x - min) * id + 0.5f))  halves up: 0.5 -> 1, 2.5 -> 3
+# Rounding halves to even would give 2, -2 / 8, 8 / 0, 2 instead.
+Q8_0_HALVES = np.array([127.0, 126.5] + [s * (k + 0.5) for k in range(15) for s in (1, -1)], np.float32)
+Q8_0_HALVES_CODES = [127, 127] + [s * (k + 1) for k in range(15) for s in (1, -1)]
+Q4_0_HALVES = np.array([-8.0, 7.5] + [s * (k + 0.5) for k in range(7) for s in (1, -1)] + [0.0] * 16, np.float32)
+Q4_0_HALVES_CODES = [0, 15] + [c for k in range(7) for c in (9 + k, 8 - k)] + [8] * 16
+Q4_1_HALVES = np.array([0.0, 15.0] + [k + 0.5 for k in range(15)] + [15.0] * 15, np.float32)
+Q4_1_HALVES_CODES = [0, 15] + [k + 1 for k in range(15)] + [15] * 15
+ONE_F16 = [0x00, 0x3C]  # 1.0 as float16, little-endian
+
+
+def nibbles(codes) -> list:
+    """32 codes packed as ggml packs them: code j in the low nibble of byte j, code j + 16 in the high."""
+    return [codes[j] | codes[j + 16] << 4 for j in range(16)]
+
+
+@pytest.mark.parametrize("ggml_type, x, block", [
+    (Q.Q8_0, Q8_0_HALVES, ONE_F16 + [c & 0xFF for c in Q8_0_HALVES_CODES]),
+    (Q.Q4_0, Q4_0_HALVES, ONE_F16 + nibbles(Q4_0_HALVES_CODES)),
+    (Q.Q4_1, Q4_1_HALVES, ONE_F16 + [0, 0] + nibbles(Q4_1_HALVES_CODES)),
+], ids=["Q8_0", "Q4_0", "Q4_1"])
+def test_quantize_golden_blocks_on_exact_halves(ggml_type, x, block):
+    assert quant.quantize(x[None, :], ggml_type).tolist() == [block]
+    assert gguf_quantize(x[None, :], ggml_type).tolist() == [block]  # and gguf agrees with the C
+
+
+def test_activation_golden_block_on_exact_halves():
+    """The int8 activation quantizer (reference and kernel) rounds as roundf: halves away from zero."""
+    want_q, want_d = quant.quantize_activation(Q8_0_HALVES)
+    assert want_q.tolist() == Q8_0_HALVES_CODES and want_d.tolist() == [1.0]
+    q, d = np.empty(32, np.int8), np.empty(1, np.float32)
+    activations.quantize_activation(Q8_0_HALVES, q, d)
+    assert q.tolist() == Q8_0_HALVES_CODES and d.tolist() == [1.0]
+
+
 @pytest.mark.parametrize("ggml_type", BLOCK_TYPES, ids=lambda t: t.name)
 def test_quantize_rejects_rows_of_partial_blocks(ggml_type):
     with pytest.raises(MinillmError, match="multiple of 32"):
@@ -165,6 +206,33 @@ def test_activation_blocks_at_the_flush_level():
     assert np.array_equal(d > 0, [True, False, False, True])
     want_q, want_d = quant.quantize_activation(x)
     assert np.array_equal(q, want_q) and np.array_equal(d, want_d)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_block_is_never_quantized(bad):
+    """A NaN or an infinity has no int8 code: its block gets scale NaN and codes 0, in the
+    reference and the kernel alike; the other blocks are quantized as if it were not there."""
+    x = np.linspace(-3, 3, 96, dtype=np.float32)
+    x[40] = bad
+    want_q, want_d = quant.quantize_activation(x)
+    assert np.isnan(want_d[1]) and not want_q[32:64].any()
+    clean_q, clean_d = quant.quantize_activation(np.delete(x, np.s_[32:64]))
+    assert np.array_equal(np.delete(want_q, np.s_[32:64]), clean_q) and np.array_equal(want_d[[0, 2]], clean_d)
+    q, d = np.empty(96, np.int8), np.empty(3, np.float32)
+    activations.quantize_activation(x, q, d)
+    assert np.array_equal(q, want_q) and np.array_equal(d, want_d, equal_nan=True)
+
+
+@pytest.mark.parametrize("ggml_type", BLOCK_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_matvec_of_a_non_finite_activation_is_nan(ggml_type, bad):
+    """The NaN scale reaches every output, so a run ends in "non-finite logits" as with float32
+    weights, instead of going on from finite logits of a NaN hidden state."""
+    w = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
+    x = np.ones(64, np.float32)
+    x[3] = bad
+    out = PackedRows(quant.quantize(w, ggml_type), ggml_type.name).matvec(x, 1)
+    assert np.isnan(out).all()
 
 
 # --- dequantize kernels (the prefill tiles) ------------------------------------------------------

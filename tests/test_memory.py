@@ -71,7 +71,7 @@ def test_plan_streams_more_as_the_cap_shrinks(smollm2_path):
             plan = plan_memory(index, run, cap)
         except MinillmError:
             break
-        assert plan.total <= cap
+        assert plan.fits and plan.total < cap
         streamed.append((-plan.layout.kv_bits, plan.layout.streamed_bytes(index)))
     assert streamed == sorted(streamed)
     assert streamed[0] == (-32, 0) and streamed[-1] == (-8, packed_bytes(index))
@@ -93,6 +93,21 @@ def test_tiny_streamed_logits_are_bit_identical_to_resident(tiny_q4_path):
     for layout in [Layout(0, True, 32, 64), Layout(1, False, 32, 64), Layout(2, True, 32, 64)]:
         streamed = load_streamed(rt.gguf, rt.model.config, layout, "numba", 1)
         assert_same_logits(rt, streamed, ids, steps=4)
+
+
+@pytest.mark.parametrize("layout", [Layout(0, True, 32, 64), Layout(1, True, 32, 64)], ids=["all streamed", "one resident"])
+def test_every_streamed_read_but_the_first_runs_ahead(tiny_q4_path, layout):
+    """The reader fetches each streamed layer while the one before computes, and after the last
+    layer the first streamed one, for the next token: over three forward passes only the very
+    first read waits on the caller's thread. (The LM head's chunks wrap round the same way.)"""
+    from minillm.model import Llama
+    rt = load(RunConfig(model=str(tiny_q4_path), ctx_size=64), announce=lambda _: None)
+    weights = load_streamed(rt.gguf, rt.model.config, layout, "numba", 1)
+    model, cache = Llama(rt.model.config, weights, attention=rt.model.attention_fn), rt.new_cache()
+    for ids in ([5, 70, 71], [3], [9]):
+        model.forward(ids, cache)
+    assert weights.layers.read_ahead.misses == 1
+    assert weights.embedding.read_ahead.misses == 1
 
 
 @pytest.mark.weights
@@ -135,7 +150,7 @@ def test_measured_peak_stays_under_the_cap_and_near_the_plan(smollm2_path, fract
     m = out["memory"]
     assert m["peak_was_reset"]
     peak, plan = m["peak_above_baseline_mib"] * MiB, m["plan"]["total_mib"] * MiB
-    assert peak <= cap
+    assert peak <= cap, m
     assert abs(plan - peak) <= max(0.05 * peak, 2 * MiB), m
     assert "memory plan for --mem-cap" in err and "baseline of" in err
 
@@ -169,6 +184,11 @@ def test_numpy_backend_stays_under_the_cap(smollm2_path):
     assert out["memory"]["peak_above_baseline_mib"] * MiB <= cap
 
 
+# Each answer ("The capital of France is Paris.", "... Italy is Rome.") leads the next best token by at
+# least 1.4 logits at --bits 4 at every step: no near-tie for int8 rounding or streaming to flip.
+QUESTIONS = "What is the capital of France? Answer in one sentence.\nWhat is the capital of Italy? Answer in one sentence.\n"
+
+
 @pytest.mark.weights
 def test_chat_under_a_quarter_of_the_weights_answers_and_reports_its_peak(smollm2_path):
     """Two turns of `chat` at 25% of the packed weights: both answered, the peak printed at exit
@@ -176,10 +196,10 @@ def test_chat_under_a_quarter_of_the_weights_answers_and_reports_its_peak(smollm
     index, _ = smollm2_inputs(smollm2_path)
     cap = int(0.25 * packed_bytes(index))
     done = subprocess.run([sys.executable, "-m", "minillm", "chat", "-m", str(smollm2_path), "-c", "256", "--temp", "0",
-                           "-n", "24", "--mem-cap", f"{cap}B"], input="What is the capital of France?\nAnd of Italy?\n",
+                           "-n", "24", "--mem-cap", f"{cap}B"], input=QUESTIONS,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "Paris" in done.stdout and "Rome" in done.stdout
+    assert "The capital of France is Paris." in done.stdout and "The capital of Italy is Rome." in done.stdout
     peak = re.search(r"memory: peak ([0-9.]+) MiB above the baseline", done.stderr)
     assert peak and float(peak.group(1)) * MiB <= cap
 
@@ -319,10 +339,10 @@ def test_info_plans_what_the_run_follows(tiny_q4_path):
 
 
 @pytest.mark.weights
-@pytest.mark.parametrize("cap, flags", [("18MiB", ["-c", "256"]), ("64MiB", []), ("24MiB", ["-c", "256"])])
+@pytest.mark.parametrize("cap, flags", [("20MiB", ["-c", "256"]), ("64MiB", []), ("24MiB", ["-c", "256"])])
 def test_info_plans_what_the_run_follows_on_smollm2(smollm2_path, cap, flags):
-    """The issue's cases: at 18 MiB with -c 256 info refused (it measured the tokenizer without the
-    warm-up a run does first, 1.8 MiB more) while generate ran; at 64 MiB they chose different layouts.
+    """The issue's cases: just above the minimum with -c 256 (then 18 MiB) info refused (it measured the
+    tokenizer without the warm-up a run does first, 1.8 MiB more) while generate ran; at 64 MiB they chose different layouts.
     (A cap within about 0.2 MiB of a layout's total may still go either way: the tokenizer's bytes are
     measured in each process, and info says so.)"""
     assert_same_plan(*printed_plans(smollm2_path, cap, *flags))

@@ -41,8 +41,9 @@ def other_file(path) -> dict:
     from ..errors import MinillmError
     from ..gguf import GGUFFile
     try:
+        from ..metadata import get
         metadata = GGUFFile(path).metadata
-        license_, description = metadata.get("general.license"), metadata.get("general.name", "")
+        license_, description = get(metadata, "general.license", path=path), get(metadata, "general.name", "", path)
     except MinillmError as err:
         license_, description = None, f"unreadable: {err}"
     return {"name": path.name, "default": False, "file": path.name, "size_mib": path.stat().st_size / MiB,
