@@ -24,6 +24,7 @@ import numpy as np
 
 from .errors import GGUFError, MinillmError
 from .gguf import GGUFFile
+from .metadata import get
 from .weights import LAYER_TENSORS, dequantized, expected_shapes
 
 
@@ -68,7 +69,7 @@ def read_adapter(path) -> Adapter:
     """An adapter file, checked for what llama.cpp requires of it; GGUFError otherwise."""
     f = GGUFFile(path)
     meta = f.metadata
-    if meta.get("general.type") != "adapter" or meta.get("adapter.type") != "lora":
+    if get(meta, "general.type", path=f.path) != "adapter" or get(meta, "adapter.type", path=f.path) != "lora":
         raise GGUFError(f.path, "not a LoRA adapter (general.type must be 'adapter' and adapter.type 'lora')")
     pairs = {}
     for name in f.tensors:
@@ -82,8 +83,8 @@ def read_adapter(path) -> Adapter:
         a, b = ab["lora_a"], ab["lora_b"]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
             raise GGUFError(f.path, f"{base}: lora_a {a.shape} and lora_b {b.shape} do not share a rank")
-    alpha = float(meta.get("adapter.lora.alpha", 0.0))
-    return Adapter(meta.get("general.architecture"), alpha,
+    alpha = float(get(meta, "adapter.lora.alpha", 0.0, f.path))
+    return Adapter(get(meta, "general.architecture", path=f.path), alpha,
                    {base: (ab["lora_a"], ab["lora_b"]) for base, ab in pairs.items()})
 
 

@@ -194,6 +194,28 @@ def test_an_adapter_for_another_models_shapes_is_refused(tiny_q4_path, adapted, 
                           "--lora", "--mem-cap")
 
 
+@pytest.mark.parametrize("key, value, words", [
+    ("adapter.lora.alpha", "sixteen", ["adapter.lora.alpha is a STRING, expected a FLOAT"]),
+    ("adapter.type", 7, ["adapter.type is an INTEGER, expected a STRING"]),
+])
+def test_an_adapter_with_mistyped_metadata_is_a_one_line_error(tiny_q4_path, tmp_path, key, value, words):
+    import gguf
+    writer = gguf.GGUFWriter(str(tmp_path / "bad.gguf"), "llama")
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    metadata = {"adapter.type": "lora", "adapter.lora.alpha": 8.0, key: value}
+    for name, v in metadata.items():
+        vtype = {str: gguf.GGUFValueType.STRING, int: gguf.GGUFValueType.UINT32, float: gguf.GGUFValueType.FLOAT32}
+        writer.add_key_value(name, v, vtype[type(v)])
+    writer.add_tensor("blk.0.attn_q.weight.lora_a", np.zeros((4, 64), np.float32))
+    writer.add_tensor("blk.0.attn_q.weight.lora_b", np.zeros((64, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert_one_line_error(minillm("generate", "hi", "--model", tiny_q4_path, "--lora", tmp_path / "bad.gguf"), 1,
+                          *words)
+
+
 def test_an_adapter_for_a_weight_the_model_lacks_is_refused(tiny_q4_path, adapted):
     from minillm.adapter import check_fits
     from minillm.weights import expected_shapes
