@@ -287,7 +287,7 @@ assert best["kl"] < runs["the text only"][1]["kl"]
 # blocks' weights have enough freedom to take most of it over. The teacher's distribution tells
 # them exactly what to aim for at every position: on the same steps it brings the student far closer
 # to the teacher than the text does. (The text alone can even lower the perplexity below the
-# teacher's, which 150 steps left undertrained, while moving away from the teacher.) The top-16
+# teacher's, which 150 steps left undertrained, while staying further from the teacher.) The top-16
 # student shows the cost of saving memory: the tail of the distribution it never sees is part of
 # the KL. With SmolLM2's peaked distributions the top 64 tokens carry most of the mass.
 #
