@@ -289,7 +289,8 @@ assert best["kl"] < runs["the text only"][1]["kl"]
 # to the teacher than the text does. (The text alone can even lower the perplexity below the
 # teacher's, which 150 steps left undertrained, while staying further from the teacher.) The top-16
 # student shows the cost of saving memory: the tail of the distribution it never sees is part of
-# the KL. With SmolLM2's peaked distributions the top 64 tokens carry most of the mass.
+# the KL. SmolLM2's distributions are more peaked: on 512 tokens of Alice its top 64 tokens carry
+# 90% of the probability on average (median 94%; its top 16, 80%).
 #
 # ## 6. What the cut saves
 #
