@@ -44,7 +44,7 @@ def curve(model_path, ctx: int, calib_tokens: int, held_tokens: int, threads: in
     from minillm.train.data import text_windows
     from minillm.train.evaluate import HeldOut
     from minillm.train.importance import calibrate, frozen_model
-    from minillm.train.llama import float_arrays, inference_model
+    from minillm.train.model import float_arrays, inference_model
     from minillm.train.prune import UNSTRUCTURED, structured, unstructured
     gguf = GGUFFile(model_path)
     config, arrays = float_arrays(gguf)

@@ -1,12 +1,13 @@
 """Activations as int8 blocks, laid out to meet the packed weights one 16-bit word at a time.
 
-The matvec kernels never turn weights into floats. They multiply the weights' integer codes by an
-int8 copy of the activation x (ggml does the same with its Q8_0/Q8_1 "vec_dot" types):
+The matvec kernels of the 32-weight formats never turn weights into floats. They multiply the
+weights' integer codes by an int8 copy of the activation x (ggml does the same with its Q8_0/Q8_1
+"vec_dot" types):
 
     x[32 b + e]  ~  d[b] * q[32 b + e]        q: int8, d: float32, one scale per block of 32
 
 so a block's dot product is one integer sum times two scales. Reference:
-`minillm.quant.quantize_activation`, which `quantize_activation` here equals bit for bit.
+`minillm.formats.activation.Int8Blocks.codes`, which `quantize_activation` here equals bit for bit.
 
 The second step is a layout. A kernel reads a weight row as 16-bit words (two bytes: two int8
 values, or four 4-bit codes) and multiplies each word by the activations that belong to it:
@@ -21,6 +22,8 @@ of its words' p. The layouts cost K bytes per matvec, nothing per weight.
 Kernels here are serial: they touch K values, the weights are K times more.
 """
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ._jit import jit, jit_inline
@@ -30,9 +33,26 @@ from ._jit import jit, jit_inline
 F16_TO_F32 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
 F16_TO_F32.flags.writeable = False
 
-# Equal to minillm.quant.ACTIVATION_FLUSH (kernels import only NumPy and Numba): below this block
+# Equal to minillm.formats.activation.FLUSH (kernels import only NumPy and Numba): below this block
 # maximum, amax / 127 would be subnormal and 1 / d would overflow, so the block is stored as zeros.
 ACTIVATION_FLUSH = np.float32(127 * 2.0**-126)
+
+
+@dataclass
+class Int8Activation:
+    """One quantized activation and its layout: what a matvec of the 32-weight formats reads."""
+    q: np.ndarray       # (K,) int8
+    d: np.ndarray       # (K // 32,) float32 scales
+    sums: np.ndarray    # (K // 32,) int32 sums of q per block (for the formats with an offset)
+    xa: np.ndarray      # (values per word, words per row) int8, laid out per weight word
+
+
+def int8_activation(n_cols: int, values_per_word: int = 0, words_per_block: int = 0) -> Int8Activation:
+    """Buffers for one activation of n_cols values, laid out for rows of `words_per_block` 16-bit
+    words per block (none by default)."""
+    nb = n_cols // 32
+    return Int8Activation(q=np.empty(n_cols, np.int8), d=np.empty(nb, np.float32), sums=np.empty(nb, np.int32),
+                          xa=np.empty((values_per_word, words_per_block * nb), np.int8))
 
 
 def _round_half_away(v):
@@ -117,3 +137,17 @@ def _activation_for_q4(x, q, d, qsum, xa, header_words):
 
 
 activation_for_q4 = jit(_activation_for_q4)
+
+
+def _activation_with_sums(x, q, d, sums):
+    """Quantize x as `quantize_activation` does and add up each block's codes: sums (K // 32,) i32,
+    for kernels that read the codes in place (Q5_0, Q5_1) and need no layout."""
+    quantize_activation(x, q, d)
+    for b in range(d.shape[0]):
+        total = 0
+        for e in range(32):
+            total += int(q[32 * b + e])      # int(): plain NumPy would add in int8 and wrap
+        sums[b] = total
+
+
+activation_with_sums = jit(_activation_with_sums)

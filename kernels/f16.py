@@ -13,15 +13,18 @@ multiplying by 2^112 is exact, for subnormal float16 values too (they become sub
 values first, with every bit kept). Infinity and NaN (exponent 31) get float32's all-ones
 exponent instead, so they stay what they are.
 
-Reference: `minillm.quant.dequantize_f16` (NumPy's float16 -> float32 cast), which
-`widen_f16_rows` equals bit for bit; float64 `dequantize_f16(W) @ x` for `matvec_rows_f16`,
+Reference: `minillm.formats.F16.dequantize` (NumPy's float16 -> float32 cast), which
+`widen_f16_rows` equals bit for bit; float64 `F16.dequantize(W) @ x` for `matvec_rows_f16`,
 within `tests/bounds.tile_bound` (exact weights, a float32 sum of K products in any order, with or
 without FMA: the dot product is the one place compiled with reassociation allowed).
 """
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ._jit import jit, jit_any_order_sum, jit_inline
+from .rows import Rows, read_only, scratch_rows
 
 F16_EXPONENT_GAP = np.float32(2.0**112)   # 2^(127 - 15)
 
@@ -84,3 +87,34 @@ def _matvec_rows_f16(w16, x, out, bits, first, stop):
 
 
 matvec_rows_f16 = jit(_matvec_rows_f16)
+
+
+@dataclass
+class FloatActivation:
+    """The activation of a float16 matvec: x itself, not quantized."""
+    x: np.ndarray = None     # (K,) float32
+
+
+class F16Rows(Rows):
+    """float16 rows for the kernels above: (N, K) 16-bit words (minillm.kernels.rows)."""
+
+    block_size, type_size = 1, 2
+
+    def __init__(self, raw):
+        super().__init__(raw)
+        self.w16 = read_only(raw.view(np.uint16))                # (N, K) float16 bits, same bytes
+
+    def new_activation(self):
+        return FloatActivation()
+
+    def quantize(self, x, act):
+        act.x = x
+
+    def new_scratch(self, parts):
+        return scratch_rows(parts, self.n_cols, np.int32)       # one widened row per thread
+
+    def matvec_rows(self, act, bits, out, first, stop):
+        matvec_rows_f16(self.w16, act.x, out, bits, first, stop)
+
+    def dequantize_rows(self, start, stop, out):
+        widen_f16_rows(self.w16[start:stop], out)

@@ -6,14 +6,17 @@ views of the same bytes: `w16` as 17 little-endian 16-bit words per block, `w8` 
     word 17 b          d, the block's float16 scale
     word 17 b + t      weights 2 (t - 1) (low byte) and 2 (t - 1) + 1 (high byte), t = 1..16
 
-NumPy references (minillm.quant): `dequantize_q8_0` for `dequantize_rows_q8_0` (bit-identical);
-float64 `dequantize_q8_0(W) @ x` for `matvec_rows_q8_0`, within the bound `tests/bounds.py` derives
-(the kernel multiplies by the int8 activation of `quantize_activation`, then adds in float32).
+NumPy references (minillm.formats.q8_0): `Q8_0.dequantize` for `dequantize_rows_q8_0`
+(bit-identical); float64 `Q8_0.dequantize(W) @ x` for `matvec_rows_q8_0`, within the bound
+`tests/bounds.py` derives (the kernel multiplies by the int8 activation of `quantize_activation`,
+then adds in float32: `Q8_0.matvec_terms` lists those float32 terms).
 """
 
 import numpy as np
 
 from ._jit import jit, jit_inline
+from .activations import F16_TO_F32, activation_for_q8_0, int8_activation
+from .rows import Rows, read_only, scratch_rows
 
 
 def _pair_products(w8_row, xa, p):
@@ -64,7 +67,7 @@ matvec_rows_q8_0 = jit(_matvec_rows_q8_0)
 
 
 def _dequantize_rows_q8_0(w16, w8, f16, out):
-    """out = the rows as float32, bit-identical to `minillm.quant.dequantize_q8_0`.
+    """out = the rows as float32, bit-identical to `minillm.formats.Q8_0.dequantize`.
 
     w16: (R, 17 * nb) u16 and w8: (R, 34 * nb) i8 views of the same rows; out: (R, 32 * nb) f32.
     Serial: the prefill path hands each tile to BLAS, whose threads would contend with Numba's.
@@ -78,3 +81,29 @@ def _dequantize_rows_q8_0(w16, w8, f16, out):
 
 
 dequantize_rows_q8_0 = jit(_dequantize_rows_q8_0)
+
+
+class Q8_0Rows(Rows):
+    """Q8_0 rows for the kernels above: 34-byte blocks read as 17 words and as int8 (minillm.kernels.rows)."""
+
+    type_size = 34
+
+    def __init__(self, raw):
+        super().__init__(raw)
+        self.w16 = read_only(raw.view(np.uint16))                # (N, 17 nb), same bytes
+        self.w8 = read_only(raw.view(np.int8))                   # (N, 34 nb), same bytes
+
+    def new_activation(self):
+        return int8_activation(self.n_cols, values_per_word=2, words_per_block=17)
+
+    def quantize(self, x, act):
+        activation_for_q8_0(x, act.q, act.d, act.xa)
+
+    def new_scratch(self, parts):
+        return scratch_rows(parts, 17 * self.n_blocks, np.int16)
+
+    def matvec_rows(self, act, p, out, first, stop):
+        matvec_rows_q8_0(self.w16, self.w8, act.xa, act.d, F16_TO_F32, out, p, first, stop)
+
+    def dequantize_rows(self, start, stop, out):
+        dequantize_rows_q8_0(self.w16[start:stop], self.w8[start:stop], F16_TO_F32, out)

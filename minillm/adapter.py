@@ -8,7 +8,7 @@ A LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") le
 rank * (in + out) numbers instead of in * out: for SmolLM2's 576 x 576 attn_q at rank 8, 9,216
 numbers instead of 331,776. So the base stays packed (Q4_1 blocks as stored) and only A and B are
 float32; `minillm finetune` trains them and writes the file (minillm.train.lora), `--lora ADAPTER`
-applies them (read_adapter, apply_adapter).
+applies them (read_adapter, AdapterSource: the loader builds the model with them).
 
 The file is llama.cpp's (src/llama-adapter.cpp, convert_lora_to_gguf.py): a GGUF with
 `general.type = "adapter"`, `general.architecture` of the base, `adapter.type = "lora"` and
@@ -21,35 +21,41 @@ factor, 1 here), and scale = 1 when alpha is 0; so does `Adapter.scale`.
 from dataclasses import dataclass
 
 import numpy as np
+from gguf import GGMLQuantizationType
 
 from .errors import GGUFError, MinillmError
 from .gguf import GGUFFile
+from .linear import FloatLinear, QuantLinear
 from .metadata import get
-from .weights import LAYER_TENSORS, dequantized, expected_shapes
-
-
-def float_product(x: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """x M^T by BLAS. x: (T, K), m: (N, K) -> (T, N)"""
-    return x @ m.T
+from .weights import dequantized, expected_shapes
 
 
 class LoraLinear:
     """y = base(x) + scale * (x A^T) B^T, with `base` the loader's linear (packed or float), untouched.
-    x: (T, in_features) -> (T, out_features) float32. The two thin products are `product(x, M)`:
-    BLAS, or in --mode ggml ggml's own float32 dot products (minillm.modes.ggml.ggml_f32_product),
-    in llama.cpp's order: B (A x), scaled, then added (llama-graph.cpp build_lora_mm)."""
+    x: (T, in_features) -> (T, out_features). `factor` makes the linears of A and B: FloatLinear
+    (BLAS, in A's and B's dtype: training, minillm.train.lora), or as the compute mode multiplies
+    any F32 weight (`mode_factor`: float32, float64 for the oracle, ggml_vec_dot_f32's order in
+    --mode ggml), in llama.cpp's order: B (A x), scaled, then added (llama-graph.cpp build_lora_mm).
+    Both read A and B in place, so a trainer that updates them changes what this computes."""
 
-    def __init__(self, base, a: np.ndarray, b: np.ndarray, scale: float, name: str, product=float_product):
-        self.base, self.a, self.b, self.scale, self.name, self.product = base, a, b, scale, name, product
+    def __init__(self, base, a: np.ndarray, b: np.ndarray, scale: float, name: str, factor=FloatLinear):
+        self.base, self.a, self.b, self.scale, self.name = base, a, b, scale, name
+        self.down, self.up = factor(a), factor(b)                       # in_features -> rank -> out_features
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         y = self.base(x)
-        y += self.scale * self.product(self.product(x, self.a), self.b)   # (T, rank) first
+        y += self.scale * self.up(self.down(x))                           # (T, rank) first
         return y
 
     @property
     def nbytes(self) -> int:
         return self.base.nbytes + self.a.nbytes + self.b.nbytes
+
+
+def mode_factor(ops):
+    """A LoRA factor (a float32 matrix (N, K)) as the compute mode `ops` multiplies an F32 tensor:
+    the F32 format's packed rows (a view of the same memory) handed to `ops.linear`."""
+    return lambda m: ops.linear(QuantLinear(m.view(np.uint8), GGMLQuantizationType.F32, backend="numpy", name="lora"))
 
 
 @dataclass
@@ -102,20 +108,30 @@ def check_fits(adapter: Adapter, architecture: str, shapes: dict, path="adapter"
                                f"{b.shape[0]} x {a.shape[1]} (an adapter for another model?)")
 
 
-def apply_adapter(weights, adapter: Adapter, layer_fields: dict = LAYER_TENSORS, product=float_product):
-    """Wrap each adapted linear of `weights` (minillm.weights.ModelWeights, changed in place) in a
-    LoraLinear whose thin products are `product`. `layer_fields` maps a GGUF name inside a block to its field."""
-    for name, (a, b) in adapter.pairs.items():
-        _, layer, tensor = name.split(".", 2)
-        w = weights.layers[int(layer)]
-        field = layer_fields[tensor]
-        setattr(w, field, LoraLinear(getattr(w, field), a, b, adapter.scale(name), name, product))
-    return weights
+class AdapterSource:
+    """A weight source of the loader (minillm.weights) with an adapter's LoRA added to the matrices
+    it names: every other tensor comes from `source` as it would without the adapter."""
+
+    def __init__(self, source, adapter: Adapter, ops):
+        self.source, self.adapter, self.ops = source, adapter, ops
+
+    def vector(self, name: str) -> np.ndarray:
+        return self.source.vector(name)
+
+    def embedding(self, name: str):
+        return self.source.embedding(name)
+
+    def matrix(self, name: str):
+        base = self.source.matrix(name)
+        if name not in self.adapter.pairs:
+            return base
+        a, b = self.adapter.pairs[name]
+        return LoraLinear(base, a, b, self.adapter.scale(name), name, mode_factor(self.ops))
 
 
-def load_adapter(path, weights, gguf, config, product=float_product):
-    """The adapter file at `path`, checked against the model (an open GGUFFile and its config) and
-    applied to its weights (minillm.weights.ModelWeights), its products computed by `product`."""
+def adapted_source(path, source, gguf, config, ops) -> AdapterSource:
+    """The adapter file at `path`, checked against the model (an open GGUFFile and its config), over
+    the weight source the model is loaded from; its products are those of `ops` (the compute mode)."""
     adapter = read_adapter(path)
     check_fits(adapter, gguf.metadata.get("general.architecture"), expected_shapes(config), path)
-    return apply_adapter(weights, adapter, LAYER_TENSORS, product)
+    return AdapterSource(source, adapter, ops)

@@ -8,12 +8,12 @@ from collections import defaultdict
 
 import numpy as np
 
+from . import arch
 from . import metadata as typed
-from .config import LlamaConfig
+from .formats import row_bytes
 from .gguf import GGUFFile
 from .kvcache import kv_cache_bytes, ring_rows
-from .quant import row_bytes
-from .weights import storage_type, validate
+from .weights import held_types, validate
 
 MiB = 1 << 20
 SHOWN_KEYS = ("general.name", "general.architecture", "general.license", "general.file_type",
@@ -36,10 +36,9 @@ def type_summary(gguf: GGUFFile) -> dict:
 def loaded_bytes(gguf: GGUFFile, bits: int, int4: str = "asym") -> int:
     """Bytes the weights take once loaded with --bits: each tensor in the format storage_type picks
     (for a Q4 file at --bits 4 that is the file's own bytes, mapped, not copied)."""
-    tied = "output.weight" not in gguf.tensors
     total = 0
-    for name, info in gguf.tensors.items():
-        target = storage_type(info, bits, int4, tied_head=tied and name == "token_embd.weight")
+    for name, target in held_types(gguf, arch.read_config(gguf.metadata, gguf.path), bits, int4).items():
+        info = gguf.tensors[name]
         total += info.n_elements // info.shape[-1] * row_bytes(target, info.shape[-1])
     return total
 
@@ -51,9 +50,11 @@ def mean_keys_per_query(pattern, n: int) -> float:
     return seen / n
 
 
-def attention_facts(pattern, n: int) -> dict:
+def attention_facts(pattern, spec, n_layers: int, n: int) -> dict:
+    """One distinct pattern of `spec`: its layers, the positions their caches hold, its block layout."""
     layout = pattern.layout(n)
-    return {"pattern": pattern.name, "block_size": layout.block, "positions": n, "summary": layout.summary(),
+    return {"pattern": pattern.name, "layers": [i for i in range(n_layers) if spec.pattern(i) == pattern],
+            "cached_positions": ring_rows(pattern, n), "block_size": layout.block, "positions": n, "summary": layout.summary(),
             "blocks": layout.n_blocks ** 2, "blocks_computed": int(layout.active.sum()),
             "blocks_full": int(layout.full.sum()), "share_of_causal": layout.share_of_causal,
             "mean_keys_per_query": mean_keys_per_query(pattern, n)}
@@ -61,7 +62,7 @@ def attention_facts(pattern, n: int) -> dict:
 
 def describe(gguf: GGUFFile, config) -> dict:
     """The facts `info` prints for a file and a RunConfig whose defaults are resolved (minillm.runtime.prepare)."""
-    model_config = LlamaConfig.from_metadata(gguf.metadata, gguf.path)
+    model_config = arch.read_config(gguf.metadata, gguf.path)
     validate(gguf, model_config)
     spec, ctx = config.attention_spec(), config.ctx_size
     types = type_summary(gguf)
@@ -82,7 +83,8 @@ def describe(gguf: GGUFFile, config) -> dict:
         "kv_cache_mib": kv_cache_bytes(model_config, ctx, spec, config.kv_bits) / MiB,
         "kv_cache_type": KV_TYPES[config.kv_bits],
         "ring_buffers": all(ring_rows(p, ctx) < ctx for p in spec.patterns),
-        "attention": [attention_facts(p, ctx) for p in dict.fromkeys(spec.patterns)],  # each distinct one once
+        "attention": [attention_facts(p, spec, model_config.n_layers, ctx)
+                      for p in dict.fromkeys(spec.patterns)],  # each distinct one once
     }
 
 
@@ -92,7 +94,7 @@ def format_description(facts: dict, config) -> str:
     lines += [f"{key:<22} {value}" for key, value in facts["metadata"].items()]
     lines.append(f"{'vocabulary':<22} {facts['vocabulary_tokens']} tokens, "
                  f"chat template: {'yes' if facts['chat_template'] else 'no'}")
-    lines += ["", "hyper-parameters"] + [f"  {name:<16} {value}" for name, value in facts["hyper_parameters"].items()]
+    lines += ["", "hyper-parameters"] + [f"  {name:<16} {shown(value)}" for name, value in facts["hyper_parameters"].items()]
     lines += ["", f"{'type':<6} {'tensors':>8} {'parameters':>14} {'stored MiB':>11}"]
     for name, t in facts["tensor_types"].items():
         lines.append(f"{name:<6} {t['tensors']:>8} {t['parameters']:>14,} {t['stored_mib']:>11.1f}")
@@ -105,9 +107,17 @@ def format_description(facts: dict, config) -> str:
     if facts["ring_buffers"]:
         lines.append("               ring buffers: generation can continue past --ctx-size")
     for a in facts["attention"]:
-        lines.append(f"attention      {a['summary']}; a query sees {a['mean_keys_per_query']:.1f} keys on average "
-                     f"(dense: {(a['positions'] + 1) / 2:.1f})")
+        lines.append(f"attention      {len(a['layers'])} of {facts['hyper_parameters']['n_layers']} layers cache "
+                     f"{a['cached_positions']} positions each: {a['summary']}; a query sees "
+                     f"{a['mean_keys_per_query']:.1f} keys on average (dense: {(a['positions'] + 1) / 2:.1f})")
     return "\n".join(lines)
+
+
+def shown(value) -> str:
+    """A hyper-parameter as text; a flag per layer (Gemma 3's local_layers) as the layers that have it."""
+    if isinstance(value, tuple):
+        return ", ".join(str(i) for i, flag in enumerate(value) if flag) or "none"
+    return str(value)
 
 
 def layouts_image(spec, n: int, size: int = 512) -> np.ndarray:

@@ -9,7 +9,7 @@ again. Every buffer is allocated once, when the cache is made; storing a token o
   positions, plus S sinks (`window:W`, `sinks:S,window:W`), keeps a ring buffer of S + W rows:
   rows 0..S-1 hold the sinks, and position p >= S lives in row S + (p - S) % W, overwriting the
   position W earlier, which no later query can see. Other layers keep every position. Rows hold
-  float32 or, with `kv_bits=8`, Q8_0 blocks (minillm.quant); `kv_bits=16` stores float16 as
+  float32 or, with `kv_bits=8`, Q8_0 blocks (minillm.formats.q8_0); `kv_bits=16` stores float16 as
   llama.cpp's default cache (`--mode ggml`), `kv_bits=64` float64 (`--mode oracle`).
 
 When every layer is a ring buffer, the cache never fills: generation can go on past `max_len`.
@@ -23,11 +23,10 @@ Bytes, as `kv_cache_bytes` computes and `nbytes` counts (keys and values, every 
 """
 
 import numpy as np
-from gguf import GGMLQuantizationType
 
-from . import quant
+from .formats import Q8_0
 from .attention import DENSE, AttentionSpec
-from .config import LlamaConfig
+from .config import TransformerConfig
 from .errors import MinillmError, UsageError
 
 KV_BITS = (8, 16, 32, 64)
@@ -38,7 +37,7 @@ class KVCache:
 
     unbounded = False  # it holds max_len positions, no more
 
-    def __init__(self, config: LlamaConfig, max_len: int):
+    def __init__(self, config: TransformerConfig, max_len: int):
         shape = (config.n_layers, config.n_kv_heads, max_len, config.head_dim)
         self.k = np.zeros(shape, np.float32)
         self.v = np.zeros(shape, np.float32)
@@ -123,33 +122,22 @@ class Float16Rows(Float32Rows):
 
 class Q8Rows(Float32Rows):
     """The same rows as Q8_0 blocks: (n_kv_heads, n_rows, head_dim / 32 * 34) uint8 each, every
-    32 values [d: float16][32 x int8], value = d * q (minillm.quant). Reads return float32 copies."""
+    32 values [d: float16][32 x int8], value = d * q (minillm.formats.q8_0). Reads return float32 copies."""
 
     def __init__(self, n_kv_heads: int, n_rows: int, head_dim: int):
         check_kv_bits(8, head_dim)
-        row_bytes = head_dim // quant.BLOCK * 34
+        row_bytes = Q8_0.row_bytes(head_dim)
         self.k = np.zeros((n_kv_heads, n_rows, row_bytes), np.uint8)
         self.v = np.zeros((n_kv_heads, n_rows, row_bytes), np.uint8)
-        self.head_dim = head_dim
 
     def write(self, rows, k, v):
-        self.k[:, rows], self.v[:, rows] = _q8_0(k), _q8_0(v)
+        self.k[:, rows], self.v[:, rows] = Q8_0.quantize(k), Q8_0.quantize(v)
 
     def read(self, rows):
-        return self._dequantize(self.k[:, rows]), self._dequantize(self.v[:, rows])
-
-    def _dequantize(self, raw):
-        """(n_kv_heads, n, row_bytes) -> (n_kv_heads, n, head_dim) float32."""
-        if raw.shape[1] == 0:  # no rows: dequantize_q8_0 cannot infer the width of an empty array
-            return np.zeros((*raw.shape[:2], self.head_dim), np.float32)
-        return quant.dequantize_q8_0(raw)
+        return Q8_0.dequantize(self.k[:, rows]), Q8_0.dequantize(self.v[:, rows])
 
     def roundtrip(self, x):
-        return quant.dequantize_q8_0(_q8_0(x))
-
-
-def _q8_0(x: np.ndarray) -> np.ndarray:
-    return quant.quantize(x, GGMLQuantizationType.Q8_0)
+        return Q8_0.dequantize(Q8_0.quantize(x))
 
 
 class FullLayer:
@@ -217,7 +205,7 @@ class PatternKVCache:
     smaller than max_len, else a FullLayer; float32 rows, or Q8_0, float16, float64 with kv_bits=8, 16, 64.
     `rings=False` keeps every position in every layer, to check the ring buffers against."""
 
-    def __init__(self, config: LlamaConfig, max_len: int, spec: AttentionSpec = DENSE, kv_bits: int = 32,
+    def __init__(self, config: TransformerConfig, max_len: int, spec: AttentionSpec = DENSE, kv_bits: int = 32,
                  rings: bool = True):
         check_kv_bits(kv_bits, config.head_dim)
         make_rows = {8: Q8Rows, 16: Float16Rows, 32: Float32Rows, 64: Float64Rows}[kv_bits]
@@ -267,9 +255,9 @@ def check_kv_bits(kv_bits: int, head_dim: int | None = None):
     """Refuse a --kv-bits value the cache cannot store (head_dim, when known, must fill Q8_0 blocks)."""
     if kv_bits not in KV_BITS:
         raise UsageError(f"--kv-bits {kv_bits} is not one of {', '.join(map(str, KV_BITS))}")
-    if kv_bits == 8 and head_dim is not None and head_dim % quant.BLOCK:
-        raise UsageError(f"--kv-bits 8 stores blocks of {quant.BLOCK} values; this model's head_dim {head_dim} "
-                         f"is not a multiple of {quant.BLOCK}")
+    if kv_bits == 8 and head_dim is not None and head_dim % Q8_0.block_size:
+        raise UsageError(f"--kv-bits 8 stores blocks of {Q8_0.block_size} values; this model's head_dim {head_dim} "
+                         f"is not a multiple of {Q8_0.block_size}")
 
 
 def ring_rows(pattern, max_len: int) -> int:
@@ -277,15 +265,17 @@ def ring_rows(pattern, max_len: int) -> int:
     return min(pattern.ring_size or max_len, max_len)
 
 
-def kv_cache_bytes(config: LlamaConfig, max_len: int, spec: AttentionSpec = DENSE, kv_bits: int = 32) -> int:
+def kv_cache_bytes(config: TransformerConfig, max_len: int, spec: AttentionSpec = DENSE, kv_bits: int = 32) -> int:
     """Bytes of the cache `new_cache` builds (the formula in the module docstring)."""
-    row_bytes = config.head_dim // quant.BLOCK * 34 if kv_bits == 8 else kv_bits // 8 * config.head_dim
+    row_bytes = Q8_0.row_bytes(config.head_dim) if kv_bits == 8 else kv_bits // 8 * config.head_dim
     rows = sum(ring_rows(spec.pattern(i), max_len) for i in range(config.n_layers))
     return 2 * config.n_kv_heads * rows * row_bytes
 
 
-def new_cache(config: LlamaConfig, max_len: int, spec: AttentionSpec = DENSE, kv_bits: int = 32):
-    """The cache a run needs: the plain KVCache for dense float32 attention, else a PatternKVCache."""
+def new_cache(config: TransformerConfig, max_len: int, spec: AttentionSpec = DENSE, kv_bits: int = 32,
+              rings: bool = True):
+    """The cache a run needs: the plain KVCache for dense float32 attention, else a PatternKVCache
+    (with `rings=False`, windowed layers keep every position too, masked: llama.cpp's layout)."""
     if spec.is_dense and kv_bits == 32:
         return KVCache(config, max_len)
-    return PatternKVCache(config, max_len, spec, kv_bits)
+    return PatternKVCache(config, max_len, spec, kv_bits, rings)

@@ -6,9 +6,8 @@ float one without changing the model's code.
 """
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from . import quant
+from . import formats
 from .errors import MinillmError
 from .parallel import row_pool, tile_buffer
 
@@ -75,41 +74,40 @@ TILE_BYTES = 1 << 20
 
 
 class QuantLinear:
-    """y = x W^T with W kept as the packed rows of a GGUF tensor (Q8_0, Q4_0, Q4_1, F16, BF16, F32).
+    """y = x W^T with W kept as the packed rows of a GGUF tensor, in any format of minillm.formats.
 
     `raw` is (out_features, row_bytes) uint8, for example `GGUFFile.data(name)`: it is used as it
     is (a memory map stays a memory map), read through zero-copy views, never copied or unpacked.
 
-    One token (T == 1, backend "numba"): a Numba matvec kernel reads the blocks (or float16 rows)
-    directly, on `threads` threads (kernels/q8_0.py, kernels/q4.py, kernels/f16.py). Several tokens
-    (prefill), F32 and BF16, and backend "numpy": rows are dequantized one tile at a time into a
-    float32 buffer, which BLAS multiplies (x @ tile.T); BLAS uses its own threads
-    (OPENBLAS_NUM_THREADS). The "numpy" backend dequantizes with the NumPy references in
-    minillm.quant, so it needs no Numba.
+    One token (T == 1, backend "numba", a format with kernels): the format's Numba matvec reads the
+    blocks (or float16 rows) directly, on `threads` threads (kernels/<type>.py, through
+    minillm.packed). Several tokens (prefill), formats without kernels (F32, BF16) and backend
+    "numpy": rows are dequantized one tile at a time into a float32 buffer, which BLAS multiplies
+    (x @ tile.T); BLAS uses its own threads (OPENBLAS_NUM_THREADS). The "numpy" backend dequantizes
+    with the formats' NumPy references, so it needs no Numba.
     """
 
-    def __init__(self, raw: np.ndarray, ggml_type: GGMLQuantizationType, backend: str = "numba",
-                 threads: int = 1, name: str = "weight"):
-        ggml_type = _checked_packed(raw, ggml_type, name)
+    def __init__(self, raw: np.ndarray, ggml_type, backend: str = "numba", threads: int = 1,
+                 name: str = "weight"):
+        self.format = _checked_packed(raw, ggml_type, name)
         if backend not in BACKENDS:
             raise MinillmError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-        self.name, self.ggml_type, self.backend = name, ggml_type, backend
+        self.name, self.ggml_type, self.backend = name, self.format.ggml_type, backend
         self.raw = raw.view(np.ndarray)  # same bytes; a plain ndarray is quicker for Numba to pass
-        block_size, type_size = GGML_QUANT_SIZES[self.ggml_type]
         self.out_features = raw.shape[0]
-        self.in_features = raw.shape[1] // type_size * block_size
+        self.in_features = self.format.n_cols(raw.shape[1])
         self.tile_rows = max(1, TILE_BYTES // (4 * self.in_features))
         self.threads = threads
         self.pool = row_pool(threads)
-        self.kernels = None  # PackedRows or F16Rows, for the Numba backend and a type it has kernels for
+        self.kernels = None  # packed.PackedRows, for the Numba backend and a format with kernels
         if backend == "numba":
-            from .kernels.packed import TYPES, packed_rows  # imports Numba; "numpy" never does
-            from .kernels.threads import max_threads
+            from .kernels.threads import max_threads  # imports Numba; "numpy" never does
+            from .packed import PackedRows
             if not 1 <= threads <= max_threads():
                 raise MinillmError(f"{threads} threads requested: this machine runs 1 to {max_threads()} "
                                    "(NUMBA_NUM_THREADS)")
-            if self.ggml_type.name in TYPES:
-                self.kernels = packed_rows(self.raw, self.ggml_type.name)
+            if self.format.kernels:
+                self.kernels = PackedRows(self.format, self.raw)
 
     @property
     def nbytes(self) -> int:
@@ -128,7 +126,7 @@ class QuantLinear:
     def _tiled(self, x: np.ndarray) -> np.ndarray:
         # x: (T, K) -> (T, N): each thread takes a range of rows and dequantizes it one float32
         # tile at a time into a buffer of its own (kept for the next product), which BLAS multiplies.
-        if self.ggml_type == GGMLQuantizationType.F32:
+        if self.format is formats.F32:
             return rows_product(x, self.raw.view(np.float32), self.pool)  # already float32: no tile
         out = np.empty((x.shape[0], self.out_features), np.float32)
 
@@ -150,7 +148,7 @@ class QuantLinear:
         tile of rows at a time, as in prefill, on the calling thread (training splits the batch
         over threads instead), so no float copy of the whole matrix is ever made."""
         dy = np.ascontiguousarray(dy, dtype=np.float32)
-        if self.ggml_type == GGMLQuantizationType.F32:
+        if self.format is formats.F32:
             return dy @ self.raw.view(np.float32)
         dx = np.zeros((dy.shape[0], self.in_features), np.float32)
         n = min(self.tile_rows, self.out_features)
@@ -167,7 +165,7 @@ class QuantLinear:
         if self.kernels is not None:
             self.kernels.dequantize_rows(start, stop, rows)
         else:
-            rows[...] = quant.dequantize(self.raw[start:stop], self.ggml_type)
+            rows[...] = self.format.dequantize(self.raw[start:stop])
 
 
 class QuantEmbedding:
@@ -175,7 +173,7 @@ class QuantEmbedding:
     `lookup` dequantizes only the rows of the ids in hand; `head` is a QuantLinear over the same
     array, so the LM head runs the quantized kernel on the very same bytes."""
 
-    def __init__(self, raw: np.ndarray, ggml_type: GGMLQuantizationType, backend: str = "numba",
+    def __init__(self, raw: np.ndarray, ggml_type, backend: str = "numba",
                  threads: int = 1, name: str = "token_embd.weight"):
         self.linear = QuantLinear(raw, ggml_type, backend, threads, name)
 
@@ -186,7 +184,7 @@ class QuantEmbedding:
         if (ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer)
                 or ids.size and (ids.min() < 0 or ids.max() >= vocab_size)):
             raise MinillmError(f"{self.linear.name}: token ids must be a 1-D array in 0..{vocab_size - 1}")
-        return quant.dequantize(self.linear.raw[ids], self.linear.ggml_type)
+        return self.linear.format.dequantize(self.linear.raw[ids])
 
     def head(self, x: np.ndarray) -> np.ndarray:
         return self.linear(x)  # (T, dim) -> (T, vocab_size)
@@ -196,21 +194,20 @@ class QuantEmbedding:
         return self.linear.nbytes
 
 
-def _checked_packed(raw: np.ndarray, ggml_type, name: str) -> GGMLQuantizationType:
-    """The GGUF type of raw, after rejecting (before any kernel runs) an unsupported type and
-    bytes that are not whole rows of whole blocks."""
-    if ggml_type not in quant.SUPPORTED_TYPES:
+def _checked_packed(raw: np.ndarray, ggml_type, name: str):
+    """The format of raw (minillm.formats), after rejecting (before any kernel runs) an unsupported
+    type and bytes that are not whole rows of whole blocks."""
+    fmt = formats.FORMATS.get(ggml_type)
+    if fmt is None or not fmt.weight:
         type_name = getattr(ggml_type, "name", ggml_type)
         raise MinillmError(f"{name}: type {type_name} is not supported by minillm's kernels; convert the "
                            "file with `python -m minillm quantize IN.gguf OUT.gguf --bits 4` (or 8)")
-    ggml_type = GGMLQuantizationType(ggml_type)
-    block_size, type_size = GGML_QUANT_SIZES[ggml_type]
     if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.ndim != 2:
         raise MinillmError(f"{name}: expected packed rows as a 2-D uint8 array, got "
                            f"{getattr(raw, 'dtype', type(raw).__name__)} of shape {np.shape(raw)}")
-    if raw.shape[1] == 0 or raw.shape[1] % type_size:
-        raise MinillmError(f"{name}: rows of {raw.shape[1]} bytes are not whole {ggml_type.name} blocks "
-                           f"({type_size} bytes per {block_size} weights)")
+    if raw.shape[1] == 0 or raw.shape[1] % fmt.type_size:
+        raise MinillmError(f"{name}: rows of {raw.shape[1]} bytes are not whole {fmt.name} blocks "
+                           f"({fmt.type_size} bytes per {fmt.block_size} weights)")
     if not raw.flags.c_contiguous:
         raise MinillmError(f"{name}: packed rows must be contiguous in memory (got strides {raw.strides})")
-    return ggml_type
+    return fmt

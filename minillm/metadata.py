@@ -16,10 +16,12 @@ minillm.gguf turns each GGUF type into one Python type, so the type can be told 
 | STRING                   | str                     | STRING             |
 | ARRAY of STRING          | StringArray (a list)    | ARRAY of STRING    |
 | ARRAY of UINT8 ... INT64 | list of int             | ARRAY of INTEGER   |
+| ARRAY of FLOAT32, FLOAT64| list of float           | ARRAY of FLOAT     |
+| ARRAY of BOOL            | list of bool            | ARRAY of BOOL      |
 | ARRAY of ARRAY           | list of lists           | ARRAY of ARRAY ... |
 
 Integer keys accept any integer width, and float keys an integer too (SmolLM2 stores its floats as
-FLOAT32; a converter that wrote 10000 as an integer would lose nothing).
+FLOAT32; a converter that wrote 10000 as an integer would lose nothing); the same for arrays.
 """
 
 from collections.abc import Sequence
@@ -27,13 +29,16 @@ from collections.abc import Sequence
 from .errors import GGUFError
 
 INTEGER, FLOAT, BOOL, STRING = "INTEGER", "FLOAT", "BOOL", "STRING"
-STRINGS, INTEGERS = "ARRAY of STRING", "ARRAY of INTEGER"
+STRINGS, INTEGERS, FLOATS, BOOLS = "ARRAY of STRING", "ARRAY of INTEGER", "ARRAY of FLOAT", "ARRAY of BOOL"
 EMPTY_ARRAY = "an empty ARRAY"
 # The type names each expected type accepts (an empty array is a valid array of anything).
 ACCEPTS = {INTEGER: {INTEGER}, FLOAT: {FLOAT, INTEGER}, BOOL: {BOOL}, STRING: {STRING},
-           STRINGS: {STRINGS, EMPTY_ARRAY}, INTEGERS: {INTEGERS, EMPTY_ARRAY}}
+           STRINGS: {STRINGS, EMPTY_ARRAY}, INTEGERS: {INTEGERS, EMPTY_ARRAY}, FLOATS: {FLOATS, INTEGERS, EMPTY_ARRAY},
+           BOOLS: {BOOLS, EMPTY_ARRAY}}
 
-# Every key minillm reads. "{arch}" stands for the value of general.architecture.
+# Every key minillm reads. "{arch}" stands for the value of general.architecture. A key that may
+# hold either of two types lists both (llama.cpp reads the sliding-window pattern as a period or as
+# one flag per layer).
 KEYS = {
     "general.architecture": STRING,
     "general.alignment": INTEGER,
@@ -51,11 +56,19 @@ KEYS = {
     "{arch}.attention.layer_norm_rms_epsilon": FLOAT,
     "{arch}.rope.freq_base": FLOAT,
     "{arch}.rope.dimension_count": INTEGER,
+    "{arch}.rope.freq_base_swa": FLOAT,
+    "{arch}.rope.scaling.type": STRING,
+    "{arch}.attention.value_length": INTEGER,
+    "{arch}.attention.sliding_window": INTEGER,
+    "{arch}.attention.sliding_window_pattern": (INTEGER, BOOLS),
+    "{arch}.final_logit_softcapping": FLOAT,
     "tokenizer.ggml.model": STRING,
     "tokenizer.ggml.pre": STRING,
     "tokenizer.ggml.tokens": STRINGS,
     "tokenizer.ggml.token_type": INTEGERS,
     "tokenizer.ggml.merges": STRINGS,
+    "tokenizer.ggml.scores": FLOATS,
+    "tokenizer.ggml.add_space_prefix": BOOL,
     "tokenizer.ggml.bos_token_id": INTEGER,
     "tokenizer.ggml.eos_token_id": INTEGER,
     "tokenizer.ggml.eot_token_id": INTEGER,
@@ -84,8 +97,9 @@ def type_name(value) -> str:
     return type(value).__name__
 
 
-def expected_type(key: str) -> str:
-    """The type KEYS gives `key` (an architecture's key by its "{arch}." pattern)."""
+def expected_type(key: str):
+    """The type KEYS gives `key` (an architecture's key by its "{arch}." pattern), or a tuple of the
+    types it may have."""
     pattern = key if key.startswith(_SHARED_PREFIXES) else "{arch}." + key.partition(".")[2]
     if pattern not in KEYS:
         raise KeyError(f"minillm does not read the metadata key {key}: add it to minillm.metadata.KEYS")
@@ -100,8 +114,10 @@ def get(metadata, key: str, default=None, path="model"):
         return default
     value = metadata[key]
     found = type_name(value)
-    if found not in ACCEPTS[expected]:
-        raise GGUFError(path, f"metadata key {key} is {article(found)}, expected {article(expected)}")
+    allowed = expected if isinstance(expected, tuple) else (expected,)
+    if not any(found in ACCEPTS[name] for name in allowed):
+        expected_names = " or ".join(map(article, allowed))
+        raise GGUFError(path, f"metadata key {key} is {article(found)}, expected {expected_names}")
     return value
 
 

@@ -39,8 +39,9 @@ RESERVE_BYTES = 3 << 19
 # Kept free under the cap besides the plan's total: the uncounted pages differ between machines by
 # more than the reserve covers, and the cap is a promise, not an estimate.
 MARGIN_BYTES = 3 << 19
-# Temporaries of the NumPy dequantizers while they fill one tile, in tiles: measured 2.06 (Q8_0),
-# 2.31 (Q4_0), 2.35 (Q4_1), 2.0 (BF16), 1.0 (F16) with tracemalloc.
+# Temporaries of the NumPy dequantizers (minillm.formats) while they fill one tile, in tiles: measured
+# 2.06 (Q8_0, Q4_1, Q5_1), 2.31 (Q4_0, Q5_0), 2.36 (Q4_K, Q5_K), 2.35 (Q6_K), 2.0 (BF16), 1.0 (F16)
+# with tracemalloc.
 NUMPY_DEQUANTIZE_TILES = 2.5
 
 
@@ -56,7 +57,8 @@ class WeightIndex:
     converted_bytes: int     # weights held in another format than stored (not zero-copy)
     converted_source: int    # their stored bytes: read through the memory map to convert, and left mapped
     conversion_scratch: int  # float32 copy of the largest converted tensor, alive while it is re-encoded
-    streamable: bool         # matrices held as stored and every layer alike: layers can be streamed
+    streamable: bool         # matrices held as stored: layers can be streamed
+    slot_bytes: int          # one streaming buffer: room for each matrix as large as it is in any layer
 
 
 @dataclass(frozen=True)
@@ -120,36 +122,34 @@ def strategy_name(layout: Layout, n_layers: int) -> str:
 
 
 def weight_index(gguf, config, bits: int, int4: str = "asym") -> WeightIndex:
-    """Sizes of the weights as `--bits` holds them (minillm.weights.storage_type), per layer."""
-    from .quant import row_bytes
-    from .weights import LAYER_TENSORS, storage_type
-    tied = "output.weight" not in gguf.tensors
+    """Sizes of the weights as `--bits` holds them (minillm.weights.storage_type), per layer, from the
+    architecture's tensor table (minillm.arch): its matrices are the layer's bytes, its vectors the norms."""
+    from .formats import row_bytes
+    from .streaming import streamed_matrices
+    from .weights import block_tensors, expected_shapes, held_types, validate
+    validate(gguf, config)
+    held = held_types(gguf, config, bits, int4)
 
-    def held(name):
+    def held_bytes(name):
         info = gguf.tensors[name]
-        target = storage_type(info, bits, int4, tied_head=tied and name == "token_embd.weight")
-        return info, target, info.n_elements // info.shape[-1] * row_bytes(target, info.shape[-1])
+        return info.n_elements // info.shape[-1] * row_bytes(held[name], info.shape[-1])
 
-    matrices = [f"blk.{i}.{name}" for i in range(config.n_layers) for name in LAYER_TENSORS
-                if len(gguf.tensors[f"blk.{i}.{name}"].shape) == 2]
-    heads = ["token_embd.weight"] + ([] if tied else ["output.weight"])
-    converted = [held(name) for name in matrices + heads if held(name)[1] != gguf.tensors[name].ggml_type]
-    per_layer = [sum(held(f"blk.{i}.{name}")[2] for name in LAYER_TENSORS
-                     if len(gguf.tensors[f"blk.{i}.{name}"].shape) == 2) for i in range(config.n_layers)]
-    signature = [[(gguf.tensors[f"blk.{i}.{name}"].shape, gguf.tensors[f"blk.{i}.{name}"].ggml_type)
-                  for name in LAYER_TENSORS] for i in range(config.n_layers)]
-    head_info, head_type, _ = held("token_embd.weight")
+    layers = [[name for name, (_, shape) in block_tensors(config, i).items() if len(shape) == 2]
+              for i in range(config.n_layers)]
+    heads = [name for name in ("token_embd.weight", "output.weight") if name in held]
+    converted = [name for name in held if held[name] != gguf.tensors[name].ggml_type]
+    head_info = gguf.tensors["token_embd.weight"]
     return WeightIndex(
-        layer_bytes=tuple(per_layer),
-        head_bytes=sum(held(name)[2] for name in heads),
-        head_row_bytes=row_bytes(head_type, head_info.shape[-1]),
+        layer_bytes=tuple(sum(map(held_bytes, names)) for names in layers),
+        head_bytes=sum(map(held_bytes, heads)),
+        head_row_bytes=row_bytes(held["token_embd.weight"], head_info.shape[-1]),
         head_rows=head_info.shape[0],
         head_tables=len(heads),
-        norms_bytes=4 * config.dim * (2 * config.n_layers + 1),
-        converted_bytes=sum(nbytes for _, _, nbytes in converted),
-        converted_source=sum(info.nbytes for info, _, _ in converted),
-        conversion_scratch=max([4 * info.n_elements for info, _, _ in converted], default=0),
-        streamable=not converted and all(s == signature[0] for s in signature))
+        norms_bytes=sum(4 * shape[0] for shape in expected_shapes(config).values() if len(shape) == 1),
+        converted_bytes=sum(map(held_bytes, converted)),
+        converted_source=sum(gguf.tensors[name].nbytes for name in converted),
+        conversion_scratch=max([4 * gguf.tensors[name].n_elements for name in converted], default=0),
+        streamable=not converted, slot_bytes=streamed_matrices(gguf, config)[2])
 
 
 def activation_bytes(config, chunk: int, ctx_size: int, threads: int, kv_bits: int, all_logits: bool = False,
@@ -157,31 +157,35 @@ def activation_bytes(config, chunk: int, ctx_size: int, threads: int, kv_bits: i
     """Bytes of the arrays alive at the peak of one forward pass over up to `chunk` + 1 new tokens
     (T: a last chunk of one token joins the one before, minillm.model.prefill_chunks) that
     attend to up to `ctx_size` positions (S), or of sampling after it. Counted array by array as
-    minillm.model computes them; a layer's steps run one after the other, so the peak is the
-    tiles, the residual stream and the largest step, not the sum of all steps:
+    the architecture's forward pass (minillm.arch) computes them, with the peaks it states for the
+    steps that differ between architectures (ACTIVATION_PEAKS: q-sized arrays while Q is normed and
+    rotated, (T, ffn_dim) arrays in the MLP); a layer's steps run one after the other, so the peak
+    is the tiles, the residual stream and the largest step, not the sum of all steps:
 
       tiles       one float32 tile of dequantized rows per thread (minillm.linear.TILE_BYTES), T > 1:
                   made by the first prefill and kept (minillm.parallel.tile_buffer). With --backend
                   numpy every product, decode too, goes through tiles, and the NumPy dequantizers
-                  (minillm.quant) make temporaries of up to NUMPY_DEQUANTIZE_TILES tiles while
+                  (minillm.formats) make temporaries of up to NUMPY_DEQUANTIZE_TILES tiles while
                   they fill one
       residual    3 x (T, dim): x, the normalised h, and their sum
       attention   q, the new k and v, float32 copies of all S cached keys and values when the
-                  cache holds Q8_0 or float16, and the largest of: RoPE's temporaries (q projected,
-                  and two half-size products: 2.5 x (n_heads, T, head_dim)); for Q8_0, while the
+                  cache holds Q8_0 or float16, and the largest of: RoPE's temporaries (Llama: q
+                  projected, and two half-size products: 2.5 x (n_heads, T, head_dim)); for Q8_0, while the
                   values are decoded, their codes as float32 and their 34-byte blocks gathered from
                   the cache; 3 x (n_heads, T, S) scores (the product, its masked copy and the
                   exponentials) and 2 x (T, S) bool (the mask and its comparison); the output
                   projection: the heads' output, merged
-      MLP         SiLU of the gate: the gate and two (T, ffn_dim) temporaries; then SiLU's result,
-                  the up projection and their product
+      MLP         Llama's SwiGLU: SiLU of the gate, the gate and two (T, ffn_dim) temporaries; then
+                  SiLU's result, the up projection and their product (Gemma's GeGLU: five)
       sampling    the logits, a penalised copy, the sort order (int64) and the sorted logits (vocab,)
       all_logits  (perplexity) logits of all S positions, float32, twice (the chunks' pieces and the
                   array they are joined into), and a float64 log-softmax of the scored half, with its
                   exponentials and result: 3 x 8 bytes x S / 2 per id; added to the peak above
     """
+    from .arch import of
     from .linear import TILE_BYTES
     T, S, c = min(chunk + 1, ctx_size), ctx_size, config
+    peaks = of(config).ACTIVATION_PEAKS
     f = 8 if kv_bits == 64 else 4   # bytes of a score: q @ k.T is float64 with a float64 cache
     residual = 3 * 4 * T * c.dim
     if backend == "numpy":
@@ -194,8 +198,8 @@ def activation_bytes(config, chunk: int, ctx_size: int, threads: int, kv_bits: i
     kv_reads = 2 * one_read if kv_bits in (8, 16) else 0
     decoding = one_read + one_read * 34 // 128 if kv_bits == 8 else 0  # while the values are decoded
     scores = 3 * f * c.n_heads * T * S + 2 * T * S
-    attention = q + new_kv + kv_reads + max(5 * q // 2, decoding, scores, 2 * q)
-    mlp = 3 * 4 * T * c.ffn_dim
+    attention = q + new_kv + kv_reads + max(int(peaks["rope"] * q), decoding, scores, 2 * q)
+    mlp = int(peaks["mlp"] * 4 * T * c.ffn_dim)
     sampling = (4 + 4 + 8 + 4) * c.vocab_size
     every_position = (2 * 4 + 3 * 8 // 2) * S * c.vocab_size if all_logits else 0
     return tiles + max(residual + max(attention, mlp), sampling) + every_position
@@ -203,7 +207,7 @@ def activation_bytes(config, chunk: int, ctx_size: int, threads: int, kv_bits: i
 
 def streaming_buffer_bytes(index: WeightIndex, layout: Layout, n_layers: int) -> int:
     """The pool of layer buffers (when any layer streams) and of LM head chunks (when it streams)."""
-    layers = STREAM_SLOTS * (max(index.layer_bytes) + SLOT_ALIGN * 16) if layout.resident_layers < n_layers else 0
+    layers = STREAM_SLOTS * index.slot_bytes if layout.resident_layers < n_layers else 0
     head = index.head_tables * STREAM_SLOTS * head_chunk_rows(index.head_row_bytes, index.head_rows) \
         * index.head_row_bytes if layout.stream_head else 0
     return layers + head
@@ -255,7 +259,7 @@ def plan_lines(index: WeightIndex, layout: Layout, run) -> tuple:
 @dataclass(frozen=True)
 class PlanInputs:
     """The settings a plan depends on, besides the cap and the weights."""
-    config: object          # LlamaConfig
+    config: object          # the architecture's config (minillm.arch)
     ctx_size: int
     spec: object            # AttentionSpec
     kv_bits: int

@@ -3,7 +3,8 @@
 Every metadata key is copied with its GGUF type (so the tokenizer and chat template travel along),
 vectors are copied as stored, and each matrix is decoded to float32 and encoded again in the format
 `weights.storage_type` picks, the same rule `--bits` uses at load time. The output is written with
-the `gguf` package's writer, so llama.cpp and other GGUF readers can load it.
+the `gguf` package's writer, so llama.cpp and other GGUF readers can load it. `write_requantized`
+writes any plan (name -> type): `pure_plan` is llama-quantize --pure's, one type for every matrix.
 """
 
 from pathlib import Path
@@ -11,21 +12,20 @@ from pathlib import Path
 import gguf
 from tqdm import tqdm
 
-from . import quant
-from .config import LlamaConfig
+from . import formats
+from .arch import read_config
 from .errors import MinillmError, UsageError
 from .gguf import GGUFFile
 from .weights import dequantized, storage_type, validate
 
-# general.file_type values (llama.cpp's LLAMA_FTYPE_MOSTLY_*) for the formats written here.
-FILE_TYPES = {
-    gguf.GGMLQuantizationType.F32: gguf.LlamaFileType.ALL_F32,
-    gguf.GGMLQuantizationType.F16: gguf.LlamaFileType.MOSTLY_F16,
-    gguf.GGMLQuantizationType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
-    gguf.GGMLQuantizationType.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
-    gguf.GGMLQuantizationType.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
-}
 WRITER_OWNS = ("general.architecture", "general.alignment", "general.file_type")
+
+
+def file_type(ggml_type) -> gguf.LlamaFileType:
+    """general.file_type (llama.cpp's LLAMA_FTYPE_*) of a file whose matrices are of one type:
+    MOSTLY_<type> (ALL_F32 for float32)."""
+    members = gguf.LlamaFileType.__members__
+    return members.get(f"MOSTLY_{ggml_type.name}") or members[f"ALL_{ggml_type.name}"]
 
 
 def tensor_plan(src: GGUFFile, bits: int, int4: str) -> dict:
@@ -35,28 +35,50 @@ def tensor_plan(src: GGUFFile, bits: int, int4: str) -> dict:
             for name, info in src.tensors.items()}
 
 
+def pure_plan(src: GGUFFile, ggml_type) -> dict:
+    """name -> type as `llama-quantize --pure` picks it: every matrix in one type, or in that type's
+    fallback (`Format.fallback`, llama-quant.cpp tensor_type_fallback) where its rows are not whole
+    blocks of it, or F16 where they are not whole blocks of that either; vectors as stored."""
+    fmt = formats.get(ggml_type)
+
+    def pick(info):
+        if len(info.shape) == 1:
+            return info.ggml_type
+        for candidate in (fmt, formats.get(fmt.fallback) if fmt.fallback else fmt):
+            if info.shape[-1] % candidate.block_size == 0:
+                return candidate.ggml_type
+        return formats.F16.ggml_type
+    return {name: pick(info) for name, info in src.tensors.items()}
+
+
 def requantize(src_path, dst_path, bits: int, int4: str = "asym", progress: bool = True) -> Path:
+    """`minillm quantize`: src_path's matrices in the formats --bits picks (weights.storage_type)."""
     if bits not in (4, 8):
         raise UsageError(f"--bits {bits}: quantize writes 4 or 8 bits")
     src = GGUFFile(src_path)
-    validate(src, LlamaConfig.from_metadata(src.metadata, src.path))
+    validate(src, read_config(src.metadata, src.path))
+    return write_requantized(src, dst_path, tensor_plan(src, bits, int4), progress)
+
+
+def write_requantized(src: GGUFFile, dst_path, plan: dict, progress: bool = True) -> Path:
+    """A copy of src with each tensor in the type plan gives it (name -> ggml type): tensors already
+    in that type byte for byte, the others decoded to float32 and encoded again, one at a time."""
     dst_path = Path(dst_path)
     if dst_path.resolve() == src.path.resolve():
         raise UsageError("the output file must differ from the input file")
-    plan = tensor_plan(src, bits, int4)
     writer = gguf.GGUFWriter(str(dst_path), src.metadata["general.architecture"])
     for key, value in src.metadata.items():
         if key not in WRITER_OWNS:
             vtype, element_type = src.value_types[key]
             writer.add_key_value(key, value, vtype, sub_type=element_type)
-    writer.add_file_type(FILE_TYPES[plan["blk.0.attn_q.weight"]])  # the format of the layers' matrices
-    for name in tqdm(src.tensors, desc=f"quantizing to {bits} bits", unit="tensor",
+    writer.add_file_type(file_type(plan["blk.0.attn_q.weight"]))  # the format of the layers' matrices
+    for name in tqdm(src.tensors, desc=f"writing {dst_path.name}", unit="tensor",
                      disable=None if progress else True):  # None: off when stderr is no terminal
         info, target = src.tensors[name], plan[name]
         if target == info.ggml_type:
             writer.add_tensor(name, src.data(name), raw_dtype=target)
         else:
-            writer.add_tensor(name, quant.quantize(dequantized(src, name), target), raw_dtype=target)
+            writer.add_tensor(name, formats.quantize(dequantized(src, name), target), raw_dtype=target)
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

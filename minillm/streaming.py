@@ -24,12 +24,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import quant
+from . import arch, formats
 from .errors import MinillmError
 from .gguf import GGUFFile
 from .linear import QuantEmbedding, QuantLinear
-from .plan import SLOT_ALIGN, STREAM_SLOTS, Layout, head_chunk_rows
-from .weights import LAYER_TENSORS, LayerWeights, ModelWeights, validate
+from .plan import SLOT_ALIGN, STREAM_SLOTS, head_chunk_rows
+from .weights import block_tensors
 
 
 class FileReader:
@@ -66,13 +66,25 @@ class FileReader:
         return out
 
 
-def slot_offsets(infos: list) -> tuple[list, int]:
-    """Where each tensor starts in a buffer holding them all (cache-line aligned), and its size."""
+def slot_offsets(sizes: list) -> tuple[list, int]:
+    """Where each of tensors of `sizes` bytes starts in a buffer holding them all (cache-line aligned),
+    and the buffer's size."""
     offsets, end = [], 0
-    for info in infos:
+    for size in sizes:
         offsets.append(end)
-        end += -(-info.nbytes // SLOT_ALIGN) * SLOT_ALIGN
+        end += -(-size // SLOT_ALIGN) * SLOT_ALIGN
     return offsets, end
+
+
+def streamed_matrices(gguf: GGUFFile, config) -> tuple[dict, list, int]:
+    """The layout of a layer buffer: each matrix of the architecture's table (GGUF name inside a block
+    -> field) at an offset, with room for the largest that tensor is in any layer: a file may store
+    it in another format in some layers (Gemma 3's Q4_K_M keeps attn_v and ffn_down at higher
+    precision on some). -> (matrices, offsets, buffer size)"""
+    table = arch.of(config).layer_tensors(config)        # GGUF name inside a block -> (field, shape)
+    matrices = {name: field for name, (field, shape) in table.items() if len(shape) == 2}
+    largest = [max(gguf.tensors[f"blk.{i}.{name}"].nbytes for i in range(config.n_layers)) for name in matrices]
+    return (matrices, *slot_offsets(largest))
 
 
 class ReadAhead:
@@ -102,22 +114,20 @@ class ReadAhead:
 
 
 class StreamedLayers:
-    """The model's layer sequence with layers `resident_layers` and up read from the file on the
-    fly. Iterating yields LayerWeights, as a list of them would; layer i is valid until layer i + 1
-    is asked for, which is all the forward pass needs."""
+    """The model's layer sequence with layers `len(resident)` and up read from the file on the
+    fly. Iterating yields the architecture's Layer objects, as a list of them would; layer i is
+    valid until layer i + 1 is asked for, which is all the forward pass needs. The vectors (norms)
+    of the streamed layers are read once and kept; their matrices go through the buffers."""
 
-    def __init__(self, gguf: GGUFFile, reader: FileReader, n_layers: int, resident: list, norms: list,
+    def __init__(self, gguf: GGUFFile, reader: FileReader, config, resident: list, vectors: dict,
                  backend: str, threads: int):
-        self.gguf, self.reader, self.n_layers = gguf, reader, n_layers
-        self.resident, self.norms = resident, norms  # resident[i] LayerWeights for i < len(resident)
-        first = len(resident)
-        self.matrices = [name for name in LAYER_TENSORS if len(gguf.tensors[f"blk.{first}.{name}"].shape) == 2]
-        infos = [gguf.tensors[f"blk.{first}.{name}"] for name in self.matrices]
-        self.offsets, size = slot_offsets(infos)
+        self.gguf, self.reader, self.n_layers = gguf, reader, config.n_layers
+        self.resident, self.vectors = resident, vectors  # vectors[i]: field -> array, for each streamed layer
+        self.make_layer = arch.of(config).Layer
+        self.matrices, self.offsets, size = streamed_matrices(gguf, config)
         self.buffers = [np.zeros(size, np.uint8) for _ in range(STREAM_SLOTS)]
-        self.linears = [{name: QuantLinear(buf[o:o + info.nbytes].reshape(*info.shape[:-1], -1), info.ggml_type,
-                                           backend, threads, f"blk.*.{name}")
-                         for name, o, info in zip(self.matrices, self.offsets, infos)} for buf in self.buffers]
+        self.backend, self.threads = backend, threads
+        self.linears = {}   # (slot, GGUF name in a block, type) -> QuantLinear over that part of the buffer
         self.read_ahead = ReadAhead(reader, self._fill)
 
     def __len__(self) -> int:
@@ -130,7 +140,19 @@ class StreamedLayers:
                 continue
             slot = self.read_ahead.take(i)
             self.read_ahead.prefetch(self._next_streamed(i), (slot + 1) % STREAM_SLOTS)
-            yield self._layer(i, slot)
+            yield self.make_layer(**self.vectors[i], **{field: self._linear(slot, name, i)
+                                                        for name, field in self.matrices.items()})
+
+    def _linear(self, slot: int, name: str, layer: int) -> QuantLinear:
+        """The QuantLinear over `slot`'s part for matrix `name` in the format layer `layer` stores it
+        in; made once per slot, matrix and format, and kept (refilling the buffer changes its weights)."""
+        info = self.gguf.tensors[f"blk.{layer}.{name}"]
+        key = (slot, name, info.ggml_type)
+        if key not in self.linears:
+            offset = self.offsets[list(self.matrices).index(name)]
+            raw = self.buffers[slot][offset:offset + info.nbytes].reshape(*info.shape[:-1], -1)
+            self.linears[key] = QuantLinear(raw, info.ggml_type, self.backend, self.threads, f"blk.*.{name}")
+        return self.linears[key]
 
     def _fill(self, layer: int, slot: int):
         buf = self.buffers[slot]
@@ -141,11 +163,6 @@ class StreamedLayers:
     def _next_streamed(self, layer: int) -> int:
         """The streamed layer after `layer`, wrapping round to the first for the next token."""
         return layer + 1 if layer + 1 < self.n_layers else len(self.resident)
-
-    def _layer(self, i: int, slot: int) -> LayerWeights:
-        attn_norm, ffn_norm = self.norms[i]
-        fields = {LAYER_TENSORS[name]: linear for name, linear in self.linears[slot].items()}
-        return LayerWeights(attn_norm=attn_norm, ffn_norm=ffn_norm, **fields)
 
 
 class StreamedEmbedding:
@@ -177,7 +194,7 @@ class StreamedEmbedding:
         ids = np.asarray(ids)
         if ids.ndim != 1 or ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
             raise MinillmError(f"{self.info.name}: token ids must be a 1-D array in 0..{self.vocab_size - 1}")
-        return quant.dequantize(self.reader.read_rows(self.info, ids), self.info.ggml_type)
+        return formats.dequantize(self.reader.read_rows(self.info, ids), self.info.ggml_type)
 
     def head(self, x: np.ndarray) -> np.ndarray:
         # x: (T, dim) -> (T, vocab_size) logits, one chunk of rows at a time
@@ -197,33 +214,30 @@ class StreamedEmbedding:
         self.reader.read_into(self.buffers[slot][:n], self.info.offset + start * self.row_bytes)
 
 
-def load_streamed(gguf: GGUFFile, config, layout: Layout, backend: str, threads: int) -> ModelWeights:
-    """The model's weights held as `layout` says: the first `resident_layers` layers (and the LM head
-    unless it streams) as views of the memory map, everything else read through buffers. Norms are
-    read (not mapped) into small float32 arrays. The file must hold every matrix in the format it
-    is multiplied in (the plan checks this: WeightIndex.streamable)."""
-    validate(gguf, config)
-    reader = FileReader(gguf.path)
+class StreamingSource:
+    """Weights for a run under --mem-cap (minillm.weights.load_weights with the plan's Layout): vectors
+    read into small float32 arrays (not mapped: a mapped page would bring its neighbours, weight
+    bytes, into RSS), resident matrices as views of the memory map, streamed layers and LM head read
+    through buffers. The file must hold every matrix in the format it is multiplied in (the plan
+    checks this: WeightIndex.streamable)."""
 
-    def norm(name):
-        return reader.read(gguf.tensors[name]).view(np.float32).reshape(-1)
+    def __init__(self, gguf: GGUFFile, backend: str, threads: int):
+        self.gguf, self.backend, self.threads = gguf, backend, threads
+        self.reader = FileReader(gguf.path)
 
-    def resident_layer(i):
-        fields = {field: QuantLinear(gguf.data(f"blk.{i}.{name}"), gguf.tensors[f"blk.{i}.{name}"].ggml_type,
-                                     backend, threads, f"blk.{i}.{name}")
-                  for name, field in LAYER_TENSORS.items() if field not in ("attn_norm", "ffn_norm")}
-        return LayerWeights(attn_norm=norms[i][0], ffn_norm=norms[i][1], **fields)
+    def vector(self, name: str) -> np.ndarray:
+        return self.reader.read(self.gguf.tensors[name]).view(np.float32).reshape(-1)
 
-    norms = [(norm(f"blk.{i}.attn_norm.weight"), norm(f"blk.{i}.ffn_norm.weight")) for i in range(config.n_layers)]
-    resident = [resident_layer(i) for i in range(layout.resident_layers)]
-    layers = resident if layout.resident_layers == config.n_layers else \
-        StreamedLayers(gguf, reader, config.n_layers, resident, norms, backend, threads)
-    embd = gguf.tensors["token_embd.weight"]
-    embedding = StreamedEmbedding(embd, reader, backend, threads) if layout.stream_head else \
-        QuantEmbedding(gguf.data(embd.name), embd.ggml_type, backend, threads)
-    output = None
-    if "output.weight" in gguf.tensors:
-        info = gguf.tensors["output.weight"]
-        output = StreamedEmbedding(info, reader, backend, threads).head if layout.stream_head else \
-            QuantLinear(gguf.data(info.name), info.ggml_type, backend, threads, info.name)
-    return ModelWeights(embedding=embedding, layers=layers, output_norm=norm("output_norm.weight"), output=output)
+    def matrix(self, name: str) -> QuantLinear:
+        return QuantLinear(self.gguf.data(name), self.gguf.tensors[name].ggml_type, self.backend, self.threads, name)
+
+    def embedding(self, name: str) -> QuantEmbedding:
+        return QuantEmbedding(self.gguf.data(name), self.gguf.tensors[name].ggml_type, self.backend, self.threads)
+
+    def streamed_layers(self, config, resident: list) -> StreamedLayers:
+        vectors = {i: {field: self.vector(name) for name, (field, shape) in block_tensors(config, i).items()
+                       if len(shape) == 1} for i in range(len(resident), config.n_layers)}
+        return StreamedLayers(self.gguf, self.reader, config, resident, vectors, self.backend, self.threads)
+
+    def streamed_embedding(self, name: str) -> StreamedEmbedding:
+        return StreamedEmbedding(self.gguf.tensors[name], self.reader, self.backend, self.threads)

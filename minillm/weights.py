@@ -1,8 +1,20 @@
-"""Check a GGUF file's tensors against the architecture, then build the model's weight objects.
+"""The weight loader: one walk over an architecture's tensor table, from any source of weights.
 
-The loader keeps GGUF's tensor names (`blk.{i}.attn_q.weight`, `token_embd.weight`); `LAYER_TENSORS`
-is the one map from those names onto the fields of `LayerWeights`. Validation happens before any
-weight is decoded, so a bad file fails fast with a message naming the tensor.
+An architecture (minillm.arch) lists the tensors of a block as GGUF name -> (field, shape)
+(`layer_tensors`), and every file has the token embedding and the final norm (`arch.common`).
+`load_weights` checks the file against that table before any weight is decoded, so a bad file
+fails fast with a message naming the tensor, then walks it, asking a source for each tensor:
+
+| source                      | vectors (norms)  | matrices                                 | used for             |
+|-----------------------------|------------------|------------------------------------------|----------------------|
+| `FloatSource`               | float32          | FloatLinear: dequantized float32          | --bits 32            |
+| `PackedSource`              | float32          | QuantLinear on the file's bytes (mapped, | --bits 4, 8, 16;     |
+|                             |                  | zero-copy) or converted per `storage_type`| --mode oracle, ggml  |
+| `streaming.StreamingSource` | read, not mapped | mapped; some layers and the LM head read | --mem-cap            |
+|                             |                  | from the file on the fly                 |                      |
+
+A compute mode wraps each packed weight in its own object (`ops.linear`, `ops.embedding`:
+minillm.ops), over the same bytes.
 """
 
 from dataclasses import dataclass
@@ -11,45 +23,18 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from tqdm import tqdm
 
-from . import quant
-from .config import LlamaConfig
+from . import arch, formats
+from .arch.common import OUTPUT, outer_tensors
 from .errors import GGUFError
 from .gguf import GGUFFile
 from .linear import FloatEmbedding, FloatLinear, QuantEmbedding, QuantLinear
-
-# GGUF name inside block i  ->  field of LayerWeights
-LAYER_TENSORS = {
-    "attn_norm.weight": "attn_norm",
-    "attn_q.weight": "wq",
-    "attn_k.weight": "wk",
-    "attn_v.weight": "wv",
-    "attn_output.weight": "wo",
-    "ffn_norm.weight": "ffn_norm",
-    "ffn_gate.weight": "w_gate",
-    "ffn_up.weight": "w_up",
-    "ffn_down.weight": "w_down",
-}
-
-
-@dataclass
-class LayerWeights:
-    """One transformer block. Each linear is a FloatLinear or a QuantLinear: both are called as
-    `linear(x)` with x (T, in_features), so the model does not know which it has."""
-    attn_norm: np.ndarray  # (dim,)
-    wq: object             # dim -> n_heads * head_dim
-    wk: object             # dim -> n_kv_heads * head_dim
-    wv: object             # dim -> n_kv_heads * head_dim
-    wo: object             # n_heads * head_dim -> dim
-    ffn_norm: np.ndarray   # (dim,)
-    w_gate: object         # dim -> ffn_dim
-    w_up: object           # dim -> ffn_dim
-    w_down: object         # ffn_dim -> dim
+from .ops.f32 import F32
 
 
 @dataclass
 class ModelWeights:
     embedding: object          # FloatEmbedding or QuantEmbedding; also the LM head when tied
-    layers: list
+    layers: list               # the architecture's Layer objects, one per block (or a StreamedLayers)
     output_norm: np.ndarray    # (dim,)
     output: object = None      # a separate LM head, for files that do not tie it
 
@@ -59,71 +44,95 @@ class ModelWeights:
         return self.output(x) if self.output is not None else self.embedding.head(x)
 
 
-def expected_shapes(config: LlamaConfig) -> dict:
-    """Every tensor the architecture needs, with its NumPy shape (n_rows, n_cols)."""
-    q_dim, kv_dim = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
-    per_layer = {
-        "attn_norm.weight": (config.dim,),
-        "attn_q.weight": (q_dim, config.dim),
-        "attn_k.weight": (kv_dim, config.dim),
-        "attn_v.weight": (kv_dim, config.dim),
-        "attn_output.weight": (config.dim, q_dim),
-        "ffn_norm.weight": (config.dim,),
-        "ffn_gate.weight": (config.ffn_dim, config.dim),
-        "ffn_up.weight": (config.ffn_dim, config.dim),
-        "ffn_down.weight": (config.dim, config.ffn_dim),
-    }
-    shapes = {"token_embd.weight": (config.vocab_size, config.dim), "output_norm.weight": (config.dim,)}
+def block_tensors(config, i: int) -> dict:
+    """Block i's rows of the architecture's table: full GGUF name -> (field of its Layer, NumPy shape)."""
+    return {f"blk.{i}.{name}": spec for name, spec in arch.of(config).layer_tensors(config).items()}
+
+
+def expected_shapes(config) -> dict:
+    """Every tensor the architecture needs, with its NumPy shape: (n_rows, n_cols) or (n,)."""
+    shapes = outer_tensors(config)
     for i in range(config.n_layers):
-        shapes.update({f"blk.{i}.{name}": shape for name, shape in per_layer.items()})
+        shapes.update({name: shape for name, (_, shape) in block_tensors(config, i).items()})
     return shapes
 
 
-def validate(gguf: GGUFFile, config: LlamaConfig):
-    """Raise GGUFError for a missing tensor, a wrong shape or an unsupported type. Call it before
-    anything is sized by the hyper-parameters: once the tensors match them, the file's size bounds them."""
-    needed = 2 + len(LAYER_TENSORS) * config.n_layers  # token_embd, output_norm and the layers'
+def validate(gguf: GGUFFile, config):
+    """Raise GGUFError for a missing tensor, a wrong shape or an unsupported type. Hyper-parameters
+    that do not fit the file's tensors show up here, named by the first tensor they do not fit. Call
+    it before anything is sized by the hyper-parameters: once the tensors match them, the file's size
+    bounds them."""
+    needed = len(outer_tensors(config)) + len(arch.of(config).layer_tensors(config)) * config.n_layers
     if needed > len(gguf.tensors):
         # before expected_shapes, which would list every tensor of a block_count of 2^32 - 1
         raise GGUFError(gguf.path, f"block_count {config.n_layers} needs {needed} tensors, "
                                    f"the file has {len(gguf.tensors)}")
     shapes = expected_shapes(config)
-    if "output.weight" in gguf.tensors:
-        shapes["output.weight"] = (config.vocab_size, config.dim)
+    if OUTPUT in gguf.tensors:
+        shapes[OUTPUT] = (config.vocab_size, config.dim)
     for name, shape in shapes.items():
         info = gguf.tensors.get(name)
         if info is None:
             raise GGUFError(gguf.path, f"missing tensor {name}")
         if tuple(info.shape) != shape:
-            raise GGUFError(gguf.path, f"tensor {name} has shape {tuple(info.shape)}, expected {shape}")
-        if info.ggml_type not in quant.SUPPORTED_TYPES:
-            supported = ", ".join(t.name for t in quant.SUPPORTED_TYPES)
+            raise GGUFError(gguf.path, f"tensor {name} has shape {tuple(info.shape)}, expected {shape} "
+                                       "from the hyper-parameters")
+        if info.ggml_type not in formats.weight_types():
+            supported = ", ".join(t.name for t in formats.weight_types())
             raise GGUFError(gguf.path, f"tensor {name} has unsupported type {info.ggml_type.name} (supported: {supported})")
 
 
 def dequantized(gguf: GGUFFile, name: str) -> np.ndarray:
     """A tensor decoded to float32 in its NumPy shape."""
     info = gguf.tensors[name]
-    return quant.dequantize(gguf.data(name), info.ggml_type).reshape(info.shape)
+    return formats.dequantize(gguf.data(name), info.ggml_type).reshape(info.shape)
 
 
-def load_float(gguf: GGUFFile, config: LlamaConfig, threads: int = 1) -> ModelWeights:
-    """All weights dequantized to float32: the baseline every other path is checked against."""
+def layer_weights(config, i: int, source):
+    """Block i as its architecture's Layer: each row of the table asked of the source."""
+    fields = {field: source.vector(name) if len(shape) == 1 else source.matrix(name)
+              for name, (field, shape) in block_tensors(config, i).items()}
+    return arch.of(config).Layer(**fields)
+
+
+def load_weights(gguf: GGUFFile, config, source, layout=None) -> ModelWeights:
+    """The model's weights, tensor by tensor from `source`, after `validate`. With a memory plan's
+    `layout` (minillm.plan.Layout; the source is then a streaming.StreamingSource) the layers from
+    `layout.resident_layers` on, and the LM head if `layout.stream_head`, are read on the fly."""
     validate(gguf, config)
-    layers = []
-    for i in range(config.n_layers):
-        fields = {}
-        for name, field in LAYER_TENSORS.items():
-            w = dequantized(gguf, f"blk.{i}.{name}")
-            fields[field] = w if w.ndim == 1 else FloatLinear(w, threads)
-        layers.append(LayerWeights(**fields))
-    output = FloatLinear(dequantized(gguf, "output.weight"), threads) if "output.weight" in gguf.tensors else None
-    return ModelWeights(
-        embedding=FloatEmbedding(dequantized(gguf, "token_embd.weight"), threads),
-        layers=layers,
-        output_norm=dequantized(gguf, "output_norm.weight"),
-        output=output,
-    )
+    return assemble_weights(config, source, OUTPUT in gguf.tensors, layout)
+
+
+def assemble_weights(config, source, has_output: bool, layout=None) -> ModelWeights:
+    """The walk of `load_weights` over tensors already checked (training's float arrays too,
+    minillm.train.model): `has_output` when there is a separate LM head."""
+    resident = config.n_layers if layout is None else layout.resident_layers
+    layers = [layer_weights(config, i, source) for i in range(resident)]
+    if resident < config.n_layers:
+        layers = source.streamed_layers(config, layers)
+    stream_head = layout is not None and layout.stream_head
+    embedding = source.streamed_embedding("token_embd.weight") if stream_head else source.embedding("token_embd.weight")
+    output = None
+    if has_output:
+        output = source.streamed_embedding(OUTPUT).head if stream_head else source.matrix(OUTPUT)
+    return ModelWeights(embedding=embedding, layers=layers, output_norm=source.vector("output_norm.weight"),
+                        output=output)
+
+
+class FloatSource:
+    """Every weight dequantized to float32: the baseline every other path is checked against."""
+
+    def __init__(self, gguf: GGUFFile, threads: int = 1):
+        self.gguf, self.threads = gguf, threads
+
+    def vector(self, name: str) -> np.ndarray:
+        return dequantized(self.gguf, name)
+
+    def matrix(self, name: str) -> FloatLinear:
+        return FloatLinear(dequantized(self.gguf, name), self.threads)
+
+    def embedding(self, name: str) -> FloatEmbedding:
+        return FloatEmbedding(dequantized(self.gguf, name), self.threads)
 
 
 INT4_TYPES = {"asym": GGMLQuantizationType.Q4_1, "sym": GGMLQuantizationType.Q4_0}
@@ -132,11 +141,12 @@ FLOAT_TYPES = {32: GGMLQuantizationType.F32, 16: GGMLQuantizationType.F16}
 
 def storage_type(info, bits: int, int4: str = "asym", tied_head: bool = False) -> GGMLQuantizationType:
     """The format a tensor is held in for `--bits`: vectors stay as stored; matrices become float32,
-    float16, Q8_0, or int4 (Q4_1 or Q4_0, `--int4 asym|sym`). At 4 bits a matrix already in an int4
-    format is kept as stored. A tied embedding is also the LM head, which llama.cpp's quantizer keeps
-    at higher precision (Q6_K for its Q4 types): at 4 bits it stays as stored when that is int4 or
-    Q8_0, and becomes Q8_0 otherwise. On SmolLM2 requantized from float, an int4 head instead of
-    Q8_0 costs a mean KL of about 0.07 against float32 (README, quality table)."""
+    float16, Q8_0, or int4 (Q4_1 or Q4_0, `--int4 asym|sym`). At 4 bits a matrix already in a block
+    format of fewer than 8 bits per weight (Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K: a K-quant mix
+    as llama.cpp wrote it) is kept as stored. A tied embedding is also the LM head, which llama.cpp's
+    quantizer keeps at higher precision (Q6_K for its Q4 types): at 4 bits it stays as stored when
+    that is a block format, and becomes Q8_0 when it is float. On SmolLM2 requantized from float, an
+    int4 head instead of Q8_0 costs a mean KL of about 0.07 against float32 (README, quality table)."""
     stored = info.ggml_type
     if len(info.shape) == 1:
         return stored
@@ -144,7 +154,8 @@ def storage_type(info, bits: int, int4: str = "asym", tied_head: bool = False) -
         return FLOAT_TYPES[bits]
     if bits == 8:
         return GGMLQuantizationType.Q8_0
-    if stored in INT4_TYPES.values():
+    quantized = formats.get(stored).parts is not None
+    if quantized and (tied_head or formats.get(stored).bits_per_weight < 8):
         return stored
     if tied_head:
         return GGMLQuantizationType.Q8_0
@@ -158,39 +169,47 @@ def packed_tensor(gguf: GGUFFile, name: str, target: GGMLQuantizationType) -> np
     info = gguf.tensors[name]
     if info.ggml_type == target:
         return gguf.data(name)
-    converted = quant.quantize(dequantized(gguf, name), target)
+    converted = formats.quantize(dequantized(gguf, name), target)
     gguf.release(name)
     return converted
 
 
-def load_packed(gguf: GGUFFile, config: LlamaConfig, bits: int, *, int4: str = "asym", backend: str = "numba",
-                threads: int = 1, progress: bool = True) -> ModelWeights:
+def held_types(gguf: GGUFFile, config, bits: int, int4: str = "asym") -> dict:
+    """GGUF name -> the type `storage_type` holds it in, for every tensor of the model the file has
+    (`validate` reports the missing ones)."""
+    tied = OUTPUT not in gguf.tensors
+    names = [*expected_shapes(config), *([] if tied else [OUTPUT])]
+    return {name: storage_type(gguf.tensors[name], bits, int4, tied_head=tied and name == "token_embd.weight")
+            for name in names if name in gguf.tensors}
+
+
+class PackedSource:
     """Weights held in the formats `storage_type` picks for `bits`, multiplied by the kernels in
-    their packed form. A file already in those formats is used zero-copy from the memory map."""
-    validate(gguf, config)
-    tied = "output.weight" not in gguf.tensors
-    plan = {name: storage_type(info, bits, int4, tied_head=tied and name == "token_embd.weight")
-            for name, info in gguf.tensors.items() if name in expected_shapes(config) or name == "output.weight"}
-    converting = [name for name, target in plan.items() if target != gguf.tensors[name].ggml_type]
-    bar = tqdm(total=len(converting), desc=f"converting weights to --bits {bits}", unit="tensor",
-               disable=None if progress and converting else True)  # None: off when stderr is no terminal
+    their packed form (or by a compute mode's objects over the same bytes: `ops`). A file already in
+    those formats is used zero-copy from the memory map."""
 
-    def linear(name):
-        raw = packed_tensor(gguf, name, plan[name])
-        bar.update(name in converting)
-        return QuantLinear(raw, plan[name], backend, threads, name)
+    def __init__(self, gguf: GGUFFile, config, bits: int, *, int4: str = "asym", backend: str = "numba",
+                 threads: int = 1, ops=None, progress: bool = True):
+        self.gguf, self.backend, self.threads, self.ops = gguf, backend, threads, ops or F32()
+        self.targets = held_types(gguf, config, bits, int4)
+        converting = sum(target != gguf.tensors[name].ggml_type for name, target in self.targets.items())
+        self.bar = tqdm(total=converting, desc=f"converting weights to --bits {bits}", unit="tensor",
+                        disable=None if progress and converting else True)  # None: off when stderr is no terminal
 
-    layers = []
-    for i in range(config.n_layers):
-        fields = {}
-        for name, field in LAYER_TENSORS.items():
-            full = f"blk.{i}.{name}"
-            fields[field] = dequantized(gguf, full) if len(gguf.tensors[full].shape) == 1 else linear(full)
-        layers.append(LayerWeights(**fields))
-    embedding = QuantEmbedding(packed_tensor(gguf, "token_embd.weight", plan["token_embd.weight"]),
-                               plan["token_embd.weight"], backend, threads)
-    bar.update("token_embd.weight" in converting)
-    output = linear("output.weight") if not tied else None
-    bar.close()
-    return ModelWeights(embedding=embedding, layers=layers, output_norm=dequantized(gguf, "output_norm.weight"),
-                        output=output)
+    def vector(self, name: str) -> np.ndarray:
+        return dequantized(self.gguf, name)
+
+    def packed(self, name: str) -> np.ndarray:
+        """The tensor's bytes as they are held: (rows, row_bytes) uint8."""
+        raw = packed_tensor(self.gguf, name, self.targets[name])
+        if self.targets[name] != self.gguf.tensors[name].ggml_type:
+            self.bar.update()
+            if self.bar.n == self.bar.total:
+                self.bar.close()
+        return raw
+
+    def matrix(self, name: str):
+        return self.ops.linear(QuantLinear(self.packed(name), self.targets[name], self.backend, self.threads, name))
+
+    def embedding(self, name: str):
+        return self.ops.embedding(QuantEmbedding(self.packed(name), self.targets[name], self.backend, self.threads))

@@ -14,6 +14,8 @@ The packed-weight kernels get sharper, per-output bounds derived from the data t
 
 import numpy as np
 
+from minillm import formats
+
 REORDERING_RTOL = 1e-5
 
 
@@ -22,7 +24,7 @@ def reordering_atol(reference: np.ndarray) -> float:
 
 
 # ---------------------------------------------------------------------------------------------
-# Bounds for the packed-weight kernels (kernels/q8_0.py, kernels/q4.py, minillm.linear).
+# Bounds for the packed-weight kernels (kernels/<type>.py, minillm.linear).
 
 U32 = 2.0**-24  # unit roundoff of float32: a rounded result is v (1 + delta), |delta| <= u
 U64 = 2.0**-53
@@ -42,29 +44,10 @@ def gamma(n: int, u: float = U32) -> float:
     return n * u / (1 - n * u)
 
 
-def block_parts(raw: np.ndarray, ggml_type) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The blocks of raw (rows, row_bytes) as exact float64: scale d (rows, nb), offset m (rows, nb)
-    and the integers c (rows, nb, 32) they multiply, so that w = d * c + m exactly.
-    Q8_0: c = q, m = 0.  Q4_0: c = code - 8, m = 0.  Q4_1: c = code, m = the stored minimum."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
-    rows, type_size = raw.shape[0], GGML_QUANT_SIZES[ggml_type][1]
-    blocks = np.ascontiguousarray(raw).reshape(rows, -1, type_size)
-    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float64)
-    m = np.zeros_like(d)
-    if ggml_type == Q.Q8_0:
-        return d, m, blocks[..., 2:].view(np.int8).astype(np.float64)
-    if ggml_type == Q.Q4_1:
-        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
-    packed = blocks[..., type_size - 16:]
-    codes = np.concatenate([packed & 15, packed >> 4], axis=-1).astype(np.float64)
-    return d, m, codes - 8 if ggml_type == Q.Q4_0 else codes
-
-
 def exact_weights(raw: np.ndarray, ggml_type) -> np.ndarray:
-    """W (rows, K) in float64, exactly: float16 d and m times integers below 2^8 are multiples of
-    2^-24 below 2^21, which float64 holds without rounding (float32 does not, for Q4_1's d*c + m)."""
-    d, m, c = block_parts(raw, ggml_type)
-    return (d[..., None] * c + m[..., None]).reshape(raw.shape[0], -1)
+    """W (rows, K) in float64, exactly (minillm.formats' `Format.exact`: scale * code + offset, where
+    float32 could round Q4_1's d * c + m and the K-quants' d * sc * q - dmin * m)."""
+    return formats.get(ggml_type).exact(raw)
 
 
 def _reference_error(w: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -75,41 +58,35 @@ def _reference_error(w: np.ndarray, x: np.ndarray) -> np.ndarray:
 def matvec_bound(raw: np.ndarray, ggml_type, x: np.ndarray) -> np.ndarray:
     """Largest |matvec_kernel(W, x) - W @ x| per output row (N,), for the int8-activation kernels.
 
-    The kernel computes, in float32, y~ = sum over blocks b of  d_b dx_b I_b + m_b dx_b S_b  where
-    x ~ dx * q (quant.quantize_activation), I_b = sum_e c_e q_e and S_b = sum_e q_e are exact
-    integers (below 2^24, so exact as float32 too). Two error sources, by the triangle inequality:
+    A format's kernel multiplies W by an int8 activation x ~ dx * q (its `matvec_activation`: one
+    float32 scale per 32 values, or Q8_K's per 256) and adds, in float32, terms c_t * I_t: a product
+    of float scales c_t (for example d_b dx_b) times an exact integer sum I_t (for example
+    sum_e code_e q_e); the format's `matvec_terms` lists them, exactly, and says through how many
+    roundings (`depth`) any one of them goes. Their exact sum is W @ (dx * q). Two error sources,
+    by the triangle inequality:
 
-    1. float32 arithmetic. Each product d_b dx_b I_b takes 2 roundings, and the block terms are
-       added one after another (at most nb + 1 more roundings), so with n = nb + 3
-           |y~ - sum_b (d_b dx_b I_b + m_b dx_b S_b)| <= gamma_n * sum_b (|d_b dx_b I_b| + |m_b dx_b S_b|).
+    1. float32 arithmetic. A value that went through n roundings is v (1 + theta), |theta| <= gamma_n,
+       so with n = depth
+           |y~ - sum_t c_t I_t| <= gamma_n * sum_t |c_t I_t|.
        The sum uses the terms' own sizes: d I and m S can cancel, so |y| alone would not do.
-       Underflow: d_b dx_b can be subnormal (a subnormal float16 d); its absolute error UNDERFLOW
-       is then multiplied by I_b, so add UNDERFLOW (|I_b| + |S_b| + 2) per block.
-    2. int8 activations: sum_e w_e (x_e - dx q_e), and quantize_activation guarantees
-           |x_e - dx q_e| <= dx (1/2 + 255 u)    (or |x_e| itself in a block flushed to zero),
-       so this part is at most sum_e |w_e| * that: per block |d_b| sum|c| dx/2 plus the m terms.
-       (x / dx can underflow only for |x| < 2^-126 dx, whose UNDERFLOW is far below the 255 u.)
+       Underflow: a product of scales can be subnormal (a subnormal float16 d); its absolute error
+       UNDERFLOW is then multiplied by I_t, and the product by I_t can underflow again, so add
+       UNDERFLOW (|I_t| + 1) per term.
+    2. int8 activations: sum_e w_e (x_e - dx q_e), at most sum_e |w_e| * the activation's own
+       per-element bound (`error_bound`: dx (1/2 + 255 u) for Int8Blocks, or |x| in a block flushed
+       to zero).
 
-    Add the float64 reference's own error, then scale by (1 + gamma(n, u64)) for the rounding in
+    Add the float64 reference's own error, then scale by (1 + gamma(4 K, u64)) for the rounding in
     computing this bound in float64.
     """
-    from minillm import quant
-    d, m, c = block_parts(raw, ggml_type)                         # (N, nb), (N, nb), (N, nb, 32)
-    q, dx = quant.quantize_activation(x)                          # (K,) int8, (nb,) float32
-    q = q.reshape(-1, 32).astype(np.float64)                      # (nb, 32)
-    dx = dx.astype(np.float64)
-    isum = np.einsum("nbe,be->nb", c, q)                          # exact: integers < 2^24
-    qsum = q.sum(axis=-1)
-    nb = dx.shape[0]
-    arithmetic = gamma(nb + 3) * (np.abs(d * dx * isum) + np.abs(m * dx * qsum)).sum(axis=-1)
-    arithmetic += (1 + gamma(nb + 3)) * UNDERFLOW * (np.abs(isum) + np.abs(qsum) + 2).sum(axis=-1)
-
-    x_blocks = x.astype(np.float64).reshape(-1, 32)
-    per_element = np.where(dx[:, None] > 0, dx[:, None] * (0.5 + 255 * U32), np.abs(x_blocks))
-    w = d[..., None] * c + m[..., None]                           # (N, nb, 32) exact
-    activation = np.einsum("nbe,be->n", np.abs(w), per_element)
-
-    reference = _reference_error(w.reshape(w.shape[0], -1), x.astype(np.float64))
+    fmt = formats.get(ggml_type)
+    w = fmt.exact(raw)                                                  # (N, K) float64, exact
+    q, dx = fmt.matvec_activation.codes(x)
+    coefficients, integers, depth = fmt.matvec_terms(fmt.blocks(raw), q, dx.astype(np.float64))
+    arithmetic = gamma(depth) * np.abs(coefficients * integers).sum(axis=-1)
+    arithmetic += (1 + gamma(depth)) * UNDERFLOW * (np.abs(integers) + 1).sum(axis=-1)
+    activation = np.abs(w) @ fmt.matvec_activation.error_bound(x, dx)
+    reference = _reference_error(w, x.astype(np.float64))
     return (arithmetic + activation + reference) * (1 + gamma(4 * x.shape[-1], U64))
 
 

@@ -4,7 +4,7 @@ reproducer of every defect issue 16 lists, and the structured mutations the fuzz
 gguf's GGUFWriter only writes valid files (one value per key, offsets it computes itself), so the
 files here are written by `RawGGUF`, a plain serializer of the format (minillm.gguf's docstring
 shows the layout) that records where each field of the header lands (`Region`), so a mutation can
-aim at any one of them. Every file starts from the micro model: `write_tiny_llama` with one layer of
+aim at any one of them. Every file starts from the micro model: `write_tiny` with one layer of
 width 32 and Q4_0 matrices, 14.7 KB; `generate -n 2` runs on it (in its chat template).
 
 tests/test_fuzz.py runs a fixed sample of the mutations in the suite; `python tests/fuzz_gguf.py`
@@ -25,7 +25,7 @@ from gguf import GGMLQuantizationType, GGUFValueType
 
 from minillm import metadata
 from minillm.gguf import GGUFFile
-from minillm.synthetic import write_tiny_llama
+from minillm.synthetic import write_tiny
 
 V = GGUFValueType
 SCALAR_FORMATS = {V.UINT8: "B", V.INT8: "b", V.UINT16: "H", V.INT16: "h", V.UINT32: "I", V.INT32: "i",
@@ -174,8 +174,8 @@ class _Writer:
 
 def micro_model(path) -> Path:
     """The 14.7 KB valid model every hostile file starts from (generate -n 2 runs on it)."""
-    return write_tiny_llama(path, n_layers=1, dim=32, n_heads=1, n_kv_heads=1, ffn_dim=32, context_length=64,
-                            weight_type=GGMLQuantizationType.Q4_0)
+    return write_tiny(path, n_layers=1, dim=32, n_heads=1, n_kv_heads=1, ffn_dim=32, context_length=64,
+                      weight_type=GGMLQuantizationType.Q4_0)
 
 
 def nested(depth: int) -> Value:

@@ -1,5 +1,5 @@
 """Every backward pass of minillm.train.backward and minillm.train.losses against central finite
-differences of its forward step (minillm.model's own functions), in float64 on random inputs.
+differences of its forward step (minillm.ops.f32's own functions), in float64 on random inputs.
 
 Each test turns the step into a scalar L = sum(dy * f(x)) with a random dy, so dL/dx is exactly
 the backward's output for that dy (tests/gradcheck.py explains the tolerance)."""
@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from bounds import exact_weights, tile_bound
 from gradcheck import check_gradient
-from minillm import quant
+from minillm import formats
 from minillm.linear import QuantLinear
-from minillm.model import attend, causal_mask, rmsnorm, rope, rope_angles, silu, softmax
+from minillm.ops.f32 import attend, causal_mask, rmsnorm, rope, rope_angles, silu, softmax
 from minillm.train.backward import (attention_backward, embedding_backward, linear_backward, rmsnorm_backward,
                                     rope_backward, softmax_backward, swiglu_backward)
 from minillm.train.losses import cross_entropy, distillation_kl, teacher_targets
@@ -134,9 +134,9 @@ def test_distillation_kl(T, vocab, k, temperature, seed):
 def test_packed_input_gradient(w, T, ggml_type, backend, seed):
     """dy W for packed W, dequantized a tile of rows at a time (several tiles: the tile size is set
     down to 4 rows: `tile_rows = 4`), against float64 of the exact weights, within tile_bound (a sum of N products)."""
-    raw = quant.quantize(w, ggml_type)
+    raw = formats.quantize(w, ggml_type)
     exact = exact_weights(raw, ggml_type) if ggml_type in (Q.Q8_0, Q.Q4_0, Q.Q4_1) \
-        else quant.dequantize(raw, ggml_type).astype(np.float64)
+        else formats.dequantize(raw, ggml_type).astype(np.float64)
     dy = np.random.default_rng(seed).standard_normal((T, w.shape[0])).astype(np.float32)
     linear = QuantLinear(raw, ggml_type, backend)
     linear.tile_rows = 4

@@ -105,3 +105,16 @@ def test_bench_memory_runs_outside_the_checkout_and_writes_its_figure_there(tiny
     missing = subprocess.run([sys.executable, "-m", "minillm.bench_memory", "--plot", "no/such/dir/x.png"],
                              capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert_one_line_error(missing, 2, "no directory")
+
+
+def test_bench_formats_measures_every_format_with_kernels():
+    """`bench --formats` on a small matrix: every format with kernels, Q4_1 against itself 1.0."""
+    from minillm import formats
+    from minillm.bench_formats import bench_formats, format_table
+    results = bench_formats(n_rows=64, n_cols=512, rounds=2, calls=2)
+    assert [r["format"] for r in results] == [formats.get(t).name for t in formats.weight_types()
+                                             if formats.get(t).kernels]
+    for r in results:
+        assert r["matvec_ms"] > 0 and r["weights_per_s"] > 0 and r["speed_vs_q4_1"] > 0
+    assert next(r for r in results if r["format"] == "Q4_1")["speed_vs_q4_1"] == 1.0
+    assert "Q4_K" in format_table(results, threads=1, rounds=2, n_rows=64, n_cols=512)

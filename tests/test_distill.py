@@ -9,7 +9,7 @@ from gguf import GGMLQuantizationType as Q
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minillm.synthetic import write_tiny_llama
+from minillm.synthetic import write_tiny
 from minillm.train.losses import teacher_targets
 from test_cli import assert_one_line_error, minillm
 
@@ -32,7 +32,7 @@ def test_teacher_targets_are_the_top_k_renormalised(T, vocab, k, temperature, se
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
-    return write_tiny_llama(tmp_path_factory.mktemp("distill") / "teacher.gguf", n_layers=3, ffn_dim=128,
+    return write_tiny(tmp_path_factory.mktemp("distill") / "teacher.gguf", "llama", n_layers=3, ffn_dim=128,
                             weight_type=Q.Q4_1, embedding_type=Q.Q8_0)
 
 
@@ -65,7 +65,7 @@ def test_a_student_larger_than_the_teacher_or_a_bad_spec_is_refused(teacher, tmp
 
 
 def test_a_student_file_wider_than_the_teacher_is_refused(teacher, tmp_path):
-    wide = write_tiny_llama(tmp_path / "wide.gguf", n_layers=2, ffn_dim=256)
+    wide = write_tiny(tmp_path / "wide.gguf", "llama", n_layers=2, ffn_dim=256)
     out = tmp_path / "student.gguf"
     r = minillm("distill", "--teacher", teacher, "--student", wide, "--text", ALICE, "-o", out, "--window", "64", cwd=".")
     assert_one_line_error(r, 1, "larger than the teacher", "ffn_dim 256 > 128")

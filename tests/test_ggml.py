@@ -1,11 +1,13 @@
 """The compute modes (minillm.modes): ggml's activation quantizers and products, the float16 KV
 cache, the float64 oracle, the --mode flag, and `--mode ggml` against llama.cpp's own logits."""
 
+import hashlib
 import json
 import math
 import os
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import gguf
@@ -15,13 +17,17 @@ from gguf import GGMLQuantizationType as GT
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from minillm import quant
-from minillm.config import LlamaConfig
+from minillm import formats
+from minillm.arch.llama import LlamaConfig
+from minillm.formats.ggml_math import accumulate_avx2, block_sums, fma32, lane_sums
+from minillm.formats.q8_0 import q8_0_bytes
+from minillm.formats.q8_1 import q8_1_bytes
 from minillm.gguf import GGUFFile
 from minillm.kvcache import Float16Rows, kv_cache_bytes, new_cache
 from minillm.linear import QuantLinear
-from minillm.modes.ggml import (GGMLLinear, accumulate_avx2, block_sums, f16_dot, ggml_expf, lane_sums,
-                                q8_0_bytes, q8_1_bytes, quantize_q8_0, quantize_q8_1, weight_blocks)
+from minillm.modes.ggml import GGMLLinear
+from minillm.ops.ggml import f16_dot, ggml_expf
+from minillm.quantize import pure_plan, write_requantized
 from minillm.runtime import RunConfig, load
 from minillm.verify.compare import logits_diff, tensor_diff
 from strategies import float_rows
@@ -32,6 +38,16 @@ EPS32 = float(np.finfo(np.float32).eps)
 F32_NMSE_TARGET = 1e-6
 GGML_NMSE_TARGET = 1e-4
 GGML_KLD_TARGET = 1e-4
+
+
+quantize_q8_0 = formats.Q8_0.ggml_quantize
+quantize_q8_1 = formats.Q8_1.ggml_quantize
+
+
+def weight_blocks(raw, ggml_type):
+    """Packed rows -> their parts: codes (N, nb, 32) (Q4_0: code - 8), d (N, nb), m (N, nb) float32."""
+    scale, offset, codes = formats.get(ggml_type).parts(formats.get(ggml_type).blocks(raw))
+    return codes[:, :, 0], scale[..., 0], offset[..., 0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,7 +185,7 @@ def test_generic_products_equal_the_transcribed_c(ggml_type, rounding):
     rounding of every scale and the order of every product count."""
     rng = np.random.default_rng(7)
     w, x = rng.standard_normal((32, 256)).astype(np.float32), rng.standard_normal(256).astype(np.float32) * 3
-    raw = quant.quantize(w, ggml_type)
+    raw = formats.quantize(w, ggml_type)
     x_blocks = transcribed_q8(x, rounding, with_sum=ggml_type == GT.Q4_1)
     want = [transcribed_vec_dot(raw[n].tobytes(), x_blocks, ggml_type) for n in range(len(w))]
     got = GGMLLinear(QuantLinear(raw, ggml_type, "numpy", 1, "w"), rounding)(x[None])[0]
@@ -197,10 +213,11 @@ def test_avx2_order_adds_the_generic_terms():
     """The AVX2 order regroups the same float32 terms: equal to their float64 sum within the
     float32 rounding of at most 2 * nb + 4 additions and products of them."""
     rng = np.random.default_rng(1)
-    raw = quant.quantize(rng.normal(size=(5, 96)).astype(np.float32), GT.Q4_1)
+    raw = formats.Q4_1.quantize(rng.normal(size=(5, 96)).astype(np.float32))
     codes, dw, mw = weight_blocks(raw, GT.Q4_1)
     dx, sx, qx = quantize_q8_1(rng.normal(size=(2, 96)).astype(np.float32))
-    got = accumulate_avx2(GT.Q4_1, lane_sums(codes, qx), dw, mw, dx, sx)            # (5, 2)
+    scales = dw.T[:, :, None] * dx.T[:, None, :]
+    got = accumulate_avx2(scales, lane_sums(codes, qx), mw.T[:, :, None] * sx.T[:, None, :])   # (5, 2)
     sums = block_sums(codes, qx).astype(np.float64)                            # (nb, 5, 2)
     terms = (dw.T[:, :, None] * dx.T[:, None, :]) * sums + mw.T[:, :, None] * sx.T[:, None, :]
     magnitude = (np.abs(dw.T[:, :, None] * dx.T[:, None, :] * sums)
@@ -208,39 +225,116 @@ def test_avx2_order_adds_the_generic_terms():
     np.testing.assert_array_less(np.abs(got - terms.sum(0)), (2 * 3 + 4) * EPS32 * magnitude)
 
 
+def fma_reference(a, b, c) -> np.float32:
+    """a * b + c rounded once to float32, from the exact rational value: the nearer of the float32
+    values around it, the one with an even last bit on a tie."""
+    exact = Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c))
+    guess = np.float32(float(exact))                        # at most one float32 step off
+    near = [np.nextafter(guess, np.float32(-np.inf)), guess, np.nextafter(guess, np.float32(np.inf))]
+    return min(near, key=lambda r: (abs(Fraction(float(r)) - exact), int(np.float32(r).view(np.uint32)) & 1))
+
+
+SMALL_F32 = st.floats(-2.0**60, 2.0**60, width=32)   # products and sums stay far from float32's overflow
+
+
+@given(a=SMALL_F32, b=SMALL_F32, c=SMALL_F32)
+def test_fma32_rounds_once(a, b, c):
+    assert fma32(np.float32(a), np.float32(b), np.float32(c)) == fma_reference(a, b, c)
+
+
+def test_fma32_on_float64_ties_and_subnormals():
+    """Where float64 rounds p + c onto a float32 midpoint, rounding that to float32 would break the
+    tie the wrong way: (1 + 2^-20)(1 - 2^-20) + (2^24 + 2) is 2^24 + 3 - 2^-40, just below the
+    midpoint between 2^24 + 2 and 2^24 + 4. Subnormal results keep fewer bits; a batch mixes both."""
+    one_up, one_down = np.float32(1 + 2.0**-20), np.float32(1 - 2.0**-20)
+    a = np.array([one_up, -one_up, 2.0**-70, 3.0 * 2.0**-75, 1.5], np.float32)
+    b = np.array([one_down, one_down, 2.0**-70, -(2.0**-70), 2.0], np.float32)
+    c = np.array([2.0**24 + 2, -(2.0**24 + 2), 2.0**-140, 2.0**-144, 0.25], np.float32)
+    want = [fma_reference(*abc) for abc in zip(a, b, c)]
+    assert want[0] == 2.0**24 + 2
+    assert fma32(a, b, c).tolist() == [float(w) for w in want]
+    assert fma32(a[:, None], b[None, :], c[0]).shape == (5, 5)      # broadcasts as NumPy does
+
+
+QUANTIZED = [GT.Q8_0, GT.Q4_0, GT.Q4_1, GT.Q5_0, GT.Q5_1, GT.Q4_K, GT.Q5_K, GT.Q6_K]
+
+
+def dequantized_activation(act_type, act) -> np.ndarray:
+    """The values (T, K) float64 an activation of ggml_quantize stands for: d * q per block."""
+    d, q = (act[0], act[2]) if act_type == GT.Q8_1 else (act[0], act[1])
+    return (d[..., None].astype(np.float64) * q).reshape(q.shape[0], -1)
+
+
 def product_bound(raw, ggml_type, x, rounding):
-    """|ggml's W x - W x| for exact W (float64) and x: each activation is off by at most
-    |x - d16 q| (its rounding and the float16 scale); Q8_1's s differs from d16 * sum(q) by its
-    float16 rounding, which m multiplies; and the float32 sum of 2 nb terms (3 with fused or
-    separate products, 3 more additions to reduce AVX2's lanes) rounds at most (2 nb + 8) eps32 of
-    the sum of the terms' magnitudes: d * sumi and m * s may cancel, so their sizes count, not |W x|."""
-    w = quant.dequantize(raw, ggml_type).astype(np.float64)                     # (N, K)
-    if ggml_type == GT.Q4_1:
-        d, s, q = quantize_q8_1(x, rounding)
-    else:
-        (d, q), s = quantize_q8_0(x, rounding), None
-    xhat = (d[..., None].astype(np.float64) * q).reshape(x.shape)              # (T, K) the Q8 values
+    """|ggml's W x - W x| for exact W (float64) and x. Each activation is off by at most |x - xhat|
+    (its rounding and its scale's), which |W| multiplies; Q8_1's s differs from d16 * sum(q) by its
+    float16 rounding, which the offset m multiplies. The float32 part adds terms scale * integer
+    sum (and offset * activation sum) in some grouping, each through at most 2 nb + 8 roundings
+    (products, conversions, block after block, the lanes' reduction), so it is off by at most
+    (2 nb + 8) eps32 times the sum of their magnitudes, which is at most sum_e (|scale_e code_e| +
+    |offset_e|) |xhat_e| (plus |m| |s| for Q8_1): terms may cancel, so their sizes count, not |W x|."""
+    fmt = formats.get(ggml_type)
+    act_type = fmt.vec_dot_type
+    w = fmt.exact(raw)                                                          # (N, K)
+    act = formats.get(act_type).ggml_quantize(x, rounding)
+    xhat = dequantized_activation(act_type, act)                                # (T, K)
     bound = np.abs(x.astype(np.float64) - xhat) @ np.abs(w).T                   # (T, N)
-    codes, dw, mw = weight_blocks(raw, ggml_type)
-    nb = dw.shape[1]
-    sums = block_sums(codes, q).astype(np.float64)                              # (nb, N, T)
-    magnitude = np.abs(dw.T[:, :, None] * d.T[:, None, :] * sums).sum(0)        # (N, T): the d * sumi terms
-    if s is not None:
-        s_err = np.abs(s - d * q.astype(np.int64).sum(-1))                      # (T, nb)
-        bound += s_err @ np.abs(mw).T
-        magnitude += (np.abs(mw.T[:, :, None] * s.T[:, None, :])).sum(0)        # and the m * s terms
-    return bound + (2 * nb + 8) * EPS32 * magnitude.T
+    scale, offset, codes = fmt.parts(fmt.blocks(raw))
+    sizes = np.abs(scale[..., None].astype(np.float64) * codes) + np.abs(offset[..., None])
+    magnitude = np.abs(xhat) @ sizes.reshape(w.shape).T                         # (T, N)
+    if act_type == GT.Q8_1:
+        d, s, q = act
+        m = np.abs(offset.reshape(offset.shape[0], -1)).astype(np.float64)     # (N, nb)
+        bound += np.abs(s - d * q.astype(np.int64).sum(-1)) @ m.T
+        magnitude += np.abs(s) @ m.T
+    nb = w.shape[1] // max(32, fmt.block_size)
+    return bound + (2 * nb + 8) * EPS32 * magnitude
 
 
-@pytest.mark.parametrize("ggml_type", [GT.Q8_0, GT.Q4_0, GT.Q4_1])
-@given(x=float_rows(max_rows=3, max_blocks=4, max_abs=100), rounding=st.sampled_from(["ref", "x86"]),
-       seed=st.integers(0, 2**32 - 1))
-def test_ggml_product_is_within_its_bound_of_float64(ggml_type, x, rounding, seed):
+@pytest.mark.parametrize("ggml_type", QUANTIZED, ids=lambda t: t.name)
+@given(data=st.data(), rounding=st.sampled_from(["ref", "x86"]), seed=st.integers(0, 2**32 - 1))
+def test_ggml_product_is_within_its_bound_of_float64(ggml_type, data, rounding, seed):
+    block = max(32, formats.get(ggml_type).block_size)
+    x = data.draw(float_rows(max_rows=3, max_blocks=4 if block == 32 else 2, max_abs=100, block=block))
     w = np.random.default_rng(seed).normal(size=(7, x.shape[1])).astype(np.float32)
-    raw = quant.quantize(w, ggml_type)
+    raw = formats.quantize(w, ggml_type)
     got = GGMLLinear(QuantLinear(raw, ggml_type, backend="numpy"), rounding)(x)
-    want = x.astype(np.float64) @ quant.dequantize(raw, ggml_type).astype(np.float64).T
+    want = x.astype(np.float64) @ formats.get(ggml_type).exact(raw).T
     assert np.all(np.abs(got - want) <= product_bound(raw, ggml_type, x, rounding))
+
+
+# ---------------------------------------------------------------------------------------------
+# Against ggml itself (tests/data/make_ggml_quants_reference.py: libggml's x86 build, through ctypes)
+
+GOLDEN_QUANTS = np.load(Path(__file__).parent / "data" / "ggml_quants_reference.npz")
+
+
+def activation_bytes(act_type, act) -> np.ndarray:
+    """An activation of ggml_quantize as ggml lays it out in memory, (T, row_bytes) uint8."""
+    if act_type == GT.Q8_0:
+        return q8_0_bytes(*act)
+    if act_type == GT.Q8_1:
+        return q8_1_bytes(*act)
+    d, q, bsums = act                                                    # block_q8_K: f32 d, 256 int8, 16 int16
+    return np.concatenate([d[..., None].view(np.uint8), q.view(np.uint8),
+                           bsums.astype(np.int16).view(np.uint8)], axis=-1).reshape(d.shape[0], -1)
+
+
+@pytest.mark.parametrize("act_type", [GT.Q8_0, GT.Q8_1, GT.Q8_K], ids=lambda t: t.name)
+def test_activation_quantizers_equal_ggml_x86(act_type):
+    act = formats.get(act_type).ggml_quantize(GOLDEN_QUANTS["dot_x"], "x86")
+    assert np.array_equal(activation_bytes(act_type, act), GOLDEN_QUANTS[f"act_{act_type.name}"])
+
+
+@pytest.mark.parametrize("ggml_type", QUANTIZED, ids=lambda t: t.name)
+def test_dot_products_equal_ggml_x86(ggml_type):
+    """ggml_vec_dot_* of the x86 build (AVX2 paths) on quantized and random weight rows, bit for bit."""
+    fmt = formats.get(ggml_type)
+    act = formats.get(fmt.vec_dot_type).ggml_quantize(GOLDEN_QUANTS["dot_x"], "x86")
+    with np.errstate(over="ignore", invalid="ignore"):    # random rows' huge scales: inf - inf is NaN in ggml too
+        got = fmt.ggml_dot(GOLDEN_QUANTS[f"weights_{ggml_type.name}"], act, "x86")
+    want = GOLDEN_QUANTS[f"dot_{ggml_type.name}"]
+    assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
 def test_ggml_expf_is_exp_to_a_few_ulps():
@@ -354,3 +448,35 @@ def test_ggml_mode_matches_llamacpp(smollm2_path):
     ref = golden["logits"].astype(np.float32)
     assert tensor_diff("logits", ref, at).nmse < GGML_NMSE_TARGET
     assert logits_diff(ref, at).kld_mean < GGML_KLD_TARGET
+
+
+KQUANT_GOLDEN = Path(__file__).parent / "data" / "ggml_kquant_reference.npz"
+
+
+def kquant_case_plan(src: GGUFFile, name: str) -> dict:
+    """The tensor types of SmolLM2 requantized for one case of tests/data/make_ggml_kquant_reference.py:
+    Q4_K and Q5_K as `llama-quantize --pure` writes them (minillm.quantize.pure_plan: the fallback
+    type, Q5_0 or Q5_1, where rows of 576 are not whole super-blocks); Q6_K: SmolLM2's own types with
+    ffn_down in Q6_K (its fallback Q8_0 would be converted to Q4_1 by --bits 4)."""
+    if name == "Q6_K":
+        return {n: formats.Q6_K.ggml_type if ".ffn_down." in n else info.ggml_type for n, info in src.tensors.items()}
+    return pure_plan(src, getattr(formats, name).ggml_type)
+
+
+@pytest.mark.weights
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["Q4_K", "Q5_K", "Q6_K"])
+def test_ggml_mode_matches_llamacpp_on_k_quant_files(smollm2_path, tmp_path, name):
+    """SmolLM2 requantized by minillm's quantizers (which give llama-quantize's bytes: the script
+    checks every tensor), decoded one token at a time in `--mode ggml`: llama.cpp's float32 logits
+    bit for bit (their sha256 in the golden), so Q4_K, Q5_K, Q6_K, Q5_0 and Q5_1 products are exact."""
+    golden = np.load(KQUANT_GOLDEN)
+    meta = json.loads(str(golden["metadata"]))["types"][name]
+    src = GGUFFile(smollm2_path)
+    path = write_requantized(src, tmp_path / f"{name}.gguf", kquant_case_plan(src, name), progress=False)
+    assert sorted({info.ggml_type.name for info in GGUFFile(path).tensors.values()}) == meta["types_in_file"]
+    ours = run_tokens(path, [int(i) for i in golden["token_ids"]], mode="ggml")
+    assert np.array_equal(ours.argmax(-1), golden[f"{name}_top1"])
+    last = tensor_diff("logits", golden[f"{name}_last_logits"].astype(np.float32)[None], ours[-1:].astype(np.float16))
+    digest = hashlib.sha256(np.ascontiguousarray(ours, np.float32).tobytes()).hexdigest()
+    assert digest == meta["logits_sha256"], f"logits differ from llama.cpp's (last position: NMSE {last.nmse:.2e})"

@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minillm.config import LlamaConfig
+from minillm.arch import read_config
 from minillm.errors import GGUFError
 from minillm.gguf import GGUFFile, StringArray
 from minillm.memory import MiB, usage
-from minillm.synthetic import write_tiny_llama
+from minillm.synthetic import write_tiny
 from minillm.weights import validate
 
 
@@ -102,7 +102,7 @@ def value_after_key(key: str, vtype: int) -> bytes:
 
 def open_model(path):
     f = GGUFFile(path)
-    validate(f, LlamaConfig.from_metadata(f.metadata, f.path))
+    validate(f, read_config(f.metadata, f.path))
 
 
 def expect_error(path, *words):
@@ -153,9 +153,18 @@ def test_wrong_shape(tiny_path, tmp_path):
 
 
 def test_unsupported_tensor_type(tmp_path):
-    path = write_tiny_llama(tmp_path / "q5.gguf", weight_type=gguf.GGMLQuantizationType.Q5_0,
-                            embedding_type=gguf.GGMLQuantizationType.Q8_0)
-    expect_error(path, "blk.0.attn_q.weight", "unsupported type Q5_0")
+    path = write_tiny(tmp_path / "mxfp4.gguf", weight_type=gguf.GGMLQuantizationType.MXFP4,
+                      embedding_type=gguf.GGMLQuantizationType.Q8_0)
+    expect_error(path, "blk.0.attn_q.weight", "unsupported type MXFP4")
+
+
+def test_rows_that_are_not_whole_super_blocks(tiny_path, tmp_path):
+    # token_embd.weight's table entry (64, 267) Q8_0 = 8 becomes Q4_K = 12: rows of 64 weights
+    # cannot hold blocks of 256, which the parser says before any kernel could read past a row.
+    name = b"token_embd.weight"
+    entry = struct.pack("<Q", len(name)) + name + struct.pack("<I", 2) + struct.pack("<QQ", 64, 267) + struct.pack("<I", 8)
+    expect_error(patched(tiny_path, tmp_path / "k.gguf", entry, entry[:-4] + struct.pack("<I", 12)),
+                 "token_embd.weight: row length 64 is not a multiple of the Q4_K block size 256")
 
 
 def test_unknown_tensor_type_id(tiny_path, tmp_path):

@@ -15,7 +15,8 @@ from dataclasses import replace
 import pytest
 from hostile import HOSTILE_TEMPLATES, REPRODUCERS, RawGGUF, V, Value, hostile_template, micro_model, run_cli
 
-from minillm.config import LlamaConfig
+from minillm import metadata
+from minillm.arch.llama import LlamaConfig
 from minillm.errors import GGUFError
 from minillm.gguf import GGUFFile
 from minillm.weights import validate
@@ -94,6 +95,14 @@ def test_a_wrong_type_is_named_with_both_types(micro, tmp_path):
     with pytest.raises(GGUFError) as err:
         LlamaConfig.from_metadata(f.metadata, f.path)
     assert str(err.value) == f"{path}: metadata key llama.context_length is a STRING, expected an INTEGER"
+
+
+def test_a_key_of_two_types_names_both():
+    """Gemma 3's sliding-window pattern is a period or one flag per layer (minillm.metadata.KEYS)."""
+    key = "gemma3.attention.sliding_window_pattern"
+    assert metadata.get({key: 6}, key) == 6 and metadata.get({key: [True, False]}, key) == [True, False]
+    with pytest.raises(GGUFError, match=f"{key} is a STRING, expected an INTEGER or an ARRAY of BOOL"):
+        metadata.get({key: "6"}, key)
 
 
 def test_empty_key_is_refused(micro, tmp_path):

@@ -1,9 +1,10 @@
 """Quantizers, the packed-weight kernels and the layers built on them, held to the NumPy references.
 
-- Format code is exact: `quant.quantize` equals `gguf.quants.quantize` byte for byte; the Numba
-  activation quantizer and dequantizers equal their NumPy references bit for bit.
+- Format code is exact: each format's `quantize` equals `gguf.quants.quantize` byte for byte; the
+  Numba activation quantizer and dequantizers equal their NumPy references bit for bit.
 - The matvec kernels multiply by int8 activations: they are held to float64 W @ x within
   `bounds.matvec_bound`, derived from the blocks' scales and the float32 sums (see its docstring).
+Every test runs over the registry (minillm.formats): a new format with kernels is tested by adding it.
 - The F16 matvec kernel widens float16 exactly and adds K float32 products in some order: it is
   held within `bounds.tile_bound`, the same bound as the tile path (prefill and the "numpy" backend).
 - The parallel kernels (rows split over threads) give the same bits as the serial ones.
@@ -19,7 +20,6 @@ import warnings
 import gguf
 import numpy as np
 import pytest
-from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -27,18 +27,24 @@ from hypothesis.extra.numpy import arrays
 
 from bounds import exact_weights, matvec_bound, tile_bound
 from numba_checks import NUMBA_ENVS, run_checked
-from minillm import quant
+from minillm import formats
 from minillm.errors import MinillmError
+from minillm.formats import Q8_K
+from minillm.formats.activation import FLUSH, Int8Blocks
 from minillm.kernels import activations
-from minillm.kernels.packed import PackedRows, packed_rows
+from minillm.kernels.q8_k import q8_k_activation, quantize_q8_k
 from minillm.kernels.threads import max_threads
 from minillm.linear import QuantEmbedding, QuantLinear
+from minillm.packed import PackedRows
 from minillm.parallel import SharingPool
 from strategies import raw_rows
 
-BLOCK_TYPES = [Q.Q8_0, Q.Q4_0, Q.Q4_1]
-MATVEC_TYPES = BLOCK_TYPES + [Q.F16]     # the types with a matvec kernel
-FLOAT_TYPES = [Q.F32, Q.F16, Q.BF16]
+FORMATS = [formats.get(t) for t in formats.weight_types()]
+BLOCK_TYPES = [f.ggml_type for f in FORMATS if f.parts is not None]                  # quantized formats
+MATVEC_TYPES = [f.ggml_type for f in FORMATS if f.kernels]                           # with a Numba matvec
+INT8_TYPES = [t for t in BLOCK_TYPES if t in MATVEC_TYPES]                           # ... on int8 activations
+QUANTIZE_TYPES = [f.ggml_type for f in FORMATS if f.quantize_blocks is not None]
+FLOAT_TYPES = [f.ggml_type for f in FORMATS if f.parts is None]
 THREADS = [1, min(2, max_threads())]
 
 # The subprocess runs (last test) ask for fewer examples: without the JIT, kernels are slow Python.
@@ -48,20 +54,21 @@ kernel_settings = settings(max_examples=int(_EXAMPLES)) if _EXAMPLES else settin
 FINITE_F32 = st.floats(width=32, allow_nan=False, allow_infinity=False)  # subnormals and +-3.4e38 included
 
 
-def float_matrices(elements=FINITE_F32, max_rows=4, max_blocks=4):
-    """(rows, 32 * blocks) float32 with the given elements."""
-    shape = st.tuples(st.integers(1, max_rows), st.integers(1, max_blocks).map(lambda b: 32 * b))
+def float_matrices(elements=FINITE_F32, max_rows=4, max_blocks=4, block=32):
+    """(rows, block * blocks) float32 with the given elements."""
+    shape = st.tuples(st.integers(1, max_rows), st.integers(1, max_blocks).map(lambda b: block * b))
     return shape.flatmap(lambda s: arrays(np.float32, s, elements=elements))
 
 
 def with_finite_scales(raw: np.ndarray, ggml_type) -> np.ndarray:
-    """The same bytes with every float16 scale (d, and m for Q4_1) made finite: an all-ones
-    exponent (inf or NaN) loses its top exponent bit. Other bit patterns, subnormals included, stay."""
-    type_size = GGML_QUANT_SIZES[ggml_type][1]
-    blocks = raw.copy().reshape(raw.shape[0], -1, type_size)
-    for high_byte in (1, 3) if ggml_type == Q.Q4_1 else (1,):
-        high = blocks[..., high_byte]
-        blocks[..., high_byte] = np.where((high >> 2) & 0x1F == 31, high & 0xBF, high)
+    """The same bytes with every float16 field of every block (the format's `f16_fields`: d, m,
+    dmin, or every value of F16) made finite: an all-ones exponent (inf or NaN) loses its top
+    exponent bit. Other bit patterns, subnormals included, stay."""
+    fmt = formats.get(ggml_type)
+    blocks = raw.copy().reshape(raw.shape[0], -1, fmt.type_size)
+    for offset in fmt.f16_fields:
+        high = blocks[..., offset + 1]
+        blocks[..., offset + 1] = np.where((high >> 2) & 0x1F == 31, high & 0xBF, high)
     return blocks.reshape(raw.shape)
 
 
@@ -76,8 +83,7 @@ ACTIVATIONS = st.floats(-LARGEST_ACTIVATION, LARGEST_ACTIVATION, width=32)
 
 
 def n_cols(raw, ggml_type) -> int:
-    block_size, type_size = GGML_QUANT_SIZES[ggml_type]
-    return raw.shape[1] // type_size * block_size
+    return formats.get(ggml_type).n_cols(raw.shape[1])
 
 
 def gguf_quantize(w, ggml_type) -> np.ndarray:
@@ -89,10 +95,22 @@ def gguf_quantize(w, ggml_type) -> np.ndarray:
 # --- quantizers ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("ggml_type", list(quant.QUANTIZE), ids=lambda t: t.name)
-@given(w=float_matrices())
-def test_quantize_matches_gguf_on_any_finite_floats(ggml_type, w):
-    assert np.array_equal(quant.quantize(w, ggml_type), gguf_quantize(w, ggml_type))
+def gguf_quantizes(ggml_type) -> bool:
+    try:
+        gguf.quants.quantize(np.zeros((1, formats.get(ggml_type).block_size), np.float32), ggml_type)
+    except NotImplementedError:
+        return False
+    return True
+
+
+GGUF_QUANTIZE_TYPES = [t for t in QUANTIZE_TYPES if gguf_quantizes(t)]   # the others: test_kquants.py
+
+
+@pytest.mark.parametrize("ggml_type", GGUF_QUANTIZE_TYPES, ids=lambda t: t.name)
+@given(data=st.data())
+def test_quantize_matches_gguf_on_any_finite_floats(ggml_type, data):
+    w = data.draw(float_matrices(block=formats.get(ggml_type).block_size, max_blocks=4))
+    assert np.array_equal(formats.quantize(w, ggml_type), gguf_quantize(w, ggml_type))
 
 
 EDGE_ROWS = {
@@ -107,11 +125,16 @@ EDGE_ROWS = {
 }
 
 
-@pytest.mark.parametrize("ggml_type", list(quant.QUANTIZE), ids=lambda t: t.name)
-@pytest.mark.parametrize("row", list(EDGE_ROWS), ids=str)
+def edge_rows(block_size: int) -> np.ndarray:
+    """The EDGE_ROWS, each repeated to whole blocks: (len(EDGE_ROWS), max(64, block_size))."""
+    return np.stack([np.resize(row, max(64, block_size)) for row in EDGE_ROWS.values()])
+
+
+@pytest.mark.parametrize("ggml_type", GGUF_QUANTIZE_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("row", range(len(EDGE_ROWS)), ids=list(EDGE_ROWS))
 def test_quantize_matches_gguf_on_edge_rows(ggml_type, row):
-    w = EDGE_ROWS[row][None, :]
-    assert np.array_equal(quant.quantize(w, ggml_type), gguf_quantize(w, ggml_type))
+    w = edge_rows(formats.get(ggml_type).block_size)[row:row + 1]
+    assert np.array_equal(formats.quantize(w, ggml_type), gguf_quantize(w, ggml_type))
 
 
 # Golden blocks on exact halves. Random floats almost never land on a half once scaled, so only
@@ -142,28 +165,29 @@ def nibbles(codes) -> list:
     (Q.Q4_1, Q4_1_HALVES, ONE_F16 + [0, 0] + nibbles(Q4_1_HALVES_CODES)),
 ], ids=["Q8_0", "Q4_0", "Q4_1"])
 def test_quantize_golden_blocks_on_exact_halves(ggml_type, x, block):
-    assert quant.quantize(x[None, :], ggml_type).tolist() == [block]
+    assert formats.quantize(x[None, :], ggml_type).tolist() == [block]
     assert gguf_quantize(x[None, :], ggml_type).tolist() == [block]  # and gguf agrees with the C
 
 
 def test_activation_golden_block_on_exact_halves():
     """The int8 activation quantizer (reference and kernel) rounds as roundf: halves away from zero."""
-    want_q, want_d = quant.quantize_activation(Q8_0_HALVES)
+    want_q, want_d = Int8Blocks.codes(Q8_0_HALVES)
     assert want_q.tolist() == Q8_0_HALVES_CODES and want_d.tolist() == [1.0]
     q, d = np.empty(32, np.int8), np.empty(1, np.float32)
     activations.quantize_activation(Q8_0_HALVES, q, d)
     assert q.tolist() == Q8_0_HALVES_CODES and d.tolist() == [1.0]
 
 
-@pytest.mark.parametrize("ggml_type", BLOCK_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("ggml_type", [t for t in QUANTIZE_TYPES if t in BLOCK_TYPES], ids=lambda t: t.name)
 def test_quantize_rejects_rows_of_partial_blocks(ggml_type):
-    with pytest.raises(MinillmError, match="multiple of 32"):
-        quant.quantize(np.zeros((2, 48), np.float32), ggml_type)
+    block_size = formats.get(ggml_type).block_size
+    with pytest.raises(MinillmError, match=f"multiple of {block_size}"):
+        formats.quantize(np.zeros((2, block_size + 16), np.float32), ggml_type)
 
 
 def test_quantize_rejects_types_without_a_quantizer():
-    with pytest.raises(MinillmError, match="Q2_K"):
-        quant.quantize(np.zeros((1, 256), np.float32), Q.Q2_K)
+    with pytest.raises(MinillmError, match="IQ2_XXS"):
+        formats.quantize(np.zeros((1, 256), np.float32), Q.IQ2_XXS)
 
 
 # --- int8 activations ----------------------------------------------------------------------
@@ -174,7 +198,7 @@ def test_quantize_rejects_types_without_a_quantizer():
 def test_activation_kernel_equals_reference(x):
     q, d = np.empty(x.shape, np.int8), np.empty(x.shape[0] // 32, np.float32)
     activations.quantize_activation(x, q, d)
-    want_q, want_d = quant.quantize_activation(x)
+    want_q, want_d = Int8Blocks.codes(x)
     assert np.array_equal(q, want_q)
     assert np.array_equal(d.view(np.uint32), want_d.view(np.uint32))
 
@@ -182,29 +206,52 @@ def test_activation_kernel_equals_reference(x):
 @given(x=float_matrices(max_rows=1).map(lambda a: a[0]))
 def test_activation_rounding_bound(x):
     """|x - d q| <= d (1/2 + 255 u) per element; blocks below the flush level become zeros."""
-    q, d = quant.quantize_activation(x)
+    q, d = Int8Blocks.codes(x)
     blocks, q, d = x.reshape(-1, 32).astype(np.float64), q.reshape(-1, 32), d.astype(np.float64)
     assert np.all(np.abs(q.astype(np.int64)) <= 127)
     kept = d > 0
     err = np.abs(blocks - d[:, None] * q)
     assert np.all(err[kept] <= d[kept, None] * (0.5 + 255 * 2.0**-24))
-    assert np.all(q[~kept] == 0) and np.all(np.abs(blocks[~kept]) < quant.ACTIVATION_FLUSH)
+    assert np.all(q[~kept] == 0) and np.all(np.abs(blocks[~kept]) < FLUSH)
+
+
+@kernel_settings
+@given(x=float_matrices(max_rows=1, block=256, max_blocks=3).map(lambda a: a[0]))
+def test_q8_k_activation_kernel_equals_reference(x):
+    """The K-quant kernels' activation is ggml's Q8_K bit for bit: codes, scales, sums of 16."""
+    act = q8_k_activation(x.shape[0])
+    quantize_q8_k(x, act.q, act.d, act.bsums)
+    d, q, bsums = Q8_K.ggml_quantize(x[None])
+    assert np.array_equal(act.q, q.ravel()) and np.array_equal(act.bsums, bsums.ravel())
+    assert np.array_equal(act.d.view(np.uint32), d.ravel().view(np.uint32))
+
+
+def test_q8_k_activation_edge_blocks():
+    """Zeros (d = 0), a maximum below 127 / FLT_MAX (ggml's iscale is infinite: codes 0), ties."""
+    x = np.concatenate([np.zeros(256), np.full(256, 1e-38), np.arange(256) - 127.5,
+                        np.where(np.arange(256) == 3, -2.0, 0.5)]).astype(np.float32)
+    act = q8_k_activation(x.shape[0])
+    quantize_q8_k(x, act.q, act.d, act.bsums)
+    d, q, bsums = Q8_K.ggml_quantize(x[None])
+    assert np.array_equal(act.q, q.ravel()) and np.array_equal(act.d, d.ravel())
+    assert np.all(act.q[:512] == 0) and act.q[256 * 3 + 3] == -127         # the max, -2, maps to -127
+    assert act.q[256 * 3] == 32                                            # 0.5 * 63.5 = 31.75
 
 
 def test_activation_flush_level_is_shared():
-    assert activations.ACTIVATION_FLUSH == quant.ACTIVATION_FLUSH
+    assert activations.ACTIVATION_FLUSH == FLUSH
 
 
 def test_activation_blocks_at_the_flush_level():
     """A block whose largest |x| is the flush level is kept; one just below becomes zeros."""
-    level = quant.ACTIVATION_FLUSH
+    level = FLUSH
     x = np.concatenate([np.full(32, level), np.full(32, np.nextafter(level, np.float32(0))),
                         np.full(32, 1e-38), np.full(32, 1e-30)]).astype(np.float32)
     x[::3] *= -0.5
     q, d = np.empty(x.shape, np.int8), np.empty(4, np.float32)
     activations.quantize_activation(x, q, d)
     assert np.array_equal(d > 0, [True, False, False, True])
-    want_q, want_d = quant.quantize_activation(x)
+    want_q, want_d = Int8Blocks.codes(x)
     assert np.array_equal(q, want_q) and np.array_equal(d, want_d)
 
 
@@ -214,31 +261,54 @@ def test_a_non_finite_block_is_never_quantized(bad):
     reference and the kernel alike; the other blocks are quantized as if it were not there."""
     x = np.linspace(-3, 3, 96, dtype=np.float32)
     x[40] = bad
-    want_q, want_d = quant.quantize_activation(x)
+    want_q, want_d = Int8Blocks.codes(x)
     assert np.isnan(want_d[1]) and not want_q[32:64].any()
-    clean_q, clean_d = quant.quantize_activation(np.delete(x, np.s_[32:64]))
+    clean_q, clean_d = Int8Blocks.codes(np.delete(x, np.s_[32:64]))
     assert np.array_equal(np.delete(want_q, np.s_[32:64]), clean_q) and np.array_equal(want_d[[0, 2]], clean_d)
     q, d = np.empty(96, np.int8), np.empty(3, np.float32)
     activations.quantize_activation(x, q, d)
     assert np.array_equal(q, want_q) and np.array_equal(d, want_d, equal_nan=True)
 
 
-@pytest.mark.parametrize("ggml_type", BLOCK_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_q8_k_block_is_never_quantized(bad):
+    """The K-quant kernels' activation (Q8_K) treats a NaN or an infinity as the int8 one does: its
+    block of 256 gets scale NaN, codes 0 and sums 0, in the reference and the kernel alike."""
+    x = np.linspace(-3, 3, 768, dtype=np.float32)
+    x[300] = bad
+    d, q, bsums = Q8_K.ggml_quantize(x[None])
+    assert np.isnan(d[0, 1]) and not q[0, 1].any() and not bsums[0, 1].any()
+    clean_d, clean_q, _ = Q8_K.ggml_quantize(np.delete(x, np.s_[256:512])[None])
+    assert np.array_equal(q[0, [0, 2]], clean_q[0]) and np.array_equal(d[0, [0, 2]], clean_d[0])
+    act = q8_k_activation(x.shape[0])
+    quantize_q8_k(x, act.q, act.d, act.bsums)
+    assert np.array_equal(act.q, q.ravel()) and np.array_equal(act.bsums, bsums.ravel())
+    assert np.array_equal(act.d, d.ravel(), equal_nan=True)
+
+
+@pytest.mark.parametrize("ggml_type", [t for t in INT8_TYPES if t in QUANTIZE_TYPES], ids=lambda t: t.name)
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_matvec_of_a_non_finite_activation_is_nan(ggml_type, bad):
     """The NaN scale reaches every output, so a run ends in "non-finite logits" as with float32
     weights, instead of going on from finite logits of a NaN hidden state."""
-    w = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
-    x = np.ones(64, np.float32)
+    fmt = formats.get(ggml_type)
+    n_cols = max(64, fmt.block_size)
+    w = np.random.default_rng(0).standard_normal((8, n_cols)).astype(np.float32)
+    x = np.ones(n_cols, np.float32)
     x[3] = bad
-    out = PackedRows(quant.quantize(w, ggml_type), ggml_type.name).matvec(x, 1)
+    out = packed_rows(fmt.quantize(w), ggml_type).matvec(x, 1)
     assert np.isnan(out).all()
 
 
 # --- dequantize kernels (the prefill tiles) ------------------------------------------------------
 
 
-@pytest.mark.parametrize("ggml_type", BLOCK_TYPES, ids=lambda t: t.name)
+def packed_rows(raw, ggml_type, min_parallel_weights=None) -> PackedRows:
+    fmt = formats.get(ggml_type)
+    return PackedRows(fmt, raw) if min_parallel_weights is None else PackedRows(fmt, raw, min_parallel_weights)
+
+
+@pytest.mark.parametrize("ggml_type", INT8_TYPES, ids=lambda t: t.name)
 @kernel_settings
 @given(data=st.data())
 def test_dequantize_rows_bit_identical_on_any_bytes(ggml_type, data):
@@ -246,9 +316,9 @@ def test_dequantize_rows_bit_identical_on_any_bytes(ggml_type, data):
     start = data.draw(st.integers(0, raw.shape[0] - 1))
     stop = data.draw(st.integers(start + 1, raw.shape[0]))
     out = np.empty((stop - start, n_cols(raw, ggml_type)), np.float32)
-    PackedRows(raw, ggml_type.name).dequantize_rows(start, stop, out)
+    packed_rows(raw, ggml_type).dequantize_rows(start, stop, out)
     with np.errstate(all="ignore"):
-        want = quant.dequantize(raw[start:stop], ggml_type)
+        want = formats.dequantize(raw[start:stop], ggml_type)
     assert_same_bits_up_to_nan_payload(out, want)
 
 
@@ -269,12 +339,12 @@ def assert_within(got, want, bound):
 
 
 def assert_matvec_within_bound(raw, ggml_type, x, threads):
-    got = PackedRows(raw, ggml_type.name).matvec(x, threads)
+    got = packed_rows(raw, ggml_type).matvec(x, threads)
     assert got.dtype == np.float32 and got.shape == (raw.shape[0],)
     assert_within(got, exact_weights(raw, ggml_type) @ x.astype(np.float64), matvec_bound(raw, ggml_type, x))
 
 
-@pytest.mark.parametrize("ggml_type", BLOCK_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("ggml_type", INT8_TYPES, ids=lambda t: t.name)
 @kernel_settings
 @given(data=st.data(), threads=st.sampled_from(THREADS))
 def test_matvec_within_derived_bound(ggml_type, data, threads):
@@ -284,45 +354,40 @@ def test_matvec_within_derived_bound(ggml_type, data, threads):
 
 
 def edge_blocks(ggml_type, case: str, rng) -> np.ndarray:
-    """3 rows x 4 blocks of hand-picked blocks: all zero, the largest magnitudes, subnormal scales."""
-    type_size = GGML_QUANT_SIZES[ggml_type][1]
-    blocks = rng.integers(0, 256, (3, 4, type_size), dtype=np.uint8)
-    scale_fields = 2 if ggml_type == Q.Q4_1 else 1
+    """4 rows x 4 blocks of hand-picked blocks: all zero; the largest magnitudes (float16 fields
+    +-65504, every other byte 0xFF, 0x00, 0x80 or 0x7F row by row: the extreme codes and scales
+    of every layout); subnormal float16 fields with random codes."""
+    fmt = formats.get(ggml_type)
+    blocks = rng.integers(0, 256, (4, 4, fmt.type_size), dtype=np.uint8)
     if case == "zero":
         blocks[:] = 0
     elif case == "largest":
-        blocks[..., :2 * scale_fields] = np.float16([65504, -65504][:scale_fields]).view(np.uint8)
-        blocks[..., 2 * scale_fields:] = 0x80 if ggml_type == Q.Q8_0 else 0xFF   # q = -128, codes 15
-        blocks[1, :, 2 * scale_fields:] = 0x7F if ggml_type == Q.Q8_0 else 0x00  # q = 127, codes 0
-    elif case == "subnormal scales":
-        tiny = np.float16([2.0**-24, -3 * 2.0**-24, 1023 * 2.0**-24])            # smallest, odd, largest
-        blocks[..., 0:2] = tiny[rng.integers(0, 3, (3, 4))].view(np.uint8).reshape(3, 4, 2)
-        if ggml_type == Q.Q4_1:
-            blocks[..., 2:4] = tiny[rng.integers(0, 3, (3, 4))].view(np.uint8).reshape(3, 4, 2)
-    return blocks.reshape(3, -1)
+        blocks[:] = np.array([0xFF, 0x00, 0x80, 0x7F], np.uint8)[:, None, None]
+    for i, offset in enumerate(fmt.f16_fields):
+        if case == "largest":
+            blocks[..., offset:offset + 2] = np.float16([65504, -65504][i % 2:i % 2 + 1]).view(np.uint8)
+        elif case == "subnormal scales":
+            tiny = np.float16([2.0**-24, -3 * 2.0**-24, 1023 * 2.0**-24])        # smallest, odd, largest
+            blocks[..., offset:offset + 2] = tiny[rng.integers(0, 3, (4, 4))].view(np.uint8).reshape(4, 4, 2)
+    return blocks.reshape(4, -1)
 
 
-@pytest.mark.parametrize("ggml_type", BLOCK_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("ggml_type", INT8_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("case", ["zero", "largest", "subnormal scales"])
 def test_matvec_edge_blocks(ggml_type, case):
     rng = np.random.default_rng(0)
     raw = edge_blocks(ggml_type, case, rng)
-    for x in (rng.standard_normal(128).astype(np.float32), np.full(128, -1e20, np.float32)):
+    K = n_cols(raw, ggml_type)
+    for x in (rng.standard_normal(K).astype(np.float32), np.full(K, -1e20, np.float32)):
         assert_matvec_within_bound(raw, ggml_type, x, threads=THREADS[-1])
     if case == "zero":
-        assert np.array_equal(PackedRows(raw, ggml_type.name).matvec(x, 1), np.zeros(3, np.float32))
-
-
-def finite_f16(raw: np.ndarray) -> np.ndarray:
-    """The same float16 bits with inf and NaN (exponent 31) made finite by clearing the exponent's top bit."""
-    h = raw.copy().view(np.uint16)
-    return np.where((h >> 10) & 31 == 31, h & 0xBFFF, h).astype(np.uint16).view(np.uint8)
+        assert np.array_equal(packed_rows(raw, ggml_type).matvec(x, 1), np.zeros(4, np.float32))
 
 
 def packed_with_finite_values(ggml_type, max_rows=6, max_blocks=4):
-    if ggml_type == Q.F16:
-        return raw_rows(Q.F16, max_rows, 32 * max_blocks).map(finite_f16)
-    return packed_with_finite_scales(ggml_type, max_rows, max_blocks)
+    """Rows of up to max_blocks blocks of 32 weights (or one super-block of 256 per block)."""
+    fmt = formats.get(ggml_type)
+    return packed_with_finite_scales(ggml_type, max_rows, max_blocks * max(1, 32 // fmt.block_size))
 
 
 @pytest.mark.parametrize("ggml_type", MATVEC_TYPES, ids=lambda t: t.name)
@@ -332,13 +397,13 @@ def test_matvec_does_not_depend_on_thread_count(ggml_type, data):
     """A matvec split over threads (forced here on small matrices) gives the bits of one thread."""
     raw = data.draw(packed_with_finite_values(ggml_type, max_rows=9))
     x = data.draw(arrays(np.float32, n_cols(raw, ggml_type), elements=ACTIVATIONS))
-    rows = packed_rows(raw, ggml_type.name, min_parallel_weights=0)
+    rows = packed_rows(raw, ggml_type, min_parallel_weights=0)
     assert np.array_equal(rows.matvec(x, 1).view(np.uint32), rows.matvec(x, THREADS[-1]).view(np.uint32))
 
 
 def test_only_large_matrices_use_a_second_thread():
-    small = packed_rows(np.zeros((4, 34), np.uint8), "Q8_0")
-    large = packed_rows(np.zeros((4, 34), np.uint8), "Q8_0", min_parallel_weights=4 * 32)
+    small = packed_rows(np.zeros((4, 34), np.uint8), Q.Q8_0)
+    large = packed_rows(np.zeros((4, 34), np.uint8), Q.Q8_0, min_parallel_weights=4 * 32)
     x = np.ones(32, np.float32)
     for rows in (small, large):
         rows.matvec(x, THREADS[-1])
@@ -379,24 +444,24 @@ def test_f16_rows_widen_every_bit_pattern_exactly():
     """All 65,536 float16 values, subnormals, infinities and NaNs included, as NumPy casts them."""
     raw = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.uint8).reshape(64, 2048)
     out = np.empty((64, 1024), np.float32)
-    packed_rows(raw, "F16").dequantize_rows(0, 64, out)
-    assert_same_bits_up_to_nan_payload(out, quant.dequantize(raw, Q.F16))
+    packed_rows(raw, Q.F16).dequantize_rows(0, 64, out)
+    assert_same_bits_up_to_nan_payload(out, formats.F16.dequantize(raw))
 
 
 @kernel_settings
 @given(data=st.data(), threads=st.sampled_from(THREADS))
 def test_f16_matvec_within_tile_bound(data, threads):
     """Any finite float16 rows of any length (not only multiples of a SIMD width)."""
-    raw = data.draw(raw_rows(Q.F16, max_rows=6, max_blocks=100).map(finite_f16))
+    raw = data.draw(raw_rows(Q.F16, max_rows=6, max_blocks=100).map(lambda raw: with_finite_scales(raw, Q.F16)))
     x = data.draw(arrays(np.float32, n_cols(raw, Q.F16), elements=ACTIVATIONS))
-    got = packed_rows(raw, "F16", min_parallel_weights=0).matvec(x, threads)
-    w = quant.dequantize(raw, Q.F16).astype(np.float64)              # float16 -> float64 is exact
+    got = packed_rows(raw, Q.F16, min_parallel_weights=0).matvec(x, threads)
+    w = formats.F16.exact(raw)                                         # float16 -> float64 is exact
     assert got.dtype == np.float32 and got.shape == (raw.shape[0],)
     assert_within(got, w @ x.astype(np.float64), tile_bound(w, x[None, :])[0])
 
 
 def test_matvec_rejects_a_wrong_activation():
-    for rows in (packed_rows(np.zeros((4, 34), np.uint8), "Q8_0"), packed_rows(np.zeros((4, 64), np.uint8), "F16")):
+    for rows in (packed_rows(np.zeros((4, 34), np.uint8), Q.Q8_0), packed_rows(np.zeros((4, 64), np.uint8), Q.F16)):
         for x in (np.ones(33, np.float32), np.ones(32, np.float64)):
             with pytest.raises(ValueError, match="x must be"):
                 rows.matvec(x, 1)
@@ -405,39 +470,34 @@ def test_matvec_rejects_a_wrong_activation():
 # --- QuantLinear and QuantEmbedding --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("ggml_type", BLOCK_TYPES + FLOAT_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("ggml_type", QUANTIZE_TYPES, ids=lambda t: t.name)
 @pytest.mark.parametrize("backend", ["numba", "numpy"])
 @kernel_settings
 @given(data=st.data(), tokens=st.integers(1, 4))
 def test_quant_linear_within_bounds(ggml_type, backend, data, tokens):
-    w = data.draw(float_matrices(st.floats(-1e3, 1e3, width=32), max_rows=6))
-    raw = quant.quantize(w, ggml_type)
+    block = max(32, formats.get(ggml_type).block_size)
+    w = data.draw(float_matrices(st.floats(-1e3, 1e3, width=32), max_rows=6, block=block))
+    raw = formats.quantize(w, ggml_type)
     x = data.draw(arrays(np.float32, (tokens, w.shape[1]), elements=ACTIVATIONS))
     linear = QuantLinear(raw, ggml_type, backend=backend, threads=THREADS[-1])
     got = linear(x)
     assert got.shape == (tokens, w.shape[0]) and got.dtype == np.float32
-    assert_within(got, x.astype(np.float64) @ exact_weights_any(raw, ggml_type).T,
+    assert_within(got, x.astype(np.float64) @ exact_weights(raw, ggml_type).T,
                   expected_bound(linear, raw, ggml_type, x))
-
-
-def exact_weights_any(raw, ggml_type) -> np.ndarray:
-    if ggml_type in BLOCK_TYPES:
-        return exact_weights(raw, ggml_type)
-    return quant.dequantize(raw, ggml_type).astype(np.float64)   # float formats decode exactly
 
 
 def expected_bound(linear, raw, ggml_type, x) -> np.ndarray:
     """The bound of the path QuantLinear takes: the int8 matvec for one token on Numba, else
     tile_bound (tiles, or the F16 matvec, whose arithmetic it also covers)."""
-    if linear.backend == "numba" and x.shape[0] == 1 and ggml_type in BLOCK_TYPES:
+    if linear.backend == "numba" and x.shape[0] == 1 and ggml_type in INT8_TYPES:
         return matvec_bound(raw, ggml_type, x[0])[None, :]
-    return tile_bound(exact_weights_any(raw, ggml_type), x)
+    return tile_bound(exact_weights(raw, ggml_type), x)
 
 
 def test_quant_linear_reads_a_read_only_memory_map_in_place(tmp_path):
     w = np.random.default_rng(1).standard_normal((40, 96)).astype(np.float32)
     path = tmp_path / "rows.bin"
-    quant.quantize(w, Q.Q4_1).tofile(path)
+    formats.Q4_1.quantize(w).tofile(path)
     mapped = np.memmap(path, dtype=np.uint8, mode="r", shape=(40, 60))
     linear = QuantLinear(mapped, Q.Q4_1)
     assert np.shares_memory(linear.raw, mapped) and linear.nbytes == mapped.nbytes
@@ -448,12 +508,13 @@ def test_quant_linear_reads_a_read_only_memory_map_in_place(tmp_path):
 
 @pytest.mark.parametrize("ggml_type", BLOCK_TYPES, ids=lambda t: t.name)
 def test_rows_that_are_not_whole_blocks_are_rejected_before_any_kernel(ggml_type):
-    type_size = GGML_QUANT_SIZES[ggml_type][1]
+    fmt = formats.get(ggml_type)
+    type_size = fmt.type_size
     with pytest.raises(MinillmError, match=f"not whole {ggml_type.name} blocks"):
         QuantLinear(np.zeros((4, type_size + 3), np.uint8), ggml_type, name="blk.0.attn_q.weight")
     linear = QuantLinear(np.zeros((4, type_size * 2), np.uint8), ggml_type)
-    with pytest.raises(MinillmError, match=r"expected \(T, 64\)"):
-        linear(np.zeros((1, 96), np.float32))       # would read past the end of each row
+    with pytest.raises(MinillmError, match=rf"expected \(T, {2 * fmt.block_size}\)"):
+        linear(np.zeros((1, 3 * fmt.block_size), np.float32))       # would read past the end of each row
     with pytest.raises(MinillmError, match="2-D uint8"):
         QuantLinear(np.zeros((2, 2, type_size), np.uint8), ggml_type)
     with pytest.raises(MinillmError, match="contiguous"):
@@ -477,10 +538,10 @@ def test_bad_backend_and_thread_counts_are_rejected():
 @pytest.mark.parametrize("ggml_type", [Q.Q8_0, Q.Q4_1], ids=lambda t: t.name)
 def test_quant_embedding_shares_one_packed_table(ggml_type):
     rng = np.random.default_rng(2)
-    raw = quant.quantize(rng.standard_normal((50, 64)).astype(np.float32), ggml_type)
+    raw = formats.quantize(rng.standard_normal((50, 64)).astype(np.float32), ggml_type)
     embedding = QuantEmbedding(raw, ggml_type, threads=2)
     ids = np.array([3, 0, 49, 3])
-    assert np.array_equal(embedding.lookup(ids), quant.dequantize(raw[ids], ggml_type))
+    assert np.array_equal(embedding.lookup(ids), formats.dequantize(raw[ids], ggml_type))
     x = rng.standard_normal((1, 64)).astype(np.float32)
     assert np.array_equal(embedding.head(x), QuantLinear(raw, ggml_type, threads=2)(x))
     assert np.shares_memory(embedding.linear.raw, raw) and embedding.nbytes == raw.nbytes

@@ -12,15 +12,15 @@ from hypothesis import strategies as st
 
 from gradcheck import check_gradient
 from minillm.adapter import read_adapter
-from minillm.config import LlamaConfig
+from minillm.arch.llama import LlamaConfig
 from minillm.errors import MinillmError
 from minillm.gguf import GGUFFile
 from minillm.kvcache import KVCache
 from minillm.linear import FloatLinear
 from minillm.runtime import RunConfig, load
-from minillm.synthetic import write_tiny_llama
+from minillm.synthetic import write_tiny
 from minillm.train.lora import TrainedLoRA, adapter_pairs, lora_model, write_adapter
-from minillm.train.llama import inference_model
+from minillm.train.model import inference_model
 from minillm.train.tape import Tape
 from test_cli import assert_one_line_error, minillm
 
@@ -185,7 +185,7 @@ def test_data_lines_that_are_not_chat_messages_are_one_line_errors(tiny_q4_path,
 
 
 def test_an_adapter_for_another_models_shapes_is_refused(tiny_q4_path, adapted, tmp_path):
-    wider = write_tiny_llama(tmp_path / "wider.gguf", dim=128, weight_type=Q.Q4_1)
+    wider = write_tiny(tmp_path / "wider.gguf", "llama", dim=128, weight_type=Q.Q4_1)
     _, path = adapted
     assert_one_line_error(minillm("generate", "hi", "--model", wider, "--lora", path), 1, "adapter", "128")
     assert_one_line_error(minillm("generate", "hi", "--model", tiny_q4_path, "--lora", tiny_q4_path), 1,

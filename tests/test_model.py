@@ -7,10 +7,11 @@ from hypothesis import strategies as st
 
 from minillm.gguf import GGUFFile
 from minillm.kvcache import KVCache
-from minillm.model import attend, causal_mask, load_float_model, rmsnorm, rope, rope_angles, softmax
+from minillm.model import load_float_model
+from minillm.ops.f32 import attend, causal_mask, rmsnorm, rope, rope_angles, softmax
 from minillm.errors import MinillmError
 from minillm.generate import softmax as generate_softmax
-from minillm.modes.ggml import ggml_rmsnorm, ggml_rope, ggml_rope_angles, ggml_softmax
+from minillm.ops.ggml import ggml_rmsnorm, ggml_rope, ggml_rope_angles, ggml_softmax
 
 from bounds import reordering_atol
 

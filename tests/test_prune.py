@@ -14,10 +14,10 @@ from bounds import reordering_atol
 from gradcheck import numerical_gradient
 from minillm.gguf import GGUFFile
 from minillm.kvcache import KVCache
-from minillm.synthetic import write_tiny_llama
+from minillm.synthetic import write_tiny
 from minillm.train.grad import Example, mean_loss
 from minillm.train.importance import calibrate, frozen_model
-from minillm.train.llama import float_arrays, inference_model
+from minillm.train.model import float_arrays, inference_model
 from minillm.train.prune import (heads_kept, keep_heads, keep_neurons, magnitude_mask, neurons_kept, row_mask,
                                  top_heads, top_neurons, two_of_four_mask, without_layers)
 from test_cli import assert_one_line_error, minillm
@@ -141,7 +141,7 @@ def test_taylor_scores_are_the_derivative_of_the_loss_in_a_heads_scale(tiny):
 
 def test_wanda_norms_are_the_inputs_norms(tiny):
     config, arrays = tiny
-    from minillm.model import rmsnorm
+    from minillm.ops.f32 import rmsnorm
     calibration = calibrate(config, arrays, [Example(ids=IDS[:-1], targets=IDS[1:])], with_scores=False)
     h = rmsnorm(arrays["token_embd.weight"][IDS[:-1]], arrays["blk.0.attn_norm.weight"], config.norm_eps)
     np.testing.assert_allclose(calibration.input_norms["blk.0.attn_q.weight"], np.sqrt((h * h).sum(0)), rtol=1e-12)
@@ -163,7 +163,7 @@ def test_top_heads_and_neurons_keep_the_best_in_whole_groups(tiny):
 @pytest.fixture(scope="module")
 def tiny_q4_wide(tmp_path_factory):
     """Q4_1 matrices and a Q8_0 embedding, FFN 128 (so half of it is still whole blocks of 32)."""
-    return write_tiny_llama(tmp_path_factory.mktemp("prune") / "tiny.gguf", ffn_dim=128, weight_type=Q.Q4_1,
+    return write_tiny(tmp_path_factory.mktemp("prune") / "tiny.gguf", "llama", ffn_dim=128, weight_type=Q.Q4_1,
                             embedding_type=Q.Q8_0)
 
 

@@ -68,3 +68,14 @@ def test_cli_quantize_and_bad_bits(tiny_path, tmp_path):
 def test_storage_at_4_bits_keeps_the_tied_head_at_8(stored, tied, int4, want):
     info = TensorInfo("token_embd.weight" if tied else "blk.0.ffn_up.weight", (64, 32), stored, 0, 0)
     assert storage_type(info, 4, int4, tied_head=tied) == want
+
+
+@pytest.mark.parametrize("stored, tied, want", [
+    (Q.Q4_K, False, Q.Q4_K), (Q.Q5_0, False, Q.Q5_0), (Q.Q6_K, False, Q.Q6_K),   # a K-quant mix as written
+    (Q.Q6_K, True, Q.Q6_K), (Q.Q5_0, True, Q.Q5_0),                             # a quantized head as stored
+    (Q.Q8_0, False, Q.Q4_1), (Q.BF16, True, Q.Q8_0),                            # 8 bits and more: int4, Q8_0 head
+])
+def test_storage_at_4_bits_keeps_every_format_below_8_bits(stored, tied, want):
+    info = TensorInfo("token_embd.weight" if tied else "blk.0.ffn_up.weight", (64, 256), stored, 0, 0)
+    assert storage_type(info, 4, "asym", tied_head=tied) == want
+    assert storage_type(info, 8, "asym", tied_head=tied) == Q.Q8_0

@@ -50,7 +50,8 @@ def wheel_files(tmp_path_factory) -> set[str]:
 def test_wheel_holds_every_module_of_the_checkout(wheel_files):
     modules = {name for name in wheel_files if name.endswith(".py")}
     assert modules == checkout_modules()
-    assert {"minillm", "minillm/kernels", "minillm/modes", "minillm/verify"} <= checkout_packages()
+    assert {"minillm", "minillm/arch", "minillm/formats", "minillm/kernels", "minillm/modes", "minillm/ops",
+            "minillm/verify"} <= checkout_packages()
 
 
 def test_wheel_has_no_top_level_kernels_package(wheel_files):

@@ -344,8 +344,8 @@ def test_tiny_vocabulary_applies_merges_in_rank_order(tiny_metadata):
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("tokenizer.ggml.model", "llama", "'llama'"),
-    ("tokenizer.ggml.pre", "qwen2", "'qwen2'"),
+    ("tokenizer.ggml.model", "bert", "'bert'"),
+    ("tokenizer.ggml.pre", "llama-bpe", "'llama-bpe'"),
     ("tokenizer.ggml.eos_token_id", 10**6, "outside the vocabulary"),
     ("tokenizer.ggml.merges", ["Ġ t x"], "is not two tokens"),
     ("tokenizer.ggml.merges", ["Ġ t", "Ġ xyz"], r"merges\[1\] = 'Ġ xyz' needs the token 'xyz', which is not in"),

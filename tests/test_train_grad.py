@@ -10,11 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradcheck import assert_gradient_close, numerical_gradient
-from minillm.config import LlamaConfig
+from minillm.arch.llama import LlamaConfig
 from minillm.gguf import GGUFFile
 from minillm.train.grad import Example, batch_gradient
-from minillm.train import llama
-from minillm.train.llama import load_trained, trainable_from_arrays
+from minillm.train import model as trainable
+from minillm.train.model import load_trained, trainable_from_arrays
 from minillm.train.losses import cross_entropy
 
 REFERENCE = Path(__file__).parent / "data" / "train_reference.npz"
@@ -105,7 +105,7 @@ def test_whole_model_gradient_equals_finite_differences(tiny64, seed, name):
 
     def loss():
         flat[coords] = picked
-        logits, _, _ = llama.forward(tiny64, example.ids)
+        logits, _, _ = trainable.forward(tiny64, example.ids)
         return cross_entropy(logits, example.targets)[0].mean()
 
     try:

@@ -15,7 +15,7 @@ from minillm.tokenizer import Tokenizer
 from minillm.train.checkpoint import write_model
 from minillm.train.data import batches, split_held_out, text_windows
 from minillm.train.evaluate import HeldOut
-from minillm.train.llama import inference_model, load_trained
+from minillm.train.model import inference_model, load_trained
 from minillm.train.loop import TrainSettings, train
 from minillm.train.optim import AdamW, Schedule, clip_gradients, global_norm
 

@@ -34,7 +34,7 @@ from gguf import GGMLQuantizationType as Q
 matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
 import matplotlib.pyplot as plt  # noqa: E402
 
-from minillm import quant  # noqa: E402
+from minillm import formats  # noqa: E402
 from minillm.gguf import GGUFFile  # noqa: E402
 from minillm.registry import resolve_model  # noqa: E402
 from minillm.weights import dequantized  # noqa: E402
@@ -67,14 +67,14 @@ def my_q8_0(w):
 
 
 mine = my_q8_0(w)
-assert np.array_equal(mine, quant.quantize(w[None, :], Q.Q8_0)[0])
-back = quant.dequantize(mine[None, :], Q.Q8_0)[0]
+assert np.array_equal(mine, formats.quantize(w[None, :], Q.Q8_0)[0])
+back = formats.dequantize(mine[None, :], Q.Q8_0)[0]
 d = np.abs(w).max() / 127
 print(f"Q8_0: 34 bytes; largest error {np.abs(back - w).max():.2e}, bound d/2 = {d / 2:.2e} (+ float16 rounding of d)")
 
 # %% [markdown]
 # `np.floor(|v| + 0.5)` is the textbook form of `roundf`; it can differ from C's in the last bit of
-# values just below a half (0.49999997 + 0.5 rounds up to 1.0 in float32). `quant.quantize` uses an
+# values just below a half (0.49999997 + 0.5 rounds up to 1.0 in float32). `formats.quantize` uses an
 # exact form for that reason, and the assert above holds because these weights do not hit the case.
 #
 # ## 2. Q4_1 by hand
@@ -93,8 +93,8 @@ def my_q4_1(w):
 
 
 mine = my_q4_1(w)
-assert np.array_equal(mine, quant.quantize(w[None, :], Q.Q4_1)[0])
-back = quant.dequantize(mine[None, :], Q.Q4_1)[0]
+assert np.array_equal(mine, formats.quantize(w[None, :], Q.Q4_1)[0])
+back = formats.dequantize(mine[None, :], Q.Q4_1)[0]
 print(f"Q4_1: 20 bytes; largest error {np.abs(back - w).max():.2e}, bound (max-min)/30 = {(w.max() - w.min()) / 30:.2e}")
 
 # %% [markdown]
@@ -109,15 +109,15 @@ print(f"Q4_1: 20 bytes; largest error {np.abs(back - w).max():.2e}, bound (max-m
 
 # %%
 emb = dequantized(gguf, "token_embd.weight")[:4096]   # (4096, 576) float32, a slice of the table
-assert np.array_equal(quant.dequantize(quant.quantize(emb, Q.Q8_0), Q.Q8_0), emb)  # same blocks: exact
+assert np.array_equal(formats.dequantize(formats.quantize(emb, Q.Q8_0), Q.Q8_0), emb)  # same blocks: exact
 emb = np.roll(emb, 16, axis=1)                         # blocks now straddle the stored ones
 rows = []
 errors = {}
 for fmt in (Q.F16, Q.Q8_0, Q.Q4_1, Q.Q4_0):
     start = time.perf_counter()
-    packed = quant.quantize(emb, fmt)
+    packed = formats.quantize(emb, fmt)
     seconds = time.perf_counter() - start
-    err = quant.dequantize(packed, fmt) - emb
+    err = formats.dequantize(packed, fmt) - emb
     errors[fmt.name] = err.ravel()
     bits = 8 * packed.shape[-1] / emb.shape[-1]
     rel = np.sqrt((err.astype(np.float64) ** 2).sum() / (emb.astype(np.float64) ** 2).sum())
@@ -157,7 +157,7 @@ print("wrote", figure)
 # %%
 n_params = sum(info.n_elements for info in gguf.tensors.values())
 for fmt in (Q.F32, Q.F16, Q.Q8_0, Q.Q4_1, Q.Q4_0):
-    print(f"{fmt.name:<5} {n_params * quant.row_bytes(fmt, 32) / 32 / 1e6:8.1f} MB")
+    print(f"{fmt.name:<5} {n_params * formats.row_bytes(fmt, 32) / 32 / 1e6:8.1f} MB")
 print(f"file  {sum(info.nbytes for info in gguf.tensors.values()) / 1e6:8.1f} MB (Q4_1 matrices, Q8_0 embedding, F32 norms)")
 
 # %% [markdown]

@@ -38,10 +38,12 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
-from minillm import quant  # noqa: E402
+from minillm import formats  # noqa: E402
+from minillm.formats import Q4_1, Q8_0  # noqa: E402
+from minillm.formats.activation import Int8Blocks  # noqa: E402
 from minillm.gguf import GGUFFile  # noqa: E402
 from minillm.linear import QuantLinear  # noqa: E402
-from minillm.model import rmsnorm  # noqa: E402
+from minillm.ops.f32 import rmsnorm  # noqa: E402
 from minillm.registry import resolve_model  # noqa: E402
 
 gguf = GGUFFile(resolve_model(None))
@@ -59,14 +61,14 @@ print(f"{NAME}: {gguf.tensors[NAME].ggml_type.name}, {N} x {K}, {raw.nbytes:,} b
 # %%
 eps = gguf.metadata["llama.attention.layer_norm_rms_epsilon"]
 paris = gguf.data("token_embd.weight")[7042:7043]             # (1, 612) uint8, one Q8_0 row
-norm = quant.dequantize(gguf.data("blk.0.ffn_norm.weight"), Q.F32)
-x = rmsnorm(quant.dequantize_q8_0(paris), norm, eps)[0].astype(np.float32)  # (K,)
+norm = formats.dequantize(gguf.data("blk.0.ffn_norm.weight"), Q.F32)
+x = rmsnorm(Q8_0.dequantize(paris), norm, eps)[0].astype(np.float32)  # (K,)
 print(f"x: {x.shape} {x.dtype}, |x| from {np.abs(x).min():.2e} to {np.abs(x).max():.2f}")
 
 # %% [markdown]
 # ## 1. The NumPy reference
 #
-# `quant.dequantize_q4_1` turns the packed rows into a float32 matrix (vectorised over all blocks),
+# `Q4_1.dequantize` turns the packed rows into a float32 matrix (vectorised over all blocks),
 # then BLAS does the product. It is the definition of what every kernel must compute.
 #
 # To check kernels we also need the *exact* product. Each weight `d * code + m` (float16 `d` and
@@ -87,12 +89,12 @@ y_exact = w_exact @ x64                                               # (N,)
 
 def numpy_matvec(raw, x):
     """W x by dequantizing every row to float32 first: raw (N, row_bytes) u8, x (K,) f32 -> (N,) f32."""
-    return quant.dequantize_q4_1(raw) @ x
+    return Q4_1.dequantize(raw) @ x
 
 
 y_numpy = numpy_matvec(raw, x)
 # d * code is exact in float32 (11 + 4 significant bits); adding m rounds once, correctly:
-assert np.array_equal(quant.dequantize_q4_1(raw), w_exact.astype(np.float32))
+assert np.array_equal(Q4_1.dequantize(raw), w_exact.astype(np.float32))
 
 # %% [markdown]
 # How close must it be? Higham's bound ("Accuracy and Stability of Numerical Algorithms", 3.1):
@@ -183,7 +185,7 @@ print(f"loops kernel:  largest error {loops_error.max():.2e}, "
 # ## 3. minillm's kernel: integers all the way down
 #
 # `QuantLinear(raw, Q4_1, threads=1)` multiplies the same memory-mapped bytes with
-# `kernels/q4.py:matvec_rows_q4_1` (with several threads, each runs it on ranges of rows:
+# `kernels/q4_1.py:matvec_rows_q4_1` (with several threads, each runs it on ranges of rows:
 # `minillm/parallel.py`). Three ideas take it beyond the loops above:
 #
 # 1. **The activation becomes int8 blocks, once per call.** `quantize_activation` gives each block
@@ -207,7 +209,7 @@ print(f"loops kernel:  largest error {loops_error.max():.2e}, "
 # We check the idea in NumPy first: the int8 activation, the integer sums, and the two scaled terms.
 
 # %%
-q, dx = quant.quantize_activation(x)               # (K,) int8, (nb,) float32: x ~ dx * q per block
+q, dx = Int8Blocks.codes(x)               # (K,) int8, (nb,) float32: x ~ dx * q per block
 qb = q.reshape(nb, 32).astype(np.int64)            # (nb, 32)
 isum = np.einsum("nbe,be->nb", c.astype(np.int64), qb)  # (N, nb) exact integers I_b
 qsum = qb.sum(axis=-1)                             # (nb,) S_b
@@ -290,7 +292,7 @@ def median_seconds(run, calls):
     return statistics.median(times)
 
 
-w_f32 = quant.dequantize_q4_1(raw)  # (N, K) float32, what --bits 32 keeps in memory
+w_f32 = Q4_1.dequantize(raw)  # (N, K) float32, what --bits 32 keeps in memory
 x_row = x[None]                     # (1, K): QuantLinear's input is (T, K)
 f32_bytes = w_f32.nbytes
 contenders = [
@@ -337,13 +339,13 @@ print(f"loops kernel vs NumPy reference: {results[contenders[0][0]] / results[co
 # 1. Add `prange` (from numba) over the rows of `_matvec_q4_1_loops`, jit it with `parallel=True`, and
 #    time it with `numba.set_num_threads(1)` and `(2)`. Why does the bound of section 2 not change?
 #    minillm itself splits only large matrices over threads (`MIN_PARALLEL_WEIGHTS` in
-#    kernels/packed.py): why not this one? Time `QuantLinear(raw, Q.Q4_1, threads=2)` and the LM head
+#    minillm/packed.py): why not this one? Time `QuantLinear(raw, Q.Q4_1, threads=2)` and the LM head
 #    (exercise 3) with threads=1 and 2: on a shared 2-core machine, how close to 2× does each get?
 # 2. Replace the float32 `dot` in the loops kernel by an int32 sum of `code * q` with the int8 `q` and
 #    `dx` of section 3 (one block at a time: `acc += d * dx[b] * isum + m * dx[b] * qsum[b]`). Does it
-#    get faster? Look at `kernels/q4.py:_nibble_products` and explain what LLVM can vectorize there that
+#    get faster? Look at `kernels/nibbles.py:_nibble_products` and explain what LLVM can vectorize there that
 #    it cannot in your version (hint: the byte-to-element index arithmetic, and int16 lanes).
 # 3. Time the LM head, `token_embd.weight` (Q8_0, 49,152 × 576, 30 MB: too big for the L2 cache):
 #    `QuantLinear(gguf.data("token_embd.weight"), Q.Q8_0)` against `x @ W.T` on its float32 copy
-#    (`quant.dequantize_q8_0`, 113 MB). How many GB/s does each reach now, and how does the ratio
+#    (`Q8_0.dequantize`, 113 MB). How many GB/s does each reach now, and how does the ratio
 #    compare with section 4?

@@ -37,11 +37,11 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from minillm.gguf import GGUFFile  # noqa: E402
-from minillm.synthetic import write_tiny_llama  # noqa: E402
+from minillm.synthetic import write_tiny  # noqa: E402
 from minillm.train import backward as library  # noqa: E402
-from minillm.train import llama  # noqa: E402
+from minillm.train import model as trainable  # noqa: E402
 from minillm.train.grad import Example, batch_gradient  # noqa: E402
-from minillm.train.llama import load_trained  # noqa: E402
+from minillm.train.model import load_trained  # noqa: E402
 
 rng = np.random.default_rng(0)
 OUT = Path(tempfile.mkdtemp(prefix="minillm-ch7-"))
@@ -108,7 +108,7 @@ assert np.allclose(lib_dx, dx, rtol=0, atol=1e-12) and np.allclose(lib_dw, dw, r
 # vocabulary of 267 tokens. `load_trained` reads its weights as float arrays in float64.
 
 # %%
-path = write_tiny_llama(OUT / "tiny.gguf", n_layers=1, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=96)
+path = write_tiny(OUT / "tiny.gguf", "llama", n_layers=1, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=96)
 model = load_trained(GGUFFile(path), np.float64)
 c = model.config
 EPS = c.norm_eps  # changed: the file's epsilon, stored as a float32 (9.99999975e-06): section 4 would see 1e-5's difference
@@ -261,7 +261,7 @@ assert max(worst.values()) < 1e-6 * scale
 # %%
 ids = rng.integers(0, c.vocab_size, 16)
 example = Example(ids=ids[:-1], targets=ids[1:])
-table, out_norm = model.embedding.table, model.vectors["output_norm.weight"]
+table, out_norm = model.weights.embedding.table, model.weights.output_norm
 
 x0 = table[example.ids]
 y, saved = block_forward(x0, W)
@@ -304,7 +304,7 @@ print(f"all {len(mine)} gradients equal minillm's to 1e-12 of their scale")
 # In float32 on a 4-block model of dim 256 (SmolLM2 is 30 blocks of dim 576):
 
 # %%
-wide = load_trained(GGUFFile(write_tiny_llama(OUT / "wide.gguf", n_layers=4, dim=256, n_heads=8, n_kv_heads=4,
+wide = load_trained(GGUFFile(write_tiny(OUT / "wide.gguf", "llama", n_layers=4, dim=256, n_heads=8, n_kv_heads=4,
                                               ffn_dim=704, context_length=512)))
 ids = rng.integers(0, wide.config.vocab_size, 257)
 window = Example(ids=ids[:-1], targets=ids[1:])
@@ -319,9 +319,9 @@ def fastest(fn, repeat=3):
     return min(times)
 
 
-forward_s = fastest(lambda: llama.forward(wide, window.ids))
+forward_s = fastest(lambda: trainable.forward(wide, window.ids))
 gradient_s = fastest(lambda: batch_gradient(wide, [window]))
-_, weights, tape = llama.forward(wide, window.ids)
+_, weights, tape = trainable.forward(wide, window.ids)
 taped = sum(a.nbytes for a in tape.acts.values())
 taped += sum(lin.x.nbytes + lin.y.nbytes for layer in weights.layers
              for lin in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down))

@@ -51,11 +51,11 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
-from minillm import quant  # noqa: E402
+from minillm import formats  # noqa: E402
 from minillm.gguf import GGUFFile  # noqa: E402
 from minillm.registry import resolve_model  # noqa: E402
 from minillm.runtime import RunConfig, load  # noqa: E402
-from minillm.synthetic import write_tiny_llama  # noqa: E402
+from minillm.synthetic import write_tiny  # noqa: E402
 from minillm.tokenizer import Tokenizer  # noqa: E402
 from minillm.train.checkpoint import source_types, write_model  # noqa: E402
 from minillm.train.data import batches, split_held_out, text_windows  # noqa: E402
@@ -63,7 +63,7 @@ from minillm.train.distill import with_teacher_targets  # noqa: E402
 from minillm.train.evaluate import HeldOut  # noqa: E402
 from minillm.train.grad import Distillation, mean_loss  # noqa: E402
 from minillm.train.importance import calibrate, frozen_model  # noqa: E402
-from minillm.train.llama import float_arrays, inference_model, trainable_from_arrays  # noqa: E402
+from minillm.train.model import float_arrays, inference_model, trainable_from_arrays  # noqa: E402
 from minillm.train.loop import TrainSettings, train  # noqa: E402
 from minillm.train.prune import (drop_layers, keep_neurons, magnitude_mask, row_mask, shape_metadata,  # noqa: E402
                                  top_neurons, two_of_four_mask)
@@ -159,8 +159,8 @@ assert output_error(by_wanda) < output_error(by_magnitude)
 
 # %%
 pruned = np.where(by_wanda, w, 0).astype(np.float32)
-before, after = quant.quantize(w.astype(np.float32), Q.Q4_1), quant.quantize(pruned, Q.Q4_1)
-stored = quant.dequantize(after, Q.Q4_1).reshape(w.shape)
+before, after = formats.quantize(w.astype(np.float32), Q.Q4_1), formats.quantize(pruned, Q.Q4_1)
+stored = formats.dequantize(after, Q.Q4_1).reshape(w.shape)
 print(f"Q4_1 bytes: {before.nbytes:,} before, {after.nbytes:,} after; "
       f"zeros: {np.mean(pruned == 0):.0%} in float32, {np.mean(stored == 0):.0%} as stored in Q4_1")
 assert before.nbytes == after.nbytes
@@ -177,7 +177,7 @@ assert before.nbytes == after.nbytes
 # (AdamW, warm-up and cosine schedule, the batch split over two threads): a few seconds.
 
 # %%
-tiny = GGUFFile(write_tiny_llama(OUT / "teacher-random.gguf", n_layers=4, dim=64, n_heads=4, n_kv_heads=2,
+tiny = GGUFFile(write_tiny(OUT / "teacher-random.gguf", "llama", n_layers=4, dim=64, n_heads=4, n_kv_heads=2,
                                  ffn_dim=192))
 tokens = Tokenizer.from_metadata(tiny.metadata).encode(ALICE)[:40000]
 train_windows, held_windows = split_held_out(text_windows(tokens, 64), 0.1)

@@ -44,7 +44,7 @@ from minillm.gguf import GGUFFile  # noqa: E402
 from minillm.errors import MinillmError  # noqa: E402
 from minillm.linear import TILE_BYTES, FloatLinear, QuantLinear  # noqa: E402
 from minillm.runtime import RunConfig, load  # noqa: E402
-from minillm.synthetic import write_tiny_llama  # noqa: E402
+from minillm.synthetic import write_tiny  # noqa: E402
 from minillm.train.finetune import FinetuneConfig, finetune  # noqa: E402
 from minillm.train.lora import TrainedLoRA  # noqa: E402
 from minillm.train.loop import TrainSettings  # noqa: E402
@@ -121,7 +121,7 @@ assert np.allclose(tape.grads["blk.0.attn_q.weight.lora_b"], db, rtol=0, atol=1e
 # multiplies by the tile (`QuantLinear.input_gradient`): dx = sum over tiles of dy[:, rows] W[rows].
 
 # %%
-path = write_tiny_llama(OUT / "tiny-q4.gguf", n_layers=2, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=128,
+path = write_tiny(OUT / "tiny-q4.gguf", "llama", n_layers=2, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=128,
                         weight_type=Q.Q4_1, embedding_type=Q.Q8_0)
 base = GGUFFile(path)
 name = "blk.0.ffn_up.weight"
@@ -253,7 +253,7 @@ print(f"s = alpha / r = {adapter.metadata['adapter.lora.alpha']:g} / {a_file.sha
 # refused with one line, before anything runs:
 
 # %%
-other = write_tiny_llama(OUT / "other.gguf", n_layers=2, dim=96, n_heads=4, n_kv_heads=2, ffn_dim=128,
+other = write_tiny(OUT / "other.gguf", "llama", n_layers=2, dim=96, n_heads=4, n_kv_heads=2, ffn_dim=128,
                          weight_type=Q.Q4_1, embedding_type=Q.Q8_0)
 try:
     load(RunConfig(model=str(other), lora=str(OUT / "adapter.gguf")), announce=lambda _: None)

@@ -27,6 +27,9 @@ def add_arguments(p):
                    help="instead of speed: KL divergence and top-1 agreement against --bits 32 over a text file, "
                         "decoding one token at a time")
     p.add_argument("--quality-tokens", type=int, default=2048, help="tokens of TEXT for --quality (default: 2048)")
+    p.add_argument("--formats", action="store_true",
+                   help="instead: weights per second of one matvec in each block format with kernels, on a "
+                        "random 2048 x 2048 matrix, against Q4_1 in the same rounds (no model needed)")
 
 
 def run(args) -> int:
@@ -34,6 +37,8 @@ def run(args) -> int:
     from ..errors import UsageError
     if args.quality and args.compare_llamacpp:
         raise UsageError("--quality and --compare-llamacpp cannot be used together")
+    if args.formats:
+        return bench_formats(args)
     if args.quality:
         return run_quality(args)
     for flag, value in (("--prompt-tokens", args.prompt_tokens), ("--new-tokens", args.new_tokens),
@@ -71,4 +76,16 @@ def run_quality(args) -> int:
         print(f"--bits {rt.config.bits} against --bits 32, {result['tokens']} tokens decoded one at a time: "
               f"mean KL {result['mean_kl']:.4f}, max KL {result['max_kl']:.3f}, "
               f"same top token {result['top1_agreement']:.1%}")
+    return 0
+
+
+def bench_formats(args) -> int:
+    """`bench --formats`: medians of at least 5 rounds (more with --repeats), on --threads threads (default 1)."""
+    from ..bench_formats import bench_formats, format_table
+    threads, rounds = args.threads or 1, max(args.repeats, 5)
+    results = bench_formats(rounds=rounds, threads=threads)
+    if args.json:
+        print_json({**json_head("bench"), "formats": results})
+    else:
+        print(format_table(results, threads, rounds))
     return 0

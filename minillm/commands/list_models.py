@@ -24,7 +24,7 @@ def run(args) -> int:
         rows.append({"name": name, "default": name == DEFAULT_MODEL, "file": entry.filename,
                      "size_mib": entry.size / MiB, "license": entry.license, "description": entry.description,
                      "fetched": path.is_file() and path.stat().st_size == entry.size,
-                     "path": str(path), "source": f"PyPI {entry.package}=={entry.version}"})
+                     "path": str(path), "source": "PyPI " + ", ".join(f"{p}=={entry.version}" for p in entry.packages)})
     known = {entry.filename for entry in MODELS.values()}
     for path in sorted(folder.glob("*.gguf")) if folder.is_dir() else []:
         if path.name not in known:

@@ -1,16 +1,13 @@
 """The oracle: the file's weights, dequantized exactly, multiplied in float64.
 
-Dequantization is exact in float32 already (d * code + m of float16 d, m and a 4- or 8-bit code
-fits in 24 bits), so widening to float64 keeps every weight the exact value the file encodes.
-A float64 copy of SmolLM2 would take 1.1 GB; instead the packed rows stay as they are (a memory
-map) and are dequantized one tile at a time, as QuantLinear._tiled does for float32.
+Each format gives its weights exactly in float64 (`Format.exact`: scale * code + offset of its
+float16 scales and integer codes, which float32 can round once), so every weight is the exact value
+the file encodes. A float64 copy of SmolLM2 would take 1.1 GB; instead the packed rows stay as they
+are (a memory map) and are dequantized one tile at a time, as QuantLinear._tiled does for float32.
 """
-
-from dataclasses import replace
 
 import numpy as np
 
-from .. import quant
 from ..linear import TILE_BYTES, QuantEmbedding, QuantLinear
 
 
@@ -18,7 +15,7 @@ class OracleLinear:
     """y = x W^T in float64, with W the packed rows of a QuantLinear, dequantized tile by tile."""
 
     def __init__(self, packed: QuantLinear):
-        self.raw, self.ggml_type, self.name = packed.raw, packed.ggml_type, packed.name
+        self.raw, self.format, self.name = packed.raw, packed.format, packed.name
         self.out_features, self.in_features = packed.out_features, packed.in_features
         self.tile_rows = max(1, TILE_BYTES // (8 * self.in_features))
 
@@ -32,7 +29,7 @@ class OracleLinear:
         out = np.empty((x.shape[0], self.out_features), np.float64)
         for first in range(0, self.out_features, self.tile_rows):
             last = min(self.out_features, first + self.tile_rows)
-            rows = quant.dequantize(self.raw[first:last], self.ggml_type).astype(np.float64)  # (rows, K), exact
+            rows = self.format.exact(self.raw[first:last])                # (rows, K) float64, exact
             np.matmul(x, rows.T, out=out[:, first:last])
         return out
 
@@ -45,7 +42,7 @@ class OracleEmbedding:
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:
         # ids: (T,) -> (T, dim) float64
-        return quant.dequantize(self.linear.raw[np.asarray(ids)], self.linear.ggml_type).astype(np.float64)
+        return self.linear.format.exact(self.linear.raw[np.asarray(ids)])
 
     def head(self, x: np.ndarray) -> np.ndarray:
         return self.linear(x)  # (T, dim) -> (T, vocab_size) float64
@@ -53,16 +50,3 @@ class OracleEmbedding:
     @property
     def nbytes(self) -> int:
         return self.linear.nbytes
-
-
-def oracle_weights(weights):
-    """ModelWeights of QuantLinear/QuantEmbedding -> the same weights as float64 oracle objects
-    (norm vectors widened to float64)."""
-    def swap(field):
-        if isinstance(field, QuantLinear):
-            return OracleLinear(field)
-        return field.astype(np.float64)   # a norm weight (dim,)
-    layers = [replace(layer, **{name: swap(getattr(layer, name)) for name in vars(layer)}) for layer in weights.layers]
-    return replace(weights, embedding=OracleEmbedding(weights.embedding), layers=layers,
-                   output_norm=weights.output_norm.astype(np.float64),
-                   output=OracleLinear(weights.output) if weights.output is not None else None)

@@ -6,7 +6,8 @@ and what is built on them (an optimizer and training loop, LoRA fine-tuning, pru
 | `backward` | the backward of each forward step (linear, embedding, RMSNorm, RoPE, attention, SwiGLU) |
 | `losses`   | cross-entropy and the distillation KL, each with its gradient                      |
 | `tape`     | the weights as training holds them (trained, frozen packed, LoRA) and one pass's record |
-| `llama`    | Llama's backward over the model's own forward pass (minillm.model)                 |
+| `model`    | a model to train: the loader's weights, the forward pass of minillm.arch on a tape |
+| `llama`    | Llama's backward, step by step against minillm.arch.llama's forward               |
 | `grad`     | the gradient of a batch of windows, split over threads                              |
 | `optim`    | AdamW, the warm-up and cosine schedule, gradient clipping                          |
 | `data`     | token windows from text files, chat examples scored on the answer, seeded batches  |

@@ -12,7 +12,7 @@ Shapes use the forward's names: T tokens, S keys, `dim`, `ffn_dim`, heads of `he
 
 import numpy as np
 
-from ..model import softmax
+from ..ops.f32 import softmax
 
 
 def linear_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray):
@@ -29,7 +29,7 @@ def embedding_backward(dx: np.ndarray, ids: np.ndarray, dtable: np.ndarray):
 
 def rmsnorm_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, eps: float):
     """y = x * r * weight with r = 1 / sqrt(mean(x^2) + eps), per row of n channels.
-    dy, x: (T, n), weight: (n,) -> dx (T, n), dweight (n,)
+    dy, x: (..., n), weight: (n,) -> dx (..., n), dweight (n,)
 
     With g = dy * weight: y_i = g-weighted x_i r, and dr/dx_j = -r^3 x_j / n, so
         dx_j = r g_j - r^3 x_j / n * sum_i g_i x_i
@@ -38,7 +38,7 @@ def rmsnorm_backward(dy: np.ndarray, x: np.ndarray, weight: np.ndarray, eps: flo
     r = 1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps)      # (T, 1)
     g = dy * weight                                                       # (T, n)
     dx = r * g - (r ** 3 / n) * x * np.sum(g * x, axis=-1, keepdims=True)
-    dweight = np.sum(dy * x * r, axis=0)                                  # (n,)
+    dweight = np.sum((dy * x * r).reshape(-1, n), axis=0)                 # (n,), over every row
     return dx, dweight
 
 

@@ -13,7 +13,7 @@ import gguf
 import numpy as np
 from gguf import GGML_QUANT_SIZES
 
-from .. import quant
+from .. import formats
 from ..errors import MinillmError
 from ..gguf import GGUFFile
 
@@ -36,13 +36,13 @@ def written_atomically(path):
 
 
 def write_tensors(writer: gguf.GGUFWriter, tensors: dict):
-    """Add name -> (float array, GGML type) to the writer, each encoded in its type (minillm.quant)."""
+    """Add name -> (float array, GGML type) to the writer, each encoded in its type (minillm.formats)."""
     for name, (array, ggml_type) in tensors.items():
         array = np.ascontiguousarray(array, dtype=np.float32)
         if ggml_type == gguf.GGMLQuantizationType.F32:
             writer.add_tensor(name, array)
         else:
-            writer.add_tensor(name, quant.quantize(array, ggml_type), raw_dtype=ggml_type)
+            writer.add_tensor(name, formats.quantize(array, ggml_type), raw_dtype=ggml_type)
 
 
 def finish(writer: gguf.GGUFWriter):

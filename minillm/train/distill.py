@@ -26,11 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import LlamaConfig
+from .. import arch
+from ..arch.llama import LlamaConfig
 from ..errors import MinillmError, UsageError
+from ..linear import FloatEmbedding
 from ..gguf import GGUFFile
 from ..kvcache import KVCache
-from ..linear import FloatEmbedding
 from ..registry import resolve_model
 from ..runtime import RunConfig, load
 from ..tokenizer import Tokenizer
@@ -39,7 +40,7 @@ from .data import batches, read_texts, split_held_out, text_windows
 from .evaluate import HeldOut
 from .grad import Distillation
 from .importance import calibrate
-from .llama import float_arrays, inference_model, trainable_from_arrays
+from .model import check_trainable, float_arrays, inference_model, trainable_from_arrays
 from .loop import TrainSettings, train
 from .losses import teacher_targets
 from .prune import drop_layers, keep_heads, keep_neurons, shape_metadata, top_heads, top_neurons
@@ -137,7 +138,8 @@ def distill(config: DistillConfig, announce=print, progress: bool | None = None)
     config.check()
     threads = config.train.threads
     teacher_gguf = GGUFFile(resolve_model(config.teacher, announce=announce))
-    teacher_config = LlamaConfig.from_metadata(teacher_gguf.metadata, teacher_gguf.path)
+    teacher_config = arch.read_config(teacher_gguf.metadata, teacher_gguf.path)
+    check_trainable(teacher_config)
     tokens = Tokenizer.from_metadata(teacher_gguf.metadata).encode(read_texts(config.text))
     train_windows, held_windows = split_held_out(text_windows(tokens, config.window), config.held_out)
     held_tokens = np.concatenate([w.ids for w in held_windows] + [held_windows[-1].targets[-1:]])
@@ -155,7 +157,7 @@ def distill(config: DistillConfig, announce=print, progress: bool | None = None)
     examples = with_teacher_targets(teacher_rt.model, train_windows, config.top_k, config.temperature)
     model = trainable_from_arrays(student_config, arrays)
     if not config.train_embedding:
-        model.embedding = FrozenEmbedding(FloatEmbedding(arrays["token_embd.weight"]))
+        model.weights.embedding = FrozenEmbedding(FloatEmbedding(arrays["token_embd.weight"]))
     tensors = lambda: {name: (w, types[name]) for name, w in arrays.items()}   # noqa: E731
     types = source_types(teacher_gguf, arrays)
     metadata = shape_metadata(student_config, teacher_gguf.metadata["general.architecture"])

@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..config import LlamaConfig
+from .. import arch
 from ..errors import UsageError
 from ..gguf import GGUFFile
 from ..registry import resolve_model
 from ..tokenizer import Tokenizer
 from .data import batches, chat_example, pack, read_chat_jsonl
 from .grad import mean_loss
-from .llama import Trainable
+from .model import Trainable, check_trainable
 from .lora import adapter_pairs, lora_model, parse_targets, write_adapter
 from .loop import TrainSettings, train
 
@@ -59,7 +59,8 @@ def finetune(config: FinetuneConfig, announce=print, progress: bool | None = Non
     `progress`: the training bar (minillm.train.loop.train)."""
     config.check()
     gguf = GGUFFile(resolve_model(config.model, announce=announce))
-    model_config = LlamaConfig.from_metadata(gguf.metadata, gguf.path)
+    model_config = arch.read_config(gguf.metadata, gguf.path)
+    check_trainable(model_config)
     if os.path.abspath(config.output) == os.path.abspath(gguf.path):
         raise UsageError("the adapter must not overwrite the model")
     tokenizer = Tokenizer.from_metadata(gguf.metadata)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import llama
+from . import model as trainable
 from .losses import cross_entropy, distillation_kl
 from .tape import WindowCache, add_gradient
 
@@ -70,14 +70,14 @@ def part_gradient(model, examples: list, loss) -> tuple[float, float, dict]:
     """Summed loss, positions scored, and the gradient of the summed loss, for windows run one by one."""
     grads, total, scored = {}, 0.0, 0.0
     for ex in examples:
-        logits, weights, tape = llama.forward(model, ex.ids, grads, segments=ex.segments)
+        logits, weights, tape = trainable.forward(model, ex.ids, grads, segments=ex.segments)
         per_position, dlogits = loss(logits, ex)
         del logits
         w = ex.position_weights.astype(dlogits.dtype)
         total += float(np.dot(per_position, w))
         scored += float(w.sum())
         dlogits *= w[:, None]
-        llama.backward(model, weights, tape, dlogits)
+        trainable.backward(model, weights, tape, dlogits)
     return total, scored, grads
 
 
@@ -110,7 +110,7 @@ def mean_loss(model, examples: list, threads: int = 1, loss=None) -> float:
     """The mean loss over the examples' scored positions, forward only (held-out evaluation): the
     model as inference runs it, which keeps no activations for a backward pass."""
     loss = loss or CrossEntropy()
-    runnable = llama.inference_model(model)
+    runnable = trainable.inference_model(model)
 
     def part_loss(part):
         total = scored = 0.0

@@ -21,12 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..config import LlamaConfig
-from ..linear import FloatEmbedding, FloatLinear
-from . import llama
-from .llama import Trainable
+from ..arch.llama import LlamaConfig
+from . import model as trainable
 from .losses import cross_entropy
-from .tape import Frozen, FrozenEmbedding
+from .model import Trainable, linears, trainable_from_arrays
 
 
 @dataclass
@@ -39,9 +37,7 @@ class Calibration:
 
 def frozen_model(config: LlamaConfig, arrays: dict) -> Trainable:
     """Float weights (GGUF name -> array) that a backward pass goes through without their gradients."""
-    vectors = {name: w for name, w in arrays.items() if w.ndim == 1}
-    matrices = {name: Frozen(FloatLinear(w)) for name, w in arrays.items() if w.ndim == 2 and name != "token_embd.weight"}
-    return Trainable(config, matrices, vectors, FrozenEmbedding(FloatEmbedding(arrays["token_embd.weight"])))
+    return trainable_from_arrays(config, arrays, frozen=True)
 
 
 def calibrate(config: LlamaConfig, arrays: dict, windows: list, with_scores: bool = True) -> Calibration:
@@ -52,27 +48,17 @@ def calibrate(config: LlamaConfig, arrays: dict, windows: list, with_scores: boo
     heads = np.zeros((config.n_layers, config.n_heads))
     neurons = np.zeros((config.n_layers, config.ffn_dim))
     for ex in windows:
-        logits, weights, tape = llama.forward(model, ex.ids, keep_input_grads=True)
-        for name, linear in taped_linears(weights):
+        logits, weights, tape = trainable.forward(model, ex.ids, keep_input_grads=True)
+        for name, linear in linears(config, weights):
             squares[name] = squares.get(name, 0) + np.sum(linear.x.astype(np.float64) ** 2, axis=0)
         if not with_scores:
             continue
         _, dlogits = cross_entropy(logits, ex.targets)
-        llama.backward(model, weights, tape, dlogits / len(ex.ids))
+        trainable.backward(model, weights, tape, dlogits / len(ex.ids))
         for i, layer in enumerate(weights.layers):
             per_head = (layer.wo.x * layer.wo.dx).reshape(len(ex.ids), config.n_heads, -1)   # (T, n_heads, head_dim)
             heads[i] += np.abs(per_head.sum(axis=(0, 2)))
             neurons[i] += np.abs(np.sum(layer.w_down.x * layer.w_down.dx, axis=0))           # (ffn_dim,)
     return Calibration({name: np.sqrt(s) for name, s in squares.items()}, heads, neurons,
                        sum(len(ex.ids) for ex in windows))
-
-
-def taped_linears(weights):
-    """(GGUF name, Taped linear) of every block's linears in a recorded pass."""
-    from ..weights import LAYER_TENSORS
-    for i, layer in enumerate(weights.layers):
-        for tensor, field in LAYER_TENSORS.items():
-            linear = getattr(layer, field)
-            if not isinstance(linear, np.ndarray):
-                yield f"blk.{i}.{tensor}", linear
 

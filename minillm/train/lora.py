@@ -19,11 +19,10 @@ import gguf
 import numpy as np
 
 from ..adapter import LoraLinear
-from ..config import LlamaConfig
 from ..errors import UsageError
-from ..weights import LAYER_TENSORS, load_packed
+from ..weights import PackedSource, load_weights
 from .checkpoint import finish, written_atomically
-from .llama import Trainable
+from .model import Trainable, check_trainable, linears, training_ops
 from .tape import Frozen, FrozenEmbedding, Tape
 
 # The linears of a Llama block LoRA can adapt, by their GGUF names inside the block.
@@ -53,33 +52,43 @@ def parse_targets(text: str) -> tuple:
     return names
 
 
-def lora_model(gguf, config: LlamaConfig, targets: tuple, rank: int, alpha: float, rng: np.random.Generator,
+class LoRASource:
+    """The packed base as the loader builds it for inference (a PackedSource), for training: a new
+    LoRA of `rank` on each target linear, every other linear and the embedding frozen."""
+
+    def __init__(self, source, targets: tuple, rank: int, alpha: float, rng: np.random.Generator):
+        self.source, self.targets, self.rank, self.alpha, self.rng = source, targets, rank, alpha, rng
+
+    def vector(self, name: str) -> np.ndarray:
+        return self.source.vector(name)
+
+    def embedding(self, name: str):
+        return FrozenEmbedding(self.source.embedding(name))
+
+    def matrix(self, name: str):
+        base = self.source.matrix(name)
+        if name.split(".")[-2] not in self.targets:          # blk.i.<target>.weight
+            return Frozen(base)
+        a = (self.rng.uniform(-1, 1, (self.rank, base.in_features)) / np.sqrt(base.in_features)).astype(np.float32)
+        b = np.zeros((base.out_features, self.rank), np.float32)
+        return TrainedLoRA(base, a, b, self.alpha / self.rank, name)
+
+
+def lora_model(gguf, config, targets: tuple, rank: int, alpha: float, rng: np.random.Generator,
                bits: int = 4, backend: str = "numba") -> Trainable:
     """The packed base (as `--bits` loads it, one thread per product: training splits the batch over
     threads instead) with a new LoRA of `rank` on each target linear of every block."""
     if rank < 1:
         raise UsageError(f"--lora-rank must be at least 1, got {rank}")
-    weights = load_packed(gguf, config, bits, backend=backend, threads=1, progress=False)
-    matrices, vectors = {}, {"output_norm.weight": weights.output_norm}
-    for i, layer in enumerate(weights.layers):
-        for tensor, field in LAYER_TENSORS.items():
-            name, w = f"blk.{i}.{tensor}", getattr(layer, field)
-            if isinstance(w, np.ndarray):
-                vectors[name] = w
-            elif tensor.removesuffix(".weight") in targets:
-                a = (rng.uniform(-1, 1, (rank, w.in_features)) / np.sqrt(w.in_features)).astype(np.float32)
-                b = np.zeros((w.out_features, rank), np.float32)
-                matrices[name] = TrainedLoRA(w, a, b, alpha / rank, name)
-            else:
-                matrices[name] = Frozen(w)
-    if weights.output is not None:
-        matrices["output.weight"] = Frozen(weights.output)
-    return Trainable(config, matrices, vectors, FrozenEmbedding(weights.embedding))
+    check_trainable(config)
+    packed = PackedSource(gguf, config, bits, backend=backend, threads=1, progress=False)
+    weights = load_weights(gguf, config, LoRASource(packed, targets, rank, alpha, rng))
+    return Trainable(config, weights, training_ops())
 
 
 def adapter_pairs(model: Trainable) -> dict:
     """weight name -> (A, B) of every LoRA in the model."""
-    return {name: (w.a, w.b) for name, w in model.matrices.items() if isinstance(w, TrainedLoRA)}
+    return {name: (w.a, w.b) for name, w in linears(model.config, model.weights) if isinstance(w, TrainedLoRA)}
 
 
 def write_adapter(path, architecture: str, alpha: float, pairs: dict, name: str = "LoRA adapter"):

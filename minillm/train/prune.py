@@ -26,8 +26,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from .. import quant
-from ..config import LlamaConfig
+from .. import formats
+from ..arch.llama import LlamaConfig
 from ..errors import UsageError
 from ..gguf import GGUFFile
 from ..registry import resolve_model
@@ -36,7 +36,7 @@ from .checkpoint import source_types, write_model
 from .data import read_texts, text_windows
 from .grad import mean_loss
 from .importance import Calibration, calibrate, frozen_model
-from .llama import float_arrays
+from .model import float_arrays
 
 METHODS = ("magnitude", "wanda", "2:4", "heads", "ffn", "layers")
 UNSTRUCTURED = ("magnitude", "wanda", "2:4")
@@ -256,7 +256,7 @@ def prune_file(config: PruneConfig) -> dict:
 
 def pruning_report(config, gguf, before: LlamaConfig, after: LlamaConfig, arrays, pruned, types) -> dict:
     blocks = block_matrices(pruned)
-    stored = {name: quant.dequantize(quant.quantize(pruned[name], types[name]), types[name]) for name in blocks}
+    stored = {name: formats.dequantize(formats.quantize(pruned[name], types[name]), types[name]) for name in blocks}
     report = {"method": config.method, "sparsity": config.sparsity, "output": os.path.abspath(config.output),
               "file_mib_before": gguf.file_size / 2**20, "file_mib_after": os.path.getsize(config.output) / 2**20,
               "parameters_before": int(sum(w.size for w in arrays.values())),

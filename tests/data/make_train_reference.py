@@ -3,7 +3,7 @@
 An independent reference for minillm.train's hand-written backward pass (tests/test_train_grad.py):
 a 2-layer Llama (dim 32, 4 query and 2 key/value heads, SwiGLU 48, vocab 64, tied embedding) with
 random weights, written here in torch as llama.cpp computes it on a GGUF file (RoPE on adjacent
-channel pairs, grouped-query attention, RMSNorm), and a batch of three token windows scored by
+channel pairs, grouped-query attention with its float32 scale 1/sqrtf(head_dim), RMSNorm), and a batch of three token windows scored by
 cross-entropy, one of them only on some positions (as fine-tuning scores only the answer). torch
 differentiates it in float64. The file holds the weights, the windows, the loss and every gradient.
 
@@ -21,6 +21,8 @@ OUT = Path(__file__).parent / "train_reference.npz"
 CONFIG = dict(n_layers=2, dim=32, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=48, vocab_size=64,
               rope_base=10000.0, norm_eps=1e-5)
 WINDOW = 12
+# llama.cpp's kq_scale: 1.0f/sqrtf(head_dim), a float32 value (minillm.arch.llama.LlamaConfig.attention_scale)
+ATTENTION_SCALE = float(np.float32(1) / np.sqrt(np.float32(CONFIG["head_dim"])))
 
 
 def random_weights(rng) -> dict:
@@ -78,7 +80,7 @@ def logits_of(w: dict, ids):
         k = rope((h @ w[p + "attn_k.weight"].T).view(T, c["n_kv_heads"], -1), positions)
         v = (h @ w[p + "attn_v.weight"].T).view(T, c["n_kv_heads"], -1)
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)   # head h reads kv h // group
-        scores = torch.einsum("thd,shd->hts", q, k) / c["head_dim"] ** 0.5
+        scores = torch.einsum("thd,shd->hts", q, k) * ATTENTION_SCALE
         probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
         out = torch.einsum("hts,shd->thd", probs, v).reshape(T, -1)
         x = x + out @ w[p + "attn_output.weight"].T

@@ -1,0 +1,131 @@
+"""Q6_K kernels: y = W x for one token, and W tiles as float32 for prefill, read from packed super-blocks.
+
+A super-block is 210 bytes: 128 bytes of low nibbles (ql), 64 of high bit pairs (qh), 16 signed
+8-bit scales, then d as float16 (word 104 of the block, read through a 16-bit view). For each half
+n of 128 elements and l = 0..31 (minillm.formats.q6_k draws the layout), ql[64 n + l],
+ql[64 n + 32 + l] and qh[32 n + l] hold the codes of elements 128 n + l, + 32, + 64 and + 96.
+With the activation as Q8_K a super-block's dot product is
+
+    d dx I,   I = sum_s sc_s sum_(e in s) (code_e - 32) q_e     (exact int32, 16 sub-blocks of 16)
+
+NumPy references (minillm.formats.q6_k): `Q6_K.dequantize` for `dequantize_rows_q6_k`
+(bit-identical); float64 `Q6_K.dequantize(W) @ x` for `matvec_rows_q6_k`, within the bound
+`tests/bounds.py` derives from `Q6_K.matvec_terms`.
+"""
+
+import numpy as np
+
+from ._jit import jit, jit_inline
+from .activations import F16_TO_F32
+from .q8_k import Q8KRows
+from .rows import read_only
+
+
+def _codes6(w8_row, block, n, l):
+    # the codes (0..63) of elements 128 n + l, + 32, + 64, + 96 of the super-block at byte `block`
+    a = np.int32(w8_row[block + 64 * n + l])
+    b = np.int32(w8_row[block + 64 * n + 32 + l])
+    h = np.int32(w8_row[block + 128 + 32 * n + l])
+    return ((a & 15) | ((h & 3) << 4), (b & 15) | ((h & 12) << 2),
+            (a >> 4) | (h & 48), (b >> 4) | ((h & 192) >> 2))
+
+
+codes6 = jit_inline(_codes6)
+
+
+def _half_sum(w8_row, wi8_row, block, n, xq, bsums, first):
+    # sum over half n of a super-block of sc_s (code_e - 32) q_e. The codes of elements + 64 and
+    # + 96 are built 16 times too large (their nibbles masked in place, (a & 0xF0) = 16 * nibble)
+    # and their sums divided by 16 after the loop: a right shift inside it would make LLVM widen
+    # it to 64-bit lanes. The - 32 comes from the Q8_K sums of 16, bsums. Sixteen values of l
+    # share the scales of their four sub-blocks; each |sum| <= 16 * 1008 * 127.
+    total = np.int32(0)
+    for part in range(2):
+        s1 = np.int32(0)
+        s2 = np.int32(0)
+        s3 = np.int32(0)
+        s4 = np.int32(0)
+        for l in range(16 * part, 16 * part + 16):
+            a = np.int32(w8_row[block + 64 * n + l])
+            b = np.int32(w8_row[block + 64 * n + 32 + l])
+            h = np.int32(w8_row[block + 128 + 32 * n + l])
+            e = first + 128 * n + l
+            s1 = np.int32(s1 + ((a & np.int32(15)) + ((h & np.int32(3)) << np.int32(4))) * np.int32(xq[e]))
+            s2 = np.int32(s2 + ((b & np.int32(15)) + ((h & np.int32(12)) << np.int32(2))) * np.int32(xq[e + 32]))
+            s3 = np.int32(s3 + ((a & np.int32(240)) + ((h & np.int32(48)) << np.int32(4))) * np.int32(xq[e + 64]))
+            s4 = np.int32(s4 + ((b & np.int32(240)) + ((h & np.int32(192)) << np.int32(2))) * np.int32(xq[e + 96]))
+        sub = 8 * n + part                 # sub-block of element 128 n + 32 k + l: 8 n + 2 k + l // 16
+        scales = block + 192 + sub
+        sums = first // 16 + sub
+        total += np.int32(wi8_row[scales]) * (s1 - np.int32(32) * bsums[sums])
+        total += np.int32(wi8_row[scales + 2]) * (s2 - np.int32(32) * bsums[sums + 2])
+        total += np.int32(wi8_row[scales + 4]) * ((s3 >> np.int32(4)) - np.int32(32) * bsums[sums + 4])
+        total += np.int32(wi8_row[scales + 6]) * ((s4 >> np.int32(4)) - np.int32(32) * bsums[sums + 6])
+    return total
+
+
+half_sum = jit_inline(_half_sum)
+
+
+def _matvec_rows_q6_k(w16, w8, wi8, xq, xd, bsums, f16, out, first, stop):
+    """out[first:stop] = those rows of W times x, from Q6_K rows, on the calling thread.
+
+    w16: (N, 105 nsb) u16, w8: (N, 210 nsb) u8 and wi8: (N, 210 nsb) i8, views of the same rows
+    (read-only is fine); xq: (K,) i8, xd: (nsb,) f32, bsums: (K / 16,) i32 from `quantize_q8_k`;
+    f16: F16_TO_F32;
+    out: (N,) f32.
+
+    Loop order: row by row, super-block by super-block: two halves of 128 codes, then one float
+    product; super-blocks added in order in float32. Allocation: none. Load-time unpacking: none.
+    """
+    for row in range(first, stop):
+        acc = np.float32(0)
+        for b in range(xd.shape[0]):
+            total = half_sum(w8[row], wi8[row], 210 * b, 0, xq, bsums, 256 * b)
+            total += half_sum(w8[row], wi8[row], 210 * b, 1, xq, bsums, 256 * b)
+            acc += f16[w16[row, 105 * b + 104]] * xd[b] * np.float32(total)
+        out[row] = acc
+
+
+matvec_rows_q6_k = jit(_matvec_rows_q6_k)
+
+
+def _dequantize_rows_q6_k(w16, w8, wi8, f16, out):
+    """out = the rows as float32, bit-identical to `minillm.formats.Q6_K.dequantize`:
+    (d * sc) * (code - 32), exact in float32.
+
+    w16: (R, 105 nsb) u16, w8 and wi8: (R, 210 nsb) u8 and i8; out: (R, 256 nsb) f32. Serial: the
+    prefill path hands each tile to BLAS, whose threads would contend with Numba's. Allocation: none.
+    """
+    for row in range(out.shape[0]):
+        for b in range(out.shape[1] // 256):
+            d = f16[w16[row, 105 * b + 104]]
+            for n in range(2):
+                for l in range(32):
+                    codes = codes6(w8[row], 210 * b, n, l)
+                    for k in range(4):
+                        scale = d * np.float32(wi8[row, 210 * b + 192 + 8 * n + 2 * k + l // 16])
+                        out[row, 256 * b + 128 * n + 32 * k + l] = scale * np.float32(codes[k] - 32)
+
+
+dequantize_rows_q6_k = jit(_dequantize_rows_q6_k)
+
+
+class Q6_KRows(Q8KRows):
+    """Q6_K rows for the kernels above: 210-byte super-blocks read as 105 words, as bytes and as
+    signed bytes (minillm.kernels.rows)."""
+
+    type_size = 210
+
+    def __init__(self, raw):
+        super().__init__(raw)
+        self.w16 = read_only(raw.view(np.uint16))                # (N, 105 nsb), same bytes
+        self.w8 = read_only(raw.view(np.uint8))
+        self.wi8 = read_only(raw.view(np.int8))
+
+
+    def matvec_rows(self, act, scratch, out, first, stop):
+        matvec_rows_q6_k(self.w16, self.w8, self.wi8, act.q, act.d, act.bsums, F16_TO_F32, out, first, stop)
+
+    def dequantize_rows(self, start, stop, out):
+        dequantize_rows_q6_k(self.w16[start:stop], self.w8[start:stop], self.wi8[start:stop], F16_TO_F32, out)
