@@ -13,9 +13,10 @@ from bounds import exact_weights, tile_bound
 from gradcheck import check_gradient
 from minillm import formats
 from minillm.linear import QuantLinear
-from minillm.ops.f32 import attend, causal_mask, rmsnorm, rope, rope_angles, silu, softmax
-from minillm.train.backward import (attention_backward, embedding_backward, linear_backward, rmsnorm_backward,
-                                    rope_backward, softmax_backward, swiglu_backward)
+from minillm.ops.f32 import attend, causal_mask, gelu_tanh, rmsnorm, rope, rope_angles, rope_neox, silu, softmax
+from minillm.train.backward import (attention_backward, embedding_backward, geglu_backward, linear_backward,
+                                    rmsnorm_backward, rope_backward, rope_neox_backward, softmax_backward,
+                                    swiglu_backward)
 from minillm.train.losses import cross_entropy, distillation_kl, teacher_targets
 from strategies import float_rows
 
@@ -66,6 +67,28 @@ def test_rope_backward(n_heads, T, half, extra, start, seed):
     check_gradient(lambda: np.sum(dy * rope(x, cos, sin)), x, rope_backward(dy, cos, sin))
 
 
+@given(n_heads=st.integers(1, 3), T=st.integers(1, 4), half=st.integers(1, 4), extra=st.sampled_from([0, 2]),
+       start=st.integers(0, 50), seed=seeds)
+def test_rope_neox_backward(n_heads, T, half, extra, start, seed):
+    """NEOX pairs (i, i + rope_dim/2), Gemma 3's and Qwen 3's; channels past rope_dim pass through."""
+    rng = np.random.default_rng(seed)
+    rope_dim = 2 * half
+    cos, sin = rope_angles(start + np.arange(T), rope_dim, 10000.0, np.float64)
+    x, dy = normal(rng, n_heads, T, rope_dim + extra), normal(rng, n_heads, T, rope_dim + extra)
+    check_gradient(lambda: np.sum(dy * rope_neox(x, cos, sin)), x, rope_neox_backward(dy, cos, sin))
+
+
+@given(n_heads=st.integers(1, 3), T=st.integers(1, 3), n=st.integers(1, 6), seed=seeds)
+def test_rmsnorm_backward_per_head(n_heads, T, n, seed):
+    """Each head of Q or K normed by one weight of head_dim (Gemma 3, Qwen 3): its gradient adds up
+    over the heads and the tokens."""
+    rng = np.random.default_rng(seed)
+    x, w, dy = normal(rng, n_heads, T, n), 1 + normal(rng, n, scale=0.1), normal(rng, n_heads, T, n)
+    dx, dw = rmsnorm_backward(dy, x, w, 1e-6)
+    check_gradient(lambda: np.sum(dy * rmsnorm(x, w, 1e-6)), x, dx)
+    check_gradient(lambda: np.sum(dy * rmsnorm(x, w, 1e-6)), w, dw)
+
+
 @given(rows=st.integers(1, 3), n=st.integers(1, 6), seed=seeds)
 def test_softmax_backward(rows, n, seed):
     rng = np.random.default_rng(seed)
@@ -95,6 +118,17 @@ def test_swiglu_backward(T, n, seed):
     gate, up, da = normal(rng, T, n, scale=2), normal(rng, T, n), normal(rng, T, n)
     dgate, dup = swiglu_backward(da, gate, up)
     loss = lambda: np.sum(da * silu(gate) * up)
+    check_gradient(loss, gate, dgate)
+    check_gradient(loss, up, dup)
+
+
+@given(T=st.integers(1, 3), n=st.integers(1, 6), seed=seeds)
+def test_geglu_backward(T, n, seed):
+    """Gemma 3's MLP middle, gelu_tanh(gate) * up, with gates out to +-6 (both tails of the tanh)."""
+    rng = np.random.default_rng(seed)
+    gate, up, da = normal(rng, T, n, scale=3), normal(rng, T, n), normal(rng, T, n)
+    dgate, dup = geglu_backward(da, gate, up)
+    loss = lambda: np.sum(da * gelu_tanh(gate) * up)
     check_gradient(loss, gate, dgate)
     check_gradient(loss, up, dup)
 

@@ -70,3 +70,14 @@ def test_a_student_file_wider_than_the_teacher_is_refused(teacher, tmp_path):
     r = minillm("distill", "--teacher", teacher, "--student", wide, "--text", ALICE, "-o", out, "--window", "64", cwd=".")
     assert_one_line_error(r, 1, "larger than the teacher", "ffn_dim 256 > 128")
     assert not out.exists()
+
+
+def test_a_teacher_or_student_of_another_architecture_is_refused(teacher, tmp_path):
+    """Distillation cuts and writes Llama's shapes: a Gemma 3 teacher or student file is refused."""
+    gemma = write_tiny(tmp_path / "gemma3.gguf", "gemma3")
+    out = tmp_path / "student.gguf"
+    for pair in ((gemma, "layers:2"), (teacher, gemma)):
+        r = minillm("distill", "--teacher", pair[0], "--student", pair[1], "--text", ALICE, "-o", out,
+                    "--window", "64", cwd=".")
+        assert_one_line_error(r, 2, "minillm distill runs on llama models", "'gemma3'")
+        assert not out.exists()

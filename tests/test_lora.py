@@ -3,6 +3,7 @@ and computes the same logits), `minillm finetune` end to end, `--lora` on the mo
 errors for bad data and mismatched adapters."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gradcheck import check_gradient
+from minillm import arch
 from minillm.adapter import read_adapter
 from minillm.arch.llama import LlamaConfig
 from minillm.errors import MinillmError
@@ -122,6 +124,27 @@ def test_llama_cpp_loads_the_adapter_and_gives_the_same_logits(tiny_q4_path, ada
     f32_adapted = nmse(minillm_logits(tiny_q4_path, PROMPT, "f32", path), theirs)
     assert f32_adapted < 2 * f32_base
     assert nmse(theirs, base_theirs) > 100 * f32_adapted
+
+
+def test_a_gemma3_lora_runs_in_minillm_and_in_llama_cpp_alike(tmp_path):
+    """LoRA on Gemma 3 (tiny: Q4_1 matrices, heads of 64, a Q8_0 tied embedding): the adapter as
+    trained gives the same logits through --lora, and in --mode ggml llama.cpp's bit for bit."""
+    model_path = write_tiny(tmp_path / "tiny-gemma3.gguf", "gemma3", head_dim=64, weight_type=Q.Q4_1,
+                            embedding_type=Q.Q8_0)
+    gguf = GGUFFile(model_path)
+    rng = np.random.default_rng(0)
+    model = lora_model(gguf, arch.read_config(gguf.metadata), ("attn_q", "attn_v", "ffn_gate", "ffn_down"), 4, 8.0, rng)
+    for _, b in adapter_pairs(model).values():
+        b[:] = 0.1 * rng.standard_normal(b.shape)
+    path = tmp_path / "gemma3-adapter.gguf"
+    write_adapter(path, "gemma3", 8.0, adapter_pairs(model))
+    rt = load(RunConfig(model=str(model_path), ctx_size=32, lora=str(path)), announce=lambda _: None)
+    trained = replace(inference_model(model), ops=rt.model.ops)          # the run's attention: block-sparse windows
+    np.testing.assert_array_equal(rt.model.forward(PROMPT, rt.new_cache()), trained.forward(PROMPT, rt.new_cache()))
+    pytest.importorskip("llama_cpp")
+    theirs = llamacpp_logits(model_path, PROMPT, path)
+    np.testing.assert_array_equal(minillm_logits(model_path, PROMPT, "ggml", path), theirs)
+    assert nmse(theirs, llamacpp_logits(model_path, PROMPT)) > 1e-4      # the adapter does change them
 
 
 @pytest.mark.weights

@@ -203,3 +203,12 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(tiny_q4_wide, tmp_path
     out = tmp_path / "pruned.gguf"
     assert_one_line_error(minillm("prune", tiny_q4_wide, "-o", out, *flags), code, *words)
     assert not any(tmp_path.iterdir())
+
+
+def test_pruning_another_architecture_is_a_one_line_error(tmp_path):
+    """Training runs on Gemma 3 and Qwen 3 too (LoRA), but pruning writes Llama's shapes: refused."""
+    model = write_tiny(tmp_path / "gemma3.gguf", "gemma3")
+    out = tmp_path / "pruned.gguf"
+    assert_one_line_error(minillm("prune", model, "-o", out, "--method", "magnitude", "--sparsity", "0.5"), 2,
+                          "minillm prune runs on llama models", "'gemma3'")
+    assert not out.exists()

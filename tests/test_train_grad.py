@@ -1,6 +1,7 @@
-"""The whole model's gradient: minillm.train's backward pass (over the model's own forward pass)
-against torch autograd on a tiny Llama (tests/data/make_train_reference.py), and against central
-finite differences of the loss in float64; the batch split over two threads against one."""
+"""The whole model's gradient: minillm.train's backward pass (over the architecture's own forward
+pass) against torch autograd on a tiny Llama (tests/data/make_train_reference.py), and against
+central finite differences of the loss in float64 for Llama, Gemma 3 and Qwen 3; the batch split over
+two threads against one."""
 
 from pathlib import Path
 
@@ -10,8 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradcheck import assert_gradient_close, numerical_gradient
+from minillm import arch
 from minillm.arch.llama import LlamaConfig
+from minillm.attention import DENSE, parse_attention
 from minillm.gguf import GGUFFile
+from minillm.kvcache import new_cache
+from minillm.synthetic import write_tiny
 from minillm.train.grad import Example, batch_gradient
 from minillm.train import model as trainable
 from minillm.train.model import load_trained, trainable_from_arrays
@@ -82,30 +87,38 @@ def tiny64(tiny_path):
     return load_trained(GGUFFile(tiny_path), np.float64)
 
 
-@settings(max_examples=10)
-@given(seed=st.integers(0, 2**32 - 1), name=st.sampled_from([
-    "token_embd.weight", "output_norm.weight", "blk.0.attn_norm.weight", "blk.0.attn_q.weight",
-    "blk.0.attn_k.weight", "blk.1.attn_v.weight", "blk.1.attn_output.weight", "blk.0.ffn_norm.weight",
-    "blk.0.ffn_gate.weight", "blk.1.ffn_up.weight", "blk.1.ffn_down.weight"]))
-def test_whole_model_gradient_equals_finite_differences(tiny64, seed, name):
-    """The cross-entropy of a random window of the tiny model (2 layers, dim 64, GQA 4:2), differenced
-    in float64 along 6 coordinates of one weight (a row of the embedding that the window reads)."""
+LLAMA_NAMES = ["token_embd.weight", "output_norm.weight", "blk.0.attn_norm.weight", "blk.0.attn_q.weight",
+               "blk.0.attn_k.weight", "blk.1.attn_v.weight", "blk.1.attn_output.weight", "blk.0.ffn_norm.weight",
+               "blk.0.ffn_gate.weight", "blk.1.ffn_up.weight", "blk.1.ffn_down.weight"]
+# Gemma 3's tiny model: layers 0 and 1 local (a window of 64 positions), layer 2 global
+GEMMA3_NAMES = ["token_embd.weight", "output_norm.weight", "blk.0.attn_norm.weight", "blk.0.attn_q.weight",
+                "blk.1.attn_k.weight", "blk.2.attn_v.weight", "blk.0.attn_q_norm.weight", "blk.2.attn_k_norm.weight",
+                "blk.1.attn_output.weight", "blk.0.post_attention_norm.weight", "blk.2.ffn_norm.weight",
+                "blk.1.ffn_gate.weight", "blk.0.ffn_up.weight", "blk.2.ffn_down.weight", "blk.1.post_ffw_norm.weight"]
+QWEN3_NAMES = ["token_embd.weight", "blk.0.attn_q.weight", "blk.1.attn_k.weight", "blk.0.attn_q_norm.weight",
+               "blk.1.attn_k_norm.weight", "blk.1.attn_output.weight", "blk.0.ffn_down.weight"]
+
+
+def check_whole_model_gradient(model, seed: int, name: str, T: int):
+    """The cross-entropy of a random window of T tokens, differenced in float64 along 6 coordinates of
+    one weight (for the tied table: 3 of a row the window reads, through lookup and head, and 3 of
+    a row only the head sees), against the backward pass's gradient."""
     rng = np.random.default_rng(seed)
-    tokens = rng.integers(0, tiny64.config.vocab_size, 9)
+    tokens = rng.integers(0, model.config.vocab_size, T + 1)
     example = Example(ids=tokens[:-1], targets=tokens[1:])
-    params = tiny64.parameters()
-    analytic = batch_gradient(tiny64, [example]).grads[name]
+    params = model.parameters()
+    analytic = batch_gradient(model, [example]).grads[name]
     flat = params[name].reshape(-1)
-    if name == "token_embd.weight":  # a row the window reads (through lookup and head) and one only the head sees
-        rows = [tokens[0], np.setdiff1d(np.arange(tiny64.config.vocab_size), tokens)[0]]
-        coords = np.concatenate([r * tiny64.config.dim + rng.choice(tiny64.config.dim, 3, replace=False) for r in rows])
+    if name == "token_embd.weight":
+        rows = [tokens[0], np.setdiff1d(np.arange(model.config.vocab_size), tokens)[0]]
+        coords = np.concatenate([r * model.config.dim + rng.choice(model.config.dim, 3, replace=False) for r in rows])
     else:
         coords = rng.choice(flat.size, 6, replace=False)
     picked = flat[coords].copy()
 
     def loss():
         flat[coords] = picked
-        logits, _, _ = trainable.forward(tiny64, example.ids)
+        logits, _, _ = trainable.forward(model, example.ids)
         return cross_entropy(logits, example.targets)[0].mean()
 
     try:
@@ -113,6 +126,53 @@ def test_whole_model_gradient_equals_finite_differences(tiny64, seed, name):
     finally:
         flat[coords] = picked
     assert_gradient_close(analytic.reshape(-1)[coords], numeric)
+
+
+@settings(max_examples=10)
+@given(seed=st.integers(0, 2**32 - 1), name=st.sampled_from(LLAMA_NAMES))
+def test_whole_model_gradient_equals_finite_differences(tiny64, seed, name):
+    """The tiny Llama (2 layers, dim 64, GQA 4:2), a window of 8 tokens."""
+    check_whole_model_gradient(tiny64, seed, name, 8)
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3(tmp_path_factory):
+    return load_trained(GGUFFile(write_tiny(tmp_path_factory.mktemp("gemma3") / "tiny.gguf", "gemma3")), np.float64)
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen3(tmp_path_factory):
+    return load_trained(GGUFFile(write_tiny(tmp_path_factory.mktemp("qwen3") / "tiny.gguf", "qwen3")), np.float64)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), name=st.sampled_from(GEMMA3_NAMES))
+def test_gemma3_gradient_equals_finite_differences(tiny_gemma3, seed, name):
+    """Gemma 3's backward (minillm.train.gemma3): per-head Q and K norms, NEOX RoPE, Q scaled before
+    the scores, post-norms on both branches, GeGLU, the embedding scaled by sqrt(dim), and a window
+    of 72 tokens, longer than the local layers' window of 64, so their sliding mask is in the loss."""
+    check_whole_model_gradient(tiny_gemma3, seed, name, 72)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), name=st.sampled_from(QWEN3_NAMES))
+def test_qwen3_gradient_equals_finite_differences(tiny_qwen3, seed, name):
+    """Qwen 3's backward: Llama's with the per-head norms of Q and K and NEOX RoPE (minillm.train.qwen3)."""
+    check_whole_model_gradient(tiny_qwen3, seed, name, 8)
+
+
+def test_gemma3_training_forward_is_the_inference_forward(tiny_gemma3):
+    """The window training runs masks each layer as inference does: 80 tokens through the training
+    forward (one window, no cache) and through minillm.model with the architecture's ring caches
+    give the same logits in float64 (a dense mask on the local layers is off by far more)."""
+    ids = np.random.default_rng(0).integers(0, tiny_gemma3.config.vocab_size, 80)
+    logits, _, _ = trainable.forward(tiny_gemma3, ids)
+    runnable = trainable.inference_model(tiny_gemma3)
+    spec = parse_attention(arch.gemma3.default_attention(tiny_gemma3.config))
+    want = runnable.forward(ids, new_cache(tiny_gemma3.config, 128, spec, kv_bits=64))
+    np.testing.assert_allclose(logits, want, rtol=0, atol=1e-12 * np.abs(want).max())
+    dense = runnable.forward(ids, new_cache(tiny_gemma3.config, 128, DENSE, kv_bits=64))
+    assert np.abs(dense - want).max() > 1e-6 * np.abs(want).max()
 
 
 def test_packed_examples_give_the_gradient_of_the_separate_ones(reference):

@@ -7,7 +7,8 @@ and what is built on them (an optimizer and training loop, LoRA fine-tuning, pru
 | `losses`   | cross-entropy and the distillation KL, each with its gradient                      |
 | `tape`     | the weights as training holds them (trained, frozen packed, LoRA) and one pass's record |
 | `model`    | a model to train: the loader's weights, the forward pass of minillm.arch on a tape |
-| `llama`    | Llama's backward, step by step against minillm.arch.llama's forward               |
+| `llama`, `gemma3`, `qwen3` | each architecture's backward, step by step against its forward in minillm.arch |
+| `common`   | what those backwards share: the LM head and final norm, Q and K normed per head   |
 | `grad`     | the gradient of a batch of windows, split over threads                              |
 | `optim`    | AdamW, the warm-up and cosine schedule, gradient clipping                          |
 | `data`     | token windows from text files, chat examples scored on the answer, seeded batches  |

@@ -12,7 +12,7 @@ Shapes use the forward's names: T tokens, S keys, `dim`, `ffn_dim`, heads of `he
 
 import numpy as np
 
-from ..ops.f32 import softmax
+from ..ops.f32 import GELU_COEF, SQRT_2_OVER_PI, gelu_tanh, softmax
 
 
 def linear_backward(dy: np.ndarray, x: np.ndarray, w: np.ndarray):
@@ -51,6 +51,17 @@ def rope_backward(dy: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarra
     dx = dy.copy()
     dx[..., 0:rope_dim:2] = d_even * cos + d_odd * sin
     dx[..., 1:rope_dim:2] = -d_even * sin + d_odd * cos
+    return dx
+
+
+def rope_neox_backward(dy: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """NEOX RoPE (Gemma 3, Qwen 3) turns the pairs (x[i], x[i + rope_dim/2]) by R(a); the gradient
+    turns back by R(-a), as for adjacent pairs. dy: (n_heads, T, head_dim) -> dx, same shape."""
+    half = cos.shape[-1]
+    d_first, d_second = dy[..., 0:half], dy[..., half:2 * half]
+    dx = dy.copy()
+    dx[..., 0:half] = d_first * cos + d_second * sin
+    dx[..., half:2 * half] = -d_first * sin + d_second * cos
     return dx
 
 
@@ -97,3 +108,17 @@ def swiglu_backward(da: np.ndarray, gate: np.ndarray, up: np.ndarray):
     dgate = da * up * s * (1.0 + gate * (1.0 - s))
     return dgate, dup
 
+
+
+def gelu_tanh_derivative(x: np.ndarray) -> np.ndarray:
+    """d/dx of gelu_tanh(x) = 0.5 x (1 + t), t = tanh(u), u = sqrt(2/pi) (x + 0.044715 x^3):
+    0.5 (1 + t) + 0.5 x (1 - t^2) du/dx, with du/dx = sqrt(2/pi) (1 + 3 * 0.044715 x^2)."""
+    t = np.tanh(SQRT_2_OVER_PI * x * (1.0 + GELU_COEF * x * x))
+    du = SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_COEF * x * x)
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+
+
+def geglu_backward(da: np.ndarray, gate: np.ndarray, up: np.ndarray):
+    """a = gelu_tanh(gate) * up, the middle of Gemma's MLP.
+    da, gate, up: (T, ffn_dim) -> dgate, dup (T, ffn_dim)"""
+    return da * up * gelu_tanh_derivative(gate), da * gelu_tanh(gate)

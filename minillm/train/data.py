@@ -122,7 +122,7 @@ def pack(examples: list, parts: int, max_tokens: int) -> list[Example]:
     """The examples joined into about `parts` windows of similar length (each at most max_tokens
     long), to be run one window a thread: every linear then multiplies a whole window at once
     (for a packed base, one dequantization of each tile per window instead of per example). Each
-    example keeps its own positions in the loss and sees only itself (tape.Segments).
+    example keeps its own positions in the loss and sees only itself (tape.Segmented).
     Longest first, each into the shortest window so far that it fits."""
     bins, sizes = [[] for _ in range(max(1, parts))], [0] * max(1, parts)
     for ex in sorted(examples, key=lambda e: -len(e.ids)):

@@ -139,7 +139,7 @@ def distill(config: DistillConfig, announce=print, progress: bool | None = None)
     threads = config.train.threads
     teacher_gguf = GGUFFile(resolve_model(config.teacher, announce=announce))
     teacher_config = arch.read_config(teacher_gguf.metadata, teacher_gguf.path)
-    check_trainable(teacher_config)
+    check_trainable(teacher_config, ("llama",), "minillm distill")
     tokens = Tokenizer.from_metadata(teacher_gguf.metadata).encode(read_texts(config.text))
     train_windows, held_windows = split_held_out(text_windows(tokens, config.window), config.held_out)
     held_tokens = np.concatenate([w.ids for w in held_windows] + [held_windows[-1].targets[-1:]])
@@ -148,6 +148,7 @@ def distill(config: DistillConfig, announce=print, progress: bool | None = None)
     held = HeldOut(held_tokens, config.eval_ctx, base=teacher_rt.model)
     if config.student.endswith(".gguf") or Path(config.student).is_file():
         student_config, arrays = float_arrays(GGUFFile(config.student))
+        check_trainable(student_config, ("llama",), "minillm distill")
         check_smaller(teacher_config, student_config, config.student)
     else:
         student_config, arrays = student_from_teacher(*float_arrays(teacher_gguf), config.student,

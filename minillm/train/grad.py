@@ -17,7 +17,7 @@ import numpy as np
 
 from . import model as trainable
 from .losses import cross_entropy, distillation_kl
-from .tape import WindowCache, add_gradient
+from .tape import add_gradient
 
 
 @dataclass
@@ -115,7 +115,7 @@ def mean_loss(model, examples: list, threads: int = 1, loss=None) -> float:
     def part_loss(part):
         total = scored = 0.0
         for ex in part:
-            per_position, _ = loss(runnable.forward(ex.ids, WindowCache(ex.segments)), ex)
+            per_position, _ = loss(runnable.forward(ex.ids, trainable.window_cache(model.config, ex.segments)), ex)
             total += float(np.dot(per_position, ex.position_weights))
             scored += float(ex.position_weights.sum())
         return total, scored

@@ -21,12 +21,15 @@ import numpy as np
 from ..arch.common import merge_heads, split_heads
 from ..arch.llama import Layer, LlamaConfig
 from .backward import attention_backward, rmsnorm_backward, rope_backward, swiglu_backward
+from .common import head_backward
 from .tape import Tape
 
 
-def backward(c: LlamaConfig, ops, weights, tape: Tape, dlogits: np.ndarray) -> dict:
+def backward(c: LlamaConfig, ops, weights, tape: Tape, dlogits: np.ndarray, qkv_backward=None) -> dict:
     """Add dL/dparameter into tape.grads for dL/dlogits = dlogits (T, vocab_size); return tape.grads.
-    `ops` is the forward's arithmetic (its RoPE angles are recomputed here)."""
+    `ops` is the forward's arithmetic (its RoPE angles are recomputed here). An architecture whose
+    forward is Llama's with its own Q, K and V (Qwen 3) passes their backward as `qkv_backward`."""
+    qkv_backward = qkv_backward or rope_qkv_backward
     T = dlogits.shape[0]
     dx = head_backward(c, weights, tape, dlogits)                           # (T, dim)
     positions = np.arange(T)
@@ -34,21 +37,9 @@ def backward(c: LlamaConfig, ops, weights, tape: Tape, dlogits: np.ndarray) -> d
     for i in reversed(range(c.n_layers)):
         mask = tape.cache.pattern(i).mask(positions, positions)              # (T, T), as the forward's
         dx = dx + mlp_backward(c, weights.layers[i], i, tape, dx)
-        dx = dx + attention_block_backward(c, weights.layers[i], i, tape, dx, cos, sin, mask)
+        dx = dx + attention_block_backward(c, weights.layers[i], i, tape, dx, cos, sin, mask, qkv_backward)
     weights.embedding.lookup_backward(dx)
     return tape.grads
-
-
-def head_backward(c, weights, tape: Tape, dlogits: np.ndarray) -> np.ndarray:
-    """dL/d(the last block's output) through the LM head and the final norm (every architecture's)."""
-    if weights.output is not None:
-        dx = weights.output.backward(dlogits)
-    else:
-        dx = weights.embedding.head_backward(dlogits)                        # (T, dim)
-    last = tape.acts[f"l_out-{c.n_layers - 1}"] if c.n_layers else tape.acts["inp_embd"]
-    dx, dnorm = rmsnorm_backward(dx, last, weights.output_norm, c.norm_eps)
-    tape.add_grad("output_norm.weight", dnorm)
-    return dx
 
 
 def mlp_backward(c: LlamaConfig, w: Layer, i: int, tape: Tape, dx: np.ndarray) -> np.ndarray:
@@ -62,15 +53,22 @@ def mlp_backward(c: LlamaConfig, w: Layer, i: int, tape: Tape, dx: np.ndarray) -
 
 
 def attention_block_backward(c: LlamaConfig, w: Layer, i: int, tape: Tape, dx: np.ndarray,
-                             cos: np.ndarray, sin: np.ndarray, mask: np.ndarray) -> np.ndarray:
+                             cos: np.ndarray, sin: np.ndarray, mask: np.ndarray, qkv_backward) -> np.ndarray:
     """dL/dx through the attention branch of block i (dx: dL/d ffn_inp-i, (T, dim))."""
     a = tape.acts
     dout = split_heads(w.wo.backward(dx), c.n_heads)                          # (n_heads, T, head_dim)
     dq, dk, dv = attention_backward(dout, a[f"Qcur-{i}"], a[f"Kcur-{i}"], a[f"Vcur-{i}"], mask, c.attention_scale)
-    dh = (w.wq.backward(merge_heads(rope_backward(dq, cos, sin)))
-          + w.wk.backward(merge_heads(rope_backward(dk, cos, sin)))
-          + w.wv.backward(merge_heads(dv)))                                   # (T, dim)
+    dh = qkv_backward(c, w, i, tape, dq, dk, dv, cos, sin)                   # (T, dim)
     x_in = a[f"l_out-{i - 1}"] if i else a["inp_embd"]
     din, dnorm = rmsnorm_backward(dh, x_in, w.attn_norm, c.norm_eps)
     tape.add_grad(f"blk.{i}.attn_norm.weight", dnorm)
     return din
+
+
+def rope_qkv_backward(c: LlamaConfig, w: Layer, layer: int, tape: Tape, dq: np.ndarray, dk: np.ndarray,
+                      dv: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """From dL/dQcur (n_heads, T, head_dim), dL/dKcur and dL/dVcur (n_kv_heads, T, head_dim) to
+    dL/dx (T, dim): RoPE turned back, then the three projections."""
+    return (w.wq.backward(merge_heads(rope_backward(dq, cos, sin)))
+            + w.wk.backward(merge_heads(rope_backward(dk, cos, sin)))
+            + w.wv.backward(merge_heads(dv)))

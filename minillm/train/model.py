@@ -26,12 +26,13 @@ from ..model import Model
 from ..ops.f32 import F32
 from ..ops.oracle import Oracle
 from ..arch.common import OUTPUT
+from ..attention import parse_attention
 from ..weights import assemble_weights, block_tensors, dequantized, expected_shapes, validate
-from . import llama
+from . import gemma3, llama, qwen3
 from .tape import Frozen, FrozenEmbedding, Tape, Taped, TapedEmbedding, Trained, TrainedEmbedding, WindowCache
 
 # The architectures training has a backward pass for: general.architecture -> its module.
-BACKWARD = {"llama": llama}
+BACKWARD = {"llama": llama, "gemma3": gemma3, "qwen3": qwen3}
 
 
 def training_ops(dtype=np.float32):
@@ -40,11 +41,17 @@ def training_ops(dtype=np.float32):
     return Oracle() if np.dtype(dtype) == np.float64 else F32()
 
 
-def check_trainable(config):
-    """UsageError unless training has a backward pass for the config's architecture."""
-    if config.architecture not in BACKWARD:
-        raise UsageError(f"training runs on {', '.join(sorted(BACKWARD))} models; this one is "
+def check_trainable(config, supported=tuple(BACKWARD), what: str = "training"):
+    """UsageError unless `what` supports the config's architecture (training: those with a backward pass)."""
+    if config.architecture not in supported:
+        raise UsageError(f"{what} runs on {', '.join(sorted(supported))} models; this one is "
                          f"{config.architecture!r}")
+
+
+def window_cache(config, segments=None) -> WindowCache:
+    """The cache of one training window: each layer masked as the architecture's attention pattern
+    says (minillm.arch: Gemma 3's sliding windows), and each packed example by itself."""
+    return WindowCache(parse_attention(arch.of(config).default_attention(config)), segments)
 
 
 @dataclass
@@ -111,7 +118,7 @@ def forward(model: Trainable, ids: np.ndarray, grads: dict | None = None, keep_i
     """Logits (T, vocab_size) of one window that starts at position 0 (or of the examples packed in
     it, `segments` their lengths), with the weights and the tape its backward needs; `grads` is the
     dict the backward will add into."""
-    tape = Tape(grads, keep_input_grads, WindowCache(segments))
+    tape = Tape(grads, keep_input_grads, window_cache(model.config, segments))
     weights = taped_weights(model, tape)
     logits = Model(model.config, weights, model.ops).forward(np.asarray(ids), tape.cache, trace=tape.trace)
     return logits, weights, tape

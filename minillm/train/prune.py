@@ -36,7 +36,7 @@ from .checkpoint import source_types, write_model
 from .data import read_texts, text_windows
 from .grad import mean_loss
 from .importance import Calibration, calibrate, frozen_model
-from .model import float_arrays
+from .model import check_trainable, float_arrays
 
 METHODS = ("magnitude", "wanda", "2:4", "heads", "ffn", "layers")
 UNSTRUCTURED = ("magnitude", "wanda", "2:4")
@@ -238,6 +238,7 @@ def prune_file(config: PruneConfig) -> dict:
     config.check()
     gguf = GGUFFile(resolve_model(config.model))
     model_config, arrays = float_arrays(gguf)
+    check_trainable(model_config, ("llama",), "minillm prune")
     windows = calibration_windows(gguf, config)
     calibration = calibrate(model_config, arrays, windows, with_scores=config.method in ("heads", "ffn")) \
         if windows and config.method != "layers" else None

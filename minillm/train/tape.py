@@ -29,17 +29,20 @@ from ..attention import DENSE
 class WindowCache:
     """The KV cache of one training window: each window starts at position 0 and attends to its own
     keys only, so nothing is stored. `store` hands k and v back as they are (float64 too, for the
-    gradient checks). The mask is causal (the dense pattern, as at inference), or block-diagonal
-    causal when several examples are packed into the window (`Segments`)."""
+    gradient checks). Each layer's mask is its pattern in `spec` (the architecture's own, as at
+    inference: causal, with sliding windows on Gemma 3's local layers), and within that, when
+    several examples are packed into the window (`segments`, their lengths), each example's own."""
 
     unbounded = True
     length = 0
 
-    def __init__(self, segments=None):
-        self.segments = None if segments is None else Segments(segments)
+    def __init__(self, spec=DENSE, segments=None):
+        self.spec = spec
+        self.segment = None if segments is None else np.repeat(np.arange(len(segments)), segments)  # (T,)
 
     def pattern(self, layer: int):
-        return DENSE.pattern(layer) if self.segments is None else self.segments
+        pattern = self.spec.pattern(layer)
+        return pattern if self.segment is None else Segmented(pattern, self.segment)
 
     def store(self, layer: int, k: np.ndarray, v: np.ndarray):
         return k, v, np.arange(k.shape[1])
@@ -48,20 +51,20 @@ class WindowCache:
         pass
 
 
-class Segments:
-    """Examples packed side by side into one window, each attending only to its own earlier tokens.
-    RoPE makes q.k depend on the two positions' difference only, so an example that starts at
-    position p computes what it would alone from position 0 (to the rounding of cos and sin), and
-    the products by the weights run once for the whole window: packed chat examples share the
-    dequantization of each tile of a packed base (minillm.train.lora)."""
+class Segmented:
+    """A layer's pattern over examples packed side by side into one window, each seeing only its own
+    earlier tokens. RoPE makes q.k depend on the two positions' difference only, so an example that
+    starts at position p computes what it would alone from position 0 (to the rounding of cos and
+    sin), and the products by the weights run once for the whole window: packed chat examples share
+    the dequantization of each tile of a packed base (minillm.train.lora)."""
 
-    def __init__(self, lengths):
-        self.segment = np.repeat(np.arange(len(lengths)), lengths)     # (T,) which example each position is in
+    def __init__(self, pattern, segment: np.ndarray):
+        self.inner, self.segment = pattern, segment                      # segment: (T,) which example each position is in
 
     def mask(self, q_pos: np.ndarray, k_pos: np.ndarray) -> np.ndarray:
-        """(T, S) bool: same example, and not later."""
+        """(T, S) bool: same example, and what the layer's pattern lets the query see."""
         same = self.segment[q_pos][:, None] == self.segment[k_pos][None, :]
-        return same & (k_pos[None, :] <= q_pos[:, None])
+        return same & self.inner.mask(q_pos, k_pos)
 
 
 class Tape:
