@@ -5,6 +5,7 @@ Each test turns the step into a scalar L = sum(dy * f(x)) with a random dy, so d
 the backward's output for that dy (tests/gradcheck.py explains the tolerance)."""
 
 import numpy as np
+import pytest
 from gguf import GGMLQuantizationType as Q
 from hypothesis import given
 from hypothesis import strategies as st
@@ -56,26 +57,18 @@ def test_rmsnorm_backward(T, n, eps, seed):
     check_gradient(loss, weight, dweight)
 
 
+@pytest.mark.parametrize("rotate, rotate_backward", [(rope, rope_backward), (rope_neox, rope_neox_backward)],
+                         ids=["adjacent", "neox"])
 @given(n_heads=st.integers(1, 3), T=st.integers(1, 4), half=st.integers(1, 4), extra=st.sampled_from([0, 2]),
        start=st.integers(0, 50), seed=seeds)
-def test_rope_backward(n_heads, T, half, extra, start, seed):
-    """Partial RoPE too (extra channels past rope_dim pass through)."""
+def test_rope_backward(rotate, rotate_backward, n_heads, T, half, extra, start, seed):
+    """Adjacent pairs (Llama) and NEOX pairs (i, i + rope_dim/2: Gemma 3, Qwen 3); partial RoPE too
+    (extra channels past rope_dim pass through)."""
     rng = np.random.default_rng(seed)
     rope_dim = 2 * half
     cos, sin = rope_angles(start + np.arange(T), rope_dim, 10000.0, np.float64)
     x, dy = normal(rng, n_heads, T, rope_dim + extra), normal(rng, n_heads, T, rope_dim + extra)
-    check_gradient(lambda: np.sum(dy * rope(x, cos, sin)), x, rope_backward(dy, cos, sin))
-
-
-@given(n_heads=st.integers(1, 3), T=st.integers(1, 4), half=st.integers(1, 4), extra=st.sampled_from([0, 2]),
-       start=st.integers(0, 50), seed=seeds)
-def test_rope_neox_backward(n_heads, T, half, extra, start, seed):
-    """NEOX pairs (i, i + rope_dim/2), Gemma 3's and Qwen 3's; channels past rope_dim pass through."""
-    rng = np.random.default_rng(seed)
-    rope_dim = 2 * half
-    cos, sin = rope_angles(start + np.arange(T), rope_dim, 10000.0, np.float64)
-    x, dy = normal(rng, n_heads, T, rope_dim + extra), normal(rng, n_heads, T, rope_dim + extra)
-    check_gradient(lambda: np.sum(dy * rope_neox(x, cos, sin)), x, rope_neox_backward(dy, cos, sin))
+    check_gradient(lambda: np.sum(dy * rotate(x, cos, sin)), x, rotate_backward(dy, cos, sin))
 
 
 @given(n_heads=st.integers(1, 3), T=st.integers(1, 3), n=st.integers(1, 6), seed=seeds)
@@ -112,23 +105,16 @@ def test_attention_backward(n_kv, group, T, cached, head_dim, seed):
     check_gradient(loss, v, dv)
 
 
+@pytest.mark.parametrize("gated, activation, spread", [(swiglu_backward, silu, 2), (geglu_backward, gelu_tanh, 3)],
+                         ids=["swiglu", "geglu"])
 @given(T=st.integers(1, 3), n=st.integers(1, 6), seed=seeds)
-def test_swiglu_backward(T, n, seed):
+def test_gated_mlp_backward(gated, activation, spread, T, n, seed):
+    """The middle of the MLP, activation(gate) * up: Llama's SwiGLU and Gemma 3's GeGLU (gates out to
+    +-6 there, both tails of the tanh)."""
     rng = np.random.default_rng(seed)
-    gate, up, da = normal(rng, T, n, scale=2), normal(rng, T, n), normal(rng, T, n)
-    dgate, dup = swiglu_backward(da, gate, up)
-    loss = lambda: np.sum(da * silu(gate) * up)
-    check_gradient(loss, gate, dgate)
-    check_gradient(loss, up, dup)
-
-
-@given(T=st.integers(1, 3), n=st.integers(1, 6), seed=seeds)
-def test_geglu_backward(T, n, seed):
-    """Gemma 3's MLP middle, gelu_tanh(gate) * up, with gates out to +-6 (both tails of the tanh)."""
-    rng = np.random.default_rng(seed)
-    gate, up, da = normal(rng, T, n, scale=3), normal(rng, T, n), normal(rng, T, n)
-    dgate, dup = geglu_backward(da, gate, up)
-    loss = lambda: np.sum(da * gelu_tanh(gate) * up)
+    gate, up, da = normal(rng, T, n, scale=spread), normal(rng, T, n), normal(rng, T, n)
+    dgate, dup = gated(da, gate, up)
+    loss = lambda: np.sum(da * activation(gate) * up)
     check_gradient(loss, gate, dgate)
     check_gradient(loss, up, dup)
 
