@@ -5,10 +5,11 @@ through minillm.model, recorded on a tape, then taken backwards by the architect
 The weights come from the one loader, walking the architecture's tensor table, out of a source
 that says what each tensor becomes for training:
 
-| source          | norms          | matrices                       | embedding               | used by         |
-|-----------------|----------------|--------------------------------|-------------------------|-----------------|
-| `ArraySource`   | float arrays   | `Trained` (or `Frozen`) arrays | trained (or frozen)     | distill, prune  |
-| `lora.LoRASource` | the packed source's | `TrainedLoRA` on targets, else `Frozen` packed | frozen packed | finetune |
+| source            | norms          | matrices                                 | embedding           | used by        |
+|-------------------|----------------|------------------------------------------|---------------------|----------------|
+| `ArraySource`     | float arrays   | `Trained` (or `Frozen`) float arrays     | trained (or frozen) | distill, prune |
+| `lora.LoRASource` | as inference   | `TrainedLoRA` on the targets, else the   | frozen, packed      | finetune       |
+|                   | reads them     | packed linear `Frozen`                   |                     |                |
 
 So training and inference share the forward pass, the tensor table and the weight objects'
 interface (`linear(x)`, `embedding.lookup`, `embedding.head`); only the backward is training's own,
@@ -20,13 +21,13 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from .. import arch
+from ..arch.common import OUTPUT
+from ..attention import parse_attention
 from ..errors import UsageError
 from ..linear import FloatEmbedding, FloatLinear
 from ..model import Model
 from ..ops.f32 import F32
 from ..ops.oracle import Oracle
-from ..arch.common import OUTPUT
-from ..attention import parse_attention
 from ..weights import assemble_weights, block_tensors, dequantized, expected_shapes, validate
 from . import gemma3, llama, qwen3
 from .tape import Frozen, FrozenEmbedding, Tape, Taped, TapedEmbedding, Trained, TrainedEmbedding, WindowCache
@@ -99,10 +100,8 @@ def vectors(config, weights) -> dict:
 def taped_weights(model: Trainable, tape: Tape):
     """The weights with each linear and the embedding wrapped to record one pass into `tape`."""
     w, c = model.weights, model.config
-    layers = []
-    for i, layer in enumerate(w.layers):
-        fields = [field for field, shape in arch.of(c).layer_tensors(c).values() if len(shape) == 2]
-        layers.append(replace(layer, **{field: Taped(getattr(layer, field), tape) for field in fields}))
+    fields = [field for field, shape in arch.of(c).layer_tensors(c).values() if len(shape) == 2]
+    layers = [replace(layer, **{field: Taped(getattr(layer, field), tape) for field in fields}) for layer in w.layers]
     return replace(w, embedding=TapedEmbedding(w.embedding, tape), layers=layers,
                    output=None if w.output is None else Taped(w.output, tape))
 
