@@ -255,8 +255,10 @@ assert max(worst.values()) < 1e-6 * scale
 # two gradients, one from the head and one from the rows the lookup read (np.add.at: a token read
 # twice gets both rows).
 #
-# minillm's training code (`minillm.train.llama`) does the same over the model's own forward pass,
-# which records what the backward needs through its `trace` hook; `batch_gradient` runs it.
+# minillm's training code does the same over the architecture's own forward pass (minillm.arch.llama,
+# the one inference runs), which records what the backward needs through its `trace` hook
+# (`minillm.train.model`); `minillm.train.llama` takes Llama's steps backwards, and `batch_gradient`
+# runs both.
 
 # %%
 ids = rng.integers(0, c.vocab_size, 16)
