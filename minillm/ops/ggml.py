@@ -27,8 +27,8 @@ Attention (llama-cpp-python's default context: flash attention off; llama-graph.
 build_attn_mha, non-flash branch): KQ = mul_mat(K, Q) converts Q to float16 (F16's vec_dot_type);
 softmax(KQ * scale + mask) in float32 with a double sum; KQV = mul_mat(V, KQ) converts the softmax
 weights to float16. In a one-token decode both products add in ggml_vec_dot_f16's order
-(`f16_dot`); llama.cpp's batched products go through llamafile's tinyBLAS, whose order is not
-reproduced here.
+(`formats.f16.vec_dot_f16`); llama.cpp's batched products go through llamafile's tinyBLAS, whose
+order is not reproduced here.
 """
 
 import ctypes
@@ -37,6 +37,7 @@ from functools import cache
 
 import numpy as np
 
+from ..formats.f16 import vec_dot_f16
 from ..formats.ggml_math import fma32, reduce_16_lanes, round_f16
 from ..modes.ggml import GGMLEmbedding, GGMLLinear
 
@@ -158,21 +159,6 @@ def ggml_softmax(scores: np.ndarray) -> np.ndarray:
     return e * (1.0 / total[..., None]).astype(np.float32)
 
 
-def f16_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """ggml_vec_dot_f16 (vec.cpp; AVX-512 with AVX512-FP16: GGML_F16_DOT_* are 4 float32 registers
-    of 16 lanes, 64 elements a step) on float16 values: element i goes to lane i % 16 of register
-    (i // 16) % 4, the registers are added 0+2, 1+3, then 0+1, then its 16 lanes. a, b: (..., n)
-    broadcastable float32 holding float16 values, n a multiple of 64 (the products are exact in
-    float32, so fused multiply-adds are plain additions of them) -> (...) float32"""
-    products = a * b                                                    # (..., n) exact
-    steps = products.reshape(*products.shape[:-1], -1, 4, 16)           # (..., n / 64, 4, 16)
-    acc = steps[..., 0, :, :]
-    for step in range(1, steps.shape[-3]):
-        acc = acc + steps[..., step, :, :]
-    pairs = acc[..., :2, :] + acc[..., 2:, :]
-    return reduce_16_lanes(pairs[..., 0, :] + pairs[..., 1, :])
-
-
 def ggml_attention(q, k, v, pattern, q_pos, k_pos, scale: float) -> np.ndarray:
     """Attention as ggml computes it without flash attention (module docstring).
     q: (n_heads, T, head_dim) float32  k, v: (n_kv_heads, S, head_dim) float16 values from the cache
@@ -186,7 +172,7 @@ def ggml_attention(q, k, v, pattern, q_pos, k_pos, scale: float) -> np.ndarray:
     qg = round_f16(q).reshape(n_kv_heads, n_heads // n_kv_heads, T, head_dim)
     decode = T == 1 and head_dim % 64 == 0
     if decode:
-        scores = f16_dot(qg[:, :, :, None, :], k[:, None, None, :, :])  # (n_kv_heads, group, 1, S)
+        scores = vec_dot_f16(qg[:, :, :, None, :], k[:, None, None, :, :])  # (n_kv_heads, group, 1, S)
     else:
         scores = qg @ k[:, None].swapaxes(-1, -2)                       # (n_kv_heads, group, T, S) float32
     scores = np.where(pattern.mask(q_pos, k_pos), scores * np.float32(scale), np.float32(-np.inf))
@@ -195,7 +181,7 @@ def ggml_attention(q, k, v, pattern, q_pos, k_pos, scale: float) -> np.ndarray:
         pad = -S % 64
         w = np.pad(weights, [(0, 0)] * 3 + [(0, pad)])                  # (n_kv_heads, group, 1, S')
         vt = np.pad(v, [(0, 0), (0, pad), (0, 0)]).swapaxes(-1, -2)     # (n_kv_heads, head_dim, S')
-        out = f16_dot(w[:, :, :, None, :], vt[:, None, None, :, :])     # (n_kv_heads, group, 1, head_dim)
+        out = vec_dot_f16(w[:, :, :, None, :], vt[:, None, None, :, :])     # (n_kv_heads, group, 1, head_dim)
     else:
         out = weights @ v[:, None]                                      # (n_kv_heads, group, T, head_dim)
     return out.reshape(n_heads, T, head_dim)
