@@ -1,125 +1,92 @@
-"""Packed 4- and 5-bit codes: what the Q4_0, Q4_1, Q5_0 and Q5_1 kernels share.
+"""4- and 5-bit codes in the row-interleaved layout: what the Q4_0, Q4_1, Q5_0 and Q5_1 kernels share.
 
-Both formats store 32 weights as 16 bytes of 4-bit codes after a header; the kernels read a row
-as little-endian 16-bit words (a zero-copy view of the packed bytes), L words per block:
+The four formats store a block's 32 codes in 16 bytes after a header: byte j holds element j in
+its low nibble and element j + 16 in its high nibble; Q5_0 and Q5_1 add a fifth bit to each code,
+bit e of a little-endian uint32 qh in the header:
 
-    Q4_0  L = 9:   word 9 b = d                       w = d * (code - 8)
-    Q4_1  L = 10:  word 10 b = d, word 10 b + 1 = m   w = d * code + m
-    then 8 words of codes: code byte j of the block is in word (header + j // 2), low byte when
-    j is even; its low nibble is element j and its high nibble element j + 16.
+    Q4_0  [d][16 code bytes]               w = d (code - 8)
+    Q4_1  [d][m][16 code bytes]            w = d code + m
+    Q5_0  [d][qh][16 code bytes]           w = d (code - 16)
+    Q5_1  [d][m][qh][16 code bytes]        w = d code + m
 
-Both share the first pass (`nibble_products`, four code x int8 products per word); they differ
-only in how a block's integer sum becomes a float (kernels/q4_0.py, kernels/q4_1.py).
+Re-laid (minillm.kernels.rows), block b of a group holds each header field for the 32 rows side by
+side, then code byte 0 of the 32 rows, code byte 1, ...: byte j of row r is at
+`codes + j * GROUP_ROWS + r`, with `codes` = GROUP_ROWS * (header bytes).
 
-Q5_0 and Q5_1 add a fifth bit to each code: a little-endian uint32 qh after the header (read as two
-words), bit j for element j. Their kernels read the code bytes in place (`code_sum`: byte j gives
-elements j and j + 16, the two int8 activations it multiplies sit 16 apart).
+A block's integer dot product with the int8 activation q, sum_e code_e q_e, is computed here for
+all rows of a group at once (`nibble_sums`, `fifth_bit_sums`), in 16-bit SIMD lanes: products
+are at most 31 * 127, so sums of up to 16 of them, kept signed (codes centred on 16 for Q5), fit
+an int16. The formats then differ only in how that integer becomes a float (their kernels).
 """
 
 import numpy as np
 
 from ._jit import jit_inline
-from .activations import activation_for_q4, activation_with_sums, int8_activation
-from .rows import Rows, read_only, scratch_rows
+from .activations import Int8Rows
+from .rows import GROUP_ROWS, read_only
 
 
-def _nibble_products(w16_row, xa, p):
-    # w16_row: (L * nb,) u16   xa: (4, L * nb) i8   p: (>= L * nb,) i16
-    # Four products code (0..15) x int8 per word: |p| <= 4 * 15 * 127 = 7620 fits an int16.
-    # A plain element-wise loop over the words, so LLVM vectorizes it.
-    for k in range(xa.shape[1]):
-        word = int(w16_row[k])
-        p[k] = ((word & 15) * int(xa[0, k]) + ((word >> 4) & 15) * int(xa[1, k])
-                + ((word >> 8) & 15) * int(xa[2, k]) + (word >> 12) * int(xa[3, k]))
+def _nibble_sums(blocks, g, b, codes, q16, isum):
+    """isum[r] = sum_e code_e q_e over block b of the GROUP_ROWS rows of group g, exactly.
+
+    blocks: (G, nb, GROUP_ROWS * type_size) u8; codes: offset of code byte 0; q16: (K,) i16; isum:
+    (GROUP_ROWS,) i32. Two 16-bit partial sums of 16 products each (|sum| <= 16 * 15 * 127 = 30480,
+    which an int16 holds): written so, LLVM adds in 16-bit lanes, 16 or 32 rows an instruction."""
+    k = 32 * b
+    for r in range(GROUP_ROWS):
+        first = np.int16(0)
+        for j in range(8):
+            byte = np.int16(blocks[g, b, codes + j * GROUP_ROWS + r])
+            first = np.int16(first + (byte & 15) * q16[k + j] + (byte >> 4) * q16[k + 16 + j])
+        second = np.int16(0)
+        for j in range(8, 16):
+            byte = np.int16(blocks[g, b, codes + j * GROUP_ROWS + r])
+            second = np.int16(second + (byte & 15) * q16[k + j] + (byte >> 4) * q16[k + 16 + j])
+        isum[r] = np.int32(first) + np.int32(second)
 
 
-nibble_products = jit_inline(_nibble_products)
-
-
-def _block_sum(p, start):
-    # The eight code words of one block: |sum| <= 8 * 7620 fits an int32; saying so lets LLVM
-    # add them in a tree of 32-bit adds instead of a chain of 64-bit ones.
-    total = np.int32(0)
-    for t in range(8):
-        total = np.int32(total + p[start + t])
-    return total
-
-
-block_sum = jit_inline(_block_sum)
-
-
-def _codes_of_word(word):
-    # The four codes of code word t of a block, low bits first: elements 2t and 2t + 16 (low
-    # byte), then 2t + 1 and 2t + 17 (high byte).
-    return word & 15, (word >> 4) & 15, (word >> 8) & 15, word >> 12
-
-
-codes_of_word = jit_inline(_codes_of_word)
-
-
-def _fifth_bits(w16_row, word):
-    # the uint32 qh of a Q5 block from two little-endian 16-bit words
-    return np.uint32(w16_row[word]) | (np.uint32(w16_row[word + 1]) << np.uint32(16))
-
-
-fifth_bits = jit_inline(_fifth_bits)
+nibble_sums = jit_inline(_nibble_sums)
 
 
 def _codes5(byte, qh, j):
-    # elements j (low nibble) and j + 16 (high nibble) of a Q5 block, fifth bits from qh
-    byte = np.int32(byte)
-    low = (byte & 15) | (np.int32((qh >> np.uint32(j)) & np.uint32(1)) << 4)
-    high = (byte >> 4) | (np.int32((qh >> np.uint32(j + 16)) & np.uint32(1)) << 4)
-    return low, high
+    # elements j (low nibble) and j + 16 (high nibble) of a Q5 block, minus 16, fifth bits from qh
+    low = (byte & 15) | np.int16((qh >> np.uint32(j)) & np.uint32(1)) << 4
+    high = (byte >> 4) | np.int16((qh >> np.uint32(j + 16)) & np.uint32(1)) << 4
+    return np.int16(low - 16), np.int16(high - 16)
 
 
 codes5 = jit_inline(_codes5)
 
 
-def _code_sum(w8_row, start, qh, xq, first):
-    # sum_e code_e xq_e over one Q5 block: code bytes from w8_row[start], activations from xq[first];
-    # |sum| <= 32 * 31 * 127 fits an int32
-    total = np.int32(0)
-    for j in range(16):
-        low, high = codes5(w8_row[start + j], qh, j)
-        total = np.int32(total + low * np.int32(xq[first + j]) + high * np.int32(xq[first + 16 + j]))
-    return total
+def _fifth_bit_sums(blocks, w32, g, b, qh, codes, q16, isum):
+    """isum[r] = sum_e (code_e - 16) q_e over block b of the GROUP_ROWS rows of group g, exactly;
+    code_e has its fifth bit from the row's uint32 w32[g, b, qh + r].
+
+    Centred codes: |(code - 16) q| <= 16 * 127, so two 16-bit partial sums of 16 products each fit
+    an int16, as in `nibble_sums`."""
+    k = 32 * b
+    for r in range(GROUP_ROWS):
+        bits = w32[g, b, qh + r]
+        first = np.int16(0)
+        for j in range(8):
+            low, high = codes5(np.int16(blocks[g, b, codes + j * GROUP_ROWS + r]), bits, j)
+            first = np.int16(first + low * q16[k + j] + high * q16[k + 16 + j])
+        second = np.int16(0)
+        for j in range(8, 16):
+            low, high = codes5(np.int16(blocks[g, b, codes + j * GROUP_ROWS + r]), bits, j)
+            second = np.int16(second + low * q16[k + j] + high * q16[k + 16 + j])
+        isum[r] = np.int32(first) + np.int32(second)
 
 
-code_sum = jit_inline(_code_sum)
+fifth_bit_sums = jit_inline(_fifth_bit_sums)
 
 
-class NibbleRows(Rows):
-    """Q4_0 or Q4_1 rows read as 16-bit words, `header` of them before each block's 8 code words
-    (minillm.kernels.rows); subclasses add the kernels."""
+class CodeRows(Int8Rows):
+    """Rows of Q4_0, Q4_1, Q5_0 or Q5_1, re-laid (minillm.kernels.rows), against int8 activations
+    with their block sums; subclasses set `fields` and add the kernels."""
 
-    header = 1
-
-    def __init__(self, raw):
-        super().__init__(raw)
-        self.w16 = read_only(raw.view(np.uint16))                # (N, (header + 8) nb), same bytes
-
-    def new_activation(self):
-        return int8_activation(self.n_cols, values_per_word=4, words_per_block=self.header + 8)
-
-    def quantize(self, x, act):
-        activation_for_q4(x, act.q, act.d, act.sums, act.xa, self.header)
-
-    def new_scratch(self, parts):
-        return scratch_rows(parts, (self.header + 8) * self.n_blocks, np.int16)
-
-
-class Q5Rows(Rows):
-    """Q5_0 or Q5_1 rows read as 16-bit words and as bytes, the codes in place, against int8
-    activations with their block sums (minillm.kernels.rows); subclasses add the kernels."""
-
-    def __init__(self, raw):
-        super().__init__(raw)
-        self.w16 = read_only(raw.view(np.uint16))                # same bytes
-        self.w8 = read_only(raw.view(np.uint8))
-
-    def new_activation(self):
-        return int8_activation(self.n_cols)
-
-    def quantize(self, x, act):
-        activation_with_sums(x, act.q, act.d, act.sums)
+    def __init__(self, storage, n_rows, n_cols):
+        super().__init__(storage, n_rows, n_cols)
+        self.blocks = read_only(storage.view())                  # (G, nb, GROUP_ROWS * type_size) u8
+        self.w16 = read_only(storage.view(np.uint16))            # the same bytes as 16-bit words
+        self.w32 = read_only(storage.view(np.uint32))            # and as 32-bit words (Q5's fifth bits)

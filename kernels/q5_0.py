@@ -1,71 +1,78 @@
-"""Q5_0 kernels: y = W x for one token, and W tiles as float32 for prefill, read from packed blocks.
+"""Q5_0 kernels: y = W x for one token, and rows of W as float32, read from re-laid blocks.
 
-A block is 22 bytes, read as 11 little-endian 16-bit words (d, then the uint32 qh of fifth bits)
-and as bytes (the 16 code bytes from byte 6; kernels/nibbles.py). Its dot product with the int8
-activation (dx, q) is
+A group-block of 32 rows (minillm.kernels.rows) is their 32 float16 scales d, their 32 uint32 qh
+of fifth bits, then code byte j of the 32 rows for j = 0..15 (kernels/nibbles.py):
 
-    sum_e d (code_e - 16) q_e dx  =  d dx (isum - 16 qsum),   isum = sum_e code_e q_e,  qsum = sum_e q_e
+    16-bit word r: d of row r    32-bit word 16 + r: qh of row r    byte (6 + j) * 32 + r: code byte j of row r
 
-with isum and qsum exact integers.
+A block's dot product with the int8 activation (dx, q) is d dx isum, isum = sum_e (code_e - 16) q_e,
+an exact integer.
 
-NumPy references (minillm.formats.q5_0): `Q5_0.dequantize` for `dequantize_rows_q5_0`
-(bit-identical); float64 `Q5_0.dequantize(W) @ x` for `matvec_rows_q5_0`, within the bound
-`tests/bounds.py` derives from `Q5_0.matvec_terms`.
+NumPy references (minillm.formats.q5_0), reading GGUF's layout: `Q5_0.dequantize` for
+`dequantize_rows_q5_0` (bit-identical); float64 `Q5_0.dequantize(W) @ x` for `matvec_groups_q5_0`,
+within the bound `tests/bounds.py` derives from `Q5_0.matvec_terms`.
 """
 
 import numpy as np
 
 from ._jit import jit
-from .activations import F16_TO_F32
-from .nibbles import Q5Rows, code_sum, codes5, fifth_bits
+from .f16 import f16_to_f32
+from .nibbles import CodeRows, codes5, fifth_bit_sums
+from .rows import GROUP_ROWS, group_buffers, write_group
+
+QH = GROUP_ROWS // 2     # the 32-bit word where a group-block's qh start: after 32 d
+CODES = 6 * GROUP_ROWS   # the byte where its code bytes start
 
 
-def _matvec_rows_q5_0(w16, w8, xq, xd, qsum, f16, out, first, stop):
-    """out[first:stop] = those rows of W times x, from Q5_0 rows, on the calling thread.
+def _matvec_groups_q5_0(blocks, w16, w32, q16, xd, scratch, out, first, stop):
+    """out[rows of groups first..stop-1] = those rows of W times x, on the calling thread.
 
-    w16: (N, 11 nb) u16 and w8: (N, 22 nb) u8, views of the same rows (read-only is fine); xq: (K,)
-    i8, xd: (nb,) f32 and qsum: (nb,) i32 from `activation_with_sums`; f16: F16_TO_F32; out: (N,) f32.
+    blocks: (G, nb, 704) u8, w16 and w32: views of the same re-laid rows; q16: (K,) i16 and xd:
+    (nb,) f32 from `activation_with_sums`; scratch: (>= 64,) i32; out: (N,) f32.
 
-    Loop order: row by row, block by block; blocks added in order in float32. Allocation: none.
-    Load-time unpacking: none.
+    Loop order as `matvec_groups_q4_1`. Allocation: none; the caller owns out and scratch.
     """
-    for row in range(first, stop):
-        acc = np.float32(0)
+    isum, acc = group_buffers(scratch)
+    for g in range(first, stop):
+        acc[:] = 0
         for b in range(xd.shape[0]):
-            isum = code_sum(w8[row], 22 * b + 6, fifth_bits(w16[row], 11 * b + 1), xq, 32 * b)
-            acc += f16[w16[row, 11 * b]] * xd[b] * np.float32(isum - 16 * qsum[b])
-        out[row] = acc
+            fifth_bit_sums(blocks, w32, g, b, QH, CODES, q16, isum)
+            for r in range(GROUP_ROWS):
+                acc[r] += f16_to_f32(w16[g, b, r]) * xd[b] * np.float32(isum[r])
+        write_group(acc, out, g)
 
 
-matvec_rows_q5_0 = jit(_matvec_rows_q5_0)
+matvec_groups_q5_0 = jit(_matvec_groups_q5_0)
 
 
-def _dequantize_rows_q5_0(w16, w8, f16, out):
-    """out = the rows as float32, bit-identical to `minillm.formats.Q5_0.dequantize`.
+def _dequantize_rows_q5_0(blocks, w16, w32, ids, out):
+    """out[i] = row ids[i] as float32, bit-identical to `minillm.formats.Q5_0.dequantize`.
 
-    w16: (R, 11 nb) u16 and w8: (R, 22 nb) u8; out: (R, 32 nb) f32. Serial: the prefill path hands
-    each tile to BLAS, whose threads would contend with Numba's. Allocation: none.
+    blocks, w16, w32: views of the re-laid rows; ids: (n,) int64 row numbers; out: (n, K) f32.
+    Serial. Allocation: none.
     """
-    for row in range(out.shape[0]):
+    for i in range(ids.shape[0]):
+        g, r = divmod(ids[i], GROUP_ROWS)
         for b in range(out.shape[1] // 32):
-            d = f16[w16[row, 11 * b]]
-            qh = fifth_bits(w16[row], 11 * b + 1)
+            d = f16_to_f32(w16[g, b, r])
+            qh = w32[g, b, QH + r]
             for j in range(16):
-                low, high = codes5(w8[row, 22 * b + 6 + j], qh, j)
-                out[row, 32 * b + j] = d * np.float32(low - 16)
-                out[row, 32 * b + 16 + j] = d * np.float32(high - 16)
+                low, high = codes5(np.int16(blocks[g, b, CODES + j * GROUP_ROWS + r]), qh, j)
+                out[i, 32 * b + j] = d * np.float32(low)
+                out[i, 32 * b + 16 + j] = d * np.float32(high)
 
 
 dequantize_rows_q5_0 = jit(_dequantize_rows_q5_0)
 
 
-class Q5_0Rows(Q5Rows):
-    """Q5_0 rows for the kernels above: 22-byte blocks read as 11 words and as bytes (minillm.kernels.rows)."""
+class Q5_0Rows(CodeRows):
+    """Q5_0 rows for the kernels above: 22-byte blocks, fields d, qh and 16 code bytes (minillm.kernels.rows)."""
 
     type_size = 22
+    fields = (2, 4) + (1,) * 16
 
-    def matvec_rows(self, act, scratch, out, first, stop):
-        matvec_rows_q5_0(self.w16, self.w8, act.q, act.d, act.sums, F16_TO_F32, out, first, stop)
+    def matvec_groups(self, act, scratch, out, first, stop):
+        matvec_groups_q5_0(self.blocks, self.w16, self.w32, act.q16, act.d, scratch, out, first, stop)
 
-    def dequantize_rows(self, start, stop, out):
-        dequantize_rows_q5_0(self.w16[start:stop], self.w8[start:stop], F16_TO_F32, out)
+    def dequantize_rows(self, ids, out):
+        dequantize_rows_q5_0(self.blocks, self.w16, self.w32, ids, out)

@@ -9,7 +9,7 @@ from collections import defaultdict
 import numpy as np
 
 from .config import LlamaConfig
-from .formats import row_bytes
+from . import formats
 from .gguf import GGUFFile
 from .kvcache import kv_cache_bytes, ring_rows
 from .weights import storage_type, validate
@@ -32,14 +32,16 @@ def type_summary(gguf: GGUFFile) -> dict:
     return dict(summary)
 
 
-def loaded_bytes(gguf: GGUFFile, bits: int, int4: str = "asym") -> int:
+def loaded_bytes(gguf: GGUFFile, bits: int, int4: str = "asym", backend: str = "numba") -> int:
     """Bytes the weights take once loaded with --bits: each tensor in the format storage_type picks
-    (for a Q4 file at --bits 4 that is the file's own bytes, mapped, not copied)."""
+    (for a Q4 file at --bits 4 that is the file's own bytes, re-laid for the kernels: whole groups
+    of rows, minillm.packed.held_bytes)."""
+    from .packed import held_bytes
     tied = "output.weight" not in gguf.tensors
     total = 0
     for name, info in gguf.tensors.items():
         target = storage_type(info, bits, int4, tied_head=tied and name == "token_embd.weight")
-        total += info.n_elements // info.shape[-1] * row_bytes(target, info.shape[-1])
+        total += held_bytes(formats.get(target), info.n_elements // info.shape[-1], info.shape[-1], backend)
     return total
 
 
@@ -76,7 +78,7 @@ def describe(gguf: GGUFFile, config) -> dict:
         "parameters": sum(row[1] for row in types.values()),
         "stored_mib": sum(row[2] for row in types.values()) / MiB,
         "lm_head": "output.weight" if "output.weight" in gguf.tensors else "tied to token_embd.weight",
-        "loaded_mib": loaded_bytes(gguf, config.bits, config.int4) / MiB,
+        "loaded_mib": loaded_bytes(gguf, config.bits, config.int4, config.backend) / MiB,
         "kv_cache_mib": kv_cache_bytes(model_config, ctx, spec, config.kv_bits) / MiB,
         "kv_cache_type": KV_TYPES[config.kv_bits],
         "ring_buffers": all(ring_rows(p, ctx) < ctx for p in spec.patterns),

@@ -72,8 +72,12 @@ TILE_BYTES = 1 << 20
 class QuantLinear:
     """y = x W^T with W kept as the packed rows of a GGUF tensor, in any format of minillm.formats.
 
-    `raw` is (out_features, row_bytes) uint8, for example `GGUFFile.data(name)`: it is used as it
-    is (a memory map stays a memory map), read through zero-copy views, never copied or unpacked.
+    `raw` is (out_features, row_bytes) uint8, for example `GGUFFile.data(name)`. Backend "numba", a
+    format with kernels: the rows go to the format's kernels (minillm.packed), which read the
+    32-weight formats re-laid (the same bytes in another order, minillm.kernels.rows: copied once,
+    here, and `release(stop_row)` is called as the copy advances, so the caller can drop the source's
+    pages) and the others where they are. Otherwise `raw` is used as it is (a memory map stays a
+    memory map).
 
     One token (T == 1, backend "numba", a format with kernels): the format's Numba matvec reads the
     blocks (or float16 rows) directly, on `threads` threads (kernels/<type>.py, through
@@ -84,18 +88,18 @@ class QuantLinear:
     """
 
     def __init__(self, raw: np.ndarray, ggml_type, backend: str = "numba", threads: int = 1,
-                 name: str = "weight"):
+                 name: str = "weight", release=None):
         self.format = _checked_packed(raw, ggml_type, name)
         if backend not in BACKENDS:
             raise MinillmError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         self.name, self.ggml_type, self.backend = name, self.format.ggml_type, backend
-        self.raw = raw.view(np.ndarray)  # same bytes; a plain ndarray is quicker for Numba to pass
         self.out_features = raw.shape[0]
         self.in_features = self.format.n_cols(raw.shape[1])
         self.tile_rows = max(1, TILE_BYTES // (4 * self.in_features))
         self.threads = threads
         self.pool = row_pool(threads)
         self.kernels = None  # packed.PackedRows, for the Numba backend and a format with kernels
+        self.raw = raw.view(np.ndarray)  # same bytes; a plain ndarray is quicker for Numba to pass
         if backend == "numba":
             from .kernels.threads import max_threads  # imports Numba; "numpy" never does
             from .packed import PackedRows
@@ -103,11 +107,20 @@ class QuantLinear:
                 raise MinillmError(f"{threads} threads requested: this machine runs 1 to {max_threads()} "
                                    "(NUMBA_NUM_THREADS)")
             if self.format.kernels:
-                self.kernels = PackedRows(self.format, self.raw)
+                self.kernels = PackedRows(self.format, self.raw, release=release)
+                if self.kernels.relaid:
+                    self.raw = None   # read only through the kernels from now on
 
     @property
     def nbytes(self) -> int:
-        return self.raw.nbytes
+        return self.kernels.nbytes if self.kernels is not None else self.raw.nbytes
+
+    def store(self, raw: np.ndarray, first_row: int):
+        """Overwrite rows first_row .. first_row + n - 1 with GGUF rows raw (n, row_bytes) (streaming)."""
+        if self.kernels is not None:
+            self.kernels.store(raw, first_row)
+        else:
+            self.raw[first_row:first_row + raw.shape[0]] = raw
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         # x: (T, in_features) -> (T, out_features) float32
@@ -141,19 +154,27 @@ class QuantLinear:
     def _dequantize_rows(self, start: int, stop: int, rows: np.ndarray):
         # rows: (stop - start, K) float32, filled with W[start:stop]
         if self.kernels is not None:
-            self.kernels.dequantize_rows(start, stop, rows)
+            self.kernels.dequantize_rows(np.arange(start, stop), rows)
         else:
             rows[...] = self.format.dequantize(self.raw[start:stop])
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """W[ids] (n, K) float32 for row numbers ids (n,) in range, exactly as the format's `dequantize`."""
+        if self.kernels is None:
+            return self.format.dequantize(self.raw[ids])
+        out = np.empty((len(ids), self.in_features), np.float32)
+        self.kernels.dequantize_rows(ids.astype(np.int64), out)
+        return out
 
 
 class QuantEmbedding:
     """The token table as packed rows (e.g. SmolLM2's Q8_0 token_embd), used twice, never copied:
     `lookup` dequantizes only the rows of the ids in hand; `head` is a QuantLinear over the same
-    array, so the LM head runs the quantized kernel on the very same bytes."""
+    rows, so the LM head runs the quantized kernel on the very same bytes."""
 
     def __init__(self, raw: np.ndarray, ggml_type, backend: str = "numba",
-                 threads: int = 1, name: str = "token_embd.weight"):
-        self.linear = QuantLinear(raw, ggml_type, backend, threads, name)
+                 threads: int = 1, name: str = "token_embd.weight", release=None):
+        self.linear = QuantLinear(raw, ggml_type, backend, threads, name, release)
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:
         # ids: (T,) int -> (T, dim) float32
@@ -162,7 +183,7 @@ class QuantEmbedding:
         if (ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer)
                 or ids.size and (ids.min() < 0 or ids.max() >= vocab_size)):
             raise MinillmError(f"{self.linear.name}: token ids must be a 1-D array in 0..{vocab_size - 1}")
-        return self.linear.format.dequantize(self.linear.raw[ids])
+        return self.linear.rows(ids)
 
     def head(self, x: np.ndarray) -> np.ndarray:
         return self.linear(x)  # (T, dim) -> (T, vocab_size)

@@ -1,16 +1,17 @@
-"""Packed GGUF rows and their format's Numba kernels, behind two calls: `matvec` and `dequantize_rows`.
+"""Packed rows and their format's Numba kernels, behind three calls: `matvec`, `dequantize_rows`, `store`.
 
 This is the glue `minillm.linear.QuantLinear` uses over any format with kernels (the registry's
-`Format.kernels` names the module, kernels/<type>.py, whose `<TYPE>Rows` class makes the zero-copy
-views its kernels read: minillm.kernels.rows). Here: the small buffers a matvec needs (the
+`Format.kernels` names the module, kernels/<type>.py, whose `<TYPE>Rows` class holds the rows in
+the layout its kernels read: minillm.kernels.rows). The 32-weight formats are re-laid once, here,
+from the GGUF rows they are given (the same bytes in another order); the others are read where
+they are (`raw` may be a read-only memory map). Here too: the small buffers a matvec needs (the
 quantized activation, per-thread scratch), kept per calling thread, and how many threads run it.
-Views, not copies: `raw` may be a read-only memory map.
 
 A decode step makes over 200 matvec calls of tens of microseconds each, so the per-call Python
 work matters: buffers are allocated on the first call and reused, and a matrix too small to
 gain from a second thread runs on the calling thread alone. A large one is split into ranges
-of rows shared out by `minillm.parallel.SharingPool`; every range runs the same serial kernel, so the
-result does not depend on the number of threads.
+of row groups shared out by `minillm.parallel.SharingPool`; every range runs the same serial kernel,
+so the result does not depend on the number of threads.
 """
 
 import importlib
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .kernels.layout import GROUP_ROWS, n_groups, relay_chunk_rows
 from .kernels.threads import check_threads, use_threads
 from .parallel import sharing_pool
 
@@ -36,10 +38,39 @@ RANGES_PER_THREAD = 4
 FLOAT32 = np.dtype(np.float32)   # one object: `x.dtype is FLOAT32` is the quickest exact check
 
 
-def kernel_rows(fmt, raw: np.ndarray):
-    """The `<TYPE>Rows` object of a format's kernel module over raw (N, row_bytes) uint8 rows."""
+def kernel_rows(fmt):
+    """The `<TYPE>Rows` class of a format's kernel module."""
     module = importlib.import_module(f"minillm.kernels.{fmt.kernels}")
-    return getattr(module, f"{fmt.name}Rows")(raw)
+    return getattr(module, f"{fmt.name}Rows")
+
+
+def gguf_rows(rows_class, raw: np.ndarray, release=None):
+    """rows_class's rows for GGUF rows raw (N, row_bytes): raw itself for a format that keeps GGUF's
+    layout, else a re-laid copy, made RELAY_CHUNK_BYTES of raw at a time (minillm.kernels.layout); after
+    each piece `release(stop_row)`, if given, is told that rows before stop_row are no longer needed,
+    so that a memory-mapped source is never resident whole (minillm.weights.releaser)."""
+    if not rows_class.fields:
+        return rows_class.over(raw)
+    rows = rows_class.empty(raw.shape[0], raw.shape[1] // rows_class.type_size * rows_class.block_size)
+    step = relay_chunk_rows(raw.shape[1])
+    for first in range(0, raw.shape[0], step):
+        rows.store(raw[first:first + step], first)
+        if release is not None:
+            release(min(first + step, raw.shape[0]))
+    return rows
+
+
+def relaid(fmt) -> bool:
+    """Whether the format's kernels read its rows re-laid (minillm.kernels.layout)."""
+    return bool(fmt.kernels and kernel_rows(fmt).fields)
+
+
+def held_bytes(fmt, n_rows: int, n_cols: int, backend: str = "numba") -> int:
+    """Bytes a matrix of the format takes as QuantLinear holds it: its rows, padded to whole groups
+    of rows when the Numba kernels re-lay it."""
+    if backend == "numba" and relaid(fmt):
+        n_rows = n_groups(n_rows) * GROUP_ROWS
+    return n_rows * fmt.row_bytes(n_cols)
 
 
 def parts_for(n_weights: int, threads: int, min_parallel_weights: int) -> int:
@@ -57,17 +88,32 @@ class MatvecBuffers:
 
 
 class PackedRows:
-    """The rows of one matrix in a format with kernels: raw (N, row_bytes) uint8, C-contiguous.
+    """The rows of one matrix in a format with kernels, made from raw (N, row_bytes) uint8 GGUF rows,
+    C-contiguous; or `PackedRows.empty(fmt, n_rows, n_cols)`, filled later by `store`.
 
     `matvec` may be called from several Python threads at once: each thread gets its own buffers."""
 
-    def __init__(self, fmt, raw: np.ndarray, min_parallel_weights: int = MIN_PARALLEL_WEIGHTS):
+    def __init__(self, fmt, raw: np.ndarray = None, min_parallel_weights: int = MIN_PARALLEL_WEIGHTS, rows=None,
+                 release=None):
         self.format = fmt
-        self.rows = kernel_rows(fmt, raw)
+        self.rows = rows if rows is not None else gguf_rows(kernel_rows(fmt), raw, release)
         self.n_rows, self.n_cols = self.rows.n_rows, self.rows.n_cols
         self.x_shape = (self.n_cols,)
         self.min_parallel_weights = min_parallel_weights
         self.buffers = {}                                        # (Python thread id, threads) -> MatvecBuffers
+
+    @classmethod
+    def empty(cls, fmt, n_rows: int, n_cols: int, min_parallel_weights: int = MIN_PARALLEL_WEIGHTS):
+        return cls(fmt, min_parallel_weights=min_parallel_weights, rows=kernel_rows(fmt).empty(n_rows, n_cols))
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.nbytes
+
+    @property
+    def relaid(self) -> bool:
+        """Whether the rows are a re-laid copy (else the GGUF rows themselves)."""
+        return bool(self.rows.fields)
 
     def matvec(self, x: np.ndarray, threads: int) -> np.ndarray:
         """W x for one token: x (K,) float32 -> (N,) float32, on up to `threads` threads."""
@@ -77,14 +123,14 @@ class PackedRows:
         out = np.empty(self.n_rows, np.float32)
         use_threads(threads)          # what Numba's own parallel kernels (attention) then use
         self.rows.quantize(x, buf.activation)
-        matvec_rows, act, scratch = self.rows.matvec_rows, buf.activation, buf.scratch
+        matvec_groups, act, scratch = self.rows.matvec_groups, buf.activation, buf.scratch
 
-        def rows(slot, start, stop):
-            matvec_rows(act, scratch[slot], out, start, stop)
+        def groups(slot, first, stop):
+            matvec_groups(act, scratch[slot], out, first, stop)
         if buf.parts == 1:
-            rows(0, 0, self.n_rows)
+            groups(0, 0, self.rows.n_groups)
         else:
-            sharing_pool(buf.parts).run(self.n_rows, RANGES_PER_THREAD * buf.parts, rows)
+            sharing_pool(buf.parts).run(self.rows.n_groups, RANGES_PER_THREAD * buf.parts, groups)
         return out
 
     def new_buffers(self, threads: int) -> MatvecBuffers:
@@ -94,6 +140,11 @@ class PackedRows:
         self.buffers[threading.get_ident(), threads] = buf
         return buf
 
-    def dequantize_rows(self, start: int, stop: int, out: np.ndarray):
-        """out (stop - start, K) float32 = rows start..stop-1, exactly as the format's `dequantize`."""
-        self.rows.dequantize_rows(start, stop, out)
+    def dequantize_rows(self, ids: np.ndarray, out: np.ndarray):
+        """out (n, K) float32 = rows ids (n,) int64, exactly as the format's `dequantize`. The ids
+        must be row numbers of the matrix (the kernels do not check)."""
+        self.rows.dequantize_rows(ids, out)
+
+    def store(self, raw: np.ndarray, first_row: int):
+        """Copy GGUF rows raw (n, row_bytes) into rows first_row .. first_row + n - 1."""
+        self.rows.store(raw, first_row)

@@ -2,17 +2,19 @@
 
 Under `--mem-cap` the plan (minillm.plan) may keep only some weights resident. The others are
 streamed: for every forward pass, each streamed layer's bytes are read with `os.preadv` into one of
-two preallocated buffers, by a background thread, while the previous layer computes:
+two preallocated sets of weights, by a background thread, while the previous layer computes:
 
     reader thread:   read layer 0 -> slot 0 | read layer 1 -> slot 1 | read layer 2 -> slot 0 | ...
     model:                                  | compute layer 0 (slot 0) | compute layer 1 (slot 1) | ...
 
 Explicit reads, not the memory map: pages of a mapped file count in the process's RSS as long as
 they stay mapped, while a read copies the bytes into a buffer the plan has already counted and
-leaves the file's pages in the page cache, outside the process. The QuantLinear objects over each
-buffer are made once; refilling the buffer changes the weights they multiply by, not the objects.
-The kernels see the same bytes as with resident weights, so streamed and resident runs compute
-bit-identical logits.
+leaves the file's pages in the page cache, outside the process. A tensor is read a piece at a time
+(minillm.kernels.layout.RELAY_CHUNK_BYTES) into one staging buffer and stored from there into its
+QuantLinear, which re-lays it for its kernels as a resident one is (minillm.kernels.rows). The
+QuantLinear objects of each set are made once; refilling them changes the weights they multiply
+by, not the objects. The kernels see the same bytes in the same layout as with resident weights,
+so streamed and resident runs compute bit-identical logits.
 
 The LM head (SmolLM2's tied token embedding, 49,152 rows of Q8_0, about 29 MiB) can be streamed in
 chunks of rows the same way; an embedding lookup then reads just the rows of the ids in hand.
@@ -27,9 +29,10 @@ import numpy as np
 from . import formats
 from .errors import MinillmError
 from .gguf import GGUFFile
+from .kernels.layout import relay_chunk_rows
 from .linear import QuantEmbedding, QuantLinear
-from .plan import SLOT_ALIGN, STREAM_SLOTS, Layout, head_chunk_rows
-from .weights import LAYER_TENSORS, LayerWeights, ModelWeights, validate
+from .plan import STREAM_SLOTS, Layout, head_chunk_rows
+from .weights import LAYER_TENSORS, LayerWeights, MapRelease, ModelWeights, validate
 
 
 class FileReader:
@@ -66,13 +69,23 @@ class FileReader:
         return out
 
 
-def slot_offsets(infos: list) -> tuple[list, int]:
-    """Where each tensor starts in a buffer holding them all (cache-line aligned), and its size."""
-    offsets, end = [], 0
-    for info in infos:
-        offsets.append(end)
-        end += -(-info.nbytes // SLOT_ALIGN) * SLOT_ALIGN
-    return offsets, end
+class Staging:
+    """One buffer that GGUF rows are read into, a piece at a time, then stored into a QuantLinear
+    (which re-lays them for its kernels): at most `piece_bytes`, a whole number of rows."""
+
+    def __init__(self, reader: FileReader, row_bytes: list):
+        self.reader = reader
+        self.buffer = np.empty(max(relay_chunk_rows(n) * n for n in row_bytes), np.uint8)
+
+    def fill(self, linear: QuantLinear, offset: int, n_rows: int):
+        """The first n_rows rows of `linear` from the file's GGUF rows at `offset`."""
+        row_bytes = linear.format.row_bytes(linear.in_features)
+        step = self.buffer.size // row_bytes
+        for start in range(0, n_rows, step):
+            n = min(step, n_rows - start)
+            rows = self.buffer[:n * row_bytes].reshape(n, row_bytes)
+            self.reader.read_into(rows, offset + start * row_bytes)
+            linear.store(rows, start)
 
 
 class ReadAhead:
@@ -111,11 +124,10 @@ class StreamedLayers:
         first = len(resident)
         self.matrices = [name for name in LAYER_TENSORS if len(gguf.tensors[f"blk.{first}.{name}"].shape) == 2]
         infos = [gguf.tensors[f"blk.{first}.{name}"] for name in self.matrices]
-        self.offsets, size = slot_offsets(infos)
-        self.buffers = [np.zeros(size, np.uint8) for _ in range(STREAM_SLOTS)]
-        self.linears = [{name: QuantLinear(buf[o:o + info.nbytes].reshape(*info.shape[:-1], -1), info.ggml_type,
-                                           backend, threads, f"blk.*.{name}")
-                         for name, o, info in zip(self.matrices, self.offsets, infos)} for buf in self.buffers]
+        self.linears = [{name: QuantLinear(np.zeros((info.shape[0], info.nbytes // info.shape[0]), np.uint8),
+                                           info.ggml_type, backend, threads, f"blk.*.{name}")
+                         for name, info in zip(self.matrices, infos)} for _ in range(STREAM_SLOTS)]
+        self.staging = Staging(reader, [info.nbytes // info.shape[0] for info in infos])
         self.read_ahead = ReadAhead(reader, self._fill)
 
     def __len__(self) -> int:
@@ -131,10 +143,9 @@ class StreamedLayers:
             yield self._layer(i, slot)
 
     def _fill(self, layer: int, slot: int):
-        buf = self.buffers[slot]
-        for name, offset in zip(self.matrices, self.offsets):
+        for name, linear in self.linears[slot].items():
             info = self.gguf.tensors[f"blk.{layer}.{name}"]
-            self.reader.read_into(buf[offset:offset + info.nbytes], info.offset)
+            self.staging.fill(linear, info.offset, info.shape[0])
 
     def _next_streamed(self, layer: int) -> int:
         """The streamed layer after `layer`, wrapping round to the first for the next token."""
@@ -148,7 +159,7 @@ class StreamedLayers:
 
 class StreamedEmbedding:
     """The token table read from the file: `lookup` reads the rows of the ids in hand; `head`
-    streams the whole table in chunks of rows through two buffers, the next chunk read in the
+    streams the whole table in chunks of rows through two sets of rows, the next chunk read in the
     background while the current one is multiplied."""
 
     def __init__(self, info, reader: FileReader, backend: str, threads: int):
@@ -156,10 +167,10 @@ class StreamedEmbedding:
         self.vocab_size = info.shape[0]
         self.row_bytes = info.nbytes // self.vocab_size
         self.rows = head_chunk_rows(self.row_bytes, self.vocab_size)
-        self.buffers = [np.zeros((self.rows, self.row_bytes), np.uint8) for _ in range(STREAM_SLOTS)]
-        tail = self.vocab_size - (self.n_chunks - 1) * self.rows  # rows in the last chunk
-        self.linears = [(QuantLinear(buf, info.ggml_type, backend, threads, info.name),
-                         QuantLinear(buf[:tail], info.ggml_type, backend, threads, info.name)) for buf in self.buffers]
+        # the last chunk may be shorter: its linear then multiplies stale rows too, which are cut off
+        self.linears = [QuantLinear(np.zeros((self.rows, self.row_bytes), np.uint8), info.ggml_type, backend, threads,
+                                    info.name) for _ in range(STREAM_SLOTS)]
+        self.staging = Staging(reader, [self.row_bytes])
         self.read_ahead = ReadAhead(reader, self._fill)
 
     @property
@@ -184,20 +195,21 @@ class StreamedEmbedding:
             slot = self.read_ahead.take(chunk)
             self.read_ahead.prefetch((chunk + 1) % self.n_chunks, (slot + 1) % STREAM_SLOTS)
             start = chunk * self.rows
-            full, tail = self.linears[slot]
-            linear = full if chunk + 1 < self.n_chunks else tail
-            out[:, start:start + linear.out_features] = linear(x)
+            n = min(self.rows, self.vocab_size - start)
+            out[:, start:start + n] = self.linears[slot](x)[:, :n]
         return out
 
     def _fill(self, chunk: int, slot: int):
         start = chunk * self.rows
         n = min(self.rows, self.vocab_size - start)
-        self.reader.read_into(self.buffers[slot][:n], self.info.offset + start * self.row_bytes)
+        self.staging.fill(self.linears[slot], self.info.offset + start * self.row_bytes, n)
 
 
 def load_streamed(gguf: GGUFFile, config, layout: Layout, backend: str, threads: int) -> ModelWeights:
     """The model's weights held as `layout` says: the first `resident_layers` layers (and the LM head
-    unless it streams) as views of the memory map, everything else read through buffers. Norms are
+    unless it streams) resident, as QuantLinear holds them (re-laid from the memory map, whose pages
+    are let go as the copy advances, or the mapped rows themselves), everything else read through
+    buffers. Norms are
     read (not mapped) into small float32 arrays. The file must hold every matrix in the format it
     is multiplied in (the plan checks this: WeightIndex.streamable)."""
     validate(gguf, config)
@@ -206,10 +218,15 @@ def load_streamed(gguf: GGUFFile, config, layout: Layout, backend: str, threads:
     def norm(name):
         return reader.read(gguf.tensors[name]).view(np.float32).reshape(-1)
 
+    released = MapRelease(gguf)
+
+    def held(name, kind=QuantLinear):
+        raw = gguf.data(name)
+        return kind(raw, gguf.tensors[name].ggml_type, backend, threads, name, release=released.of(name, raw))
+
     def resident_layer(i):
-        fields = {field: QuantLinear(gguf.data(f"blk.{i}.{name}"), gguf.tensors[f"blk.{i}.{name}"].ggml_type,
-                                     backend, threads, f"blk.{i}.{name}")
-                  for name, field in LAYER_TENSORS.items() if field not in ("attn_norm", "ffn_norm")}
+        fields = {field: held(f"blk.{i}.{name}") for name, field in LAYER_TENSORS.items()
+                  if field not in ("attn_norm", "ffn_norm")}
         return LayerWeights(attn_norm=norms[i][0], ffn_norm=norms[i][1], **fields)
 
     norms = [(norm(f"blk.{i}.attn_norm.weight"), norm(f"blk.{i}.ffn_norm.weight")) for i in range(config.n_layers)]
@@ -218,10 +235,11 @@ def load_streamed(gguf: GGUFFile, config, layout: Layout, backend: str, threads:
         StreamedLayers(gguf, reader, config.n_layers, resident, norms, backend, threads)
     embd = gguf.tensors["token_embd.weight"]
     embedding = StreamedEmbedding(embd, reader, backend, threads) if layout.stream_head else \
-        QuantEmbedding(gguf.data(embd.name), embd.ggml_type, backend, threads)
+        held(embd.name, QuantEmbedding)
     output = None
     if "output.weight" in gguf.tensors:
         info = gguf.tensors["output.weight"]
         output = StreamedEmbedding(info, reader, backend, threads).head if layout.stream_head else \
-            QuantLinear(gguf.data(info.name), info.ggml_type, backend, threads, info.name)
+            held(info.name)
+    released.finish()
     return ModelWeights(embedding=embedding, layers=layers, output_norm=norm("output_norm.weight"), output=output)

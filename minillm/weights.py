@@ -159,10 +159,38 @@ def packed_tensor(gguf: GGUFFile, name: str, target: GGMLQuantizationType) -> np
     return converted
 
 
+class MapRelease:
+    """Lets go of the memory map's pages of the tensors the kernels copy into their own layout
+    (minillm.packed): of a tensor's rows as the copy advances, and of all of them once more when
+    loading is done, since reading one tensor through the map also maps pages around it (the
+    kernel maps ahead, up to a whole large folio), which may belong to a tensor copied before."""
+
+    def __init__(self, gguf: GGUFFile):
+        self.gguf, self.names = gguf, []
+
+    def of(self, name: str, raw: np.ndarray):
+        """For rows that are the map's own pages, the `release(stop_row)` a QuantLinear calls while it
+        copies them; None for rows held elsewhere (converted ones)."""
+        if not np.may_share_memory(raw, self.gguf.data(name)):
+            return None
+        row_bytes = raw.shape[1]
+
+        def release(stop_row):
+            if stop_row == raw.shape[0]:
+                self.names.append(name)
+            self.gguf.release(name, stop_row * row_bytes)
+        return release
+
+    def finish(self):
+        for name in self.names:
+            self.gguf.release(name)
+
+
 def load_packed(gguf: GGUFFile, config: LlamaConfig, bits: int, *, int4: str = "asym", backend: str = "numba",
                 threads: int = 1, progress: bool = True) -> ModelWeights:
     """Weights held in the formats `storage_type` picks for `bits`, multiplied by the kernels in
-    their packed form. A file already in those formats is used zero-copy from the memory map."""
+    their packed form. A file already in those formats is read through the memory map: re-laid
+    for the Numba kernels (minillm.packed), whose map pages are then let go of, else used in place."""
     validate(gguf, config)
     tied = "output.weight" not in gguf.tensors
     plan = {name: storage_type(info, bits, int4, tied_head=tied and name == "token_embd.weight")
@@ -171,22 +199,27 @@ def load_packed(gguf: GGUFFile, config: LlamaConfig, bits: int, *, int4: str = "
     bar = tqdm(total=len(converting), desc=f"converting weights to --bits {bits}", unit="tensor",
                disable=None if progress and converting else True)  # None: off when stderr is no terminal
 
-    def linear(name):
+    released = MapRelease(gguf)
+
+    def linear(name, kind=QuantLinear):
         raw = packed_tensor(gguf, name, plan[name])
         bar.update(name in converting)
-        return QuantLinear(raw, plan[name], backend, threads, name)
+        return kind(raw, plan[name], backend, threads, name, release=released.of(name, raw))
+
+    def vector(name):
+        # a copy: reading a mapped page while the model runs would map its neighbours' pages back in
+        return dequantized(gguf, name).copy()
 
     layers = []
     for i in range(config.n_layers):
         fields = {}
         for name, field in LAYER_TENSORS.items():
             full = f"blk.{i}.{name}"
-            fields[field] = dequantized(gguf, full) if len(gguf.tensors[full].shape) == 1 else linear(full)
+            fields[field] = vector(full) if len(gguf.tensors[full].shape) == 1 else linear(full)
         layers.append(LayerWeights(**fields))
-    embedding = QuantEmbedding(packed_tensor(gguf, "token_embd.weight", plan["token_embd.weight"]),
-                               plan["token_embd.weight"], backend, threads)
-    bar.update("token_embd.weight" in converting)
+    embedding = linear("token_embd.weight", QuantEmbedding)
     output = linear("output.weight") if not tied else None
     bar.close()
-    return ModelWeights(embedding=embedding, layers=layers, output_norm=dequantized(gguf, "output_norm.weight"),
-                        output=output)
+    weights = ModelWeights(embedding=embedding, layers=layers, output_norm=vector("output_norm.weight"), output=output)
+    released.finish()
+    return weights

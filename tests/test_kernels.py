@@ -35,7 +35,9 @@ from minillm.kernels import activations
 from minillm.kernels.q8_k import q8_k_activation, quantize_q8_k
 from minillm.kernels.threads import max_threads
 from minillm.linear import QuantEmbedding, QuantLinear
-from minillm.packed import PackedRows
+from minillm.kernels.q8_0 import Q8_0Rows
+from minillm.kernels.layout import GROUP_ROWS, RELAY_CHUNK_BYTES, interleave
+from minillm.packed import PackedRows, kernel_rows
 from minillm.parallel import SharingPool
 from strategies import raw_rows
 
@@ -43,6 +45,7 @@ FORMATS = [formats.get(t) for t in formats.weight_types()]
 BLOCK_TYPES = [f.ggml_type for f in FORMATS if f.parts is not None]                  # quantized formats
 MATVEC_TYPES = [f.ggml_type for f in FORMATS if f.kernels]                           # with a Numba matvec
 INT8_TYPES = [t for t in BLOCK_TYPES if t in MATVEC_TYPES]                           # ... on int8 activations
+RELAID_TYPES = [t for t in MATVEC_TYPES if kernel_rows(formats.get(t)).fields]       # ... re-laid at load
 QUANTIZE_TYPES = [f.ggml_type for f in FORMATS if f.quantize_blocks is not None]
 FLOAT_TYPES = [f.ggml_type for f in FORMATS if f.parts is None]
 THREADS = [1, min(2, max_threads())]
@@ -222,18 +225,50 @@ def packed_rows(raw, ggml_type, min_parallel_weights=None) -> PackedRows:
     return PackedRows(fmt, raw) if min_parallel_weights is None else PackedRows(fmt, raw, min_parallel_weights)
 
 
-@pytest.mark.parametrize("ggml_type", INT8_TYPES, ids=lambda t: t.name)
+# Up to three row groups of the re-laid layout (minillm.kernels.rows), the last one partly padding.
+MAX_ROWS = 2 * GROUP_ROWS + 6
+
+
+@pytest.mark.parametrize("ggml_type", MATVEC_TYPES, ids=lambda t: t.name)
 @kernel_settings
 @given(data=st.data())
 def test_dequantize_rows_bit_identical_on_any_bytes(ggml_type, data):
-    raw = data.draw(raw_rows(ggml_type, max_rows=6))          # NaN and inf scales included
-    start = data.draw(st.integers(0, raw.shape[0] - 1))
-    stop = data.draw(st.integers(start + 1, raw.shape[0]))
-    out = np.empty((stop - start, n_cols(raw, ggml_type)), np.float32)
-    packed_rows(raw, ggml_type).dequantize_rows(start, stop, out)
+    """Any rows, in any order and repeated (tiles of prefill, token ids of a lookup)."""
+    raw = data.draw(raw_rows(ggml_type, max_rows=MAX_ROWS))    # NaN and inf scales included
+    ids = np.array(data.draw(st.lists(st.integers(0, raw.shape[0] - 1), min_size=1, max_size=8)), np.int64)
+    out = np.empty((len(ids), n_cols(raw, ggml_type)), np.float32)
+    packed_rows(raw, ggml_type).dequantize_rows(ids, out)
     with np.errstate(all="ignore"):
-        want = formats.dequantize(raw[start:stop], ggml_type)
+        want = formats.dequantize(raw[ids], ggml_type)
     assert_same_bits_up_to_nan_payload(out, want)
+
+
+@pytest.mark.parametrize("ggml_type", RELAID_TYPES, ids=lambda t: t.name)
+@kernel_settings
+@given(data=st.data())
+def test_relaid_rows_are_the_numpy_layout_of_the_same_bytes(ggml_type, data):
+    """store() copies GGUF rows, in pieces at any row, into exactly `interleave`'s layout; a
+    re-laid matrix takes the bytes of its rows, padded to whole groups of rows."""
+    raw = data.draw(raw_rows(ggml_type, max_rows=MAX_ROWS))
+    cut = data.draw(st.integers(0, raw.shape[0]))
+    cls = kernel_rows(formats.get(ggml_type))
+    rows = cls.empty(raw.shape[0], n_cols(raw, ggml_type))
+    rows.store(raw[cut:], cut)
+    rows.store(raw[:cut], 0)
+    assert np.array_equal(rows.storage, interleave(raw, cls.fields))
+    assert sum(cls.fields) == cls.type_size
+    assert rows.nbytes == -(-raw.shape[0] // GROUP_ROWS) * GROUP_ROWS * raw.shape[1]
+
+
+def test_relaying_lets_go_of_the_source_rows_as_it_goes():
+    """PackedRows re-lays a large matrix a piece at a time and says after each piece which rows it
+    no longer needs: a memory-mapped source is never resident whole (minillm.weights.releaser)."""
+    raw = np.random.default_rng(3).integers(0, 256, (1000, 34 * 40), dtype=np.uint8)
+    released = []
+    rows = PackedRows(formats.Q8_0, raw, release=released.append)
+    assert len(released) > 1 and released == sorted(released) and released[-1] == raw.shape[0]
+    assert released[0] % GROUP_ROWS == 0 and released[0] * raw.shape[1] <= RELAY_CHUNK_BYTES
+    assert np.array_equal(rows.rows.storage, interleave(raw, Q8_0Rows.fields))
 
 
 def assert_same_bits_up_to_nan_payload(got, want):
@@ -262,7 +297,7 @@ def assert_matvec_within_bound(raw, ggml_type, x, threads):
 @kernel_settings
 @given(data=st.data(), threads=st.sampled_from(THREADS))
 def test_matvec_within_derived_bound(ggml_type, data, threads):
-    raw = data.draw(packed_with_finite_scales(ggml_type))
+    raw = data.draw(packed_with_finite_scales(ggml_type, max_rows=MAX_ROWS))
     x = data.draw(arrays(np.float32, n_cols(raw, ggml_type), elements=ACTIVATIONS))
     assert_matvec_within_bound(raw, ggml_type, x, threads)
 
@@ -309,7 +344,7 @@ def packed_with_finite_values(ggml_type, max_rows=6, max_blocks=4):
 @given(data=st.data())
 def test_matvec_does_not_depend_on_thread_count(ggml_type, data):
     """A matvec split over threads (forced here on small matrices) gives the bits of one thread."""
-    raw = data.draw(packed_with_finite_values(ggml_type, max_rows=9))
+    raw = data.draw(packed_with_finite_values(ggml_type, max_rows=3 * GROUP_ROWS))
     x = data.draw(arrays(np.float32, n_cols(raw, ggml_type), elements=ACTIVATIONS))
     rows = packed_rows(raw, ggml_type, min_parallel_weights=0)
     assert np.array_equal(rows.matvec(x, 1).view(np.uint32), rows.matvec(x, THREADS[-1]).view(np.uint32))
@@ -358,7 +393,7 @@ def test_f16_rows_widen_every_bit_pattern_exactly():
     """All 65,536 float16 values, subnormals, infinities and NaNs included, as NumPy casts them."""
     raw = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.uint8).reshape(64, 2048)
     out = np.empty((64, 1024), np.float32)
-    packed_rows(raw, Q.F16).dequantize_rows(0, 64, out)
+    packed_rows(raw, Q.F16).dequantize_rows(np.arange(64), out)
     assert_same_bits_up_to_nan_payload(out, formats.F16.dequantize(raw))
 
 
@@ -408,16 +443,24 @@ def expected_bound(linear, raw, ggml_type, x) -> np.ndarray:
     return tile_bound(exact_weights(raw, ggml_type), x)
 
 
-def test_quant_linear_reads_a_read_only_memory_map_in_place(tmp_path):
-    w = np.random.default_rng(1).standard_normal((40, 96)).astype(np.float32)
+@pytest.mark.parametrize("ggml_type", [Q.Q4_1, Q.Q4_K], ids=lambda t: t.name)
+def test_quant_linear_over_a_read_only_memory_map(tmp_path, ggml_type):
+    """A format kept in GGUF's layout is read in place; a re-laid one is copied once, with the same
+    number of bytes (64 rows: two whole groups), and the map is not kept."""
+    fmt = formats.get(ggml_type)
+    w = np.random.default_rng(1).standard_normal((64, 256)).astype(np.float32)
     path = tmp_path / "rows.bin"
-    formats.Q4_1.quantize(w).tofile(path)
-    mapped = np.memmap(path, dtype=np.uint8, mode="r", shape=(40, 60))
-    linear = QuantLinear(mapped, Q.Q4_1)
-    assert np.shares_memory(linear.raw, mapped) and linear.nbytes == mapped.nbytes
+    fmt.quantize(w).tofile(path)
+    mapped = np.memmap(path, dtype=np.uint8, mode="r", shape=(64, fmt.row_bytes(256)))
+    linear = QuantLinear(mapped, ggml_type)
+    assert linear.nbytes == mapped.nbytes
+    if ggml_type in RELAID_TYPES:
+        assert linear.raw is None and not np.shares_memory(linear.kernels.rows.storage, mapped)
+    else:
+        assert np.shares_memory(linear.raw, mapped) and np.shares_memory(linear.kernels.rows.storage, mapped)
     for x in (w[:1], w[:3]):
-        assert_within(linear(x), x.astype(np.float64) @ exact_weights(mapped, Q.Q4_1).T,
-                      expected_bound(linear, mapped, Q.Q4_1, x))
+        assert_within(linear(x), x.astype(np.float64) @ exact_weights(mapped, ggml_type).T,
+                      expected_bound(linear, mapped, ggml_type, x))
 
 
 @pytest.mark.parametrize("ggml_type", BLOCK_TYPES, ids=lambda t: t.name)
@@ -450,16 +493,19 @@ def test_bad_backend_and_thread_counts_are_rejected():
 
 
 @pytest.mark.parametrize("ggml_type", [Q.Q8_0, Q.Q4_1], ids=lambda t: t.name)
-def test_quant_embedding_shares_one_packed_table(ggml_type):
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_quant_embedding_shares_one_packed_table(ggml_type, backend):
+    """Lookup and LM head read one copy of the rows (re-laid for the Numba kernels), never two."""
     rng = np.random.default_rng(2)
-    raw = formats.quantize(rng.standard_normal((50, 64)).astype(np.float32), ggml_type)
-    embedding = QuantEmbedding(raw, ggml_type, threads=2)
-    ids = np.array([3, 0, 49, 3])
+    raw = formats.quantize(rng.standard_normal((64, 64)).astype(np.float32), ggml_type)
+    embedding = QuantEmbedding(raw, ggml_type, backend=backend, threads=2)
+    ids = np.array([3, 0, 63, 3, 40])
     assert np.array_equal(embedding.lookup(ids), formats.dequantize(raw[ids], ggml_type))
     x = rng.standard_normal((1, 64)).astype(np.float32)
-    assert np.array_equal(embedding.head(x), QuantLinear(raw, ggml_type, threads=2)(x))
-    assert np.shares_memory(embedding.linear.raw, raw) and embedding.nbytes == raw.nbytes
-    for bad in ([50], [-1], [[1, 2]]):
+    assert np.array_equal(embedding.head(x), QuantLinear(raw, ggml_type, backend=backend, threads=2)(x))
+    assert embedding.nbytes == raw.nbytes
+    assert (embedding.linear.raw is None) if backend == "numba" else np.shares_memory(embedding.linear.raw, raw)
+    for bad in ([64], [-1], [[1, 2]]):
         with pytest.raises(MinillmError, match="token ids"):
             embedding.lookup(np.array(bad))
 
