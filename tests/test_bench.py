@@ -60,13 +60,19 @@ def test_compare_llamacpp_without_llama_cpp_is_a_one_line_error(tiny_q4_path):
 
 
 def test_compare_llamacpp_reports_ratios(tiny_q4_path):
+    """One run measures 1 thread and 2, llama.cpp with repacking on and off, and takes the ratio
+    against the faster llama.cpp setting."""
     pytest.importorskip("llama_cpp")
-    r = bench_json("--model", tiny_q4_path, "--compare-llamacpp", *TINY)
-    theirs = r["llamacpp"]
-    assert theirs["prefill_tokens_per_s"] > 0 and theirs["decode_tokens_per_s"] > 0
-    assert theirs["prefill_ratio"] == r["prefill_tokens_per_s"] / theirs["prefill_tokens_per_s"]
-    assert theirs["decode_ratio"] == r["decode_tokens_per_s"] / theirs["decode_tokens_per_s"]
-    assert "minillm / llama.cpp" in format_table(r, "tiny.gguf", 4, 2)
+    r = bench_json("--model", tiny_q4_path, "--compare-llamacpp", "--threads", "2", *TINY)
+    runs = r["llamacpp"]["runs"]
+    assert [row["threads"] for row in runs] == [1, 2]
+    for row in runs:
+        for figure in ("prefill", "decode"):
+            key = f"{figure}_tokens_per_s"
+            assert row["minillm"][key] > 0 and row["repack"][key] > 0 and row["no_repack"][key] > 0
+            assert row[f"{figure}_ratio"] == row["minillm"][key] / max(row["repack"][key], row["no_repack"][key])
+    table = format_table(r, "tiny.gguf", 4, 2)
+    assert "minillm / faster llama.cpp" in table and "no repack" in table
 
 
 # Linux maps already cached file pages around each page fault: up to fault_around_bytes (64 KiB by
