@@ -88,7 +88,7 @@ class QuantLinear:
     """
 
     def __init__(self, raw: np.ndarray, ggml_type, backend: str = "numba", threads: int = 1,
-                 name: str = "weight", release=None):
+                 name: str = "weight", release=None, shared=None, first_row: int = 0):
         self.format = _checked_packed(raw, ggml_type, name)
         if backend not in BACKENDS:
             raise MinillmError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
@@ -100,7 +100,10 @@ class QuantLinear:
         self.pool = row_pool(threads)
         self.kernels = None  # packed.PackedRows, for the Numba backend and a format with kernels
         self.raw = raw.view(np.ndarray)  # same bytes; a plain ndarray is quicker for Numba to pass
-        if backend == "numba":
+        self.shared, self.first_row = shared, first_row   # SharedInput: these rows are part of its matrix
+        if shared is not None:
+            self.kernels, self.raw = shared.kernels, None
+        elif backend == "numba":
             from .kernels.threads import max_threads  # imports Numba; "numpy" never does
             from .packed import PackedRows
             if not 1 <= threads <= max_threads():
@@ -111,14 +114,34 @@ class QuantLinear:
                 if self.kernels.relaid:
                     self.raw = None   # read only through the kernels from now on
 
+    @classmethod
+    def sharing_input(cls, raws: list, ggml_types: list, backend: str = "numba", threads: int = 1, names=None,
+                      releases=None) -> list:
+        """QuantLinears over raws [(n_i, row_bytes) uint8] of types ggml_types that the model calls
+        one after another on the same input (q, k and v; gate and up): held as one matrix, their rows
+        one after another, multiplied in one pass per token (SharedInput). Where that cannot be
+        (backend "numpy", types that differ, a format kept in GGUF's layout, rows not whole groups of
+        the re-laid layout), as many separate QuantLinears."""
+        names = names or [f"weight{i}" for i in range(len(raws))]
+        releases = releases or [None] * len(raws)
+        fmt = formats.get(ggml_types[0])
+        if backend != "numba" or len(set(ggml_types)) > 1 or not SharedInput.possible(fmt, raws):
+            return [cls(raw, ggml_type, backend, threads, name, release)
+                    for raw, ggml_type, name, release in zip(raws, ggml_types, names, releases)]
+        shared = SharedInput(fmt, raws, threads, releases)
+        return [cls(raw, fmt.ggml_type, backend, threads, name, shared=shared, first_row=first)
+                for raw, name, first in zip(raws, names, shared.first_rows)]
+
     @property
     def nbytes(self) -> int:
+        if self.shared is not None:
+            return self.out_features * self.format.row_bytes(self.in_features)   # whole groups: no padding
         return self.kernels.nbytes if self.kernels is not None else self.raw.nbytes
 
     def store(self, raw: np.ndarray, first_row: int):
         """Overwrite rows first_row .. first_row + n - 1 with GGUF rows raw (n, row_bytes) (streaming)."""
         if self.kernels is not None:
-            self.kernels.store(raw, first_row)
+            self.kernels.store(raw, self.first_row + first_row)
         else:
             self.raw[first_row:first_row + raw.shape[0]] = raw
 
@@ -127,6 +150,9 @@ class QuantLinear:
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise MinillmError(f"{self.name}: input of shape {x.shape} does not fit a {self.out_features} x "
                                f"{self.in_features} weight (expected (T, {self.in_features}))")
+        if self.shared is not None and x.shape[0] == 1:
+            first = self.first_row
+            return self.shared.product(x)[None, first:first + self.out_features]
         x = np.ascontiguousarray(x, dtype=np.float32)
         if self.kernels is not None and x.shape[0] == 1:
             return self.kernels.matvec(x[0], self.threads)[None, :]
@@ -154,7 +180,7 @@ class QuantLinear:
     def _dequantize_rows(self, start: int, stop: int, rows: np.ndarray):
         # rows: (stop - start, K) float32, filled with W[start:stop]
         if self.kernels is not None:
-            self.kernels.dequantize_rows(np.arange(start, stop), rows)
+            self.kernels.dequantize_rows(np.arange(self.first_row + start, self.first_row + stop), rows)
         else:
             rows[...] = self.format.dequantize(self.raw[start:stop])
 
@@ -163,8 +189,47 @@ class QuantLinear:
         if self.kernels is None:
             return self.format.dequantize(self.raw[ids])
         out = np.empty((len(ids), self.in_features), np.float32)
-        self.kernels.dequantize_rows(ids.astype(np.int64), out)
+        self.kernels.dequantize_rows(ids.astype(np.int64) + self.first_row, out)
         return out
+
+
+class SharedInput:
+    """The rows of several QuantLinears that the model calls one after another on the same input x
+    (q, k and v from the normalised hidden state; gate and up from the MLP's), held as one matrix in
+    one PackedRows, their rows one after another. For one token, the first member called with a new
+    x multiplies all the rows at once: one int8 quantization of x, one kernel call, one split over
+    the threads instead of one per member; each member then takes its rows of the result.
+
+    x is recognised by identity (the (1, K) array the model passes): the model never changes an
+    activation in place between those calls. The last (x, product) pair is kept as one tuple, so a
+    member called from another thread never sees the x of one call with the product of another."""
+
+    def __init__(self, fmt, raws: list, threads: int, releases: list):
+        from .packed import PackedRows
+        n_cols = fmt.n_cols(raws[0].shape[1])
+        self.first_rows = list(np.cumsum([0] + [raw.shape[0] for raw in raws[:-1]]))
+        self.kernels = PackedRows.empty(fmt, sum(raw.shape[0] for raw in raws), n_cols)
+        for raw, first, release in zip(raws, self.first_rows, releases):
+            self.kernels.store(raw, first, release)
+        self.threads = threads
+        self.last = (None, None)   # (x, its product)
+
+    @staticmethod
+    def possible(fmt, raws: list) -> bool:
+        """Whether raws of fmt can be held as one re-laid matrix: the same row length, and each a whole
+        number of row groups (so that each member's rows start a group and its bytes are its own)."""
+        from .kernels.layout import GROUP_ROWS
+        from .packed import relaid
+        return (len({raw.shape[1] for raw in raws}) == 1 and relaid(fmt)
+                and all(raw.shape[0] % GROUP_ROWS == 0 for raw in raws))
+
+    def product(self, x: np.ndarray) -> np.ndarray:
+        """All members' rows times x: (1, K) -> (N_total,) float32, computed once per x."""
+        last_x, y = self.last
+        if x is not last_x:
+            y = self.kernels.matvec(np.ascontiguousarray(x[0], dtype=np.float32), self.threads)
+            self.last = (x, y)
+        return y
 
 
 class QuantEmbedding:

@@ -46,18 +46,24 @@ def kernel_rows(fmt):
 
 def gguf_rows(rows_class, raw: np.ndarray, release=None):
     """rows_class's rows for GGUF rows raw (N, row_bytes): raw itself for a format that keeps GGUF's
-    layout, else a re-laid copy, made RELAY_CHUNK_BYTES of raw at a time (minillm.kernels.layout); after
-    each piece `release(stop_row)`, if given, is told that rows before stop_row are no longer needed,
-    so that a memory-mapped source is never resident whole (minillm.weights.releaser)."""
+    layout, else a re-laid copy (`relay`)."""
     if not rows_class.fields:
         return rows_class.over(raw)
     rows = rows_class.empty(raw.shape[0], raw.shape[1] // rows_class.type_size * rows_class.block_size)
+    relay(rows, raw, 0, release)
+    return rows
+
+
+def relay(rows, raw: np.ndarray, first_row: int, release=None):
+    """Store GGUF rows raw (n, row_bytes) as rows first_row.. of `rows`, RELAY_CHUNK_BYTES of raw at a
+    time (minillm.kernels.layout); after each piece `release(stop_row)`, if given, is told that rows
+    of raw before stop_row are no longer needed, so that a memory-mapped source is never resident
+    whole (minillm.weights.MapRelease)."""
     step = relay_chunk_rows(raw.shape[1])
     for first in range(0, raw.shape[0], step):
-        rows.store(raw[first:first + step], first)
+        rows.store(raw[first:first + step], first_row + first)
         if release is not None:
             release(min(first + step, raw.shape[0]))
-    return rows
 
 
 def relaid(fmt) -> bool:
@@ -145,6 +151,6 @@ class PackedRows:
         must be row numbers of the matrix (the kernels do not check)."""
         self.rows.dequantize_rows(ids, out)
 
-    def store(self, raw: np.ndarray, first_row: int):
-        """Copy GGUF rows raw (n, row_bytes) into rows first_row .. first_row + n - 1."""
-        self.rows.store(raw, first_row)
+    def store(self, raw: np.ndarray, first_row: int, release=None):
+        """Copy GGUF rows raw (n, row_bytes) into rows first_row .. first_row + n - 1 (`relay`)."""
+        relay(self.rows, raw, first_row, release)

@@ -55,7 +55,8 @@ class WeightIndex:
     relay_buffer: int        # rows re-laid or streamed at a time: the staging buffer, or the file pages mapped to re-lay them
     converted_bytes: int     # weights held in another format than stored (not zero-copy)
     converted_source: int    # their stored bytes: read through the memory map to convert, and left mapped
-    conversion_scratch: int  # float32 copy of the largest converted tensor, alive while it is re-encoded
+    conversion_scratch: int  # float32 copy of the largest converted tensor, alive while it is re-encoded, and
+                             # the converted tensors of a group that shares an input, until they are re-laid
     streamable: bool         # matrices held as stored and every layer alike: layers can be streamed
 
 
@@ -118,7 +119,7 @@ def weight_index(gguf, config, bits: int, int4: str = "asym", backend: str = "nu
     from .formats import get, row_bytes
     from .kernels.layout import relay_chunk_rows
     from .packed import held_bytes, relaid
-    from .weights import LAYER_TENSORS, storage_type
+    from .weights import LAYER_TENSORS, SHARED_INPUTS, storage_type
     tied = "output.weight" not in gguf.tensors
 
     def held(name):
@@ -136,6 +137,9 @@ def weight_index(gguf, config, bits: int, int4: str = "asym", backend: str = "nu
                   for name in LAYER_TENSORS] for i in range(config.n_layers)]
     head_info, head_type, _ = held("token_embd.weight")
     held_types = {held(name)[1] for name in matrices + heads}
+    converted_names = {info.name for info, _, _ in converted}
+    shared_converted = max([sum(held(f"blk.{i}.{name}")[2] for name in group if f"blk.{i}.{name}" in converted_names)
+                            for i in range(config.n_layers) for group in SHARED_INPUTS], default=0)
     relay = max(relay_chunk_rows(row_bytes(t, gguf.tensors[name].shape[-1])) * row_bytes(t, gguf.tensors[name].shape[-1])
                 for name in matrices + heads for t in [held(name)[1]])
     return WeightIndex(
@@ -150,7 +154,7 @@ def weight_index(gguf, config, bits: int, int4: str = "asym", backend: str = "nu
         relay_buffer=relay + 2 * PAGE,
         converted_bytes=sum(nbytes for _, _, nbytes in converted),
         converted_source=sum(info.nbytes for info, _, _ in converted),
-        conversion_scratch=max([4 * info.n_elements for info, _, _ in converted], default=0),
+        conversion_scratch=max([4 * info.n_elements for info, _, _ in converted], default=0) + shared_converted,
         streamable=not converted and all(s == signature[0] for s in signature))
 
 
@@ -256,7 +260,8 @@ def plan_lines(index: WeightIndex, layout: Layout, run) -> tuple:
     if index.converted_bytes:
         lines.append(("converted from", index.converted_source,
                       "the stored tensors' file pages, mapped to convert them"))
-        lines.append(("conversion scratch", index.conversion_scratch, "float32 copy of the largest converted tensor"))
+        lines.append(("conversion scratch", index.conversion_scratch, "float32 copy of the largest converted tensor, "
+                      "and the converted tensors of one input-sharing group"))
     return tuple(lines)
 
 

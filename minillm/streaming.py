@@ -32,7 +32,7 @@ from .gguf import GGUFFile
 from .kernels.layout import relay_chunk_rows
 from .linear import QuantEmbedding, QuantLinear
 from .plan import STREAM_SLOTS, Layout, head_chunk_rows
-from .weights import LAYER_TENSORS, LayerWeights, MapRelease, ModelWeights, validate
+from .weights import LAYER_TENSORS, LayerWeights, MapRelease, ModelWeights, input_groups, layer_fields, validate
 
 
 class FileReader:
@@ -123,11 +123,20 @@ class StreamedLayers:
         self.resident, self.norms = resident, norms  # resident[i] LayerWeights for i < len(resident)
         first = len(resident)
         self.matrices = [name for name in LAYER_TENSORS if len(gguf.tensors[f"blk.{first}.{name}"].shape) == 2]
-        infos = [gguf.tensors[f"blk.{first}.{name}"] for name in self.matrices]
-        self.linears = [{name: QuantLinear(np.zeros((info.shape[0], info.nbytes // info.shape[0]), np.uint8),
-                                           info.ggml_type, backend, threads, f"blk.*.{name}")
-                         for name, info in zip(self.matrices, infos)} for _ in range(STREAM_SLOTS)]
-        self.staging = Staging(reader, [info.nbytes // info.shape[0] for info in infos])
+        infos = {name: gguf.tensors[f"blk.{first}.{name}"] for name in self.matrices}
+
+        def slot_linears(names):
+            # zero rows of each matrix's shape, the streamed rows are stored into them (every
+            # streamed layer has the types and shapes of the first, WeightIndex.streamable)
+            raws = [np.zeros((infos[name].shape[0], infos[name].nbytes // infos[name].shape[0]), np.uint8)
+                    for name in names]
+            return QuantLinear.sharing_input(raws, [infos[name].ggml_type for name in names], backend, threads,
+                                             [f"blk.*.{name}" for name in names])
+
+        groups = input_groups(self.matrices)
+        self.linears = [{name: linear for group in groups for name, linear in zip(group, slot_linears(group))}
+                        for _ in range(STREAM_SLOTS)]
+        self.staging = Staging(reader, [info.nbytes // info.shape[0] for info in infos.values()])
         self.read_ahead = ReadAhead(reader, self._fill)
 
     def __len__(self) -> int:
@@ -224,13 +233,15 @@ def load_streamed(gguf: GGUFFile, config, layout: Layout, backend: str, threads:
         raw = gguf.data(name)
         return kind(raw, gguf.tensors[name].ggml_type, backend, threads, name, release=released.of(name, raw))
 
-    def resident_layer(i):
-        fields = {field: held(f"blk.{i}.{name}") for name, field in LAYER_TENSORS.items()
-                  if field not in ("attn_norm", "ffn_norm")}
-        return LayerWeights(attn_norm=norms[i][0], ffn_norm=norms[i][1], **fields)
+    def linears(names):
+        raws = [gguf.data(name) for name in names]
+        return QuantLinear.sharing_input(raws, [gguf.tensors[name].ggml_type for name in names], backend, threads,
+                                         names, [released.of(name, raw) for name, raw in zip(names, raws)])
 
     norms = [(norm(f"blk.{i}.attn_norm.weight"), norm(f"blk.{i}.ffn_norm.weight")) for i in range(config.n_layers)]
-    resident = [resident_layer(i) for i in range(layout.resident_layers)]
+    vectors = {name: vector for i, pair in enumerate(norms)
+               for name, vector in zip((f"blk.{i}.attn_norm.weight", f"blk.{i}.ffn_norm.weight"), pair)}
+    resident = [LayerWeights(**layer_fields(gguf, i, vectors.get, linears)) for i in range(layout.resident_layers)]
     layers = resident if layout.resident_layers == config.n_layers else \
         StreamedLayers(gguf, reader, config.n_layers, resident, norms, backend, threads)
     embd = gguf.tensors["token_embd.weight"]

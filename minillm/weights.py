@@ -31,6 +31,11 @@ LAYER_TENSORS = {
 }
 
 
+# Products the model computes from the same input, one after another: held as one matrix each, so
+# that a decode step quantizes that input once and multiplies it once (minillm.linear.SharedInput).
+SHARED_INPUTS = (("attn_q.weight", "attn_k.weight", "attn_v.weight"), ("ffn_gate.weight", "ffn_up.weight"))
+
+
 @dataclass
 class LayerWeights:
     """One transformer block. Each linear is a FloatLinear or a QuantLinear: both are called as
@@ -159,6 +164,27 @@ def packed_tensor(gguf: GGUFFile, name: str, target: GGMLQuantizationType) -> np
     return converted
 
 
+def input_groups(matrices: list) -> list:
+    """A layer's matrices (names within the block, "attn_q.weight") in the groups they are made in:
+    each group of SHARED_INPUTS whose matrices are all there, then the others one by one."""
+    groups = [list(group) for group in SHARED_INPUTS if all(name in matrices for name in group)]
+    return groups + [[name] for name in matrices if not any(name in group for group in groups)]
+
+
+def layer_fields(gguf: GGUFFile, i: int, vector, linears) -> dict:
+    """The fields of LayerWeights for layer i: `vector(name)` for the norms, `linears(names)` for
+    the matrices, called once per group of `input_groups`."""
+    names = [name for name in LAYER_TENSORS if len(gguf.tensors[f"blk.{i}.{name}"].shape) == 2]
+    fields = {}
+    for group in input_groups(names):
+        full = [f"blk.{i}.{name}" for name in group]
+        fields.update({LAYER_TENSORS[name]: linear for name, linear in zip(group, linears(full))})
+    for name in LAYER_TENSORS:
+        if name not in names:
+            fields[LAYER_TENSORS[name]] = vector(f"blk.{i}.{name}")
+    return fields
+
+
 class MapRelease:
     """Lets go of the memory map's pages of the tensors the kernels copy into their own layout
     (minillm.packed): of a tensor's rows as the copy advances, and of all of them once more when
@@ -206,17 +232,17 @@ def load_packed(gguf: GGUFFile, config: LlamaConfig, bits: int, *, int4: str = "
         bar.update(name in converting)
         return kind(raw, plan[name], backend, threads, name, release=released.of(name, raw))
 
+    def linears(names):
+        raws = [packed_tensor(gguf, name, plan[name]) for name in names]
+        bar.update(sum(name in converting for name in names))
+        return QuantLinear.sharing_input(raws, [plan[name] for name in names], backend, threads, names,
+                                         [released.of(name, raw) for name, raw in zip(names, raws)])
+
     def vector(name):
         # a copy: reading a mapped page while the model runs would map its neighbours' pages back in
         return dequantized(gguf, name).copy()
 
-    layers = []
-    for i in range(config.n_layers):
-        fields = {}
-        for name, field in LAYER_TENSORS.items():
-            full = f"blk.{i}.{name}"
-            fields[field] = vector(full) if len(gguf.tensors[full].shape) == 1 else linear(full)
-        layers.append(LayerWeights(**fields))
+    layers = [LayerWeights(**layer_fields(gguf, i, vector, linears)) for i in range(config.n_layers)]
     embedding = linear("token_embd.weight", QuantEmbedding)
     output = linear("output.weight") if not tied else None
     bar.close()

@@ -463,6 +463,35 @@ def test_quant_linear_over_a_read_only_memory_map(tmp_path, ggml_type):
                       expected_bound(linear, mapped, ggml_type, x))
 
 
+@pytest.mark.parametrize("ggml_type", [Q.Q4_1, Q.Q8_0, Q.Q4_K], ids=lambda t: t.name)
+def test_linears_sharing_an_input_compute_what_separate_ones_do(ggml_type):
+    """q, k, v held as one matrix: the same bits as three QuantLinears, for one token (one product
+    for the three, computed once per input) and for several; rows stored later land in the right
+    member. Q4_K keeps GGUF's layout, so its three stay separate."""
+    rng = np.random.default_rng(4)
+    fmt = formats.get(ggml_type)
+    raws = [fmt.quantize(rng.standard_normal((n, 256)).astype(np.float32)) for n in (64, 32, 32)]
+    shared = QuantLinear.sharing_input(raws, [ggml_type] * 3, threads=THREADS[-1])
+    separate = [QuantLinear(raw, ggml_type, threads=THREADS[-1]) for raw in raws]
+    assert (shared[0].shared is not None) == (ggml_type in RELAID_TYPES)
+    assert sum(linear.nbytes for linear in shared) == sum(raw.nbytes for raw in raws)
+    for x in (rng.standard_normal((1, 256)).astype(np.float32), rng.standard_normal((3, 256)).astype(np.float32)):
+        for a, b in zip(shared, separate):
+            assert np.array_equal(a(x), b(x))
+    new_rows = fmt.quantize(rng.standard_normal((32, 256)).astype(np.float32))
+    shared[1].store(new_rows, 0)
+    x = rng.standard_normal((1, 256)).astype(np.float32)
+    assert np.array_equal(shared[1](x), QuantLinear(new_rows, ggml_type)(x))
+    assert np.array_equal(shared[2](x), separate[2](x))
+
+
+def test_linears_of_different_types_do_not_share():
+    rng = np.random.default_rng(5)
+    raws = [formats.Q4_1.quantize(rng.standard_normal((32, 64)).astype(np.float32)),
+            formats.Q8_0.quantize(rng.standard_normal((32, 64)).astype(np.float32))]
+    assert all(linear.shared is None for linear in QuantLinear.sharing_input(raws, [Q.Q4_1, Q.Q8_0]))
+
+
 @pytest.mark.parametrize("ggml_type", BLOCK_TYPES, ids=lambda t: t.name)
 def test_rows_that_are_not_whole_blocks_are_rejected_before_any_kernel(ggml_type):
     fmt = formats.get(ggml_type)
