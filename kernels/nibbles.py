@@ -16,14 +16,25 @@ side, then code byte 0 of the 32 rows, code byte 1, ...: byte j of row r is at
 A block's integer dot product with the int8 activation q, sum_e code_e q_e, is computed here for
 all rows of a group at once (`nibble_sums`, `fifth_bit_sums`), in 16-bit SIMD lanes: products
 are at most 31 * 127, so sums of up to 16 of them, kept signed (codes centred on 16 for Q5), fit
-an int16. The formats then differ only in how that integer becomes a float (their kernels).
+an int16. The four formats then differ only in constants, which each passes to the kernels here
+(`CodeRows`): where the codes and fifth bits sit, the code their weights are centred on (8, 16 or
+0: w = d (code - centre) [+ m]), whether a minimum m follows d. Per block, in float32:
+
+    d dx isum' [+ m (dx qsum)]      isum' = sum_e (code_e - centre) q_e, an exact integer
+
+NumPy references (minillm.formats.q4_0, q4_1, q5_0, q5_1), reading GGUF's layout: `dequantize` for
+`dequantize_rows_codes` (bit-identical); float64 `dequantize(W) @ x` for `matvec_groups_codes`,
+within the bound tests/bounds.py derives from the format's `matvec_terms`; `ggml_dot` for
+`ggml_matvec_groups_codes` (bit for bit).
 """
 
 import numpy as np
 
-from ._jit import jit_inline
+from ._jit import jit, jit_inline
 from .activations import Int8Rows
-from .rows import GROUP_ROWS, read_only
+from .f16 import f16_to_f32
+from .ggml import add_block, ggml_buffers, start_group, widen_fields, write_ggml_group
+from .rows import GROUP_ROWS, group_buffers, read_only, write_group
 
 
 def _nibble_sums(blocks, g, b, codes, q16, isum):
@@ -81,12 +92,147 @@ def _fifth_bit_sums(blocks, w32, g, b, qh, codes, q16, isum):
 fifth_bit_sums = jit_inline(_fifth_bit_sums)
 
 
+def _nibble_lanes(blocks, g, b, codes, q16, centre, lanes):
+    """ggml's lane sums (kernels/ggml.py) of block b for the rows of group g: lanes[l, r] =
+    sum_e (code_e - centre) q_e over elements e = 4l .. 4l + 3, exactly (|sum| <= 4 * 15 * 127 fits
+    an int16). Element j < 16 is the low nibble of code byte j, element 16 + j its high nibble."""
+    k = 32 * b
+    for lane in range(4):
+        for r in range(GROUP_ROWS):
+            low = np.int16(0)
+            high = np.int16(0)
+            for t in range(4):
+                j = 4 * lane + t
+                byte = np.int16(blocks[g, b, codes + j * GROUP_ROWS + r])
+                low = np.int16(low + ((byte & 15) - centre) * q16[k + j])
+                high = np.int16(high + ((byte >> 4) - centre) * q16[k + 16 + j])
+            lanes[lane, r] = low
+            lanes[4 + lane, r] = high
+
+
+nibble_lanes = jit_inline(_nibble_lanes)
+
+
+def _fifth_bit_lanes(blocks, w32, g, b, qh, codes, q16, centre, lanes):
+    """`nibble_lanes` for the 5-bit codes of Q5_0 and Q5_1 (fifth bits from w32[g, b, qh + r]):
+    |sum| <= 4 * 31 * 127 fits an int16."""
+    k = 32 * b
+    for lane in range(4):
+        for r in range(GROUP_ROWS):
+            bits = w32[g, b, qh + r]
+            low = np.int16(0)
+            high = np.int16(0)
+            for t in range(4):
+                j = 4 * lane + t
+                c_low, c_high = codes5(np.int16(blocks[g, b, codes + j * GROUP_ROWS + r]), bits, j)
+                low = np.int16(low + (c_low + 16 - centre) * q16[k + j])
+                high = np.int16(high + (c_high + 16 - centre) * q16[k + 16 + j])
+            lanes[lane, r] = low
+            lanes[4 + lane, r] = high
+
+
+fifth_bit_lanes = jit_inline(_fifth_bit_lanes)
+
+
+def code_kernels(codes: int, qh: int, five_bit: bool, centre: int, has_m: bool, dw_first: bool) -> tuple:
+    """The three kernels of one of the four formats, compiled with its constants (CodeRows) folded
+    into their code (Numba takes a closure's variables as constants; as arguments, they kept LLVM from
+    vectorizing most loops, 12 times slower): codes, where a group-block's code bytes start; qh, the
+    32-bit word where its fifth bits start (five_bit); centre, the code the weights are centred on;
+    has_m, a minimum after d; dw_first, ggml's generic C multiplies sumi by dW before dx.
+    -> (matvec_groups, dequantize_rows, ggml_matvec_groups)"""
+    shift = (16 if five_bit else 0) - centre      # isum' = isum + shift qsum (the sums are centred on 16 or 0)
+
+    def matvec_groups(blocks, w16, w32, q16, xd, qsum, dsums, scratch, out, first, stop):
+        """out[rows of groups first..stop-1] = those rows of W times x, on the calling thread.
+
+        blocks: (G, nb, GROUP_ROWS * type_size) u8, w16 and w32: views of the same re-laid rows; q16:
+        (K,) i16, xd: (nb,) f32, qsum: (nb,) i32 and dsums: (nb,) f32 from `activation_with_sums`;
+        scratch: (>= 64,) i32; out: (N,) f32.
+
+        Loop order: group by group; per block, the rows' integer sums (one SIMD pass over the codes),
+        then their float terms (a second pass, 16 rows an instruction); each row's blocks are added
+        in order in float32. Allocation: none; the caller owns out and scratch."""
+        isum, acc = group_buffers(scratch)
+        for g in range(first, stop):
+            acc[:] = 0
+            for b in range(xd.shape[0]):
+                if five_bit:
+                    fifth_bit_sums(blocks, w32, g, b, qh, codes, q16, isum)
+                else:
+                    nibble_sums(blocks, g, b, codes, q16, isum)
+                for r in range(GROUP_ROWS):
+                    term = f16_to_f32(w16[g, b, r]) * xd[b] * np.float32(isum[r] + shift * qsum[b])
+                    if has_m:
+                        term = term + f16_to_f32(w16[g, b, GROUP_ROWS + r]) * dsums[b]
+                    acc[r] += term
+            write_group(acc, out, g)
+
+    def dequantize_rows(blocks, w16, w32, ids, out):
+        """out[i] = row ids[i] as float32, d (code - centre) [+ m] as the format's NumPy `dequantize`
+        computes it, bit for bit. ids: (n,) int64 row numbers; out: (n, K) f32. Serial: the prefill
+        path hands each tile to BLAS, whose threads would contend with Numba's. Allocation: none."""
+        for i in range(ids.shape[0]):
+            g, r = divmod(ids[i], GROUP_ROWS)
+            for b in range(out.shape[1] // 32):
+                d = f16_to_f32(w16[g, b, r])
+                bits = w32[g, b, qh + r] if five_bit else np.uint32(0)
+                for j in range(16):
+                    # elements j and j + 16, minus 16 (with no fifth bits, Q4's nibbles minus 16)
+                    low, high = codes5(np.int16(blocks[g, b, codes + j * GROUP_ROWS + r]), bits, j)
+                    w_low = d * np.float32(low + 16 - centre)
+                    w_high = d * np.float32(high + 16 - centre)
+                    if has_m:
+                        m = f16_to_f32(w16[g, b, GROUP_ROWS + r])
+                        w_low, w_high = w_low + m, w_high + m
+                    out[i, 32 * b + j] = w_low
+                    out[i, 32 * b + 16 + j] = w_high
+
+    def ggml_matvec_groups(blocks, w16, w32, q16, dx, sx, scratch, out, first, stop, rows, x86):
+        """out[rows of groups first..stop-1] = W x as llama.cpp's ggml_vec_dot_<type>_q8_0 / _q8_1
+        computes it, bit for bit: x86 order when `x86`, else the generic C's (kernels/ggml.py). q16:
+        (K,) i16 codes, dx and sx: (nb,) f32 float16 d and s of its Q8_0 / Q8_1 activation (s unused
+        without m); scratch: (>= GGML_SCRATCH,) i32; out: (N,) f32; rows: GROUP_ROWS (kernels/ggml.py
+        says why).
+
+        Loop order: group by group, block by block; the 8 lane sums of the group's rows, then the
+        float work of the block for every row (rows innermost: SIMD). Allocation: none."""
+        lanes, acc, summs, dws, ms = ggml_buffers(scratch)
+        for g in range(first, stop):
+            start_group(acc, summs, ms)
+            for b in range(dx.shape[0]):
+                widen_fields(w16, g, b, 0, dws, rows)
+                if has_m:
+                    widen_fields(w16, g, b, GROUP_ROWS, ms, rows)
+                if five_bit:
+                    fifth_bit_lanes(blocks, w32, g, b, qh, codes, q16, centre, lanes)
+                else:
+                    nibble_lanes(blocks, g, b, codes, q16, centre, lanes)
+                add_block(acc, summs, lanes, dws, ms, dx[b], sx[b] if has_m else np.float32(0), rows, x86, dw_first)
+            write_ggml_group(acc, summs, out, g, x86, has_m)
+
+    return jit(matvec_groups), jit(dequantize_rows), jit(ggml_matvec_groups)
+
+
 class CodeRows(Int8Rows):
-    """Rows of Q4_0, Q4_1, Q5_0 or Q5_1, re-laid (minillm.kernels.rows), against int8 activations
-    with their block sums; subclasses set `fields` and add the kernels."""
+    """Rows of Q4_0, Q4_1, Q5_0 or Q5_1, re-laid (minillm.kernels.rows), for the format's
+    `code_kernels`; subclasses set `fields` and `kernels`."""
+
+    kernels = None      # code_kernels(...) of the format
 
     def __init__(self, storage, n_rows, n_cols):
         super().__init__(storage, n_rows, n_cols)
         self.blocks = read_only(storage.view())                  # (G, nb, GROUP_ROWS * type_size) u8
         self.w16 = read_only(storage.view(np.uint16))            # the same bytes as 16-bit words
         self.w32 = read_only(storage.view(np.uint32))            # and as 32-bit words (Q5's fifth bits)
+
+    def matvec_groups(self, act, scratch, out, first, stop):
+        self.kernels[0](self.blocks, self.w16, self.w32, act.q16, act.d, act.sums, act.dsums, scratch, out, first,
+                        stop)
+
+    def dequantize_rows(self, ids, out):
+        self.kernels[1](self.blocks, self.w16, self.w32, ids, out)
+
+    def ggml_matvec_groups(self, act, scratch, out, first, stop, x86):
+        self.kernels[2](self.blocks, self.w16, self.w32, act.q16, act.d, act.s, scratch, out, first, stop,
+                        GROUP_ROWS, x86)

@@ -1,84 +1,32 @@
-"""Q4_1 kernels: y = W x for one token, and rows of W as float32, read from re-laid blocks.
+"""Q4_1 kernels: y = W x for one token, rows of W as float32, and ggml's product, from re-laid blocks.
 
-A group-block of 32 rows (minillm.kernels.rows) is their 32 float16 scales d, their 32 float16
-minimums m, then code byte j of the 32 rows for j = 0..15 (kernels/nibbles.py):
+A Q4_1 block is a float16 scale d, a float16 minimum m and 32 4-bit codes, w = d code + m. A
+group-block of 32 rows (minillm.kernels.rows) is their 32 d, their 32 m, then code byte j of the 32
+rows for j = 0..15:
 
     16-bit word r: d of row r    word 32 + r: m of row r    byte (4 + j) * 32 + r: code byte j of row r
 
-A block's dot product with the int8 activation (dx, q) is
+The kernels are those of kernels/nibbles.py, which all four 4- and 5-bit formats share, with Q4_1's
+constants: codes after 4 * 32 bytes, a minimum. A block's dot product with the int8 activation
+(dx, q) is
 
     sum_e (d code_e + m) q_e dx  =  d dx isum + m (dx qsum),   isum = sum_e code_e q_e,  qsum = sum_e q_e
 
 with isum and qsum exact integers; the activation brings dx qsum (`dsums`), rounded once.
-
-NumPy references (minillm.formats.q4_1), reading GGUF's layout: `Q4_1.dequantize` for
-`dequantize_rows_q4_1` (bit-identical); float64 `Q4_1.dequantize(W) @ x` for `matvec_groups_q4_1`,
-within the bound `tests/bounds.py` derives from `Q4_1.matvec_terms`.
+NumPy references: minillm.formats.q4_1.
 """
 
-import numpy as np
+from .layout import GROUP_ROWS
+from .nibbles import CodeRows, code_kernels
 
-from ._jit import jit
-from .f16 import f16_to_f32
-from .nibbles import CodeRows, nibble_sums
-from .rows import GROUP_ROWS, group_buffers, write_group
-
-CODES = 4 * GROUP_ROWS   # where a group-block's code bytes start: after 32 d and 32 m
-
-
-def _matvec_groups_q4_1(blocks, w16, q16, xd, dsums, scratch, out, first, stop):
-    """out[rows of groups first..stop-1] = those rows of W times x, on the calling thread.
-
-    blocks: (G, nb, 640) u8 and w16: (G, nb, 320) u16, views of the re-laid rows; q16: (K,) i16,
-    xd: (nb,) f32 and dsums: (nb,) f32 from `activation_with_sums`; scratch: (>= 64,) i32; out: (N,) f32.
-
-    Loop order: group by group; per block, the 32 rows' integer sums (one SIMD pass over the codes,
-    `nibble_sums`), then their float terms (a second pass, 16 rows an instruction); each row's
-    blocks are added in order in float32. Allocation: none; the caller owns out and scratch.
-    """
-    isum, acc = group_buffers(scratch)
-    for g in range(first, stop):
-        acc[:] = 0
-        for b in range(xd.shape[0]):
-            nibble_sums(blocks, g, b, CODES, q16, isum)
-            for r in range(GROUP_ROWS):
-                d = f16_to_f32(w16[g, b, r])
-                m = f16_to_f32(w16[g, b, GROUP_ROWS + r])
-                acc[r] += d * xd[b] * np.float32(isum[r]) + m * dsums[b]
-        write_group(acc, out, g)
-
-
-matvec_groups_q4_1 = jit(_matvec_groups_q4_1)
-
-
-def _dequantize_rows_q4_1(blocks, w16, ids, out):
-    """out[i] = row ids[i] as float32, bit-identical to `minillm.formats.Q4_1.dequantize`.
-
-    blocks, w16: views of the re-laid rows; ids: (n,) int64 row numbers; out: (n, K) f32. Serial: the
-    prefill path hands each tile to BLAS, whose threads would contend with Numba's. Allocation: none.
-    """
-    for i in range(ids.shape[0]):
-        g, r = divmod(ids[i], GROUP_ROWS)
-        for b in range(out.shape[1] // 32):
-            d = f16_to_f32(w16[g, b, r])
-            m = f16_to_f32(w16[g, b, GROUP_ROWS + r])
-            for j in range(16):
-                byte = blocks[g, b, CODES + j * GROUP_ROWS + r]
-                out[i, 32 * b + j] = d * np.float32(byte & 15) + m
-                out[i, 32 * b + 16 + j] = d * np.float32(byte >> 4) + m
-
-
-dequantize_rows_q4_1 = jit(_dequantize_rows_q4_1)
+# codes, qh, five_bit, centre, has_m, dw_first
+matvec_groups_q4_1, dequantize_rows_q4_1, ggml_matvec_groups_q4_1 = \
+    code_kernels(4 * GROUP_ROWS, 0, False, 0, True, False)
 
 
 class Q4_1Rows(CodeRows):
-    """Q4_1 rows for the kernels above: 20-byte blocks, fields d, m and 16 code bytes (minillm.kernels.rows)."""
+    """Q4_1 rows for the kernels above (minillm.kernels.rows)."""
 
     type_size = 20
     fields = (2, 2) + (1,) * 16
-
-    def matvec_groups(self, act, scratch, out, first, stop):
-        matvec_groups_q4_1(self.blocks, self.w16, act.q16, act.d, act.dsums, scratch, out, first, stop)
-
-    def dequantize_rows(self, ids, out):
-        dequantize_rows_q4_1(self.blocks, self.w16, ids, out)
+    kernels = (matvec_groups_q4_1, dequantize_rows_q4_1, ggml_matvec_groups_q4_1)

@@ -120,9 +120,8 @@ class Q4_KRows(Q8KRows):
 
     def __init__(self, storage, n_rows, n_cols):
         super().__init__(storage, n_rows, n_cols)
-        self.w32 = read_only(storage.view(np.uint32))                # (N, 36 nsb), same bytes
+        self.w32 = read_only(storage.view(np.uint32))                # (N, 36 nsb) (Q5_K: 44), same bytes
         self.w8 = read_only(storage.view(np.uint8))
-
 
     def matvec_groups(self, act, scratch, out, first, stop):
         matvec_rows_q4_k(self.w32, self.w8, act.q, act.d, act.bsums, out, first, stop)

@@ -1,88 +1,28 @@
-"""Q5_1 kernels: y = W x for one token, and rows of W as float32, read from re-laid blocks.
+"""Q5_1 kernels: y = W x for one token, rows of W as float32, and ggml's product, from re-laid blocks.
 
-A group-block of 32 rows (minillm.kernels.rows) is their 32 float16 scales d, 32 float16 minimums
-m, 32 uint32 qh of fifth bits, then code byte j of the 32 rows for j = 0..15 (kernels/nibbles.py):
+A Q5_1 block is a float16 scale d, a float16 minimum m, a uint32 qh of fifth bits and 32 4-bit codes,
+w = d code + m with code = nibble | fifth bit << 4. A group-block of 32 rows (minillm.kernels.rows)
+is their 32 d, 32 m, 32 qh, then code byte j of the 32 rows for j = 0..15:
 
     16-bit word r: d of row r    word 32 + r: m of row r    32-bit word 32 + r: qh of row r
     byte (8 + j) * 32 + r: code byte j of row r
 
-A block's dot product with the int8 activation (dx, q) is
-
-    sum_e (d code_e + m) q_e dx  =  d dx isum + m (dx qsum),   isum = sum_e code_e q_e,  qsum = sum_e q_e
-
-with isum = sum_e (code_e - 16) q_e + 16 qsum and qsum exact integers; the activation brings dx qsum
-(`dsums`), rounded once.
-
-NumPy references (minillm.formats.q5_1), reading GGUF's layout: `Q5_1.dequantize` for
-`dequantize_rows_q5_1` (bit-identical); float64 `Q5_1.dequantize(W) @ x` for `matvec_groups_q5_1`,
-within the bound `tests/bounds.py` derives from `Q5_1.matvec_terms`.
+The kernels are those of kernels/nibbles.py, which all four 4- and 5-bit formats share, with Q5_1's
+constants. A block's dot product with the int8 activation (dx, q) is d dx isum + m (dx qsum), with
+isum = sum_e code_e q_e and qsum exact integers. NumPy references: minillm.formats.q5_1.
 """
 
-import numpy as np
+from .layout import GROUP_ROWS
+from .nibbles import CodeRows, code_kernels
 
-from ._jit import jit
-from .f16 import f16_to_f32
-from .nibbles import CodeRows, codes5, fifth_bit_sums
-from .rows import GROUP_ROWS, group_buffers, write_group
-
-QH = GROUP_ROWS          # the 32-bit word where a group-block's qh start: after 32 d and 32 m
-CODES = 8 * GROUP_ROWS   # the byte where its code bytes start
-
-
-def _matvec_groups_q5_1(blocks, w16, w32, q16, xd, qsum, dsums, scratch, out, first, stop):
-    """out[rows of groups first..stop-1] = those rows of W times x, on the calling thread.
-
-    blocks: (G, nb, 768) u8, w16 and w32: views of the same re-laid rows; q16: (K,) i16, xd: (nb,)
-    f32, qsum: (nb,) i32 and dsums: (nb,) f32 from `activation_with_sums`; scratch: (>= 64,) i32;
-    out: (N,) f32.
-
-    Loop order as `matvec_groups_q4_1`. Allocation: none; the caller owns out and scratch.
-    """
-    isum, acc = group_buffers(scratch)
-    for g in range(first, stop):
-        acc[:] = 0
-        for b in range(xd.shape[0]):
-            fifth_bit_sums(blocks, w32, g, b, QH, CODES, q16, isum)
-            for r in range(GROUP_ROWS):
-                d = f16_to_f32(w16[g, b, r])
-                m = f16_to_f32(w16[g, b, GROUP_ROWS + r])
-                acc[r] += d * xd[b] * np.float32(isum[r] + 16 * qsum[b]) + m * dsums[b]
-        write_group(acc, out, g)
-
-
-matvec_groups_q5_1 = jit(_matvec_groups_q5_1)
-
-
-def _dequantize_rows_q5_1(blocks, w16, w32, ids, out):
-    """out[i] = row ids[i] as float32, bit-identical to `minillm.formats.Q5_1.dequantize`.
-
-    blocks, w16, w32: views of the re-laid rows; ids: (n,) int64 row numbers; out: (n, K) f32.
-    Serial. Allocation: none.
-    """
-    for i in range(ids.shape[0]):
-        g, r = divmod(ids[i], GROUP_ROWS)
-        for b in range(out.shape[1] // 32):
-            d = f16_to_f32(w16[g, b, r])
-            m = f16_to_f32(w16[g, b, GROUP_ROWS + r])
-            qh = w32[g, b, QH + r]
-            for j in range(16):
-                low, high = codes5(np.int16(blocks[g, b, CODES + j * GROUP_ROWS + r]), qh, j)
-                out[i, 32 * b + j] = d * np.float32(low + 16) + m
-                out[i, 32 * b + 16 + j] = d * np.float32(high + 16) + m
-
-
-dequantize_rows_q5_1 = jit(_dequantize_rows_q5_1)
+# codes, qh, five_bit, centre, has_m, dw_first
+matvec_groups_q5_1, dequantize_rows_q5_1, ggml_matvec_groups_q5_1 = \
+    code_kernels(8 * GROUP_ROWS, GROUP_ROWS, True, 0, True, False)
 
 
 class Q5_1Rows(CodeRows):
-    """Q5_1 rows for the kernels above: 24-byte blocks, fields d, m, qh and 16 code bytes (minillm.kernels.rows)."""
+    """Q5_1 rows for the kernels above (minillm.kernels.rows)."""
 
     type_size = 24
     fields = (2, 2, 4) + (1,) * 16
-
-    def matvec_groups(self, act, scratch, out, first, stop):
-        matvec_groups_q5_1(self.blocks, self.w16, self.w32, act.q16, act.d, act.sums, act.dsums, scratch, out,
-                           first, stop)
-
-    def dequantize_rows(self, ids, out):
-        dequantize_rows_q5_1(self.blocks, self.w16, self.w32, ids, out)
+    kernels = (matvec_groups_q5_1, dequantize_rows_q5_1, ggml_matvec_groups_q5_1)

@@ -16,9 +16,7 @@ import numpy as np
 from ._jit import jit, jit_inline
 from .f16 import f16_to_f32
 from .kquants import field, scales_k4
-from .q4_k import min_sum
-from .q8_k import Q8KRows
-from .rows import read_only
+from .q4_k import Q4_KRows, min_sum
 
 
 def _code_sums(w8_row, codes_start, bits_start, j, xq, first):
@@ -106,17 +104,11 @@ def _dequantize_rows_q5_k(w32, w8, ids, out):
 dequantize_rows_q5_k = jit(_dequantize_rows_q5_k)
 
 
-class Q5_KRows(Q8KRows):
-    """Q5_K rows for the kernels above: 176-byte super-blocks read as 44 words and as bytes
+class Q5_KRows(Q4_KRows):
+    """Q5_K rows for the kernels above: 176-byte super-blocks read as 44 words and as bytes, as Q4_K's
     (minillm.kernels.rows)."""
 
     type_size = 176
-
-    def __init__(self, storage, n_rows, n_cols):
-        super().__init__(storage, n_rows, n_cols)
-        self.w32 = read_only(storage.view(np.uint32))                # (N, 44 nsb), same bytes
-        self.w8 = read_only(storage.view(np.uint8))
-
 
     def matvec_groups(self, act, scratch, out, first, stop):
         matvec_rows_q5_k(self.w32, self.w8, act.q, act.d, act.bsums, out, first, stop)

@@ -123,7 +123,6 @@ class Q6_KRows(Q8KRows):
         self.w8 = read_only(storage.view(np.uint8))
         self.wi8 = read_only(storage.view(np.int8))
 
-
     def matvec_groups(self, act, scratch, out, first, stop):
         matvec_rows_q6_k(self.w16, self.w8, self.wi8, act.q, act.d, act.bsums, out, first, stop)
 

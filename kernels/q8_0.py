@@ -18,6 +18,7 @@ import numpy as np
 from ._jit import jit, jit_inline
 from .activations import Int8Rows
 from .f16 import f16_to_f32
+from .ggml import add_block, ggml_buffers, start_group, widen_fields, write_ggml_group
 from .rows import GROUP_ROWS, group_buffers, read_only, write_group
 
 WEIGHTS = 2 * GROUP_ROWS   # where a group-block's weights start: after 32 d
@@ -41,6 +42,22 @@ def _pair_sums(w8, g, b, q16, isum):
 
 
 pair_sums = jit_inline(_pair_sums)
+
+
+def _weight_lanes(w8, g, b, q16, lanes):
+    """ggml's lane sums (kernels/ggml.py) of block b for the rows of group g: lanes[l, r] =
+    sum_e q_e qx_e over weights e = 4l .. 4l + 3, exactly, in 32 bits (4 * 128 * 127 needs 17)."""
+    k = 32 * b
+    for lane in range(8):
+        for r in range(GROUP_ROWS):
+            total = np.int32(0)
+            for t in range(4):
+                e = 4 * lane + t
+                total += np.int32(w8[g, b, WEIGHTS + e * GROUP_ROWS + r]) * np.int32(q16[k + e])
+            lanes[lane, r] = total
+
+
+weight_lanes = jit_inline(_weight_lanes)
 
 
 def _matvec_groups_q8_0(w8, w16, q16, xd, scratch, out, first, stop):
@@ -83,6 +100,28 @@ def _dequantize_rows_q8_0(w8, w16, ids, out):
 dequantize_rows_q8_0 = jit(_dequantize_rows_q8_0)
 
 
+def _ggml_matvec_groups_q8_0(w8, w16, q16, dx, scratch, out, first, stop, rows, x86):
+    """out[rows of groups first..stop-1] = W x as llama.cpp's ggml_vec_dot_q8_0_q8_0 computes it, bit for
+    bit: x86 order when `x86`, else the generic C's (kernels/ggml.py). q16: (K,) i16 codes and dx: (nb,)
+    f32 float16 scales of its Q8_0 activation; scratch: (>= GGML_SCRATCH,) i32; out: (N,) f32; rows:
+    GROUP_ROWS (kernels/ggml.py says why). Reference: `minillm.formats.Q8_0.ggml_dot`.
+
+    Loop order: group by group, block by block; the 8 lane sums of the group's rows, then the float
+    work of the block for every row (rows innermost: SIMD).
+    Allocation: none."""
+    lanes, acc, summs, dws, ms = ggml_buffers(scratch)
+    for g in range(first, stop):
+        start_group(acc, summs, ms)
+        for b in range(dx.shape[0]):
+            widen_fields(w16, g, b, 0, dws, rows)
+            weight_lanes(w8, g, b, q16, lanes)
+            add_block(acc, summs, lanes, dws, ms, dx[b], np.float32(0), rows, x86, False)
+        write_ggml_group(acc, summs, out, g, x86, False)
+
+
+ggml_matvec_groups_q8_0 = jit(_ggml_matvec_groups_q8_0)
+
+
 class Q8_0Rows(Int8Rows):
     """Q8_0 rows for the kernels above: 34-byte blocks, fields d and 32 weights (minillm.kernels.rows)."""
 
@@ -99,3 +138,6 @@ class Q8_0Rows(Int8Rows):
 
     def dequantize_rows(self, ids, out):
         dequantize_rows_q8_0(self.w8, self.w16, ids, out)
+
+    def ggml_matvec_groups(self, act, scratch, out, first, stop, x86):
+        ggml_matvec_groups_q8_0(self.w8, self.w16, act.q16, act.d, scratch, out, first, stop, GROUP_ROWS, x86)

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .kernels.ggml import GGML_SCRATCH
 from .kernels.layout import GROUP_ROWS, n_groups, relay_chunk_rows
+from .kernels.rows import scratch_rows
 from .kernels.threads import check_threads, use_threads
 from .parallel import sharing_pool
 
@@ -89,7 +91,7 @@ def parts_for(n_weights: int, threads: int, min_parallel_weights: int) -> int:
 class MatvecBuffers:
     """What one matvec writes besides its output, for one calling thread."""
     parts: int              # threads the matvec runs on (parts_for), one scratch row each
-    activation: object      # the quantized activation (kernels/<type>.py's new_activation)
+    activation: object      # the quantized activation (kernels/<type>.py's new_activation); None for ggml_matvec
     scratch: np.ndarray     # (parts, ...) one row per part
 
 
@@ -126,24 +128,42 @@ class PackedRows:
         if x.shape != self.x_shape or x.dtype is not FLOAT32:
             raise ValueError(f"x must be {self.x_shape} float32, got {x.shape} {x.dtype}")
         buf = self.buffers.get((threading.get_ident(), threads)) or self.new_buffers(threads)
+        self.rows.quantize(x, buf.activation)
+        matvec_groups, act = self.rows.matvec_groups, buf.activation
+        return self.split(buf, threads, lambda scratch, out, first, stop: matvec_groups(act, scratch, out, first, stop))
+
+    def ggml_matvec(self, act, x86: bool, threads: int) -> np.ndarray:
+        """W x for one token as llama.cpp computes it (`--mode ggml`), from x as ggml quantized it:
+        act = kernels.ggml.GGMLActivation -> (N,) float32, on up to `threads` threads (the rows are
+        independent, so the result does not depend on how they are split)."""
+        if act.q16.shape != self.x_shape:
+            raise ValueError(f"the activation must have {self.n_cols} values, got {act.q16.shape}")
+        buf = self.buffers.get((threading.get_ident(), threads, "ggml")) or self.new_buffers(threads, ggml=True)
+        ggml_groups = self.rows.ggml_matvec_groups
+        return self.split(buf, threads, lambda scratch, out, first, stop: ggml_groups(act, scratch, out, first, stop,
+                                                                                     x86))
+
+    def split(self, buf, threads: int, groups) -> np.ndarray:
+        """out (N,) float32 filled by groups(scratch, out, first, stop) on ranges of the row groups, on
+        the calling thread, or shared out over buf.parts threads."""
         out = np.empty(self.n_rows, np.float32)
         use_threads(threads)          # what Numba's own parallel kernels (attention) then use
-        self.rows.quantize(x, buf.activation)
-        matvec_groups, act, scratch = self.rows.matvec_groups, buf.activation, buf.scratch
-
-        def groups(slot, first, stop):
-            matvec_groups(act, scratch[slot], out, first, stop)
         if buf.parts == 1:
-            groups(0, 0, self.rows.n_groups)
+            groups(buf.scratch[0], out, 0, self.rows.n_groups)
         else:
-            sharing_pool(buf.parts).run(self.rows.n_groups, RANGES_PER_THREAD * buf.parts, groups)
+            sharing_pool(buf.parts).run(self.rows.n_groups, RANGES_PER_THREAD * buf.parts,
+                                        lambda slot, first, stop: groups(buf.scratch[slot], out, first, stop))
         return out
 
-    def new_buffers(self, threads: int) -> MatvecBuffers:
-        """The calling thread's buffers for matvecs on `threads` threads, made and kept."""
+    def new_buffers(self, threads: int, ggml: bool = False) -> MatvecBuffers:
+        """The calling thread's buffers for matvecs on `threads` threads (`ggml_matvec` if ggml), made and kept."""
         parts = parts_for(self.n_rows * self.n_cols, threads, self.min_parallel_weights)
-        buf = MatvecBuffers(parts, self.rows.new_activation(), self.rows.new_scratch(parts))
-        self.buffers[threading.get_ident(), threads] = buf
+        if ggml:
+            buf = MatvecBuffers(parts, None, scratch_rows(parts, GGML_SCRATCH, np.int32))
+            self.buffers[threading.get_ident(), threads, "ggml"] = buf
+        else:
+            buf = MatvecBuffers(parts, self.rows.new_activation(), self.rows.new_scratch(parts))
+            self.buffers[threading.get_ident(), threads] = buf
         return buf
 
     def dequantize_rows(self, ids: np.ndarray, out: np.ndarray):

@@ -152,14 +152,14 @@ def load(config: RunConfig, announce=print) -> Runtime:
     # Dense attention, and everything under --backend numpy, runs the NumPy reference; sparse patterns the
     # kernels. The oracle and ggml modes run their own NumPy attention (minillm.modes).
     if config.mode != "f32":
-        attention = mode_attention(config.mode)
+        attention = mode_attention(config.mode, config.backend)
     else:
         attention = masked_attention if config.attention_spec().is_dense or config.backend == "numpy" \
             else block_sparse_attention
     if p.plan is not None:
         runtime = load_capped(p, attention, announce)
     else:
-        model = mode_model(config.mode)(p.model_config, load_weights(p.gguf, p.model_config, config),
+        model = mode_model(config.mode, config.backend)(p.model_config, load_weights(p.gguf, p.model_config, config),
                                         attention=attention, dtype=mode_dtype(config.mode))
         runtime = Runtime(config, p.gguf, model, p.tokenizer, 0.0)
     warm_up(runtime)  # the weights' pages and the kernels are loaded now, as start-up, not in the first answer
@@ -169,10 +169,12 @@ def load(config: RunConfig, announce=print) -> Runtime:
 
 def load_weights(gguf: GGUFFile, model_config: LlamaConfig, config: RunConfig):
     """float32 for --bits 32; packed blocks, read by the kernels, otherwise. The oracle and ggml modes
-    wrap the packed blocks (as `--bits` stores them) in their own objects (minillm.modes)."""
+    wrap the packed blocks (as `--bits` stores them) in their own objects (minillm.modes): ggml's
+    on the Numba kernels (unless --backend numpy), the oracle's on the GGUF rows in NumPy."""
     threads = config.threads or os.cpu_count()
     if config.mode != "f32":
-        packed = load_packed(gguf, model_config, config.bits, int4=config.int4, backend="numpy", threads=threads)
+        backend = config.backend if config.mode == "ggml" else "numpy"
+        packed = load_packed(gguf, model_config, config.bits, int4=config.int4, backend=backend, threads=threads)
         return mode_weights(packed, config.mode, config.ggml_rounding)
     if config.bits == 32:
         return load_float(gguf, model_config, threads)

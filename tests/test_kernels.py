@@ -18,6 +18,7 @@ import time
 import warnings
 
 import gguf
+import numba
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
@@ -384,6 +385,112 @@ def test_sharing_pool_reraises_instead_of_waiting_forever():
         raise ValueError("range failed")
     with pytest.raises(ValueError, match="range failed"):
         SharingPool(2).run(10, 4, fail)
+
+
+# --- ggml's arithmetic (--mode ggml) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ggml_type", RELAID_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("rounding", ["x86", "ref", "arm"])
+@kernel_settings
+@given(data=st.data(), tokens=st.integers(1, 2))
+def test_ggml_kernels_equal_the_numpy_emulation_bit_for_bit(ggml_type, rounding, data, tokens):
+    """The ggml kernel of each re-laid format, on any bytes (inf and NaN scales too) and activations,
+    gives the bits of `Format.ggml_dot` (which tests/test_ggml.py holds to libggml and llama.cpp)."""
+    from minillm.modes.ggml import GGMLLinear
+    raw = data.draw(raw_rows(ggml_type, max_rows=MAX_ROWS))
+    x = data.draw(arrays(np.float32, (tokens, n_cols(raw, ggml_type)), elements=ACTIVATIONS))
+    with np.errstate(all="ignore"):
+        want = GGMLLinear(QuantLinear(raw, ggml_type, backend="numpy"), rounding)(x)
+        got = GGMLLinear(QuantLinear(raw, ggml_type, threads=THREADS[-1]), rounding)(x)
+    assert_same_bits_up_to_nan_payload(got, want)
+
+
+@given(a=FINITE_F32, b=FINITE_F32, c=FINITE_F32)
+def test_fma32_rounds_once(a, b, c):
+    """The fused multiply-add of the ggml kernels (LLVM's fma, or exact Python with the JIT off)
+    against the NumPy emulation (minillm.formats.ggml_math.fma32), inputs of any size."""
+    from minillm.formats.ggml_math import fma32 as reference
+    from minillm.kernels.ggml import fma32
+    fused = numba.njit(lambda a, b, c: fma32(a, b, c))
+    a, b, c = np.float32(a), np.float32(b), np.float32(c)
+    with np.errstate(all="ignore"):
+        want = reference(a, b, c)
+        assert_same_bits_up_to_nan_payload(np.float32(fused(a, b, c)), want)
+        assert_same_bits_up_to_nan_payload(np.float32(fma32(a, b, c)), want)
+
+
+@pytest.mark.parametrize("rounding", ["x86", "ref", "arm"])
+@kernel_settings
+@given(data=st.data())
+def test_ggml_activation_kernel_equals_numpy(rounding, data):
+    """Q8_0's and Q8_1's activations as ggml's quantizers make them, in Numba, bit for bit the NumPy
+    emulation (which tests/test_ggml.py holds to libggml): on any float32 (NaN, inf, subnormal) and on
+    values at float16's edges and ties, so the float16 rounding of d and s is tested where it turns."""
+    from minillm.formats import Q8_1
+    from minillm.kernels.ggml import quantize_q8
+    edges = st.sampled_from([65504.0, 65519.99, 65520.0, 2.0**-14, 2.0**-24, 3 * 2.0**-25, 2.0**-25, 1.0 + 2.0**-11,
+                             127 * 2.0**-126, 1e-38, 0.0, -0.0])
+    x = data.draw(arrays(np.float32, 32 * data.draw(st.integers(1, 3)), elements=st.floats(width=32) | edges))
+    q16, d, s = np.empty(x.size, np.int16), np.empty(x.size // 32, np.float32), np.empty(x.size // 32, np.float32)
+    with np.errstate(all="ignore"):
+        quantize_q8(x, rounding == "x86", rounding == "ref", q16, d, s)
+        want_d, want_s, want_q = Q8_1.ggml_quantize(x, rounding)
+    assert np.array_equal(q16, want_q.reshape(-1))
+    assert_same_bits_up_to_nan_payload(d, want_d)
+    assert_same_bits_up_to_nan_payload(s, want_s)
+
+
+ANY_F32 = st.floats(width=32)   # NaN, infinities, subnormals and zeros included
+
+
+@kernel_settings
+@given(x=arrays(np.float32, st.integers(1, 64), elements=ANY_F32))
+def test_ggml_silu_kernel_equals_numpy(x):
+    """ggml_v_silu, x / (1 + ggml_v_expf(-x)), in Numba equals its NumPy emulation (minillm.modes.ggml)
+    bit for bit on any float32, past the range where exp overflows or flushes to zero too."""
+    from minillm.modes.ggml import ggml_silu, kernel_silu
+    with np.errstate(all="ignore"):
+        assert_same_bits_up_to_nan_payload(kernel_silu(x), ggml_silu(x))
+
+
+@kernel_settings
+@given(data=st.data())
+def test_ggml_softmax_kernel_equals_numpy(data):
+    """Masked rows of scores (-inf where masked, one position at least seen), any length."""
+    from minillm.modes.ggml import ggml_softmax, kernel_softmax
+    rows, S = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 70))
+    scores = data.draw(arrays(np.float32, (rows, S), elements=st.floats(-1e4, 1e4, width=32)))
+    masked = data.draw(arrays(np.bool_, (rows, S)))
+    masked[:, 0] = False
+    scores[masked] = -np.inf
+    with np.errstate(all="ignore"):
+        assert_same_bits_up_to_nan_payload(kernel_softmax(scores), ggml_softmax(scores))
+
+
+@kernel_settings
+@given(data=st.data())
+def test_ggml_rope_kernel_equals_numpy(data):
+    from minillm.modes.ggml import GGMLKernelLlama, ggml_rope
+    heads, T, half = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3)), data.draw(st.integers(1, 8))
+    x = data.draw(arrays(np.float32, (heads, T, 2 * half), elements=FINITE_F32))
+    cos, sin = (data.draw(arrays(np.float32, (T, half), elements=st.floats(-1, 1, width=32))) for _ in range(2))
+    with np.errstate(all="ignore"):
+        assert_same_bits_up_to_nan_payload(GGMLKernelLlama.rotate(None, x, cos, sin), ggml_rope(x, cos, sin))
+
+
+@kernel_settings
+@given(data=st.data())
+def test_ggml_f16_dot_kernel_equals_numpy(data):
+    """Attention's float16 dot products in ggml's lane order: the Numba kernel and NumPy agree bit for bit."""
+    from minillm.modes.ggml import heads_f16_dot, kernel_heads_f16_dot
+    H, G, J = (data.draw(st.integers(1, 3)) for _ in range(3))
+    n = 64 * data.draw(st.integers(1, 3))
+    f16_values = st.floats(-65504, 65504, width=16)
+    a = data.draw(arrays(np.float16, (H, G, n), elements=f16_values)).astype(np.float32)
+    b = data.draw(arrays(np.float16, (H, J, n), elements=f16_values)).astype(np.float32)
+    with np.errstate(all="ignore"):
+        assert_same_bits_up_to_nan_payload(kernel_heads_f16_dot(a, b), heads_f16_dot(a, b))
 
 
 # --- float16 rows --------------------------------------------------------------------------------

@@ -12,9 +12,11 @@
 file encodes, and nothing is rounded below float64. `ggml` reproduces what llama.cpp computes on a
 CPU (minillm.modes.ggml), bit for bit in a one-token decode, so a difference between minillm and
 llama.cpp in that mode is a bug in one of them, not the expected cost of quantized activations.
-Both are NumPy only (no Numba) and slower than f32: SmolLM2 in ggml mode took 0.3 to 1.3 s a token on
-a shared 2-core machine (the x86 accumulation order is the slower one).
+`oracle` is NumPy only (no Numba). `ggml` runs its products and its fused multiply-adds on Numba
+kernels (bit for bit the NumPy emulation, which `--backend numpy` runs).
 """
+
+import functools
 
 import numpy as np
 
@@ -31,8 +33,9 @@ def check_mode(mode: str):
 
 
 def mode_weights(weights, mode: str, rounding: str = "x86"):
-    """The weight objects for a mode, built around the packed weights of `load_packed`
-    (loaded with backend "numpy"): their raw bytes are shared, never copied."""
+    """The weight objects for a mode, built around the packed weights of `load_packed` (backend
+    "numpy" for the oracle, which reads the GGUF rows; ggml's run the Numba kernels where the weights
+    have them): their bytes are shared, never copied."""
     if mode == "oracle":
         from .oracle import oracle_weights
         return oracle_weights(weights)
@@ -40,19 +43,22 @@ def mode_weights(weights, mode: str, rounding: str = "x86"):
     return ggml_weights(weights, rounding)
 
 
-def mode_attention(mode: str):
-    """The attention function for a mode (same signature as minillm.model.masked_attention)."""
+def mode_attention(mode: str, backend: str = "numpy"):
+    """The attention function for a mode (same signature as minillm.model.masked_attention); ggml's
+    takes its softmax and float16 dot products from Numba kernels unless the backend is "numpy"."""
     if mode == "ggml":
-        from .ggml import ggml_attention
-        return ggml_attention
+        from .ggml import ggml_attention, kernel_heads_f16_dot, kernel_softmax
+        return ggml_attention if backend == "numpy" else \
+            functools.partial(ggml_attention, softmax=kernel_softmax, dot=kernel_heads_f16_dot)
     return masked_attention
 
 
-def mode_model(mode: str):
-    """The model class for a mode: Llama, or for ggml the Llama with ggml's float32 operations."""
+def mode_model(mode: str, backend: str = "numpy"):
+    """The model class for a mode: Llama, or for ggml the Llama with ggml's float32 operations (in
+    NumPy, or partly in Numba kernels unless the backend is "numpy")."""
     if mode == "ggml":
-        from .ggml import GGMLLlama
-        return GGMLLlama
+        from .ggml import GGMLKernelLlama, GGMLLlama
+        return GGMLLlama if backend == "numpy" else GGMLKernelLlama
     return Llama
 
 

@@ -38,28 +38,35 @@ from ..linear import TILE_BYTES, QuantEmbedding, QuantLinear
 from ..model import Llama
 
 class GGMLLinear:
-    """y = x W^T as llama.cpp's CPU backend computes it, W the packed rows of a QuantLinear, read one
-    tile of rows at a time: x is quantized to the format's `vec_dot_type`, then each tile is
-    multiplied by the format's `ggml_dot`."""
+    """y = x W^T as llama.cpp's CPU backend computes it, W the packed rows of a QuantLinear: x is
+    quantized to the format's `vec_dot_type`, then multiplied by the format's dot product. On the
+    Numba backend, a format whose kernels re-lay it runs its `ggml_matvec` kernel (kernels/<type>.py,
+    bit-identical to the NumPy reference), one token at a time; members of a SharedInput (q, k, v;
+    gate, up) compute their matrix once per x, as in f32 mode. Otherwise `ggml_dot` in NumPy reads
+    the GGUF rows one tile at a time."""
 
-    def __init__(self, packed: QuantLinear, rounding: str = "x86"):
+    def __init__(self, packed: QuantLinear, rounding: str = "x86", shared=None):
         fmt = packed.format
         if fmt.vec_dot_type is None or not hasattr(fmt, "ggml_dot"):
             raise MinillmError(f"{packed.name}: --mode ggml does not emulate type {fmt.name}")
         if rounding not in ROUNDING:
             raise MinillmError(f"unknown ggml rounding {rounding!r}: choose one of {', '.join(ROUNDING)}")
         self.format, self.activation = fmt, formats.get(fmt.vec_dot_type)
-        self.raw, self.name = packed.raw, packed.name
+        self.raw, self.name, self.threads = packed.raw, packed.name, packed.threads
         self.out_features, self.in_features = packed.out_features, packed.in_features
         self.rounding = rounding
-
-    @property
-    def nbytes(self) -> int:
-        return self.raw.nbytes
+        self.nbytes = packed.nbytes
+        self.kernels = packed.kernels if packed.raw is None else None    # re-laid: only its kernels read it
+        self.shared, self.first_row = shared, packed.first_row
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         # x: (T, in_features) -> (T, out_features) float32
         x = np.asarray(x, np.float32)
+        if self.shared is not None:
+            first = self.first_row
+            return self.shared.product(x)[:, first:first + self.out_features]
+        if self.kernels is not None:
+            return ggml_kernel_product(self.kernels, x, self.rounding, self.threads)
         act = self.activation.ggml_quantize(x, self.rounding)
         out = np.empty((x.shape[0], self.out_features), np.float32)
         # a tile's unpacked codes (K per row) and its integer sums (at most K / 4 per row and token,
@@ -70,6 +77,36 @@ class GGMLLinear:
             last = min(self.out_features, first + tile_rows)
             out[:, first:last] = self.format.ggml_dot(self.raw[first:last], act, self.rounding).T
         return out
+
+
+def ggml_kernel_product(kernels, x: np.ndarray, rounding: str, threads: int) -> np.ndarray:
+    """x (T, K) times the rows of kernels (minillm.packed.PackedRows) as llama.cpp computes it, token
+    by token: x quantized as ggml's Q8_0 / Q8_1 (kernels.ggml.quantize_q8, bit for bit the formats'
+    `ggml_quantize`), then the format's ggml kernel. -> (T, N) float32"""
+    from ..kernels.ggml import GGMLActivation, quantize_q8
+    nb = x.shape[1] // 32
+    out = np.empty((x.shape[0], kernels.n_rows), np.float32)
+    for t in range(x.shape[0]):
+        act = GGMLActivation(np.empty(x.shape[1], np.int16), np.empty(nb, np.float32), np.empty(nb, np.float32))
+        quantize_q8(np.ascontiguousarray(x[t]), rounding == "x86", rounding == "ref", act.q16, act.d, act.s)
+        out[t] = kernels.ggml_matvec(act, rounding == "x86", threads)
+    return out
+
+
+class GGMLShared:
+    """The ggml products of the members of one SharedInput (minillm.linear), computed once per x (by
+    identity, as SharedInput does) for all their rows."""
+
+    def __init__(self, shared, rounding: str):
+        self.kernels, self.threads, self.rounding = shared.kernels, shared.threads, rounding
+        self.last = (None, None)
+
+    def product(self, x: np.ndarray) -> np.ndarray:
+        last_x, y = self.last
+        if x is not last_x:
+            y = ggml_kernel_product(self.kernels, x, self.rounding, self.threads)
+            self.last = (x, y)
+        return y
 
 
 class GGMLEmbedding:
@@ -91,9 +128,20 @@ class GGMLEmbedding:
 
 
 def ggml_weights(weights, rounding: str = "x86"):
-    """ModelWeights of QuantLinear/QuantEmbedding -> the same bytes behind GGML objects."""
+    """ModelWeights of QuantLinear/QuantEmbedding -> the same bytes behind GGML objects; the members
+    of one SharedInput share one GGMLShared."""
+    products = {}
+
     def swap(field):
-        return GGMLLinear(field, rounding) if isinstance(field, QuantLinear) else field
+        if not isinstance(field, QuantLinear):
+            return field
+        shared = None
+        if field.shared is not None:
+            key = id(field.shared)
+            if key not in products:
+                products[key] = GGMLShared(field.shared, rounding)
+            shared = products[key]
+        return GGMLLinear(field, rounding, shared)
     layers = [replace(layer, **{name: swap(getattr(layer, name)) for name in vars(layer)}) for layer in weights.layers]
     return replace(weights, embedding=GGMLEmbedding(weights.embedding, rounding), layers=layers,
                    output=swap(weights.output) if weights.output is not None else None)
@@ -198,6 +246,48 @@ class GGMLLlama(Llama):
         return w.w_down(ggml_silu(w.w_gate(x)) * w.w_up(x))
 
 
+class GGMLKernelLlama(GGMLLlama):
+    """GGMLLlama with RoPE's rotation and SwiGLU's SiLU run by Numba kernels (minillm.kernels.ggml):
+    the same float32 operations, bit for bit (tests/test_kernels.py), many times faster than their
+    NumPy emulation of the fused multiply-add."""
+
+    def rotate(self, x, cos, sin):
+        from ..kernels.ggml import rope_pairs
+        out = np.empty(x.shape, np.float32)
+        rope_pairs(np.ascontiguousarray(x, np.float32), cos, sin, out)
+        return out
+
+    def mlp(self, w, x):
+        return w.w_down(kernel_silu(w.w_gate(x)) * w.w_up(x))
+
+
+def kernel_softmax(scores: np.ndarray) -> np.ndarray:
+    """ggml_softmax by its Numba kernel: scores (..., S) float32 -> (..., S) float32."""
+    from ..kernels.ggml import softmax_rows
+    scores = np.ascontiguousarray(scores, np.float32)
+    out = np.empty(scores.shape, np.float32)
+    softmax_rows(scores.reshape(-1, scores.shape[-1]), out.reshape(-1, scores.shape[-1]))
+    return out
+
+
+def kernel_heads_f16_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """heads_f16_dot by its Numba kernel: a (H, G, n), b (H, J, n) -> (H, G, J) float32."""
+    from ..kernels.ggml import f16_dot_heads
+    out = np.empty((a.shape[0], a.shape[1], b.shape[1]), np.float32)
+    f16_dot_heads(np.ascontiguousarray(a, np.float32), np.ascontiguousarray(b, np.float32),
+                  np.empty((4, 16), np.float32), out)
+    return out
+
+
+def kernel_silu(x: np.ndarray) -> np.ndarray:
+    """ggml_silu by its Numba kernel: x (...) float32 -> (...) float32."""
+    from ..kernels.ggml import silu_values
+    x = np.ascontiguousarray(x, np.float32)
+    out = np.empty(x.shape, np.float32)
+    silu_values(x.reshape(-1), out.reshape(-1))
+    return out
+
+
 def reduce_16_lanes(lanes: np.ndarray) -> np.ndarray:
     """_mm512_reduce_add_ps in float32: (..., 16) -> (...), halving: lanes i + i+8, i + i+4, i + i+2, 0 + 1."""
     for width in (8, 4, 2, 1):
@@ -220,8 +310,23 @@ def f16_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return reduce_16_lanes(pairs[..., 0, :] + pairs[..., 1, :])
 
 
-def ggml_attention(q, k, v, pattern, q_pos, k_pos) -> np.ndarray:
-    """Attention as ggml computes it without flash attention (module docstring).
+def zeros_after(x: np.ndarray, axis: int, n: int) -> np.ndarray:
+    """x with zeros appended along `axis` up to length n (np.pad's result, without its overhead)."""
+    shape = list(x.shape)
+    shape[axis] = n
+    out = np.zeros(shape, x.dtype)
+    out[(slice(None),) * (axis % x.ndim) + (slice(0, x.shape[axis]),)] = x
+    return out
+
+
+def heads_f16_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """f16_dot of every row of a with every row of b, head by head: a (H, G, n), b (H, J, n) -> (H, G, J)."""
+    return f16_dot(a[:, :, None, :], b[:, None, :, :])
+
+
+def ggml_attention(q, k, v, pattern, q_pos, k_pos, softmax=ggml_softmax, dot=heads_f16_dot) -> np.ndarray:
+    """Attention as ggml computes it without flash attention (module docstring); `softmax` and `dot`
+    are ggml_softmax and heads_f16_dot, or their Numba kernels (kernel_softmax, kernel_heads_f16_dot).
     q: (n_heads, T, head_dim) float32  k, v: (n_kv_heads, S, head_dim) float16 values from the cache
     -> (n_heads, T, head_dim) float32
 
@@ -234,16 +339,16 @@ def ggml_attention(q, k, v, pattern, q_pos, k_pos) -> np.ndarray:
     scale = np.float32(1) / np.sqrt(np.float32(head_dim))               # llama.cpp: 1.0f/sqrtf(float(n_embd_head))
     decode = T == 1 and head_dim % 64 == 0
     if decode:
-        scores = f16_dot(qg[:, :, :, None, :], k[:, None, None, :, :])  # (n_kv_heads, group, 1, S)
+        scores = dot(qg[:, :, 0, :], k)[:, :, None, :]                  # (n_kv_heads, group, 1, S)
     else:
         scores = qg @ k[:, None].swapaxes(-1, -2)                       # (n_kv_heads, group, T, S) float32
     scores = np.where(pattern.mask(q_pos, k_pos), scores * scale, np.float32(-np.inf))
-    weights = f16(ggml_softmax(scores))
+    weights = f16(softmax(scores))
     if decode:   # the cache's cells past S hold zeros for ggml: pad S to whole steps of 64
-        pad = -S % 64
-        w = np.pad(weights, [(0, 0)] * 3 + [(0, pad)])                  # (n_kv_heads, group, 1, S')
-        vt = np.pad(v, [(0, 0), (0, pad), (0, 0)]).swapaxes(-1, -2)     # (n_kv_heads, head_dim, S')
-        out = f16_dot(w[:, :, :, None, :], vt[:, None, None, :, :])     # (n_kv_heads, group, 1, head_dim)
+        padded = S + -S % 64
+        w = zeros_after(weights, -1, padded)                            # (n_kv_heads, group, 1, S')
+        vt = zeros_after(v, 1, padded).swapaxes(-1, -2)                 # (n_kv_heads, head_dim, S')
+        out = dot(w[:, :, 0, :], vt)[:, :, None, :]                     # (n_kv_heads, group, 1, head_dim)
     else:
         out = weights @ v[:, None]                                      # (n_kv_heads, group, T, head_dim)
     return out.reshape(n_heads, T, head_dim)
