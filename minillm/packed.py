@@ -26,12 +26,12 @@ from .kernels.rows import scratch_rows
 from .kernels.threads import check_threads, use_threads
 from .parallel import sharing_pool
 
-# Matrices with fewer weights than this run on one thread whatever `threads` says. Handing
-# ranges to a helper thread costs tens of microseconds of Python, which only a large matrix
-# repays. SmolLM2 decode with 2 threads, settings alternated in one process, in two runs with
-# other jobs on the machine (load 1.5 and 4): splitting only the LM head (49,152 x 576, ~4.5 ms)
-# gave 1.07x and 1.00x the speed of no split; adding the 1536 x 576 MLP matrices (~85 us each)
-# 0.84x and 0.87x; adding the 576 x 576 ones too 0.70x and 0.84x.
+# Matrices with fewer weights than this run on one thread whatever `threads` says: only a large
+# matrix repays handing ranges to a helper thread (minillm.parallel.SharingPool, about 4 us). SmolLM2
+# decode with 2 threads on the shared 2-core machine (the other core mostly busy with other jobs),
+# settings alternated in one process: splitting only the LM head (49,152 x 576) gave 1.16x the
+# speed of one thread; splitting the gate and up product (1536 x 576 twice) and the down one too
+# gave 0.74x to 0.85x of splitting only the head, with one range per thread or four.
 MIN_PARALLEL_WEIGHTS = 1 << 22
 # A split matvec cuts its rows into this many ranges per thread (parallel.SharingPool): small
 # enough that a helper thread stalled by another program holds up the result by little.
