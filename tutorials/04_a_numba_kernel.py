@@ -326,8 +326,8 @@ for label, run, calls, nbytes in contenders:
 #   bytes of a float32 matrix, but they are slower than BLAS on a ready float32 matrix: one float
 #   multiply-add per weight, with a mask or shift and a conversion in front of it, one weight at a
 #   time, and the adds chained through `dot` in order, which keeps LLVM from vectorizing them.
-# - minillm's kernel does the multiplies on integers in SIMD registers and reads the file's bytes
-#   unchanged; here it matches or beats BLAS on a matrix 6.4 times larger in memory. For the whole
+# - minillm's kernel does the multiplies on integers in SIMD registers, on the file's bytes re-laid
+#   (section 5); here it matches or beats BLAS on a matrix 6.4 times larger in memory. For the whole
 #   model that is 98 MB mapped instead of 538 MB resident, and when the weights come from main
 #   memory, fewer bytes per call count for even more.
 
@@ -369,7 +369,7 @@ def _rows_at_a_time(w16, codes, q16, xd, dsums, out):
 rows_at_a_time = numba.njit(_rows_at_a_time, cache=False)
 # the library's kernel, compiled here rather than loaded from Numba's cache, so that its machine
 # code can be inspected below (the same source, the same compiler: the same code)
-groups_at_a_time = numba.njit(q4_1._matvec_groups_q4_1, cache=False)
+groups_at_a_time = numba.njit(q4_1.matvec_groups_q4_1.py_func, cache=False)
 
 packed = lib.kernels.rows                       # the library's re-laid copy of `raw`
 act = packed.new_activation()
@@ -383,7 +383,8 @@ def one_row_at_a_time():
 
 
 def thirty_two_rows_at_a_time():
-    groups_at_a_time(packed.blocks, packed.w16, act.q16, act.d, act.dsums, scratch, y_groups, 0, packed.n_groups)
+    groups_at_a_time(packed.blocks, packed.w16, packed.w32, act.q16, act.d, act.sums, act.dsums, scratch, y_groups, 0,
+                     packed.n_groups)
 
 
 one_row_at_a_time()
@@ -406,10 +407,14 @@ for label, run, kernel in (("one row at a time", one_row_at_a_time, rows_at_a_ti
     print(f"{label:24} {seconds * 1e6:6.0f} us {N * K / seconds / 1e9:8.1f} G {total:13} {simd:11}")
 
 # %% [markdown]
-# Measured when this section was written (a shared 2-core AMD EPYC with AVX-512, so other jobs
-# were running; medians of 300 calls): one row at a time about 130 us (7 G weights/s), 32 rows at a
-# time about 45 us (20 G weights/s), the same bits. In the whole model the step took SmolLM2's
-# decode from about 20 to about 10 ms per token on one thread (`minillm bench`).
+# Measured when this section was written (a shared 2-core AMD EPYC with AVX-512, other jobs
+# running; medians of 300 calls): one row at a time 444 us (2.0 G weights/s), 17 of its 642
+# instructions on SIMD registers; 32 rows at a time 27 us (33 G weights/s), 523 of 2,166, the same
+# bits. The row-at-a-time kernel here is the plain one; minillm's own, before the re-layout, also
+# vectorized the integer products along the row (an activation laid out per 16-bit word of codes)
+# and reached about 7 G weights/s, but its block work stayed scalar. In the whole model the re-layout
+# took SmolLM2's decode step 1.7x to 1.9x faster on one thread (alternated with the former code on
+# the same machine).
 #
 # Why: the row-at-a-time loop's work per block is a chain, one block after another (16 byte
 # products, then two scale conversions and four float operations), and the float part is scalar:
