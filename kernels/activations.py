@@ -58,10 +58,19 @@ round_half_away = jit_inline(_round_half_away)
 
 def _quantize_activation(x, q, d):
     # x: (K,) f32 -> q: (K,) i8, d: (K // 32,) f32.  Same float32 steps as the NumPy reference.
+    # A block holding a NaN or an infinity gets the scale NaN and codes 0, so the matvec's output
+    # is NaN and the run ends with "non-finite logits", as in float32; an int8 code cannot carry it.
     for b in range(d.shape[0]):
         amax = np.float32(0)
+        probe = np.float32(0)          # x * 0 is NaN for NaN and +-inf, else 0 (no fastmath here)
         for e in range(32):
             amax = max(amax, abs(x[32 * b + e]))
+            probe += x[32 * b + e] * np.float32(0)
+        if probe != 0:
+            d[b] = np.float32(np.nan)
+            for e in range(32):
+                q[32 * b + e] = 0
+            continue
         scale = np.float32(0)
         inverse = np.float32(0)
         if amax >= ACTIVATION_FLUSH:

@@ -1,13 +1,13 @@
 """Block-sparse attention with an online softmax, for prefill (many queries) and decode (one query).
 
-The NumPy reference is `minillm.model.attend(q, k, v, pattern.mask(q_pos, k_pos))`: dense (T, S)
+The NumPy reference is `minillm.ops.f32.attend(q, k, v, pattern.mask(q_pos, k_pos), scale)`: dense (T, S)
 scores, the element mask, softmax, weighted sum. These kernels compute the same function without
 ever holding a (T, S) matrix, and they touch only the blocks of keys a pattern can see:
 
     for each (KV head, query tile):                  # a tile: the query rows of one block of positions
         m, l, acc = -inf, 0, 0                       # running max, running sum, weighted values
         for each key block the tile visits:          # the list comes from minillm.attention.visits
-            s = q_tile @ k_block^T / sqrt(head_dim)  # (rows, block) scores
+            s = q_tile @ k_block^T * scale           # (rows, block) scores; scale 1/sqrt(head_dim) for Llama
             mask s where the element rule says no    # skipped for blocks marked `full`
             m' = max(m, max(s));  p = exp(s - m')
             l = l * exp(m - m') + sum(p);  acc = acc * exp(m - m') + p @ v_block
@@ -85,7 +85,7 @@ exp_scores = jit_inline(_exp_scores)
 def _attend_tile(qs, qp, k, v, h, k_pos, visit_block, visit_full, first, last,
                  sinks, window, stride, block, m, l, acc, kt, s):
     """Fold key blocks visit_block[first:last] of KV head h into the running (m, l, acc) of a tile.
-    qs: (rows, head_dim) f32 queries, already scaled by 1/sqrt(head_dim)   qp: (rows,) positions
+    qs: (rows, head_dim) f32 queries, already multiplied by the scale   qp: (rows,) positions
     k, v: (n_kv_heads, S, head_dim) f32   k_pos: (S,) positions   m, l: (rows,)  acc: (rows, head_dim)
     kt: (head_dim, block), s: (rows, block) f32 scratch."""
     rows, head_dim = qs.shape
@@ -136,17 +136,17 @@ attend_tile = jit(_attend_tile)
 
 
 def _block_sparse_prefill(q, k, v, q_pos, k_pos, tile_rows, visit_start, visit_block, visit_full,
-                          sinks, window, stride, block, out):
+                          sinks, window, stride, block, scale, out):
     """Attention for many queries, visiting only the listed key blocks.
     q: (n_heads, T, head_dim) f32, rows in ascending position   k, v: (n_kv_heads, S, head_dim) f32
     q_pos: (T,) int64   k_pos: (S,) int64   tile_rows: (n_tiles + 1,) first row of each tile, then T
     visit_start: (n_tiles + 1,) offsets into visit_block / visit_full (key block index, bool)
+    scale: float32 factor on the scores (applied to the queries)
     out: (n_heads, T, head_dim) f32, written."""
     n_heads, T, head_dim = q.shape
     n_kv_heads = k.shape[0]
     group = n_heads // n_kv_heads
     n_tiles = tile_rows.shape[0] - 1
-    scale = np.float32(1.0 / math.sqrt(head_dim))
     for job in prange(n_kv_heads * n_tiles):
         h = job // n_tiles
         tile = job % n_tiles
@@ -176,15 +176,15 @@ block_sparse_prefill = jit(_block_sparse_prefill, parallel=True)
 
 
 def _block_sparse_decode(q, k, v, q_pos, k_pos, visit_block, visit_full, n_splits,
-                         sinks, window, stride, block, out):
+                         sinks, window, stride, block, scale, out):
     """Attention for one query position, its key blocks split into n_splits parts run in parallel.
     q: (n_heads, 1, head_dim) f32   k, v: (n_kv_heads, S, head_dim) f32   q_pos: (1,)   k_pos: (S,)
-    visit_block, visit_full: the key blocks to visit   out: (n_heads, 1, head_dim) f32, written."""
+    visit_block, visit_full: the key blocks to visit   scale: float32 factor on the scores
+    out: (n_heads, 1, head_dim) f32, written."""
     n_heads, _, head_dim = q.shape
     n_kv_heads = k.shape[0]
     group = n_heads // n_kv_heads
     n_visits = visit_block.shape[0]
-    scale = np.float32(1.0 / math.sqrt(head_dim))
     m = np.full((n_kv_heads, n_splits, group), -np.inf, np.float32)
     l = np.zeros((n_kv_heads, n_splits, group), np.float32)
     acc = np.zeros((n_kv_heads, n_splits, group, head_dim), np.float32)

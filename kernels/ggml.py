@@ -185,7 +185,7 @@ write_ggml_group = jit_inline(_write_ggml_group)
 
 
 # --- the float32 operations around the products -------------------------------------------------
-# NumPy references: minillm.modes.ggml (ggml_expf, ggml_silu, ggml_rope), bit for bit.
+# NumPy references: minillm.ops.ggml (ggml_expf, ggml_silu, ggml_rope), bit for bit.
 
 # ggml_v_expf's constants (ggml-cpu/vec.h), as C hex floats
 EXPF_SHIFT = np.float32(float.fromhex("0x1.8p23"))
@@ -324,7 +324,7 @@ quantize_q8 = jit(_quantize_q8)
 
 
 # --- attention's float16 dot products (one token) -----------------------------------------------
-# NumPy reference: minillm.modes.ggml.f16_dot, bit for bit.
+# NumPy reference: minillm.ops.ggml.f16_dot, bit for bit.
 
 def _f16_dot_heads(a, b, acc, out):
     """out[h, g, j] = ggml_vec_dot_f16(a[h, g], b[h, j]) in its AVX-512 order: element i goes to lane

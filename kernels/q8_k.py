@@ -32,13 +32,23 @@ def q8_k_activation(n_cols: int) -> Q8KActivation:
 
 def _quantize_q8_k(x, q, d, bsums):
     # x: (K,) f32 -> q: (K,) i8, d: (K // 256,) f32, bsums: (K // 16,) i32
+    # A block holding a NaN or an infinity gets the scale NaN and codes 0, as in the reference.
     for b in range(d.shape[0]):
         amax = np.float32(0)
         signed_max = np.float32(0)
+        probe = np.float32(0)                  # x * 0 is NaN for NaN and +-inf, else 0 (no fastmath here)
         for e in range(256):                   # the first value of largest magnitude, sign kept
+            probe += x[256 * b + e] * np.float32(0)
             if abs(x[256 * b + e]) > amax:
                 amax = abs(x[256 * b + e])
                 signed_max = x[256 * b + e]
+        if probe != 0:
+            d[b] = np.float32(np.nan)
+            for e in range(256):
+                q[256 * b + e] = 0
+            for j in range(16):
+                bsums[16 * b + j] = 0
+            continue
         iscale = np.float32(0)
         if amax != 0:
             iscale = np.float32(-127) / signed_max

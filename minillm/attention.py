@@ -21,11 +21,12 @@ two local layers for each global one.
 A kernel works on blocks of B positions (B = 32, 64 or 128): the *block layout* marks the pairs
 (query block, key block) holding at least one visible (q, k); only those are computed. Blocks where
 every pair is visible are `full` and skip the element test. `Pattern.mask` is the element mask the
-NumPy reference applies; `block_sparse_attention` runs the kernels of `minillm.kernels.attention`
+NumPy reference applies (minillm.ops.f32.masked_attention); `block_sparse_attention` runs the kernels of `minillm.kernels.attention`
 on the blocks `visits` lists, and the tests hold the two together.
 """
 
 import functools
+import math
 import re
 import struct
 import zlib
@@ -217,14 +218,15 @@ def visits(pattern: Pattern, q_pos: np.ndarray, k_pos: np.ndarray):
     return tile_rows, visit_start, blocks.astype(np.int64), every[tiles, blocks]
 
 
-def block_sparse_attention(q, k, v, pattern: Pattern, q_pos, k_pos) -> np.ndarray:
+def block_sparse_attention(q, k, v, pattern: Pattern, q_pos, k_pos, scale: float | None = None) -> np.ndarray:
     """Attention under `pattern`, computing only the blocks it can see; equals
-    `model.attend(q, k, v, pattern.mask(q_pos, k_pos))` up to float32 rounding.
+    `ops.f32.attend(q, k, v, pattern.mask(q_pos, k_pos), scale)` up to float32 rounding.
     q: (n_heads, T, head_dim) f32, q_pos (T,) ascending   k, v: (n_kv_heads, S, head_dim) f32, k_pos (S,)
-    -> (n_heads, T, head_dim) f32"""
+    scale: the factor on the scores, None for 1/sqrt(head_dim) -> (n_heads, T, head_dim) f32"""
     q_pos, k_pos = np.asarray(q_pos, np.int64), np.asarray(k_pos, np.int64)
     tile_rows, visit_start, visit_block, visit_full = visits(pattern, q_pos, k_pos)
-    rule = (pattern.sinks, pattern.limit, pattern.stride, pattern.block)
+    scale = np.float32(1 / math.sqrt(q.shape[-1]) if scale is None else scale)
+    rule = (pattern.sinks, pattern.limit, pattern.stride, pattern.block, scale)
     out = np.empty(q.shape, np.float32)
     if q.shape[1] == 1:
         n_splits = max(1, min(numba.get_num_threads(), len(visit_block)))

@@ -42,8 +42,8 @@ from .generate import GenerationStats, Sampler, SamplingSettings, generate, log_
 from .gguf import GGUFFile
 from .kvcache import kv_cache_bytes
 from .memory import Meter, peak_rss_bytes, usage
-from .model import Llama
-from .runtime import load, load_weights
+from .runtime import load, weight_source
+from .weights import load_weights
 
 MiB = 2**20
 TEXT = (
@@ -185,8 +185,10 @@ def weight_memory(rt, prompt_ids, new_tokens: int, planned_mib: float) -> dict:
     if usage() is None:
         return dict.fromkeys(("weight_rss_mib", "weight_rss_file_mib", "weight_rss_anon_mib", "weight_rss_ratio",
                               "run_peak_above_baseline_mib"))
+    gc.collect()   # garbage of earlier work, freed during the measurement, would hide part of the new weights
     meter = Meter()
-    model = Llama(rt.model.config, load_weights(gguf, rt.model.config, rt.config), attention=rt.model.attention_fn)
+    weights = load_weights(gguf, rt.model.config, weight_source(gguf, rt.model.config, rt.config, rt.model.ops))
+    model = replace(rt.model, weights=weights)
     run_once(model, rt.new_cache(), prompt_ids, new_tokens)
     gc.collect()
     m = meter.measure()

@@ -15,6 +15,7 @@ chunk, and reports the mean KL divergence from dense and the top-1 agreement per
 
 import argparse
 import copy
+import dataclasses
 import json
 import statistics
 import time
@@ -42,10 +43,10 @@ def pattern_model(rt, label: str):
     """(model, spec) for a label: `dense` is the NumPy reference; every other label (`dense+kernel`
     included) runs the block-sparse kernels."""
     from .attention import block_sparse_attention, parse_attention
-    from .model import Llama, masked_attention
+    from .ops.f32 import F32, masked_attention
     spec = parse_attention(label.removesuffix("+kernel"), rt.config.block_size)
     fn = TimedAttention(masked_attention if label == "dense" else block_sparse_attention)
-    return Llama(rt.model.config, rt.model.weights, attention=fn), spec
+    return dataclasses.replace(rt.model, ops=F32(fn)), spec
 
 
 def speed_sweep(rt, label: str, contexts, decode_tokens: int) -> list[dict]:
@@ -62,14 +63,14 @@ def speed_sweep(rt, label: str, contexts, decode_tokens: int) -> list[dict]:
             model.forward(ids[done:min(done + CHUNK, n)], cache, last_only=True)
             done = min(done + CHUNK, n)
         prefill_seconds += time.perf_counter() - start
-        prefill_attention = model.attention_fn.seconds
+        prefill_attention = model.ops.attention.seconds
         snapshot = copy.deepcopy(cache)
         steps = []
         for token in ids[n:n + decode_tokens]:
             start = time.perf_counter()
             model.forward([token], snapshot, last_only=True)
             steps.append(time.perf_counter() - start)
-        model.attention_fn.seconds = prefill_attention   # decode steps are not prefill time
+        model.ops.attention.seconds = prefill_attention   # decode steps are not prefill time
         layout = spec.pattern(0).layout(n)
         rows.append({"pattern": label, "context": n, "kv_cache_bytes": kv_cache_bytes(model.config, n, spec, rt.config.kv_bits),
                      "prefill_seconds": prefill_seconds, "prefill_attention_seconds": prefill_attention,

@@ -1,19 +1,50 @@
-"""The model's hyper-parameters, read from GGUF metadata (`{arch}.*` keys)."""
+"""Hyper-parameters from GGUF metadata: the fields every transformer here shares, read and checked
+in one place. Each architecture (minillm.arch) reads its own `{arch}.*` keys in one function, its
+`Config.from_metadata`, through `HyperParameters`; its config extends `TransformerConfig`."""
 
+import math
 from dataclasses import dataclass
 
+from . import metadata as typed
 from .errors import GGUFError
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+_REQUIRED = object()  # the default of a key that must be present
+
+
+class HyperParameters:
+    """The `{arch}.*` keys of one file, each read through minillm.metadata, which checks its type."""
+
+    def __init__(self, metadata: dict, arch: str, path="model"):
+        self.metadata, self.arch, self.path = metadata, arch, path
+
+    def value(self, key: str, default=_REQUIRED):
+        """`{arch}.{key}`, of the type minillm.metadata.KEYS gives it; `default` when absent, if given."""
+        full = f"{self.arch}.{key}"
+        if default is _REQUIRED:
+            return typed.require(self.metadata, full, self.path)
+        return typed.get(self.metadata, full, default, self.path)
+
+    def transformer(self) -> dict:
+        """The TransformerConfig fields, with llama.cpp's defaults for the optional keys."""
+        dim, n_heads = self.value("embedding_length"), self.value("attention.head_count")
+        head_dim = self.value("attention.key_length", dim // n_heads if n_heads > 0 else 0)
+        tokens = typed.get(self.metadata, "tokenizer.ggml.tokens", (), self.path)
+        return dict(
+            n_layers=self.value("block_count"), dim=dim, ffn_dim=self.value("feed_forward_length"),
+            n_heads=n_heads, n_kv_heads=self.value("attention.head_count_kv", n_heads), head_dim=head_dim,
+            vocab_size=self.value("vocab_size", len(tokens)), context_length=self.value("context_length"),
+            rope_base=float(self.value("rope.freq_base", 10000.0)),
+            rope_dim=self.value("rope.dimension_count", head_dim),
+            norm_eps=float(self.value("attention.layer_norm_rms_epsilon")))
 
 
 @dataclass(frozen=True)
-class LlamaConfig:
-    """Shapes and constants of a Llama-family transformer."""
+class TransformerConfig:
+    """Shapes and constants of a decoder-only transformer with grouped-query attention and RoPE."""
 
     n_layers: int
     dim: int            # width of the residual stream
-    ffn_dim: int        # hidden width of the SwiGLU MLP
+    ffn_dim: int        # hidden width of the gated MLP
     n_heads: int        # query heads
     n_kv_heads: int     # key/value heads; n_heads / n_kv_heads query heads share one (GQA)
     head_dim: int
@@ -28,37 +59,8 @@ class LlamaConfig:
         """How many query heads share one key/value head."""
         return self.n_heads // self.n_kv_heads
 
-    @classmethod
-    def from_metadata(cls, metadata: dict, path="model") -> "LlamaConfig":
-        arch = metadata.get("general.architecture")
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise GGUFError(path, f"unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
-
-        def value(key, kind, default=None):
-            full = f"{arch}.{key}"
-            v = metadata.get(full, default)
-            if v is None:
-                raise GGUFError(path, f"missing metadata key {full}")
-            if isinstance(v, bool) or not isinstance(v, kind):
-                raise GGUFError(path, f"metadata key {full} = {v!r} has the wrong type")
-            return v
-
-        dim, n_heads = value("embedding_length", int), value("attention.head_count", int)
-        head_dim = value("attention.key_length", int, dim // n_heads if n_heads > 0 else 0)
-        vocab = value("vocab_size", int, len(metadata.get("tokenizer.ggml.tokens", ())))
-        config = cls(
-            n_layers=value("block_count", int), dim=dim, ffn_dim=value("feed_forward_length", int),
-            n_heads=n_heads, n_kv_heads=value("attention.head_count_kv", int, n_heads), head_dim=head_dim,
-            vocab_size=vocab, context_length=value("context_length", int),
-            rope_base=float(value("rope.freq_base", (int, float), 10000.0)),
-            rope_dim=value("rope.dimension_count", int, head_dim),
-            norm_eps=float(value("attention.layer_norm_rms_epsilon", (int, float))),
-        )
-        config.check(path)
-        return config
-
-    def check(self, path="model"):
-        """Refuse hyper-parameters that cannot describe a working model."""
+    def problems(self) -> list[str]:
+        """What makes these hyper-parameters unable to describe a working model (empty if nothing)."""
         problems = []
         for name in ("n_layers", "dim", "ffn_dim", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "context_length"):
             value = getattr(self, name)
@@ -69,7 +71,12 @@ class LlamaConfig:
                 problems.append(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
             if self.rope_dim % 2 or not 0 < self.rope_dim <= self.head_dim:
                 problems.append(f"rope dimension {self.rope_dim} must be even and at most head_dim {self.head_dim}")
-            if not self.rope_base > 0 or not self.norm_eps > 0:
-                problems.append("rope base and norm epsilon must be positive")
+            if not (0 < self.rope_base < math.inf and 0 < self.norm_eps < math.inf):
+                problems.append("rope base and norm epsilon must be positive and finite")
+        return problems
+
+    def check(self, path="model"):
+        """Refuse hyper-parameters that cannot describe a working model."""
+        problems = self.problems()
         if problems:
             raise GGUFError(path, "bad hyper-parameters: " + "; ".join(problems))

@@ -14,9 +14,20 @@ class UsageError(MinillmError):
 
 
 class GGUFError(MinillmError):
-    """A GGUF file that cannot be used: missing, corrupt, truncated or unsupported."""
+    """A GGUF file that cannot be used: missing, corrupt, truncated or unsupported. The message
+    quotes the file's own strings (keys, tensor names), so its control characters are escaped:
+    it stays one line whatever the file holds."""
 
     def __init__(self, path, problem: str):
-        super().__init__(f"{path}: {problem}")
+        super().__init__(printable(f"{path}: {problem}"))
         self.path = path
         self.problem = problem
+
+
+# Control characters (C0, DEL, C1) and the line and paragraph separators, as escapes.
+_ESCAPES = {c: repr(chr(c))[1:-1] for c in [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]}
+
+
+def printable(text: str) -> str:
+    """`text` with every character that would break or hide a line written as an escape (\\n, \\x00)."""
+    return text.translate(_ESCAPES)

@@ -8,6 +8,11 @@ GGUF (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md) is one little-e
     padding to `general.alignment` (default 32)
     tensor data; each tensor starts at data_start + offset
 
+The parser refuses what llama.cpp's (ggml/src/gguf.cpp) refuses: an empty or repeated key, a
+repeated tensor name, and a tensor whose offset is not the running size of the tensors before it
+(each padded to the alignment), so no two tensors share bytes and none hides in a gap. It also
+refuses arrays nested deeper than MAX_ARRAY_DEPTH, where llama.cpp refuses any nesting.
+
 where a string is a u64 byte length followed by UTF-8 bytes, and an array value is
 (element_type: u32, count: u64, elements). `ne[0]` is the fastest-varying dimension, so a
 matrix stored as ne = [n_cols, n_rows] is a NumPy array of shape (n_rows, n_cols).
@@ -33,12 +38,16 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
+from . import metadata as typed
 from .errors import GGUFError
 
 MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4
+# llama.cpp refuses any array of arrays; the GGUF specification allows them, and files in use hold
+# at most arrays of arrays of scalars. Deeper nesting is refused before the parser recurses into it.
+MAX_ARRAY_DEPTH = 2
 
 # Scalar value types: struct format of one element.
 _SCALAR_FORMATS = {
@@ -157,14 +166,15 @@ class _Cursor:
         if vtype == GGUFValueType.STRING:
             return self.string(what)
         if vtype == GGUFValueType.ARRAY:
-            return self.array(what)
+            return self.array(what, depth=1)
         try:
             fmt = _SCALAR_FORMATS[GGUFValueType(vtype)]
         except (ValueError, KeyError):
             raise GGUFError(self.path, f"{what} has unknown value type {vtype}") from None
         return self.scalar(fmt, what)
 
-    def array(self, what: str):
+    def array(self, what: str, depth: int):
+        """An array value; `depth` counts the arrays it sits in, itself included."""
         etype = self.scalar("I", what)
         count = self.scalar("Q", what)
         if etype == GGUFValueType.STRING:
@@ -172,8 +182,11 @@ class _Cursor:
             self.need(8 * count, what)
             return self.string_array(count, what)
         if etype == GGUFValueType.ARRAY:
+            if depth >= MAX_ARRAY_DEPTH:
+                raise GGUFError(self.path, f"{what} nests arrays more than {MAX_ARRAY_DEPTH} deep "
+                                           "(GGUF files in use nest at most arrays of arrays)")
             self.need(12 * count, what)
-            return [self.array(what) for _ in range(count)]
+            return [self.array(what, depth + 1) for _ in range(count)]
         try:
             fmt = _SCALAR_FORMATS[GGUFValueType(etype)]
         except (ValueError, KeyError):
@@ -214,6 +227,10 @@ class GGUFFile:
         self.value_types = {}  # key -> (GGUF value type, element type for arrays), to write the file again
         for i in range(n_kv):
             key = cur.string(f"metadata key #{i}")
+            if not key:
+                raise GGUFError(self.path, f"metadata key #{i} is empty")
+            if key in self.metadata:
+                raise GGUFError(self.path, f"metadata key {key} appears twice (llama.cpp refuses such a file too)")
             vtype = cur.scalar("I", key)
             element_type = None
             if vtype == GGUFValueType.ARRAY:
@@ -222,13 +239,21 @@ class GGUFFile:
             self.metadata[key] = cur.value(vtype, key)
             self.value_types[key] = (GGUFValueType(vtype), GGUFValueType(element_type) if element_type is not None else None)
         entries = [self._read_tensor_entry(cur, i) for i in range(n_tensors)]
-        alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
-        if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        alignment = typed.get(self.metadata, "general.alignment", DEFAULT_ALIGNMENT, self.path)
+        if alignment <= 0 or alignment & (alignment - 1):
             raise GGUFError(self.path, f"general.alignment {alignment!r} is not a power of two")
         self.data_start = -(-cur.pos // alignment) * alignment
         self.tensors = {}
+        expected_offset = 0  # tensors follow one another in table order, each padded to the alignment
         for name, shape, ggml_type, offset in entries:
-            self.tensors[name] = self._place_tensor(name, shape, ggml_type, offset, alignment)
+            if name in self.tensors:
+                raise GGUFError(self.path, f"tensor {name} is listed twice (llama.cpp refuses such a file too)")
+            if offset != expected_offset:
+                raise GGUFError(self.path, f"tensor {name} has offset {offset}, expected {expected_offset}: "
+                                           "each tensor's data must follow the one before (as llama.cpp requires)")
+            info = self._place_tensor(name, shape, ggml_type, offset)
+            expected_offset += -(-info.nbytes // alignment) * alignment
+            self.tensors[name] = info
         self._release_header()
 
     def _release_header(self):
@@ -253,7 +278,7 @@ class GGUFFile:
             raise GGUFError(self.path, f"tensor {name} has unknown ggml type {type_id}") from None
         return name, tuple(reversed(ne)), ggml_type, offset
 
-    def _place_tensor(self, name, shape, ggml_type, offset, alignment) -> TensorInfo:
+    def _place_tensor(self, name, shape, ggml_type, offset) -> TensorInfo:
         if any(n == 0 for n in shape):
             raise GGUFError(self.path, f"tensor {name} has an empty dimension {shape}")
         block_size, type_size = GGML_QUANT_SIZES[ggml_type]
@@ -266,8 +291,6 @@ class GGUFFile:
             n_elements *= n
         nbytes = n_elements // block_size * type_size
         start = self.data_start + offset
-        if offset % alignment:
-            raise GGUFError(self.path, f"tensor {name} offset {offset} is not aligned to {alignment}")
         if start + nbytes > len(self._map):
             raise GGUFError(self.path, f"truncated file: tensor {name} ({ggml_type.name}, {nbytes} bytes "
                                        f"at offset {start}) runs past the end of the file ({len(self._map)} bytes)")

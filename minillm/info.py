@@ -8,11 +8,11 @@ from collections import defaultdict
 
 import numpy as np
 
-from .config import LlamaConfig
-from . import formats
+from . import arch, formats
+from . import metadata as typed
 from .gguf import GGUFFile
 from .kvcache import kv_cache_bytes, ring_rows
-from .weights import storage_type, validate
+from .weights import held_types, validate
 
 MiB = 1 << 20
 SHOWN_KEYS = ("general.name", "general.architecture", "general.license", "general.file_type",
@@ -37,10 +37,9 @@ def loaded_bytes(gguf: GGUFFile, bits: int, int4: str = "asym", backend: str = "
     (for a Q4 file at --bits 4 that is the file's own bytes, re-laid for the kernels: whole groups
     of rows, minillm.packed.held_bytes)."""
     from .packed import held_bytes
-    tied = "output.weight" not in gguf.tensors
     total = 0
-    for name, info in gguf.tensors.items():
-        target = storage_type(info, bits, int4, tied_head=tied and name == "token_embd.weight")
+    for name, target in held_types(gguf, arch.read_config(gguf.metadata, gguf.path), bits, int4).items():
+        info = gguf.tensors[name]
         total += held_bytes(formats.get(target), info.n_elements // info.shape[-1], info.shape[-1], backend)
     return total
 
@@ -52,9 +51,11 @@ def mean_keys_per_query(pattern, n: int) -> float:
     return seen / n
 
 
-def attention_facts(pattern, n: int) -> dict:
+def attention_facts(pattern, spec, n_layers: int, n: int) -> dict:
+    """One distinct pattern of `spec`: its layers, the positions their caches hold, its block layout."""
     layout = pattern.layout(n)
-    return {"pattern": pattern.name, "block_size": layout.block, "positions": n, "summary": layout.summary(),
+    return {"pattern": pattern.name, "layers": [i for i in range(n_layers) if spec.pattern(i) == pattern],
+            "cached_positions": ring_rows(pattern, n), "block_size": layout.block, "positions": n, "summary": layout.summary(),
             "blocks": layout.n_blocks ** 2, "blocks_computed": int(layout.active.sum()),
             "blocks_full": int(layout.full.sum()), "share_of_causal": layout.share_of_causal,
             "mean_keys_per_query": mean_keys_per_query(pattern, n)}
@@ -62,14 +63,15 @@ def attention_facts(pattern, n: int) -> dict:
 
 def describe(gguf: GGUFFile, config) -> dict:
     """The facts `info` prints for a file and a RunConfig whose defaults are resolved (minillm.runtime.prepare)."""
-    model_config = LlamaConfig.from_metadata(gguf.metadata, gguf.path)
+    model_config = arch.read_config(gguf.metadata, gguf.path)
     validate(gguf, model_config)
     spec, ctx = config.attention_spec(), config.ctx_size
     types = type_summary(gguf)
     return {
         "file": {"path": str(gguf.path), "file_mib": gguf.file_size / MiB, "gguf_version": gguf.version},
-        "metadata": {key: gguf.metadata[key] for key in SHOWN_KEYS if key in gguf.metadata},
-        "vocabulary_tokens": len(gguf.metadata.get("tokenizer.ggml.tokens", [])),
+        "metadata": {key: typed.get(gguf.metadata, key, path=gguf.path) for key in SHOWN_KEYS
+                     if key in gguf.metadata},
+        "vocabulary_tokens": len(typed.get(gguf.metadata, "tokenizer.ggml.tokens", [], gguf.path)),
         "chat_template": "tokenizer.chat_template" in gguf.metadata,
         "hyper_parameters": vars(model_config),
         "tensor_types": {name: {"tensors": count, "parameters": elements, "stored_mib": nbytes / MiB}
@@ -82,7 +84,8 @@ def describe(gguf: GGUFFile, config) -> dict:
         "kv_cache_mib": kv_cache_bytes(model_config, ctx, spec, config.kv_bits) / MiB,
         "kv_cache_type": KV_TYPES[config.kv_bits],
         "ring_buffers": all(ring_rows(p, ctx) < ctx for p in spec.patterns),
-        "attention": [attention_facts(p, ctx) for p in dict.fromkeys(spec.patterns)],  # each distinct one once
+        "attention": [attention_facts(p, spec, model_config.n_layers, ctx)
+                      for p in dict.fromkeys(spec.patterns)],  # each distinct one once
     }
 
 
@@ -92,7 +95,7 @@ def format_description(facts: dict, config) -> str:
     lines += [f"{key:<22} {value}" for key, value in facts["metadata"].items()]
     lines.append(f"{'vocabulary':<22} {facts['vocabulary_tokens']} tokens, "
                  f"chat template: {'yes' if facts['chat_template'] else 'no'}")
-    lines += ["", "hyper-parameters"] + [f"  {name:<16} {value}" for name, value in facts["hyper_parameters"].items()]
+    lines += ["", "hyper-parameters"] + [f"  {name:<16} {shown(value)}" for name, value in facts["hyper_parameters"].items()]
     lines += ["", f"{'type':<6} {'tensors':>8} {'parameters':>14} {'stored MiB':>11}"]
     for name, t in facts["tensor_types"].items():
         lines.append(f"{name:<6} {t['tensors']:>8} {t['parameters']:>14,} {t['stored_mib']:>11.1f}")
@@ -105,9 +108,17 @@ def format_description(facts: dict, config) -> str:
     if facts["ring_buffers"]:
         lines.append("               ring buffers: generation can continue past --ctx-size")
     for a in facts["attention"]:
-        lines.append(f"attention      {a['summary']}; a query sees {a['mean_keys_per_query']:.1f} keys on average "
-                     f"(dense: {(a['positions'] + 1) / 2:.1f})")
+        lines.append(f"attention      {len(a['layers'])} of {facts['hyper_parameters']['n_layers']} layers cache "
+                     f"{a['cached_positions']} positions each: {a['summary']}; a query sees "
+                     f"{a['mean_keys_per_query']:.1f} keys on average (dense: {(a['positions'] + 1) / 2:.1f})")
     return "\n".join(lines)
+
+
+def shown(value) -> str:
+    """A hyper-parameter as text; a flag per layer (Gemma 3's local_layers) as the layers that have it."""
+    if isinstance(value, tuple):
+        return ", ".join(str(i) for i, flag in enumerate(value) if flag) or "none"
+    return str(value)
 
 
 def layouts_image(spec, n: int, size: int = 512) -> np.ndarray:

@@ -26,7 +26,7 @@ import numpy as np
 
 from .formats import Q8_0
 from .attention import DENSE, AttentionSpec
-from .config import LlamaConfig
+from .config import TransformerConfig
 from .errors import MinillmError, UsageError
 
 KV_BITS = (8, 16, 32, 64)
@@ -37,7 +37,7 @@ class KVCache:
 
     unbounded = False  # it holds max_len positions, no more
 
-    def __init__(self, config: LlamaConfig, max_len: int):
+    def __init__(self, config: TransformerConfig, max_len: int):
         shape = (config.n_layers, config.n_kv_heads, max_len, config.head_dim)
         self.k = np.zeros(shape, np.float32)
         self.v = np.zeros(shape, np.float32)
@@ -205,7 +205,7 @@ class PatternKVCache:
     smaller than max_len, else a FullLayer; float32 rows, or Q8_0, float16, float64 with kv_bits=8, 16, 64.
     `rings=False` keeps every position in every layer, to check the ring buffers against."""
 
-    def __init__(self, config: LlamaConfig, max_len: int, spec: AttentionSpec = DENSE, kv_bits: int = 32,
+    def __init__(self, config: TransformerConfig, max_len: int, spec: AttentionSpec = DENSE, kv_bits: int = 32,
                  rings: bool = True):
         check_kv_bits(kv_bits, config.head_dim)
         make_rows = {8: Q8Rows, 16: Float16Rows, 32: Float32Rows, 64: Float64Rows}[kv_bits]
@@ -265,15 +265,17 @@ def ring_rows(pattern, max_len: int) -> int:
     return min(pattern.ring_size or max_len, max_len)
 
 
-def kv_cache_bytes(config: LlamaConfig, max_len: int, spec: AttentionSpec = DENSE, kv_bits: int = 32) -> int:
+def kv_cache_bytes(config: TransformerConfig, max_len: int, spec: AttentionSpec = DENSE, kv_bits: int = 32) -> int:
     """Bytes of the cache `new_cache` builds (the formula in the module docstring)."""
     row_bytes = Q8_0.row_bytes(config.head_dim) if kv_bits == 8 else kv_bits // 8 * config.head_dim
     rows = sum(ring_rows(spec.pattern(i), max_len) for i in range(config.n_layers))
     return 2 * config.n_kv_heads * rows * row_bytes
 
 
-def new_cache(config: LlamaConfig, max_len: int, spec: AttentionSpec = DENSE, kv_bits: int = 32):
-    """The cache a run needs: the plain KVCache for dense float32 attention, else a PatternKVCache."""
+def new_cache(config: TransformerConfig, max_len: int, spec: AttentionSpec = DENSE, kv_bits: int = 32,
+              rings: bool = True):
+    """The cache a run needs: the plain KVCache for dense float32 attention, else a PatternKVCache
+    (with `rings=False`, windowed layers keep every position too, masked: llama.cpp's layout)."""
     if spec.is_dense and kv_bits == 32:
         return KVCache(config, max_len)
-    return PatternKVCache(config, max_len, spec, kv_bits)
+    return PatternKVCache(config, max_len, spec, kv_bits, rings)

@@ -33,8 +33,12 @@ PAGE = 4096                    # each matrix of a streaming buffer is an array o
 STREAM_SLOTS = 2               # buffers in the streaming pool: one computing, one being filled
 # Pages a run touches that no line of the plan counts: code of numpy, BLAS and the kernels run
 # for the first time, allocator pages of the worker threads, thread stacks. Measured on SmolLM2
-# runs (generate under caps of 25% to 150% of its weights) at 0 to 1.2 MiB above the counted lines.
+# runs (generate under caps of 25% to 150% of its weights) at 0 to 1.2 MiB above the counted lines
+# on one machine, 2.1 MiB on another of the same kind.
 RESERVE_BYTES = 3 << 19
+# Kept free under the cap besides the plan's total: the uncounted pages differ between machines by
+# more than the reserve covers, and the cap is a promise, not an estimate.
+MARGIN_BYTES = 3 << 19
 # Temporaries of the NumPy dequantizers (minillm.formats) while they fill one tile, in tiles: measured
 # 2.06 (Q8_0, Q4_1, Q5_1), 2.31 (Q4_0, Q5_0), 2.36 (Q4_K, Q5_K), 2.35 (Q6_K), 2.0 (BF16), 1.0 (F16)
 # with tracemalloc.
@@ -57,7 +61,8 @@ class WeightIndex:
     converted_source: int    # their stored bytes: read through the memory map to convert, and left mapped
     conversion_scratch: int  # float32 copy of the largest converted tensor, alive while it is re-encoded, and
                              # the converted tensors of a group that shares an input, until they are re-laid
-    streamable: bool         # matrices held as stored and every layer alike: layers can be streamed
+    streamable: bool         # matrices held as stored: layers can be streamed
+    slot_bytes: int          # one set of streamed layer weights: each matrix in each format some layer holds it in
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,11 @@ class MemoryPlan:
         return self.cap - self.total
 
     @property
+    def fits(self) -> bool:
+        """The total leaves at least MARGIN_BYTES of the cap free."""
+        return self.total + MARGIN_BYTES <= self.cap
+
+    @property
     def strategy(self) -> str:
         return strategy_name(self.layout, len(self.index.layer_bytes))
 
@@ -97,7 +107,8 @@ class MemoryPlan:
         width = max(len(item) for item, _, _ in self.lines)
         rows = [f"memory plan for --mem-cap {mib(self.cap)}: {self.strategy}"]
         rows += [f"  {item:<{width}} {mib(nbytes):>11}  {detail}" for item, nbytes, detail in self.lines]
-        rows.append(f"  {'total':<{width}} {mib(self.total):>11}  headroom {mib(self.headroom)}")
+        rows.append(f"  {'total':<{width}} {mib(self.total):>11}  headroom {mib(self.headroom)} "
+                    f"(at least {mib(MARGIN_BYTES)} is kept free)")
         return "\n".join(rows)
 
 
@@ -115,47 +126,47 @@ def strategy_name(layout: Layout, n_layers: int) -> str:
 
 
 def weight_index(gguf, config, bits: int, int4: str = "asym", backend: str = "numba") -> WeightIndex:
-    """Sizes of the weights as `--bits` holds them (minillm.weights.storage_type), per layer."""
+    """Sizes of the weights as `--bits` holds them (minillm.weights.storage_type), per layer, from the
+    architecture's tensor table (minillm.arch): its matrices are the layer's bytes, its vectors the norms.
+    On the Numba backend the 32-weight formats are re-laid in whole groups of rows (minillm.packed)."""
     from .formats import get, row_bytes
     from .kernels.layout import relay_chunk_rows
-    from .packed import held_bytes, relaid
-    from .weights import LAYER_TENSORS, SHARED_INPUTS, storage_type
-    tied = "output.weight" not in gguf.tensors
+    from .packed import held_bytes as relaid_bytes, relaid
+    from .streaming import slot_bytes
+    from .weights import SHARED_INPUTS, block_tensors, expected_shapes, held_types, validate
+    validate(gguf, config)
+    held = held_types(gguf, config, bits, int4)
 
-    def held(name):
+    def held_bytes(name):
         info = gguf.tensors[name]
-        target = storage_type(info, bits, int4, tied_head=tied and name == "token_embd.weight")
-        return info, target, held_bytes(get(target), info.n_elements // info.shape[-1], info.shape[-1], backend)
+        return relaid_bytes(get(held[name]), info.n_elements // info.shape[-1], info.shape[-1], backend)
 
-    matrices = [f"blk.{i}.{name}" for i in range(config.n_layers) for name in LAYER_TENSORS
-                if len(gguf.tensors[f"blk.{i}.{name}"].shape) == 2]
-    heads = ["token_embd.weight"] + ([] if tied else ["output.weight"])
-    converted = [held(name) for name in matrices + heads if held(name)[1] != gguf.tensors[name].ggml_type]
-    per_layer = [sum(held(f"blk.{i}.{name}")[2] for name in LAYER_TENSORS
-                     if len(gguf.tensors[f"blk.{i}.{name}"].shape) == 2) for i in range(config.n_layers)]
-    signature = [[(gguf.tensors[f"blk.{i}.{name}"].shape, gguf.tensors[f"blk.{i}.{name}"].ggml_type)
-                  for name in LAYER_TENSORS] for i in range(config.n_layers)]
-    head_info, head_type, _ = held("token_embd.weight")
-    held_types = {held(name)[1] for name in matrices + heads}
-    converted_names = {info.name for info, _, _ in converted}
-    shared_converted = max([sum(held(f"blk.{i}.{name}")[2] for name in group if f"blk.{i}.{name}" in converted_names)
+    layers = [[name for name, (_, shape) in block_tensors(config, i).items() if len(shape) == 2]
+              for i in range(config.n_layers)]
+    heads = [name for name in ("token_embd.weight", "output.weight") if name in held]
+    converted = [name for name in held if held[name] != gguf.tensors[name].ggml_type]
+    head_info = gguf.tensors["token_embd.weight"]
+    # converted members of a group that shares an input are all alive until the group is re-laid
+    shared_converted = max([sum(held_bytes(f"blk.{i}.{name}") for name in group if f"blk.{i}.{name}" in converted)
                             for i in range(config.n_layers) for group in SHARED_INPUTS], default=0)
-    relay = max(relay_chunk_rows(row_bytes(t, gguf.tensors[name].shape[-1])) * row_bytes(t, gguf.tensors[name].shape[-1])
-                for name in matrices + heads for t in [held(name)[1]])
+    matrices = [name for name in held if len(gguf.tensors[name].shape) == 2]
+    relay = max(relay_chunk_rows(row_bytes(held[name], gguf.tensors[name].shape[-1]))
+                * row_bytes(held[name], gguf.tensors[name].shape[-1]) for name in matrices)
     return WeightIndex(
-        layer_bytes=tuple(per_layer),
-        head_bytes=sum(held(name)[2] for name in heads),
-        head_row_bytes=row_bytes(head_type, head_info.shape[-1]),
+        layer_bytes=tuple(sum(map(held_bytes, names)) for names in layers),
+        head_bytes=sum(map(held_bytes, heads)),
+        head_row_bytes=row_bytes(held["token_embd.weight"], head_info.shape[-1]),
         head_rows=head_info.shape[0],
         head_tables=len(heads),
-        norms_bytes=4 * config.dim * (2 * config.n_layers + 1),
-        matrices_per_layer=len(matrices) // config.n_layers,
-        relaid_types=tuple(sorted(t.name for t in held_types if backend == "numba" and relaid(get(t)))),
+        norms_bytes=sum(4 * shape[0] for shape in expected_shapes(config).values() if len(shape) == 1),
+        matrices_per_layer=len(layers[0]),
+        relaid_types=tuple(sorted({held[name].name for name in matrices
+                                   if backend == "numba" and relaid(get(held[name]))})),
         relay_buffer=relay + 2 * PAGE,
-        converted_bytes=sum(nbytes for _, _, nbytes in converted),
-        converted_source=sum(info.nbytes for info, _, _ in converted),
-        conversion_scratch=max([4 * info.n_elements for info, _, _ in converted], default=0) + shared_converted,
-        streamable=not converted and all(s == signature[0] for s in signature))
+        converted_bytes=sum(map(held_bytes, converted)),
+        converted_source=sum(gguf.tensors[name].nbytes for name in converted),
+        conversion_scratch=max([4 * gguf.tensors[name].n_elements for name in converted], default=0) + shared_converted,
+        streamable=not converted, slot_bytes=slot_bytes(gguf, config, backend))
 
 
 def activation_bytes(config, chunk: int, ctx_size: int, threads: int, kv_bits: int, all_logits: bool = False,
@@ -163,8 +174,10 @@ def activation_bytes(config, chunk: int, ctx_size: int, threads: int, kv_bits: i
     """Bytes of the arrays alive at the peak of one forward pass over up to `chunk` + 1 new tokens
     (T: a last chunk of one token joins the one before, minillm.model.prefill_chunks) that
     attend to up to `ctx_size` positions (S), or of sampling after it. Counted array by array as
-    minillm.model computes them; a layer's steps run one after the other, so the peak is the
-    tiles, the residual stream and the largest step, not the sum of all steps:
+    the architecture's forward pass (minillm.arch) computes them, with the peaks it states for the
+    steps that differ between architectures (ACTIVATION_PEAKS: q-sized arrays while Q is normed and
+    rotated, (T, ffn_dim) arrays in the MLP); a layer's steps run one after the other, so the peak
+    is the tiles, the residual stream and the largest step, not the sum of all steps:
 
       tiles       one float32 tile of dequantized rows per thread (minillm.linear.TILE_BYTES), T > 1:
                   made by the first prefill and kept (minillm.parallel.tile_buffer). With --backend
@@ -173,21 +186,23 @@ def activation_bytes(config, chunk: int, ctx_size: int, threads: int, kv_bits: i
                   they fill one
       residual    3 x (T, dim): x, the normalised h, and their sum
       attention   q, the new k and v, float32 copies of all S cached keys and values when the
-                  cache holds Q8_0 or float16, and the largest of: RoPE's temporaries (q projected,
-                  and two half-size products: 2.5 x (n_heads, T, head_dim)); for Q8_0, while the
+                  cache holds Q8_0 or float16, and the largest of: RoPE's temporaries (Llama: q
+                  projected, and two half-size products: 2.5 x (n_heads, T, head_dim)); for Q8_0, while the
                   values are decoded, their codes as float32 and their 34-byte blocks gathered from
                   the cache; 3 x (n_heads, T, S) scores (the product, its masked copy and the
                   exponentials) and 2 x (T, S) bool (the mask and its comparison); the output
                   projection: the heads' output, merged
-      MLP         SiLU of the gate: the gate and two (T, ffn_dim) temporaries; then SiLU's result,
-                  the up projection and their product
+      MLP         Llama's SwiGLU: SiLU of the gate, the gate and two (T, ffn_dim) temporaries; then
+                  SiLU's result, the up projection and their product (Gemma's GeGLU: five)
       sampling    the logits, a penalised copy, the sort order (int64) and the sorted logits (vocab,)
       all_logits  (perplexity) logits of all S positions, float32, twice (the chunks' pieces and the
                   array they are joined into), and a float64 log-softmax of the scored half, with its
                   exponentials and result: 3 x 8 bytes x S / 2 per id; added to the peak above
     """
+    from .arch import of
     from .linear import TILE_BYTES
     T, S, c = min(chunk + 1, ctx_size), ctx_size, config
+    peaks = of(config).ACTIVATION_PEAKS
     f = 8 if kv_bits == 64 else 4   # bytes of a score: q @ k.T is float64 with a float64 cache
     residual = 3 * 4 * T * c.dim
     if backend == "numpy":
@@ -200,8 +215,8 @@ def activation_bytes(config, chunk: int, ctx_size: int, threads: int, kv_bits: i
     kv_reads = 2 * one_read if kv_bits in (8, 16) else 0
     decoding = one_read + one_read * 34 // 128 if kv_bits == 8 else 0  # while the values are decoded
     scores = 3 * f * c.n_heads * T * S + 2 * T * S
-    attention = q + new_kv + kv_reads + max(5 * q // 2, decoding, scores, 2 * q)
-    mlp = 3 * 4 * T * c.ffn_dim
+    attention = q + new_kv + kv_reads + max(int(peaks["rope"] * q), decoding, scores, 2 * q)
+    mlp = int(peaks["mlp"] * 4 * T * c.ffn_dim)
     sampling = (4 + 4 + 8 + 4) * c.vocab_size
     every_position = (2 * 4 + 3 * 8 // 2) * S * c.vocab_size if all_logits else 0
     return tiles + max(residual + max(attention, mlp), sampling) + every_position
@@ -209,8 +224,7 @@ def activation_bytes(config, chunk: int, ctx_size: int, threads: int, kv_bits: i
 
 def streaming_buffer_bytes(index: WeightIndex, layout: Layout, n_layers: int) -> int:
     """The pool of layer buffers (when any layer streams) and of LM head chunks (when it streams)."""
-    layer = max(index.layer_bytes) + index.matrices_per_layer * PAGE
-    layers = STREAM_SLOTS * layer if layout.resident_layers < n_layers else 0
+    layers = STREAM_SLOTS * index.slot_bytes if layout.resident_layers < n_layers else 0
     head_rows = head_chunk_rows(index.head_row_bytes, index.head_rows)
     head = index.head_tables * STREAM_SLOTS * (head_rows * index.head_row_bytes + PAGE) if layout.stream_head else 0
     return layers + head
@@ -281,7 +295,7 @@ def relay_line(index: WeightIndex, layout: Layout, n_layers: int) -> tuple:
 @dataclass(frozen=True)
 class PlanInputs:
     """The settings a plan depends on, besides the cap and the weights."""
-    config: object          # LlamaConfig
+    config: object          # the architecture's config (minillm.arch)
     ctx_size: int
     spec: object            # AttentionSpec
     kv_bits: int
@@ -320,7 +334,7 @@ def plan_memory(index: WeightIndex, run: PlanInputs, cap: int) -> MemoryPlan:
     plan = None
     for layout in candidate_layouts(index, run):
         plan = MemoryPlan(cap, layout, index, plan_lines(index, layout, run), run.tokenizer_peak)
-        if plan.total <= cap:
+        if plan.fits:
             return plan
     raise_below_minimum(plan, index, run)
 
@@ -339,7 +353,8 @@ def raise_below_minimum(smallest: MemoryPlan, index: WeightIndex, run: PlanInput
     if run.threads > 1:
         hints.append("fewer --threads (one prefill tile each)")
     more = "" if run.tokenizer_built else " plus the tokenizer (not built yet)"
-    raise MinillmError(f"--mem-cap {mib(smallest.cap)} is below the minimum of {mib(smallest.total)}{more} for "
+    minimum = smallest.total + MARGIN_BYTES
+    raise MinillmError(f"--mem-cap {mib(smallest.cap)} is below the minimum of {mib(minimum)}{more} for "
                        f"these settings ({smallest.strategy}); lower it with " + ", ".join(hints)
                        + "\n" + smallest.format())
 

@@ -13,7 +13,7 @@ import gguf
 from tqdm import tqdm
 
 from . import formats
-from .config import LlamaConfig
+from .arch import read_config
 from .errors import MinillmError, UsageError
 from .gguf import GGUFFile
 from .weights import dequantized, storage_type, validate
@@ -56,7 +56,7 @@ def requantize(src_path, dst_path, bits: int, int4: str = "asym", progress: bool
     if bits not in (4, 8):
         raise UsageError(f"--bits {bits}: quantize writes 4 or 8 bits")
     src = GGUFFile(src_path)
-    validate(src, LlamaConfig.from_metadata(src.metadata, src.path))
+    validate(src, read_config(src.metadata, src.path))
     return write_requantized(src, dst_path, tensor_plan(src, bits, int4), progress)
 
 

@@ -11,24 +11,25 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 
+from . import arch
 from .attention import AttentionSpec, block_sparse_attention, parse_attention
-from .config import LlamaConfig
 from .errors import UsageError
 from .generate import Sampler, SamplingSettings, generate
 from .gguf import GGUFFile
 from .kvcache import check_kv_bits, new_cache
 from .linear import TILE_BYTES
 from .memory import Meter, cache_arrays, mib, return_freed_memory_at_once, touch_pages
-from .model import ChunkedLlama, Llama, masked_attention
-from .modes import KV_BITS as MODE_KV_BITS
-from .modes import check_mode, mode_attention, mode_dtype, mode_model, mode_weights
+from .model import Model
 from .modes.ggml import ROUNDING
+from .ops import KV_BITS as MODE_KV_BITS
+from .ops import check_mode, mode_ops
+from .ops.f32 import masked_attention
 from .parallel import row_pool
 from .plan import MAX_PREFILL_CHUNK, MIN_PREFILL_CHUNK, plan_for_cap
 from .registry import resolve_model
-from .streaming import load_streamed
+from .streaming import StreamingSource
 from .tokenizer import Tokenizer
-from .weights import INT4_TYPES, load_float, load_packed
+from .weights import INT4_TYPES, FloatSource, PackedSource, load_weights, validate
 
 BITS_CHOICES = (4, 8, 16, 32)
 BACKENDS = ("numba", "numpy")
@@ -45,7 +46,7 @@ class RunConfig:
     max_tokens: int = 256           # new tokens per answer
     threads: int | None = None      # compute threads; None = all cores
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
-    attention: str = "dense"        # the attention pattern (minillm.attention); dense runs the NumPy reference
+    attention: str | None = None    # the attention pattern (minillm.attention); None: the architecture's own
     block_size: int = 64            # positions per block of the attention layout: 32, 64 or 128
     kv_bits: int = 32               # KV cache storage: 32 = float32, 8 = Q8_0 blocks, 16 = float16, 64 = float64
     mode: str = "f32"               # compute mode: oracle | f32 | ggml (minillm.modes)
@@ -58,8 +59,16 @@ class RunConfig:
         """The KV cache the mode needs: float64 for oracle, float16 for ggml, else kv_bits."""
         return MODE_KV_BITS.get(self.mode, self.kv_bits)
 
+    def for_model(self, model_config) -> "RunConfig":
+        """These settings with the model's own defaults where they are None: the context (DEFAULT_CTX_SIZE
+        or the model's, if smaller) and the attention pattern (the architecture's, minillm.arch)."""
+        ctx_size = self.ctx_size or min(DEFAULT_CTX_SIZE, model_config.context_length)
+        attention = self.attention or arch.of(model_config).default_attention(model_config)
+        return replace(self, ctx_size=ctx_size, attention=attention)
+
     def attention_spec(self) -> AttentionSpec:
-        return parse_attention(self.attention, self.block_size)
+        """The pattern of every layer; `load` has put the architecture's own in place of None."""
+        return parse_attention(self.attention or "dense", self.block_size)
 
     def check(self):
         if self.bits not in BITS_CHOICES:
@@ -93,7 +102,7 @@ class Runtime:
 
     config: RunConfig
     gguf: GGUFFile
-    model: Llama
+    model: Model
     tokenizer: Tokenizer
     load_seconds: float
     plan: object = None    # the memory plan under --mem-cap (minillm.plan.MemoryPlan)
@@ -101,8 +110,12 @@ class Runtime:
 
     def new_cache(self):
         """A KV cache for the settings: dense, or shaped by the attention pattern (minillm.kvcache).
-        Under --mem-cap its pages are touched at once, so it holds what the plan counted from the start."""
-        cache = new_cache(self.model.config, self.config.ctx_size, self.config.attention_spec(), self.config.cache_bits)
+        Under --mem-cap its pages are touched at once, so it holds what the plan counted from the start.
+        --mode ggml keeps every position in windowed layers too, masked, as llama-cpp-python's context
+        does (a full-size SWA cache): the order of the cached rows decides how ggml groups the
+        softmax's and the value product's sums, so a ring buffer could round differently."""
+        cache = new_cache(self.model.config, self.config.ctx_size, self.config.attention_spec(), self.config.cache_bits,
+                          rings=self.config.mode != "ggml")
         if self.plan is not None:
             touch_pages(cache_arrays(cache))
         return cache
@@ -115,7 +128,7 @@ class Prepared:
 
     config: RunConfig
     gguf: GGUFFile
-    model_config: LlamaConfig
+    model_config: object  # the architecture's config (minillm.arch)
     tokenizer: Tokenizer
     meter: Meter | None = None
     plan: object = None    # minillm.plan.MemoryPlan under --mem-cap
@@ -129,9 +142,9 @@ def prepare(config: RunConfig, announce=print) -> Prepared:
     config.check()
     meter = warm_up_kernels(config) if config.mem_cap is not None else None
     gguf = GGUFFile(resolve_model(config.model, announce=announce))
-    model_config = LlamaConfig.from_metadata(gguf.metadata, gguf.path)
-    if config.ctx_size is None:
-        config = replace(config, ctx_size=min(DEFAULT_CTX_SIZE, model_config.context_length))
+    model_config = arch.read_config(gguf.metadata, gguf.path)
+    validate(gguf, model_config)  # before the plan or the cache is sized by the hyper-parameters
+    config = config.for_model(model_config)
     if config.ctx_size > model_config.context_length:
         raise UsageError(f"--ctx-size {config.ctx_size} is larger than the model's context "
                          f"length {model_config.context_length}")
@@ -139,7 +152,7 @@ def prepare(config: RunConfig, announce=print) -> Prepared:
     check_kv_bits(config.kv_bits, model_config.head_dim)
     if meter is not None:
         plan_for_cap(gguf, model_config, config, meter, tokenizer_built=False)  # refuses a hopeless cap now
-    tokenizer = Tokenizer.from_metadata(gguf.metadata)
+    tokenizer = Tokenizer.from_metadata(gguf.metadata, gguf.path)
     plan = plan_for_cap(gguf, model_config, config, meter) if meter is not None else None
     return Prepared(config, gguf, model_config, tokenizer, meter, plan)
 
@@ -150,35 +163,31 @@ def load(config: RunConfig, announce=print) -> Runtime:
     p = prepare(config, announce)
     config = p.config
     # Dense attention, and everything under --backend numpy, runs the NumPy reference; sparse patterns the
-    # kernels. The oracle and ggml modes run their own NumPy attention (minillm.modes).
-    if config.mode != "f32":
-        attention = mode_attention(config.mode, config.backend)
-    else:
-        attention = masked_attention if config.attention_spec().is_dense or config.backend == "numpy" \
-            else block_sparse_attention
+    # kernels. The oracle and ggml modes run their own attention (minillm.ops), ggml's on Numba
+    # kernels unless --backend numpy.
+    attention = masked_attention if config.attention_spec().is_dense or config.backend == "numpy" \
+        else block_sparse_attention
+    ops = mode_ops(config.mode, config.ggml_rounding, attention, config.backend)
     if p.plan is not None:
-        runtime = load_capped(p, attention, announce)
+        runtime = load_capped(p, ops, announce)
     else:
-        model = mode_model(config.mode, config.backend)(p.model_config, load_weights(p.gguf, p.model_config, config),
-                                        attention=attention, dtype=mode_dtype(config.mode))
+        model = Model(p.model_config, load_weights(p.gguf, p.model_config, weight_source(p.gguf, p.model_config, config, ops)),
+                      ops)
         runtime = Runtime(config, p.gguf, model, p.tokenizer, 0.0)
     warm_up(runtime)  # the weights' pages and the kernels are loaded now, as start-up, not in the first answer
     runtime.load_seconds = time.perf_counter() - start
     return runtime
 
 
-def load_weights(gguf: GGUFFile, model_config: LlamaConfig, config: RunConfig):
+def weight_source(gguf: GGUFFile, model_config, config: RunConfig, ops):
     """float32 for --bits 32; packed blocks, read by the kernels, otherwise. The oracle and ggml modes
-    wrap the packed blocks (as `--bits` stores them) in their own objects (minillm.modes): ggml's
-    on the Numba kernels (unless --backend numpy), the oracle's on the GGUF rows in NumPy."""
+    wrap the packed blocks (as `--bits` stores them) in their own objects (`ops.linear`, minillm.ops):
+    ggml's on the Numba kernels (unless --backend numpy), the oracle's on the GGUF rows in NumPy."""
     threads = config.threads or os.cpu_count()
-    if config.mode != "f32":
-        backend = config.backend if config.mode == "ggml" else "numpy"
-        packed = load_packed(gguf, model_config, config.bits, int4=config.int4, backend=backend, threads=threads)
-        return mode_weights(packed, config.mode, config.ggml_rounding)
-    if config.bits == 32:
-        return load_float(gguf, model_config, threads)
-    return load_packed(gguf, model_config, config.bits, int4=config.int4, backend=config.backend, threads=threads)
+    if config.mode == "f32" and config.bits == 32:
+        return FloatSource(gguf, threads)
+    backend = "numpy" if config.mode == "oracle" else config.backend
+    return PackedSource(gguf, model_config, config.bits, int4=config.int4, backend=backend, threads=threads, ops=ops)
 
 
 def warm_up(runtime: Runtime):
@@ -200,16 +209,20 @@ def warm_up_kernels(config: RunConfig) -> Meter:
 
     from gguf import GGMLQuantizationType
 
-    from .synthetic import write_tiny_llama
+    from .synthetic import write_tiny
     ctx_size = config.ctx_size or DEFAULT_CTX_SIZE
     return_freed_memory_at_once()  # from now on (this process runs capped): nothing freed stays in the heap
     with tempfile.TemporaryDirectory() as tmp:
         # head_dim 32, so --kv-bits 8 (Q8_0 blocks of 32) works on it as on SmolLM2; several KV heads, so
         # the kernels see the cache's per-head views laid out as a real model's (Numba compiles one
         # version per memory layout, and compiling inside a capped run takes tens of MiB)
-        path = write_tiny_llama(Path(tmp) / "warm-up.gguf", dim=128, n_heads=4, n_kv_heads=2, context_length=ctx_size,
-                                weight_type=GGMLQuantizationType.Q4_1, embedding_type=GGMLQuantizationType.Q8_0)
-        tiny = load(replace(config, model=str(path), mem_cap=None, ctx_size=ctx_size), announce=lambda _: None)
+        path = write_tiny(Path(tmp) / "warm-up.gguf", dim=128, n_heads=4, n_kv_heads=2, context_length=ctx_size,
+                          weight_type=GGMLQuantizationType.Q4_1, embedding_type=GGMLQuantizationType.Q8_0)
+        # Without --attention the file's architecture picks the pattern (it may use windows), and the
+        # file is not open yet: compile the window kernels as well as dense attention's.
+        attention = config.attention or f"window:{config.block_size}/dense"
+        tiny = load(replace(config, model=str(path), mem_cap=None, ctx_size=ctx_size, attention=attention),
+                    announce=lambda _: None)
     # the pre-tokenizer's code and the template engine are paged in on first use
     tiny.tokenizer.encode_chat([{"role": "user", "content": "Warm-up: words, digits 0123, ünïcödé — 漢字 🙂"}])
     # a prefill of several chunks, then decode and sample; past every window, so ring caches wrap round
@@ -217,14 +230,14 @@ def warm_up_kernels(config: RunConfig) -> Meter:
     prompt = [3 + i % 200 for i in range(min(ctx_size - 3, max([40, *windows])))]
     for kv_bits in {tiny.config.cache_bits, 8}:  # the plan may choose Q8_0 KV (c)
         cache = new_cache(tiny.model.config, ctx_size, tiny.config.attention_spec(), kv_bits)
-        chunked = ChunkedLlama(tiny.model.config, tiny.model.weights, tiny.model.attention_fn, MIN_PREFILL_CHUNK)
+        chunked = replace(tiny.model, prefill_chunk=MIN_PREFILL_CHUNK)
         list(generate(chunked, cache, prompt, Sampler(config.sampling), max_tokens=2, stop_ids=()))
     row_pool(config.threads or os.cpu_count()).touch_blas_buffers(MAX_PREFILL_CHUNK + 1, TILE_BYTES)
     return_freed_memory_at_once()
     return Meter()
 
 
-def load_capped(p: Prepared, attention, announce) -> Runtime:
+def load_capped(p: Prepared, ops, announce) -> Runtime:
     """The model held as the memory plan says (minillm.plan); the plan is announced first."""
     plan, meter = p.plan, p.meter
     announce(f"--mem-cap {mib(p.config.mem_cap)} on top of a baseline of {mib(meter.baseline)} "
@@ -232,7 +245,9 @@ def load_capped(p: Prepared, attention, announce) -> Runtime:
     announce(plan.format())
     config = replace(p.config, kv_bits=plan.layout.kv_bits)
     threads = config.threads or os.cpu_count()
-    weights = load_streamed(p.gguf, p.model_config, plan.layout, config.backend, threads) if plan.index.streamable \
-        else load_weights(p.gguf, p.model_config, config)
-    model = ChunkedLlama(p.model_config, weights, attention, plan.layout.prefill_chunk)
+    if plan.index.streamable:
+        weights = load_weights(p.gguf, p.model_config, StreamingSource(p.gguf, config.backend, threads), plan.layout)
+    else:
+        weights = load_weights(p.gguf, p.model_config, weight_source(p.gguf, p.model_config, config, ops))
+    model = Model(p.model_config, weights, ops, prefill_chunk=plan.layout.prefill_chunk)
     return Runtime(config, p.gguf, model, p.tokenizer, 0.0, plan=plan, meter=meter)

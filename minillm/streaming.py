@@ -26,13 +26,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from . import formats
+from . import arch, formats
 from .errors import MinillmError
 from .gguf import GGUFFile
 from .kernels.layout import relay_chunk_rows
 from .linear import QuantEmbedding, QuantLinear
-from .plan import STREAM_SLOTS, Layout, head_chunk_rows
-from .weights import LAYER_TENSORS, LayerWeights, MapRelease, ModelWeights, input_groups, layer_fields, validate
+from .plan import PAGE, STREAM_SLOTS, head_chunk_rows
+from .weights import MapRelease, block_tensors, input_groups
 
 
 class FileReader:
@@ -71,7 +71,7 @@ class FileReader:
 
 class Staging:
     """One buffer that GGUF rows are read into, a piece at a time, then stored into a QuantLinear
-    (which re-lays them for its kernels): at most `piece_bytes`, a whole number of rows."""
+    (which re-lays them for its kernels): at most relay_chunk_rows rows, for the widest row given."""
 
     def __init__(self, reader: FileReader, row_bytes: list):
         self.reader = reader
@@ -88,6 +88,29 @@ class Staging:
             linear.store(rows, start)
 
 
+def layer_variants(gguf: GGUFFile, config, layers) -> list:
+    """The forms a set of streamed layer weights takes for `layers`: each group of matrices asked for
+    together (minillm.weights.input_groups; GGUF names inside a block) with each tuple of formats
+    some of those layers store it in. A file may store a matrix in another format in some layers
+    (Gemma 3's Q4_K_M keeps attn_v and ffn_down at higher precision on some). -> [(group, types)]"""
+    table = arch.of(config).layer_tensors(config)        # GGUF name inside a block -> (field, shape)
+    variants = []
+    for group in input_groups([name for name, (_, shape) in table.items() if len(shape) == 2]):
+        types = [tuple(gguf.tensors[f"blk.{i}.{name}"].ggml_type for name in group) for i in layers]
+        variants += [(tuple(group), t) for t in dict.fromkeys(types)]
+    return variants
+
+
+def slot_bytes(gguf: GGUFFile, config, backend: str) -> int:
+    """Bytes of one set of streamed layer weights (`layer_variants` over all layers), each matrix as
+    QuantLinear holds it (minillm.packed.held_bytes) in an array of its own: up to a page of slack each."""
+    from .packed import held_bytes
+    table = arch.of(config).layer_tensors(config)
+    return sum(held_bytes(formats.get(t), *table[name][1], backend) + PAGE
+               for group, types in layer_variants(gguf, config, range(config.n_layers))
+               for name, t in zip(group, types))
+
+
 class ReadAhead:
     """One read ahead into a pool of slots: `prefetch(item, slot)` starts `fill(item, slot)` on the
     reader's background thread; `take(item)` returns the slot holding `item` once its read is done,
@@ -97,6 +120,7 @@ class ReadAhead:
     def __init__(self, reader: FileReader, fill):
         self.reader, self.fill = reader, fill
         self.pending = None  # (item, slot, future): the read running in the background
+        self.misses = 0      # reads done on the caller's thread because none ran ahead for the item
 
     def prefetch(self, item: int, slot: int):
         self.pending = (item, slot, self.reader.thread.submit(self.fill, item, slot))
@@ -108,35 +132,37 @@ class ReadAhead:
             future.result()
             if pending_item == item:
                 return slot
+        self.misses += 1
         self.fill(item, 0)
         return 0
 
 
 class StreamedLayers:
-    """The model's layer sequence with layers `resident_layers` and up read from the file on the
-    fly. Iterating yields LayerWeights, as a list of them would; layer i is valid until layer i + 1
-    is asked for, which is all the forward pass needs."""
+    """The model's layer sequence with layers `len(resident)` and up read from the file on the
+    fly. Iterating yields the architecture's Layer objects, as a list of them would; layer i is
+    valid until layer i + 1 is asked for, which is all the forward pass needs. The vectors (norms)
+    of the streamed layers are read once and kept; their matrices go through STREAM_SLOTS sets of
+    QuantLinears, one for each form a streamed layer's matrices take (`layer_variants`)."""
 
-    def __init__(self, gguf: GGUFFile, reader: FileReader, n_layers: int, resident: list, norms: list,
+    def __init__(self, gguf: GGUFFile, reader: FileReader, config, resident: list, vectors: dict,
                  backend: str, threads: int):
-        self.gguf, self.reader, self.n_layers = gguf, reader, n_layers
-        self.resident, self.norms = resident, norms  # resident[i] LayerWeights for i < len(resident)
-        first = len(resident)
-        self.matrices = [name for name in LAYER_TENSORS if len(gguf.tensors[f"blk.{first}.{name}"].shape) == 2]
-        infos = {name: gguf.tensors[f"blk.{first}.{name}"] for name in self.matrices}
+        self.gguf, self.reader, self.n_layers = gguf, reader, config.n_layers
+        self.resident, self.vectors = resident, vectors  # vectors[i]: field -> array, for each streamed layer
+        self.make_layer = arch.of(config).Layer
+        self.table = arch.of(config).layer_tensors(config)   # GGUF name inside a block -> (field, shape)
+        variants = layer_variants(gguf, config, range(len(resident), config.n_layers))
 
-        def slot_linears(names):
-            # zero rows of each matrix's shape, the streamed rows are stored into them (every
-            # streamed layer has the types and shapes of the first, WeightIndex.streamable)
-            raws = [np.zeros((infos[name].shape[0], infos[name].nbytes // infos[name].shape[0]), np.uint8)
-                    for name in names]
-            return QuantLinear.sharing_input(raws, [infos[name].ggml_type for name in names], backend, threads,
-                                             [f"blk.*.{name}" for name in names])
+        def slot_linears(group, types):
+            # zero rows of each matrix's shape: the streamed rows are stored into them
+            raws = [np.zeros((self.table[name][1][0], formats.get(t).row_bytes(self.table[name][1][1])), np.uint8)
+                    for name, t in zip(group, types)]
+            return QuantLinear.sharing_input(raws, list(types), backend, threads, [f"blk.*.{name}" for name in group])
 
-        groups = input_groups(self.matrices)
-        self.linears = [{name: linear for group in groups for name, linear in zip(group, slot_linears(group))}
-                        for _ in range(STREAM_SLOTS)]
-        self.staging = Staging(reader, [info.nbytes // info.shape[0] for info in infos.values()])
+        # (slot, group, types) -> the group's QuantLinears, made once: refilling changes their weights
+        self.linears = {(slot, group, types): slot_linears(group, types)
+                        for slot in range(STREAM_SLOTS) for group, types in variants}
+        self.staging = Staging(reader, [formats.get(t).row_bytes(self.table[name][1][1])
+                                        for group, types in variants for name, t in zip(group, types)])
         self.read_ahead = ReadAhead(reader, self._fill)
 
     def __len__(self) -> int:
@@ -149,21 +175,23 @@ class StreamedLayers:
                 continue
             slot = self.read_ahead.take(i)
             self.read_ahead.prefetch(self._next_streamed(i), (slot + 1) % STREAM_SLOTS)
-            yield self._layer(i, slot)
+            yield self.make_layer(**self.vectors[i], **{self.table[name][0]: linear
+                                                        for name, linear in self._matrices(slot, i)})
+
+    def _matrices(self, slot: int, layer: int):
+        """(GGUF name inside a block, QuantLinear) of `slot`'s set in the formats `layer` stores."""
+        for (s, group, types), linears in self.linears.items():
+            if s == slot and types == tuple(self.gguf.tensors[f"blk.{layer}.{name}"].ggml_type for name in group):
+                yield from zip(group, linears)
 
     def _fill(self, layer: int, slot: int):
-        for name, linear in self.linears[slot].items():
+        for name, linear in self._matrices(slot, layer):
             info = self.gguf.tensors[f"blk.{layer}.{name}"]
             self.staging.fill(linear, info.offset, info.shape[0])
 
     def _next_streamed(self, layer: int) -> int:
         """The streamed layer after `layer`, wrapping round to the first for the next token."""
         return layer + 1 if layer + 1 < self.n_layers else len(self.resident)
-
-    def _layer(self, i: int, slot: int) -> LayerWeights:
-        attn_norm, ffn_norm = self.norms[i]
-        fields = {LAYER_TENSORS[name]: linear for name, linear in self.linears[slot].items()}
-        return LayerWeights(attn_norm=attn_norm, ffn_norm=ffn_norm, **fields)
 
 
 class StreamedEmbedding:
@@ -214,43 +242,47 @@ class StreamedEmbedding:
         self.staging.fill(self.linears[slot], self.info.offset + start * self.row_bytes, n)
 
 
-def load_streamed(gguf: GGUFFile, config, layout: Layout, backend: str, threads: int) -> ModelWeights:
-    """The model's weights held as `layout` says: the first `resident_layers` layers (and the LM head
-    unless it streams) resident, as QuantLinear holds them (re-laid from the memory map, whose pages
-    are let go as the copy advances, or the mapped rows themselves), everything else read through
-    buffers. Norms are
-    read (not mapped) into small float32 arrays. The file must hold every matrix in the format it
-    is multiplied in (the plan checks this: WeightIndex.streamable)."""
-    validate(gguf, config)
-    reader = FileReader(gguf.path)
+class StreamingSource:
+    """Weights for a run under --mem-cap (minillm.weights.load_weights with the plan's Layout): vectors
+    read into small float32 arrays (not mapped: a mapped page would bring its neighbours, weight
+    bytes, into RSS), resident matrices as QuantLinear holds them (re-laid from the memory map, whose
+    pages are let go of as the copy advances, or the mapped rows themselves), streamed layers and LM
+    head read through buffers. The file must hold every matrix in the format it is multiplied in (the
+    plan checks this: WeightIndex.streamable)."""
 
-    def norm(name):
-        return reader.read(gguf.tensors[name]).view(np.float32).reshape(-1)
+    def __init__(self, gguf: GGUFFile, backend: str, threads: int):
+        self.gguf, self.backend, self.threads = gguf, backend, threads
+        self.reader = FileReader(gguf.path)
+        self.released = MapRelease(gguf)
 
-    released = MapRelease(gguf)
+    def vector(self, name: str) -> np.ndarray:
+        return self.reader.read(self.gguf.tensors[name]).view(np.float32).reshape(-1)
 
-    def held(name, kind=QuantLinear):
-        raw = gguf.data(name)
-        return kind(raw, gguf.tensors[name].ggml_type, backend, threads, name, release=released.of(name, raw))
+    def matrix(self, name: str) -> QuantLinear:
+        return self.held(name, QuantLinear)
 
-    def linears(names):
-        raws = [gguf.data(name) for name in names]
-        return QuantLinear.sharing_input(raws, [gguf.tensors[name].ggml_type for name in names], backend, threads,
-                                         names, [released.of(name, raw) for name, raw in zip(names, raws)])
+    def matrices(self, names: list) -> list:
+        raws = [self.gguf.data(name) for name in names]
+        return QuantLinear.sharing_input(raws, [self.gguf.tensors[name].ggml_type for name in names], self.backend,
+                                         self.threads, names, [self.released.of(name, raw)
+                                                               for name, raw in zip(names, raws)])
 
-    norms = [(norm(f"blk.{i}.attn_norm.weight"), norm(f"blk.{i}.ffn_norm.weight")) for i in range(config.n_layers)]
-    vectors = {name: vector for i, pair in enumerate(norms)
-               for name, vector in zip((f"blk.{i}.attn_norm.weight", f"blk.{i}.ffn_norm.weight"), pair)}
-    resident = [LayerWeights(**layer_fields(gguf, i, vectors.get, linears)) for i in range(layout.resident_layers)]
-    layers = resident if layout.resident_layers == config.n_layers else \
-        StreamedLayers(gguf, reader, config.n_layers, resident, norms, backend, threads)
-    embd = gguf.tensors["token_embd.weight"]
-    embedding = StreamedEmbedding(embd, reader, backend, threads) if layout.stream_head else \
-        held(embd.name, QuantEmbedding)
-    output = None
-    if "output.weight" in gguf.tensors:
-        info = gguf.tensors["output.weight"]
-        output = StreamedEmbedding(info, reader, backend, threads).head if layout.stream_head else \
-            held(info.name)
-    released.finish()
-    return ModelWeights(embedding=embedding, layers=layers, output_norm=norm("output_norm.weight"), output=output)
+    def embedding(self, name: str) -> QuantEmbedding:
+        return self.held(name, QuantEmbedding)
+
+    def held(self, name: str, kind):
+        """A kind (QuantLinear, QuantEmbedding) over the tensor's mapped rows, letting go of them as it copies."""
+        raw = self.gguf.data(name)
+        return kind(raw, self.gguf.tensors[name].ggml_type, self.backend, self.threads, name,
+                    release=self.released.of(name, raw))
+
+    def streamed_layers(self, config, resident: list) -> StreamedLayers:
+        vectors = {i: {field: self.vector(name) for name, (field, shape) in block_tensors(config, i).items()
+                       if len(shape) == 1} for i in range(len(resident), config.n_layers)}
+        return StreamedLayers(self.gguf, self.reader, config, resident, vectors, self.backend, self.threads)
+
+    def streamed_embedding(self, name: str) -> StreamedEmbedding:
+        return StreamedEmbedding(self.gguf.tensors[name], self.reader, self.backend, self.threads)
+
+    def finish(self):
+        self.released.finish()

@@ -1,9 +1,10 @@
-"""Write a tiny random Llama to a GGUF file with the `gguf` package's writer.
+"""Write a tiny random model of any architecture to a GGUF file with the `gguf` package's writer.
 
 Tests and tutorials about a mechanism (the KV cache, a kernel, a tokenizer edge case) use it
-so they run in milliseconds; everything about the real model uses SmolLM2 itself. The file is
-a complete model: hyper-parameters, a byte-level BPE vocabulary with a few merges, the chat
-template, and weights in any supported type (quantized with `gguf.quants.quantize`).
+so they run in milliseconds; everything about the real models uses the real files. The file is
+a complete model: the architecture's hyper-parameters (its `write_metadata`), a byte-level BPE
+vocabulary with a few merges, the chat template, and every tensor of the architecture's table
+(minillm.arch), random, in any supported type (quantized with `gguf.quants.quantize`).
 """
 
 from pathlib import Path
@@ -11,7 +12,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from .arch import ARCHITECTURES
+from .arch.common import outer_tensors
 from .tokenizer import bytes_to_unicode
+from .weights import block_tensors
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] "
@@ -29,23 +33,20 @@ def tiny_vocab():
     return tokens, [int(t) for t in types], MERGES
 
 
-def write_tiny_llama(path, *, n_layers=2, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=96, context_length=256,
-                     weight_type=gguf.GGMLQuantizationType.F32, embedding_type=None, seed=0) -> Path:
-    """Write a random Llama GGUF and return its path. Matrices use `weight_type`, the tied token
-    embedding `embedding_type` (default: the same); norms are F32, as in real files."""
+def write_tiny(path, architecture: str = "llama", *, weight_type=gguf.GGMLQuantizationType.F32, embedding_type=None,
+               tensor_types=None, seed=0, **sizes) -> Path:
+    """Write a random model of `architecture` and return its path. `sizes` go to the architecture's
+    `tiny_config` (n_layers, dim, n_heads, n_kv_heads, ffn_dim, context_length, ...). Matrices use
+    `weight_type`, the tied token embedding `embedding_type` (default: the same), and `tensor_types`
+    (GGUF name -> type) overrides either for single tensors, as llama.cpp's mixes do; vectors (norms)
+    are F32 near 1, as in real files."""
+    tensor_types = tensor_types or {}
     rng = np.random.default_rng(seed)
     tokens, types, merges = tiny_vocab()
-    head_dim = dim // n_heads
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_block_count(n_layers)
-    writer.add_context_length(context_length)
-    writer.add_embedding_length(dim)
-    writer.add_feed_forward_length(ffn_dim)
-    writer.add_head_count(n_heads)
-    writer.add_head_count_kv(n_kv_heads)
-    writer.add_rope_freq_base(10000.0)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_layer_norm_rms_eps(1e-5)
+    module = ARCHITECTURES[architecture]
+    config = module.tiny_config(vocab_size=len(tokens), **sizes)
+    writer = gguf.GGUFWriter(str(path), architecture)
+    module.write_metadata(writer, config)
     writer.add_vocab_size(len(tokens))
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("smollm")
@@ -57,28 +58,22 @@ def write_tiny_llama(path, *, n_layers=2, dim=64, n_heads=4, n_kv_heads=2, ffn_d
     writer.add_add_bos_token(False)
     writer.add_chat_template(CHAT_TEMPLATE)
 
-    def matrix(name, rows, cols, qtype):
-        w = (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
+    def tensor(name, shape, qtype):
+        if len(shape) == 1:
+            writer.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32))
+            return
+        w = (rng.standard_normal(shape) / np.sqrt(shape[1])).astype(np.float32)
         if qtype == gguf.GGMLQuantizationType.F32:
             writer.add_tensor(name, w)
         else:
             writer.add_tensor(name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
 
-    def norm(name):
-        writer.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(dim)).astype(np.float32))
-
-    matrix("token_embd.weight", len(tokens), dim, embedding_type or weight_type)
-    norm("output_norm.weight")
-    for i in range(n_layers):
-        norm(f"blk.{i}.attn_norm.weight")
-        norm(f"blk.{i}.ffn_norm.weight")
-        matrix(f"blk.{i}.attn_q.weight", n_heads * head_dim, dim, weight_type)
-        matrix(f"blk.{i}.attn_k.weight", n_kv_heads * head_dim, dim, weight_type)
-        matrix(f"blk.{i}.attn_v.weight", n_kv_heads * head_dim, dim, weight_type)
-        matrix(f"blk.{i}.attn_output.weight", dim, n_heads * head_dim, weight_type)
-        matrix(f"blk.{i}.ffn_gate.weight", ffn_dim, dim, weight_type)
-        matrix(f"blk.{i}.ffn_up.weight", ffn_dim, dim, weight_type)
-        matrix(f"blk.{i}.ffn_down.weight", dim, ffn_dim, weight_type)
+    for name, shape in outer_tensors(config).items():
+        tensor(name, shape, tensor_types.get(name, embedding_type or weight_type))
+    for i in range(config.n_layers):
+        table = block_tensors(config, i)  # each layer's vectors first, then its matrices (the draws of old files)
+        for name, (_, shape) in sorted(table.items(), key=lambda item: len(item[1][1])):
+            tensor(name, shape, tensor_types.get(name, weight_type))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -26,18 +26,22 @@ llama.cpp's, and against a `tokenizers` BPE built from the same metadata.
 """
 
 import codecs
+import heapq
 import re
 from functools import cached_property, lru_cache
 
 import numpy as np
-from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import pre_tokenizers
+from tokenizers import Regex, pre_tokenizers
 
+from . import metadata as typed
 from .errors import MinillmError
 from .gguf import join_with_offsets
+from .template import ChatTemplate
 
 CONTROL = 3  # tokenizer.ggml.token_type of special tokens such as <|im_start|> (llama.cpp's LLAMA_TOKEN_TYPE_CONTROL)
+# Tokens that end a turn, found by their text as llama.cpp finds its end-of-generation tokens (it
+# also makes them control tokens, whatever type the file gives them)
+END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "<end_of_turn>")
 WORD_CACHE = 4096  # words whose merged ids encode remembers (~0.5 MiB when full)
 PIECE_CHARS = 4096  # encode pre-tokenizes long text this many characters at a time (see text_pieces)
 _CUT = re.compile(r"\S ")  # a space after a character that is not whitespace: cut between them
@@ -68,15 +72,27 @@ def _pre_tokenizer(pre: str):
             pre_tokenizers.Digits(individual_digits=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
         ])
-    raise MinillmError(f"unsupported tokenizer.ggml.pre {pre!r}: minillm knows only 'smollm'")
+    if pre == "qwen2":
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_WORDS), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    raise MinillmError(f"unsupported tokenizer.ggml.pre {pre!r}: minillm knows 'smollm' and 'qwen2'")
+
+
+# Qwen 2 and 3's words (their tokenizer.json; llama.cpp's LLAMA_VOCAB_PRE_TYPE_QWEN2 spells the
+# case-insensitive contractions out): letters with one leading non-letter, single digits,
+# punctuation runs with the newlines after them, newline runs, other whitespace.
+QWEN2_WORDS = (r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+               r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 def text_pieces(text: str, size: int = PIECE_CHARS):
     """`text` in consecutive pieces of about `size` characters (more when no cut point comes),
     each cut just before a space that follows a non-space character. The pre-tokenizer splits
-    the pieces into the same words as the whole text: no pattern of its regex matches a
-    non-space character followed by a space (" ?\\p{L}+" and the like take a space only in
-    front), so a word always ends there, and the regex looks at no text before a match.
+    the pieces into the same words as the whole text: no pattern of its regex (smollm's or
+    qwen2's) matches a non-space character followed by a space (" ?\\p{L}+" and the like take a
+    space only in front), so a word always ends there, and the regex looks at no text before a match.
     Pre-tokenizing a long text whole would hold a Python tuple per word at once (~18 MiB for a
     150 kB book), and CPython keeps much of that memory after it is freed."""
     start = 0
@@ -111,12 +127,6 @@ def _token_bytes_table(tokens) -> tuple[bytes, np.ndarray]:
             return bytes(byte_of[ch] for ch in token)
         return token.encode("utf-8")
     return join_with_offsets(map(token_bytes, tokens), len(tokens))
-
-
-def _required(metadata: dict, key: str):
-    if key not in metadata:
-        raise MinillmError(f"GGUF metadata has no {key}: the file carries no usable tokenizer")
-    return metadata[key]
 
 
 class TokenIndex:
@@ -205,25 +215,20 @@ class MergeTable:
         return np.where(found, self.ranks[at], NO_RULE), self.merged[at]
 
 
-def _raise_template_error(message):
-    """`raise_exception(msg)` for chat templates, as in HF transformers."""
-    raise MinillmError(f"chat template: {message}")
-
-
 class Tokenizer:
-    """Byte-level BPE encode/decode and chat rendering for one model."""
+    """Encode/decode and chat rendering for one model: what every vocabulary shares (special tokens,
+    BOS, the chat template, decoding through a table of each token's bytes). A subclass turns plain
+    text into ids: `ByteLevelBPE` here for `tokenizer.ggml.model = "gpt2"`, `minillm.spm.SentencePiece`
+    for "llama" (Gemma 3). `Tokenizer.from_metadata` picks the one the file names."""
 
-    def __init__(self, tokens, byte_char_ids: dict[str, int], merges: MergeTable, token_types, pre: str,
-                 bos_id, eos_id, eot_id, add_bos, chat_template):
-        """`tokens`: the vocabulary's strings (read here, not kept); `byte_char_ids`: the token of
-        each byte character ("Ġ" -> 220), without the bytes the vocabulary has no token for."""
+    def __init__(self, tokens, token_types, token_bytes: tuple[bytes, np.ndarray], bos_id, eos_id, stop_ids, add_bos,
+                 chat_template):
+        """`tokens`: the vocabulary's strings (read here, not kept); `token_bytes`: (blob, offsets), the
+        bytes token i stands for being blob[offsets[i]:offsets[i + 1]]; `stop_ids` end a turn."""
         self.vocab_size = len(tokens)
         self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, add_bos
         self.chat_template = chat_template
-        self._pre_tokenizer = _pre_tokenizer(pre)
-        self._merges = merges
-        self._byte_char_ids = byte_char_ids
-        self._token_blob, self._token_offsets = _token_bytes_table(tokens)
+        self._token_blob, self._token_offsets = token_bytes
         # The texts the chat template is given, not the whole list of token strings.
         self._template_tokens = {i: tokens[i] for i in (bos_id, eos_id) if i is not None}
         # Control tokens are recognised only in text the chat template wrote (see encode_chat).
@@ -231,71 +236,64 @@ class Tokenizer:
         by_length = sorted(self._special_ids, key=len, reverse=True)  # longest first: "<a_b>" before "<a>"
         # "(?!)" never matches: the pattern for a vocabulary without control tokens.
         self._special_re = re.compile("|".join(map(re.escape, by_length)) or "(?!)")
-        named_stops = (self._special_ids.get(name) for name in ("<|im_end|>", "<|endoftext|>"))
-        self.stop_ids = frozenset(i for i in (eos_id, eot_id, *named_stops) if i is not None)
+        self.stop_ids = frozenset(stop_ids)
         # Text repeats its words: each one is merged once (per instance, so the cache dies with it).
         self._word_ids = lru_cache(maxsize=WORD_CACHE)(self._merge_word)
 
     @classmethod
-    def from_metadata(cls, metadata: dict) -> "Tokenizer":
-        """Build the tokenizer from GGUF metadata (`minillm.gguf.GGUFFile(path).metadata`)."""
-        model = metadata.get("tokenizer.ggml.model")
-        if model != "gpt2":
-            raise MinillmError(f"unsupported tokenizer.ggml.model {model!r}: "
-                               "minillm reads only 'gpt2' (byte-level BPE)")
-        tokens = _required(metadata, "tokenizer.ggml.tokens")
-        token_types = _required(metadata, "tokenizer.ggml.token_type")
+    def from_metadata(cls, metadata: dict, path="model") -> "Tokenizer":
+        """Build the tokenizer the GGUF metadata describes (`minillm.gguf.GGUFFile(path).metadata`);
+        `path` names the file in errors. Every key is read through minillm.metadata, which checks its type."""
+        model = typed.get(metadata, "tokenizer.ggml.model", path=path)
+        if model == "gpt2":
+            return ByteLevelBPE.from_metadata(metadata, path)
+        if model == "llama":
+            from .spm import SentencePiece
+            return SentencePiece.from_metadata(metadata, path)
+        raise MinillmError(f"unsupported tokenizer.ggml.model {model!r}: minillm reads 'gpt2' (byte-level BPE) "
+                           "and 'llama' (SentencePiece)")
+
+    @staticmethod
+    def common_settings(metadata: dict, path="model", add_bos_default: bool = False) -> tuple[dict, "TokenIndex"]:
+        """What every vocabulary has, checked: the token strings and types, the special ids, whether a
+        BOS is added (`add_bos_default` when the file does not say: llama.cpp's default for the
+        vocabulary's kind), the chat template.
+        -> keyword arguments of __init__ but the token bytes, and a TokenIndex of the tokens."""
+        def get(key, default=None):
+            return typed.get(metadata, key, default, path)
+        tokens = typed.require(metadata, "tokenizer.ggml.tokens", path)
+        token_types = typed.require(metadata, "tokenizer.ggml.token_type", path)
         if len(token_types) != len(tokens):
             raise MinillmError(f"tokenizer.ggml.token_type has {len(token_types)} entries for {len(tokens)} tokens")
         index = TokenIndex(tokens)  # only while building
         if index.has_duplicates():
             raise MinillmError("tokenizer.ggml.tokens lists the same token twice")
-        ids = {key: metadata.get(f"tokenizer.ggml.{key}_token_id") for key in ("bos", "eos", "eot")}
+        ids = {key: get(f"tokenizer.ggml.{key}_token_id") for key in ("bos", "eos", "eot")}
         for key, token_id in ids.items():
             if token_id is not None and not 0 <= token_id < len(tokens):
                 raise MinillmError(f"tokenizer.ggml.{key}_token_id {token_id} "
                                    f"is outside the vocabulary of {len(tokens)}")
-        add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
+        add_bos = get("tokenizer.ggml.add_bos_token", add_bos_default)
         if add_bos and ids["bos"] is None:
             raise MinillmError("tokenizer.ggml.add_bos_token is set but there is no tokenizer.ggml.bos_token_id")
-        merges = MergeTable.from_strings(_required(metadata, "tokenizer.ggml.merges"), index)
-        byte_char_ids = {ch: i for ch in bytes_to_unicode().values() if (i := index.find(ch)) is not None}
-        return cls(tokens, byte_char_ids, merges, token_types, _required(metadata, "tokenizer.ggml.pre"),
-                   ids["bos"], ids["eos"], ids["eot"], add_bos, metadata.get("tokenizer.chat_template"))
+        template = get("tokenizer.chat_template")
+        named_stops = [i for i in map(index.find, END_OF_TURN) if i is not None]
+        stop_ids = {i for i in (ids["eos"], ids["eot"], *named_stops) if i is not None}
+        if any(token_types[i] != CONTROL for i in named_stops):  # llama.cpp makes them control tokens too
+            token_types = [CONTROL if i in named_stops else t for i, t in enumerate(token_types)]
+        return dict(tokens=tokens, token_types=token_types, bos_id=ids["bos"], eos_id=ids["eos"], stop_ids=stop_ids,
+                    add_bos=add_bos, chat_template=template), index
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        """Token ids of plain text. Special-token strings in it ("<|im_start|>") are ordinary text.
-
-        A byte with no token of its own is dropped. SmolLM2 lacks six ASCII controls (0x04 0x06
-        0x13 0x14 0x16 0x1D) and the UTF-8 lead bytes F1 and F2, which only the unassigned planes
-        4-11 use: such text does not survive a round trip. minillm (like `tokenizers`) drops the
-        byte before merging; llama.cpp drops it after, so inside a word the ids can differ
-        ("!\x16!" is "!!" here, "!", "!" in llama.cpp).
-        """
+        """Token ids of plain text. Special-token strings in it ("<|im_start|>") are ordinary text."""
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:
             raise MinillmError(f"text is not valid Unicode: {e.reason} at character {e.start}") from None
-        ids = []
-        for piece in text_pieces(text):
-            # pre_tokenize_str gives (word in byte characters, (start, end) in the piece) pairs
-            for word, _ in self._pre_tokenizer.pre_tokenize_str(piece):
-                ids += self._word_ids(word)
+        ids = self._text_ids(text)
         if self.add_bos if add_bos is None else add_bos:
             ids = self._with_bos(ids)
         return ids
-
-    def _merge_word(self, word: str) -> tuple[int, ...]:
-        """BPE on one word of byte characters: start from one token per character, then join
-        the adjacent pair whose rule ranks first (the leftmost among equals) until no rule applies."""
-        ids = np.array([self._byte_char_ids[ch] for ch in word if ch in self._byte_char_ids], np.int64)  # (n,)
-        while len(ids) > 1:
-            ranks, merged = self._merges.find(ids[:-1], ids[1:])  # (n - 1,) for the pairs (ids[i], ids[i + 1])
-            i = int(np.argmin(ranks))
-            if ranks[i] == NO_RULE:
-                break
-            ids = np.concatenate([ids[:i], merged[i:i + 1], ids[i + 2:]])  # (n - 1,)
-        return tuple(ids.tolist())
 
     def _with_bos(self, ids: list[int]) -> list[int]:
         if self.bos_id is None:
@@ -303,27 +301,19 @@ class Tokenizer:
         return ids if ids[:1] == [self.bos_id] else [self.bos_id, *ids]
 
     @cached_property
-    def _template(self):
-        """The chat template compiled as HF transformers does: sandboxed, trim_blocks, lstrip_blocks."""
+    def _template(self) -> ChatTemplate:
+        """The chat template compiled in minillm.template's bounded sandbox."""
         if self.chat_template is None:
             raise MinillmError("this model has no tokenizer.chat_template in its metadata")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=["jinja2.ext.loopcontrols"])
-        env.globals["raise_exception"] = _raise_template_error
-        try:
-            return env.from_string(self.chat_template)
-        except TemplateError as e:
-            raise MinillmError(f"the model's chat template does not parse: {e}") from None
+        return ChatTemplate(self.chat_template)
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """The conversation as the model's chat template writes it out."""
+        """The conversation as the model's chat template writes it out (as HF transformers renders
+        it: sandboxed, trim_blocks, lstrip_blocks), within minillm.template's bounds."""
         def token_text(token_id):
             return "" if token_id is None else self._template_tokens[token_id]
-        try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=token_text(self.bos_id), eos_token=token_text(self.eos_id))
-        except TemplateError as e:
-            raise MinillmError(f"chat template failed: {e}") from None
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=token_text(self.bos_id), eos_token=token_text(self.eos_id))
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of the rendered conversation: special tokens the template wrote become their
@@ -365,6 +355,81 @@ class Tokenizer:
 
     def stream(self) -> "StreamDecoder":
         return StreamDecoder(self)
+
+
+class ByteLevelBPE(Tokenizer):
+    """Byte-level BPE (`tokenizer.ggml.model = "gpt2"`, SmolLM2): the steps in the module docstring."""
+
+    def __init__(self, byte_char_ids: dict[str, int], merges: MergeTable, pre: str, **common):
+        """`byte_char_ids`: the token of each byte character ("Ġ" -> 220), without the bytes the
+        vocabulary has no token for; `merges` the ranked rules; `pre` the tokenizer.ggml.pre value."""
+        super().__init__(token_bytes=_token_bytes_table(common["tokens"]), **common)
+        self._pre_tokenizer = _pre_tokenizer(pre)
+        self._merges = merges
+        self._byte_char_ids = byte_char_ids
+
+    @classmethod
+    def from_metadata(cls, metadata: dict, path="model") -> "ByteLevelBPE":
+        common, index = cls.common_settings(metadata, path)
+        merges = MergeTable.from_strings(typed.require(metadata, "tokenizer.ggml.merges", path), index)
+        byte_char_ids = {ch: i for ch in bytes_to_unicode().values() if (i := index.find(ch)) is not None}
+        return cls(byte_char_ids, merges, typed.require(metadata, "tokenizer.ggml.pre", path), **common)
+
+    def _text_ids(self, text: str) -> list[int]:
+        """A byte with no token of its own is dropped. SmolLM2 lacks six ASCII controls (0x04 0x06
+        0x13 0x14 0x16 0x1D) and the UTF-8 lead bytes F1 and F2, which only the unassigned planes
+        4-11 use: such text does not survive a round trip. minillm (like `tokenizers`) drops the
+        byte before merging; llama.cpp drops it after, so inside a word the ids can differ
+        ("!\x16!" is "!!" here, "!", "!" in llama.cpp)."""
+        ids = []
+        for piece in text_pieces(text):
+            # pre_tokenize_str gives (word in byte characters, (start, end) in the piece) pairs
+            for word, _ in self._pre_tokenizer.pre_tokenize_str(piece):
+                ids += self._word_ids(word)
+        return ids
+
+    def _merge_word(self, word: str) -> tuple[int, ...]:
+        """BPE on one word of byte characters: start from one token per character, then join
+        the adjacent pair whose rule ranks first (the leftmost among equals) until no rule applies.
+
+        The candidate joins wait in a heap ordered by (rank, position), so each join costs
+        O(log n): the ranks of all first pairs are found at once, and a join looks up only the two
+        pairs it makes with its neighbours. A heap entry remembers the two tokens it would join and
+        is skipped once either has changed. (Finding the best pair by scanning the whole word for
+        every join cost O(n) each: a word of 30,000 repeated characters took a minute.)"""
+        ids = [self._byte_char_ids[ch] for ch in word if ch in self._byte_char_ids]  # n tokens, joined in place
+        n = len(ids)
+        if n < 2:
+            return tuple(ids)
+        pairs = np.array(ids, np.int64)
+        ranks, merged = self._merges.find(pairs[:-1], pairs[1:])  # (n - 1,) for the pairs (ids[i], ids[i + 1])
+        heap = [(r, i, ids[i], ids[i + 1], m) for i, (r, m) in enumerate(zip(ranks.tolist(), merged.tolist()))
+                if r != NO_RULE]
+        heapq.heapify(heap)
+        after = list(range(1, n + 1))   # the token after position i (n: none); joined positions drop out
+        before = list(range(-1, n - 1))
+        rules = {}  # (left, right) -> (rank, token): a long word meets the same pairs again and again
+
+        def push(i, left, right):
+            if (left, right) not in rules:
+                r, m = self._merges.find(np.array([left]), np.array([right]))
+                rules[left, right] = int(r[0]), int(m[0])
+            rank, token = rules[left, right]
+            if rank != NO_RULE:
+                heapq.heappush(heap, (rank, i, left, right, token))
+        while heap:
+            _, i, left, right, token = heapq.heappop(heap)
+            j = after[i]
+            if j == n or ids[i] != left or ids[j] != right:  # i was joined into its left neighbour, or j changed
+                continue
+            ids[i], ids[j] = token, -1
+            after[i] = after[j]
+            if after[i] < n:
+                before[after[i]] = i
+                push(i, token, ids[after[i]])
+            if before[i] >= 0:
+                push(before[i], ids[before[i]], token)
+        return tuple(t for t in ids if t >= 0)
 
 
 def _restore(text: str) -> str:

@@ -1,8 +1,23 @@
-"""Check a GGUF file's tensors against the architecture, then build the model's weight objects.
+"""The weight loader: one walk over an architecture's tensor table, from any source of weights.
 
-The loader keeps GGUF's tensor names (`blk.{i}.attn_q.weight`, `token_embd.weight`); `LAYER_TENSORS`
-is the one map from those names onto the fields of `LayerWeights`. Validation happens before any
-weight is decoded, so a bad file fails fast with a message naming the tensor.
+An architecture (minillm.arch) lists the tensors of a block as GGUF name -> (field, shape)
+(`layer_tensors`), and every file has the token embedding and the final norm (`arch.common`).
+`load_weights` checks the file against that table before any weight is decoded, so a bad file
+fails fast with a message naming the tensor, then walks it, asking a source for each tensor:
+
+| source                      | vectors (norms)  | matrices                                 | used for             |
+|-----------------------------|------------------|------------------------------------------|----------------------|
+| `FloatSource`               | float32          | FloatLinear: dequantized float32          | --bits 32            |
+| `PackedSource`              | float32          | QuantLinear on the file's bytes (mapped, | --bits 4, 8, 16;     |
+|                             |                  | zero-copy) or converted per `storage_type`| --mode oracle, ggml  |
+| `streaming.StreamingSource` | read, not mapped | mapped; some layers and the LM head read | --mem-cap            |
+|                             |                  | from the file on the fly                 |                      |
+
+A compute mode wraps each packed weight in its own object (`ops.linear`, `ops.embedding`:
+minillm.ops), over the same bytes. The matrices a block multiplies by one input, one after another
+(q, k and v; gate and up: SHARED_INPUTS), are asked of the source together (`matrices`), so that a
+packed source can hold them as one matrix: one quantization of the input and one kernel call per
+token (minillm.linear.SharedInput).
 """
 
 from dataclasses import dataclass
@@ -11,50 +26,23 @@ import numpy as np
 from gguf import GGMLQuantizationType
 from tqdm import tqdm
 
-from . import formats
-from .config import LlamaConfig
+from . import arch, formats
+from .arch.common import OUTPUT, outer_tensors
 from .errors import GGUFError
 from .gguf import GGUFFile
 from .linear import FloatEmbedding, FloatLinear, QuantEmbedding, QuantLinear
+from .ops.f32 import F32
 
-# GGUF name inside block i  ->  field of LayerWeights
-LAYER_TENSORS = {
-    "attn_norm.weight": "attn_norm",
-    "attn_q.weight": "wq",
-    "attn_k.weight": "wk",
-    "attn_v.weight": "wv",
-    "attn_output.weight": "wo",
-    "ffn_norm.weight": "ffn_norm",
-    "ffn_gate.weight": "w_gate",
-    "ffn_up.weight": "w_up",
-    "ffn_down.weight": "w_down",
-}
-
-
-# Products the model computes from the same input, one after another: held as one matrix each, so
-# that a decode step quantizes that input once and multiplies it once (minillm.linear.SharedInput).
+# Products a block computes from the same input, one after another (GGUF names inside a block): held
+# as one matrix each where the source can, so that a decode step quantizes that input once and
+# multiplies it once (minillm.linear.SharedInput).
 SHARED_INPUTS = (("attn_q.weight", "attn_k.weight", "attn_v.weight"), ("ffn_gate.weight", "ffn_up.weight"))
-
-
-@dataclass
-class LayerWeights:
-    """One transformer block. Each linear is a FloatLinear or a QuantLinear: both are called as
-    `linear(x)` with x (T, in_features), so the model does not know which it has."""
-    attn_norm: np.ndarray  # (dim,)
-    wq: object             # dim -> n_heads * head_dim
-    wk: object             # dim -> n_kv_heads * head_dim
-    wv: object             # dim -> n_kv_heads * head_dim
-    wo: object             # n_heads * head_dim -> dim
-    ffn_norm: np.ndarray   # (dim,)
-    w_gate: object         # dim -> ffn_dim
-    w_up: object           # dim -> ffn_dim
-    w_down: object         # ffn_dim -> dim
 
 
 @dataclass
 class ModelWeights:
     embedding: object          # FloatEmbedding or QuantEmbedding; also the LM head when tied
-    layers: list
+    layers: list               # the architecture's Layer objects, one per block (or a StreamedLayers)
     output_norm: np.ndarray    # (dim,)
     output: object = None      # a separate LM head, for files that do not tie it
 
@@ -64,37 +52,39 @@ class ModelWeights:
         return self.output(x) if self.output is not None else self.embedding.head(x)
 
 
-def expected_shapes(config: LlamaConfig) -> dict:
-    """Every tensor the architecture needs, with its NumPy shape (n_rows, n_cols)."""
-    q_dim, kv_dim = config.n_heads * config.head_dim, config.n_kv_heads * config.head_dim
-    per_layer = {
-        "attn_norm.weight": (config.dim,),
-        "attn_q.weight": (q_dim, config.dim),
-        "attn_k.weight": (kv_dim, config.dim),
-        "attn_v.weight": (kv_dim, config.dim),
-        "attn_output.weight": (config.dim, q_dim),
-        "ffn_norm.weight": (config.dim,),
-        "ffn_gate.weight": (config.ffn_dim, config.dim),
-        "ffn_up.weight": (config.ffn_dim, config.dim),
-        "ffn_down.weight": (config.dim, config.ffn_dim),
-    }
-    shapes = {"token_embd.weight": (config.vocab_size, config.dim), "output_norm.weight": (config.dim,)}
+def block_tensors(config, i: int) -> dict:
+    """Block i's rows of the architecture's table: full GGUF name -> (field of its Layer, NumPy shape)."""
+    return {f"blk.{i}.{name}": spec for name, spec in arch.of(config).layer_tensors(config).items()}
+
+
+def expected_shapes(config) -> dict:
+    """Every tensor the architecture needs, with its NumPy shape: (n_rows, n_cols) or (n,)."""
+    shapes = outer_tensors(config)
     for i in range(config.n_layers):
-        shapes.update({f"blk.{i}.{name}": shape for name, shape in per_layer.items()})
+        shapes.update({name: shape for name, (_, shape) in block_tensors(config, i).items()})
     return shapes
 
 
-def validate(gguf: GGUFFile, config: LlamaConfig):
-    """Raise GGUFError for a missing tensor, a wrong shape or an unsupported type."""
+def validate(gguf: GGUFFile, config):
+    """Raise GGUFError for a missing tensor, a wrong shape or an unsupported type. Hyper-parameters
+    that do not fit the file's tensors show up here, named by the first tensor they do not fit. Call
+    it before anything is sized by the hyper-parameters: once the tensors match them, the file's size
+    bounds them."""
+    needed = len(outer_tensors(config)) + len(arch.of(config).layer_tensors(config)) * config.n_layers
+    if needed > len(gguf.tensors):
+        # before expected_shapes, which would list every tensor of a block_count of 2^32 - 1
+        raise GGUFError(gguf.path, f"block_count {config.n_layers} needs {needed} tensors, "
+                                   f"the file has {len(gguf.tensors)}")
     shapes = expected_shapes(config)
-    if "output.weight" in gguf.tensors:
-        shapes["output.weight"] = (config.vocab_size, config.dim)
+    if OUTPUT in gguf.tensors:
+        shapes[OUTPUT] = (config.vocab_size, config.dim)
     for name, shape in shapes.items():
         info = gguf.tensors.get(name)
         if info is None:
             raise GGUFError(gguf.path, f"missing tensor {name}")
         if tuple(info.shape) != shape:
-            raise GGUFError(gguf.path, f"tensor {name} has shape {tuple(info.shape)}, expected {shape}")
+            raise GGUFError(gguf.path, f"tensor {name} has shape {tuple(info.shape)}, expected {shape} "
+                                       "from the hyper-parameters")
         if info.ggml_type not in formats.weight_types():
             supported = ", ".join(t.name for t in formats.weight_types())
             raise GGUFError(gguf.path, f"tensor {name} has unsupported type {info.ggml_type.name} (supported: {supported})")
@@ -106,23 +96,65 @@ def dequantized(gguf: GGUFFile, name: str) -> np.ndarray:
     return formats.dequantize(gguf.data(name), info.ggml_type).reshape(info.shape)
 
 
-def load_float(gguf: GGUFFile, config: LlamaConfig, threads: int = 1) -> ModelWeights:
-    """All weights dequantized to float32: the baseline every other path is checked against."""
+def input_groups(matrices: list) -> list:
+    """A block's matrices (GGUF names inside a block, "attn_q.weight") in the groups they are asked
+    for: each group of SHARED_INPUTS whose matrices are all there, then the others one by one."""
+    groups = [list(group) for group in SHARED_INPUTS if all(name in matrices for name in group)]
+    return groups + [[name] for name in matrices if not any(name in group for group in groups)]
+
+
+def layer_weights(config, i: int, source):
+    """Block i as its architecture's Layer: each row of the table asked of the source, the matrices
+    group by group (`input_groups`)."""
+    table = arch.of(config).layer_tensors(config)        # GGUF name inside a block -> (field, shape)
+    fields = {field: source.vector(f"blk.{i}.{name}") for name, (field, shape) in table.items() if len(shape) == 1}
+    for group in input_groups([name for name, (_, shape) in table.items() if len(shape) == 2]):
+        linears = source.matrices([f"blk.{i}.{name}" for name in group])
+        fields.update({table[name][0]: linear for name, linear in zip(group, linears)})
+    return arch.of(config).Layer(**fields)
+
+
+def load_weights(gguf: GGUFFile, config, source, layout=None) -> ModelWeights:
+    """The model's weights, tensor by tensor from `source`. With a memory plan's `layout`
+    (minillm.plan.Layout; the source is then a streaming.StreamingSource) the layers from
+    `layout.resident_layers` on, and the LM head if `layout.stream_head`, are read on the fly. At the
+    end the source lets go of the mapped pages it read only to copy them (`finish`)."""
     validate(gguf, config)
-    layers = []
-    for i in range(config.n_layers):
-        fields = {}
-        for name, field in LAYER_TENSORS.items():
-            w = dequantized(gguf, f"blk.{i}.{name}")
-            fields[field] = w if w.ndim == 1 else FloatLinear(w, threads)
-        layers.append(LayerWeights(**fields))
-    output = FloatLinear(dequantized(gguf, "output.weight"), threads) if "output.weight" in gguf.tensors else None
-    return ModelWeights(
-        embedding=FloatEmbedding(dequantized(gguf, "token_embd.weight"), threads),
-        layers=layers,
-        output_norm=dequantized(gguf, "output_norm.weight"),
-        output=output,
-    )
+    resident = config.n_layers if layout is None else layout.resident_layers
+    layers = [layer_weights(config, i, source) for i in range(resident)]
+    if resident < config.n_layers:
+        layers = source.streamed_layers(config, layers)
+    stream_head = layout is not None and layout.stream_head
+    embedding = source.streamed_embedding("token_embd.weight") if stream_head else source.embedding("token_embd.weight")
+    output = None
+    if OUTPUT in gguf.tensors:
+        output = source.streamed_embedding(OUTPUT).head if stream_head else source.matrix(OUTPUT)
+    weights = ModelWeights(embedding=embedding, layers=layers, output_norm=source.vector("output_norm.weight"),
+                           output=output)
+    source.finish()
+    return weights
+
+
+class FloatSource:
+    """Every weight dequantized to float32: the baseline every other path is checked against."""
+
+    def __init__(self, gguf: GGUFFile, threads: int = 1):
+        self.gguf, self.threads = gguf, threads
+
+    def vector(self, name: str) -> np.ndarray:
+        return dequantized(self.gguf, name)
+
+    def matrix(self, name: str) -> FloatLinear:
+        return FloatLinear(dequantized(self.gguf, name), self.threads)
+
+    def matrices(self, names: list) -> list:
+        return [self.matrix(name) for name in names]
+
+    def finish(self):
+        """Nothing to let go of: every weight is a float32 copy."""
+
+    def embedding(self, name: str) -> FloatEmbedding:
+        return FloatEmbedding(dequantized(self.gguf, name), self.threads)
 
 
 INT4_TYPES = {"asym": GGMLQuantizationType.Q4_1, "sym": GGMLQuantizationType.Q4_0}
@@ -164,32 +196,20 @@ def packed_tensor(gguf: GGUFFile, name: str, target: GGMLQuantizationType) -> np
     return converted
 
 
-def input_groups(matrices: list) -> list:
-    """A layer's matrices (names within the block, "attn_q.weight") in the groups they are made in:
-    each group of SHARED_INPUTS whose matrices are all there, then the others one by one."""
-    groups = [list(group) for group in SHARED_INPUTS if all(name in matrices for name in group)]
-    return groups + [[name] for name in matrices if not any(name in group for group in groups)]
-
-
-def layer_fields(gguf: GGUFFile, i: int, vector, linears) -> dict:
-    """The fields of LayerWeights for layer i: `vector(name)` for the norms, `linears(names)` for
-    the matrices, called once per group of `input_groups`."""
-    names = [name for name in LAYER_TENSORS if len(gguf.tensors[f"blk.{i}.{name}"].shape) == 2]
-    fields = {}
-    for group in input_groups(names):
-        full = [f"blk.{i}.{name}" for name in group]
-        fields.update({LAYER_TENSORS[name]: linear for name, linear in zip(group, linears(full))})
-    for name in LAYER_TENSORS:
-        if name not in names:
-            fields[LAYER_TENSORS[name]] = vector(f"blk.{i}.{name}")
-    return fields
+def held_types(gguf: GGUFFile, config, bits: int, int4: str = "asym") -> dict:
+    """GGUF name -> the type `storage_type` holds it in, for every tensor of the model the file has
+    (`validate` reports the missing ones)."""
+    tied = OUTPUT not in gguf.tensors
+    names = [*expected_shapes(config), *([] if tied else [OUTPUT])]
+    return {name: storage_type(gguf.tensors[name], bits, int4, tied_head=tied and name == "token_embd.weight")
+            for name in names if name in gguf.tensors}
 
 
 class MapRelease:
     """Lets go of the memory map's pages of the tensors the kernels copy into their own layout
     (minillm.packed): of a tensor's rows as the copy advances, and of all of them once more when
-    loading is done, since reading one tensor through the map also maps pages around it (the
-    kernel maps ahead, up to a whole large folio), which may belong to a tensor copied before."""
+    loading is done (`finish`), since reading one tensor through the map also maps pages around it
+    (the kernel maps ahead, up to a whole large folio), which may belong to a tensor copied before."""
 
     def __init__(self, gguf: GGUFFile):
         self.gguf, self.names = gguf, []
@@ -212,40 +232,49 @@ class MapRelease:
             self.gguf.release(name)
 
 
-def load_packed(gguf: GGUFFile, config: LlamaConfig, bits: int, *, int4: str = "asym", backend: str = "numba",
-                threads: int = 1, progress: bool = True) -> ModelWeights:
+class PackedSource:
     """Weights held in the formats `storage_type` picks for `bits`, multiplied by the kernels in
-    their packed form. A file already in those formats is read through the memory map: re-laid
-    for the Numba kernels (minillm.packed), whose map pages are then let go of, else used in place."""
-    validate(gguf, config)
-    tied = "output.weight" not in gguf.tensors
-    plan = {name: storage_type(info, bits, int4, tied_head=tied and name == "token_embd.weight")
-            for name, info in gguf.tensors.items() if name in expected_shapes(config) or name == "output.weight"}
-    converting = [name for name, target in plan.items() if target != gguf.tensors[name].ggml_type]
-    bar = tqdm(total=len(converting), desc=f"converting weights to --bits {bits}", unit="tensor",
-               disable=None if progress and converting else True)  # None: off when stderr is no terminal
+    their packed form (or by a compute mode's objects over the same bytes: `ops`). A file already in
+    those formats is read through the memory map: re-laid for the Numba kernels (minillm.packed),
+    whose map pages are then let go of (`finish`), else used in place."""
 
-    released = MapRelease(gguf)
+    def __init__(self, gguf: GGUFFile, config, bits: int, *, int4: str = "asym", backend: str = "numba",
+                 threads: int = 1, ops=None, progress: bool = True):
+        self.gguf, self.backend, self.threads, self.ops = gguf, backend, threads, ops or F32()
+        self.targets = held_types(gguf, config, bits, int4)
+        self.released = MapRelease(gguf)
+        converting = sum(target != gguf.tensors[name].ggml_type for name, target in self.targets.items())
+        self.bar = tqdm(total=converting, desc=f"converting weights to --bits {bits}", unit="tensor",
+                        disable=None if progress and converting else True)  # None: off when stderr is no terminal
 
-    def linear(name, kind=QuantLinear):
-        raw = packed_tensor(gguf, name, plan[name])
-        bar.update(name in converting)
-        return kind(raw, plan[name], backend, threads, name, release=released.of(name, raw))
-
-    def linears(names):
-        raws = [packed_tensor(gguf, name, plan[name]) for name in names]
-        bar.update(sum(name in converting for name in names))
-        return QuantLinear.sharing_input(raws, [plan[name] for name in names], backend, threads, names,
-                                         [released.of(name, raw) for name, raw in zip(names, raws)])
-
-    def vector(name):
+    def vector(self, name: str) -> np.ndarray:
         # a copy: reading a mapped page while the model runs would map its neighbours' pages back in
-        return dequantized(gguf, name).copy()
+        return dequantized(self.gguf, name).copy()
 
-    layers = [LayerWeights(**layer_fields(gguf, i, vector, linears)) for i in range(config.n_layers)]
-    embedding = linear("token_embd.weight", QuantEmbedding)
-    output = linear("output.weight") if not tied else None
-    bar.close()
-    weights = ModelWeights(embedding=embedding, layers=layers, output_norm=vector("output_norm.weight"), output=output)
-    released.finish()
-    return weights
+    def packed(self, name: str) -> np.ndarray:
+        """The tensor's bytes as they are held: (rows, row_bytes) uint8."""
+        raw = packed_tensor(self.gguf, name, self.targets[name])
+        if self.targets[name] != self.gguf.tensors[name].ggml_type:
+            self.bar.update()
+            if self.bar.n == self.bar.total:
+                self.bar.close()
+        return raw
+
+    def quant_linear(self, name: str, kind=QuantLinear):
+        raw = self.packed(name)
+        return kind(raw, self.targets[name], self.backend, self.threads, name, release=self.released.of(name, raw))
+
+    def matrix(self, name: str):
+        return self.ops.linear(self.quant_linear(name))
+
+    def matrices(self, names: list) -> list:
+        raws = [self.packed(name) for name in names]
+        return self.ops.linears(QuantLinear.sharing_input(
+            raws, [self.targets[name] for name in names], self.backend, self.threads, names,
+            [self.released.of(name, raw) for name, raw in zip(names, raws)]))
+
+    def embedding(self, name: str):
+        return self.ops.embedding(self.quant_linear(name, QuantEmbedding))
+
+    def finish(self):
+        self.released.finish()

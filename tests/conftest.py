@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from minillm.registry import DEFAULT_MODEL, MODELS, weights_dir
-from minillm.synthetic import write_tiny_llama
+from minillm.synthetic import write_tiny
 
 # The first example of a kernel test pays the JIT compile: no deadline. CI runs more examples.
 settings.register_profile("dev", deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])
@@ -15,13 +15,12 @@ settings.register_profile("ci", deadline=None, max_examples=150, suppress_health
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
 
 
-@pytest.fixture(scope="session")
-def smollm2_path():
-    """The real SmolLM2 GGUF. CI fetches it before the tests, so there a missing file is a failure;
+def real_model(name: str):
+    """A real model's GGUF. CI fetches them before the tests, so there a missing file is a failure;
     elsewhere the test is skipped with the command that fetches it."""
-    path = weights_dir() / MODELS[DEFAULT_MODEL].filename
+    path = weights_dir() / MODELS[name].filename
     if not path.is_file():
-        message = f"{path} is missing: run `python -m minillm fetch`"
+        message = f"{path} is missing: run `python -m minillm fetch {name}`"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
@@ -29,15 +28,24 @@ def smollm2_path():
 
 
 @pytest.fixture(scope="session")
+def smollm2_path():
+    return real_model(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def gemma3_path():
+    """Gemma 3 270M (`python -m minillm fetch gemma3-270m`), Q4_K_M."""
+    return real_model("gemma3-270m")
+
+
+@pytest.fixture(scope="session")
 def tiny_path(tmp_path_factory):
     """A 2-layer random Llama (dim 64, GQA 4:2) with F32 matrices and a Q8_0 tied embedding."""
-    return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-f32.gguf",
-                            embedding_type=gguf.GGMLQuantizationType.Q8_0)
+    return write_tiny(tmp_path_factory.mktemp("tiny") / "tiny-f32.gguf", embedding_type=gguf.GGMLQuantizationType.Q8_0)
 
 
 @pytest.fixture(scope="session")
 def tiny_q4_path(tmp_path_factory):
     """The same shapes with Q4_1 matrices and a Q8_0 embedding, like SmolLM2's file."""
-    return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-q4_1.gguf",
-                            weight_type=gguf.GGMLQuantizationType.Q4_1,
-                            embedding_type=gguf.GGMLQuantizationType.Q8_0)
+    return write_tiny(tmp_path_factory.mktemp("tiny") / "tiny-q4_1.gguf", weight_type=gguf.GGMLQuantizationType.Q4_1,
+                      embedding_type=gguf.GGMLQuantizationType.Q8_0)

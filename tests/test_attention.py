@@ -1,6 +1,7 @@
 """Attention patterns: the block layout against the element mask, the block-sparse kernels against the
 dense NumPy reference, the model under a pattern against the model without one, and bad patterns."""
 
+import dataclasses
 import os
 import struct
 import subprocess
@@ -18,7 +19,8 @@ from minillm.errors import UsageError
 from minillm.gguf import GGUFFile
 from minillm.kernels.attention import exp_scores
 from minillm.kvcache import KVCache, PatternKVCache
-from minillm.model import Llama, attend, causal_mask, load_float_model, masked_attention
+from minillm.model import load_float_model
+from minillm.ops.f32 import F32, attend, causal_mask, masked_attention
 from numba_checks import NUMBA_ENVS, run_checked
 
 NMSE_LIMIT = 1e-7  # from the issue: kernel against a float64 reference
@@ -209,7 +211,7 @@ def tiny(tiny_q4_path):
 
 
 def sparse(model):
-    return Llama(model.config, model.weights, attention=block_sparse_attention)
+    return dataclasses.replace(model, ops=F32(block_sparse_attention))
 
 
 @pytest.mark.parametrize("kernel", [False, True])

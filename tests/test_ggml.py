@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import gguf
@@ -17,14 +18,15 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from minillm import formats
-from minillm.config import LlamaConfig
-from minillm.formats.ggml_math import accumulate_avx2, block_sums, lane_sums
+from minillm.arch.llama import LlamaConfig
+from minillm.formats.ggml_math import accumulate_avx2, block_sums, fma32, lane_sums
 from minillm.formats.q8_0 import q8_0_bytes
 from minillm.formats.q8_1 import q8_1_bytes
 from minillm.gguf import GGUFFile
 from minillm.kvcache import Float16Rows, kv_cache_bytes, new_cache
 from minillm.linear import QuantLinear
-from minillm.modes.ggml import GGMLLinear, f16_dot, ggml_expf
+from minillm.modes.ggml import GGMLLinear
+from minillm.ops.ggml import f16_dot, ggml_expf
 from minillm.quantize import pure_plan, write_requantized
 from minillm.runtime import RunConfig, load
 from minillm.verify.compare import logits_diff, tensor_diff
@@ -139,6 +141,57 @@ def test_q8_0_ref_equals_the_gguf_package_on_edge_blocks():
             assert np.array_equal(q8_0_bytes(*quantize_q8_0(block, "ref")), gguf.quants.quantize(block, GT.Q8_0))
 
 
+def test_activation_scales_are_the_float16_values_ggml_multiplies_by():
+    """ggml stores an activation block's scale as float16 (block_q8_0.d; block_q8_1.d and .s) and its
+    dot products multiply by that rounded value, so the quantizers return it rounded: 1/127 is
+    0x2008 = 0.00787353515625, not float32's 0.007874016. The byte comparisons above cannot see
+    this (q8_0_bytes rounds again); the products can (next test)."""
+    x = np.r_[np.float32(1), np.zeros(31, np.float32)]
+    for rounding in ("ref", "x86", "arm"):
+        d, q = quantize_q8_0(x, rounding)
+        assert d.tolist() == [0.00787353515625] and q[0, 0] == 127
+        d, s, q = quantize_q8_1(x, rounding)
+        assert d.tolist() == [0.00787353515625] and s.tolist() == [1.0]
+
+
+def transcribed_vec_dot(w_row: bytes, x_blocks: bytes, ggml_type) -> np.float32:
+    """ggml-cpu/quants.c, the generic vec_dot of one weight row with one activation row, element by
+    element in float32 (np.float32 scalars round as C float): q8_0_q8_0 (lines 451-475), q4_0_q8_0
+    (225-255), q4_1_q8_1 (262-292). The activation blocks are Q8_0 (34 bytes) or Q8_1 (36 bytes)."""
+    f = lambda raw: np.float32(np.frombuffer(raw, np.float16)[0])
+    w_size, x_size = {GT.Q8_0: (34, 34), GT.Q4_0: (18, 34), GT.Q4_1: (20, 36)}[ggml_type]
+    sumf = np.float32(0)
+    for ib in range(len(w_row) // w_size):
+        w, x = w_row[ib * w_size:(ib + 1) * w_size], x_blocks[ib * x_size:(ib + 1) * x_size]
+        qx = np.frombuffer(x[x_size - 32:], np.int8).astype(int)
+        if ggml_type == GT.Q8_0:
+            sumi = int(np.frombuffer(w[2:], np.int8).astype(int) @ qx)
+            sumf = np.float32(sumf + np.float32(sumi) * (f(w[0:2]) * f(x[0:2])))
+        elif ggml_type == GT.Q4_0:
+            codes = np.frombuffer(w[2:], np.uint8).astype(int)
+            sumi = int(((codes & 15) - 8) @ qx[:16] + ((codes >> 4) - 8) @ qx[16:])
+            sumf = np.float32(sumf + np.float32(sumi) * f(w[0:2]) * f(x[0:2]))
+        else:
+            codes = np.frombuffer(w[4:], np.uint8).astype(int)
+            sumi = int((codes & 15) @ qx[:16] + (codes >> 4) @ qx[16:])
+            sumf = np.float32(sumf + ((f(w[0:2]) * f(x[0:2])) * np.float32(sumi) + f(w[2:4]) * f(x[2:4])))
+    return sumf
+
+
+@pytest.mark.parametrize("ggml_type", [GT.Q8_0, GT.Q4_0, GT.Q4_1], ids=lambda t: t.name)
+@pytest.mark.parametrize("rounding", ["ref", "arm"])
+def test_generic_products_equal_the_transcribed_c(ggml_type, rounding):
+    """GGMLLinear with the generic (ref, arm) order against ggml's C loop: bit for bit, so the float16
+    rounding of every scale and the order of every product count."""
+    rng = np.random.default_rng(7)
+    w, x = rng.standard_normal((32, 256)).astype(np.float32), rng.standard_normal(256).astype(np.float32) * 3
+    raw = formats.quantize(w, ggml_type)
+    x_blocks = transcribed_q8(x, rounding, with_sum=ggml_type == GT.Q4_1)
+    want = [transcribed_vec_dot(raw[n].tobytes(), x_blocks, ggml_type) for n in range(len(w))]
+    got = GGMLLinear(QuantLinear(raw, ggml_type, "numpy", 1, "w"), rounding)(x[None])[0]
+    assert got.view(np.uint32).tolist() == np.array(want, np.float32).view(np.uint32).tolist()
+
+
 # ---------------------------------------------------------------------------------------------
 # Integer block sums and the products built on them
 
@@ -170,6 +223,37 @@ def test_avx2_order_adds_the_generic_terms():
     magnitude = (np.abs(dw.T[:, :, None] * dx.T[:, None, :] * sums)
                  + np.abs(mw.T[:, :, None] * sx.T[:, None, :])).sum(0)
     np.testing.assert_array_less(np.abs(got - terms.sum(0)), (2 * 3 + 4) * EPS32 * magnitude)
+
+
+def fma_reference(a, b, c) -> np.float32:
+    """a * b + c rounded once to float32, from the exact rational value: the nearer of the float32
+    values around it, the one with an even last bit on a tie."""
+    exact = Fraction(float(a)) * Fraction(float(b)) + Fraction(float(c))
+    guess = np.float32(float(exact))                        # at most one float32 step off
+    near = [np.nextafter(guess, np.float32(-np.inf)), guess, np.nextafter(guess, np.float32(np.inf))]
+    return min(near, key=lambda r: (abs(Fraction(float(r)) - exact), int(np.float32(r).view(np.uint32)) & 1))
+
+
+SMALL_F32 = st.floats(-2.0**60, 2.0**60, width=32)   # products and sums stay far from float32's overflow
+
+
+@given(a=SMALL_F32, b=SMALL_F32, c=SMALL_F32)
+def test_fma32_rounds_once(a, b, c):
+    assert fma32(np.float32(a), np.float32(b), np.float32(c)) == fma_reference(a, b, c)
+
+
+def test_fma32_on_float64_ties_and_subnormals():
+    """Where float64 rounds p + c onto a float32 midpoint, rounding that to float32 would break the
+    tie the wrong way: (1 + 2^-20)(1 - 2^-20) + (2^24 + 2) is 2^24 + 3 - 2^-40, just below the
+    midpoint between 2^24 + 2 and 2^24 + 4. Subnormal results keep fewer bits; a batch mixes both."""
+    one_up, one_down = np.float32(1 + 2.0**-20), np.float32(1 - 2.0**-20)
+    a = np.array([one_up, -one_up, 2.0**-70, 3.0 * 2.0**-75, 1.5], np.float32)
+    b = np.array([one_down, one_down, 2.0**-70, -(2.0**-70), 2.0], np.float32)
+    c = np.array([2.0**24 + 2, -(2.0**24 + 2), 2.0**-140, 2.0**-144, 0.25], np.float32)
+    want = [fma_reference(*abc) for abc in zip(a, b, c)]
+    assert want[0] == 2.0**24 + 2
+    assert fma32(a, b, c).tolist() == [float(w) for w in want]
+    assert fma32(a[:, None], b[None, :], c[0]).shape == (5, 5)      # broadcasts as NumPy does
 
 
 QUANTIZED = [GT.Q8_0, GT.Q4_0, GT.Q4_1, GT.Q5_0, GT.Q5_1, GT.Q4_K, GT.Q5_K, GT.Q6_K]

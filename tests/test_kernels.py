@@ -141,6 +141,47 @@ def test_quantize_matches_gguf_on_edge_rows(ggml_type, row):
     assert np.array_equal(formats.quantize(w, ggml_type), gguf_quantize(w, ggml_type))
 
 
+# Golden blocks on exact halves. Random floats almost never land on a half once scaled, so only
+# blocks made for it tell ggml's rounding from another: each block's extreme makes its scale
+# exactly 1 (Q8_0: amax 127 -> d = 127 / 127; Q4_0: extreme -8 -> d = -8 / -8; Q4_1: range 0..15
+# -> d = 15 / 15), so x * (1 / d) is x itself, a half. The codes are written out from ggml's C:
+#   Q8_0  roundf(x * id)                        halves away from zero: 2.5 -> 3, -2.5 -> -3
+#   Q4_0  MIN(15, (int8_t)(x * id + 8.5f))      truncation after + 8.5: halves up: -0.5 -> 8, 0.5 -> 9
+#   Q4_1  MIN(15, (int8_t)((x - min) * id + 0.5f))  halves up: 0.5 -> 1, 2.5 -> 3
+# Rounding halves to even would give 2, -2 / 8, 8 / 0, 2 instead.
+Q8_0_HALVES = np.array([127.0, 126.5] + [s * (k + 0.5) for k in range(15) for s in (1, -1)], np.float32)
+Q8_0_HALVES_CODES = [127, 127] + [s * (k + 1) for k in range(15) for s in (1, -1)]
+Q4_0_HALVES = np.array([-8.0, 7.5] + [s * (k + 0.5) for k in range(7) for s in (1, -1)] + [0.0] * 16, np.float32)
+Q4_0_HALVES_CODES = [0, 15] + [c for k in range(7) for c in (9 + k, 8 - k)] + [8] * 16
+Q4_1_HALVES = np.array([0.0, 15.0] + [k + 0.5 for k in range(15)] + [15.0] * 15, np.float32)
+Q4_1_HALVES_CODES = [0, 15] + [k + 1 for k in range(15)] + [15] * 15
+ONE_F16 = [0x00, 0x3C]  # 1.0 as float16, little-endian
+
+
+def nibbles(codes) -> list:
+    """32 codes packed as ggml packs them: code j in the low nibble of byte j, code j + 16 in the high."""
+    return [codes[j] | codes[j + 16] << 4 for j in range(16)]
+
+
+@pytest.mark.parametrize("ggml_type, x, block", [
+    (Q.Q8_0, Q8_0_HALVES, ONE_F16 + [c & 0xFF for c in Q8_0_HALVES_CODES]),
+    (Q.Q4_0, Q4_0_HALVES, ONE_F16 + nibbles(Q4_0_HALVES_CODES)),
+    (Q.Q4_1, Q4_1_HALVES, ONE_F16 + [0, 0] + nibbles(Q4_1_HALVES_CODES)),
+], ids=["Q8_0", "Q4_0", "Q4_1"])
+def test_quantize_golden_blocks_on_exact_halves(ggml_type, x, block):
+    assert formats.quantize(x[None, :], ggml_type).tolist() == [block]
+    assert gguf_quantize(x[None, :], ggml_type).tolist() == [block]  # and gguf agrees with the C
+
+
+def test_activation_golden_block_on_exact_halves():
+    """The int8 activation quantizer (reference and kernel) rounds as roundf: halves away from zero."""
+    want_q, want_d = Int8Blocks.codes(Q8_0_HALVES)
+    assert want_q.tolist() == Q8_0_HALVES_CODES and want_d.tolist() == [1.0]
+    q, d = np.empty(32, np.int8), np.empty(1, np.float32)
+    activations.quantize_activation(Q8_0_HALVES, q, d)
+    assert q.tolist() == Q8_0_HALVES_CODES and d.tolist() == [1.0]
+
+
 @pytest.mark.parametrize("ggml_type", [t for t in QUANTIZE_TYPES if t in BLOCK_TYPES], ids=lambda t: t.name)
 def test_quantize_rejects_rows_of_partial_blocks(ggml_type):
     block_size = formats.get(ggml_type).block_size
@@ -216,6 +257,51 @@ def test_activation_blocks_at_the_flush_level():
     assert np.array_equal(d > 0, [True, False, False, True])
     want_q, want_d = Int8Blocks.codes(x)
     assert np.array_equal(q, want_q) and np.array_equal(d, want_d)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_block_is_never_quantized(bad):
+    """A NaN or an infinity has no int8 code: its block gets scale NaN and codes 0, in the
+    reference and the kernel alike; the other blocks are quantized as if it were not there."""
+    x = np.linspace(-3, 3, 96, dtype=np.float32)
+    x[40] = bad
+    want_q, want_d = Int8Blocks.codes(x)
+    assert np.isnan(want_d[1]) and not want_q[32:64].any()
+    clean_q, clean_d = Int8Blocks.codes(np.delete(x, np.s_[32:64]))
+    assert np.array_equal(np.delete(want_q, np.s_[32:64]), clean_q) and np.array_equal(want_d[[0, 2]], clean_d)
+    q, d = np.empty(96, np.int8), np.empty(3, np.float32)
+    activations.quantize_activation(x, q, d)
+    assert np.array_equal(q, want_q) and np.array_equal(d, want_d, equal_nan=True)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_q8_k_block_is_never_quantized(bad):
+    """The K-quant kernels' activation (Q8_K) treats a NaN or an infinity as the int8 one does: its
+    block of 256 gets scale NaN, codes 0 and sums 0, in the reference and the kernel alike."""
+    x = np.linspace(-3, 3, 768, dtype=np.float32)
+    x[300] = bad
+    d, q, bsums = Q8_K.ggml_quantize(x[None])
+    assert np.isnan(d[0, 1]) and not q[0, 1].any() and not bsums[0, 1].any()
+    clean_d, clean_q, _ = Q8_K.ggml_quantize(np.delete(x, np.s_[256:512])[None])
+    assert np.array_equal(q[0, [0, 2]], clean_q[0]) and np.array_equal(d[0, [0, 2]], clean_d[0])
+    act = q8_k_activation(x.shape[0])
+    quantize_q8_k(x, act.q, act.d, act.bsums)
+    assert np.array_equal(act.q, q.ravel()) and np.array_equal(act.bsums, bsums.ravel())
+    assert np.array_equal(act.d, d.ravel(), equal_nan=True)
+
+
+@pytest.mark.parametrize("ggml_type", [t for t in INT8_TYPES if t in QUANTIZE_TYPES], ids=lambda t: t.name)
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_matvec_of_a_non_finite_activation_is_nan(ggml_type, bad):
+    """The NaN scale reaches every output, so a run ends in "non-finite logits" as with float32
+    weights, instead of going on from finite logits of a NaN hidden state."""
+    fmt = formats.get(ggml_type)
+    n_cols = max(64, fmt.block_size)
+    w = np.random.default_rng(0).standard_normal((8, n_cols)).astype(np.float32)
+    x = np.ones(n_cols, np.float32)
+    x[3] = bad
+    out = packed_rows(fmt.quantize(w), ggml_type).matvec(x, 1)
+    assert np.isnan(out).all()
 
 
 # --- dequantize kernels (the prefill tiles) ------------------------------------------------------
@@ -447,9 +533,9 @@ ANY_F32 = st.floats(width=32)   # NaN, infinities, subnormals and zeros included
 @kernel_settings
 @given(x=arrays(np.float32, st.integers(1, 64), elements=ANY_F32))
 def test_ggml_silu_kernel_equals_numpy(x):
-    """ggml_v_silu, x / (1 + ggml_v_expf(-x)), in Numba equals its NumPy emulation (minillm.modes.ggml)
+    """ggml_v_silu, x / (1 + ggml_v_expf(-x)), in Numba equals its NumPy emulation (minillm.ops.ggml)
     bit for bit on any float32, past the range where exp overflows or flushes to zero too."""
-    from minillm.modes.ggml import ggml_silu, kernel_silu
+    from minillm.ops.ggml import ggml_silu, kernel_silu
     with np.errstate(all="ignore"):
         assert_same_bits_up_to_nan_payload(kernel_silu(x), ggml_silu(x))
 
@@ -458,7 +544,7 @@ def test_ggml_silu_kernel_equals_numpy(x):
 @given(data=st.data())
 def test_ggml_softmax_kernel_equals_numpy(data):
     """Masked rows of scores (-inf where masked, one position at least seen), any length."""
-    from minillm.modes.ggml import ggml_softmax, kernel_softmax
+    from minillm.ops.ggml import ggml_softmax, kernel_softmax
     rows, S = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 70))
     scores = data.draw(arrays(np.float32, (rows, S), elements=st.floats(-1e4, 1e4, width=32)))
     masked = data.draw(arrays(np.bool_, (rows, S)))
@@ -471,19 +557,19 @@ def test_ggml_softmax_kernel_equals_numpy(data):
 @kernel_settings
 @given(data=st.data())
 def test_ggml_rope_kernel_equals_numpy(data):
-    from minillm.modes.ggml import GGMLKernelLlama, ggml_rope
+    from minillm.ops.ggml import ggml_rope, kernel_rope
     heads, T, half = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3)), data.draw(st.integers(1, 8))
     x = data.draw(arrays(np.float32, (heads, T, 2 * half), elements=FINITE_F32))
     cos, sin = (data.draw(arrays(np.float32, (T, half), elements=st.floats(-1, 1, width=32))) for _ in range(2))
     with np.errstate(all="ignore"):
-        assert_same_bits_up_to_nan_payload(GGMLKernelLlama.rotate(None, x, cos, sin), ggml_rope(x, cos, sin))
+        assert_same_bits_up_to_nan_payload(kernel_rope(x, cos, sin), ggml_rope(x, cos, sin))
 
 
 @kernel_settings
 @given(data=st.data())
 def test_ggml_f16_dot_kernel_equals_numpy(data):
     """Attention's float16 dot products in ggml's lane order: the Numba kernel and NumPy agree bit for bit."""
-    from minillm.modes.ggml import heads_f16_dot, kernel_heads_f16_dot
+    from minillm.ops.ggml import heads_f16_dot, kernel_heads_f16_dot
     H, G, J = (data.draw(st.integers(1, 3)) for _ in range(3))
     n = 64 * data.draw(st.integers(1, 3))
     f16_values = st.floats(-65504, 65504, width=16)

@@ -2,6 +2,8 @@
 against a full cache under the same mask, incremental decode against one-shot prefill, and
 generation past --ctx-size."""
 
+import dataclasses
+
 import gguf
 import numpy as np
 import pytest
@@ -10,13 +12,14 @@ from hypothesis import strategies as st
 
 from minillm.formats import Q8_0
 from minillm.attention import Pattern, block_sparse_attention, parse_attention
-from minillm.config import LlamaConfig
+from minillm.arch.llama import LlamaConfig
 from minillm.errors import MinillmError, UsageError
 from minillm.generate import GenerationStats, Sampler, SamplingSettings, generate
 from minillm.gguf import GGUFFile
 from minillm.kvcache import Float32Rows, KVCache, PatternKVCache, Q8Rows, RingLayer, kv_cache_bytes, new_cache
-from minillm.model import Llama, load_float_model, masked_attention
-from minillm.synthetic import write_tiny_llama
+from minillm.model import load_float_model
+from minillm.ops.f32 import F32, masked_attention
+from minillm.synthetic import write_tiny
 
 from bounds import reordering_atol
 
@@ -123,9 +126,8 @@ def tiny(tiny_q4_path):
 
 def tiny_head_dim_32(directory, n_layers):
     """A tiny model with head_dim 32, so its K and V rows fill Q8_0 blocks."""
-    path = write_tiny_llama(directory / f"tiny-hd32-{n_layers}.gguf", n_layers=n_layers, dim=128, n_heads=4,
-                            n_kv_heads=2, weight_type=gguf.GGMLQuantizationType.Q4_1,
-                            embedding_type=gguf.GGMLQuantizationType.Q8_0)
+    path = write_tiny(directory / f"tiny-hd32-{n_layers}.gguf", n_layers=n_layers, dim=128, n_heads=4, n_kv_heads=2,
+                      weight_type=gguf.GGMLQuantizationType.Q4_1, embedding_type=gguf.GGMLQuantizationType.Q8_0)
     return load_float_model(GGUFFile(path))
 
 
@@ -155,7 +157,7 @@ def test_ring_buffer_equals_a_full_cache_under_the_same_mask(tiny32, tiny32_one_
     for one layer only: a second layer's K and V come from the first layer's output, whose last bits
     differ, and a last-bit change can move a Q8_0 code by one step (seen: 4.5e-5 on a logit)."""
     tiny = tiny32_one_layer if kv_bits == 8 else tiny32
-    model = Llama(tiny.config, tiny.weights, attention=block_sparse_attention if kernel else masked_attention)
+    model = dataclasses.replace(tiny, ops=F32(block_sparse_attention if kernel else masked_attention))
     ids = np.random.default_rng(seed).integers(0, tiny.config.vocab_size, n)
     spec = parse_attention(text, 32)
     ring = PatternKVCache(tiny.config, 128, spec, kv_bits)
@@ -172,7 +174,7 @@ def test_ring_buffer_equals_a_full_cache_under_the_same_mask(tiny32, tiny32_one_
 def test_incremental_decode_equals_one_shot_prefill(tiny, text, kernel, n, split, seed):
     """Float32 rows only: with Q8_0 a key computed in another summation order can round to another
     int8 code, a step no reordering bound covers (the ring test above covers Q8_0 storage)."""
-    model = Llama(tiny.config, tiny.weights, attention=block_sparse_attention if kernel else masked_attention)
+    model = dataclasses.replace(tiny, ops=F32(block_sparse_attention if kernel else masked_attention))
     ids = np.random.default_rng(seed).integers(0, tiny.config.vocab_size, n)
     spec = parse_attention(text, 32)
     want = model.forward(ids, PatternKVCache(tiny.config, 128, spec))

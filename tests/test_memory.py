@@ -3,25 +3,29 @@
 The measured runs start `python -m minillm generate --mem-cap ... --json` in a subprocess, so the
 baseline and the high-water mark belong to that run alone."""
 
+import dataclasses
 import json
 import os
 import re
 import subprocess
 import sys
 
+import gguf
 import numpy as np
 import pytest
 
 from minillm.cli import main
-from minillm.config import LlamaConfig
+from minillm.arch import read_config
 from minillm.errors import MinillmError, UsageError
 from minillm.generate import Sampler, SamplingSettings, generate
 from minillm.gguf import GGUFFile
 from minillm.memory import parse_size
 from minillm.plan import Layout, PlanInputs, plan_memory, weight_index
 from minillm.runtime import RunConfig, load
-from minillm.model import ChunkedLlama, prefill_chunks
-from minillm.streaming import load_streamed
+from minillm.model import prefill_chunks
+from minillm.streaming import StreamingSource
+from minillm.synthetic import write_tiny
+from minillm.weights import load_weights
 
 MiB = 1 << 20
 # 120 tokens, with 4 generated: the whole context of 128. Longer than any prefill chunk a plan for it
@@ -49,7 +53,7 @@ def test_cli_cap_without_unit_is_a_usage_error(capsys, tiny_q4_path):
 
 def smollm2_inputs(path, ctx_size=128, kv_bits=32, tokenizer_bytes=4 * MiB):
     gguf = GGUFFile(path)
-    config = LlamaConfig.from_metadata(gguf.metadata, gguf.path)
+    config = read_config(gguf.metadata, gguf.path)
     run = PlanInputs(config, ctx_size, RunConfig().attention_spec(), kv_bits, 2, tokenizer_bytes, tokenizer_bytes)
     return weight_index(gguf, config, 4, "asym"), run
 
@@ -71,7 +75,7 @@ def test_plan_streams_more_as_the_cap_shrinks(smollm2_path):
             plan = plan_memory(index, run, cap)
         except MinillmError:
             break
-        assert plan.total <= cap
+        assert plan.fits and plan.total < cap
         streamed.append((-plan.layout.kv_bits, plan.layout.streamed_bytes(index)))
     assert streamed == sorted(streamed)
     assert streamed[0] == (-32, 0) and streamed[-1] == (-8, packed_bytes(index))
@@ -91,22 +95,53 @@ def test_tiny_streamed_logits_are_bit_identical_to_resident(tiny_q4_path):
     rt = load(RunConfig(model=str(tiny_q4_path), ctx_size=64), announce=lambda _: None)
     ids = [5, 70, 71, 72, 3, 9]
     for layout in [Layout(0, True, 32, 64), Layout(1, False, 32, 64), Layout(2, True, 32, 64)]:
-        streamed = load_streamed(rt.gguf, rt.model.config, layout, "numba", 1)
+        streamed = load_weights(rt.gguf, rt.model.config, StreamingSource(rt.gguf, "numba", 1), layout)
         assert_same_logits(rt, streamed, ids, steps=4)
+
+
+def test_layers_stored_in_different_formats_stream_bit_identically(tmp_path):
+    """A mix as llama.cpp's Q4_K_M writes one (Gemma 3 270M keeps attn_v and ffn_down at more bits on
+    some layers; here Q4_1 among Q4_0, both held as stored at --bits 4): each buffer has room for the
+    largest form of each matrix, and streamed layers use the format their own layer stores."""
+    q = gguf.GGMLQuantizationType
+    path = write_tiny(tmp_path / "mix.gguf", "gemma3", n_layers=4, weight_type=q.Q4_0, embedding_type=q.Q8_0,
+                      tensor_types={f"blk.{i}.{name}.weight": q.Q4_1 for i in (1, 2) for name in ("attn_v", "ffn_down")})
+    rt = load(RunConfig(model=str(path), ctx_size=128), announce=lambda _: None)
+    index = weight_index(rt.gguf, rt.model.config, 4)
+    assert index.streamable and len(set(index.layer_bytes)) == 2
+    assert index.slot_bytes >= max(index.layer_bytes)
+    ids = list(range(5, 80))
+    threads = rt.config.threads or os.cpu_count()  # the products split as the resident model's do
+    for layout in [Layout(0, True, 32, 64), Layout(2, False, 32, 64)]:
+        streamed = load_weights(rt.gguf, rt.model.config, StreamingSource(rt.gguf, "numba", threads), layout)
+        assert_same_logits(rt, streamed, ids, steps=4)
+
+
+@pytest.mark.parametrize("layout", [Layout(0, True, 32, 64), Layout(1, True, 32, 64)], ids=["all streamed", "one resident"])
+def test_every_streamed_read_but_the_first_runs_ahead(tiny_q4_path, layout):
+    """The reader fetches each streamed layer while the one before computes, and after the last
+    layer the first streamed one, for the next token: over three forward passes only the very
+    first read waits on the caller's thread. (The LM head's chunks wrap round the same way.)"""
+    rt = load(RunConfig(model=str(tiny_q4_path), ctx_size=64), announce=lambda _: None)
+    weights = load_weights(rt.gguf, rt.model.config, StreamingSource(rt.gguf, "numba", 1), layout)
+    model, cache = dataclasses.replace(rt.model, weights=weights), rt.new_cache()
+    for ids in ([5, 70, 71], [3], [9]):
+        model.forward(ids, cache)
+    assert weights.layers.read_ahead.misses == 1
+    assert weights.embedding.read_ahead.misses == 1
 
 
 @pytest.mark.weights
 def test_smollm2_streamed_logits_are_bit_identical_to_resident(smollm2_path):
     rt = load(RunConfig(model=str(smollm2_path), ctx_size=64), announce=lambda _: None)
-    streamed = load_streamed(rt.gguf, rt.model.config, Layout(0, True, 32, 64), "numba", rt.config.threads or
-                             os.cpu_count())
+    source = StreamingSource(rt.gguf, "numba", rt.config.threads or os.cpu_count())
+    streamed = load_weights(rt.gguf, rt.model.config, source, Layout(0, True, 32, 64))
     assert_same_logits(rt, streamed, rt.tokenizer.encode("The capital of France is"), steps=3)
 
 
 def assert_same_logits(rt, streamed_weights, ids, steps):
     """Prefill `ids`, then decode greedily for `steps` tokens with both weight sets: every logit equal."""
-    from minillm.model import Llama
-    streamed = Llama(rt.model.config, streamed_weights, attention=rt.model.attention_fn)
+    streamed = dataclasses.replace(rt.model, weights=streamed_weights)
     caches = rt.new_cache(), rt.new_cache()
     tokens = list(ids)
     for _ in range(steps + 1):
@@ -135,7 +170,7 @@ def test_measured_peak_stays_under_the_cap_and_near_the_plan(smollm2_path, fract
     m = out["memory"]
     assert m["peak_was_reset"]
     peak, plan = m["peak_above_baseline_mib"] * MiB, m["plan"]["total_mib"] * MiB
-    assert peak <= cap
+    assert peak <= cap, m
     assert abs(plan - peak) <= max(0.05 * peak, 2 * MiB), m
     assert "memory plan for --mem-cap" in err and "baseline of" in err
 
@@ -169,6 +204,11 @@ def test_numpy_backend_stays_under_the_cap(smollm2_path):
     assert out["memory"]["peak_above_baseline_mib"] * MiB <= cap
 
 
+# Each answer ("The capital of France is Paris.", "... Italy is Rome.") leads the next best token by at
+# least 1.4 logits at --bits 4 at every step: no near-tie for int8 rounding or streaming to flip.
+QUESTIONS = "What is the capital of France? Answer in one sentence.\nWhat is the capital of Italy? Answer in one sentence.\n"
+
+
 @pytest.mark.weights
 def test_chat_under_a_quarter_of_the_weights_answers_and_reports_its_peak(smollm2_path):
     """Two turns of `chat` at 25% of the packed weights: both answered, the peak printed at exit
@@ -176,10 +216,10 @@ def test_chat_under_a_quarter_of_the_weights_answers_and_reports_its_peak(smollm
     index, _ = smollm2_inputs(smollm2_path)
     cap = int(0.25 * packed_bytes(index))
     done = subprocess.run([sys.executable, "-m", "minillm", "chat", "-m", str(smollm2_path), "-c", "256", "--temp", "0",
-                           "-n", "24", "--mem-cap", f"{cap}B"], input="What is the capital of France?\nAnd of Italy?\n",
+                           "-n", "24", "--mem-cap", f"{cap}B"], input=QUESTIONS,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "Paris" in done.stdout and "Rome" in done.stdout
+    assert "The capital of France is Paris." in done.stdout and "The capital of Italy is Rome." in done.stdout
     peak = re.search(r"memory: peak ([0-9.]+) MiB above the baseline", done.stderr)
     assert peak and float(peak.group(1)) * MiB <= cap
 
@@ -210,10 +250,33 @@ def test_caps_below_the_minimum_are_refused_as_early_as_possible(smollm2_path):
     assert "memory: peak" not in err  # no run, so no measurement of one
 
 
+ACTIVATION_CASES = [(16, 128, 8, 2), (32, 128, 32, 2), (127, 128, 32, 1), (64, 512, 8, 2), (16, 256, 16, 1)]
+
+
 @pytest.mark.weights
-@pytest.mark.parametrize("chunk, ctx_size, kv_bits, threads", [(16, 128, 8, 2), (32, 128, 32, 2), (127, 128, 32, 1),
-                                                              (64, 512, 8, 2), (16, 256, 16, 1)])
+@pytest.mark.parametrize("chunk, ctx_size, kv_bits, threads", ACTIVATION_CASES)
 def test_activation_bytes_bound_the_arrays_of_a_forward_pass(smollm2_path, chunk, ctx_size, kv_bits, threads):
+    check_activation_bytes(smollm2_path, chunk, ctx_size, kv_bits, threads)
+
+
+@pytest.fixture(scope="module")
+def gemma3_widths(tmp_path_factory):
+    """Two layers of Gemma 3 270M's widths (dim 640, 4 query heads and 1 KV head of 256, GeGLU 2048),
+    random Q4_0 matrices: the activations depend on the widths, not on the depth or the weights."""
+    q = gguf.GGMLQuantizationType
+    return write_tiny(tmp_path_factory.mktemp("gemma") / "gemma3-widths.gguf", "gemma3", n_layers=2, dim=640, n_heads=4,
+                      n_kv_heads=1, head_dim=256, ffn_dim=2048, sliding_window=512, context_length=2048,
+                      weight_type=q.Q4_0, embedding_type=q.Q8_0)
+
+
+@pytest.mark.parametrize("chunk, ctx_size, kv_bits, threads", ACTIVATION_CASES)
+def test_activation_bytes_follow_gemma3s_forward_pass(gemma3_widths, chunk, ctx_size, kv_bits, threads):
+    """Its per-head Q and K norms and its GeGLU hold more than Llama's steps: the plan counts them from
+    gemma3.ACTIVATION_PEAKS (dense attention: the NumPy reference's scores, as the plan counts them)."""
+    check_activation_bytes(gemma3_widths, chunk, ctx_size, kv_bits, threads, attention="dense")
+
+
+def check_activation_bytes(path, chunk, ctx_size, kv_bits, threads, **settings):
     """The planned activations against the arrays Python and NumPy allocate (tracemalloc) during the
     chunk that ends the context, where the scores are largest, plus the tile buffers every thread
     keeps from the first prefill: within a quarter of the reserve the
@@ -223,21 +286,20 @@ def test_activation_bytes_bound_the_arrays_of_a_forward_pass(smollm2_path, chunk
 
     from minillm.kvcache import new_cache
     from minillm.plan import RESERVE_BYTES, activation_bytes
-    from minillm.model import Llama
     from minillm.parallel import row_pool, tile_buffer
-    rt = load(RunConfig(model=str(smollm2_path), ctx_size=ctx_size, threads=threads, kv_bits=kv_bits),
+    rt = load(RunConfig(model=str(path), ctx_size=ctx_size, threads=threads, kv_bits=kv_bits, **settings),
               announce=lambda _: None)
     c = rt.model.config
-    model = Llama(c, load_streamed(rt.gguf, c, Layout(0, True, kv_bits, chunk), "numba", threads),
-                  attention=rt.model.attention_fn)
+    weights = load_weights(rt.gguf, c, StreamingSource(rt.gguf, "numba", threads), Layout(0, True, kv_bits, chunk))
+    model = dataclasses.replace(rt.model, weights=weights)
     T = min(chunk + 1, ctx_size)
     measured = []
     for _ in range(2):  # the first pass allocates each kernel's buffers, once
         cache = new_cache(c, ctx_size, rt.config.attention_spec(), kv_bits)
         if ctx_size - T:
-            model.forward(np.arange(ctx_size - T) % 1000, cache, last_only=True)
+            model.forward(np.arange(ctx_size - T) % min(1000, c.vocab_size), cache, last_only=True)
         tracemalloc.start()
-        model.forward(np.arange(T) + 100, cache, last_only=True)
+        model.forward((np.arange(T) + 100) % c.vocab_size, cache, last_only=True)
         measured.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
     tiles = []  # each thread's tile buffer, made by the first prefill and kept since
@@ -270,7 +332,7 @@ def test_chunked_prefill_gives_the_same_greedy_tokens(tiny_q4_path):
     """A prompt run 4 tokens at a time continues with the same greedy tokens as one run whole."""
     greedy = SamplingSettings(temperature=0)
     rt = load(RunConfig(model=str(tiny_q4_path), ctx_size=64, sampling=greedy), announce=lambda _: None)
-    chunked = ChunkedLlama(rt.model.config, rt.model.weights, rt.model.attention_fn, prefill_chunk=4)
+    chunked = dataclasses.replace(rt.model, prefill_chunk=4)
     ids = list(range(3, 40))
     runs = [list(generate(model, rt.new_cache(), ids, Sampler(greedy), max_tokens=8, stop_ids=()))
             for model in (rt.model, chunked)]
@@ -319,10 +381,10 @@ def test_info_plans_what_the_run_follows(tiny_q4_path):
 
 
 @pytest.mark.weights
-@pytest.mark.parametrize("cap, flags", [("18MiB", ["-c", "256"]), ("64MiB", []), ("24MiB", ["-c", "256"])])
+@pytest.mark.parametrize("cap, flags", [("20MiB", ["-c", "256"]), ("64MiB", []), ("24MiB", ["-c", "256"])])
 def test_info_plans_what_the_run_follows_on_smollm2(smollm2_path, cap, flags):
-    """The issue's cases: at 18 MiB with -c 256 info refused (it measured the tokenizer without the
-    warm-up a run does first, 1.8 MiB more) while generate ran; at 64 MiB they chose different layouts.
+    """The issue's cases: just above the minimum with -c 256 (then 18 MiB) info refused (it measured the
+    tokenizer without the warm-up a run does first, 1.8 MiB more) while generate ran; at 64 MiB they chose different layouts.
     (A cap within about 0.2 MiB of a layout's total may still go either way: the tokenizer's bytes are
     measured in each process, and info says so.)"""
     assert_same_plan(*printed_plans(smollm2_path, cap, *flags))

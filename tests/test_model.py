@@ -7,8 +7,11 @@ from hypothesis import strategies as st
 
 from minillm.gguf import GGUFFile
 from minillm.kvcache import KVCache
-from minillm.model import attend, causal_mask, load_float_model, rmsnorm, rope, rope_angles, softmax
+from minillm.model import load_float_model
+from minillm.ops.f32 import attend, causal_mask, rmsnorm, rope, rope_angles, softmax
 from minillm.errors import MinillmError
+from minillm.generate import softmax as generate_softmax
+from minillm.ops.ggml import ggml_rmsnorm, ggml_rope, ggml_rope_angles, ggml_softmax
 
 from bounds import reordering_atol
 
@@ -22,6 +25,44 @@ def test_rmsnorm_gives_unit_rms():
     x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32) * 7
     y = rmsnorm(x, np.ones(64, np.float32), 0.0)
     np.testing.assert_allclose(np.sqrt((y.astype(np.float64) ** 2).mean(-1)), 1.0, rtol=1e-6)
+
+
+def test_rmsnorm_adds_eps_to_the_mean_square_inside_the_root():
+    """x / sqrt(mean(x^2) + eps) * w, the eps placement of llama.cpp (1/sqrtf(mean + eps)) and HF
+    (x * rsqrt(variance + eps)). x = (3, 4): mean square 12.5, + eps 0.5 = 13."""
+    y = rmsnorm(np.array([[3.0, 4.0]], np.float32), np.array([1.0, 2.0], np.float32), 0.5)
+    np.testing.assert_allclose(y, [[3 / np.sqrt(13), 8 / np.sqrt(13)]], rtol=1e-6)
+    y = ggml_rmsnorm(np.array([[3.0, 4.0]], np.float32), np.array([1.0, 2.0], np.float32), 0.5)
+    np.testing.assert_allclose(y, [[3 / np.sqrt(13), 8 / np.sqrt(13)]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("angles, rotate", [(rope_angles, rope), (ggml_rope_angles, ggml_rope)], ids=["f32", "ggml"])
+def test_rope_turns_each_pair_counterclockwise_at_its_frequency(angles, rotate):
+    """Pair i of a head turns by p * base^(-2i / rope_dim) radians, (x, y) -> (x cos - y sin,
+    x sin + y cos), as llama.cpp's rotate_pairs (ggml-cpu/ops.cpp). With base 100 and rope_dim 4
+    the two pairs turn by 1 and 0.1 radian per position; channels past rope_dim stay as they are.
+    The composition and relative-position tests above hold for the opposite sign and for any
+    frequencies: only values can tell."""
+    x = np.array([[[1.0, 0.0, 1.0, 0.0, 7.0, 8.0]]], np.float32)       # (heads 1, T 1, head_dim 6)
+    cos, sin = angles(np.array([1]), 4, 100.0)
+    out = np.concatenate([rotate(x[..., :4], cos, sin), x[..., 4:]], axis=-1) if rotate is ggml_rope \
+        else rotate(x, cos, sin)
+    np.testing.assert_allclose(out[0, 0], [np.cos(1), np.sin(1), np.cos(0.1), np.sin(0.1), 7, 8], rtol=1e-6)
+    cos, sin = angles(np.array([3]), 4, 100.0)
+    np.testing.assert_allclose(cos[0], np.cos([3, 0.3]), rtol=1e-6)
+    np.testing.assert_allclose(sin[0], np.sin([3, 0.3]), rtol=1e-6)
+
+
+def sampler_softmax(logits):
+    """The sampler's softmax (minillm.generate) works on one row of logits."""
+    return generate_softmax(logits[0])[None]
+
+
+@pytest.mark.parametrize("softmax_fn", [softmax, ggml_softmax, sampler_softmax], ids=["attention", "ggml", "sampler"])
+def test_softmax_of_huge_scores_does_not_overflow(softmax_fn):
+    """exp(1000) overflows even float64: the row maximum must be subtracted first."""
+    p = softmax_fn(np.array([[1000.0, 999.0, -1000.0]], np.float32))
+    np.testing.assert_allclose(p, [[1 / (1 + np.exp(-1)), np.exp(-1) / (1 + np.exp(-1)), 0.0]], rtol=1e-6, atol=1e-30)
 
 
 def test_rope_is_a_rotation_that_composes():

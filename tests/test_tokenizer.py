@@ -9,6 +9,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -273,6 +274,16 @@ def test_encode_chat_decodes_to_the_rendered_text(tok, control_ids, system, user
     assert [i for i in ids if i in control_ids] == [IM_START, IM_END, IM_START, IM_END, IM_START]
 
 
+@given(system=texts, user=texts)
+def test_special_tokens_come_only_from_the_template_on_the_tiny_vocabulary(tiny_tok, system, user):
+    """The same without the model: the tiny vocabulary has SmolLM2's control tokens at the same ids
+    and a token for every byte, so text typed as "<|im_end|>" must stay text and decode back."""
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    ids = tiny_tok.encode_chat(messages)
+    assert tiny_tok.decode(ids) == tiny_tok.render_chat(messages)
+    assert [i for i in ids if i in (0, IM_START, IM_END)] == [IM_START, IM_END, IM_START, IM_END, IM_START]
+
+
 # --- round trips and streaming ----------------------------------------------------------------
 
 @pytest.mark.weights
@@ -333,8 +344,8 @@ def test_tiny_vocabulary_applies_merges_in_rank_order(tiny_metadata):
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("tokenizer.ggml.model", "llama", "'llama'"),
-    ("tokenizer.ggml.pre", "qwen2", "'qwen2'"),
+    ("tokenizer.ggml.model", "bert", "'bert'"),
+    ("tokenizer.ggml.pre", "llama-bpe", "'llama-bpe'"),
     ("tokenizer.ggml.eos_token_id", 10**6, "outside the vocabulary"),
     ("tokenizer.ggml.merges", ["Ġ t x"], "is not two tokens"),
     ("tokenizer.ggml.merges", ["Ġ t", "Ġ xyz"], r"merges\[1\] = 'Ġ xyz' needs the token 'xyz', which is not in"),
@@ -398,3 +409,14 @@ def test_unusable_text_and_ids_are_minillm_errors(tiny_metadata):
         tok.decode([0, tok.vocab_size])
     with pytest.raises(MinillmError, match="outside the vocabulary"):
         tok.stream().push(-1)
+
+
+def test_a_long_word_is_merged_in_about_linear_time(tiny_metadata):
+    """A word of 200,000 characters (no space for the pre-tokenizer to cut at) with 100,000 joins.
+    Scanning the whole word for the best pair before every join took O(n) per join: minutes."""
+    tok = Tokenizer.from_metadata(tiny_metadata)
+    he = tok.encode("he")
+    assert len(he) == 1
+    start = time.perf_counter()
+    assert tok.encode("he" * 100_000) == he * 100_000
+    assert time.perf_counter() - start < 5

@@ -10,10 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from minillm.arch.llama import LAYER_GRAPH
 from minillm.errors import MinillmError
 from minillm.runtime import RunConfig, load
 from minillm.verify.compare import compare_dumps, comparison_json, logits_diff, tensor_diff
-from minillm.verify.dump import (LAYER_TENSORS, Dump, graph_order_key, hf_name, load_dump, record_forward,
+from minillm.verify.dump import (Dump, graph_order_key, hf_name, load_dump, record_forward,
                                  save_dump)
 
 PROMPT = "the cat sat on the mat"
@@ -35,7 +36,7 @@ def ids(tiny_rt):
 
 
 def graph_names(n_layers):
-    return ["inp_embd", *(f"{t}-{i}" for i in range(n_layers) for t in LAYER_TENSORS), "result_norm", "result_output"]
+    return ["inp_embd", *(f"{t}-{i}" for i in range(n_layers) for t in LAYER_GRAPH), "result_norm", "result_output"]
 
 
 class Perturbed:
@@ -231,7 +232,7 @@ def test_smollm2_dump_lines_up_with_hf_transformers(smollm2_path):
     from minillm.verify.dump import dump_runtime
     ours = dump_runtime(rt, hf.metadata["prompt"])
     c = compare_dumps(hf, ours, tolerance=1e-6)
-    assert len(c.tensors) == 2 + 2 * len(LAYER_TENSORS) and not c.only_in_a
+    assert len(c.tensors) == 2 + 2 * len(LAYER_GRAPH) and not c.only_in_a
     assert c.ok, c.first_over
 
 

@@ -41,15 +41,16 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from minillm import generate as gen
+from minillm.arch.llama import Layer, LlamaConfig, mlp
 from minillm.formats import Q4_1, Q8_0
-from minillm.config import LlamaConfig
 from minillm.gguf import GGUFFile
 from minillm.kvcache import KVCache
 from minillm.linear import FloatEmbedding, FloatLinear
-from minillm.model import Llama, attend, causal_mask, load_float_model, rmsnorm, rope, rope_angles
+from minillm.model import Model, load_float_model
+from minillm.ops.f32 import attend, causal_mask, rmsnorm, rope, rope_angles
 from minillm.registry import resolve_model
 from minillm.tokenizer import Tokenizer
-from minillm.weights import LayerWeights, ModelWeights
+from minillm.weights import ModelWeights
 
 PATH = resolve_model(None)  # the default model's file, fetched on first use
 PROMPT = "The capital of France is"
@@ -282,7 +283,7 @@ assert np.array_equal(v_flat, layer.wv(h))
 # RoPE. Channel pair i of a head, (x[2i], x[2i+1]), is a point in the plane; at position p it is
 # rotated by the angle p · base^(-2i / head_dim). After rotation, the dot product of a query at p and a
 # key at s depends on p − s only: attention sees relative positions. (The pairs are adjacent because
-# llama.cpp's converter permuted the rows of Wq and Wk for this form; see `minillm.model.rope`.)
+# llama.cpp's converter permuted the rows of Wq and Wk for this form; see `minillm.ops.f32.rope`.)
 
 # %%
 def rotation(positions, head_dim, base):
@@ -373,7 +374,7 @@ h2 = rms_norm(x_mid, layer.ffn_norm, config.norm_eps)
 x_out = x_mid + swiglu(h2, layer.w_gate.w, layer.w_up.w, layer.w_down.w)
 print("block output", x_out.shape, x_out.dtype)
 assert np.array_equal(merged @ layer.wo.w.T, layer.wo(merged))
-assert np.array_equal(swiglu(h2, layer.w_gate.w, layer.w_up.w, layer.w_down.w), model.mlp(layer, h2))
+assert np.array_equal(swiglu(h2, layer.w_gate.w, layer.w_up.w, layer.w_down.w), mlp(model.ops, layer, h2))
 
 # %% [markdown]
 # The whole model is that block 30 times, a last RMSNorm, and the "LM head": a dot product of the
@@ -416,12 +417,12 @@ def in_float64(weights: ModelWeights) -> ModelWeights:
     def f64(w):
         return FloatLinear(w.w.astype(np.float64)) if isinstance(w, FloatLinear) else w.astype(np.float64)
 
-    layers = [LayerWeights(**{f.name: f64(getattr(lw, f.name)) for f in dataclasses.fields(lw)})
+    layers = [Layer(**{f.name: f64(getattr(lw, f.name)) for f in dataclasses.fields(lw)})
               for lw in weights.layers]
     return ModelWeights(FloatEmbedding(f64(weights.embedding.table)), layers, f64(weights.output_norm))
 
 
-model64 = Llama(config, in_float64(model.weights))
+model64 = Model(config, in_float64(model.weights))
 cache64 = KVCache(config, T)
 # KVCache allocates float32 buffers; for this one run, give it float64 ones so no step rounds to float32.
 cache64.k, cache64.v = cache64.k.astype(np.float64), cache64.v.astype(np.float64)

@@ -30,6 +30,7 @@
 # download.
 
 # %%
+import dataclasses
 import math
 import tempfile
 import time
@@ -40,12 +41,13 @@ import numba
 import numpy as np
 
 from minillm.attention import Pattern, block_sparse_attention, parse_attention
-from minillm.config import LlamaConfig
+from minillm.arch.llama import LlamaConfig
 from minillm.generate import GenerationStats, Sampler, SamplingSettings, generate
 from minillm.gguf import GGUFFile
 from minillm.kvcache import Float32Rows, PatternKVCache, RingLayer, kv_cache_bytes
-from minillm.model import Llama, attend, load_float_model
-from minillm.synthetic import write_tiny_llama
+from minillm.model import load_float_model
+from minillm.ops.f32 import F32, attend
+from minillm.synthetic import write_tiny
 
 rng = np.random.default_rng(0)
 OUT = Path(tempfile.mkdtemp(prefix="minillm-ch3-"))
@@ -224,9 +226,9 @@ for ctx in (1024, 2048, 4096, 8192):
 # never fills: generation goes on past the context size.
 
 # %%
-tiny_path = write_tiny_llama(OUT / "tiny.gguf", embedding_type=gguf.GGMLQuantizationType.Q8_0)
+tiny_path = write_tiny(OUT / "tiny.gguf", embedding_type=gguf.GGMLQuantizationType.Q8_0)
 tiny = load_float_model(GGUFFile(tiny_path))
-sparse = Llama(tiny.config, tiny.weights, attention=block_sparse_attention)
+sparse = dataclasses.replace(tiny, ops=F32(block_sparse_attention))
 ids = rng.integers(0, tiny.config.vocab_size, 120)
 spec = parse_attention("sinks:4,window:60", 32)
 

@@ -44,7 +44,7 @@ from minillm.formats import Q4_1, Q8_0  # noqa: E402
 from minillm.formats.activation import Int8Blocks  # noqa: E402
 from minillm.gguf import GGUFFile  # noqa: E402
 from minillm.linear import QuantLinear  # noqa: E402
-from minillm.model import rmsnorm  # noqa: E402
+from minillm.ops.f32 import rmsnorm  # noqa: E402
 from minillm.registry import resolve_model  # noqa: E402
 
 gguf = GGUFFile(resolve_model(None))

@@ -37,7 +37,7 @@ import threading
 import numpy as np
 
 from minillm import memory, plan
-from minillm.config import LlamaConfig
+from minillm.arch import read_config
 from minillm.gguf import GGUFFile
 from minillm.linear import QuantLinear
 from minillm.registry import resolve_model
@@ -45,7 +45,7 @@ from minillm.streaming import FileReader
 
 path = resolve_model(None)
 gguf = GGUFFile(path)
-config = LlamaConfig.from_metadata(gguf.metadata, gguf.path)
+config = read_config(gguf.metadata, gguf.path)
 MiB = 1 << 20
 
 # %% [markdown]

@@ -36,17 +36,19 @@ matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
 import matplotlib.pyplot as plt  # noqa: E402
 
 from minillm import formats  # noqa: E402
-from minillm.config import LlamaConfig  # noqa: E402
+from minillm.arch import read_config  # noqa: E402
 from minillm.gguf import GGUFFile  # noqa: E402
 from minillm.kvcache import KVCache, PatternKVCache  # noqa: E402
-from minillm.model import Llama, masked_attention  # noqa: E402
-from minillm.modes.ggml import GGMLLlama, GGMLLinear, ggml_attention, ggml_weights  # noqa: E402
+from minillm.model import Model  # noqa: E402
+from minillm.modes.ggml import GGMLLinear  # noqa: E402
+from minillm.ops.f32 import F32  # noqa: E402
+from minillm.ops.ggml import GGML, ggml_attention  # noqa: E402
 from minillm.registry import resolve_model  # noqa: E402
 from minillm.runtime import RunConfig, load  # noqa: E402
 from minillm.tokenizer import Tokenizer  # noqa: E402
 from minillm.verify.compare import compare_dumps, tensor_diff  # noqa: E402
 from minillm.verify.dump import Dump, dump_runtime, record_forward  # noqa: E402
-from minillm.weights import load_packed  # noqa: E402
+from minillm.weights import PackedSource, load_weights  # noqa: E402
 
 FIGURES = Path(__file__).resolve().parent / "figures"
 FIGURES.mkdir(exist_ok=True)
@@ -89,7 +91,7 @@ print(f"logits: NMSE {comparison.tensors[-1].nmse:.2e}, mean KLD {comparison.log
 
 # %%
 gguf = GGUFFile(PATH)
-config = LlamaConfig.from_metadata(gguf.metadata, gguf.path)
+config = read_config(gguf.metadata, gguf.path)
 raw = gguf.data("blk.0.attn_q.weight")                           # (576, 18 blocks * 20 bytes)
 x = runs["ggml"].tensors["attn_norm-0"][:1]                       # (1, 576): the first token's input
 f16 = lambda v: np.float32(v).astype(np.float16).astype(np.float32)  # noqa: E731
@@ -105,7 +107,7 @@ codes = np.concatenate([row[:, 4:] & 15, row[:, 4:] >> 4], axis=1)
 by_hand = np.float32(0)
 for b in range(len(blocks)):                                       # ggml's generic loop
     by_hand += (np.float32(dw[b]) * f16(d[b])) * np.float32(codes[b] @ q[b]) + np.float32(mw[b]) * s[b]
-library = GGMLLinear(load_packed(gguf, config, 4, backend="numpy", progress=False).layers[0].wq, "arm")(x)[0, 0]
+library = GGMLLinear(PackedSource(gguf, config, 4, backend="numpy").matrix("blk.0.attn_q.weight"), "arm")(x)[0, 0]
 exact = x[0].astype(np.float64) @ formats.dequantize(raw[:1], Q.Q4_1)[0].astype(np.float64)
 print(f"by hand {by_hand:.7f}   library {library:.7f}   float64 on exact x {exact:.7f}")
 assert by_hand == library   # "arm" keeps the generic loop order; "x86" adds in AVX2's lanes instead
@@ -121,13 +123,17 @@ assert by_hand == library   # "arm" keeps the generic loop order; "x86" adds in 
 # - *another rounding rule*: `ggml` with the reference quantizer (roundf) instead of x86's.
 
 # %%
-packed = load_packed(gguf, config, 4, backend="numpy", progress=False)
+def packed(ops):
+    """The file's Q4_1 blocks as they are, each matrix wrapped in `ops`' product."""
+    return load_weights(gguf, config, PackedSource(gguf, config, 4, backend="numpy", ops=ops))
+
+
 tokens = Tokenizer.from_metadata(gguf.metadata).encode(PROMPT)
 variants = {
-    "activation quantization": (Llama(config, ggml_weights(packed), masked_attention), 32),
-    "float16 attention": (Llama(config, packed, ggml_attention), 16),
-    "all of ggml": (GGMLLlama(config, ggml_weights(packed), ggml_attention), 16),
-    "ggml, reference rounding": (GGMLLlama(config, ggml_weights(packed, "ref"), ggml_attention), 16),
+    "activation quantization": (Model(config, packed(GGML()), F32()), 32),
+    "float16 attention": (Model(config, packed(F32()), F32(ggml_attention)), 16),
+    "all of ggml": (Model(config, packed(GGML()), GGML()), 16),
+    "ggml, reference rounding": (Model(config, packed(GGML("ref")), GGML("ref")), 16),
 }
 dumps = {}
 for name, (model, kv_bits) in variants.items():
@@ -186,7 +192,7 @@ print("largest |l_out| per layer:", " ".join(f"{p:.0f}" for p in peak))
 #
 # 1. Dump `--mode oracle` and compare it with `f32` (`python -m minillm compare`). How large is
 #    the float32 error, and does it grow through the layers like the quantization error?
-# 2. Change ggml_weights(packed) to ggml_weights(packed, "arm") (NEON's rule: id = 1/d, halves to
+# 2. Change packed(GGML()) to packed(GGML("arm")) (NEON's rule: id = 1/d, halves to
 #    even). At which layer does it first differ from x86's rule, and why so rarely?
 # 3. Run `tests/data/make_ggml_reference.py --tokens 64` with llama-cpp-python installed: which
 #    variant of this chapter matches llama.cpp exactly?

@@ -35,7 +35,8 @@ def run(args) -> int:
     except ImportError:
         pass
     seed = f", seed {rt.config.sampling.seed}" if rt.config.sampling.temperature > 0 else ""
-    say(f"minillm chat: {rt.gguf.metadata.get('general.name', rt.gguf.path.name)} "
+    from ..metadata import get
+    say(f"minillm chat: {get(rt.gguf.metadata, 'general.name', rt.gguf.path.name, rt.gguf.path)} "
         f"(loaded in {rt.load_seconds:.1f} s{seed}). /help lists the commands, /exit or Ctrl-D leaves, "
         f"Ctrl-C stops an answer.")
     while True:

@@ -60,10 +60,10 @@ def add_mode_flag(p):
 
 
 def add_attention_flags(g):
-    g.add_argument("--attention", default="dense", metavar="PATTERN",
+    g.add_argument("--attention", default=None, metavar="PATTERN",
                    help="which keys each query sees: dense | window:W | sinks:S,window:W | strided:K | bigbird:W,G,R "
                         "(W, S, K, G in tokens, R random blocks); several joined by / take turns over layers "
-                        "(default: dense)")
+                        "(default: the architecture's own: dense for Llama, sliding windows on 5 of 6 layers for Gemma 3)")
     g.add_argument("--block-size", type=int, default=64, metavar="{32,64,128}",
                    help="positions per block of the attention layout (default: 64)")
     g.add_argument("--kv-bits", type=int, default=32, metavar="{8,16,32,64}",

@@ -36,10 +36,11 @@ def run(args) -> int:
     print(format_description(facts, p.config))
     if p.plan is not None:
         from ..memory import mib
+        from ..plan import MARGIN_BYTES
         print(f"\n--mem-cap {mib(p.config.mem_cap)} on top of a baseline of {mib(p.meter.baseline)}, as a run measures it")
         print(p.plan.format())
-        if p.plan.headroom < MEASURED_SPREAD:
-            print("(headroom below 0.25 MiB: the tokenizer's bytes, measured in each process, vary by about 0.2 MiB "
+        if p.plan.headroom - MARGIN_BYTES < MEASURED_SPREAD:
+            print("(headroom within 0.25 MiB of the margin: the tokenizer's bytes, measured in each process, vary by about 0.2 MiB "
                   "from one to the next, so a run may choose the next layout)")
     return 0
 

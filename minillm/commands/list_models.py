@@ -24,7 +24,7 @@ def run(args) -> int:
         rows.append({"name": name, "default": name == DEFAULT_MODEL, "file": entry.filename,
                      "size_mib": entry.size / MiB, "license": entry.license, "description": entry.description,
                      "fetched": path.is_file() and path.stat().st_size == entry.size,
-                     "path": str(path), "source": f"PyPI {entry.package}=={entry.version}"})
+                     "path": str(path), "source": "PyPI " + ", ".join(f"{p}=={entry.version}" for p in entry.packages)})
     known = {entry.filename for entry in MODELS.values()}
     for path in sorted(folder.glob("*.gguf")) if folder.is_dir() else []:
         if path.name not in known:
@@ -41,8 +41,9 @@ def other_file(path) -> dict:
     from ..errors import MinillmError
     from ..gguf import GGUFFile
     try:
+        from ..metadata import get
         metadata = GGUFFile(path).metadata
-        license_, description = metadata.get("general.license"), metadata.get("general.name", "")
+        license_, description = get(metadata, "general.license", path=path), get(metadata, "general.name", "", path)
     except MinillmError as err:
         license_, description = None, f"unreadable: {err}"
     return {"name": path.name, "default": False, "file": path.name, "size_mib": path.stat().st_size / MiB,

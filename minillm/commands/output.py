@@ -39,8 +39,9 @@ def json_head(command: str, gguf=None, config=None, generates: bool = False) -> 
 
 
 def model_json(gguf) -> dict:
-    return {"name": gguf.metadata.get("general.name", gguf.path.stem), "path": str(gguf.path.resolve()),
-            "architecture": gguf.metadata.get("general.architecture"), "file_mib": gguf.file_size / MiB}
+    from ..metadata import get
+    return {"name": get(gguf.metadata, "general.name", gguf.path.stem, gguf.path), "path": str(gguf.path.resolve()),
+            "architecture": get(gguf.metadata, "general.architecture", path=gguf.path), "file_mib": gguf.file_size / MiB}
 
 
 def settings_json(config, generates: bool) -> dict:

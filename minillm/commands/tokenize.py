@@ -31,7 +31,7 @@ def run(args) -> int:
         raise UsageError("--system goes with --chat")
     text = read_prompt(args)
     gguf = GGUFFile(resolve_model(args.model, announce=say))
-    tokenizer = Tokenizer.from_metadata(gguf.metadata)
+    tokenizer = Tokenizer.from_metadata(gguf.metadata, gguf.path)
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system is not None else []) + \
             [{"role": "user", "content": text}]

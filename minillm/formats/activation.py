@@ -29,13 +29,19 @@ class Int8Blocks:
 
     @staticmethod
     def codes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """x (..., K) float32 -> q (..., K) int8, d (..., K // 32) float32; x ~ d * q."""
+        """x (..., K) float32 -> q (..., K) int8, d (..., K // 32) float32; x ~ d * q.
+
+        A block holding a NaN or an infinity gets d = NaN and q = 0: no int8 code can carry it, and a
+        NaN scale makes every product with the block NaN, so the model's output says so."""
         x = np.asarray(x, np.float32)
         blocks = x.reshape(*x.shape[:-1], x.shape[-1] // 32, 32)             # (..., n_blocks, 32)
-        amax = np.abs(blocks).max(axis=-1)                                   # (..., n_blocks)
+        amax = np.abs(blocks).max(axis=-1)                                   # (..., n_blocks), NaN if any is
+        finite = np.isfinite(amax)
         d = np.where(amax < FLUSH, np.float32(0), amax / np.float32(127))
-        with np.errstate(divide="ignore"):
-            q = round_half_away(blocks * reciprocal(d)[..., None]).astype(np.int8)
+        d = np.where(finite, d, np.float32(np.nan))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            q = round_half_away(blocks * reciprocal(d)[..., None])
+        q = np.where(finite[..., None], q, 0).astype(np.int8)
         return q.reshape(x.shape), d
 
     @staticmethod

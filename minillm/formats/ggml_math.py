@@ -32,18 +32,28 @@ def fma32(a, b, c) -> np.ndarray:
     The product of two float32 values is exact in float64 and so is the error of adding c to it
     (TwoSum), so s + e is the exact value. Rounding s to float32 is then right unless s lies exactly
     halfway between two float32 values while e != 0: there the exact value is off the midpoint by e,
-    so s is nudged one float64 step towards it before rounding."""
-    a, b, c = (np.asarray(v, np.float64) for v in (a, b, c))
-    p = a * b                                                     # exact
-    s = p + c
+    so s is nudged one float64 step towards it before rounding. Only a float64 whose 29 bits below
+    float32's precision read 1000...0 can be such a midpoint (or one in float32's subnormal range,
+    where fewer bits are kept), so the check runs on those few elements alone."""
+    a, b, c = np.broadcast_arrays(*(np.asarray(v, np.float64) for v in (a, b, c)))
+    p = np.asarray(a * b)                                         # exact
+    s = np.asarray(p + c)
+    with np.errstate(over="ignore", invalid="ignore"):
+        r = np.array(s, np.float32)
+    below_precision = s.view(np.uint64) & np.uint64(0x1FFFFFFF)
+    maybe = (below_precision == np.uint64(0x10000000)) | ((np.abs(s) < 2.0**-126) & (s != 0))
+    if not maybe.any():
+        return r
+    p, c, s = p[maybe], c[maybe], s[maybe]
     bb = s - p
     e = (p - (s - bb)) + (c - bb)                                 # s + e == p + c exactly
     with np.errstate(over="ignore", invalid="ignore"):
-        r = s.astype(np.float32)
-        other = np.nextafter(r, np.where(s > r, np.float32(np.inf), np.float32(-np.inf))).astype(np.float64)
-        midpoint = (s != r) & (s == (r.astype(np.float64) + other) / 2) & (e != 0) & np.isfinite(s)
+        near = s.astype(np.float32)
+        other = np.nextafter(near, np.where(s > near, np.float32(np.inf), np.float32(-np.inf))).astype(np.float64)
+        midpoint = (s != near) & (s == (near.astype(np.float64) + other) / 2) & (e != 0) & np.isfinite(s)
         nudged = np.nextafter(s, np.where(e > 0, np.inf, -np.inf))
-        return np.where(midpoint, nudged.astype(np.float32), r)
+        r[maybe] = np.where(midpoint, nudged.astype(np.float32), near)
+    return r
 
 
 def hsum_float_8(lanes: np.ndarray) -> np.ndarray:

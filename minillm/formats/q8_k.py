@@ -5,7 +5,9 @@
 quantize_row_q8_K_ref (ggml-quants.c), which the x86 CPU backend calls as it is: the value of
 largest magnitude, max, maps to -127 (iscale = -127 / max, q = nearest_int(iscale * x), d =
 1 / iscale, so d < 0 when max > 0); a block of zeros gets d = 0. The bsums let a weight's
-sub-block minimum or offset multiply the activation's sum in one integer product.
+sub-block minimum or offset multiply the activation's sum in one integer product. A block holding a
+NaN or an infinity gets d = NaN and q = 0 (ggml's C has no defined codes for it): no int8 code can
+carry it, and a NaN scale makes every product with the block NaN, so the model's output says so.
 
 minillm's K-quant matvec kernels (kernels/q8_k.py) multiply by exactly these codes, so `codes`
 and `error_bound` below also serve as their activation (minillm.formats.activation).
@@ -31,8 +33,10 @@ def quantize_q8_k(x: np.ndarray):
         q = np.minimum(127, nearest_int(iscale * blocks))
         d = (np.float32(1) / iscale)[..., 0]
     zero = signed_max[..., 0] == 0                                     # ggml: `if (!amax)` d = 0, q = 0
-    q = np.where(zero[..., None], 0, q).astype(np.int8)                # C stores the int in an int8
+    finite = np.isfinite(blocks).all(axis=-1)                          # (..., K/256)
+    q = np.where(zero[..., None] | ~finite[..., None], 0, q).astype(np.int8)   # C stores the int in an int8
     d = np.where(zero, np.float32(0), d)
+    d = np.where(finite, d, np.float32(np.nan))
     bsums = q.reshape(*q.shape[:-1], 16, 16).astype(np.int32).sum(axis=-1)
     return d, q, bsums
 

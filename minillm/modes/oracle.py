@@ -6,8 +6,6 @@ the file encodes. A float64 copy of SmolLM2 would take 1.1 GB; instead the packe
 are (a memory map) and are dequantized one tile at a time, as QuantLinear._tiled does for float32.
 """
 
-from dataclasses import replace
-
 import numpy as np
 
 from ..linear import TILE_BYTES, QuantEmbedding, QuantLinear
@@ -52,16 +50,3 @@ class OracleEmbedding:
     @property
     def nbytes(self) -> int:
         return self.linear.nbytes
-
-
-def oracle_weights(weights):
-    """ModelWeights of QuantLinear/QuantEmbedding -> the same weights as float64 oracle objects
-    (norm vectors widened to float64)."""
-    def swap(field):
-        if isinstance(field, QuantLinear):
-            return OracleLinear(field)
-        return field.astype(np.float64)   # a norm weight (dim,)
-    layers = [replace(layer, **{name: swap(getattr(layer, name)) for name in vars(layer)}) for layer in weights.layers]
-    return replace(weights, embedding=OracleEmbedding(weights.embedding), layers=layers,
-                   output_norm=weights.output_norm.astype(np.float64),
-                   output=OracleLinear(weights.output) if weights.output is not None else None)

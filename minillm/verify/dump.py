@@ -11,13 +11,15 @@ A dump is a NumPy .npz archive (layout version 1):
 
 minillm writes float32 tensors, float64 in `--mode oracle` (minillm.modes).
 `metadata` as minillm writes it: `producer` ("minillm 0.1.0"), `mode` (the compute mode: oracle, f32, ggml),
-`bits`, `model_file`, `model_size` (bytes), `model_sha256`, `prompt`, and `hf_names` (graph name
--> HF module, as in the table below). Another runtime writes the tensors it has under the same
+`bits`, `model_file`, `model_size` (bytes), `model_sha256`, `prompt`, `architecture` (`general.architecture`)
+and `hf_names` (graph name -> HF module, as in the table below). Another runtime writes the tensors it has under the same
 names and shapes; any tensor may be missing. `load_dump` checks the layout, `check_same_run`
 refuses to line up two dumps whose token ids or shapes differ.
 
-Names and shapes (T tokens, layer i; HF = the module of transformers' LlamaForCausalLM whose
-output, or input where marked, holds the same values):
+Names and shapes (T tokens, layer i) are llama.cpp's graph names, which differ by architecture: each
+architecture module lists what its forward pass traces, with the HF transformers module holding the
+same values (`LAYER_GRAPH`, `OUTER_GRAPH` in minillm.arch.llama, minillm.arch.gemma3). For Llama
+(HF = the module of LlamaForCausalLM whose output, or input where marked, holds the same values):
 
 | llama.cpp name | shape                     | HF module                                  | note            |
 |----------------|---------------------------|--------------------------------------------|-----------------|
@@ -35,6 +37,12 @@ output, or input where marked, holds the same values):
 | `result_norm`  | (T, dim)                  | `model.norm`                               |                 |
 | `result_output`| (T, vocab_size)           | `lm_head`                                  | the logits      |
 
+Gemma 3 adds `inp_scaled` (the embedding times sqrt(dim), HF's `model.embed_tokens`), the per-head
+norms `Qcur_normed-i` and `Kcur_normed-i` (before RoPE; HF's `q_norm`, `k_norm`), `attn_post_norm-i`,
+`sa_out-i` (the residual after attention) and `ffn_post_norm-i`, and has no `ffn_inp-i`; its Q and K
+are not permuted (NEOX RoPE), and HF applies RoPE inside its attention, so `Qcur`/`Kcur` have no
+module there.
+
 (1) HF's q_proj/k_proj give Q and K before RoPE, which HF applies inside the attention
 function, and in the "rotate-half" channel order of the original checkpoint. llama.cpp's
 converter permutes the GGUF rows so that channel 2j of a head is HF's channel j and channel
@@ -51,24 +59,26 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
+from ..arch import ARCHITECTURES
 from ..errors import MinillmError
 
 LAYOUT_VERSION = 1
-LAYER_TENSORS = ("attn_norm", "Qcur", "Kcur", "Vcur", "kqv_out", "attn_out", "ffn_inp", "ffn_norm", "ffn_out", "l_out")
-HEAD_MAJOR = ("Qcur", "Kcur", "Vcur")  # the model traces these as (heads, T, head_dim)
-HF_LAYER_NAMES = {
-    "attn_norm": "model.layers.{i}.input_layernorm",
-    "Qcur": "model.layers.{i}.self_attn.q_proj (before RoPE, rotate-half order)",
-    "Kcur": "model.layers.{i}.self_attn.k_proj (before RoPE, rotate-half order)",
-    "Vcur": "model.layers.{i}.self_attn.v_proj",
-    "kqv_out": "model.layers.{i}.self_attn.o_proj:input",
-    "attn_out": "model.layers.{i}.self_attn.o_proj",
-    "ffn_inp": "model.layers.{i}.post_attention_layernorm:input",
-    "ffn_norm": "model.layers.{i}.post_attention_layernorm",
-    "ffn_out": "model.layers.{i}.mlp",
-    "l_out": "model.layers.{i}",
-}
-HF_OTHER_NAMES = {"inp_embd": "model.embed_tokens", "result_norm": "model.norm", "result_output": "lm_head"}
+HEAD_MAJOR = ("Qcur_normed", "Kcur_normed", "Qcur", "Kcur", "Vcur")  # traced as (heads, T, head_dim)
+
+
+def merged_order(orders) -> tuple:
+    """One order of names consistent with each of `orders`: each name not placed yet goes right after
+    the name before it in its own order (llama's block, then what gemma3 adds around it)."""
+    merged = []
+    for order in orders:
+        for k, name in enumerate(order):
+            if name not in merged:
+                merged.insert(merged.index(order[k - 1]) + 1 if k else 0, name)
+    return tuple(merged)
+
+
+LAYER_TENSORS = merged_order(list(module.LAYER_GRAPH) for module in ARCHITECTURES.values())
+OUTER_TENSORS = merged_order(list(module.OUTER_GRAPH) for module in ARCHITECTURES.values())
 
 
 @dataclass
@@ -94,19 +104,20 @@ def graph_order_key(name: str) -> tuple:
     base, layer = split_name(name)
     if layer is not None:
         return (1, layer, LAYER_TENSORS.index(base))
-    if name == "inp_embd":
-        return (0, 0, 0)
-    if name in ("result_norm", "result_output"):
-        return (2, 0, ("result_norm", "result_output").index(name))
+    if name in OUTER_TENSORS:
+        before = OUTER_TENSORS.index(name) < OUTER_TENSORS.index("result_norm")
+        return (0 if before else 2, 0, OUTER_TENSORS.index(name))
     return (3, 0, 0)
 
 
-def hf_name(name: str) -> str | None:
-    """The HF transformers module holding the same values (see the table above), if any."""
+def hf_name(name: str, architecture: str = "llama") -> str | None:
+    """The HF transformers module holding the same values (the architecture's table), if any."""
+    module = ARCHITECTURES[architecture]
     base, layer = split_name(name)
     if layer is not None:
-        return HF_LAYER_NAMES[base].format(i=layer)
-    return HF_OTHER_NAMES.get(name)
+        hf = module.LAYER_GRAPH.get(base)
+        return hf and hf.format(i=layer)
+    return module.OUTER_GRAPH.get(name)
 
 
 def record_forward(model, ids, cache) -> dict[str, np.ndarray]:
@@ -140,10 +151,11 @@ def dump_runtime(rt, prompt: str) -> Dump:
         raise MinillmError("the prompt gives no tokens")
     tensors = record_forward(rt.model, ids, rt.new_cache())
     path = Path(rt.gguf.path)
+    architecture = rt.model.config.architecture
     metadata = {
         "producer": f"minillm {__version__}", "mode": rt.config.mode, "bits": rt.config.bits, "model_file": path.name,
         "model_size": path.stat().st_size, "model_sha256": file_sha256(path), "prompt": prompt,
-        "hf_names": {name: hf_name(name) for name in tensors},
+        "architecture": architecture, "hf_names": {name: hf_name(name, architecture) for name in tensors},
     }
     return Dump(np.asarray(ids, dtype=np.int32), tensors, metadata)
 

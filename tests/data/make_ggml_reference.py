@@ -2,6 +2,8 @@
 
     python tests/data/make_ggml_reference.py [--tokens 512] [--llama-logits CACHE.npy] [--no-golden]
     python tests/data/make_ggml_reference.py --dump DIR [--tokens 8]
+    python tests/data/make_ggml_reference.py --model tests/data/tiny_gemma3.gguf --tokens 100 --bits 8 \
+        --golden gemma3_ggml_reference.npz --golden-tokens 100 --positions 0,40,63,64,65,99 --float32
 
 Runs the first N tokens of tests/data/alice_in_wonderland.txt (minillm's tokenizer; SmolLM2 adds
 no BOS) through llama.cpp (llama-cpp-python 0.3.36, CPU backend, n_batch = n_ubatch = 1, so every
@@ -10,10 +12,11 @@ through minillm in `--mode ggml` (both roundings of the activation quantizers), 
 `oracle`, also one token at a time, and prints a Markdown table of each against llama.cpp:
 logit NMSE over all positions, mean and max KL(llama.cpp || minillm), same top token.
 
-Writes tests/data/ggml_reference.npz, the golden test_ggml.py reads without llama.cpp:
+Writes tests/data/ggml_reference.npz (or --golden NAME), the golden the tests read without llama.cpp:
 `token_ids` (GOLDEN_TOKENS,) int32, `top1` (GOLDEN_TOKENS,) int32 llama.cpp's most likely next
-token at each position, `positions` (P,) and `logits` (P, vocab) float16 llama.cpp's logits there,
-`metadata` (JSON: producer, model file and sha256).
+token at each position, `positions` (P,) and `logits` (P, vocab) float16 (float32 with --float32)
+llama.cpp's logits there, `metadata` (JSON: producer, model file and sha256, and the sha256 of
+libggml-cpu's GELU table, ggml_table_gelu_f16, over its finite float16 entries).
 
 With --dump, writes layer-by-layer dumps instead (minillm.verify.dump layout, one token per
 decode): DIR/llamacpp.npz with llama.cpp's own intermediate tensors, caught by its graph
@@ -125,10 +128,10 @@ def write_dumps(model: str, ids, threads: int, out: Path):
           f"{len(equal)} equal bit for bit to --mode ggml -> {out}")
 
 
-def minillm_logits(model: str, ids, mode: str, rounding: str = "x86") -> np.ndarray:
+def minillm_logits(model: str, ids, mode: str, rounding: str = "x86", bits: int = 4) -> np.ndarray:
     """minillm's logits after each token in a compute mode, one forward pass per token. -> (T, vocab)"""
     from minillm.runtime import RunConfig, load
-    rt = load(RunConfig(model=model, mode=mode, ggml_rounding=rounding, ctx_size=len(ids)), announce=print)
+    rt = load(RunConfig(model=model, mode=mode, ggml_rounding=rounding, ctx_size=len(ids), bits=bits), announce=print)
     cache = rt.new_cache()
     out = np.empty((len(ids), rt.model.config.vocab_size), np.float64 if mode == "oracle" else np.float32)
     for t, token in enumerate(ids):
@@ -151,10 +154,15 @@ def main():
     parser.add_argument("--text", default=str(HERE / "alice_in_wonderland.txt"))
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--bits", type=int, default=4, help="minillm's --bits: the one that keeps the file as stored")
     parser.add_argument("--llama-logits", metavar="CACHE.npy", help="reuse (or write) llama.cpp's logits here")
     parser.add_argument("--modes", default="ggml:x86,f32,ggml:ref,oracle",
                         help="minillm modes to compare, mode[:rounding] (default: %(default)s)")
-    parser.add_argument("--no-golden", action="store_true", help="do not write tests/data/ggml_reference.npz")
+    parser.add_argument("--no-golden", action="store_true", help="do not write the golden")
+    parser.add_argument("--golden", default="ggml_reference.npz", help="its file name in tests/data (default: %(default)s)")
+    parser.add_argument("--golden-tokens", type=int, default=GOLDEN_TOKENS, help="positions whose top token it keeps")
+    parser.add_argument("--positions", default=",".join(map(str, GOLDEN_POSITIONS)), help="positions whose logits it keeps")
+    parser.add_argument("--float32", action="store_true", help="keep the logits as float32 (default: float16)")
     parser.add_argument("--dump", metavar="DIR", help="write layer-by-layer dumps of llama.cpp and minillm instead")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -177,7 +185,7 @@ def main():
     for spec in args.modes.split(","):
         mode, _, rounding = spec.partition(":")
         start = time.perf_counter()
-        ours = minillm_logits(args.model, ids, mode, rounding or "x86")
+        ours = minillm_logits(args.model, ids, mode, rounding or "x86", args.bits)
         name = f"`--mode {mode}`" + (f" ({rounding} rounding)" if rounding else "")
         rows.append(table_row(name, ref, ours))
         print(f"{spec}: {time.perf_counter() - start:.0f} s  {rows[-1]}", file=sys.stderr, flush=True)
@@ -187,19 +195,33 @@ def main():
     print("|---|---|---|---|---|")
     print("\n".join(rows))
     if not args.no_golden:
-        write_golden(args.model, ids, ref)
+        positions = [int(p) for p in args.positions.split(",")]
+        write_golden(args.model, ids, ref, HERE / args.golden, args.golden_tokens, positions,
+                     np.float32 if args.float32 else np.float16)
 
 
-def write_golden(model: str, ids, ref: np.ndarray):
+def gelu_table_sha256() -> str:
+    """sha256 of llama.cpp's GELU table (libggml-cpu's ggml_table_gelu_f16, filled by ggml_cpu_init) over
+    its finite float16 inputs, as float16 bytes: minillm.ops.ggml.gelu_table must hash the same."""
+    import os
+
     import llama_cpp
-    n = min(GOLDEN_TOKENS, len(ids))
-    positions = np.array([p for p in GOLDEN_POSITIONS if p < n], dtype=np.int32)
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-cpu.so"))
+    lib.ggml_cpu_init()
+    table = np.ctypeslib.as_array((ctypes.c_uint16 * 65536).in_dll(lib, "ggml_table_gelu_f16")).view(np.float16)
+    finite = np.isfinite(np.arange(1 << 16, dtype=np.uint16).view(np.float16))
+    return hashlib.sha256(table[finite].tobytes()).hexdigest()
+
+
+def write_golden(model: str, ids, ref: np.ndarray, out: Path, tokens: int, positions: list, dtype):
+    import llama_cpp
+    n = min(tokens, len(ids))
+    positions = np.array([p for p in positions if p < n], dtype=np.int32)
     metadata = {"producer": f"llama-cpp-python {llama_cpp.__version__} (CPU backend, n_batch 1, flash attention off)",
                 "model_file": Path(model).name, "model_sha256": hashlib.sha256(Path(model).read_bytes()).hexdigest(),
-                "text": "tests/data/alice_in_wonderland.txt, first tokens"}
-    out = HERE / "ggml_reference.npz"
+                "text": "tests/data/alice_in_wonderland.txt, first tokens", "gelu_table_sha256": gelu_table_sha256()}
     np.savez_compressed(out, token_ids=np.asarray(ids[:n], np.int32), top1=ref[:n].argmax(axis=1).astype(np.int32),
-                        positions=positions, logits=ref[positions].astype(np.float16),
+                        positions=positions, logits=ref[positions].astype(dtype),
                         metadata=np.array(json.dumps(metadata)))
     print(f"golden: {out} ({out.stat().st_size} bytes)")
 

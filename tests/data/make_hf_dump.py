@@ -28,15 +28,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 ROOT = Path(__file__).parents[2]
 sys.path.insert(0, str(ROOT))
-from minillm.verify.dump import HF_LAYER_NAMES, HF_OTHER_NAMES, LAYER_TENSORS  # noqa: E402
+from minillm.arch.llama import LAYER_GRAPH, OUTER_GRAPH  # noqa: E402
 
 
 def module_names(n_layers: int) -> dict[str, str]:
     """graph name -> HF module name (":input" for a module's input), from minillm's table."""
-    names = dict((graph, hf) for hf, graph in ((v, k) for k, v in HF_OTHER_NAMES.items()))
+    names = dict(OUTER_GRAPH)
     for i in range(n_layers):
-        for t in LAYER_TENSORS:
-            names[f"{t}-{i}"] = HF_LAYER_NAMES[t].format(i=i).split(" ")[0]
+        for t, hf in LAYER_GRAPH.items():
+            names[f"{t}-{i}"] = hf.format(i=i).split(" ")[0]
     return names
 
 
@@ -50,11 +50,9 @@ def rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> n
     return out.numpy()
 
 
-def record(model, ids: list[int]) -> dict[str, np.ndarray]:
-    """Run the prompt once with hooks on every module of the table. -> graph name -> (T, ...) float32"""
-    c = model.config
-    head_dim = c.hidden_size // c.num_attention_heads
-    wanted = module_names(c.num_hidden_layers)
+def module_outputs(model, wanted: dict[str, str], ids: list[int]) -> dict:
+    """Run the prompt once with a hook on each module `wanted` names (graph name -> HF module, ":input"
+    for its input). -> graph name -> the module's output (or input), a torch tensor with a batch axis"""
     seen, handles = {}, []
     for graph, hf in wanted.items():
         module = model.get_submodule(hf.removesuffix(":input"))
@@ -64,11 +62,21 @@ def record(model, ids: list[int]) -> dict[str, np.ndarray]:
             handles.append(module.register_forward_hook(
                 lambda m, args, out, g=graph: seen.__setitem__(g, out[0] if isinstance(out, tuple) else out)))
     with torch.no_grad():
-        x = torch.tensor([ids])
-        model(x)
-        cos, sin = model.model.rotary_emb(model.model.embed_tokens(x), torch.arange(len(ids))[None])
+        model(torch.tensor([ids]))
     for h in handles:
         h.remove()
+    return seen
+
+
+def record(model, ids: list[int]) -> dict[str, np.ndarray]:
+    """Run the prompt once with hooks on every module of the table. -> graph name -> (T, ...) float32"""
+    c = model.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    wanted = module_names(c.num_hidden_layers)
+    seen = module_outputs(model, wanted, ids)
+    with torch.no_grad():
+        x = torch.tensor([ids])
+        cos, sin = model.model.rotary_emb(model.model.embed_tokens(x), torch.arange(len(ids))[None])
     tensors = {}
     for graph in sorted(seen, key=list(wanted).index):
         value = seen[graph][0].detach()                              # drop the batch axis: (T, ...)

@@ -1,17 +1,23 @@
-"""Regenerate tests/data/tokenizer_reference.json: llama.cpp's token ids for the tokenizer corpus.
+"""Regenerate tests/data/tokenizer_reference*.json: llama.cpp's token ids for the tokenizer corpus.
 
 The ids come from llama.cpp (through llama-cpp-python), an implementation independent of
 minillm and of HF `tokenizers`:
   - each corpus string: `tokenize(text.encode(), add_bos=False, special=False)`, so special-token
     strings typed in the text stay plain text, as in `minillm.tokenizer.Tokenizer.encode`;
   - one conversation, rendered by llama-cpp-python's Jinja2ChatFormatter with the model's chat
-    template, then `tokenize(rendered.encode(), add_bos=False, special=True)`, the ids that
-    `Tokenizer.encode_chat` must give (its messages contain no special-token strings).
+    template, or, for a file without one (Gemma 3), by llama.cpp's built-in "gemma" format
+    (`llama_chat_apply_template`), then `tokenize(rendered.encode(), add_bos=True, special=True)`
+    (a BOS only where the vocabulary adds one), the ids that `Tokenizer.encode_chat` must give (its
+    messages contain no special-token strings).
 
 Usage:  pip install llama-cpp-python   (builds llama.cpp from source: 15-20 minutes)
-        python tests/data/make_tokenizer_reference.py [path/to/SmolLM2-135M-Instruct.Q4_1.gguf]
+        python tests/data/make_tokenizer_reference.py [MODEL.gguf] [--out NAME.json]
+    SmolLM2 (the default) -> tokenizer_reference.json; Gemma 3 270M ->
+    --out tokenizer_reference_gemma3.json; tests/data/tiny_gemma3.gguf -> --out tokenizer_reference_tiny_gemma3.json
 """
 
+import argparse
+import ctypes
 import hashlib
 import json
 import re
@@ -41,17 +47,33 @@ def sha256(path: Path) -> str:
 
 def chat_reference(llm: llama_cpp.Llama) -> dict:
     metadata = llm.metadata
-    tokens_text = {name: llm.detokenize([int(metadata[f"tokenizer.ggml.{name}_token_id"])], special=True).decode()
-                   for name in ("bos", "eos")}
-    formatter = Jinja2ChatFormatter(metadata["tokenizer.chat_template"], eos_token=tokens_text["eos"],
-                                    bos_token=tokens_text["bos"], add_generation_prompt=True)
-    rendered = formatter(messages=CHAT_MESSAGES).prompt
+    if "tokenizer.chat_template" in metadata:
+        messages = CHAT_MESSAGES
+        tokens_text = {name: llm.detokenize([int(metadata[f"tokenizer.ggml.{name}_token_id"])], special=True).decode()
+                       if f"tokenizer.ggml.{name}_token_id" in metadata else "" for name in ("bos", "eos")}
+        formatter = Jinja2ChatFormatter(metadata["tokenizer.chat_template"], eos_token=tokens_text["eos"],
+                                        bos_token=tokens_text["bos"], add_generation_prompt=True)
+        rendered = formatter(messages=messages).prompt
+    else:  # a system message too: the built-in format folds it into the first user turn
+        messages = [{"role": "system", "content": "  Answer briefly.\n"}, *CHAT_MESSAGES]
+        rendered = builtin_template(b"gemma", messages)
     return {
-        "messages": CHAT_MESSAGES,
+        "messages": messages,
         "add_generation_prompt": True,
         "rendered": rendered,
-        "ids": llm.tokenize(rendered.encode("utf-8"), add_bos=False, special=True),
+        "ids": llm.tokenize(rendered.encode("utf-8"), add_bos=True, special=True),
     }
+
+
+def builtin_template(name: bytes, messages: list[dict]) -> str:
+    """The conversation in one of llama.cpp's built-in chat formats (llama-chat.cpp), with the prompt
+    for the assistant's turn."""
+    chat = (llama_cpp.llama_chat_message * len(messages))(
+        *[llama_cpp.llama_chat_message(m["role"].encode(), m["content"].encode()) for m in messages])
+    buf = ctypes.create_string_buffer(1 << 16)
+    n = llama_cpp.llama_chat_apply_template(name, chat, len(messages), True, buf, len(buf))
+    assert 0 < n <= len(buf)
+    return buf.raw[:n].decode("utf-8")
 
 
 def escape_invisible(ch: str) -> str:
@@ -73,23 +95,27 @@ def to_json(reference: dict) -> str:
     return text
 
 
-def main(model_path: Path):
+def main(model_path: Path, out_name: str):
     corpus = json.loads((HERE / "tokenizer_corpus.json").read_text(encoding="utf-8"))
     llm = llama_cpp.Llama(model_path=str(model_path), vocab_only=True, verbose=False)
     reference = {
         "produced_by": f"llama.cpp through llama-cpp-python {llama_cpp.__version__}: "
                        "Llama(vocab_only=True).tokenize(text.encode(), add_bos=False, special=False); "
-                       "chat: Jinja2ChatFormatter, then tokenize(special=True)",
+                       "chat: Jinja2ChatFormatter or llama_chat_apply_template, then tokenize(special=True)",
         "model": model_path.name,
         "model_sha256": sha256(model_path),
         "texts": [{"text": text, "ids": llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)}
                   for text in corpus],
         "chat": chat_reference(llm),
     }
-    out = HERE / "tokenizer_reference.json"
+    out = HERE / out_name
     out.write_text(to_json(reference), encoding="utf-8")
     print(f"wrote {out}: {len(corpus)} texts")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_MODEL)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", nargs="?", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--out", default="tokenizer_reference.json", help="file name in tests/data")
+    args = parser.parse_args()
+    main(args.model, args.out)

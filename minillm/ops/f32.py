@@ -1,0 +1,153 @@
+"""The float arithmetic of a forward pass in NumPy: norms, RoPE, activations, softmax, attention.
+
+These are the reference definitions every other computation is checked against. `F32` hands them
+to a model's forward pass in float32 (`--mode f32`, the runtime's own); minillm.ops.oracle runs the
+same functions in float64. Each works in the dtype of its input, so one definition serves both.
+"""
+
+import math
+
+import numpy as np
+
+
+def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """Scale each row to unit root-mean-square, then by a learned per-channel weight.
+    x: (..., n), weight: (n,) -> (..., n). Gemma 3 applies it per head to Q and K too (n = head_dim)."""
+    mean_square = np.mean(x * x, axis=-1, keepdims=True)
+    return x / np.sqrt(mean_square + eps) * weight
+
+
+def rope_angles(positions: np.ndarray, rope_dim: int, base: float, dtype=np.float32):
+    """cos and sin of the rotation angle for each position and each pair of channels.
+    positions: (T,) -> cos, sin: (T, rope_dim // 2) in dtype (float32; float64 for the oracle).
+    Pair i turns at frequency base^(-2i / rope_dim): fast for the first pairs, slow for the last."""
+    inv_freq = base ** (-np.arange(0, rope_dim, 2, dtype=np.float64) / rope_dim)
+    angles = positions[:, None].astype(np.float64) * inv_freq[None, :]
+    return np.cos(angles).astype(dtype), np.sin(angles).astype(dtype)
+
+
+def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate adjacent channel pairs (x[2i], x[2i+1]) of every head by the position's angle
+    (llama.cpp's "normal" RoPE). x: (n_heads, T, head_dim), cos/sin: (T, rope_dim // 2) -> same shape.
+
+    Llama GGUF files store Q and K weights permuted (by llama.cpp's converter) so that this
+    adjacent-pair rotation equals the "rotate half" form used by the original checkpoints."""
+    rope_dim = 2 * cos.shape[-1]
+    even, odd = x[..., 0:rope_dim:2], x[..., 1:rope_dim:2]
+    out = x.copy()
+    out[..., 0:rope_dim:2] = even * cos - odd * sin
+    out[..., 1:rope_dim:2] = even * sin + odd * cos
+    return out
+
+
+def rope_neox(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Rotate the pairs (x[i], x[i + rope_dim/2]) of every head by the position's angle: the
+    "rotate half" form of the original checkpoints, which llama.cpp calls NEOX and uses for files
+    whose converter did not permute Q and K (Gemma 3, Qwen).
+    x: (n_heads, T, head_dim), cos/sin: (T, rope_dim // 2) -> same shape."""
+    half = cos.shape[-1]
+    first, second = x[..., 0:half], x[..., half:2 * half]
+    out = x.copy()
+    out[..., 0:half] = first * cos - second * sin
+    out[..., half:2 * half] = first * sin + second * cos
+    return out
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    """x * sigmoid(x), the gate of Llama's SwiGLU."""
+    return x / (1.0 + np.exp(-x))
+
+
+GELU_COEF = 0.044715
+SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GELU in its tanh approximation (Gemma's "gelu_pytorch_tanh"), the gate of GeGLU:
+    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    return 0.5 * x * (1.0 + np.tanh(SQRT_2_OVER_PI * x * (1.0 + GELU_COEF * x * x)))
+
+
+def causal_mask(start: int, T: int, S: int) -> np.ndarray:
+    """(T, S) bool: query t (at absolute position start + t) may see key s when s <= start + t."""
+    return np.arange(S)[None, :] <= (start + np.arange(T))[:, None]
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis; subtracting the row maximum keeps exp() from overflowing.
+    A row that is -inf everywhere (a query whose mask hides every key) gets zeros, not NaN."""
+    row_max = scores.max(axis=-1, keepdims=True)
+    e = np.exp(scores - np.where(row_max == -np.inf, 0, row_max))
+    total = e.sum(axis=-1, keepdims=True)
+    return e / np.where(total == 0, 1, total)
+
+
+def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray, scale: float | None = None) -> np.ndarray:
+    """Grouped-query attention, softmax(q k^T * scale) v under a mask.
+    q: (n_heads, T, head_dim)  k, v: (n_kv_heads, S, head_dim)  mask: (T, S) bool
+    scale: None for 1/sqrt(head_dim) -> (n_heads, T, head_dim)
+
+    Query head h reads key/value head h // group_size: consecutive query heads share one,
+    as in llama.cpp and HF. The grouping is a reshape, so K and V are never copied."""
+    n_heads, T, head_dim = q.shape
+    n_kv_heads = k.shape[0]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    qg = q.reshape(n_kv_heads, n_heads // n_kv_heads, T, head_dim)      # (n_kv_heads, group, T, head_dim)
+    scores = qg @ k[:, None].swapaxes(-1, -2) * scale                  # (n_kv_heads, group, T, S)
+    scores = np.where(mask, scores, -np.inf)
+    out = softmax(scores) @ v[:, None]                                   # (n_kv_heads, group, T, head_dim)
+    return out.reshape(n_heads, T, head_dim)
+
+
+def masked_attention(q, k, v, pattern, q_pos, k_pos, scale: float | None = None) -> np.ndarray:
+    """The reference for any pattern (minillm.attention): dense scores under its element mask.
+    q: (n_heads, T, head_dim), q_pos (T,)  k, v: (n_kv_heads, S, head_dim), k_pos (S,) absolute positions
+    For the dense pattern the mask is causal_mask(start, T, S)."""
+    return attend(q, k, v, pattern.mask(q_pos, k_pos), scale)
+
+
+class F32:
+    """float32 NumPy arithmetic, handed to a model's forward pass (`--mode f32`).
+
+    `attention` computes attention under a pattern: the NumPy reference `masked_attention`, or
+    `minillm.attention.block_sparse_attention`, which computes only the blocks the pattern can see.
+    The weight objects are the loader's own (FloatLinear, QuantLinear): `linear` and `embedding`
+    keep them as they are."""
+
+    name = "f32"
+    dtype = np.float32
+
+    def __init__(self, attention=masked_attention):
+        self.attention = attention
+
+    def rms_norm(self, x, weight, eps):
+        return rmsnorm(x, weight, eps)
+
+    def rope_angles(self, positions, rope_dim: int, base: float):
+        return rope_angles(positions, rope_dim, base, self.dtype)
+
+    def rope(self, x, cos, sin):
+        return rope(x, cos, sin)
+
+    def rope_neox(self, x, cos, sin):
+        return rope_neox(x, cos, sin)
+
+    def silu(self, x):
+        return silu(x)
+
+    def gelu(self, x):
+        return gelu_tanh(x)
+
+    def scale(self, x, s: float):
+        """x * s, s rounded to x's float type first (as ggml_scale takes a float)."""
+        return x * x.dtype.type(s)
+
+    def linear(self, packed):
+        return packed
+
+    def linears(self, packed: list) -> list:
+        """The weight objects of matrices the forward pass multiplies by one input (q, k, v; gate, up)."""
+        return [self.linear(p) for p in packed]
+
+    def embedding(self, packed):
+        return packed

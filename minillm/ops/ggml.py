@@ -1,0 +1,309 @@
+"""llama.cpp's float32 arithmetic between the matrix products, emulated in NumPy (`--mode ggml`).
+
+Sources: llama.cpp as vendored by llama-cpp-python 0.3.36 (ggml/src/ggml-cpu/...). The products
+themselves (activations quantized to the type ggml pairs with each weight format, integer block
+sums: minillm.formats) are minillm.modes.ggml's GGMLLinear; this module holds what a forward pass
+does around them, in ggml's order:
+
+| op           | ggml (CPU backend, AVX-512 build)                                                    |
+|--------------|--------------------------------------------------------------------------------------|
+| RMS norm     | float32 squares summed in double, scale = 1/sqrtf(mean + eps), (x * scale) * weight  |
+| RoPE angles  | theta_scale = powf(base, -2/n_dims), theta built pair by pair in float32, cosf, sinf |
+| RoPE         | fma(x0, cos, -(x1 sin)), fma(x0, sin, x1 cos) (GCC contracts C++ to FMA); normal     |
+|              | mode pairs (2i, 2i+1), NEOX mode pairs (i, i + n_dims/2)                            |
+| SiLU         | x / (1 + ggml_v_expf(-x)), a degree-5 polynomial exp                                 |
+| GELU (tanh)  | a 65,536-entry table of float16 results indexed by float16(x), for -10 < x < 10     |
+| softmax      | exp by ggml_v_expf, float32 sums over 16 lanes added in double, times float(1/sum)   |
+| attention    | K, V in a float16 cache, Q and the softmax weights rounded to float16 for the two    |
+|              | products, added in ggml_vec_dot_f16's order in a one-token decode                    |
+| scale        | x * s in float32 (ggml_scale)                                                        |
+
+That matters: the products quantize their input, so a value one float32 ulp off can round to
+another 8-bit code, and such flips grow through the layers. With all of the above, minillm's hidden
+states and logits for SmolLM2, decoded one token at a time, equal llama.cpp's bit for bit
+(llama-cpp-python 0.3.36 on an AVX-512 machine; tests/data/make_ggml_reference.py checks it).
+
+Attention (llama-cpp-python's default context: flash attention off; llama-graph.cpp
+build_attn_mha, non-flash branch): KQ = mul_mat(K, Q) converts Q to float16 (F16's vec_dot_type);
+softmax(KQ * scale + mask) in float32 with a double sum; KQV = mul_mat(V, KQ) converts the softmax
+weights to float16. In a one-token decode both products add in ggml_vec_dot_f16's order
+(`f16_dot`); llama.cpp's batched products go through llamafile's tinyBLAS, whose order is not
+reproduced here.
+"""
+
+import ctypes
+import ctypes.util
+from functools import cache
+
+import numpy as np
+
+from ..formats.ggml_math import fma32, round_f16
+from ..modes.ggml import GGMLEmbedding, GGMLLinear, ggml_linears
+
+# ggml_v_expf's constants (vec.h), as C hex floats
+_EXPF_CONSTANTS = {"shift": "0x1.8p23", "log2e": "0x1.715476p+0", "ln2_hi": "0x1.62e4p-1", "ln2_lo": "0x1.7f7d1cp-20",
+                   "p5": "0x1.0e4020p-7", "p4": "0x1.573e2ep-5", "p3": "0x1.555e66p-3", "p2": "0x1.fffdb6p-2",
+                   "p1": "0x1.ffffecp-1"}
+
+
+def ggml_expf(x: np.ndarray) -> np.ndarray:
+    """exp(x) in float32 as ggml's AVX-512 `ggml_v_expf` (ggml-cpu/vec.h) computes it: n = round(x / ln 2),
+    b = x - n ln 2 in two steps, a degree-5 polynomial, scaled by 2^n; |n| > 192 gives 0 or inf."""
+    c = {name: np.float32(float.fromhex(h)) for name, h in _EXPF_CONSTANTS.items()}
+    x = np.asarray(x, np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):                  # -inf inputs: fixed by the last line
+        n = fma32(x, c["log2e"], c["shift"]) - c["shift"]                # round(x / ln 2), by the 1.5 * 2^23 trick
+        b = fma32(-n, c["ln2_lo"], fma32(-n, c["ln2_hi"], x))             # x - n ln 2
+        u = b * b
+        j = fma32(fma32(fma32(c["p5"], b, c["p4"]), u, fma32(c["p3"], b, c["p2"])), u, fma32(c["p1"], b, np.float32(1)))
+        res = np.ldexp(j, np.where(np.abs(n) > 192, 0, n).astype(np.int32)).astype(np.float32)
+        return np.where(np.abs(n) > 192, np.where(n <= 0, np.float32(0), np.float32(np.inf)), res)
+
+
+def ggml_silu(x: np.ndarray) -> np.ndarray:
+    """x / (1 + exp(-x)) in float32 (ggml_v_silu)."""
+    return x / (np.float32(1) + ggml_expf(-x))
+
+
+def kernel_silu(x: np.ndarray) -> np.ndarray:
+    """ggml_silu by its Numba kernel: x (...) float32 -> (...) float32."""
+    from ..kernels.ggml import silu_values
+    x = np.ascontiguousarray(x, np.float32)
+    out = np.empty(x.shape, np.float32)
+    silu_values(x.reshape(-1), out.reshape(-1))
+    return out
+
+
+def ggml_rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """ggml_compute_forward_rms_norm_f32 then ggml_mul: float32 squares summed in double, mean and
+    scale = 1/sqrtf(mean + eps) in float32, (x * scale) * weight. x: (..., n) -> (..., n)"""
+    x = np.asarray(x, np.float32)
+    mean = ((x * x).astype(np.float64).sum(axis=-1, keepdims=True) / x.shape[-1]).astype(np.float32)
+    scale = np.float32(1) / np.sqrt(mean + np.float32(eps))
+    return x * scale * weight
+
+
+_LIBM = ctypes.CDLL(ctypes.util.find_library("m"))
+for _name in ("powf", "cosf", "sinf", "tanhf"):
+    getattr(_LIBM, _name).restype = ctypes.c_float
+_LIBM.powf.argtypes = [ctypes.c_float, ctypes.c_float]
+_LIBM.cosf.argtypes = _LIBM.sinf.argtypes = _LIBM.tanhf.argtypes = [ctypes.c_float]
+_cosf, _sinf = np.vectorize(_LIBM.cosf, otypes=[np.float32]), np.vectorize(_LIBM.sinf, otypes=[np.float32])
+_tanhf = np.vectorize(_LIBM.tanhf, otypes=[np.float32])
+
+
+def ggml_rope_angles(positions: np.ndarray, rope_dim: int, base: float):
+    """cos, sin (T, rope_dim // 2) float32 as ggml_rope_cache_init: theta_scale = powf(base, -2/n_dims),
+    theta = p, then theta *= theta_scale pair after pair, all float32; cosf and sinf of the C library."""
+    theta_scale = np.float32(_LIBM.powf(base, np.float32(-2.0) / np.float32(rope_dim)))
+    theta = np.empty((len(positions), rope_dim // 2), np.float32)
+    theta[:, 0] = positions
+    for i in range(1, rope_dim // 2):
+        theta[:, i] = theta[:, i - 1] * theta_scale
+    return _cosf(theta), _sinf(theta)
+
+
+def rotate_pairs(x0: np.ndarray, x1: np.ndarray, cos: np.ndarray, sin: np.ndarray):
+    """ops.cpp rotate_pairs: x0*cos - x1*sin and x0*sin + x1*cos, which the compiler (GCC with FMA,
+    C++'s default -ffp-contract=fast) turns into fma(x0, cos, -(x1*sin)) and fma(x0, sin, x1*cos):
+    checked against llama.cpp's own Qcur. x0, x1: (heads, T, n) float32, cos, sin: (T, n)"""
+    return fma32(x0, cos, -(x1 * sin)), fma32(x0, sin, x1 * cos)
+
+
+def ggml_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """Normal mode (Llama): pairs (2i, 2i+1). x: (heads, T, head_dim), cos, sin: (T, head_dim // 2)"""
+    out = np.empty_like(x)
+    out[..., 0::2], out[..., 1::2] = rotate_pairs(x[..., 0::2], x[..., 1::2], cos, sin)
+    return out
+
+
+def kernel_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """ggml_rope by its Numba kernel. x: (heads, T, head_dim), cos, sin: (T, head_dim // 2) float32"""
+    from ..kernels.ggml import rope_pairs
+    out = np.empty(x.shape, np.float32)
+    rope_pairs(np.ascontiguousarray(x, np.float32), cos, sin, out)
+    return out
+
+
+def ggml_rope_neox(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """NEOX mode (Gemma 3): pairs (i, i + rope_dim/2), the channels past rope_dim copied.
+    x: (heads, T, head_dim), cos, sin: (T, rope_dim // 2)"""
+    half = cos.shape[-1]
+    out = x.copy()
+    out[..., :half], out[..., half:2 * half] = rotate_pairs(x[..., :half], x[..., half:2 * half], cos, sin)
+    return out
+
+
+GELU_COEF_A = np.float32(0.044715)
+SQRT_2_OVER_PI = np.float32(0.79788456080286535587989211986876)
+
+
+@cache
+def gelu_table() -> np.ndarray:
+    """ggml_table_gelu_f16 (ggml-cpu.c, filled by ggml_cpu_init): for every float16 bit pattern f,
+    float16(ggml_gelu_f32(f)), with ggml_gelu_f32(x) = 0.5f*x*(1.0f + tanhf(SQRT_2_OVER_PI*x*(1.0f +
+    GELU_COEF_A*x*x))) in float32 and the C library's tanhf. (65536,) float32 holding float16 values.
+    Filled over the finite values (-65504 to 65504); the others are never looked up (|x| < 10)."""
+    f = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+    finite = np.isfinite(f)
+    x = f[finite]
+    inner = SQRT_2_OVER_PI * x * fma32(GELU_COEF_A * x, x, np.float32(1))  # GCC contracts 1 + a*x*x to an FMA
+    table = np.zeros_like(f)
+    with np.errstate(over="ignore", invalid="ignore"):
+        table[finite] = round_f16(np.float32(0.5) * x * (np.float32(1) + _tanhf(inner)))
+    return table
+
+
+def ggml_gelu(x: np.ndarray) -> np.ndarray:
+    """ggml_vec_geglu_f32's GELU (vec.h with GGML_GELU_FP16): 0 for x <= -10, x for x >= 10, else
+    the table's value at float16(x). x: float32 (...) -> (...)"""
+    x = np.asarray(x, np.float32)
+    looked_up = gelu_table()[round_f16(np.clip(x, -10, 10)).astype(np.float16).view(np.uint16)]
+    return np.where(x <= -10, np.float32(0), np.where(x >= 10, x, looked_up))
+
+
+def reduce_16_lanes(lanes: np.ndarray) -> np.ndarray:
+    """_mm512_reduce_add_ps in float32: (..., 16) -> (...), halving: lanes i + i+8, i + i+4, i + i+2, 0 + 1."""
+    for width in (8, 4, 2, 1):
+        lanes = lanes[..., :width] + lanes[..., width:2 * width]
+    return lanes[..., 0]
+
+
+def ggml_softmax(scores: np.ndarray) -> np.ndarray:
+    """ggml_compute_forward_soft_max_f32 after scaling and masking: exp(x - max) by ggml_expf, the
+    sum in double of float32 sums over 16 lanes (ggml_vec_soft_max_f32, AVX-512), times float(1/sum).
+    scores: (..., S) float32, -inf where masked -> (..., S) float32"""
+    e = ggml_expf(scores - scores.max(axis=-1, keepdims=True))
+    lanes = np.pad(e, [(0, 0)] * (e.ndim - 1) + [(0, -e.shape[-1] % 16)]).reshape(*e.shape[:-1], -1, 16)
+    chunks = reduce_16_lanes(lanes).astype(np.float64)                  # (..., S / 16)
+    total = np.zeros(chunks.shape[:-1], np.float64)
+    for i in range(chunks.shape[-1]):                                   # in order, as the C loop
+        total += chunks[..., i]
+    return e * (1.0 / total[..., None]).astype(np.float32)
+
+
+def kernel_softmax(scores: np.ndarray) -> np.ndarray:
+    """ggml_softmax by its Numba kernel: scores (..., S) float32 -> (..., S) float32."""
+    from ..kernels.ggml import softmax_rows
+    scores = np.ascontiguousarray(scores, np.float32)
+    out = np.empty(scores.shape, np.float32)
+    softmax_rows(scores.reshape(-1, scores.shape[-1]), out.reshape(-1, scores.shape[-1]))
+    return out
+
+
+def f16_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """ggml_vec_dot_f16 (vec.cpp; AVX-512 with AVX512-FP16: GGML_F16_DOT_* are 4 float32 registers
+    of 16 lanes, 64 elements a step) on float16 values: element i goes to lane i % 16 of register
+    (i // 16) % 4, the registers are added 0+2, 1+3, then 0+1, then its 16 lanes. a, b: (..., n)
+    broadcastable float32 holding float16 values, n a multiple of 64 (the products are exact in
+    float32, so fused multiply-adds are plain additions of them) -> (...) float32"""
+    products = a * b                                                    # (..., n) exact
+    steps = products.reshape(*products.shape[:-1], -1, 4, 16)           # (..., n / 64, 4, 16)
+    acc = steps[..., 0, :, :]
+    for step in range(1, steps.shape[-3]):
+        acc = acc + steps[..., step, :, :]
+    pairs = acc[..., :2, :] + acc[..., 2:, :]
+    return reduce_16_lanes(pairs[..., 0, :] + pairs[..., 1, :])
+
+
+def zeros_after(x: np.ndarray, axis: int, n: int) -> np.ndarray:
+    """x with zeros appended along `axis` up to length n (np.pad's result, without its overhead)."""
+    shape = list(x.shape)
+    shape[axis] = n
+    out = np.zeros(shape, x.dtype)
+    out[(slice(None),) * (axis % x.ndim) + (slice(0, x.shape[axis]),)] = x
+    return out
+
+
+def heads_f16_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """f16_dot of every row of a with every row of b, head by head: a (H, G, n), b (H, J, n) -> (H, G, J)."""
+    return f16_dot(a[:, :, None, :], b[:, None, :, :])
+
+
+def kernel_heads_f16_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """heads_f16_dot by its Numba kernel: a (H, G, n), b (H, J, n) -> (H, G, J) float32."""
+    from ..kernels.ggml import f16_dot_heads
+    out = np.empty((a.shape[0], a.shape[1], b.shape[1]), np.float32)
+    f16_dot_heads(np.ascontiguousarray(a, np.float32), np.ascontiguousarray(b, np.float32),
+                  np.empty((4, 16), np.float32), out)
+    return out
+
+
+def ggml_attention(q, k, v, pattern, q_pos, k_pos, scale: float, softmax=ggml_softmax, dot=heads_f16_dot) -> np.ndarray:
+    """Attention as ggml computes it without flash attention (module docstring); `softmax` and `dot`
+    are ggml_softmax and heads_f16_dot, or their Numba kernels (kernel_softmax, kernel_heads_f16_dot).
+    q: (n_heads, T, head_dim) float32  k, v: (n_kv_heads, S, head_dim) float16 values from the cache
+    scale: the kq_scale llama.cpp's graph passes (a float32 value) -> (n_heads, T, head_dim) float32
+
+    One token (T = 1) adds the KQ and KQV dot products in ggml_vec_dot_f16's order (llama.cpp's
+    decode). A batch uses BLAS: llama.cpp's batched products (llamafile's tinyBLAS) add in yet
+    another order, so a batch matches llama.cpp only to the level such differences grow to."""
+    n_heads, T, head_dim = q.shape
+    n_kv_heads, S = k.shape[:2]
+    qg = round_f16(q).reshape(n_kv_heads, n_heads // n_kv_heads, T, head_dim)
+    decode = T == 1 and head_dim % 64 == 0
+    if decode:
+        scores = dot(qg[:, :, 0, :], k)[:, :, None, :]                  # (n_kv_heads, group, 1, S)
+    else:
+        scores = qg @ k[:, None].swapaxes(-1, -2)                       # (n_kv_heads, group, T, S) float32
+    scores = np.where(pattern.mask(q_pos, k_pos), scores * np.float32(scale), np.float32(-np.inf))
+    weights = round_f16(softmax(scores))
+    if decode:   # the cache's cells past S hold zeros for ggml: pad S to whole steps of 64
+        padded = S + -S % 64
+        w = zeros_after(weights, -1, padded)                            # (n_kv_heads, group, 1, S')
+        vt = zeros_after(v, 1, padded).swapaxes(-1, -2)                 # (n_kv_heads, head_dim, S')
+        out = dot(w[:, :, 0, :], vt)[:, :, None, :]                     # (n_kv_heads, group, 1, head_dim)
+    else:
+        out = weights @ v[:, None]                                      # (n_kv_heads, group, T, head_dim)
+    return out.reshape(n_heads, T, head_dim)
+
+
+class GGML:
+    """llama.cpp's CPU arithmetic (`--mode ggml`): the float32 operations above, the products of
+    GGMLLinear with activations quantized as ggml's `rounding` ("ref", "x86" or "arm") does. On the
+    "numba" backend, RoPE, SiLU, the softmax and the attention's float16 dot products run their Numba
+    kernels (minillm.kernels.ggml, bit for bit the NumPy functions, which "numpy" runs)."""
+
+    name = "ggml"
+    dtype = np.float32
+
+    def __init__(self, rounding: str = "x86", backend: str = "numpy"):
+        self.rounding = rounding
+        kernels = backend == "numba"
+        self._rope = kernel_rope if kernels else ggml_rope
+        self._silu = kernel_silu if kernels else ggml_silu
+        self._softmax = kernel_softmax if kernels else ggml_softmax
+        self._dot = kernel_heads_f16_dot if kernels else heads_f16_dot
+
+    def rms_norm(self, x, weight, eps):
+        return ggml_rmsnorm(x, weight, eps)
+
+    def rope_angles(self, positions, rope_dim: int, base: float):
+        return ggml_rope_angles(positions, rope_dim, base)
+
+    def rope(self, x, cos, sin):
+        return self._rope(x, cos, sin)
+
+    def rope_neox(self, x, cos, sin):
+        return ggml_rope_neox(x, cos, sin)
+
+    def silu(self, x):
+        return self._silu(x)
+
+    def gelu(self, x):
+        return ggml_gelu(x)
+
+    def scale(self, x, s: float):
+        return x * np.float32(s)
+
+    def attention(self, q, k, v, pattern, q_pos, k_pos, scale):
+        return ggml_attention(q, k, v, pattern, q_pos, k_pos, scale, self._softmax, self._dot)
+
+    def linear(self, packed):
+        return GGMLLinear(packed, self.rounding)
+
+    def linears(self, packed: list) -> list:
+        return ggml_linears(packed, self.rounding)
+
+    def embedding(self, packed):
+        return GGMLEmbedding(packed, self.rounding)
