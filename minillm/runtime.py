@@ -11,6 +11,8 @@ import os
 import time
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from . import arch
 from .attention import AttentionSpec, block_sparse_attention, parse_attention
 from .errors import UsageError
@@ -23,7 +25,7 @@ from .model import Model
 from .modes.ggml import ROUNDING
 from .ops import KV_BITS as MODE_KV_BITS
 from .ops import check_mode, mode_ops
-from .ops.f32 import masked_attention
+from .ops.f32 import kernel_rope_neox, masked_attention
 from .parallel import row_pool
 from .plan import MAX_PREFILL_CHUNK, MIN_PREFILL_CHUNK, plan_for_cap
 from .registry import resolve_model
@@ -232,6 +234,9 @@ def warm_up_kernels(config: RunConfig) -> Meter:
         cache = new_cache(tiny.model.config, ctx_size, tiny.config.attention_spec(), kv_bits)
         chunked = replace(tiny.model, prefill_chunk=MIN_PREFILL_CHUNK)
         list(generate(chunked, cache, prompt, Sampler(config.sampling), max_tokens=2, stop_ids=()))
+    if config.backend == "numba":   # NEOX RoPE (Gemma 3, Qwen 3), which the tiny Llama does not run
+        one = np.ones((1, 1), np.float32)
+        kernel_rope_neox(np.ones((1, 1, 2), np.float32), one, one)
     row_pool(config.threads or os.cpu_count()).touch_blas_buffers(MAX_PREFILL_CHUNK + 1, TILE_BYTES)
     return_freed_memory_at_once()
     return Meter()

@@ -26,7 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from bounds import exact_weights, matvec_bound, tile_bound
+from bounds import exact_weights, matvec_bound, rmsnorm_bound, tile_bound
 from numba_checks import NUMBA_ENVS, run_checked
 from minillm import formats
 from minillm.errors import MinillmError
@@ -730,6 +730,44 @@ def test_quant_embedding_shares_one_packed_table(ggml_type, backend):
     for bad in ([64], [-1], [[1, 2]]):
         with pytest.raises(MinillmError, match="token ids"):
             embedding.lookup(np.array(bad))
+
+
+# --- the float operations between the products (kernels/floatops.py) ----------------------------
+
+# |x| up to 2^50: n squares of them stay far below float32's largest value
+NORM_INPUTS = st.floats(-2.0**50, 2.0**50, width=32)
+
+
+@kernel_settings
+@given(data=st.data(), rows=st.integers(1, 3), n=st.integers(1, 700), eps=st.sampled_from([1e-5, 1e-6]))
+def test_rmsnorm_kernel_and_numpy_are_within_the_bound(data, rows, n, eps):
+    """The Numba RMS norm and its NumPy reference (minillm.ops.f32.rmsnorm) each within
+    bounds.rmsnorm_bound of the exact value: they add the squares in different orders."""
+    from minillm.ops.f32 import kernel_rmsnorm, rmsnorm
+    x = data.draw(arrays(np.float32, (rows, n), elements=NORM_INPUTS))
+    weight = data.draw(arrays(np.float32, n, elements=st.floats(-8, 8, width=32)))
+    exact, bound = rmsnorm_bound(x, weight, np.float32(eps))
+    with np.errstate(under="ignore"):
+        for got in (kernel_rmsnorm(x, weight, eps), rmsnorm(x, weight, np.float32(eps))):
+            assert got.dtype == np.float32
+            assert np.all(np.abs(got - exact) <= bound)
+
+
+@pytest.mark.parametrize("mode", ["rope", "rope_neox"])
+@kernel_settings
+@given(data=st.data())
+def test_rope_kernels_equal_numpy_bit_for_bit(mode, data):
+    """Both RoPE kernels compute the reference's float32 operations in its order (no fused
+    multiply-adds): the same bits, for any finite inputs, with channels past rope_dim copied."""
+    from minillm.ops import f32
+    heads, T, half = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3)), data.draw(st.integers(1, 8))
+    head_dim = 2 * half + 2 * data.draw(st.integers(0, 2))
+    x = data.draw(arrays(np.float32, (heads, T, head_dim), elements=FINITE_F32))
+    cos, sin = (data.draw(arrays(np.float32, (T, half), elements=st.floats(-1, 1, width=32))) for _ in range(2))
+    with np.errstate(all="ignore"):
+        want = getattr(f32, mode)(x, cos, sin)
+        got = getattr(f32, "kernel_" + mode)(x.transpose(1, 0, 2).copy().transpose(1, 0, 2), cos, sin)  # strided input
+    assert_same_bits_up_to_nan_payload(got, want)
 
 
 # --- the same tests with Numba's bounds checks on, and without the JIT --------------------------

@@ -35,8 +35,8 @@ def check_mode(mode: str):
 
 def mode_ops(mode: str, rounding: str = "x86", attention=masked_attention, backend: str = "numpy"):
     """The arithmetic of `mode`; `attention` is f32's (the NumPy reference or the block-sparse kernels),
-    `rounding` ggml's activation quantizer, `backend` whether ggml's float operations run their Numba
-    kernels. The oracle and ggml modes run their own attention."""
+    `rounding` ggml's activation quantizer, `backend` whether the float operations of f32 and ggml
+    run their Numba kernels. The oracle and ggml modes run their own attention."""
     check_mode(mode)
     if mode == "oracle":
         from .oracle import Oracle
@@ -44,4 +44,4 @@ def mode_ops(mode: str, rounding: str = "x86", attention=masked_attention, backe
     if mode == "ggml":
         from .ggml import GGML
         return GGML(rounding, backend)
-    return F32(attention)
+    return F32(attention, backend)
