@@ -1,19 +1,23 @@
-"""The float32 operations of a forward pass between its products, as Numba kernels: RMS norm and RoPE.
+"""The float32 operations of a forward pass between its products, as Numba kernels: RMS norm, RoPE,
+and one query's attention.
 
-NumPy references: minillm.ops.f32 (`rmsnorm`, `rope`, `rope_neox`). A one-token decode step calls
-them about 120 times on arrays of a few hundred values, where NumPy's cost is its per-call work
-(temporaries, dispatch, a reduction through `np.mean`), not the arithmetic: these kernels do each
-in one pass with no temporaries. RoPE is the same float32 operations in the same order (no fused
-multiply-adds: the kernels are compiled without fastmath), so it is bit for bit the reference; RMS
-norm adds its squares in another order than np.mean's pairwise sum, within the bound of
-tests/bounds.py (`rmsnorm_bound`).
+NumPy references: minillm.ops.f32 (`rmsnorm`, `rope`, `rope_neox`, `masked_attention`). A one-token
+decode step calls them about 150 times on arrays of a few hundred values, where NumPy's cost is its
+per-call work (temporaries, dispatch, a reduction through `np.mean`, small batched products), not
+the arithmetic: these kernels do each in one pass with no temporaries. RoPE is the same float32
+operations in the same order (no fused multiply-adds: compiled without fastmath), so it is bit for
+bit the reference; RMS norm adds its squares in another order than np.mean's pairwise sum, within
+the bound of tests/bounds.py (`rmsnorm_bound`); the attention adds in any order (its dot products
+vectorize) and uses minillm.kernels.attention's exp, held to the float64 reference as the
+block-sparse kernels are (tests/test_attention.py).
 
-Allocation: none; the caller owns `out`.
+Allocation: none; the caller owns `out` and the scratch.
 """
 
 import numpy as np
 
-from ._jit import jit
+from ._jit import jit, jit_any_order_sum
+from .attention import exp_scores, visible
 
 
 def _rms_norm_rows(x, weight, eps, out):
@@ -66,3 +70,42 @@ def _rope_halves(x, cos, sin, out):
 
 
 rope_halves = jit(_rope_halves)
+
+
+def _attend_one(q, k, v, q_pos, k_pos, sinks, limit, stride, scale, scratch, out):
+    """softmax(q k^T * scale) v for one query per head, at position q_pos, over the cached keys its
+    pattern's element rule lets it see (kernels.attention.visible: no random blocks); a head that
+    sees no key gets zeros. Query head h reads KV head h // (H / Hkv) (grouped-query attention).
+    q, out: (H, D) f32; k, v: (Hkv, S, D) f32; k_pos: (S,) i64; scale: f32;
+    scratch: (3, S) f32: the scores, their exponentials, and the exp's int32 work."""
+    scores, weights, bits = scratch[0], scratch[1], scratch[2].view(np.int32)
+    group = q.shape[0] // k.shape[0]
+    for h in range(q.shape[0]):
+        kv = h // group
+        top = -np.inf
+        for j in range(k.shape[1]):
+            if visible(q_pos, k_pos[j], sinks, limit, stride):
+                s = np.float32(0)
+                for d in range(q.shape[1]):
+                    s += q[h, d] * k[kv, j, d]
+                scores[j] = s * scale
+                top = max(top, scores[j])
+            else:
+                scores[j] = -np.inf
+        out[h, :] = 0
+        if top == -np.inf:
+            continue
+        for j in range(k.shape[1]):
+            scores[j] -= top
+        exp_scores(scores, weights, bits, k.shape[1])
+        total = np.float32(0)
+        for j in range(k.shape[1]):
+            if weights[j] != 0:
+                total += weights[j]
+                for d in range(q.shape[1]):
+                    out[h, d] += weights[j] * v[kv, j, d]
+        for d in range(q.shape[1]):
+            out[h, d] /= total
+
+
+attend_one = jit_any_order_sum(_attend_one)

@@ -25,7 +25,7 @@ from .model import Model
 from .modes.ggml import ROUNDING
 from .ops import KV_BITS as MODE_KV_BITS
 from .ops import check_mode, mode_ops
-from .ops.f32 import kernel_rope_neox, masked_attention
+from .ops.f32 import kernel_masked_attention, kernel_rope_neox, masked_attention
 from .parallel import row_pool
 from .plan import MAX_PREFILL_CHUNK, MIN_PREFILL_CHUNK, plan_for_cap
 from .registry import resolve_model
@@ -164,11 +164,13 @@ def load(config: RunConfig, announce=print) -> Runtime:
     start = time.perf_counter()
     p = prepare(config, announce)
     config = p.config
-    # Dense attention, and everything under --backend numpy, runs the NumPy reference; sparse patterns the
-    # kernels. The oracle and ggml modes run their own attention (minillm.ops), ggml's on Numba
-    # kernels unless --backend numpy.
-    attention = masked_attention if config.attention_spec().is_dense or config.backend == "numpy" \
-        else block_sparse_attention
+    # Everything under --backend numpy runs the NumPy reference; dense attention too, but for one
+    # query (a decode step) by its kernel; sparse patterns the block-sparse kernels. The oracle and ggml
+    # modes run their own attention (minillm.ops), ggml's on Numba kernels unless --backend numpy.
+    if config.backend == "numpy":
+        attention = masked_attention
+    else:
+        attention = kernel_masked_attention if config.attention_spec().is_dense else block_sparse_attention
     ops = mode_ops(config.mode, config.ggml_rounding, attention, config.backend)
     if p.plan is not None:
         runtime = load_capped(p, ops, announce)

@@ -131,6 +131,20 @@ def masked_attention(q, k, v, pattern, q_pos, k_pos, scale: float | None = None)
     return attend(q, k, v, pattern.mask(q_pos, k_pos), scale)
 
 
+def kernel_masked_attention(q, k, v, pattern, q_pos, k_pos, scale: float | None = None) -> np.ndarray:
+    """masked_attention for one query (a decode step) by its Numba kernel (kernels/floatops.py), in
+    float32; a batch of queries (prefill, where BLAS runs the batched products well) or a pattern
+    with random blocks as masked_attention."""
+    if q.shape[1] != 1 or pattern.random_blocks or q.dtype != np.float32:
+        return masked_attention(q, k, v, pattern, q_pos, k_pos, scale)
+    from ..kernels.floatops import attend_one
+    out = np.empty(q.shape, np.float32)
+    attend_one(q[:, 0], k, v, int(q_pos[0]), np.asarray(k_pos, np.int64), pattern.sinks, pattern.limit,
+               pattern.stride, np.float32(1 / math.sqrt(q.shape[-1]) if scale is None else scale),
+               np.empty((3, k.shape[1]), np.float32), out[:, 0])
+    return out
+
+
 class F32:
     """float32 NumPy arithmetic, handed to a model's forward pass (`--mode f32`).
 
