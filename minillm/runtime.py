@@ -7,6 +7,7 @@ library user can build it directly:
     ids = rt.tokenizer.encode("The capital of France is")
 """
 
+import functools
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -164,13 +165,15 @@ def load(config: RunConfig, announce=print) -> Runtime:
     start = time.perf_counter()
     p = prepare(config, announce)
     config = p.config
-    # Everything under --backend numpy runs the NumPy reference; dense attention too, but for one
-    # query (a decode step) by its kernel; sparse patterns the block-sparse kernels. The oracle and ggml
-    # modes run their own attention (minillm.ops), ggml's on Numba kernels unless --backend numpy.
+    # Everything under --backend numpy runs the NumPy reference. Otherwise one query (a decode step)
+    # runs the reference's kernel, and a batch (prefill) the reference for dense attention, the
+    # block-sparse kernels for sparse patterns. The oracle and ggml modes run their own attention
+    # (minillm.ops), ggml's on Numba kernels unless --backend numpy.
     if config.backend == "numpy":
         attention = masked_attention
     else:
-        attention = kernel_masked_attention if config.attention_spec().is_dense else block_sparse_attention
+        batch = masked_attention if config.attention_spec().is_dense else block_sparse_attention
+        attention = functools.partial(kernel_masked_attention, batch=batch)
     ops = mode_ops(config.mode, config.ggml_rounding, attention, config.backend)
     if p.plan is not None:
         runtime = load_capped(p, ops, announce)

@@ -131,12 +131,13 @@ def masked_attention(q, k, v, pattern, q_pos, k_pos, scale: float | None = None)
     return attend(q, k, v, pattern.mask(q_pos, k_pos), scale)
 
 
-def kernel_masked_attention(q, k, v, pattern, q_pos, k_pos, scale: float | None = None) -> np.ndarray:
+def kernel_masked_attention(q, k, v, pattern, q_pos, k_pos, scale: float | None = None,
+                            batch=masked_attention) -> np.ndarray:
     """masked_attention for one query (a decode step) by its Numba kernel (kernels/floatops.py), in
-    float32; a batch of queries (prefill, where BLAS runs the batched products well) or a pattern
-    with random blocks as masked_attention."""
+    float32; a batch of queries (prefill) or a pattern with random blocks by `batch`: masked_attention
+    (BLAS runs the batched products well) or minillm.attention.block_sparse_attention."""
     if q.shape[1] != 1 or pattern.random_blocks or q.dtype != np.float32:
-        return masked_attention(q, k, v, pattern, q_pos, k_pos, scale)
+        return batch(q, k, v, pattern, q_pos, k_pos, scale)
     from ..kernels.floatops import attend_one
     out = np.empty(q.shape, np.float32)
     attend_one(q[:, 0], k, v, int(q_pos[0]), np.asarray(k_pos, np.int64), pattern.sinks, pattern.limit,
