@@ -16,6 +16,8 @@ decoded one token at a time, equal llama.cpp's bit for bit (llama-cpp-python 0.3
 machine; tests/data/make_ggml_reference.py checks it).
 """
 
+import threading
+
 import numpy as np
 
 from .. import formats
@@ -28,7 +30,7 @@ class GGMLLinear:
     """y = x W^T as llama.cpp's CPU backend computes it, W the packed rows of a QuantLinear: x is
     quantized to the format's `vec_dot_type`, then multiplied by the format's dot product. On the
     Numba backend, a format whose kernels re-lay it runs its `ggml_matvec` kernel (kernels/<type>.py,
-    bit-identical to the NumPy reference), one token at a time; members of a SharedInput (q, k, v;
+    bit-identical to the NumPy reference) through a KernelProduct; members of a SharedInput (q, k, v;
     gate, up) compute their matrix once per x (`GGMLShared`), as in f32 mode. Otherwise `ggml_dot`
     in NumPy reads the GGUF rows one tile at a time."""
 
@@ -39,12 +41,14 @@ class GGMLLinear:
         if rounding not in ROUNDING:
             raise MinillmError(f"unknown ggml rounding {rounding!r}: choose one of {', '.join(ROUNDING)}")
         self.format, self.activation = fmt, formats.get(fmt.vec_dot_type)
-        self.raw, self.name, self.threads = packed.raw, packed.name, packed.threads
+        self.raw, self.name = packed.raw, packed.name
         self.out_features, self.in_features = packed.out_features, packed.in_features
         self.rounding = rounding
         self.nbytes = packed.nbytes
-        self.kernels = packed.kernels if packed.raw is None else None    # re-laid: only its kernels read it
         self.shared, self.first_row = shared, packed.first_row
+        # re-laid rows are read only by their kernels (a SharedInput's member: through `shared`)
+        relaid = packed.raw is None and shared is None
+        self.kernels = KernelProduct(packed.kernels, rounding, packed.threads) if relaid else None
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         # x: (T, in_features) -> (T, out_features) float32
@@ -53,7 +57,7 @@ class GGMLLinear:
             first = self.first_row
             return self.shared.product(x)[:, first:first + self.out_features]
         if self.kernels is not None:
-            return ggml_kernel_product(self.kernels, x, self.rounding, self.threads)
+            return self.kernels(x)
         act = self.activation.ggml_quantize(x, self.rounding)
         out = np.empty((x.shape[0], self.out_features), np.float32)
         # a tile's unpacked codes (K per row) and its integer sums (at most K / 4 per row and token,
@@ -66,18 +70,30 @@ class GGMLLinear:
         return out
 
 
-def ggml_kernel_product(kernels, x: np.ndarray, rounding: str, threads: int) -> np.ndarray:
+class KernelProduct:
     """x (T, K) times the rows of kernels (minillm.packed.PackedRows) as llama.cpp computes it, token
     by token: x quantized as ggml's Q8_0 / Q8_1 (kernels.ggml.quantize_q8, bit for bit the formats'
-    `ggml_quantize`), then the format's ggml kernel. -> (T, N) float32"""
-    from ..kernels.ggml import GGMLActivation, quantize_q8
-    nb = x.shape[1] // 32
-    out = np.empty((x.shape[0], kernels.n_rows), np.float32)
-    for t in range(x.shape[0]):
-        act = GGMLActivation(np.empty(x.shape[1], np.int16), np.empty(nb, np.float32), np.empty(nb, np.float32))
-        quantize_q8(np.ascontiguousarray(x[t]), rounding == "x86", rounding == "ref", act.q16, act.d, act.s)
-        out[t] = kernels.ggml_matvec(act, rounding == "x86", threads)
-    return out
+    `ggml_quantize`), then the format's ggml kernel. The quantized activation's buffers are made once
+    per calling thread: a decode step makes about 120 of these products."""
+
+    def __init__(self, kernels, rounding: str, threads: int):
+        from ..kernels.ggml import GGMLActivation, quantize_q8   # Numba: imported only on its backend
+        self.kernels, self.threads, self.quantize = kernels, threads, quantize_q8
+        self.x86, self.half_away = rounding == "x86", rounding == "ref"
+        K = kernels.n_cols
+        self.new_activation = lambda: GGMLActivation(np.empty(K, np.int16), np.empty(K // 32, np.float32),
+                                                     np.empty(K // 32, np.float32))
+        self.activations = {}   # Python thread id -> GGMLActivation
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        # x: (T, K) float32 -> (T, N) float32
+        act = self.activations.get(threading.get_ident()) or self.activations.setdefault(threading.get_ident(),
+                                                                                           self.new_activation())
+        out = np.empty((x.shape[0], self.kernels.n_rows), np.float32)
+        for t in range(x.shape[0]):
+            self.quantize(np.ascontiguousarray(x[t]), self.x86, self.half_away, act.q16, act.d, act.s)
+            out[t] = self.kernels.ggml_matvec(act, self.x86, self.threads)
+        return out
 
 
 class GGMLShared:
@@ -85,13 +101,13 @@ class GGMLShared:
     identity, as SharedInput does) for all their rows."""
 
     def __init__(self, shared, rounding: str):
-        self.kernels, self.threads, self.rounding = shared.kernels, shared.threads, rounding
+        self.kernels = KernelProduct(shared.kernels, rounding, shared.threads)
         self.last = (None, None)
 
     def product(self, x: np.ndarray) -> np.ndarray:
         last_x, y = self.last
         if x is not last_x:
-            y = ggml_kernel_product(self.kernels, x, self.rounding, self.threads)
+            y = self.kernels(x)
             self.last = (x, y)
         return y
 
