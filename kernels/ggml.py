@@ -324,7 +324,7 @@ quantize_q8 = jit(_quantize_q8)
 
 
 # --- attention's float16 dot products (one token) -----------------------------------------------
-# NumPy reference: minillm.ops.ggml.f16_dot, bit for bit.
+# NumPy reference: minillm.formats.f16.vec_dot_f16, bit for bit.
 
 def _f16_dot_heads(a, b, acc, out):
     """out[h, g, j] = ggml_vec_dot_f16(a[h, g], b[h, j]) in its AVX-512 order: element i goes to lane

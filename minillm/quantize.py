@@ -1,68 +1,65 @@
-"""`minillm quantize IN.gguf OUT.gguf --bits 4|8`: write a GGUF whose matrices use other block formats.
+"""`minillm quantize IN.gguf OUT.gguf --type Q4_K_M`: write a GGUF in one of llama.cpp's file types.
 
-Every metadata key is copied with its GGUF type (so the tokenizer and chat template travel along),
-vectors are copied as stored, and each matrix is decoded to float32 and encoded again in the format
-`weights.storage_type` picks, the same rule `--bits` uses at load time. The output is written with
-the `gguf` package's writer, so llama.cpp and other GGUF readers can load it. `write_requantized`
-writes any plan (name -> type): `pure_plan` is llama-quantize --pure's, one type for every matrix.
+Each tensor gets the type `llama-quantize` gives it for that file type (minillm.mixes: the Q4_K_M
+mix, the fallbacks for rows that are not whole super-blocks, the LM head rule), and the blocks
+minillm writes are ggml's own: its reference quantizers, which `llama-quantize` runs when it has no
+importance matrix (tests/test_mixes.py compares both, type by type and byte by byte).
+`--bits 4|8` is the short form: `--type Q4_1` (`Q4_0` with `--int4 sym`) or `--type Q8_0`.
+
+Every metadata key is copied with its GGUF type (so the tokenizer and chat template travel along);
+general.file_type names the file type and general.quantization_version is ggml's, as llama.cpp
+writes them. A tensor already in its target type is copied byte for byte; the others are decoded
+to float32 and encoded again, one at a time. The output is written with the `gguf` package's
+writer, so llama.cpp and other GGUF readers can load it.
 """
 
+from collections import Counter
 from pathlib import Path
 
 import gguf
 from tqdm import tqdm
 
-from . import formats
+from . import formats, mixes
 from .arch import read_config
 from .errors import MinillmError, UsageError
 from .gguf import GGUFFile
-from .weights import dequantized, storage_type, validate
+from .weights import dequantized, validate
 
-WRITER_OWNS = ("general.architecture", "general.alignment", "general.file_type")
-
-
-def file_type(ggml_type) -> gguf.LlamaFileType:
-    """general.file_type (llama.cpp's LLAMA_FTYPE_*) of a file whose matrices are of one type:
-    MOSTLY_<type> (ALL_F32 for float32)."""
-    members = gguf.LlamaFileType.__members__
-    return members.get(f"MOSTLY_{ggml_type.name}") or members[f"ALL_{ggml_type.name}"]
+WRITER_OWNS = ("general.architecture", "general.alignment", "general.file_type", "general.quantization_version")
+BITS_TYPES = {(4, "asym"): "Q4_1", (4, "sym"): "Q4_0", (8, "asym"): "Q8_0", (8, "sym"): "Q8_0"}
 
 
-def tensor_plan(src: GGUFFile, bits: int, int4: str) -> dict:
-    """name -> the ggml type it will be written as."""
-    tied = "output.weight" not in src.tensors
-    return {name: storage_type(info, bits, int4, tied_head=tied and name == "token_embd.weight")
-            for name, info in src.tensors.items()}
-
-
-def pure_plan(src: GGUFFile, ggml_type) -> dict:
-    """name -> type as `llama-quantize --pure` picks it: every matrix in one type, or in that type's
-    fallback (`Format.fallback`, llama-quant.cpp tensor_type_fallback) where its rows are not whole
-    blocks of it, or F16 where they are not whole blocks of that either; vectors as stored."""
-    fmt = formats.get(ggml_type)
-
-    def pick(info):
-        if len(info.shape) == 1:
-            return info.ggml_type
-        for candidate in (fmt, formats.get(fmt.fallback) if fmt.fallback else fmt):
-            if info.shape[-1] % candidate.block_size == 0:
-                return candidate.ggml_type
-        return formats.F16.ggml_type
-    return {name: pick(info) for name, info in src.tensors.items()}
-
-
-def requantize(src_path, dst_path, bits: int, int4: str = "asym", progress: bool = True) -> Path:
-    """`minillm quantize`: src_path's matrices in the formats --bits picks (weights.storage_type)."""
-    if bits not in (4, 8):
+def bits_file_type(bits: int, int4: str = "asym") -> mixes.FileType:
+    """The file type `--bits 4|8` stands for (`--int4` picks Q4_1 or Q4_0)."""
+    if (bits, int4) not in BITS_TYPES:
         raise UsageError(f"--bits {bits}: quantize writes 4 or 8 bits")
+    return mixes.file_type(BITS_TYPES[bits, int4])
+
+
+def tensor_plan(src: GGUFFile, ft: mixes.FileType, pure: bool = False) -> dict:
+    """name -> the type llama-quantize writes each of src's tensors in, for file type ft."""
+    arch = src.metadata["general.architecture"]
+    return mixes.tensor_types(src.tensors, ft, src.metadata[f"{arch}.block_count"], pure,
+                              llama_70b=mixes.is_llama_70b(src.metadata))
+
+
+def requantize(src_path, dst_path, ft: mixes.FileType, pure: bool = False, progress: bool = True) -> Path:
+    """`minillm quantize`: src_path converted to file type ft (`pure`: llama-quantize --pure)."""
     src = GGUFFile(src_path)
     validate(src, read_config(src.metadata, src.path))
-    return write_requantized(src, dst_path, tensor_plan(src, bits, int4), progress)
+    return write_requantized(src, dst_path, tensor_plan(src, ft, pure), ft.ftype, progress)
 
 
-def write_requantized(src: GGUFFile, dst_path, plan: dict, progress: bool = True) -> Path:
+def summary(path) -> str:
+    """How many tensors of each type a file holds: 'Q5_0 180, F32 61, ...', most first."""
+    types = Counter(info.ggml_type.name for info in GGUFFile(path).tensors.values())
+    return ", ".join(f"{name} {n}" for name, n in types.most_common())
+
+
+def write_requantized(src: GGUFFile, dst_path, plan: dict, ftype: gguf.LlamaFileType, progress: bool = True) -> Path:
     """A copy of src with each tensor in the type plan gives it (name -> ggml type): tensors already
-    in that type byte for byte, the others decoded to float32 and encoded again, one at a time."""
+    in that type byte for byte, the others decoded to float32 and encoded again, one at a time.
+    `ftype` is written as general.file_type."""
     dst_path = Path(dst_path)
     if dst_path.resolve() == src.path.resolve():
         raise UsageError("the output file must differ from the input file")
@@ -71,7 +68,8 @@ def write_requantized(src: GGUFFile, dst_path, plan: dict, progress: bool = True
         if key not in WRITER_OWNS:
             vtype, element_type = src.value_types[key]
             writer.add_key_value(key, value, vtype, sub_type=element_type)
-    writer.add_file_type(file_type(plan["blk.0.attn_q.weight"]))  # the format of the layers' matrices
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_file_type(ftype)
     for name in tqdm(src.tensors, desc=f"writing {dst_path.name}", unit="tensor",
                      disable=None if progress else True):  # None: off when stderr is no terminal
         info, target = src.tensors[name], plan[name]

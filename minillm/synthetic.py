@@ -13,7 +13,7 @@ import gguf
 import numpy as np
 
 from .arch import ARCHITECTURES
-from .arch.common import outer_tensors
+from .arch.common import OUTPUT, outer_tensors
 from .tokenizer import bytes_to_unicode
 from .weights import block_tensors
 
@@ -34,10 +34,11 @@ def tiny_vocab():
 
 
 def write_tiny(path, architecture: str = "llama", *, weight_type=gguf.GGMLQuantizationType.F32, embedding_type=None,
-               tensor_types=None, seed=0, **sizes) -> Path:
+               output_type=None, tensor_types=None, seed=0, **sizes) -> Path:
     """Write a random model of `architecture` and return its path. `sizes` go to the architecture's
     `tiny_config` (n_layers, dim, n_heads, n_kv_heads, ffn_dim, context_length, ...). Matrices use
-    `weight_type`, the tied token embedding `embedding_type` (default: the same), and `tensor_types`
+    `weight_type`, the token embedding `embedding_type` (default: the same), tied to the LM head unless
+    `output_type` asks for a separate output.weight of that type, and `tensor_types`
     (GGUF name -> type) overrides either for single tensors, as llama.cpp's mixes do; vectors (norms)
     are F32 near 1, as in real files."""
     tensor_types = tensor_types or {}
@@ -70,6 +71,8 @@ def write_tiny(path, architecture: str = "llama", *, weight_type=gguf.GGMLQuanti
 
     for name, shape in outer_tensors(config).items():
         tensor(name, shape, tensor_types.get(name, embedding_type or weight_type))
+    if output_type is not None:
+        tensor(OUTPUT, outer_tensors(config)["token_embd.weight"], output_type)
     for i in range(config.n_layers):
         table = block_tensors(config, i)  # each layer's vectors first, then its matrices (the draws of old files)
         for name, (_, shape) in sorted(table.items(), key=lambda item: len(item[1][1])):

@@ -161,14 +161,28 @@ INT4_TYPES = {"asym": GGMLQuantizationType.Q4_1, "sym": GGMLQuantizationType.Q4_
 FLOAT_TYPES = {32: GGMLQuantizationType.F32, 16: GGMLQuantizationType.F16}
 
 
-def storage_type(info, bits: int, int4: str = "asym", tied_head: bool = False) -> GGMLQuantizationType:
+def holds_low_bit_blocks(gguf: GGUFFile) -> bool:
+    """Whether a file holds a matrix in a block format below 8 bits per weight (SmolLM2's Q4_1, a
+    K-quant mix...): `--bits 4` then runs all its block formats as written (storage_type)."""
+    def low_bit(info):
+        fmt = formats.FORMATS.get(info.ggml_type)
+        return len(info.shape) == 2 and fmt is not None and fmt.parts is not None and fmt.bits_per_weight < 8
+    return any(low_bit(info) for info in gguf.tensors.values())
+
+
+def storage_type(info, bits: int, int4: str = "asym", tied_head: bool = False,
+                 low_bit_file: bool = False) -> GGMLQuantizationType:
     """The format a tensor is held in for `--bits`: vectors stay as stored; matrices become float32,
     float16, Q8_0, or int4 (Q4_1 or Q4_0, `--int4 asym|sym`). At 4 bits a matrix already in a block
-    format of fewer than 8 bits per weight (Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K: a K-quant mix
-    as llama.cpp wrote it) is kept as stored. A tied embedding is also the LM head, which llama.cpp's
-    quantizer keeps at higher precision (Q6_K for its Q4 types): at 4 bits it stays as stored when
-    that is a block format, and becomes Q8_0 when it is float. On SmolLM2 requantized from float, an
-    int4 head instead of Q8_0 costs a mean KL of about 0.07 against float32 (README, quality table)."""
+    format of fewer than 8 bits per weight (Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K) is kept as
+    stored, and so is every block format of a file that holds such matrices (`low_bit_file`,
+    holds_low_bit_blocks): the Q8_0 attn_v and ffn_down a K-quant mix gives some layers are part of
+    the mix as llama.cpp wrote it, and `--mode ggml` reproduces llama.cpp only on the file's own
+    types. A file of float or Q8_0 matrices is converted to int4. A tied embedding is also the LM
+    head, which llama.cpp's quantizer keeps at higher precision (Q6_K for its Q4 types): at 4 bits it
+    stays as stored when that is a block format, and becomes Q8_0 when it is float. On SmolLM2
+    requantized from float, an int4 head instead of Q8_0 costs a mean KL of about 0.07 against
+    float32 (README, quality table)."""
     stored = info.ggml_type
     if len(info.shape) == 1:
         return stored
@@ -177,7 +191,7 @@ def storage_type(info, bits: int, int4: str = "asym", tied_head: bool = False) -
     if bits == 8:
         return GGMLQuantizationType.Q8_0
     quantized = formats.get(stored).parts is not None
-    if quantized and (tied_head or formats.get(stored).bits_per_weight < 8):
+    if quantized and (tied_head or low_bit_file or formats.get(stored).bits_per_weight < 8):
         return stored
     if tied_head:
         return GGMLQuantizationType.Q8_0
@@ -199,9 +213,10 @@ def packed_tensor(gguf: GGUFFile, name: str, target: GGMLQuantizationType) -> np
 def held_types(gguf: GGUFFile, config, bits: int, int4: str = "asym") -> dict:
     """GGUF name -> the type `storage_type` holds it in, for every tensor of the model the file has
     (`validate` reports the missing ones)."""
-    tied = OUTPUT not in gguf.tensors
+    tied, low_bit = OUTPUT not in gguf.tensors, holds_low_bit_blocks(gguf)
     names = [*expected_shapes(config), *([] if tied else [OUTPUT])]
-    return {name: storage_type(gguf.tensors[name], bits, int4, tied_head=tied and name == "token_embd.weight")
+    return {name: storage_type(gguf.tensors[name], bits, int4, tied_head=tied and name == "token_embd.weight",
+                               low_bit_file=low_bit)
             for name in names if name in gguf.tensors}
 
 

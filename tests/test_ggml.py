@@ -17,8 +17,9 @@ from gguf import GGMLQuantizationType as GT
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from minillm import formats
+from minillm import formats, mixes
 from minillm.arch.llama import LlamaConfig
+from minillm.formats.f16 import vec_dot_f16
 from minillm.formats.ggml_math import accumulate_avx2, block_sums, fma32, lane_sums
 from minillm.formats.q8_0 import q8_0_bytes
 from minillm.formats.q8_1 import q8_1_bytes
@@ -26,8 +27,8 @@ from minillm.gguf import GGUFFile
 from minillm.kvcache import Float16Rows, kv_cache_bytes, new_cache
 from minillm.linear import QuantLinear
 from minillm.modes.ggml import GGMLLinear
-from minillm.ops.ggml import f16_dot, ggml_expf
-from minillm.quantize import pure_plan, write_requantized
+from minillm.ops.ggml import ggml_expf
+from minillm.quantize import requantize
 from minillm.runtime import RunConfig, load
 from minillm.verify.compare import logits_diff, tensor_diff
 from strategies import float_rows
@@ -349,15 +350,25 @@ def test_ggml_expf_is_exp_to_a_few_ulps():
     assert list(ggml_expf(np.array([-np.inf, -104, 89, np.inf], np.float32))) == [0, 0, np.inf, np.inf]
 
 
-@given(n_steps=st.integers(1, 4), seed=st.integers(0, 2**32 - 1))
-def test_f16_dot_adds_the_products_within_float32_rounding(n_steps, seed):
-    """f16_dot regroups exact float32 products: at most n/64 + 6 float32 additions deep
-    (steps, 2 register adds, 4 lane halvings), so within that many eps32 of the sum of |products|."""
+@given(n_steps=st.integers(0, 4), leftover=st.sampled_from([0, 1, 17, 63]), seed=st.integers(0, 2**32 - 1))
+def test_vec_dot_f16_adds_the_products_within_float32_rounding(n_steps, leftover, seed):
+    """vec_dot_f16 regroups exact float32 products: at most n/64 + 6 float32 additions deep
+    (steps, 2 register adds, 4 lane halvings), then the leftovers in double and one rounding to
+    float32, so within n/64 + 7 eps32 of the sum of |products|."""
     rng = np.random.default_rng(seed)
-    a, b = (rng.normal(size=(3, 64 * n_steps)).astype(np.float16).astype(np.float32) for _ in range(2))
+    a, b = (rng.normal(size=(3, 64 * n_steps + leftover)).astype(np.float16).astype(np.float32) for _ in range(2))
     want = (a.astype(np.float64) * b).sum(-1)
-    bound = (n_steps + 6) * EPS32 * np.abs(a.astype(np.float64) * b).sum(-1)
-    assert np.all(np.abs(f16_dot(a, b) - want) <= bound)
+    bound = (n_steps + 7) * EPS32 * np.abs(a.astype(np.float64) * b).sum(-1)
+    assert np.all(np.abs(vec_dot_f16(a, b) - want) <= bound)
+
+
+def test_vec_dot_f16_adds_leftovers_in_double_after_the_registers():
+    """Past the last step of 64, each product is added to the double total: 2^24 + 1 + 1 stays exact
+    there, where float32 would lose both ones."""
+    a = np.zeros(66, np.float32)
+    a[0], a[64], a[65] = 2.0**12, 1.0, 1.0                              # 2^12 * 2^12 = 2^24 in the registers
+    b = np.where(np.arange(66) == 0, np.float32(2.0**12), np.float32(1.0)).astype(np.float32)
+    assert vec_dot_f16(a, b) == np.float32(2.0**24 + 2)
 
 
 def test_float16_rows_store_what_float16_holds(tiny_q4_path):
@@ -450,33 +461,36 @@ def test_ggml_mode_matches_llamacpp(smollm2_path):
     assert logits_diff(ref, at).kld_mean < GGML_KLD_TARGET
 
 
-KQUANT_GOLDEN = Path(__file__).parent / "data" / "ggml_kquant_reference.npz"
+TYPES_GOLDEN = Path(__file__).parent / "data" / "ggml_types_reference.npz"
+# llama.cpp's file types whose every tensor --mode ggml multiplies as llama.cpp does (BF16 and F32
+# matrices go through other code in ggml: not emulated)
+GGML_TYPE_CASES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K", "F16"]
 
 
-def kquant_case_plan(src: GGUFFile, name: str) -> dict:
-    """The tensor types of SmolLM2 requantized for one case of tests/data/make_ggml_kquant_reference.py:
-    Q4_K and Q5_K as `llama-quantize --pure` writes them (minillm.quantize.pure_plan: the fallback
-    type, Q5_0 or Q5_1, where rows of 576 are not whole super-blocks); Q6_K: SmolLM2's own types with
-    ffn_down in Q6_K (its fallback Q8_0 would be converted to Q4_1 by --bits 4)."""
-    if name == "Q6_K":
-        return {n: formats.Q6_K.ggml_type if ".ffn_down." in n else info.ggml_type for n, info in src.tensors.items()}
-    return pure_plan(src, getattr(formats, name).ggml_type)
+def tensors_sha256(gguf: GGUFFile) -> str:
+    """sha256 of every tensor's bytes, in name order."""
+    digest = hashlib.sha256()
+    for name in sorted(gguf.tensors):
+        digest.update(gguf.data(name).tobytes())
+    return digest.hexdigest()
 
 
 @pytest.mark.weights
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["Q4_K", "Q5_K", "Q6_K"])
-def test_ggml_mode_matches_llamacpp_on_k_quant_files(smollm2_path, tmp_path, name):
-    """SmolLM2 requantized by minillm's quantizers (which give llama-quantize's bytes: the script
-    checks every tensor), decoded one token at a time in `--mode ggml`: llama.cpp's float32 logits
-    bit for bit (their sha256 in the golden), so Q4_K, Q5_K, Q6_K, Q5_0 and Q5_1 products are exact."""
-    golden = np.load(KQUANT_GOLDEN)
+@pytest.mark.parametrize("name", GGML_TYPE_CASES)
+def test_ggml_mode_matches_llamacpp_on_each_file_type(smollm2_path, tmp_path, name):
+    """SmolLM2 requantized by `minillm quantize --type T` (llama-quantize's bytes, tensor for tensor:
+    their sha256 in the golden), decoded one token at a time in `--mode ggml` at the --bits that keeps
+    its types: llama.cpp's float32 logits bit for bit (their sha256 in the golden), so every product
+    of the file's formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K, F16) is exact."""
+    golden = np.load(TYPES_GOLDEN)
     meta = json.loads(str(golden["metadata"]))["types"][name]
-    src = GGUFFile(smollm2_path)
-    path = write_requantized(src, tmp_path / f"{name}.gguf", kquant_case_plan(src, name), progress=False)
-    assert sorted({info.ggml_type.name for info in GGUFFile(path).tensors.values()}) == meta["types_in_file"]
-    ours = run_tokens(path, [int(i) for i in golden["token_ids"]], mode="ggml")
+    ft = mixes.file_type(name)
+    path = requantize(smollm2_path, tmp_path / f"{name}.gguf", ft, progress=False)
+    assert tensors_sha256(GGUFFile(path)) == meta["tensors_sha256"], "the file differs from llama-quantize's"
+    ours = run_tokens(path, [int(i) for i in golden["token_ids"]], mode="ggml", bits=ft.bits)
     assert np.array_equal(ours.argmax(-1), golden[f"{name}_top1"])
-    last = tensor_diff("logits", golden[f"{name}_last_logits"].astype(np.float32)[None], ours[-1:].astype(np.float16))
+    last = golden[f"{name}_last_logits"]
+    near = tensor_diff("logits", last.astype(np.float32)[None], ours[-1:, :last.size].astype(np.float16))
     digest = hashlib.sha256(np.ascontiguousarray(ours, np.float32).tobytes()).hexdigest()
-    assert digest == meta["logits_sha256"], f"logits differ from llama.cpp's (last position: NMSE {last.nmse:.2e})"
+    assert digest == meta["logits_sha256"], f"logits differ from llama.cpp's (last position: NMSE {near.nmse:.2e})"

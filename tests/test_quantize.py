@@ -1,4 +1,5 @@
-"""`minillm quantize`: a valid GGUF, every matrix re-encoded as gguf's quantizer does, all metadata kept."""
+"""`minillm quantize`: a valid GGUF, every matrix re-encoded as gguf's quantizer does, all metadata kept;
+--bits as the short form of --type. (Each file type against llama-quantize: tests/test_mixes.py.)"""
 
 import subprocess
 import sys
@@ -8,28 +9,34 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
 
-from minillm.gguf import GGUFFile
-from minillm.quantize import requantize
+from minillm import mixes
+from minillm.arch.llama import LlamaConfig
+from minillm.commands.quantize import TYPES
+from minillm.gguf import GGUFFile, TensorInfo
+from minillm.info import loaded_bytes
+from minillm.mixes import choices
+from minillm.quantize import bits_file_type, requantize
 from minillm.runtime import RunConfig, load
-from minillm.gguf import TensorInfo
-from minillm.weights import dequantized, storage_type
+from minillm.weights import PackedSource, dequantized, holds_low_bit_blocks, load_weights, storage_type
 
 
 @pytest.mark.parametrize("bits, int4, want", [(4, "asym", Q.Q4_1), (4, "sym", Q.Q4_0), (8, "asym", Q.Q8_0)])
 def test_requantized_file_matches_gguf_quantizer(tiny_path, tmp_path, bits, int4, want):
-    out = requantize(tiny_path, tmp_path / "out.gguf", bits, int4, progress=False)
+    out = requantize(tiny_path, tmp_path / "out.gguf", bits_file_type(bits, int4), progress=False)
     src, dst = GGUFFile(tiny_path), GGUFFile(out)
     assert gguf.GGUFReader(out).tensors  # the gguf package reads it too
     for key, value in src.metadata.items():
-        if key != "general.file_type":
-            assert dst.metadata[key] == value, key
+        assert dst.metadata[key] == value, key
+    assert dst.metadata["general.file_type"] == gguf.LlamaFileType[f"MOSTLY_{want.name}"]
+    assert dst.metadata["general.quantization_version"] == gguf.GGML_QUANT_VERSION
     for name, info in src.tensors.items():
         got = dst.tensors[name]
         if len(info.shape) == 1:
             assert got.ggml_type == info.ggml_type
             assert np.array_equal(dst.data(name), src.data(name))
             continue
-        # The tied embedding is the LM head: at 4 bits a Q8_0 one is kept, as llama.cpp does.
+        # The tied embedding is the LM head: llama.cpp writes Q8_0 for it where rows of 64 are not
+        # whole Q6_K blocks, so at 4 bits the stored Q8_0 is kept.
         expected = info.ggml_type if (name == "token_embd.weight" and bits == 4) else want
         assert got.ggml_type == expected, name
         expected_bytes = src.data(name) if expected == info.ggml_type else gguf.quants.quantize(dequantized(src, name), expected)
@@ -37,7 +44,7 @@ def test_requantized_file_matches_gguf_quantizer(tiny_path, tmp_path, bits, int4
 
 
 def test_quantized_file_gives_the_same_logits_as_converting_at_load(tiny_path, tmp_path):
-    out = requantize(tiny_path, tmp_path / "q8.gguf", 8, progress=False)
+    out = requantize(tiny_path, tmp_path / "q8.gguf", bits_file_type(8), progress=False)
     ids = [5, 70, 80, 90]
     at_load = load(RunConfig(model=str(tiny_path), bits=8, ctx_size=16), announce=print)
     from_file = load(RunConfig(model=str(out), bits=8, ctx_size=16), announce=print)
@@ -54,6 +61,24 @@ def test_cli_quantize_and_bad_bits(tiny_path, tmp_path):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "4 or 8" in bad.stderr
     same = run(tiny_path, tiny_path)
     assert same.returncode == 2 and "differ" in same.stderr
+    both = run(tiny_path, tmp_path / "q.gguf", "--bits", "8", "--type", "Q8_0")
+    assert both.returncode == 2 and "give one" in both.stderr
+    unknown = run(tiny_path, tmp_path / "q.gguf", "--type", "Q3_K_M")
+    assert unknown.returncode == 2 and "Traceback" not in unknown.stderr and ", ".join(choices()) in unknown.stderr
+
+
+def test_cli_quantize_writes_a_mix_and_names_its_types(tiny_path, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "minillm", "quantize", str(tiny_path), str(tmp_path / "m.gguf"),
+                             "--type", "q4_k"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    # rows of 64 and 96 are not whole super-blocks: Q4_K falls back to Q5_0, and Q6_K (the last of
+    # two layers' attn_v and ffn_down) to Q8_0, the type of the tied LM head too
+    assert "(Q4_K_M: Q5_0 12, F32 5, Q8_0 3)" in result.stderr
+    assert GGUFFile(tmp_path / "m.gguf").metadata["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_K_M
+
+
+def test_help_lists_every_type():
+    assert TYPES == ", ".join(choices())
 
 
 @pytest.mark.parametrize("stored, tied, int4, want", [
@@ -79,3 +104,19 @@ def test_storage_at_4_bits_keeps_every_format_below_8_bits(stored, tied, want):
     info = TensorInfo("token_embd.weight" if tied else "blk.0.ffn_up.weight", (64, 256), stored, 0, 0)
     assert storage_type(info, 4, "asym", tied_head=tied) == want
     assert storage_type(info, 8, "asym", tied_head=tied) == Q.Q8_0
+
+
+def test_bits_4_runs_a_mix_as_written_and_converts_a_q8_0_file(tiny_path, tmp_path):
+    """A Q4_K_M file holds Q8_0 matrices beside its Q5_0 ones (the last layer's attn_v and ffn_down,
+    Q6_K fallbacks on rows of 64 and 96): --bits 4 keeps them, as llama.cpp runs the file. A Q8_0
+    file has no matrix below 8 bits, so --bits 4 makes it int4."""
+    mix = GGUFFile(requantize(tiny_path, tmp_path / "mix.gguf", mixes.file_type("Q4_K_M"), progress=False))
+    q8 = GGUFFile(requantize(tiny_path, tmp_path / "q8.gguf", mixes.file_type("Q8_0"), progress=False))
+    assert mix.tensors["blk.1.attn_v.weight"].ggml_type == Q.Q8_0 and holds_low_bit_blocks(mix)
+    assert not holds_low_bit_blocks(q8)
+    config = LlamaConfig.from_metadata(mix.metadata, mix.path)
+    held = load_weights(mix, config, PackedSource(mix, config, 4, backend="numpy", progress=False))
+    assert held.layers[1].wv.ggml_type == Q.Q8_0 and held.layers[0].wv.ggml_type == Q.Q5_0
+    assert loaded_bytes(mix, 4) == sum(info.nbytes for info in mix.tensors.values())
+    q8_held = load_weights(q8, config, PackedSource(q8, config, 4, backend="numpy", progress=False))
+    assert q8_held.layers[1].wv.ggml_type == Q.Q4_1

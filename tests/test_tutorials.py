@@ -1,8 +1,9 @@
 """Every tutorial runs top to bottom: its assertions tie the hand-written code to the library.
 
-A chapter declares what it needs in a line of its own, `# requires: weights`; such a chapter gets
-the `weights` mark and the `smollm2_path` fixture: without the real model file it is skipped, or
-fails when CI is set (CI fetches the file first), like every other test on the real model.
+A chapter declares what it needs in a line of its own, `# requires: weights` (SmolLM2) or
+`# requires: weights, gemma` (and Gemma 3 270M); such a chapter gets the `weights` mark and the
+fixture of each model: without the real model file it is skipped, or fails when CI is set (CI
+fetches the files first), like every other test on the real models.
 """
 
 import os
@@ -15,7 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIALS = sorted((ROOT / "tutorials").glob("[0-9][0-9]_*.py"))
 REQUIRES_PREFIX = "# requires:"
-KNOWN_REQUIREMENTS = {"weights"}
+# requirement -> the fixture that provides the real model file it names (skips, or fails under CI)
+REQUIREMENT_FIXTURES = {"weights": "smollm2_path", "gemma": "gemma3_path"}
 TIMEOUT_SECONDS = 300  # a chapter aims at under a minute on 2 cores; this leaves room for a slow runner
 TAIL_LINES = 30
 
@@ -34,7 +36,7 @@ def requirements(path: Path) -> set:
 def chapter_params():
     params = []
     for path in TUTORIALS:
-        marks = [pytest.mark.weights] if "weights" in requirements(path) else []
+        marks = [pytest.mark.weights] if requirements(path) & set(REQUIREMENT_FIXTURES) else []
         params.append(pytest.param(path, id=path.stem, marks=marks))
     return params
 
@@ -50,9 +52,10 @@ def test_tutorials_exist():
 @pytest.mark.parametrize("path", chapter_params())
 def test_tutorial_runs(path, request):
     needs = requirements(path)
-    assert needs <= KNOWN_REQUIREMENTS, f"{path.name}: unknown requirement(s) {sorted(needs - KNOWN_REQUIREMENTS)}"
-    if "weights" in needs:
-        request.getfixturevalue("smollm2_path")  # skips (or, in CI, fails) when the file is missing
+    unknown = needs - set(REQUIREMENT_FIXTURES)
+    assert not unknown, f"{path.name}: unknown requirement(s) {sorted(unknown)}"
+    for need in sorted(needs):
+        request.getfixturevalue(REQUIREMENT_FIXTURES[need])  # skips (or, in CI, fails) when the file is missing
     env = {**os.environ, "MPLBACKEND": "Agg"}
     try:
         result = subprocess.run([sys.executable, str(path)], cwd=ROOT, env=env, capture_output=True,

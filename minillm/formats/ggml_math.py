@@ -7,7 +7,8 @@ float32 part is where the order matters, so it is reproduced here operation by o
 - `round_f16`: float32 -> float16 -> float32 (round to nearest even, as F16C's vcvtps2ph);
 - `fma32`: a fused multiply-add rounded once, as `_mm256_fmadd_ps` (and GCC's contraction of
   `a * b + c` in code compiled with -march=native);
-- `hsum_float_8`, `hsum_float_4`: x86/quants.c's horizontal sums of a register's lanes;
+- `hsum_float_8`, `hsum_float_4`: x86/quants.c's horizontal sums of a register's lanes, and
+  `reduce_16_lanes`, an AVX-512 register's (`_mm512_reduce_add_ps`);
 - `lane_sums` and `block_sums`: the integer sums, per block, or per group of 4 consecutive elements
   (one int32 lane of `_mm256_maddubs_epi16` + `_mm256_madd_epi16`, or `_mm256_dpbusd_epi32`).
 
@@ -54,6 +55,13 @@ def fma32(a, b, c) -> np.ndarray:
         nudged = np.nextafter(s, np.where(e > 0, np.inf, -np.inf))
         r[maybe] = np.where(midpoint, nudged.astype(np.float32), near)
     return r
+
+
+def reduce_16_lanes(lanes: np.ndarray) -> np.ndarray:
+    """_mm512_reduce_add_ps in float32: (..., 16) -> (...), halving: lanes i + i+8, i + i+4, i + i+2, 0 + 1."""
+    for width in (8, 4, 2, 1):
+        lanes = lanes[..., :width] + lanes[..., width:2 * width]
+    return lanes[..., 0]
 
 
 def hsum_float_8(lanes: np.ndarray) -> np.ndarray:

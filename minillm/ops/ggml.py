@@ -27,8 +27,8 @@ Attention (llama-cpp-python's default context: flash attention off; llama-graph.
 build_attn_mha, non-flash branch): KQ = mul_mat(K, Q) converts Q to float16 (F16's vec_dot_type);
 softmax(KQ * scale + mask) in float32 with a double sum; KQV = mul_mat(V, KQ) converts the softmax
 weights to float16. In a one-token decode both products add in ggml_vec_dot_f16's order
-(`f16_dot`); llama.cpp's batched products go through llamafile's tinyBLAS, whose order is not
-reproduced here.
+(`formats.f16.vec_dot_f16`); llama.cpp's batched products go through llamafile's tinyBLAS, whose
+order is not reproduced here.
 """
 
 import ctypes
@@ -37,7 +37,8 @@ from functools import cache
 
 import numpy as np
 
-from ..formats.ggml_math import fma32, round_f16
+from ..formats.f16 import vec_dot_f16
+from ..formats.ggml_math import fma32, reduce_16_lanes, round_f16
 from ..modes.ggml import GGMLEmbedding, GGMLLinear, ggml_linears
 
 # ggml_v_expf's constants (vec.h), as C hex floats
@@ -162,13 +163,6 @@ def ggml_gelu(x: np.ndarray) -> np.ndarray:
     return np.where(x <= -10, np.float32(0), np.where(x >= 10, x, looked_up))
 
 
-def reduce_16_lanes(lanes: np.ndarray) -> np.ndarray:
-    """_mm512_reduce_add_ps in float32: (..., 16) -> (...), halving: lanes i + i+8, i + i+4, i + i+2, 0 + 1."""
-    for width in (8, 4, 2, 1):
-        lanes = lanes[..., :width] + lanes[..., width:2 * width]
-    return lanes[..., 0]
-
-
 def ggml_softmax(scores: np.ndarray) -> np.ndarray:
     """ggml_compute_forward_soft_max_f32 after scaling and masking: exp(x - max) by ggml_expf, the
     sum in double of float32 sums over 16 lanes (ggml_vec_soft_max_f32, AVX-512), times float(1/sum).
@@ -191,21 +185,6 @@ def kernel_softmax(scores: np.ndarray) -> np.ndarray:
     return out
 
 
-def f16_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """ggml_vec_dot_f16 (vec.cpp; AVX-512 with AVX512-FP16: GGML_F16_DOT_* are 4 float32 registers
-    of 16 lanes, 64 elements a step) on float16 values: element i goes to lane i % 16 of register
-    (i // 16) % 4, the registers are added 0+2, 1+3, then 0+1, then its 16 lanes. a, b: (..., n)
-    broadcastable float32 holding float16 values, n a multiple of 64 (the products are exact in
-    float32, so fused multiply-adds are plain additions of them) -> (...) float32"""
-    products = a * b                                                    # (..., n) exact
-    steps = products.reshape(*products.shape[:-1], -1, 4, 16)           # (..., n / 64, 4, 16)
-    acc = steps[..., 0, :, :]
-    for step in range(1, steps.shape[-3]):
-        acc = acc + steps[..., step, :, :]
-    pairs = acc[..., :2, :] + acc[..., 2:, :]
-    return reduce_16_lanes(pairs[..., 0, :] + pairs[..., 1, :])
-
-
 def zeros_after(x: np.ndarray, axis: int, n: int) -> np.ndarray:
     """x with zeros appended along `axis` up to length n (np.pad's result, without its overhead)."""
     shape = list(x.shape)
@@ -216,8 +195,8 @@ def zeros_after(x: np.ndarray, axis: int, n: int) -> np.ndarray:
 
 
 def heads_f16_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """f16_dot of every row of a with every row of b, head by head: a (H, G, n), b (H, J, n) -> (H, G, J)."""
-    return f16_dot(a[:, :, None, :], b[:, None, :, :])
+    """vec_dot_f16 of every row of a with every row of b, head by head: a (H, G, n), b (H, J, n) -> (H, G, J)."""
+    return vec_dot_f16(a[:, :, None, :], b[:, None, :, :])
 
 
 def kernel_heads_f16_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
