@@ -335,10 +335,8 @@ def _f16_dot_heads(a, b, acc, out):
     for h in range(a.shape[0]):
         for g in range(a.shape[1]):
             for j in range(b.shape[1]):
-                for reg in range(4):                # the first step's products, then the others added
-                    for lane in range(16):
-                        acc[reg, lane] = a[h, g, 16 * reg + lane] * b[h, j, 16 * reg + lane]
-                for step in range(1, a.shape[2] // 64):
+                acc[:, :] = 0                       # GGML_F16_VEC_ZERO: a -0 product added to it gives +0
+                for step in range(a.shape[2] // 64):
                     for reg in range(4):
                         for lane in range(16):
                             i = 64 * step + 16 * reg + lane
