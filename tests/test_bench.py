@@ -32,7 +32,10 @@ def test_bench_reports_every_figure(tiny_q4_path):
     assert r["settings"]["bits"] == 4 and r["model"]["path"] == str(tiny_q4_path.resolve())
     # The planned bytes are what `info` plans for the file at --bits 4.
     assert r["weights_packed_mib"] * MiB == loaded_bytes(GGUFFile(tiny_q4_path), 4)
-    assert r["weight_rss_mib"] >= 0 and r["weight_rss_ratio"] == r["weight_rss_mib"] / r["weights_packed_mib"]
+    # A tiny model's weights are a few KiB, less than the pages the allocator may hand back while they
+    # load, so its RSS growth can come out slightly negative: SmolLM2's is compared with its packed
+    # size (test_weights_at_4_bits_take_their_packed_bytes).
+    assert isinstance(r["weight_rss_mib"], float) and r["weight_rss_ratio"] == r["weight_rss_mib"] / r["weights_packed_mib"]
     # RSS after the run is at most its high-water mark during the run.
     assert r["run_peak_above_baseline_mib"] >= r["weight_rss_mib"]
     assert r["llamacpp"] is None
