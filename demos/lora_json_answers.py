@@ -115,7 +115,7 @@ def minillm_answers(model_path, adapter, prompts) -> list[str]:
 def llamacpp_answers(model_path, adapter, prompts) -> list[str] | None:
     try:
         from minillm.bench_llamacpp import import_llama_cpp
-        llama_cpp = import_llama_cpp()
+        llama_cpp = import_llama_cpp(repack=False)
     except Exception:  # llama-cpp-python is optional: the demo then measures minillm only
         return None
     llm = llama_cpp.Llama(model_path=str(model_path), lora_path=str(adapter), n_ctx=256, verbose=False, seed=0)

@@ -122,7 +122,16 @@ class AdapterSource:
         return self.source.embedding(name)
 
     def matrix(self, name: str):
-        base = self.source.matrix(name)
+        return self.adapted(name, self.source.matrix(name))
+
+    def matrices(self, names: list) -> list:
+        return [self.adapted(name, base) for name, base in zip(names, self.source.matrices(names))]
+
+    def finish(self):
+        self.source.finish()
+
+    def adapted(self, name: str, base):
+        """The loader's linear `base` of tensor `name`, with the adapter's LoRA if it has one for it."""
         if name not in self.adapter.pairs:
             return base
         a, b = self.adapter.pairs[name]

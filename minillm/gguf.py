@@ -302,17 +302,19 @@ class GGUFFile:
         raw = self._map[info.offset:info.offset + info.nbytes]
         return raw.reshape(*info.shape[:-1], -1)
 
-    def release(self, name: str):
-        """Drop the pages of tensor `name` from this process's resident memory (madvise DONTNEED).
-        For a tensor that was converted at load and is never read from the map again: its pages
-        would otherwise stay counted in RSS. The file is unchanged; a later read maps them back in."""
+    def release(self, name: str, nbytes: int | None = None):
+        """Drop the pages of tensor `name` (of its first `nbytes` bytes, if given) from this process's
+        resident memory (madvise DONTNEED). For a tensor that was converted or re-laid at load and is
+        never read from the map again: its pages would otherwise stay counted in RSS. The file is
+        unchanged; a later read maps them back in."""
         if not hasattr(mmap, "MADV_DONTNEED"):
             return
         info = self.tensors[name]
         first = info.offset // mmap.PAGESIZE * mmap.PAGESIZE
         # only whole pages that no other tensor shares: the neighbours may still be in use
         start = first if first == info.offset else first + mmap.PAGESIZE
-        stop = (info.offset + info.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        end = info.nbytes if nbytes is None else min(nbytes, info.nbytes)
+        stop = (info.offset + end) // mmap.PAGESIZE * mmap.PAGESIZE
         if stop > start:
             self._mmap.madvise(mmap.MADV_DONTNEED, start, stop - start)
 

@@ -7,9 +7,12 @@ library user can build it directly:
     ids = rt.tokenizer.encode("The capital of France is")
 """
 
+import functools
 import os
 import time
 from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 from . import arch
 from .adapter import adapted_source
@@ -24,7 +27,7 @@ from .model import Model
 from .modes.ggml import ROUNDING
 from .ops import KV_BITS as MODE_KV_BITS
 from .ops import check_mode, mode_ops
-from .ops.f32 import masked_attention
+from .ops.f32 import kernel_masked_attention, kernel_rope_neox, masked_attention
 from .parallel import row_pool
 from .plan import MAX_PREFILL_CHUNK, MIN_PREFILL_CHUNK, plan_for_cap
 from .registry import resolve_model
@@ -166,11 +169,16 @@ def load(config: RunConfig, announce=print) -> Runtime:
     start = time.perf_counter()
     p = prepare(config, announce)
     config = p.config
-    # Dense attention, and everything under --backend numpy, runs the NumPy reference; sparse patterns the
-    # kernels. The oracle and ggml modes run their own NumPy attention (minillm.ops).
-    attention = masked_attention if config.attention_spec().is_dense or config.backend == "numpy" \
-        else block_sparse_attention
-    ops = mode_ops(config.mode, config.ggml_rounding, attention)
+    # Everything under --backend numpy runs the NumPy reference. Otherwise one query (a decode step)
+    # runs the reference's kernel, and a batch (prefill) the reference for dense attention, the
+    # block-sparse kernels for sparse patterns. The oracle and ggml modes run their own attention
+    # (minillm.ops), ggml's on Numba kernels unless --backend numpy.
+    if config.backend == "numpy":
+        attention = masked_attention
+    else:
+        batch = masked_attention if config.attention_spec().is_dense else block_sparse_attention
+        attention = functools.partial(kernel_masked_attention, batch=batch)
+    ops = mode_ops(config.mode, config.ggml_rounding, attention, config.backend)
     if p.plan is not None:
         runtime = load_capped(p, ops, announce)
     else:
@@ -186,11 +194,12 @@ def load(config: RunConfig, announce=print) -> Runtime:
 
 def weight_source(gguf: GGUFFile, model_config, config: RunConfig, ops):
     """float32 for --bits 32; packed blocks, read by the kernels, otherwise. The oracle and ggml modes
-    wrap the packed blocks (as `--bits` stores them) in their own objects (`ops.linear`, minillm.ops)."""
+    wrap the packed blocks (as `--bits` stores them) in their own objects (`ops.linear`, minillm.ops):
+    ggml's on the Numba kernels (unless --backend numpy), the oracle's on the GGUF rows in NumPy."""
     threads = config.threads or os.cpu_count()
     if config.mode == "f32" and config.bits == 32:
         return FloatSource(gguf, threads)
-    backend = config.backend if config.mode == "f32" else "numpy"
+    backend = "numpy" if config.mode == "oracle" else config.backend
     return PackedSource(gguf, model_config, config.bits, int4=config.int4, backend=backend, threads=threads, ops=ops)
 
 
@@ -236,6 +245,9 @@ def warm_up_kernels(config: RunConfig) -> Meter:
         cache = new_cache(tiny.model.config, ctx_size, tiny.config.attention_spec(), kv_bits)
         chunked = replace(tiny.model, prefill_chunk=MIN_PREFILL_CHUNK)
         list(generate(chunked, cache, prompt, Sampler(config.sampling), max_tokens=2, stop_ids=()))
+    if config.backend == "numba":   # NEOX RoPE (Gemma 3, Qwen 3), which the tiny Llama does not run
+        one = np.ones((1, 1), np.float32)
+        kernel_rope_neox(np.ones((1, 1, 2), np.float32), one, one)
     row_pool(config.threads or os.cpu_count()).touch_blas_buffers(MAX_PREFILL_CHUNK + 1, TILE_BYTES)
     return_freed_memory_at_once()
     return Meter()

@@ -105,7 +105,9 @@ del buffer
 #
 # Two buffers big enough for one layer's seven matrices, and one thread that fills them. The model asks
 # for layer i; we wait for its read, start reading layer i + 1 into the other buffer, and hand out
-# layer i. A `QuantLinear` is made once over each buffer: refilling the buffer changes its weights.
+# layer i. A `QuantLinear` is made once for each matrix of each buffer; after a read, the rows are
+# stored into it (`QuantLinear.store`, which re-lays them for the kernels, as loading does for
+# resident weights: chapter 4), so refilling changes its weights, not the object.
 
 # %%
 MATRICES = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
@@ -118,14 +120,19 @@ def layer_infos(i):
 sizes = [info.nbytes for info in layer_infos(0)]
 starts = np.cumsum([0] + sizes[:-1])
 buffers = [np.empty(sum(sizes), np.uint8) for _ in range(2)]
-linears = [[QuantLinear(buf[s:s + info.nbytes].reshape(info.shape[0], -1), info.ggml_type, "numba", 1, info.name)
+def rows_of(buf, s, info):
+    return buf[s:s + info.nbytes].reshape(info.shape[0], -1)   # (rows, row_bytes) GGUF rows
+
+
+linears = [[QuantLinear(rows_of(buf, s, info), info.ggml_type, "numba", 1, info.name)
             for s, info in zip(starts, layer_infos(0))] for buf in buffers]
 fd = os.open(path, os.O_RDONLY)
 
 
 def fill(i, slot):
-    for s, info in zip(starts, layer_infos(i)):
+    for s, info, linear in zip(starts, layer_infos(i), linears[slot]):
         os.preadv(fd, [memoryview(buffers[slot][s:s + info.nbytes])], info.offset)  # one read per matrix
+        linear.store(rows_of(buffers[slot], s, info), 0)
 
 
 def streamed_layers():
@@ -146,12 +153,13 @@ for i, layer in streamed_layers():
         resident = QuantLinear(gguf.data(info.name), info.ggml_type, "numba", 1, info.name)
         assert np.array_equal(linear(x), resident(x))  # the same bytes, so bit-identical results
 print(f"{config.n_layers} layers streamed through 2 buffers of {sum(sizes) / MiB:.2f} MiB: "
-      "q, k, v equal the memory-mapped weights bit for bit")
+      "q, k, v equal the resident weights bit for bit")
 
 # %% [markdown]
 # `minillm.streaming.StreamedLayers` is this loop with a pool of reusable futures, wrapping round so
 # the first layer of the next token is read while the last one computes, and `StreamedEmbedding` does
-# the same for the LM head in chunks of 1 MiB of rows. `tests/test_memory.py` checks that a fully
+# the same for the LM head in chunks of 1 MiB of rows. It reads through one staging buffer of 1 MiB
+# instead of a whole layer's bytes, since the QuantLinears hold the re-laid copy anyway. `tests/test_memory.py` checks that a fully
 # streamed SmolLM2 gives the same logits as the resident one, bit for bit.
 #
 # ## 4. The plan

@@ -66,7 +66,16 @@ class LoRASource:
         return FrozenEmbedding(self.source.embedding(name))
 
     def matrix(self, name: str):
-        base = self.source.matrix(name)
+        return self.trained(name, self.source.matrix(name))
+
+    def matrices(self, names: list) -> list:
+        return [self.trained(name, base) for name, base in zip(names, self.source.matrices(names))]
+
+    def finish(self):
+        self.source.finish()
+
+    def trained(self, name: str, base):
+        """The loader's linear `base` of tensor `name`: with a new LoRA if it is a target, else frozen."""
         if name.split(".")[-2] not in self.targets:          # blk.i.<target>.weight
             return Frozen(base)
         a = (self.rng.uniform(-1, 1, (self.rank, base.in_features)) / np.sqrt(base.in_features)).astype(np.float32)

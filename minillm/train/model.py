@@ -143,6 +143,12 @@ class ArraySource:
     def matrix(self, name: str):
         return Frozen(FloatLinear(self.arrays[name])) if self.frozen else Trained(name, self.arrays[name])
 
+    def matrices(self, names: list) -> list:
+        return [self.matrix(name) for name in names]
+
+    def finish(self):
+        """Nothing to let go of: the arrays are the caller's."""
+
     def embedding(self, name: str):
         table = self.arrays[name]
         return FrozenEmbedding(FloatEmbedding(table)) if self.frozen else TrainedEmbedding(name, table)
