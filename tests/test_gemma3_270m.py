@@ -1,6 +1,8 @@
 """Gemma 3 270M, the real file (Q4_K_M: Q4_K, Q5_0, Q6_K and Q8_0 tensors, a tied Q8_0 head of
 262,144 x 640), against llama.cpp and HF transformers through committed goldens:
 
+- `--mode ggml`, one token at a time, against llama.cpp's logits (make_ggml_reference.py --hashes:
+  the sha256 of llama.cpp's float32 logits at each of 256 positions of Alice);
 - the float path (`--bits 32`) against transformers' own GGUF loading (make_gemma3_270m_reference.py);
 - the names `dump` gives against the names llama.cpp's graph callback sees, value for value in ggml
   mode (make_ggml_reference.py --graph-golden);
@@ -20,10 +22,14 @@ from minillm.runtime import RunConfig, load
 from minillm.verify import perplexity as ppl
 from minillm.verify.dump import record_forward
 
-from references import DATA, check_greedy, check_logits, load_reference
+from references import DATA, check_ggml_golden, check_greedy, check_logits, load_reference
 
 pytestmark = pytest.mark.weights
 TEXT = DATA / "alice_in_wonderland.txt"
+# --mode ggml computes in NumPy, one token at a time (about 1.9 s of CPU a token): CI decodes the
+# golden's first tokens; the script (make_ggml_reference.py ... --hashes) compares all 256 (README,
+# "Gemma 3 270M, the real file").
+GGML_TOKENS = 32
 
 
 def quiet_load(path, **settings):
@@ -32,6 +38,21 @@ def quiet_load(path, **settings):
 
 def made_from_the_pinned_file(golden: dict) -> bool:
     return json.loads(str(golden["metadata"]))["model_sha256"] == MODELS["gemma3-270m"].sha256
+
+
+@pytest.fixture(scope="module")
+def llamacpp():
+    return load_reference("gemma3_270m_ggml_reference.npz")
+
+
+@pytest.mark.slow
+def test_ggml_mode_equals_llama_cpp_bit_for_bit(gemma3_path, llamacpp):
+    """Every logit at each of the first GGML_TOKENS positions (BOS and Alice) equals llama.cpp's float32
+    logit (the golden keeps their sha256): the Q4_K, Q5_0, Q6_K and Q8_0 products with their Q8_K and
+    Q8_0 activations, the per-head norms, both RoPE bases, the float16 GELU table and the 262,144-row
+    head. (256 tokens stay inside the 512-position windows; tiny_gemma3's golden crosses its window.)"""
+    assert made_from_the_pinned_file(llamacpp) and len(llamacpp["logits_sha256"]) == 256
+    check_ggml_golden(gemma3_path, llamacpp, bits=4, tokens=GGML_TOKENS)
 
 
 @pytest.fixture(scope="module")
