@@ -55,7 +55,11 @@ def set_thread_count(threads: int | None):
     # BLAS runs one thread per call; minillm.parallel spreads large products over `threads`.
     for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
-    if threads is not None and threads >= 1:
+    # Numba reads NUMBA_NUM_THREADS when imported and checks it again at every later compilation,
+    # refusing a value other than its running pool's: so it is set only before the first import
+    # (a second command in the same process, as the tests run them, keeps the first one's pool;
+    # kernels.threads refuses --threads beyond it with a one-line error).
+    if threads is not None and threads >= 1 and "numba" not in sys.modules:
         os.environ["NUMBA_NUM_THREADS"] = str(threads)
 
 
