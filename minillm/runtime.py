@@ -14,14 +14,15 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from . import arch
+from . import arch, formats
 from .adapter import adapted_source
 from .attention import AttentionSpec, block_sparse_attention, parse_attention
 from .errors import UsageError
 from .generate import Sampler, SamplingSettings, generate
-from .gguf import GGUFFile
+from .gguf import GGUFFile, tensor_types
+from .kernels.layout import GROUP_ROWS
 from .kvcache import check_kv_bits, new_cache
-from .linear import TILE_BYTES
+from .linear import TILE_BYTES, QuantLinear
 from .memory import Meter, cache_arrays, mib, return_freed_memory_at_once, touch_pages
 from .model import Model
 from .modes.ggml import ROUNDING
@@ -147,8 +148,9 @@ def prepare(config: RunConfig, announce=print) -> Prepared:
     `minillm info --mem-cap` runs exactly this, so the plan it prints is the plan the run follows
     (the tokenizer's bytes are measured above the same warmed-up baseline)."""
     config.check()
-    meter = warm_up_kernels(config) if config.mem_cap is not None else None
-    gguf = GGUFFile(resolve_model(config.model, announce=announce))
+    path = resolve_model(config.model, announce=announce)
+    meter = warm_up_kernels(config, tensor_types(path)) if config.mem_cap is not None else None
+    gguf = GGUFFile(path)
     model_config = arch.read_config(gguf.metadata, gguf.path)
     validate(gguf, model_config)  # before the plan or the cache is sized by the hyper-parameters
     config = config.for_model(model_config)
@@ -212,11 +214,13 @@ def warm_up(runtime: Runtime):
     runtime.model.forward([0], cache)
 
 
-def warm_up_kernels(config: RunConfig) -> Meter:
-    """Under --mem-cap: load (or compile) every kernel the run calls by running a tiny random model
-    in the same formats (its chat template too), and touch BLAS's work buffers with the largest
-    prefill products, then start measuring. The baseline the cap is counted from is this process:
-    interpreter, numpy, numba, tokenizers, compiled kernels and BLAS buffers, and no model."""
+def warm_up_kernels(config: RunConfig, ggml_types=()) -> Meter:
+    """Under --mem-cap: load (or compile) every kernel the run calls, by running a tiny random model
+    (its chat template too) and the products of each other format the model file holds
+    (`ggml_types`), and touch BLAS's work buffers with the largest prefill products, then start
+    measuring. The baseline the cap is counted from is this process: interpreter, numpy, numba,
+    tokenizers, compiled kernels and BLAS buffers, and no model. (Loading a kernel from Numba's
+    cache takes heap memory too, compiling it tens of MiB: neither may happen under the plan.)"""
     import tempfile
     from pathlib import Path
 
@@ -248,9 +252,26 @@ def warm_up_kernels(config: RunConfig) -> Meter:
     if config.backend == "numba":   # NEOX RoPE (Gemma 3, Qwen 3), which the tiny Llama does not run
         one = np.ones((1, 1), np.float32)
         kernel_rope_neox(np.ones((1, 1, 2), np.float32), one, one)
+        for ggml_type in ggml_types:   # the tiny model reads its rows from a map, streaming from a buffer
+            warm_up_format(ggml_type, config.threads or os.cpu_count())
     row_pool(config.threads or os.cpu_count()).touch_blas_buffers(MAX_PREFILL_CHUNK + 1, TILE_BYTES)
     return_freed_memory_at_once()
     return Meter()
+
+
+def warm_up_format(ggml_type, threads: int):
+    """Load (or compile) the kernels of one format as a run calls them: products of one token and
+    of several, by a matrix alone and by matrices sharing an input, and the store of GGUF rows
+    that streaming re-lays them with. Zero blocks of one block's width: only the kernels matter."""
+    fmt = formats.get(ggml_type)
+    if fmt.kernels is None:
+        return
+    raw = np.zeros((2 * GROUP_ROWS, fmt.row_bytes(fmt.block_size)), np.uint8)
+    for linear in [QuantLinear(raw, ggml_type, "numba", threads),
+                   *QuantLinear.sharing_input([raw, raw], [ggml_type] * 2, "numba", threads)]:
+        for tokens in (1, 2):
+            linear(np.ones((tokens, linear.in_features), np.float32))
+        linear.store(raw[:GROUP_ROWS], 0)
 
 
 def load_capped(p: Prepared, ops, announce) -> Runtime:

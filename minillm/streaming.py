@@ -21,6 +21,7 @@ chunks of rows the same way; an embedding lookup then reads just the rows of the
 """
 
 import os
+import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 
@@ -71,21 +72,25 @@ class FileReader:
 
 class Staging:
     """One buffer that GGUF rows are read into, a piece at a time, then stored into a QuantLinear
-    (which re-lays them for its kernels): at most relay_chunk_rows rows, for the widest row given."""
+    (which re-lays them for its kernels): at most relay_chunk_rows rows, for the widest row given.
+    The streamed layers and the LM head share one: their reads take turns (a read the caller makes
+    itself, when none ran ahead, may meet one on the reader's thread, hence the lock)."""
 
     def __init__(self, reader: FileReader, row_bytes: list):
         self.reader = reader
         self.buffer = np.empty(max(relay_chunk_rows(n) * n for n in row_bytes), np.uint8)
+        self.lock = threading.Lock()
 
     def fill(self, linear: QuantLinear, offset: int, n_rows: int):
         """The first n_rows rows of `linear` from the file's GGUF rows at `offset`."""
         row_bytes = linear.format.row_bytes(linear.in_features)
         step = self.buffer.size // row_bytes
-        for start in range(0, n_rows, step):
-            n = min(step, n_rows - start)
-            rows = self.buffer[:n * row_bytes].reshape(n, row_bytes)
-            self.reader.read_into(rows, offset + start * row_bytes)
-            linear.store(rows, start)
+        with self.lock:
+            for start in range(0, n_rows, step):
+                n = min(step, n_rows - start)
+                rows = self.buffer[:n * row_bytes].reshape(n, row_bytes)
+                self.reader.read_into(rows, offset + start * row_bytes)
+                linear.store(rows, start)
 
 
 def layer_variants(gguf: GGUFFile, config, layers) -> list:
@@ -144,7 +149,7 @@ class StreamedLayers:
     of the streamed layers are read once and kept; their matrices go through STREAM_SLOTS sets of
     QuantLinears, one for each form a streamed layer's matrices take (`layer_variants`)."""
 
-    def __init__(self, gguf: GGUFFile, reader: FileReader, config, resident: list, vectors: dict,
+    def __init__(self, gguf: GGUFFile, reader: FileReader, staging: Staging, config, resident: list, vectors: dict,
                  backend: str, threads: int):
         self.gguf, self.reader, self.n_layers = gguf, reader, config.n_layers
         self.resident, self.vectors = resident, vectors  # vectors[i]: field -> array, for each streamed layer
@@ -161,8 +166,7 @@ class StreamedLayers:
         # (slot, group, types) -> the group's QuantLinears, made once: refilling changes their weights
         self.linears = {(slot, group, types): slot_linears(group, types)
                         for slot in range(STREAM_SLOTS) for group, types in variants}
-        self.staging = Staging(reader, [formats.get(t).row_bytes(self.table[name][1][1])
-                                        for group, types in variants for name, t in zip(group, types)])
+        self.staging = staging
         self.read_ahead = ReadAhead(reader, self._fill)
 
     def __len__(self) -> int:
@@ -199,7 +203,7 @@ class StreamedEmbedding:
     streams the whole table in chunks of rows through two sets of rows, the next chunk read in the
     background while the current one is multiplied."""
 
-    def __init__(self, info, reader: FileReader, backend: str, threads: int):
+    def __init__(self, info, reader: FileReader, staging: Staging, backend: str, threads: int):
         self.info, self.reader = info, reader
         self.vocab_size = info.shape[0]
         self.row_bytes = info.nbytes // self.vocab_size
@@ -207,7 +211,7 @@ class StreamedEmbedding:
         # the last chunk may be shorter: its linear then multiplies stale rows too, which are cut off
         self.linears = [QuantLinear(np.zeros((self.rows, self.row_bytes), np.uint8), info.ggml_type, backend, threads,
                                     info.name) for _ in range(STREAM_SLOTS)]
-        self.staging = Staging(reader, [self.row_bytes])
+        self.staging = staging
         self.read_ahead = ReadAhead(reader, self._fill)
 
     @property
@@ -254,6 +258,16 @@ class StreamingSource:
         self.gguf, self.backend, self.threads = gguf, backend, threads
         self.reader = FileReader(gguf.path)
         self.released = MapRelease(gguf)
+        self._staging = None
+
+    @property
+    def staging(self) -> Staging:
+        """The one staging buffer of the streamed weights, made when the first of them is: wide enough
+        for every matrix of the file (the plan counts it so: WeightIndex.relay_buffer)."""
+        if self._staging is None:
+            self._staging = Staging(self.reader, [info.nbytes // info.shape[0] for info in self.gguf.tensors.values()
+                                                  if len(info.shape) == 2])
+        return self._staging
 
     def vector(self, name: str) -> np.ndarray:
         return self.reader.read(self.gguf.tensors[name]).view(np.float32).reshape(-1)
@@ -279,10 +293,10 @@ class StreamingSource:
     def streamed_layers(self, config, resident: list) -> StreamedLayers:
         vectors = {i: {field: self.vector(name) for name, (field, shape) in block_tensors(config, i).items()
                        if len(shape) == 1} for i in range(len(resident), config.n_layers)}
-        return StreamedLayers(self.gguf, self.reader, config, resident, vectors, self.backend, self.threads)
+        return StreamedLayers(self.gguf, self.reader, self.staging, config, resident, vectors, self.backend, self.threads)
 
     def streamed_embedding(self, name: str) -> StreamedEmbedding:
-        return StreamedEmbedding(self.gguf.tensors[name], self.reader, self.backend, self.threads)
+        return StreamedEmbedding(self.gguf.tensors[name], self.reader, self.staging, self.backend, self.threads)
 
     def finish(self):
         self.released.finish()

@@ -168,12 +168,28 @@ def assert_same_logits(rt, streamed_weights, ids, steps):
         tokens.append(int(np.argmax(a[-1])))
 
 
-def capped_run(path, cap: int, *flags):
-    """`generate` under --mem-cap in a fresh process: (exit code, JSON output or None, stderr)."""
+def capped_run(path, cap: int, *flags, env=None):
+    """`generate` under --mem-cap in a fresh process: (exit code, JSON output or None, everything
+    else it printed, stdout and stderr in the order printed)."""
     command = [sys.executable, "-m", "minillm", "generate", PROMPT, "--raw", "-m", str(path), "--temp", "0", "-n", "4",
                "-c", "128", "--mem-cap", f"{cap}B", "--json", *flags]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    return done.returncode, json.loads(done.stdout) if done.returncode == 0 else None, done.stderr
+    return split_json(run_in_order(command, env, timeout=300))
+
+
+def run_in_order(command, env=None, timeout=600) -> subprocess.CompletedProcess:
+    """Run with stderr into stdout, both unbuffered, so that the output keeps the order it was
+    printed in (Numba's debug lines go to stdout, the memory plan to stderr)."""
+    env = {**(env or os.environ), "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout, env=env)
+
+
+def split_json(done: subprocess.CompletedProcess):
+    """(exit code, the --json line parsed or None, the other lines)."""
+    lines = done.stdout.splitlines(keepends=True)
+    record = next((line for line in lines if line.startswith('{"minillm_version"')), None)
+    if done.returncode or record is None:
+        return done.returncode, None, done.stdout
+    return done.returncode, json.loads(record), "".join(line for line in lines if line is not record)
 
 
 @pytest.mark.weights
@@ -206,11 +222,13 @@ def test_gemma3_under_a_quarter_of_its_weights_gives_the_uncapped_tokens(gemma3_
     """Gemma 3 270M (235 MiB packed, 171.5 MiB of it the tied head) under a quarter of that (the minimum
     at -c 128 is about 50 MiB, 26 to 29 of it the tokenizer and metadata): the head streams in row
     chunks, the measured peak stays under the cap and near the plan, and the greedy tokens are those
-    of the uncapped run."""
+    of the uncapped run. The kernels of its formats (the warm-up's tiny model is Q4_1 and Q8_0) are
+    all loaded from Numba's cache before the baseline: none after the plan."""
     index, _ = model_plan_inputs(gemma3_path)
     cap = int(0.25 * packed_bytes(index))
-    code, out, err = capped_run(gemma3_path, cap)
+    code, out, err = capped_run(gemma3_path, cap, env={**os.environ, "NUMBA_DEBUG_CACHE": "1"})
     assert code == 0, err
+    assert "[cache] index loaded" in err and "[cache]" not in err[err.index("memory plan for --mem-cap"):]
     m = out["memory"]
     assert "LM head streamed" in m["plan"]["strategy"]
     peak, plan = m["peak_above_baseline_mib"] * MiB, m["plan"]["total_mib"] * MiB
@@ -229,15 +247,13 @@ def test_nothing_compiles_after_the_plan(smollm2_path, tmp_path):
     memory layout of the cache's views, and a prompt that wraps the ring cache round."""
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_DEBUG_CACHE": "1"}
     cap = 24 * MiB
-    done = subprocess.run([sys.executable, "-m", "minillm", "generate", PROMPT, "--raw", "-m", str(smollm2_path),
-                           "--temp", "0", "-n", "8", "-c", "256", "--attention", "sinks:4,window:64",
-                           "--mem-cap", f"{cap}B", "--json"],
-                          capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 0, done.stderr
-    log = done.stdout + done.stderr
+    code, out, log = split_json(run_in_order(
+        [sys.executable, "-m", "minillm", "generate", PROMPT, "--raw", "-m", str(smollm2_path), "--temp", "0", "-n", "8",
+         "-c", "256", "--attention", "sinks:4,window:64", "--mem-cap", f"{cap}B", "--json"], env))
+    assert code == 0, log
     assert "index saved" in log  # the cache was empty: the warm-up compiled
-    assert "index saved" not in log[log.index("memory plan for --mem-cap"):]
-    assert json.loads(done.stdout[done.stdout.index("{"):])["memory"]["peak_above_baseline_mib"] * MiB <= cap
+    assert "[cache]" not in log[log.index("memory plan for --mem-cap"):]  # nothing compiled, nor loaded, after it
+    assert out["memory"]["peak_above_baseline_mib"] * MiB <= cap
 
 
 @pytest.mark.weights
