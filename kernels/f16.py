@@ -29,30 +29,38 @@ from .rows import Rows, read_only, scratch_rows
 F16_EXPONENT_GAP = np.float32(2.0**112)   # 2^(127 - 15)
 
 
-def _widen_f16(w16_row, bits):
-    # w16_row: (K,) u16 float16 bits -> bits: (K,) i32 holding the float32 values (bits of its
-    # float32 view). int32 operations and a select, then the exact scaling of the float view, in
-    # one element-wise loop: LLVM vectorizes it and forwards each int32 to the multiply in a register.
-    w = bits.view(np.float32)
+def _f16_to_f32(bits):
+    # one float16, given as its 16 bits (any integer type), as a float32, exactly (module docstring):
+    # int32 operations and a select, then the exact scaling of the float view. In a loop over
+    # consecutive values LLVM vectorizes it.
+    shifted = np.int32(np.int32(np.int16(bits)) << np.int32(13))
+    placed = np.int32(shifted & np.int32(-0x70000001))              # 0x8FFFFFFF as an int32
+    exponent_31 = np.int32((placed & np.int32(0x0F800000)) == np.int32(0x0F800000))
+    # exponent 31 (inf, NaN): set the three exponent bits the shift left clear (no branch, no
+    # conditional expression: Numba's inliner would give the result two definitions)
+    widened = np.int32(placed | (-exponent_31 & np.int32(0x70000000)))
+    return widened.view(np.float32) * F16_EXPONENT_GAP
+
+
+f16_to_f32 = jit_inline(_f16_to_f32)
+
+
+def _widen_f16(w16_row, w):
+    # w16_row: (K,) u16 float16 bits -> w: (K,) f32, one element-wise loop
     for k in range(w16_row.shape[0]):
-        shifted = np.int32(np.int32(np.int16(w16_row[k])) << np.int32(13))
-        placed = np.int32(shifted & np.int32(-0x70000001))          # 0x8FFFFFFF as an int32
-        exponent_31 = (placed & np.int32(0x0F800000)) == np.int32(0x0F800000)
-        bits[k] = np.int32(placed | np.int32(0x70000000)) if exponent_31 else placed
-        w[k] = w[k] * F16_EXPONENT_GAP
+        w[k] = f16_to_f32(w16_row[k])
 
 
 widen_f16 = jit_inline(_widen_f16)
 
 
-def _widen_f16_rows(w16, out):
-    """out = the rows as float32, bit-identical to NumPy's float16 -> float32 cast.
+def _widen_f16_rows(w16, ids, out):
+    """out[i] = row ids[i] as float32, bit-identical to NumPy's float16 -> float32 cast.
 
-    w16: (R, K) u16 float16 bits; out: (R, K) f32. Serial (the prefill path's tiles). Allocation: none.
+    w16: (N, K) u16 float16 bits; ids: (n,) int64; out: (n, K) f32. Serial (the prefill path's tiles). Allocation: none.
     """
-    bits = out.view(np.int32)
-    for row in range(out.shape[0]):
-        widen_f16(w16[row], bits[row])
+    for i in range(ids.shape[0]):
+        widen_f16(w16[ids[i]], out[i])
 
 
 widen_f16_rows = jit(_widen_f16_rows)
@@ -71,18 +79,17 @@ def _dot_any_order(w, x):
 dot_any_order = jit_any_order_sum(_dot_any_order)
 
 
-def _matvec_rows_f16(w16, x, out, bits, first, stop):
+def _matvec_rows_f16(w16, x, out, w, first, stop):
     """out[first:stop] = those rows of W times x, from float16 rows, on the calling thread.
 
-    w16: (N, K) u16 float16 bits (read-only is fine); x: (K,) f32; out: (N,) f32; bits: (>= K,) i32
+    w16: (N, K) u16 float16 bits (read-only is fine); x: (K,) f32; out: (N,) f32; w: (>= K,) f32
     scratch.
 
-    Loop order: each row is widened to float32 into `bits` (one SIMD pass), then multiplied by x
+    Loop order: each row is widened to float32 into `w` (one SIMD pass), then multiplied by x
     (a second SIMD pass, `dot_any_order`). Allocation: none. Load-time unpacking: none.
     """
-    w = bits.view(np.float32)
     for row in range(first, stop):
-        widen_f16(w16[row], bits)
+        widen_f16(w16[row], w)
         out[row] = dot_any_order(w[:x.shape[0]], x)
 
 
@@ -96,13 +103,13 @@ class FloatActivation:
 
 
 class F16Rows(Rows):
-    """float16 rows for the kernels above: (N, K) 16-bit words (minillm.kernels.rows)."""
+    """float16 rows for the kernels above: (N, K) 16-bit words in GGUF's layout (minillm.kernels.rows)."""
 
     block_size, type_size = 1, 2
 
-    def __init__(self, raw):
-        super().__init__(raw)
-        self.w16 = read_only(raw.view(np.uint16))                # (N, K) float16 bits, same bytes
+    def __init__(self, storage, n_rows, n_cols):
+        super().__init__(storage, n_rows, n_cols)
+        self.w16 = read_only(storage.view(np.uint16))            # (N, K) float16 bits, same bytes
 
     def new_activation(self):
         return FloatActivation()
@@ -111,10 +118,10 @@ class F16Rows(Rows):
         act.x = x
 
     def new_scratch(self, parts):
-        return scratch_rows(parts, self.n_cols, np.int32)       # one widened row per thread
+        return scratch_rows(parts, self.n_cols, np.float32)     # one widened row per thread
 
-    def matvec_rows(self, act, bits, out, first, stop):
-        matvec_rows_f16(self.w16, act.x, out, bits, first, stop)
+    def matvec_groups(self, act, w, out, first, stop):
+        matvec_rows_f16(self.w16, act.x, out, w, first, stop)
 
-    def dequantize_rows(self, start, stop, out):
-        widen_f16_rows(self.w16[start:stop], out)
+    def dequantize_rows(self, ids, out):
+        widen_f16_rows(self.w16, ids, out)

@@ -1,125 +1,238 @@
-"""Packed 4- and 5-bit codes: what the Q4_0, Q4_1, Q5_0 and Q5_1 kernels share.
+"""4- and 5-bit codes in the row-interleaved layout: what the Q4_0, Q4_1, Q5_0 and Q5_1 kernels share.
 
-Both formats store 32 weights as 16 bytes of 4-bit codes after a header; the kernels read a row
-as little-endian 16-bit words (a zero-copy view of the packed bytes), L words per block:
+The four formats store a block's 32 codes in 16 bytes after a header: byte j holds element j in
+its low nibble and element j + 16 in its high nibble; Q5_0 and Q5_1 add a fifth bit to each code,
+bit e of a little-endian uint32 qh in the header:
 
-    Q4_0  L = 9:   word 9 b = d                       w = d * (code - 8)
-    Q4_1  L = 10:  word 10 b = d, word 10 b + 1 = m   w = d * code + m
-    then 8 words of codes: code byte j of the block is in word (header + j // 2), low byte when
-    j is even; its low nibble is element j and its high nibble element j + 16.
+    Q4_0  [d][16 code bytes]               w = d (code - 8)
+    Q4_1  [d][m][16 code bytes]            w = d code + m
+    Q5_0  [d][qh][16 code bytes]           w = d (code - 16)
+    Q5_1  [d][m][qh][16 code bytes]        w = d code + m
 
-Both share the first pass (`nibble_products`, four code x int8 products per word); they differ
-only in how a block's integer sum becomes a float (kernels/q4_0.py, kernels/q4_1.py).
+Re-laid (minillm.kernels.rows), block b of a group holds each header field for the 32 rows side by
+side, then code byte 0 of the 32 rows, code byte 1, ...: byte j of row r is at
+`codes + j * GROUP_ROWS + r`, with `codes` = GROUP_ROWS * (header bytes).
 
-Q5_0 and Q5_1 add a fifth bit to each code: a little-endian uint32 qh after the header (read as two
-words), bit j for element j. Their kernels read the code bytes in place (`code_sum`: byte j gives
-elements j and j + 16, the two int8 activations it multiplies sit 16 apart).
+A block's integer dot product with the int8 activation q, sum_e code_e q_e, is computed here for
+all rows of a group at once (`nibble_sums`, `fifth_bit_sums`), in 16-bit SIMD lanes: products
+are at most 31 * 127, so sums of up to 16 of them, kept signed (codes centred on 16 for Q5), fit
+an int16. The four formats then differ only in constants, which each passes to the kernels here
+(`CodeRows`): where the codes and fifth bits sit, the code their weights are centred on (8, 16 or
+0: w = d (code - centre) [+ m]), whether a minimum m follows d. Per block, in float32:
+
+    d dx isum' [+ m (dx qsum)]      isum' = sum_e (code_e - centre) q_e, an exact integer
+
+NumPy references (minillm.formats.q4_0, q4_1, q5_0, q5_1), reading GGUF's layout: `dequantize` for
+`dequantize_rows_codes` (bit-identical); float64 `dequantize(W) @ x` for `matvec_groups_codes`,
+within the bound tests/bounds.py derives from the format's `matvec_terms`; `ggml_dot` for
+`ggml_matvec_groups_codes` (bit for bit).
 """
 
 import numpy as np
 
-from ._jit import jit_inline
-from .activations import activation_for_q4, activation_with_sums, int8_activation
-from .rows import Rows, read_only, scratch_rows
+from ._jit import jit, jit_inline
+from .activations import Int8Rows
+from .f16 import f16_to_f32
+from .ggml import add_block, ggml_buffers, start_group, widen_fields, write_ggml_group
+from .rows import GROUP_ROWS, group_buffers, read_only, write_group
 
 
-def _nibble_products(w16_row, xa, p):
-    # w16_row: (L * nb,) u16   xa: (4, L * nb) i8   p: (>= L * nb,) i16
-    # Four products code (0..15) x int8 per word: |p| <= 4 * 15 * 127 = 7620 fits an int16.
-    # A plain element-wise loop over the words, so LLVM vectorizes it.
-    for k in range(xa.shape[1]):
-        word = int(w16_row[k])
-        p[k] = ((word & 15) * int(xa[0, k]) + ((word >> 4) & 15) * int(xa[1, k])
-                + ((word >> 8) & 15) * int(xa[2, k]) + (word >> 12) * int(xa[3, k]))
+def _nibble_sums(blocks, g, b, codes, q16, isum):
+    """isum[r] = sum_e code_e q_e over block b of the GROUP_ROWS rows of group g, exactly.
+
+    blocks: (G, nb, GROUP_ROWS * type_size) u8; codes: offset of code byte 0; q16: (K,) i16; isum:
+    (GROUP_ROWS,) i32. Two 16-bit partial sums of 16 products each (|sum| <= 16 * 15 * 127 = 30480,
+    which an int16 holds): written so, LLVM adds in 16-bit lanes, 16 or 32 rows an instruction."""
+    k = 32 * b
+    for r in range(GROUP_ROWS):
+        first = np.int16(0)
+        for j in range(8):
+            byte = np.int16(blocks[g, b, codes + j * GROUP_ROWS + r])
+            first = np.int16(first + (byte & 15) * q16[k + j] + (byte >> 4) * q16[k + 16 + j])
+        second = np.int16(0)
+        for j in range(8, 16):
+            byte = np.int16(blocks[g, b, codes + j * GROUP_ROWS + r])
+            second = np.int16(second + (byte & 15) * q16[k + j] + (byte >> 4) * q16[k + 16 + j])
+        isum[r] = np.int32(first) + np.int32(second)
 
 
-nibble_products = jit_inline(_nibble_products)
-
-
-def _block_sum(p, start):
-    # The eight code words of one block: |sum| <= 8 * 7620 fits an int32; saying so lets LLVM
-    # add them in a tree of 32-bit adds instead of a chain of 64-bit ones.
-    total = np.int32(0)
-    for t in range(8):
-        total = np.int32(total + p[start + t])
-    return total
-
-
-block_sum = jit_inline(_block_sum)
-
-
-def _codes_of_word(word):
-    # The four codes of code word t of a block, low bits first: elements 2t and 2t + 16 (low
-    # byte), then 2t + 1 and 2t + 17 (high byte).
-    return word & 15, (word >> 4) & 15, (word >> 8) & 15, word >> 12
-
-
-codes_of_word = jit_inline(_codes_of_word)
-
-
-def _fifth_bits(w16_row, word):
-    # the uint32 qh of a Q5 block from two little-endian 16-bit words
-    return np.uint32(w16_row[word]) | (np.uint32(w16_row[word + 1]) << np.uint32(16))
-
-
-fifth_bits = jit_inline(_fifth_bits)
+nibble_sums = jit_inline(_nibble_sums)
 
 
 def _codes5(byte, qh, j):
-    # elements j (low nibble) and j + 16 (high nibble) of a Q5 block, fifth bits from qh
-    byte = np.int32(byte)
-    low = (byte & 15) | (np.int32((qh >> np.uint32(j)) & np.uint32(1)) << 4)
-    high = (byte >> 4) | (np.int32((qh >> np.uint32(j + 16)) & np.uint32(1)) << 4)
-    return low, high
+    # elements j (low nibble) and j + 16 (high nibble) of a Q5 block, minus 16, fifth bits from qh
+    low = (byte & 15) | np.int16((qh >> np.uint32(j)) & np.uint32(1)) << 4
+    high = (byte >> 4) | np.int16((qh >> np.uint32(j + 16)) & np.uint32(1)) << 4
+    return np.int16(low - 16), np.int16(high - 16)
 
 
 codes5 = jit_inline(_codes5)
 
 
-def _code_sum(w8_row, start, qh, xq, first):
-    # sum_e code_e xq_e over one Q5 block: code bytes from w8_row[start], activations from xq[first];
-    # |sum| <= 32 * 31 * 127 fits an int32
-    total = np.int32(0)
-    for j in range(16):
-        low, high = codes5(w8_row[start + j], qh, j)
-        total = np.int32(total + low * np.int32(xq[first + j]) + high * np.int32(xq[first + 16 + j]))
-    return total
+def _fifth_bit_sums(blocks, w32, g, b, qh, codes, q16, isum):
+    """isum[r] = sum_e (code_e - 16) q_e over block b of the GROUP_ROWS rows of group g, exactly;
+    code_e has its fifth bit from the row's uint32 w32[g, b, qh + r].
+
+    Centred codes: |(code - 16) q| <= 16 * 127, so two 16-bit partial sums of 16 products each fit
+    an int16, as in `nibble_sums`."""
+    k = 32 * b
+    for r in range(GROUP_ROWS):
+        bits = w32[g, b, qh + r]
+        first = np.int16(0)
+        for j in range(8):
+            low, high = codes5(np.int16(blocks[g, b, codes + j * GROUP_ROWS + r]), bits, j)
+            first = np.int16(first + low * q16[k + j] + high * q16[k + 16 + j])
+        second = np.int16(0)
+        for j in range(8, 16):
+            low, high = codes5(np.int16(blocks[g, b, codes + j * GROUP_ROWS + r]), bits, j)
+            second = np.int16(second + low * q16[k + j] + high * q16[k + 16 + j])
+        isum[r] = np.int32(first) + np.int32(second)
 
 
-code_sum = jit_inline(_code_sum)
+fifth_bit_sums = jit_inline(_fifth_bit_sums)
 
 
-class NibbleRows(Rows):
-    """Q4_0 or Q4_1 rows read as 16-bit words, `header` of them before each block's 8 code words
-    (minillm.kernels.rows); subclasses add the kernels."""
-
-    header = 1
-
-    def __init__(self, raw):
-        super().__init__(raw)
-        self.w16 = read_only(raw.view(np.uint16))                # (N, (header + 8) nb), same bytes
-
-    def new_activation(self):
-        return int8_activation(self.n_cols, values_per_word=4, words_per_block=self.header + 8)
-
-    def quantize(self, x, act):
-        activation_for_q4(x, act.q, act.d, act.sums, act.xa, self.header)
-
-    def new_scratch(self, parts):
-        return scratch_rows(parts, (self.header + 8) * self.n_blocks, np.int16)
+def _nibble_lanes(blocks, g, b, codes, q16, centre, lanes):
+    """ggml's lane sums (kernels/ggml.py) of block b for the rows of group g: lanes[l, r] =
+    sum_e (code_e - centre) q_e over elements e = 4l .. 4l + 3, exactly (|sum| <= 4 * 15 * 127 fits
+    an int16). Element j < 16 is the low nibble of code byte j, element 16 + j its high nibble."""
+    k = 32 * b
+    for lane in range(4):
+        for r in range(GROUP_ROWS):
+            low = np.int16(0)
+            high = np.int16(0)
+            for t in range(4):
+                j = 4 * lane + t
+                byte = np.int16(blocks[g, b, codes + j * GROUP_ROWS + r])
+                low = np.int16(low + ((byte & 15) - centre) * q16[k + j])
+                high = np.int16(high + ((byte >> 4) - centre) * q16[k + 16 + j])
+            lanes[lane, r] = low
+            lanes[4 + lane, r] = high
 
 
-class Q5Rows(Rows):
-    """Q5_0 or Q5_1 rows read as 16-bit words and as bytes, the codes in place, against int8
-    activations with their block sums (minillm.kernels.rows); subclasses add the kernels."""
+nibble_lanes = jit_inline(_nibble_lanes)
 
-    def __init__(self, raw):
-        super().__init__(raw)
-        self.w16 = read_only(raw.view(np.uint16))                # same bytes
-        self.w8 = read_only(raw.view(np.uint8))
 
-    def new_activation(self):
-        return int8_activation(self.n_cols)
+def _fifth_bit_lanes(blocks, w32, g, b, qh, codes, q16, centre, lanes):
+    """`nibble_lanes` for the 5-bit codes of Q5_0 and Q5_1 (fifth bits from w32[g, b, qh + r]):
+    |sum| <= 4 * 31 * 127 fits an int16."""
+    k = 32 * b
+    for lane in range(4):
+        for r in range(GROUP_ROWS):
+            bits = w32[g, b, qh + r]
+            low = np.int16(0)
+            high = np.int16(0)
+            for t in range(4):
+                j = 4 * lane + t
+                c_low, c_high = codes5(np.int16(blocks[g, b, codes + j * GROUP_ROWS + r]), bits, j)
+                low = np.int16(low + (c_low + 16 - centre) * q16[k + j])
+                high = np.int16(high + (c_high + 16 - centre) * q16[k + 16 + j])
+            lanes[lane, r] = low
+            lanes[4 + lane, r] = high
 
-    def quantize(self, x, act):
-        activation_with_sums(x, act.q, act.d, act.sums)
+
+fifth_bit_lanes = jit_inline(_fifth_bit_lanes)
+
+
+def code_kernels(codes: int, qh: int, five_bit: bool, centre: int, has_m: bool, dw_first: bool) -> tuple:
+    """The three kernels of one of the four formats, compiled with its constants (CodeRows) folded
+    into their code (Numba takes a closure's variables as constants; as arguments, they kept LLVM from
+    vectorizing most loops, 12 times slower): codes, where a group-block's code bytes start; qh, the
+    32-bit word where its fifth bits start (five_bit); centre, the code the weights are centred on;
+    has_m, a minimum after d; dw_first, ggml's generic C multiplies sumi by dW before dx.
+    -> (matvec_groups, dequantize_rows, ggml_matvec_groups)"""
+    shift = (16 if five_bit else 0) - centre      # isum' = isum + shift qsum (the sums are centred on 16 or 0)
+
+    def matvec_groups(blocks, w16, w32, q16, xd, qsum, dsums, scratch, out, first, stop):
+        """out[rows of groups first..stop-1] = those rows of W times x, on the calling thread.
+
+        blocks: (G, nb, GROUP_ROWS * type_size) u8, w16 and w32: views of the same re-laid rows; q16:
+        (K,) i16, xd: (nb,) f32, qsum: (nb,) i32 and dsums: (nb,) f32 from `activation_with_sums`;
+        scratch: (>= 64,) i32; out: (N,) f32.
+
+        Loop order: group by group; per block, the rows' integer sums (one SIMD pass over the codes),
+        then their float terms (a second pass, 16 rows an instruction); each row's blocks are added
+        in order in float32. Allocation: none; the caller owns out and scratch."""
+        isum, acc = group_buffers(scratch)
+        for g in range(first, stop):
+            acc[:] = 0
+            for b in range(xd.shape[0]):
+                if five_bit:
+                    fifth_bit_sums(blocks, w32, g, b, qh, codes, q16, isum)
+                else:
+                    nibble_sums(blocks, g, b, codes, q16, isum)
+                for r in range(GROUP_ROWS):
+                    term = f16_to_f32(w16[g, b, r]) * xd[b] * np.float32(isum[r] + shift * qsum[b])
+                    if has_m:
+                        term = term + f16_to_f32(w16[g, b, GROUP_ROWS + r]) * dsums[b]
+                    acc[r] += term
+            write_group(acc, out, g)
+
+    def dequantize_rows(blocks, w16, w32, ids, out):
+        """out[i] = row ids[i] as float32, d (code - centre) [+ m] as the format's NumPy `dequantize`
+        computes it, bit for bit. ids: (n,) int64 row numbers; out: (n, K) f32. Serial: the prefill
+        path hands each tile to BLAS, whose threads would contend with Numba's. Allocation: none."""
+        for i in range(ids.shape[0]):
+            g, r = divmod(ids[i], GROUP_ROWS)
+            for b in range(out.shape[1] // 32):
+                d = f16_to_f32(w16[g, b, r])
+                bits = w32[g, b, qh + r] if five_bit else np.uint32(0)
+                for j in range(16):
+                    # elements j and j + 16, minus 16 (with no fifth bits, Q4's nibbles minus 16)
+                    low, high = codes5(np.int16(blocks[g, b, codes + j * GROUP_ROWS + r]), bits, j)
+                    w_low = d * np.float32(low + 16 - centre)
+                    w_high = d * np.float32(high + 16 - centre)
+                    if has_m:
+                        m = f16_to_f32(w16[g, b, GROUP_ROWS + r])
+                        w_low, w_high = w_low + m, w_high + m
+                    out[i, 32 * b + j] = w_low
+                    out[i, 32 * b + 16 + j] = w_high
+
+    def ggml_matvec_groups(blocks, w16, w32, q16, dx, sx, scratch, out, first, stop, rows, x86):
+        """out[rows of groups first..stop-1] = W x as llama.cpp's ggml_vec_dot_<type>_q8_0 / _q8_1
+        computes it, bit for bit: x86 order when `x86`, else the generic C's (kernels/ggml.py). q16:
+        (K,) i16 codes, dx and sx: (nb,) f32 float16 d and s of its Q8_0 / Q8_1 activation (s unused
+        without m); scratch: (>= GGML_SCRATCH,) i32; out: (N,) f32; rows: GROUP_ROWS (kernels/ggml.py
+        says why).
+
+        Loop order: group by group, block by block; the 8 lane sums of the group's rows, then the
+        float work of the block for every row (rows innermost: SIMD). Allocation: none."""
+        lanes, acc, summs, dws, ms = ggml_buffers(scratch)
+        for g in range(first, stop):
+            start_group(acc, summs, ms)
+            for b in range(dx.shape[0]):
+                widen_fields(w16, g, b, 0, dws, rows)
+                if has_m:
+                    widen_fields(w16, g, b, GROUP_ROWS, ms, rows)
+                if five_bit:
+                    fifth_bit_lanes(blocks, w32, g, b, qh, codes, q16, centre, lanes)
+                else:
+                    nibble_lanes(blocks, g, b, codes, q16, centre, lanes)
+                add_block(acc, summs, lanes, dws, ms, dx[b], sx[b] if has_m else np.float32(0), rows, x86, dw_first)
+            write_ggml_group(acc, summs, out, g, x86, has_m)
+
+    return jit(matvec_groups), jit(dequantize_rows), jit(ggml_matvec_groups)
+
+
+class CodeRows(Int8Rows):
+    """Rows of Q4_0, Q4_1, Q5_0 or Q5_1, re-laid (minillm.kernels.rows), for the format's
+    `code_kernels`; subclasses set `fields` and `kernels`."""
+
+    kernels = None      # code_kernels(...) of the format
+
+    def __init__(self, storage, n_rows, n_cols):
+        super().__init__(storage, n_rows, n_cols)
+        self.blocks = read_only(storage.view())                  # (G, nb, GROUP_ROWS * type_size) u8
+        self.w16 = read_only(storage.view(np.uint16))            # the same bytes as 16-bit words
+        self.w32 = read_only(storage.view(np.uint32))            # and as 32-bit words (Q5's fifth bits)
+
+    def matvec_groups(self, act, scratch, out, first, stop):
+        self.kernels[0](self.blocks, self.w16, self.w32, act.q16, act.d, act.sums, act.dsums, scratch, out, first,
+                        stop)
+
+    def dequantize_rows(self, ids, out):
+        self.kernels[1](self.blocks, self.w16, self.w32, ids, out)
+
+    def ggml_matvec_groups(self, act, scratch, out, first, stop, x86):
+        self.kernels[2](self.blocks, self.w16, self.w32, act.q16, act.d, act.s, scratch, out, first, stop,
+                        GROUP_ROWS, x86)

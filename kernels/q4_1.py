@@ -1,84 +1,32 @@
-"""Q4_1 kernels: y = W x for one token, and W tiles as float32 for prefill, read from packed blocks.
+"""Q4_1 kernels: y = W x for one token, rows of W as float32, and ggml's product, from re-laid blocks.
 
-A row is read as 10 little-endian 16-bit words per block (kernels/nibbles.py): the scale d, the
-minimum m, then 8 words of codes. A block's dot product with the int8 activation (dx, q) is
+A Q4_1 block is a float16 scale d, a float16 minimum m and 32 4-bit codes, w = d code + m. A
+group-block of 32 rows (minillm.kernels.rows) is their 32 d, their 32 m, then code byte j of the 32
+rows for j = 0..15:
 
-    sum_e (d code_e + m) q_e dx  =  d dx isum + m dx qsum,   isum = sum_e code_e q_e,  qsum = sum_e q_e
+    16-bit word r: d of row r    word 32 + r: m of row r    byte (4 + j) * 32 + r: code byte j of row r
 
-with isum and qsum exact integers.
+The kernels are those of kernels/nibbles.py, which all four 4- and 5-bit formats share, with Q4_1's
+constants: codes after 4 * 32 bytes, a minimum. A block's dot product with the int8 activation
+(dx, q) is
 
-NumPy references (minillm.formats.q4_1): `Q4_1.dequantize` for `dequantize_rows_q4_1`
-(bit-identical); float64 `Q4_1.dequantize(W) @ x` for `matvec_rows_q4_1`, within the bound
-`tests/bounds.py` derives from `Q4_1.matvec_terms`.
+    sum_e (d code_e + m) q_e dx  =  d dx isum + m (dx qsum),   isum = sum_e code_e q_e,  qsum = sum_e q_e
+
+with isum and qsum exact integers; the activation brings dx qsum (`dsums`), rounded once.
+NumPy references: minillm.formats.q4_1.
 """
 
-import numpy as np
+from .layout import GROUP_ROWS
+from .nibbles import CodeRows, code_kernels
 
-from ._jit import jit, jit_inline
-from .activations import F16_TO_F32
-from .nibbles import NibbleRows, block_sum, codes_of_word, nibble_products
-
-
-def _row_dot_q4_1(w16_row, p, xd, qsum, f16):
-    # One row's dot product with x from its word products p; blocks added in order in float32.
-    acc = np.float32(0)
-    for b in range(xd.shape[0]):
-        isum = block_sum(p, 10 * b + 2)
-        d = f16[w16_row[10 * b]]
-        m = f16[w16_row[10 * b + 1]]
-        acc += d * xd[b] * np.float32(isum) + m * xd[b] * np.float32(qsum[b])
-    return acc
+# codes, qh, five_bit, centre, has_m, dw_first
+matvec_groups_q4_1, dequantize_rows_q4_1, ggml_matvec_groups_q4_1 = \
+    code_kernels(4 * GROUP_ROWS, 0, False, 0, True, False)
 
 
-row_dot_q4_1 = jit_inline(_row_dot_q4_1)
+class Q4_1Rows(CodeRows):
+    """Q4_1 rows for the kernels above (minillm.kernels.rows)."""
 
-
-def _matvec_rows_q4_1(w16, xa, xd, qsum, f16, out, p, first, stop):
-    """out[first:stop] = those rows of W times x, from Q4_1 rows, on the calling thread.
-
-    w16: (N, 10 * nb) u16 view of the packed rows (read-only is fine); xa: (4, 10 * nb) i8, xd:
-    (nb,) f32 and qsum: (nb,) i32 from `activation_for_q4(..., header_words=2)`; f16: F16_TO_F32;
-    out: (N,) f32; p: (>= 10 * nb,) i16 scratch.
-
-    Loop order: each row is one SIMD pass over its words (nibble_products), then one pass over
-    its blocks. Allocation: none; the caller owns out and p. Load-time unpacking: none.
-    """
-    for row in range(first, stop):
-        nibble_products(w16[row], xa, p)
-        out[row] = row_dot_q4_1(w16[row], p, xd, qsum, f16)
-
-
-matvec_rows_q4_1 = jit(_matvec_rows_q4_1)
-
-
-def _dequantize_rows_q4_1(w16, f16, out):
-    """out = the rows as float32, bit-identical to `minillm.formats.Q4_1.dequantize`.
-
-    w16: (R, 10 * nb) u16; out: (R, 32 * nb) f32. Serial: the prefill path hands each tile to
-    BLAS, whose threads would contend with Numba's. Allocation: none.
-    """
-    for row in range(out.shape[0]):
-        for b in range(out.shape[1] // 32):
-            d = f16[w16[row, 10 * b]]
-            m = f16[w16[row, 10 * b + 1]]
-            for t in range(8):
-                lo0, hi0, lo1, hi1 = codes_of_word(int(w16[row, 10 * b + 2 + t]))
-                out[row, 32 * b + 2 * t] = d * np.float32(lo0) + m
-                out[row, 32 * b + 2 * t + 16] = d * np.float32(hi0) + m
-                out[row, 32 * b + 2 * t + 1] = d * np.float32(lo1) + m
-                out[row, 32 * b + 2 * t + 17] = d * np.float32(hi1) + m
-
-
-dequantize_rows_q4_1 = jit(_dequantize_rows_q4_1)
-
-
-class Q4_1Rows(NibbleRows):
-    """Q4_1 rows for the kernels above: 20-byte blocks read as 10 words (minillm.kernels.rows)."""
-
-    type_size, header = 20, 2
-
-    def matvec_rows(self, act, p, out, first, stop):
-        matvec_rows_q4_1(self.w16, act.xa, act.d, act.sums, F16_TO_F32, out, p, first, stop)
-
-    def dequantize_rows(self, start, stop, out):
-        dequantize_rows_q4_1(self.w16[start:stop], F16_TO_F32, out)
+    type_size = 20
+    fields = (2, 2) + (1,) * 16
+    kernels = (matvec_groups_q4_1, dequantize_rows_q4_1, ggml_matvec_groups_q4_1)

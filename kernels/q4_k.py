@@ -19,7 +19,7 @@ NumPy references (minillm.formats.q4_k): `Q4_K.dequantize` for `dequantize_rows_
 import numpy as np
 
 from ._jit import jit, jit_inline
-from .activations import F16_TO_F32
+from .f16 import f16_to_f32
 from .kquants import field, scales_k4
 from .q8_k import Q8KRows
 from .rows import read_only
@@ -54,11 +54,11 @@ def _min_sum(mins_lo, mins_hi, bsums, first):
 min_sum = jit_inline(_min_sum)
 
 
-def _matvec_rows_q4_k(w32, w8, xq, xd, bsums, f16, out, first, stop):
+def _matvec_rows_q4_k(w32, w8, xq, xd, bsums, out, first, stop):
     """out[first:stop] = those rows of W times x, from Q4_K rows, on the calling thread.
 
     w32: (N, 36 nsb) u32 and w8: (N, 144 nsb) u8, views of the same rows (read-only is fine);
-    xq: (K,) i8, xd: (nsb,) f32, bsums: (K / 16,) i32 from `quantize_q8_k`; f16: F16_TO_F32;
+    xq: (K,) i8, xd: (nsb,) f32, bsums: (K / 16,) i32 from `quantize_q8_k`;
     out: (N,) f32.
 
     Loop order: row by row, super-block by super-block: four chunks of 64 codes, then the two
@@ -75,8 +75,8 @@ def _matvec_rows_q4_k(w32, w8, xq, xd, bsums, f16, out, first, stop):
                 scales = scales_lo if j < 2 else scales_hi
                 total += field(scales, 2 * (j % 2)) * low + field(scales, 2 * (j % 2) + 1) * high
             head = w32[row, 36 * b]
-            d = f16[head & np.uint32(0xFFFF)] * xd[b]
-            dmin = f16[head >> np.uint32(16)] * xd[b]
+            d = f16_to_f32(head & np.uint32(0xFFFF)) * xd[b]
+            dmin = f16_to_f32(head >> np.uint32(16)) * xd[b]
             acc += d * np.float32(total) - dmin * np.float32(min_sum(mins_lo, mins_hi, bsums, 16 * b))
         out[row] = acc
 
@@ -84,17 +84,18 @@ def _matvec_rows_q4_k(w32, w8, xq, xd, bsums, f16, out, first, stop):
 matvec_rows_q4_k = jit(_matvec_rows_q4_k)
 
 
-def _dequantize_rows_q4_k(w32, w8, f16, out):
-    """out = the rows as float32, bit-identical to `minillm.formats.Q4_K.dequantize`:
+def _dequantize_rows_q4_k(w32, w8, ids, out):
+    """out[i] = row ids[i] as float32, bit-identical to `minillm.formats.Q4_K.dequantize`:
     (d * sc) * code - dmin * m, each product and the difference rounded once, as gguf computes it.
 
-    w32: (R, 36 nsb) u32 and w8: (R, 144 nsb) u8; out: (R, 256 nsb) f32. Serial: the prefill path
+    w32: (N, 36 nsb) u32 and w8: (N, 144 nsb) u8; out: (N, 256 nsb) f32. Serial: the prefill path
     hands each tile to BLAS, whose threads would contend with Numba's. Allocation: none.
     """
-    for row in range(out.shape[0]):
+    for i in range(ids.shape[0]):
+        row = ids[i]
         for b in range(out.shape[1] // 256):
             head = w32[row, 36 * b]
-            d, dmin = f16[head & np.uint32(0xFFFF)], f16[head >> np.uint32(16)]
+            d, dmin = f16_to_f32(head & np.uint32(0xFFFF)), f16_to_f32(head >> np.uint32(16))
             scales_lo, scales_hi, mins_lo, mins_hi = scales_k4(w32[row], 36 * b + 1)
             for j in range(4):
                 scales, mins = (scales_lo, mins_lo) if j < 2 else (scales_hi, mins_hi)
@@ -104,8 +105,8 @@ def _dequantize_rows_q4_k(w32, w8, f16, out):
                 m_high = dmin * np.float32(field(mins, 2 * (j % 2) + 1))
                 for l in range(32):
                     byte = w8[row, 144 * b + 16 + 32 * j + l]
-                    out[row, 256 * b + 64 * j + l] = d_low * np.float32(byte & 15) - m_low
-                    out[row, 256 * b + 64 * j + 32 + l] = d_high * np.float32(byte >> 4) - m_high
+                    out[i, 256 * b + 64 * j + l] = d_low * np.float32(byte & 15) - m_low
+                    out[i, 256 * b + 64 * j + 32 + l] = d_high * np.float32(byte >> 4) - m_high
 
 
 dequantize_rows_q4_k = jit(_dequantize_rows_q4_k)
@@ -117,14 +118,13 @@ class Q4_KRows(Q8KRows):
 
     type_size = 144
 
-    def __init__(self, raw):
-        super().__init__(raw)
-        self.w32 = read_only(raw.view(np.uint32))                # (N, 36 nsb), same bytes
-        self.w8 = read_only(raw.view(np.uint8))
+    def __init__(self, storage, n_rows, n_cols):
+        super().__init__(storage, n_rows, n_cols)
+        self.w32 = read_only(storage.view(np.uint32))                # (N, 36 nsb) (Q5_K: 44), same bytes
+        self.w8 = read_only(storage.view(np.uint8))
 
+    def matvec_groups(self, act, scratch, out, first, stop):
+        matvec_rows_q4_k(self.w32, self.w8, act.q, act.d, act.bsums, out, first, stop)
 
-    def matvec_rows(self, act, scratch, out, first, stop):
-        matvec_rows_q4_k(self.w32, self.w8, act.q, act.d, act.bsums, F16_TO_F32, out, first, stop)
-
-    def dequantize_rows(self, start, stop, out):
-        dequantize_rows_q4_k(self.w32[start:stop], self.w8[start:stop], F16_TO_F32, out)
+    def dequantize_rows(self, ids, out):
+        dequantize_rows_q4_k(self.w32, self.w8, ids, out)

@@ -1,71 +1,27 @@
-"""Q5_0 kernels: y = W x for one token, and W tiles as float32 for prefill, read from packed blocks.
+"""Q5_0 kernels: y = W x for one token, rows of W as float32, and ggml's product, from re-laid blocks.
 
-A block is 22 bytes, read as 11 little-endian 16-bit words (d, then the uint32 qh of fifth bits)
-and as bytes (the 16 code bytes from byte 6; kernels/nibbles.py). Its dot product with the int8
-activation (dx, q) is
+A Q5_0 block is a float16 scale d, a uint32 qh of fifth bits and 32 4-bit codes, w = d (code - 16)
+with code = nibble | fifth bit << 4. A group-block of 32 rows (minillm.kernels.rows) is their 32 d,
+their 32 qh, then code byte j of the 32 rows for j = 0..15:
 
-    sum_e d (code_e - 16) q_e dx  =  d dx (isum - 16 qsum),   isum = sum_e code_e q_e,  qsum = sum_e q_e
+    16-bit word r: d of row r    32-bit word 16 + r: qh of row r    byte (6 + j) * 32 + r: code byte j of row r
 
-with isum and qsum exact integers.
-
-NumPy references (minillm.formats.q5_0): `Q5_0.dequantize` for `dequantize_rows_q5_0`
-(bit-identical); float64 `Q5_0.dequantize(W) @ x` for `matvec_rows_q5_0`, within the bound
-`tests/bounds.py` derives from `Q5_0.matvec_terms`.
+The kernels are those of kernels/nibbles.py, which all four 4- and 5-bit formats share, with Q5_0's
+constants. A block's dot product with the int8 activation (dx, q) is d dx isum, isum = sum_e
+(code_e - 16) q_e, an exact integer. NumPy references: minillm.formats.q5_0.
 """
 
-import numpy as np
+from .layout import GROUP_ROWS
+from .nibbles import CodeRows, code_kernels
 
-from ._jit import jit
-from .activations import F16_TO_F32
-from .nibbles import Q5Rows, code_sum, codes5, fifth_bits
-
-
-def _matvec_rows_q5_0(w16, w8, xq, xd, qsum, f16, out, first, stop):
-    """out[first:stop] = those rows of W times x, from Q5_0 rows, on the calling thread.
-
-    w16: (N, 11 nb) u16 and w8: (N, 22 nb) u8, views of the same rows (read-only is fine); xq: (K,)
-    i8, xd: (nb,) f32 and qsum: (nb,) i32 from `activation_with_sums`; f16: F16_TO_F32; out: (N,) f32.
-
-    Loop order: row by row, block by block; blocks added in order in float32. Allocation: none.
-    Load-time unpacking: none.
-    """
-    for row in range(first, stop):
-        acc = np.float32(0)
-        for b in range(xd.shape[0]):
-            isum = code_sum(w8[row], 22 * b + 6, fifth_bits(w16[row], 11 * b + 1), xq, 32 * b)
-            acc += f16[w16[row, 11 * b]] * xd[b] * np.float32(isum - 16 * qsum[b])
-        out[row] = acc
+# codes, qh, five_bit, centre, has_m, dw_first
+matvec_groups_q5_0, dequantize_rows_q5_0, ggml_matvec_groups_q5_0 = \
+    code_kernels(6 * GROUP_ROWS, GROUP_ROWS // 2, True, 16, False, False)
 
 
-matvec_rows_q5_0 = jit(_matvec_rows_q5_0)
-
-
-def _dequantize_rows_q5_0(w16, w8, f16, out):
-    """out = the rows as float32, bit-identical to `minillm.formats.Q5_0.dequantize`.
-
-    w16: (R, 11 nb) u16 and w8: (R, 22 nb) u8; out: (R, 32 nb) f32. Serial: the prefill path hands
-    each tile to BLAS, whose threads would contend with Numba's. Allocation: none.
-    """
-    for row in range(out.shape[0]):
-        for b in range(out.shape[1] // 32):
-            d = f16[w16[row, 11 * b]]
-            qh = fifth_bits(w16[row], 11 * b + 1)
-            for j in range(16):
-                low, high = codes5(w8[row, 22 * b + 6 + j], qh, j)
-                out[row, 32 * b + j] = d * np.float32(low - 16)
-                out[row, 32 * b + 16 + j] = d * np.float32(high - 16)
-
-
-dequantize_rows_q5_0 = jit(_dequantize_rows_q5_0)
-
-
-class Q5_0Rows(Q5Rows):
-    """Q5_0 rows for the kernels above: 22-byte blocks read as 11 words and as bytes (minillm.kernels.rows)."""
+class Q5_0Rows(CodeRows):
+    """Q5_0 rows for the kernels above (minillm.kernels.rows)."""
 
     type_size = 22
-
-    def matvec_rows(self, act, scratch, out, first, stop):
-        matvec_rows_q5_0(self.w16, self.w8, act.q, act.d, act.sums, F16_TO_F32, out, first, stop)
-
-    def dequantize_rows(self, start, stop, out):
-        dequantize_rows_q5_0(self.w16[start:stop], self.w8[start:stop], F16_TO_F32, out)
+    fields = (2, 4) + (1,) * 16
+    kernels = (matvec_groups_q5_0, dequantize_rows_q5_0, ggml_matvec_groups_q5_0)

@@ -16,7 +16,7 @@ NumPy references (minillm.formats.q6_k): `Q6_K.dequantize` for `dequantize_rows_
 import numpy as np
 
 from ._jit import jit, jit_inline
-from .activations import F16_TO_F32
+from .f16 import f16_to_f32
 from .q8_k import Q8KRows
 from .rows import read_only
 
@@ -67,12 +67,11 @@ def _half_sum(w8_row, wi8_row, block, n, xq, bsums, first):
 half_sum = jit_inline(_half_sum)
 
 
-def _matvec_rows_q6_k(w16, w8, wi8, xq, xd, bsums, f16, out, first, stop):
+def _matvec_rows_q6_k(w16, w8, wi8, xq, xd, bsums, out, first, stop):
     """out[first:stop] = those rows of W times x, from Q6_K rows, on the calling thread.
 
     w16: (N, 105 nsb) u16, w8: (N, 210 nsb) u8 and wi8: (N, 210 nsb) i8, views of the same rows
     (read-only is fine); xq: (K,) i8, xd: (nsb,) f32, bsums: (K / 16,) i32 from `quantize_q8_k`;
-    f16: F16_TO_F32;
     out: (N,) f32.
 
     Loop order: row by row, super-block by super-block: two halves of 128 codes, then one float
@@ -83,29 +82,30 @@ def _matvec_rows_q6_k(w16, w8, wi8, xq, xd, bsums, f16, out, first, stop):
         for b in range(xd.shape[0]):
             total = half_sum(w8[row], wi8[row], 210 * b, 0, xq, bsums, 256 * b)
             total += half_sum(w8[row], wi8[row], 210 * b, 1, xq, bsums, 256 * b)
-            acc += f16[w16[row, 105 * b + 104]] * xd[b] * np.float32(total)
+            acc += f16_to_f32(w16[row, 105 * b + 104]) * xd[b] * np.float32(total)
         out[row] = acc
 
 
 matvec_rows_q6_k = jit(_matvec_rows_q6_k)
 
 
-def _dequantize_rows_q6_k(w16, w8, wi8, f16, out):
-    """out = the rows as float32, bit-identical to `minillm.formats.Q6_K.dequantize`:
+def _dequantize_rows_q6_k(w16, w8, wi8, ids, out):
+    """out[i] = row ids[i] as float32, bit-identical to `minillm.formats.Q6_K.dequantize`:
     (d * sc) * (code - 32), exact in float32.
 
-    w16: (R, 105 nsb) u16, w8 and wi8: (R, 210 nsb) u8 and i8; out: (R, 256 nsb) f32. Serial: the
+    w16: (N, 105 nsb) u16, w8 and wi8: (N, 210 nsb) u8 and i8; out: (N, 256 nsb) f32. Serial: the
     prefill path hands each tile to BLAS, whose threads would contend with Numba's. Allocation: none.
     """
-    for row in range(out.shape[0]):
+    for i in range(ids.shape[0]):
+        row = ids[i]
         for b in range(out.shape[1] // 256):
-            d = f16[w16[row, 105 * b + 104]]
+            d = f16_to_f32(w16[row, 105 * b + 104])
             for n in range(2):
                 for l in range(32):
                     codes = codes6(w8[row], 210 * b, n, l)
                     for k in range(4):
                         scale = d * np.float32(wi8[row, 210 * b + 192 + 8 * n + 2 * k + l // 16])
-                        out[row, 256 * b + 128 * n + 32 * k + l] = scale * np.float32(codes[k] - 32)
+                        out[i, 256 * b + 128 * n + 32 * k + l] = scale * np.float32(codes[k] - 32)
 
 
 dequantize_rows_q6_k = jit(_dequantize_rows_q6_k)
@@ -117,15 +117,14 @@ class Q6_KRows(Q8KRows):
 
     type_size = 210
 
-    def __init__(self, raw):
-        super().__init__(raw)
-        self.w16 = read_only(raw.view(np.uint16))                # (N, 105 nsb), same bytes
-        self.w8 = read_only(raw.view(np.uint8))
-        self.wi8 = read_only(raw.view(np.int8))
+    def __init__(self, storage, n_rows, n_cols):
+        super().__init__(storage, n_rows, n_cols)
+        self.w16 = read_only(storage.view(np.uint16))                # (N, 105 nsb), same bytes
+        self.w8 = read_only(storage.view(np.uint8))
+        self.wi8 = read_only(storage.view(np.int8))
 
+    def matvec_groups(self, act, scratch, out, first, stop):
+        matvec_rows_q6_k(self.w16, self.w8, self.wi8, act.q, act.d, act.bsums, out, first, stop)
 
-    def matvec_rows(self, act, scratch, out, first, stop):
-        matvec_rows_q6_k(self.w16, self.w8, self.wi8, act.q, act.d, act.bsums, F16_TO_F32, out, first, stop)
-
-    def dequantize_rows(self, start, stop, out):
-        dequantize_rows_q6_k(self.w16[start:stop], self.w8[start:stop], self.wi8[start:stop], F16_TO_F32, out)
+    def dequantize_rows(self, ids, out):
+        dequantize_rows_q6_k(self.w16, self.w8, self.wi8, ids, out)

@@ -1,109 +1,143 @@
-"""Q8_0 kernels: y = W x for one token, and W tiles as float32 for prefill, read from packed blocks.
+"""Q8_0 kernels: y = W x for one token, and rows of W as float32, read from re-laid blocks.
 
-A Q8_0 row of K weights is K / 32 blocks of 34 bytes. The kernels read it through two zero-copy
-views of the same bytes: `w16` as 17 little-endian 16-bit words per block, `w8` as int8.
+A Q8_0 block is a float16 scale d and 32 int8 weights q, w = d q. A group-block of 32 rows
+(minillm.kernels.rows) is their 32 scales, then weight e of the 32 rows for e = 0..31:
 
-    word 17 b          d, the block's float16 scale
-    word 17 b + t      weights 2 (t - 1) (low byte) and 2 (t - 1) + 1 (high byte), t = 1..16
+    16-bit word r: d of row r        byte (2 + e) * 32 + r: weight e of row r (int8)
 
-NumPy references (minillm.formats.q8_0): `Q8_0.dequantize` for `dequantize_rows_q8_0`
-(bit-identical); float64 `Q8_0.dequantize(W) @ x` for `matvec_rows_q8_0`, within the bound
-`tests/bounds.py` derives (the kernel multiplies by the int8 activation of `quantize_activation`,
-then adds in float32: `Q8_0.matvec_terms` lists those float32 terms).
+A block's dot product with the int8 activation (dx, qx) is d dx isum, isum = sum_e q_e qx_e, an
+exact integer.
+
+NumPy references (minillm.formats.q8_0), reading GGUF's layout: `Q8_0.dequantize` for
+`dequantize_rows_q8_0` (bit-identical); float64 `Q8_0.dequantize(W) @ x` for `matvec_groups_q8_0`,
+within the bound `tests/bounds.py` derives from `Q8_0.matvec_terms`.
 """
 
 import numpy as np
 
 from ._jit import jit, jit_inline
-from .activations import F16_TO_F32, activation_for_q8_0, int8_activation
-from .rows import Rows, read_only, scratch_rows
+from .activations import Int8Rows
+from .f16 import f16_to_f32
+from .ggml import add_block, ggml_buffers, start_group, widen_fields, write_ggml_group
+from .rows import GROUP_ROWS, group_buffers, read_only, write_group
+
+WEIGHTS = 2 * GROUP_ROWS   # where a group-block's weights start: after 32 d
 
 
-def _pair_products(w8_row, xa, p):
-    # w8_row: (34 * nb,) i8   xa: (2, 17 * nb) i8   p: (>= 17 * nb,) i16
-    # One int16 per word, two int8 x int8 products: |p| <= 2 * 128 * 127 = 32512 fits. (int()
-    # widens before multiplying, as Numba does anyway; without it plain NumPy int8 would wrap.)
-    # A plain element-wise loop over the words, so LLVM vectorizes it.
-    for k in range(xa.shape[1]):
-        p[k] = int(w8_row[2 * k]) * int(xa[0, k]) + int(w8_row[2 * k + 1]) * int(xa[1, k])
+def _pair_sums(w8, g, b, q16, isum):
+    """isum[r] = sum_e q_e qx_e over block b of the GROUP_ROWS rows of group g, exactly.
+
+    w8: (G, nb, 1088) i8; q16: (K,) i16; isum: (GROUP_ROWS,) i32. Two products at a time in 16 bits
+    (|q qx + q' qx'| <= 2 * 128 * 127 = 32512 fits an int16), added in 32: written so, LLVM
+    multiplies in 16-bit lanes, 16 or 32 rows an instruction."""
+    k = 32 * b
+    for r in range(GROUP_ROWS):
+        total = np.int32(0)
+        for t in range(16):
+            first = np.int16(w8[g, b, WEIGHTS + 2 * t * GROUP_ROWS + r])
+            second = np.int16(w8[g, b, WEIGHTS + (2 * t + 1) * GROUP_ROWS + r])
+            pair = np.int16(first * q16[k + 2 * t] + second * q16[k + 2 * t + 1])
+            total = np.int32(total + np.int32(pair))
+        isum[r] = total
 
 
-pair_products = jit_inline(_pair_products)
+pair_sums = jit_inline(_pair_sums)
 
 
-def _row_dot_q8_0(w16_row, p, xd, f16):
-    # One row's dot product with x from its word products p: per block, an exact integer sum
-    # times the weight scale and the activation scale; blocks added in order in float32.
-    acc = np.float32(0)
-    for b in range(xd.shape[0]):
-        isum = np.int32(0)
-        for t in range(1, 17):
-            # int32 cannot overflow here (16 * 32512 < 2^31); saying so lets LLVM add the
-            # sixteen words in a tree of 32-bit adds instead of a chain of 64-bit ones.
-            isum = np.int32(isum + p[17 * b + t])
-        acc += f16[w16_row[17 * b]] * xd[b] * np.float32(isum)
-    return acc
+def _weight_lanes(w8, g, b, q16, lanes):
+    """ggml's lane sums (kernels/ggml.py) of block b for the rows of group g: lanes[l, r] =
+    sum_e q_e qx_e over weights e = 4l .. 4l + 3, exactly, in 32 bits (4 * 128 * 127 needs 17)."""
+    k = 32 * b
+    for lane in range(8):
+        for r in range(GROUP_ROWS):
+            total = np.int32(0)
+            for t in range(4):
+                e = 4 * lane + t
+                total += np.int32(w8[g, b, WEIGHTS + e * GROUP_ROWS + r]) * np.int32(q16[k + e])
+            lanes[lane, r] = total
 
 
-row_dot_q8_0 = jit_inline(_row_dot_q8_0)
+weight_lanes = jit_inline(_weight_lanes)
 
 
-def _matvec_rows_q8_0(w16, w8, xa, xd, f16, out, p, first, stop):
-    """out[first:stop] = those rows of W times x, from Q8_0 rows, on the calling thread.
+def _matvec_groups_q8_0(w8, w16, q16, xd, scratch, out, first, stop):
+    """out[rows of groups first..stop-1] = those rows of W times x, on the calling thread.
 
-    w16: (N, 17 * nb) u16 and w8: (N, 34 * nb) i8, views of the same packed rows (read-only is fine);
-    xa: (2, 17 * nb) i8 and xd: (nb,) f32 from `activation_for_q8_0`; f16: F16_TO_F32;
-    out: (N,) f32; p: (>= 17 * nb,) i16 scratch.
+    w8: (G, nb, 1088) i8 and w16: (G, nb, 544) u16, views of the re-laid rows; q16: (K,) i16 and
+    xd: (nb,) f32 from `activation_with_sums`; scratch: (>= 64,) i32; out: (N,) f32.
 
-    Loop order: each row is one SIMD pass over its words (pair_products), then one pass over its
-    blocks. Allocation: none; the caller owns out and p. Load-time unpacking: none.
+    Loop order: group by group; per block, the 32 rows' integer sums (one SIMD pass over the
+    weights, `pair_sums`), then their float terms (a second pass); each row's blocks are added in
+    order in float32. Allocation: none; the caller owns out and scratch.
     """
-    for row in range(first, stop):
-        pair_products(w8[row], xa, p)
-        out[row] = row_dot_q8_0(w16[row], p, xd, f16)
+    isum, acc = group_buffers(scratch)
+    for g in range(first, stop):
+        acc[:] = 0
+        for b in range(xd.shape[0]):
+            pair_sums(w8, g, b, q16, isum)
+            for r in range(GROUP_ROWS):
+                acc[r] += f16_to_f32(w16[g, b, r]) * xd[b] * np.float32(isum[r])
+        write_group(acc, out, g)
 
 
-matvec_rows_q8_0 = jit(_matvec_rows_q8_0)
+matvec_groups_q8_0 = jit(_matvec_groups_q8_0)
 
 
-def _dequantize_rows_q8_0(w16, w8, f16, out):
-    """out = the rows as float32, bit-identical to `minillm.formats.Q8_0.dequantize`.
+def _dequantize_rows_q8_0(w8, w16, ids, out):
+    """out[i] = row ids[i] as float32, bit-identical to `minillm.formats.Q8_0.dequantize`.
 
-    w16: (R, 17 * nb) u16 and w8: (R, 34 * nb) i8 views of the same rows; out: (R, 32 * nb) f32.
-    Serial: the prefill path hands each tile to BLAS, whose threads would contend with Numba's.
-    Allocation: none.
+    w8, w16: views of the re-laid rows; ids: (n,) int64 row numbers; out: (n, K) f32. Serial: the
+    prefill path hands each tile to BLAS, whose threads would contend with Numba's. Allocation: none.
     """
-    for row in range(out.shape[0]):
+    for i in range(ids.shape[0]):
+        g, r = divmod(ids[i], GROUP_ROWS)
         for b in range(out.shape[1] // 32):
-            d = f16[w16[row, 17 * b]]
+            d = f16_to_f32(w16[g, b, r])
             for e in range(32):
-                out[row, 32 * b + e] = d * np.float32(w8[row, 34 * b + 2 + e])
+                out[i, 32 * b + e] = np.float32(w8[g, b, WEIGHTS + e * GROUP_ROWS + r]) * d
 
 
 dequantize_rows_q8_0 = jit(_dequantize_rows_q8_0)
 
 
-class Q8_0Rows(Rows):
-    """Q8_0 rows for the kernels above: 34-byte blocks read as 17 words and as int8 (minillm.kernels.rows)."""
+def _ggml_matvec_groups_q8_0(w8, w16, q16, dx, scratch, out, first, stop, rows, x86):
+    """out[rows of groups first..stop-1] = W x as llama.cpp's ggml_vec_dot_q8_0_q8_0 computes it, bit for
+    bit: x86 order when `x86`, else the generic C's (kernels/ggml.py). q16: (K,) i16 codes and dx: (nb,)
+    f32 float16 scales of its Q8_0 activation; scratch: (>= GGML_SCRATCH,) i32; out: (N,) f32; rows:
+    GROUP_ROWS (kernels/ggml.py says why). Reference: `minillm.formats.Q8_0.ggml_dot`.
+
+    Loop order: group by group, block by block; the 8 lane sums of the group's rows, then the float
+    work of the block for every row (rows innermost: SIMD).
+    Allocation: none."""
+    lanes, acc, summs, dws, ms = ggml_buffers(scratch)
+    for g in range(first, stop):
+        start_group(acc, summs, ms)
+        for b in range(dx.shape[0]):
+            widen_fields(w16, g, b, 0, dws, rows)
+            weight_lanes(w8, g, b, q16, lanes)
+            add_block(acc, summs, lanes, dws, ms, dx[b], np.float32(0), rows, x86, False)
+        write_ggml_group(acc, summs, out, g, x86, False)
+
+
+ggml_matvec_groups_q8_0 = jit(_ggml_matvec_groups_q8_0)
+
+
+class Q8_0Rows(Int8Rows):
+    """Q8_0 rows for the kernels above: 34-byte blocks, fields d and 32 weights (minillm.kernels.rows)."""
 
     type_size = 34
+    fields = (2,) + (1,) * 32
 
-    def __init__(self, raw):
-        super().__init__(raw)
-        self.w16 = read_only(raw.view(np.uint16))                # (N, 17 nb), same bytes
-        self.w8 = read_only(raw.view(np.int8))                   # (N, 34 nb), same bytes
+    def __init__(self, storage, n_rows, n_cols):
+        super().__init__(storage, n_rows, n_cols)
+        self.w8 = read_only(storage.view(np.int8))               # (G, nb, 1088), the re-laid bytes
+        self.w16 = read_only(storage.view(np.uint16))
 
-    def new_activation(self):
-        return int8_activation(self.n_cols, values_per_word=2, words_per_block=17)
+    def matvec_groups(self, act, scratch, out, first, stop):
+        matvec_groups_q8_0(self.w8, self.w16, act.q16, act.d, scratch, out, first, stop)
 
-    def quantize(self, x, act):
-        activation_for_q8_0(x, act.q, act.d, act.xa)
+    def dequantize_rows(self, ids, out):
+        dequantize_rows_q8_0(self.w8, self.w16, ids, out)
 
-    def new_scratch(self, parts):
-        return scratch_rows(parts, 17 * self.n_blocks, np.int16)
-
-    def matvec_rows(self, act, p, out, first, stop):
-        matvec_rows_q8_0(self.w16, self.w8, act.xa, act.d, F16_TO_F32, out, p, first, stop)
-
-    def dequantize_rows(self, start, stop, out):
-        dequantize_rows_q8_0(self.w16[start:stop], self.w8[start:stop], F16_TO_F32, out)
+    def ggml_matvec_groups(self, act, scratch, out, first, stop, x86):
+        ggml_matvec_groups_q8_0(self.w8, self.w16, act.q16, act.d, scratch, out, first, stop, GROUP_ROWS, x86)

@@ -17,11 +17,13 @@ What each figure means:
 - weights in memory: the planned bytes (the loaded arrays' nbytes) and the measured resident
   bytes; see `weight_memory`.
 - peak RSS: the high-water mark of this process after loading and one run.
-- llama.cpp (--compare-llamacpp): the same runs on the same file and threads, in a child process
-  with the user's environment (minillm.bench_llamacpp).
+- llama.cpp (--compare-llamacpp): the same runs on the same file, in child processes with the
+  user's environment (minillm.bench_llamacpp), with its weight repacking on and off, at one thread
+  and at the run's thread count; each of minillm's runs there follows one of each llama.cpp setting,
+  so that on a shared machine all three see the same background load, and the ratios are taken
+  against the faster llama.cpp setting of the same run.
 """
 
-import dataclasses
 import gc
 import os
 import platform
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -39,7 +42,7 @@ from .generate import GenerationStats, Sampler, SamplingSettings, generate, log_
 from .gguf import GGUFFile
 from .kvcache import kv_cache_bytes
 from .memory import Meter, peak_rss_bytes, usage
-from .runtime import weight_source
+from .runtime import load, weight_source
 from .weights import load_weights
 
 MiB = 2**20
@@ -81,21 +84,14 @@ def run_bench(rt, *, prompt_tokens=128, new_tokens=128, repeats=3, compare_llama
 
     The order: minillm's first run, then the process's peak RSS (load plus one run, before anything
     else is loaded); the weight memory measurement (a second copy of the model, freed again); the
-    remaining runs, alternating with llama.cpp's when compared, so that on a shared machine both see
-    the same background load; last the start-up children."""
+    remaining runs; the comparison with llama.cpp when asked for; last the start-up children."""
     prompt_ids = bench_prompt(rt.tokenizer, prompt_tokens)
     ours = [run_once(rt.model, rt.new_cache(), prompt_ids, new_tokens)]
     peak_rss = peak_rss_bytes()
     planned = weight_bytes(rt.model.weights)
     # Under --mem-cap a second copy of the weights would break the cap: the run's own meter reports instead.
     memory = weight_memory(rt, prompt_ids, new_tokens, planned / MiB) if rt.plan is None else capped_memory(rt)
-    threads = rt.config.threads or os.cpu_count()
-    llama = None
-    if compare_llamacpp:
-        llama = LlamaCppProcess(rt.gguf.path, prompt_tokens, new_tokens, threads, llamacpp_env or dict(os.environ))
-    theirs = alternate_runs(rt, llama, prompt_ids, new_tokens, repeats, ours)
-    if llama is not None:
-        llama.close()
+    ours += [run_once(rt.model, rt.new_cache(), prompt_ids, new_tokens) for _ in range(repeats - 1)]
     median = lambda f: statistics.median(f(s) for s in ours)  # noqa: E731
     result = {
         "machine": machine(),
@@ -111,22 +107,51 @@ def run_bench(rt, *, prompt_tokens=128, new_tokens=128, repeats=3, compare_llama
                                        rt.config.kv_bits) / MiB,
         "peak_rss_mib": peak_rss / MiB,
         **memory,
-        **startup(rt, repeats),
     }
-    result["llamacpp"] = llamacpp_figures(llama.version, theirs, result) if llama is not None else None
+    result["llamacpp"] = compare_with_llamacpp(rt, prompt_ids, new_tokens, repeats, llamacpp_env or dict(os.environ)) \
+        if compare_llamacpp else None
+    result.update(startup(rt, repeats))
     return result
 
 
-def alternate_runs(rt, llama, prompt_ids, new_tokens: int, repeats: int, ours: list) -> list:
-    """llama.cpp's runs (none when llama is None), each followed by one of minillm's, appended to
-    `ours`, until both have `repeats`. -> llama.cpp's (prefill, decode) tokens/s per run"""
-    theirs = []
-    for _ in range(repeats):
-        if llama is not None:
-            theirs.append(llama.run_once(prompt_ids, new_tokens))
-        if len(ours) < repeats:
-            ours.append(run_once(rt.model, rt.new_cache(), prompt_ids, new_tokens))
-    return theirs
+def compared_threads(rt) -> list:
+    """The thread counts `--compare-llamacpp` measures: one, and the run's own (all cores by default)."""
+    return sorted({1, rt.config.threads or os.cpu_count()})
+
+
+def compare_with_llamacpp(rt, prompt_ids, new_tokens: int, repeats: int, env: dict) -> dict:
+    """minillm against llama.cpp with repacking on and off, at each of `compared_threads`: per thread
+    count, `repeats` rounds of one run each (llama.cpp repacked, llama.cpp not, minillm). minillm
+    runs on a runtime loaded with that thread count (`rt` itself for its own)."""
+    rows, version = [], None
+    for threads in compared_threads(rt):
+        ours = rt if threads == (rt.config.threads or os.cpu_count()) else load(replace(rt.config, threads=threads),
+                                                                                announce=lambda _: None)
+        llamas = {repack: LlamaCppProcess(rt.gguf.path, len(prompt_ids), new_tokens, threads, repack, env)
+                  for repack in (True, False)}
+        runs = {"minillm": [], "repack": [], "no_repack": []}
+        for _ in range(repeats):
+            runs["repack"].append(llamas[True].run_once(prompt_ids, new_tokens))
+            runs["no_repack"].append(llamas[False].run_once(prompt_ids, new_tokens))
+            stats = run_once(ours.model, ours.new_cache(), prompt_ids, new_tokens)
+            runs["minillm"].append((stats.prefill_tokens_per_second, stats.decode_tokens_per_second))
+        version = llamas[True].version
+        for llama in llamas.values():
+            llama.close()
+        rows.append(comparison_row(threads, runs))
+    return {"version": version, "runs": rows}
+
+
+def comparison_row(threads: int, runs: dict) -> dict:
+    """Medians of each contender's (prefill, decode) tokens/s, and minillm / the faster llama.cpp setting."""
+    speeds = {name: {"prefill_tokens_per_s": statistics.median(p for p, _ in pairs),
+                     "decode_tokens_per_s": statistics.median(d for _, d in pairs)} for name, pairs in runs.items()}
+    row = {"threads": threads, **speeds}
+    for figure in ("prefill", "decode"):
+        key = f"{figure}_tokens_per_s"
+        faster = max(speeds["repack"][key], speeds["no_repack"][key])
+        row[f"{figure}_ratio"] = speeds["minillm"][key] / faster if faster > 0 else None
+    return row
 
 
 def weight_bytes(weights) -> int:
@@ -160,9 +185,10 @@ def weight_memory(rt, prompt_ids, new_tokens: int, planned_mib: float) -> dict:
     if usage() is None:
         return dict.fromkeys(("weight_rss_mib", "weight_rss_file_mib", "weight_rss_anon_mib", "weight_rss_ratio",
                               "run_peak_above_baseline_mib"))
+    gc.collect()   # garbage of earlier work, freed during the measurement, would hide part of the new weights
     meter = Meter()
     weights = load_weights(gguf, rt.model.config, weight_source(gguf, rt.model.config, rt.config, rt.model.ops))
-    model = dataclasses.replace(rt.model, weights=weights)
+    model = replace(rt.model, weights=weights)
     run_once(model, rt.new_cache(), prompt_ids, new_tokens)
     gc.collect()
     m = meter.measure()
@@ -222,16 +248,6 @@ def seconds_to_ready(rt, numba_cache_dir) -> float:
     raise MinillmError(f"start-up measurement: `minillm chat` exited ({child.returncode}) before it was ready: {last}")
 
 
-def llamacpp_figures(version: str, runs: list, result: dict) -> dict:
-    """Medians of llama.cpp's (prefill, decode) tokens/s runs, and minillm / llama.cpp ratios."""
-    prefill = statistics.median(p for p, _ in runs)
-    decode = statistics.median(d for _, d in runs)
-    ratio = lambda ours, other: ours / other if other > 0 else None  # noqa: E731
-    return {"version": version, "prefill_tokens_per_s": prefill, "decode_tokens_per_s": decode,
-            "prefill_ratio": ratio(result["prefill_tokens_per_s"], prefill),
-            "decode_ratio": ratio(result["decode_tokens_per_s"], decode)}
-
-
 def format_table(r: dict, model: str, bits: int, threads: int) -> str:
     rows = [
         ("model", f"{model} --bits {bits}, {threads} threads"),
@@ -246,14 +262,24 @@ def format_table(r: dict, model: str, bits: int, threads: int) -> str:
         ("weights, resident", weight_rss_text(r)),
         ("peak RSS", f"{r['peak_rss_mib']:.1f} MiB"),
     ]
-    if r["llamacpp"] is not None:
-        ll = r["llamacpp"]
-        rows += [(f"llama.cpp {ll['version']} prefill", f"{ll['prefill_tokens_per_s']:.1f} tokens/s "
-                                                        f"(minillm / llama.cpp = {ratio_text(ll['prefill_ratio'])})"),
-                 (f"llama.cpp {ll['version']} decode", f"{ll['decode_tokens_per_s']:.1f} tokens/s "
-                                                       f"(minillm / llama.cpp = {ratio_text(ll['decode_ratio'])})")]
     width = max(len(name) for name, _ in rows)
-    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows) + f"\n(medians of {r['repeats']} runs)"
+    table = "\n".join(f"{name:<{width}}  {value}" for name, value in rows) + f"\n(medians of {r['repeats']} runs)"
+    return table + ("\n\n" + comparison_table(r["llamacpp"], r["repeats"]) if r["llamacpp"] is not None else "")
+
+
+def comparison_table(ll: dict, repeats: int) -> str:
+    """`--compare-llamacpp`'s table: per thread count, prefill / decode tokens/s of minillm and of
+    llama.cpp with repacking on and off, and minillm / the faster llama.cpp."""
+    lines = [f"against llama.cpp {ll['version']} (llama-cpp-python), runs alternating, medians of {repeats}:",
+             f"{'threads':>7}  {'minillm':>13}  {'llama.cpp repack':>16}  {'no repack':>13}  "
+             f"{'minillm / faster llama.cpp':>26}",
+             f"{'':>7}  {'prefill/decode':>13}  {'prefill/decode':>16}  {'prefill/decode':>13}  {'prefill, decode':>26}"]
+    for row in ll["runs"]:
+        pair = lambda s: f"{s['prefill_tokens_per_s']:.0f} / {s['decode_tokens_per_s']:.1f}"  # noqa: E731
+        lines.append(f"{row['threads']:>7}  {pair(row['minillm']):>13}  {pair(row['repack']):>16}  "
+                     f"{pair(row['no_repack']):>13}  "
+                     f"{ratio_text(row['prefill_ratio']) + ', ' + ratio_text(row['decode_ratio']):>26}")
+    return "\n".join(lines)
 
 
 def weight_rss_text(r: dict) -> str:

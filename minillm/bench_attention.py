@@ -46,7 +46,7 @@ def pattern_model(rt, label: str):
     from .ops.f32 import F32, masked_attention
     spec = parse_attention(label.removesuffix("+kernel"), rt.config.block_size)
     fn = TimedAttention(masked_attention if label == "dense" else block_sparse_attention)
-    return dataclasses.replace(rt.model, ops=F32(fn)), spec
+    return dataclasses.replace(rt.model, ops=F32(fn, rt.config.backend)), spec
 
 
 def speed_sweep(rt, label: str, contexts, decode_tokens: int) -> list[dict]:

@@ -9,6 +9,11 @@ logits (decode), with stop tokens ignored. Each repeat starts from an empty KV c
 llama.cpp always runs the file's own tensor types, so the ratios compare like with like only when
 `--bits` keeps them too (`--bits 4` for a Q4 file).
 
+llama.cpp runs with its CPU backend's weight repacking on (llama.cpp's default: at load, Q4_0, Q4_K,
+IQ4_NL and Q8_0 weights are re-laid in blocks of several rows for its SIMD kernels, as minillm
+re-lays its own) or off (`--no-repack`, `use_extra_bufts = false`); `minillm bench` measures both
+and compares with the faster.
+
 llama.cpp runs in a child process (`LlamaCppProcess`), with the environment the user started
 minillm with. In minillm's own process it would share the OpenMP runtime and the variables minillm
 sets for itself: OMP_WAIT_POLICY=PASSIVE, which keeps minillm's idle threads from spinning, also puts
@@ -34,18 +39,20 @@ def check_llama_cpp_installed():
                            "pip install 'minillm[reference]' (it builds llama.cpp, about 15 minutes)")
 
 
-def import_llama_cpp():
-    """The llama_cpp module with the extra buffer types off, or a one-line error when it is missing."""
+def import_llama_cpp(repack: bool):
+    """The llama_cpp module, with the extra buffer types (repacking) off unless `repack`, or a one-line
+    error when it is missing."""
     check_llama_cpp_installed()
     import llama_cpp
-    without_extra_buffer_types(llama_cpp)
+    if not repack:
+        without_extra_buffer_types(llama_cpp)
     return llama_cpp
 
 
 def without_extra_buffer_types(llama_cpp):
     """Make llama-cpp-python load models with use_extra_bufts = false (llama.cpp's --no-repack).
 
-    On the development machine (a Xeon with AMX) llama_decode crashed with a segmentation fault
+    On an older development machine (a Xeon with AMX) llama_decode crashed with a segmentation fault
     when the CPU backend's extra buffer types (weight repacking, AMX) were on. Llama() offers no
     argument for it, so the default model parameters it reads (from the llama_cpp.llama_cpp
     module) are wrapped. The plain CPU kernels still compute the usual ggml arithmetic (Q8_1
@@ -65,10 +72,11 @@ def without_extra_buffer_types(llama_cpp):
 
 class LlamaCpp:
     """llama.cpp with a GGUF file loaded: `threads` threads for decode and for prefill batches, a
-    batch as long as the prompt (one pass, as minillm's prefill), logits of the last position only."""
+    batch as long as the prompt (one pass, as minillm's prefill), logits of the last position only,
+    weights repacked or not."""
 
-    def __init__(self, path, prompt_tokens: int, new_tokens: int, threads: int):
-        self.llama_cpp = import_llama_cpp()
+    def __init__(self, path, prompt_tokens: int, new_tokens: int, threads: int, repack: bool):
+        self.llama_cpp = import_llama_cpp(repack)
         self.version = self.llama_cpp.__version__
         self.llm = self.llama_cpp.Llama(model_path=str(path), n_ctx=prompt_tokens + new_tokens,
                                         n_batch=prompt_tokens, n_ubatch=prompt_tokens,
@@ -98,9 +106,9 @@ class LlamaCppProcess:
     """`LlamaCpp` in a child process started with `env`: the model is loaded once, then each
     `run_once` sends the prompt ids and reads back (prefill tokens/s, decode tokens/s)."""
 
-    def __init__(self, path, prompt_tokens: int, new_tokens: int, threads: int, env: dict):
+    def __init__(self, path, prompt_tokens: int, new_tokens: int, threads: int, repack: bool, env: dict):
         command = [sys.executable, "-m", "minillm.bench_llamacpp", str(path), str(prompt_tokens), str(new_tokens),
-                   str(threads)]
+                   str(threads), str(int(repack))]
         self.child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True, env=env)
         self.version = self._reply()["version"]
@@ -123,9 +131,9 @@ class LlamaCppProcess:
         return json.loads(line)
 
 
-def serve(path, prompt_tokens: int, new_tokens: int, threads: int):
+def serve(path, prompt_tokens: int, new_tokens: int, threads: int, repack: int):
     """The child's side of LlamaCppProcess: prompt ids in, one JSON line of speeds out, per line."""
-    llama = LlamaCpp(path, prompt_tokens, new_tokens, threads)
+    llama = LlamaCpp(path, prompt_tokens, new_tokens, threads, bool(repack))
     print(json.dumps({"version": llama.version}), flush=True)
     for line in sys.stdin:
         prefill, decode = llama.run_once(json.loads(line), new_tokens)
@@ -133,4 +141,4 @@ def serve(path, prompt_tokens: int, new_tokens: int, threads: int):
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1], *map(int, sys.argv[2:5]))
+    serve(sys.argv[1], *map(int, sys.argv[2:6]))

@@ -11,8 +11,8 @@ import os
 import sys
 
 from . import __version__
-from .commands import (bench, chat, compare, dump, fetch, generate, info, list_models, perplexity, quantize,
-                       tokenize)
+from .commands import (bench, chat, compare, distill, dump, fetch, finetune, generate, info, list_models,
+                       perplexity, prune, quantize, tokenize)
 
 # name -> module with HELP, add_arguments(parser), run(args) and maybe EPILOG; in `--help`'s order
 COMMANDS = {
@@ -27,6 +27,9 @@ COMMANDS = {
     "dump": dump,
     "compare": compare,
     "perplexity": perplexity,
+    "finetune": finetune,
+    "prune": prune,
+    "distill": distill,
 }
 
 
@@ -52,7 +55,11 @@ def set_thread_count(threads: int | None):
     # BLAS runs one thread per call; minillm.parallel spreads large products over `threads`.
     for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
-    if threads is not None and threads >= 1:
+    # Numba reads NUMBA_NUM_THREADS when imported and checks it again at every later compilation,
+    # refusing a value other than its running pool's: so it is set only before the first import
+    # (a second command in the same process, as the tests run them, keeps the first one's pool;
+    # kernels.threads refuses --threads beyond it with a one-line error).
+    if threads is not None and threads >= 1 and "numba" not in sys.modules:
         os.environ["NUMBA_NUM_THREADS"] = str(threads)
 
 

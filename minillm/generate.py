@@ -239,14 +239,33 @@ class StopStrings:
         if self.found is not None:
             return ""
         self._held += text
-        hits = [(self._held.find(stop), stop) for stop in self.stops if stop in self._held]
-        if hits:
-            at, self.found = min(hits)  # the earliest one
-            out, self._held = self._held[:at], ""
+        hit = self._earliest_hit()
+        if hit is not None:
+            at, stop = hit
+            pending = self._pending_start(at)
+            if pending is None:
+                self.found, out, self._held = stop, self._held[:at], ""
+                return out
+            # a longer stop string that starts before this one may still complete: wait for it
+            out, self._held = self._held[:pending], self._held[pending:]
             return out
         keep = max((self._partial(stop) for stop in self.stops), default=0)
         out, self._held = self._held[:len(self._held) - keep], self._held[len(self._held) - keep:]
         return out
+
+    def _earliest_hit(self):
+        """(position, stop string) of the complete stop string that starts first in the held text, or None."""
+        hits = [(self._held.find(stop), stop) for stop in self.stops if stop in self._held]
+        return min(hits) if hits else None
+
+    def _pending_start(self, before: int) -> int | None:
+        """The first position before `before` where the held text's tail is a proper prefix of a stop
+        string, which the next pieces may complete (it would then end the text earlier), or None."""
+        for start in range(before):
+            tail = self._held[start:]
+            if any(len(tail) < len(stop) and stop.startswith(tail) for stop in self.stops):
+                return start
+        return None
 
     def _partial(self, stop: str) -> int:
         """Length of the longest tail of the held text that is a proper prefix of `stop`."""
@@ -256,7 +275,12 @@ class StopStrings:
         return 0
 
     def flush(self) -> str:
-        """The held-back text, at the end of the generation (no stop string completed it)."""
+        """The held-back text, at the end of the generation: up to a stop string that completed while
+        a longer one was still possible, else all of it."""
+        hit = None if self.found is not None else self._earliest_hit()
+        if hit is not None:
+            at, self.found = hit
+            self._held = self._held[:at]
         out, self._held = self._held, ""
         return out
 

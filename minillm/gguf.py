@@ -173,6 +173,37 @@ class _Cursor:
             raise GGUFError(self.path, f"{what} has unknown value type {vtype}") from None
         return self.scalar(fmt, what)
 
+    def skip(self, vtype: int, what: str, depth: int = 0):
+        """Step over a value of type `vtype` without making it (only string lengths are read), with
+        the checks `value` makes on its extent."""
+        if vtype == GGUFValueType.STRING:
+            n = self.scalar("Q", what)
+            self.need(n, what)
+            self.pos += n
+            return
+        if vtype != GGUFValueType.ARRAY:
+            self.need(self._size(vtype, what), what)
+            self.pos += self._size(vtype, what)
+            return
+        if depth >= MAX_ARRAY_DEPTH:
+            raise GGUFError(self.path, f"{what} nests arrays more than {MAX_ARRAY_DEPTH} deep "
+                                       "(GGUF files in use nest at most arrays of arrays)")
+        etype = self.scalar("I", what)
+        count = self.scalar("Q", what)
+        if etype in (GGUFValueType.STRING, GGUFValueType.ARRAY):
+            self.need((8 if etype == GGUFValueType.STRING else 12) * count, what)
+            for _ in range(count):
+                self.skip(etype, what, depth + 1)
+            return
+        self.need(self._size(etype, what) * count, what)
+        self.pos += self._size(etype, what) * count
+
+    def _size(self, vtype: int, what: str) -> int:
+        try:
+            return struct.calcsize("<" + _SCALAR_FORMATS[GGUFValueType(vtype)])
+        except (ValueError, KeyError):
+            raise GGUFError(self.path, f"{what} has unknown value type {vtype}") from None
+
     def array(self, what: str, depth: int):
         """An array value; `depth` counts the arrays it sits in, itself included."""
         etype = self.scalar("I", what)
@@ -198,6 +229,68 @@ class _Cursor:
         return values.tolist()
 
 
+def _open_header(path: Path):
+    """Map the file and read the start of its header, checked: (mmap, its uint8 view, a cursor after
+    the counts, version, tensor count, metadata count)."""
+    if not path.is_file():
+        raise GGUFError(path, "no such file")
+    if path.stat().st_size < 24:
+        raise GGUFError(path, "not a GGUF file (too short for a GGUF header)")
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    view = np.frombuffer(mapped, np.uint8)  # (file_size,) read-only view of the mapping
+    cur = _Cursor(view, path)
+    if bytes(view[:4]) != MAGIC:
+        raise GGUFError(path, f"not a GGUF file (magic {bytes(view[:4])!r}, expected b'GGUF')")
+    cur.pos = 4
+    version = cur.scalar("I", "version")
+    if version not in SUPPORTED_VERSIONS:
+        raise GGUFError(path, f"unsupported GGUF version {version} (supported: 2, 3)")
+    n_tensors = cur.scalar("Q", "tensor count")
+    n_kv = cur.scalar("Q", "metadata count")
+    # A key-value pair takes at least 13 bytes and a tensor entry at least 24.
+    cur.need(13 * n_kv + 24 * n_tensors, "the metadata and tensor table")
+    return mapped, view, cur, version, n_tensors, n_kv
+
+
+def _metadata_key(cur: _Cursor, i: int, seen) -> str:
+    key = cur.string(f"metadata key #{i}")
+    if not key:
+        raise GGUFError(cur.path, f"metadata key #{i} is empty")
+    if key in seen:
+        raise GGUFError(cur.path, f"metadata key {key} appears twice (llama.cpp refuses such a file too)")
+    return key
+
+
+def _read_tensor_entry(cur: _Cursor, i: int):
+    name = cur.string(f"tensor name #{i}")
+    n_dims = cur.scalar("I", name)
+    if not 1 <= n_dims <= MAX_DIMS:
+        raise GGUFError(cur.path, f"tensor {name} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
+    ne = [cur.scalar("Q", name) for _ in range(n_dims)]
+    type_id = cur.scalar("I", name)
+    offset = cur.scalar("Q", name)
+    try:
+        ggml_type = GGMLQuantizationType(type_id)
+    except ValueError:
+        raise GGUFError(cur.path, f"tensor {name} has unknown ggml type {type_id}") from None
+    return name, tuple(reversed(ne)), ggml_type, offset
+
+
+def tensor_types(path) -> set:
+    """The ggml types of a GGUF file's tensors, read from its header while stepping over the metadata
+    values, so that nothing of the file stays in memory: what a run under --mem-cap must have its
+    kernels ready for before it measures its baseline (minillm.runtime.warm_up_kernels). The file
+    itself is checked when GGUFFile opens it."""
+    _, _, cur, _, n_tensors, n_kv = _open_header(Path(path))   # unmapped when the cursor goes
+    keys = set()
+    for i in range(n_kv):
+        key = _metadata_key(cur, i, keys)
+        keys.add(key)
+        cur.skip(cur.scalar("I", key), key)
+    return {_read_tensor_entry(cur, i)[2] for i in range(n_tensors)}
+
+
 class GGUFFile:
     """A parsed GGUF file: `metadata` (key -> Python value; a `StringArray` for an array of
     strings) with `value_types` (key -> GGUF types), `tensors` (name -> TensorInfo), and
@@ -205,32 +298,11 @@ class GGUFFile:
 
     def __init__(self, path):
         self.path = Path(path)
-        if not self.path.is_file():
-            raise GGUFError(self.path, "no such file")
-        if self.path.stat().st_size < 24:
-            raise GGUFError(self.path, "not a GGUF file (too short for a GGUF header)")
-        with open(self.path, "rb") as f:
-            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        self._map = np.frombuffer(self._mmap, np.uint8)  # (file_size,) read-only view of the mapping
-        cur = _Cursor(self._map, self.path)
-        if bytes(self._map[:4]) != MAGIC:
-            raise GGUFError(self.path, f"not a GGUF file (magic {bytes(self._map[:4])!r}, expected b'GGUF')")
-        cur.pos = 4
-        self.version = cur.scalar("I", "version")
-        if self.version not in SUPPORTED_VERSIONS:
-            raise GGUFError(self.path, f"unsupported GGUF version {self.version} (supported: 2, 3)")
-        n_tensors = cur.scalar("Q", "tensor count")
-        n_kv = cur.scalar("Q", "metadata count")
-        # A key-value pair takes at least 13 bytes and a tensor entry at least 24.
-        cur.need(13 * n_kv + 24 * n_tensors, "the metadata and tensor table")
+        self._mmap, self._map, cur, self.version, n_tensors, n_kv = _open_header(self.path)
         self.metadata = {}
         self.value_types = {}  # key -> (GGUF value type, element type for arrays), to write the file again
         for i in range(n_kv):
-            key = cur.string(f"metadata key #{i}")
-            if not key:
-                raise GGUFError(self.path, f"metadata key #{i} is empty")
-            if key in self.metadata:
-                raise GGUFError(self.path, f"metadata key {key} appears twice (llama.cpp refuses such a file too)")
+            key = _metadata_key(cur, i, self.metadata)
             vtype = cur.scalar("I", key)
             element_type = None
             if vtype == GGUFValueType.ARRAY:
@@ -238,7 +310,7 @@ class GGUFFile:
                 element_type = struct.unpack_from("<I", self._map, cur.pos)[0]
             self.metadata[key] = cur.value(vtype, key)
             self.value_types[key] = (GGUFValueType(vtype), GGUFValueType(element_type) if element_type is not None else None)
-        entries = [self._read_tensor_entry(cur, i) for i in range(n_tensors)]
+        entries = [_read_tensor_entry(cur, i) for i in range(n_tensors)]
         alignment = typed.get(self.metadata, "general.alignment", DEFAULT_ALIGNMENT, self.path)
         if alignment <= 0 or alignment & (alignment - 1):
             raise GGUFError(self.path, f"general.alignment {alignment!r} is not a power of two")
@@ -264,20 +336,6 @@ class GGUFFile:
         if hasattr(mmap, "MADV_DONTNEED") and end:
             self._mmap.madvise(mmap.MADV_DONTNEED, 0, end)
 
-    def _read_tensor_entry(self, cur: _Cursor, i: int):
-        name = cur.string(f"tensor name #{i}")
-        n_dims = cur.scalar("I", name)
-        if not 1 <= n_dims <= MAX_DIMS:
-            raise GGUFError(self.path, f"tensor {name} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
-        ne = [cur.scalar("Q", name) for _ in range(n_dims)]
-        type_id = cur.scalar("I", name)
-        offset = cur.scalar("Q", name)
-        try:
-            ggml_type = GGMLQuantizationType(type_id)
-        except ValueError:
-            raise GGUFError(self.path, f"tensor {name} has unknown ggml type {type_id}") from None
-        return name, tuple(reversed(ne)), ggml_type, offset
-
     def _place_tensor(self, name, shape, ggml_type, offset) -> TensorInfo:
         if any(n == 0 for n in shape):
             raise GGUFError(self.path, f"tensor {name} has an empty dimension {shape}")
@@ -302,17 +360,19 @@ class GGUFFile:
         raw = self._map[info.offset:info.offset + info.nbytes]
         return raw.reshape(*info.shape[:-1], -1)
 
-    def release(self, name: str):
-        """Drop the pages of tensor `name` from this process's resident memory (madvise DONTNEED).
-        For a tensor that was converted at load and is never read from the map again: its pages
-        would otherwise stay counted in RSS. The file is unchanged; a later read maps them back in."""
+    def release(self, name: str, nbytes: int | None = None):
+        """Drop the pages of tensor `name` (of its first `nbytes` bytes, if given) from this process's
+        resident memory (madvise DONTNEED). For a tensor that was converted or re-laid at load and is
+        never read from the map again: its pages would otherwise stay counted in RSS. The file is
+        unchanged; a later read maps them back in."""
         if not hasattr(mmap, "MADV_DONTNEED"):
             return
         info = self.tensors[name]
         first = info.offset // mmap.PAGESIZE * mmap.PAGESIZE
         # only whole pages that no other tensor shares: the neighbours may still be in use
         start = first if first == info.offset else first + mmap.PAGESIZE
-        stop = (info.offset + info.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        end = info.nbytes if nbytes is None else min(nbytes, info.nbytes)
+        stop = (info.offset + end) // mmap.PAGESIZE * mmap.PAGESIZE
         if stop > start:
             self._mmap.madvise(mmap.MADV_DONTNEED, start, stop - start)
 

@@ -8,9 +8,8 @@ from collections import defaultdict
 
 import numpy as np
 
-from . import arch
+from . import arch, formats
 from . import metadata as typed
-from .formats import row_bytes
 from .gguf import GGUFFile
 from .kvcache import kv_cache_bytes, ring_rows
 from .weights import held_types, validate
@@ -33,13 +32,15 @@ def type_summary(gguf: GGUFFile) -> dict:
     return dict(summary)
 
 
-def loaded_bytes(gguf: GGUFFile, bits: int, int4: str = "asym") -> int:
+def loaded_bytes(gguf: GGUFFile, bits: int, int4: str = "asym", backend: str = "numba") -> int:
     """Bytes the weights take once loaded with --bits: each tensor in the format storage_type picks
-    (for a Q4 file at --bits 4 that is the file's own bytes, mapped, not copied)."""
+    (for a Q4 file at --bits 4 that is the file's own bytes, re-laid for the kernels: whole groups
+    of rows, minillm.packed.held_bytes)."""
+    from .packed import held_bytes
     total = 0
     for name, target in held_types(gguf, arch.read_config(gguf.metadata, gguf.path), bits, int4).items():
         info = gguf.tensors[name]
-        total += info.n_elements // info.shape[-1] * row_bytes(target, info.shape[-1])
+        total += held_bytes(formats.get(target), info.n_elements // info.shape[-1], info.shape[-1], backend)
     return total
 
 
@@ -79,7 +80,7 @@ def describe(gguf: GGUFFile, config) -> dict:
         "parameters": sum(row[1] for row in types.values()),
         "stored_mib": sum(row[2] for row in types.values()) / MiB,
         "lm_head": "output.weight" if "output.weight" in gguf.tensors else "tied to token_embd.weight",
-        "loaded_mib": loaded_bytes(gguf, config.bits, config.int4) / MiB,
+        "loaded_mib": loaded_bytes(gguf, config.bits, config.int4, config.backend) / MiB,
         "kv_cache_mib": kv_cache_bytes(model_config, ctx, spec, config.kv_bits) / MiB,
         "kv_cache_type": KV_TYPES[config.kv_bits],
         "ring_buffers": all(ring_rows(p, ctx) < ctx for p in spec.patterns),

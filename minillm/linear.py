@@ -24,6 +24,10 @@ class FloatLinear:
         # x: (T, in_features) -> (T, out_features)
         return rows_product(x, self.w, self.pool)
 
+    def input_gradient(self, dy: np.ndarray) -> np.ndarray:
+        """dy W: dy (T, out_features) -> (T, in_features), what a backward pass needs (minillm.train)."""
+        return dy @ self.w
+
     @property
     def nbytes(self) -> int:
         return self.w.nbytes
@@ -72,8 +76,12 @@ TILE_BYTES = 1 << 20
 class QuantLinear:
     """y = x W^T with W kept as the packed rows of a GGUF tensor, in any format of minillm.formats.
 
-    `raw` is (out_features, row_bytes) uint8, for example `GGUFFile.data(name)`: it is used as it
-    is (a memory map stays a memory map), read through zero-copy views, never copied or unpacked.
+    `raw` is (out_features, row_bytes) uint8, for example `GGUFFile.data(name)`. Backend "numba", a
+    format with kernels: the rows go to the format's kernels (minillm.packed), which read the
+    32-weight formats re-laid (the same bytes in another order, minillm.kernels.rows: copied once,
+    here, and `release(stop_row)` is called as the copy advances, so the caller can drop the source's
+    pages) and the others where they are. Otherwise `raw` is used as it is (a memory map stays a
+    memory map).
 
     One token (T == 1, backend "numba", a format with kernels): the format's Numba matvec reads the
     blocks (or float16 rows) directly, on `threads` threads (kernels/<type>.py, through
@@ -84,36 +92,71 @@ class QuantLinear:
     """
 
     def __init__(self, raw: np.ndarray, ggml_type, backend: str = "numba", threads: int = 1,
-                 name: str = "weight"):
+                 name: str = "weight", release=None, shared=None, first_row: int = 0):
         self.format = _checked_packed(raw, ggml_type, name)
         if backend not in BACKENDS:
             raise MinillmError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         self.name, self.ggml_type, self.backend = name, self.format.ggml_type, backend
-        self.raw = raw.view(np.ndarray)  # same bytes; a plain ndarray is quicker for Numba to pass
         self.out_features = raw.shape[0]
         self.in_features = self.format.n_cols(raw.shape[1])
         self.tile_rows = max(1, TILE_BYTES // (4 * self.in_features))
         self.threads = threads
         self.pool = row_pool(threads)
         self.kernels = None  # packed.PackedRows, for the Numba backend and a format with kernels
-        if backend == "numba":
+        self.raw = raw.view(np.ndarray)  # same bytes; a plain ndarray is quicker for Numba to pass
+        self.shared, self.first_row = shared, first_row   # SharedInput: these rows are part of its matrix
+        if shared is not None:
+            self.kernels, self.raw = shared.kernels, None
+        elif backend == "numba":
             from .kernels.threads import max_threads  # imports Numba; "numpy" never does
             from .packed import PackedRows
             if not 1 <= threads <= max_threads():
                 raise MinillmError(f"{threads} threads requested: this machine runs 1 to {max_threads()} "
                                    "(NUMBA_NUM_THREADS)")
             if self.format.kernels:
-                self.kernels = PackedRows(self.format, self.raw)
+                self.kernels = PackedRows(self.format, self.raw, release=release)
+                if self.kernels.relaid:
+                    self.raw = None   # read only through the kernels from now on
+
+    @classmethod
+    def sharing_input(cls, raws: list, ggml_types: list, backend: str = "numba", threads: int = 1, names=None,
+                      releases=None) -> list:
+        """QuantLinears over raws [(n_i, row_bytes) uint8] of types ggml_types that the model calls
+        one after another on the same input (q, k and v; gate and up): held as one matrix, their rows
+        one after another, multiplied in one pass per token (SharedInput). Where that cannot be
+        (backend "numpy", types that differ, a format kept in GGUF's layout, rows not whole groups of
+        the re-laid layout), as many separate QuantLinears."""
+        names = names or [f"weight{i}" for i in range(len(raws))]
+        releases = releases or [None] * len(raws)
+        fmt = formats.get(ggml_types[0])
+        if backend != "numba" or len(set(ggml_types)) > 1 or not SharedInput.possible(fmt, raws):
+            return [cls(raw, ggml_type, backend, threads, name, release)
+                    for raw, ggml_type, name, release in zip(raws, ggml_types, names, releases)]
+        shared = SharedInput(fmt, raws, threads, releases)
+        return [cls(raw, fmt.ggml_type, backend, threads, name, shared=shared, first_row=first)
+                for raw, name, first in zip(raws, names, shared.first_rows)]
 
     @property
     def nbytes(self) -> int:
-        return self.raw.nbytes
+        if self.shared is not None:
+            return self.out_features * self.format.row_bytes(self.in_features)   # whole groups: no padding
+        return self.kernels.nbytes if self.kernels is not None else self.raw.nbytes
+
+    def store(self, raw: np.ndarray, first_row: int):
+        """Overwrite rows first_row .. first_row + n - 1 with GGUF rows raw (n, row_bytes) (streaming)."""
+        if self.kernels is not None:
+            self.kernels.store(raw, self.first_row + first_row)
+        else:
+            self.raw[first_row:first_row + raw.shape[0]] = raw
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         # x: (T, in_features) -> (T, out_features) float32
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise MinillmError(f"{self.name}: input of shape {x.shape} does not fit a {self.out_features} x "
                                f"{self.in_features} weight (expected (T, {self.in_features}))")
+        if self.shared is not None and x.shape[0] == 1:
+            first = self.first_row
+            return self.shared.product(x)[None, first:first + self.out_features]
         x = np.ascontiguousarray(x, dtype=np.float32)
         if self.kernels is not None and x.shape[0] == 1:
             return self.kernels.matvec(x[0], self.threads)[None, :]
@@ -138,22 +181,87 @@ class QuantLinear:
         self.pool.run(self.out_features, x.shape[0] * self.out_features * self.in_features, product)
         return out
 
+    def input_gradient(self, dy: np.ndarray) -> np.ndarray:
+        """dy W, the product a backward pass through this linear needs (dL/dx for dL/dy = dy,
+        minillm.train): dy (T, out_features) -> (T, in_features) float32. W is dequantized one
+        tile of rows at a time, as in prefill, on the calling thread (training splits the batch
+        over threads instead), so no float copy of the whole matrix is ever made."""
+        dy = np.ascontiguousarray(dy, dtype=np.float32)
+        if self.format is formats.F32:
+            return dy @ self.raw.view(np.float32)
+        dx = np.zeros((dy.shape[0], self.in_features), np.float32)
+        n = min(self.tile_rows, self.out_features)
+        tile = tile_buffer(n * self.in_features).reshape(n, self.in_features)
+        for first in range(0, self.out_features, self.tile_rows):
+            last = min(self.out_features, first + self.tile_rows)
+            rows = tile[: last - first]
+            self._dequantize_rows(first, last, rows)
+            dx += dy[:, first:last] @ rows
+        return dx
+
     def _dequantize_rows(self, start: int, stop: int, rows: np.ndarray):
         # rows: (stop - start, K) float32, filled with W[start:stop]
         if self.kernels is not None:
-            self.kernels.dequantize_rows(start, stop, rows)
+            self.kernels.dequantize_rows(np.arange(self.first_row + start, self.first_row + stop), rows)
         else:
             rows[...] = self.format.dequantize(self.raw[start:stop])
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """W[ids] (n, K) float32 for row numbers ids (n,) in range, exactly as the format's `dequantize`."""
+        if self.kernels is None:
+            return self.format.dequantize(self.raw[ids])
+        out = np.empty((len(ids), self.in_features), np.float32)
+        self.kernels.dequantize_rows(ids.astype(np.int64) + self.first_row, out)
+        return out
+
+
+class SharedInput:
+    """The rows of several QuantLinears that the model calls one after another on the same input x
+    (q, k and v from the normalised hidden state; gate and up from the MLP's), held as one matrix in
+    one PackedRows, their rows one after another. For one token, the first member called with a new
+    x multiplies all the rows at once: one int8 quantization of x, one kernel call, one split over
+    the threads instead of one per member; each member then takes its rows of the result.
+
+    x is recognised by identity (the (1, K) array the model passes): the model never changes an
+    activation in place between those calls. The last (x, product) pair is kept as one tuple, so a
+    member called from another thread never sees the x of one call with the product of another."""
+
+    def __init__(self, fmt, raws: list, threads: int, releases: list):
+        from .packed import PackedRows
+        n_cols = fmt.n_cols(raws[0].shape[1])
+        self.first_rows = list(np.cumsum([0] + [raw.shape[0] for raw in raws[:-1]]))
+        self.kernels = PackedRows.empty(fmt, sum(raw.shape[0] for raw in raws), n_cols)
+        for raw, first, release in zip(raws, self.first_rows, releases):
+            self.kernels.store(raw, first, release)
+        self.threads = threads
+        self.last = (None, None)   # (x, its product)
+
+    @staticmethod
+    def possible(fmt, raws: list) -> bool:
+        """Whether raws of fmt can be held as one re-laid matrix: the same row length, and each a whole
+        number of row groups (so that each member's rows start a group and its bytes are its own)."""
+        from .kernels.layout import GROUP_ROWS
+        from .packed import relaid
+        return (len({raw.shape[1] for raw in raws}) == 1 and relaid(fmt)
+                and all(raw.shape[0] % GROUP_ROWS == 0 for raw in raws))
+
+    def product(self, x: np.ndarray) -> np.ndarray:
+        """All members' rows times x: (1, K) -> (N_total,) float32, computed once per x."""
+        last_x, y = self.last
+        if x is not last_x:
+            y = self.kernels.matvec(np.ascontiguousarray(x[0], dtype=np.float32), self.threads)
+            self.last = (x, y)
+        return y
 
 
 class QuantEmbedding:
     """The token table as packed rows (e.g. SmolLM2's Q8_0 token_embd), used twice, never copied:
     `lookup` dequantizes only the rows of the ids in hand; `head` is a QuantLinear over the same
-    array, so the LM head runs the quantized kernel on the very same bytes."""
+    rows, so the LM head runs the quantized kernel on the very same bytes."""
 
     def __init__(self, raw: np.ndarray, ggml_type, backend: str = "numba",
-                 threads: int = 1, name: str = "token_embd.weight"):
-        self.linear = QuantLinear(raw, ggml_type, backend, threads, name)
+                 threads: int = 1, name: str = "token_embd.weight", release=None):
+        self.linear = QuantLinear(raw, ggml_type, backend, threads, name, release)
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:
         # ids: (T,) int -> (T, dim) float32
@@ -162,7 +270,7 @@ class QuantEmbedding:
         if (ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer)
                 or ids.size and (ids.min() < 0 or ids.max() >= vocab_size)):
             raise MinillmError(f"{self.linear.name}: token ids must be a 1-D array in 0..{vocab_size - 1}")
-        return self.linear.format.dequantize(self.linear.raw[ids])
+        return self.linear.rows(ids)
 
     def head(self, x: np.ndarray) -> np.ndarray:
         return self.linear(x)  # (T, dim) -> (T, vocab_size)

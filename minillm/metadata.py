@@ -74,8 +74,11 @@ KEYS = {
     "tokenizer.ggml.eot_token_id": INTEGER,
     "tokenizer.ggml.add_bos_token": BOOL,
     "tokenizer.chat_template": STRING,
+    "general.type": STRING,
+    "adapter.type": STRING,
+    "adapter.lora.alpha": FLOAT,
 }
-_SHARED_PREFIXES = ("general.", "tokenizer.")
+_SHARED_PREFIXES = ("general.", "tokenizer.", "adapter.")
 
 
 def type_name(value) -> str:

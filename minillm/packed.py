@@ -1,16 +1,17 @@
-"""Packed GGUF rows and their format's Numba kernels, behind two calls: `matvec` and `dequantize_rows`.
+"""Packed rows and their format's Numba kernels, behind three calls: `matvec`, `dequantize_rows`, `store`.
 
 This is the glue `minillm.linear.QuantLinear` uses over any format with kernels (the registry's
-`Format.kernels` names the module, kernels/<type>.py, whose `<TYPE>Rows` class makes the zero-copy
-views its kernels read: minillm.kernels.rows). Here: the small buffers a matvec needs (the
+`Format.kernels` names the module, kernels/<type>.py, whose `<TYPE>Rows` class holds the rows in
+the layout its kernels read: minillm.kernels.rows). The 32-weight formats are re-laid once, here,
+from the GGUF rows they are given (the same bytes in another order); the others are read where
+they are (`raw` may be a read-only memory map). Here too: the small buffers a matvec needs (the
 quantized activation, per-thread scratch), kept per calling thread, and how many threads run it.
-Views, not copies: `raw` may be a read-only memory map.
 
 A decode step makes over 200 matvec calls of tens of microseconds each, so the per-call Python
 work matters: buffers are allocated on the first call and reused, and a matrix too small to
 gain from a second thread runs on the calling thread alone. A large one is split into ranges
-of rows shared out by `minillm.parallel.SharingPool`; every range runs the same serial kernel, so the
-result does not depend on the number of threads.
+of row groups shared out by `minillm.parallel.SharingPool`; every range runs the same serial kernel,
+so the result does not depend on the number of threads.
 """
 
 import importlib
@@ -19,15 +20,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .kernels.ggml import GGML_SCRATCH
+from .kernels.layout import GROUP_ROWS, n_groups, relay_chunk_rows
+from .kernels.rows import scratch_rows
 from .kernels.threads import check_threads, use_threads
 from .parallel import sharing_pool
 
-# Matrices with fewer weights than this run on one thread whatever `threads` says. Handing
-# ranges to a helper thread costs tens of microseconds of Python, which only a large matrix
-# repays. SmolLM2 decode with 2 threads, settings alternated in one process, in two runs with
-# other jobs on the machine (load 1.5 and 4): splitting only the LM head (49,152 x 576, ~4.5 ms)
-# gave 1.07x and 1.00x the speed of no split; adding the 1536 x 576 MLP matrices (~85 us each)
-# 0.84x and 0.87x; adding the 576 x 576 ones too 0.70x and 0.84x.
+# Matrices with fewer weights than this run on one thread whatever `threads` says: only a large
+# matrix repays handing ranges to a helper thread (minillm.parallel.SharingPool, about 4 us). SmolLM2
+# decode with 2 threads on the shared 2-core machine (the other core mostly busy with other jobs),
+# settings alternated in one process: splitting only the LM head (49,152 x 576) gave 1.16x the
+# speed of one thread; splitting the gate and up product (1536 x 576 twice) and the down one too
+# gave 0.74x to 0.85x of splitting only the head, with one range per thread or four.
 MIN_PARALLEL_WEIGHTS = 1 << 22
 # A split matvec cuts its rows into this many ranges per thread (parallel.SharingPool): small
 # enough that a helper thread stalled by another program holds up the result by little.
@@ -36,10 +40,45 @@ RANGES_PER_THREAD = 4
 FLOAT32 = np.dtype(np.float32)   # one object: `x.dtype is FLOAT32` is the quickest exact check
 
 
-def kernel_rows(fmt, raw: np.ndarray):
-    """The `<TYPE>Rows` object of a format's kernel module over raw (N, row_bytes) uint8 rows."""
+def kernel_rows(fmt):
+    """The `<TYPE>Rows` class of a format's kernel module."""
     module = importlib.import_module(f"minillm.kernels.{fmt.kernels}")
-    return getattr(module, f"{fmt.name}Rows")(raw)
+    return getattr(module, f"{fmt.name}Rows")
+
+
+def gguf_rows(rows_class, raw: np.ndarray, release=None):
+    """rows_class's rows for GGUF rows raw (N, row_bytes): raw itself for a format that keeps GGUF's
+    layout, else a re-laid copy (`relay`)."""
+    if not rows_class.fields:
+        return rows_class.over(raw)
+    rows = rows_class.empty(raw.shape[0], raw.shape[1] // rows_class.type_size * rows_class.block_size)
+    relay(rows, raw, 0, release)
+    return rows
+
+
+def relay(rows, raw: np.ndarray, first_row: int, release=None):
+    """Store GGUF rows raw (n, row_bytes) as rows first_row.. of `rows`, RELAY_CHUNK_BYTES of raw at a
+    time (minillm.kernels.layout); after each piece `release(stop_row)`, if given, is told that rows
+    of raw before stop_row are no longer needed, so that a memory-mapped source is never resident
+    whole (minillm.weights.MapRelease)."""
+    step = relay_chunk_rows(raw.shape[1])
+    for first in range(0, raw.shape[0], step):
+        rows.store(raw[first:first + step], first_row + first)
+        if release is not None:
+            release(min(first + step, raw.shape[0]))
+
+
+def relaid(fmt) -> bool:
+    """Whether the format's kernels read its rows re-laid (minillm.kernels.layout)."""
+    return bool(fmt.kernels and kernel_rows(fmt).fields)
+
+
+def held_bytes(fmt, n_rows: int, n_cols: int, backend: str = "numba") -> int:
+    """Bytes a matrix of the format takes as QuantLinear holds it: its rows, padded to whole groups
+    of rows when the Numba kernels re-lay it."""
+    if backend == "numba" and relaid(fmt):
+        n_rows = n_groups(n_rows) * GROUP_ROWS
+    return n_rows * fmt.row_bytes(n_cols)
 
 
 def parts_for(n_weights: int, threads: int, min_parallel_weights: int) -> int:
@@ -52,48 +91,86 @@ def parts_for(n_weights: int, threads: int, min_parallel_weights: int) -> int:
 class MatvecBuffers:
     """What one matvec writes besides its output, for one calling thread."""
     parts: int              # threads the matvec runs on (parts_for), one scratch row each
-    activation: object      # the quantized activation (kernels/<type>.py's new_activation)
+    activation: object      # the quantized activation (kernels/<type>.py's new_activation); None for ggml_matvec
     scratch: np.ndarray     # (parts, ...) one row per part
 
 
 class PackedRows:
-    """The rows of one matrix in a format with kernels: raw (N, row_bytes) uint8, C-contiguous.
+    """The rows of one matrix in a format with kernels, made from raw (N, row_bytes) uint8 GGUF rows,
+    C-contiguous; or `PackedRows.empty(fmt, n_rows, n_cols)`, filled later by `store`.
 
     `matvec` may be called from several Python threads at once: each thread gets its own buffers."""
 
-    def __init__(self, fmt, raw: np.ndarray, min_parallel_weights: int = MIN_PARALLEL_WEIGHTS):
+    def __init__(self, fmt, raw: np.ndarray = None, min_parallel_weights: int = MIN_PARALLEL_WEIGHTS, rows=None,
+                 release=None):
         self.format = fmt
-        self.rows = kernel_rows(fmt, raw)
+        self.rows = rows if rows is not None else gguf_rows(kernel_rows(fmt), raw, release)
         self.n_rows, self.n_cols = self.rows.n_rows, self.rows.n_cols
         self.x_shape = (self.n_cols,)
         self.min_parallel_weights = min_parallel_weights
         self.buffers = {}                                        # (Python thread id, threads) -> MatvecBuffers
+
+    @classmethod
+    def empty(cls, fmt, n_rows: int, n_cols: int, min_parallel_weights: int = MIN_PARALLEL_WEIGHTS):
+        return cls(fmt, min_parallel_weights=min_parallel_weights, rows=kernel_rows(fmt).empty(n_rows, n_cols))
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.nbytes
+
+    @property
+    def relaid(self) -> bool:
+        """Whether the rows are a re-laid copy (else the GGUF rows themselves)."""
+        return bool(self.rows.fields)
 
     def matvec(self, x: np.ndarray, threads: int) -> np.ndarray:
         """W x for one token: x (K,) float32 -> (N,) float32, on up to `threads` threads."""
         if x.shape != self.x_shape or x.dtype is not FLOAT32:
             raise ValueError(f"x must be {self.x_shape} float32, got {x.shape} {x.dtype}")
         buf = self.buffers.get((threading.get_ident(), threads)) or self.new_buffers(threads)
+        self.rows.quantize(x, buf.activation)
+        matvec_groups, act = self.rows.matvec_groups, buf.activation
+        return self.split(buf, threads, lambda scratch, out, first, stop: matvec_groups(act, scratch, out, first, stop))
+
+    def ggml_matvec(self, act, x86: bool, threads: int) -> np.ndarray:
+        """W x for one token as llama.cpp computes it (`--mode ggml`), from x as ggml quantized it:
+        act = kernels.ggml.GGMLActivation -> (N,) float32, on up to `threads` threads (the rows are
+        independent, so the result does not depend on how they are split)."""
+        if act.q16.shape != self.x_shape:
+            raise ValueError(f"the activation must have {self.n_cols} values, got {act.q16.shape}")
+        buf = self.buffers.get((threading.get_ident(), threads, "ggml")) or self.new_buffers(threads, ggml=True)
+        ggml_groups = self.rows.ggml_matvec_groups
+        return self.split(buf, threads, lambda scratch, out, first, stop: ggml_groups(act, scratch, out, first, stop,
+                                                                                     x86))
+
+    def split(self, buf, threads: int, groups) -> np.ndarray:
+        """out (N,) float32 filled by groups(scratch, out, first, stop) on ranges of the row groups, on
+        the calling thread, or shared out over buf.parts threads."""
         out = np.empty(self.n_rows, np.float32)
         use_threads(threads)          # what Numba's own parallel kernels (attention) then use
-        self.rows.quantize(x, buf.activation)
-        matvec_rows, act, scratch = self.rows.matvec_rows, buf.activation, buf.scratch
-
-        def rows(slot, start, stop):
-            matvec_rows(act, scratch[slot], out, start, stop)
         if buf.parts == 1:
-            rows(0, 0, self.n_rows)
+            groups(buf.scratch[0], out, 0, self.rows.n_groups)
         else:
-            sharing_pool(buf.parts).run(self.n_rows, RANGES_PER_THREAD * buf.parts, rows)
+            sharing_pool(buf.parts).run(self.rows.n_groups, RANGES_PER_THREAD * buf.parts,
+                                        lambda slot, first, stop: groups(buf.scratch[slot], out, first, stop))
         return out
 
-    def new_buffers(self, threads: int) -> MatvecBuffers:
-        """The calling thread's buffers for matvecs on `threads` threads, made and kept."""
+    def new_buffers(self, threads: int, ggml: bool = False) -> MatvecBuffers:
+        """The calling thread's buffers for matvecs on `threads` threads (`ggml_matvec` if ggml), made and kept."""
         parts = parts_for(self.n_rows * self.n_cols, threads, self.min_parallel_weights)
-        buf = MatvecBuffers(parts, self.rows.new_activation(), self.rows.new_scratch(parts))
-        self.buffers[threading.get_ident(), threads] = buf
+        if ggml:
+            buf = MatvecBuffers(parts, None, scratch_rows(parts, GGML_SCRATCH, np.int32))
+            self.buffers[threading.get_ident(), threads, "ggml"] = buf
+        else:
+            buf = MatvecBuffers(parts, self.rows.new_activation(), self.rows.new_scratch(parts))
+            self.buffers[threading.get_ident(), threads] = buf
         return buf
 
-    def dequantize_rows(self, start: int, stop: int, out: np.ndarray):
-        """out (stop - start, K) float32 = rows start..stop-1, exactly as the format's `dequantize`."""
-        self.rows.dequantize_rows(start, stop, out)
+    def dequantize_rows(self, ids: np.ndarray, out: np.ndarray):
+        """out (n, K) float32 = rows ids (n,) int64, exactly as the format's `dequantize`. The ids
+        must be row numbers of the matrix (the kernels do not check)."""
+        self.rows.dequantize_rows(ids, out)
+
+    def store(self, raw: np.ndarray, first_row: int, release=None):
+        """Copy GGUF rows raw (n, row_bytes) into rows first_row .. first_row + n - 1 (`relay`)."""
+        relay(self.rows, raw, first_row, release)

@@ -2,7 +2,7 @@
 
 A layout says how the weights are held; the plan tries layouts cheapest first and keeps the
 first that fits under the cap:
-  (a) every weight resident (the file's pages, mapped);
+  (a) every weight resident (re-laid for the kernels, or the file's pages, mapped);
   (b) layers streamed from the file through two buffers (the next layer is read by a background
       thread while the current one computes), the first R layers kept resident; then the LM head
       (the tied token embedding) streamed in row chunks too. Among these the plan prefers the
@@ -29,7 +29,7 @@ MAX_PREFILL_CHUNK = 512
 MIN_PREFILL_CHUNK = 16
 FAST_PREFILL_CHUNK = 64        # smaller chunks slow prefill down: a last resort
 HEAD_CHUNK_BYTES = 1 << 20     # rows of the streamed LM head read at a time
-SLOT_ALIGN = 64                # each tensor in a streaming buffer starts on a cache line
+PAGE = 4096                    # each matrix of a streaming buffer is an array of its own: up to a page of slack
 STREAM_SLOTS = 2               # buffers in the streaming pool: one computing, one being filled
 # Pages a run touches that no line of the plan counts: code of numpy, BLAS and the kernels run
 # for the first time, allocator pages of the worker threads, thread stacks. Measured on SmolLM2
@@ -54,11 +54,15 @@ class WeightIndex:
     head_rows: int           # rows of the LM head (vocab_size)
     head_tables: int         # 1 when the LM head is the tied token embedding, 2 with an output.weight
     norms_bytes: int         # the float32 norm vectors
+    matrices_per_layer: int  # weight matrices in a layer (arrays of a streaming buffer)
+    relaid_types: tuple      # the held formats the Numba kernels re-lay (minillm.kernels.rows)
+    relay_buffer: int        # rows re-laid or streamed at a time: the staging buffer, or the file pages mapped to re-lay them
     converted_bytes: int     # weights held in another format than stored (not zero-copy)
     converted_source: int    # their stored bytes: read through the memory map to convert, and left mapped
-    conversion_scratch: int  # float32 copy of the largest converted tensor, alive while it is re-encoded
+    conversion_scratch: int  # float32 copy of the largest converted tensor, alive while it is re-encoded, and
+                             # the converted tensors of a group that shares an input, until they are re-laid
     streamable: bool         # matrices held as stored: layers can be streamed
-    slot_bytes: int          # one streaming buffer: room for each matrix as large as it is in any layer
+    slot_bytes: int          # one set of streamed layer weights: each matrix in each format some layer holds it in
 
 
 @dataclass(frozen=True)
@@ -121,24 +125,33 @@ def strategy_name(layout: Layout, n_layers: int) -> str:
     return "; ".join(parts)
 
 
-def weight_index(gguf, config, bits: int, int4: str = "asym") -> WeightIndex:
+def weight_index(gguf, config, bits: int, int4: str = "asym", backend: str = "numba") -> WeightIndex:
     """Sizes of the weights as `--bits` holds them (minillm.weights.storage_type), per layer, from the
-    architecture's tensor table (minillm.arch): its matrices are the layer's bytes, its vectors the norms."""
-    from .formats import row_bytes
-    from .streaming import streamed_matrices
-    from .weights import block_tensors, expected_shapes, held_types, validate
+    architecture's tensor table (minillm.arch): its matrices are the layer's bytes, its vectors the norms.
+    On the Numba backend the 32-weight formats are re-laid in whole groups of rows (minillm.packed)."""
+    from .formats import get, row_bytes
+    from .kernels.layout import relay_chunk_rows
+    from .packed import held_bytes as relaid_bytes, relaid
+    from .streaming import slot_bytes
+    from .weights import SHARED_INPUTS, block_tensors, expected_shapes, held_types, validate
     validate(gguf, config)
     held = held_types(gguf, config, bits, int4)
 
     def held_bytes(name):
         info = gguf.tensors[name]
-        return info.n_elements // info.shape[-1] * row_bytes(held[name], info.shape[-1])
+        return relaid_bytes(get(held[name]), info.n_elements // info.shape[-1], info.shape[-1], backend)
 
     layers = [[name for name, (_, shape) in block_tensors(config, i).items() if len(shape) == 2]
               for i in range(config.n_layers)]
     heads = [name for name in ("token_embd.weight", "output.weight") if name in held]
     converted = [name for name in held if held[name] != gguf.tensors[name].ggml_type]
     head_info = gguf.tensors["token_embd.weight"]
+    # converted members of a group that shares an input are all alive until the group is re-laid
+    shared_converted = max([sum(held_bytes(f"blk.{i}.{name}") for name in group if f"blk.{i}.{name}" in converted)
+                            for i in range(config.n_layers) for group in SHARED_INPUTS], default=0)
+    matrices = [name for name in held if len(gguf.tensors[name].shape) == 2]
+    relay = max(relay_chunk_rows(row_bytes(held[name], gguf.tensors[name].shape[-1]))
+                * row_bytes(held[name], gguf.tensors[name].shape[-1]) for name in matrices)
     return WeightIndex(
         layer_bytes=tuple(sum(map(held_bytes, names)) for names in layers),
         head_bytes=sum(map(held_bytes, heads)),
@@ -146,10 +159,14 @@ def weight_index(gguf, config, bits: int, int4: str = "asym") -> WeightIndex:
         head_rows=head_info.shape[0],
         head_tables=len(heads),
         norms_bytes=sum(4 * shape[0] for shape in expected_shapes(config).values() if len(shape) == 1),
+        matrices_per_layer=len(layers[0]),
+        relaid_types=tuple(sorted({held[name].name for name in matrices
+                                   if backend == "numba" and relaid(get(held[name]))})),
+        relay_buffer=relay + 2 * PAGE,
         converted_bytes=sum(map(held_bytes, converted)),
         converted_source=sum(gguf.tensors[name].nbytes for name in converted),
-        conversion_scratch=max([4 * gguf.tensors[name].n_elements for name in converted], default=0),
-        streamable=not converted, slot_bytes=streamed_matrices(gguf, config)[2])
+        conversion_scratch=max([4 * gguf.tensors[name].n_elements for name in converted], default=0) + shared_converted,
+        streamable=not converted, slot_bytes=slot_bytes(gguf, config, backend))
 
 
 def activation_bytes(config, chunk: int, ctx_size: int, threads: int, kv_bits: int, all_logits: bool = False,
@@ -208,14 +225,16 @@ def activation_bytes(config, chunk: int, ctx_size: int, threads: int, kv_bits: i
 def streaming_buffer_bytes(index: WeightIndex, layout: Layout, n_layers: int) -> int:
     """The pool of layer buffers (when any layer streams) and of LM head chunks (when it streams)."""
     layers = STREAM_SLOTS * index.slot_bytes if layout.resident_layers < n_layers else 0
-    head = index.head_tables * STREAM_SLOTS * head_chunk_rows(index.head_row_bytes, index.head_rows) \
-        * index.head_row_bytes if layout.stream_head else 0
+    head_rows = head_chunk_rows(index.head_row_bytes, index.head_rows)
+    head = index.head_tables * STREAM_SLOTS * (head_rows * index.head_row_bytes + PAGE) if layout.stream_head else 0
     return layers + head
 
 
 def head_chunk_rows(row_bytes: int, n_rows: int) -> int:
-    """Rows of the LM head read at a time: HEAD_CHUNK_BYTES worth, at most all of them."""
-    return min(n_rows, max(1, HEAD_CHUNK_BYTES // row_bytes))
+    """Rows of the LM head read at a time: HEAD_CHUNK_BYTES worth, at most all of them, in whole groups
+    of rows as the kernels re-lay them (minillm.kernels.layout)."""
+    from .kernels.layout import GROUP_ROWS, n_groups
+    return n_groups(min(n_rows, max(1, HEAD_CHUNK_BYTES // row_bytes))) * GROUP_ROWS
 
 
 def buffers_detail(index: WeightIndex, layout: Layout, n_layers: int) -> str:
@@ -229,7 +248,8 @@ def plan_lines(index: WeightIndex, layout: Layout, run) -> tuple:
     """(item, bytes, detail) for every allocation of the run; `run` is a PlanInputs."""
     c, n = run.config, run.config.n_layers
     resident = sum(index.layer_bytes[:layout.resident_layers]) + (0 if layout.stream_head else index.head_bytes)
-    held_as = "converted copies" if index.converted_bytes else "file pages, mapped"
+    relaid = bool(index.relaid_types)
+    held_as = "re-laid copies" if relaid else "converted copies" if index.converted_bytes else "file pages, mapped"
     from .kvcache import kv_cache_bytes
     kv_type = {8: "Q8_0", 16: "float16", 32: "float32", 64: "float64"}[layout.kv_bits]
     chosen = " (chosen by the plan)" if layout.kv_bits != run.kv_bits else ""
@@ -249,11 +269,27 @@ def plan_lines(index: WeightIndex, layout: Layout, run) -> tuple:
          + (", --backend numpy" if run.backend == "numpy" else "")),
         ("reserve", RESERVE_BYTES, "pages not counted above: code run first, worker threads' allocator pages"),
     ]
+    if relaid:
+        lines.append(relay_line(index, layout, n))
     if index.converted_bytes:
         lines.append(("converted from", index.converted_source,
                       "the stored tensors' file pages, mapped to convert them"))
-        lines.append(("conversion scratch", index.conversion_scratch, "float32 copy of the largest converted tensor"))
+        lines.append(("conversion scratch", index.conversion_scratch, "float32 copy of the largest converted tensor, "
+                      "and the converted tensors of one input-sharing group"))
     return tuple(lines)
+
+
+def relay_line(index: WeightIndex, layout: Layout, n_layers: int) -> tuple:
+    """What re-laying the weights for the kernels holds (minillm.kernels.layout): the file pages of the
+    piece of a resident matrix being copied, and a page at each end of a resident matrix that the
+    memory map keeps (a page shared with the next tensor is never let go of); when weights stream,
+    the staging buffer their pieces are read into."""
+    resident = index.matrices_per_layer * layout.resident_layers + (0 if layout.stream_head else index.head_tables)
+    streams = layout.resident_layers < n_layers or layout.stream_head
+    nbytes = (index.relay_buffer if resident else 0) + 2 * PAGE * resident + (index.relay_buffer if streams else 0)
+    parts = (["the piece being copied"] if resident else []) + (["a staging buffer"] if streams else [])
+    return ("re-layout", nbytes, f"{', '.join(index.relaid_types)} re-laid for the kernels: "
+            + " and ".join(parts) + f" ({mib(index.relay_buffer)})")
 
 
 @dataclass(frozen=True)
@@ -334,7 +370,8 @@ def plan_for_cap(gguf, model_config, config, meter: Meter, tokenizer_built: bool
                      tokenizer_peak=held.peak, all_logits=config.all_logits, tokenizer_built=tokenizer_built,
                      backend=config.backend)
     try:
-        return plan_memory(weight_index(gguf, model_config, config.bits, config.int4), run, config.mem_cap)
+        return plan_memory(weight_index(gguf, model_config, config.bits, config.int4, config.backend), run,
+                           config.mem_cap)
     except MinillmError as refusal:
         raise MinillmError(f"{refusal}\nrefused with {mib(held.peak)} at most above the baseline of "
                            f"{mib(meter.baseline)}, before any weight was read") from None

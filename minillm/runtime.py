@@ -7,23 +7,28 @@ library user can build it directly:
     ids = rt.tokenizer.encode("The capital of France is")
 """
 
+import functools
 import os
 import time
 from dataclasses import dataclass, field, replace
 
-from . import arch
+import numpy as np
+
+from . import arch, formats
+from .adapter import adapted_source
 from .attention import AttentionSpec, block_sparse_attention, parse_attention
 from .errors import UsageError
 from .generate import Sampler, SamplingSettings, generate
-from .gguf import GGUFFile
+from .gguf import GGUFFile, tensor_types
+from .kernels.layout import GROUP_ROWS
 from .kvcache import check_kv_bits, new_cache
-from .linear import TILE_BYTES
+from .linear import TILE_BYTES, QuantLinear
 from .memory import Meter, cache_arrays, mib, return_freed_memory_at_once, touch_pages
 from .model import Model
 from .modes.ggml import ROUNDING
 from .ops import KV_BITS as MODE_KV_BITS
 from .ops import check_mode, mode_ops
-from .ops.f32 import masked_attention
+from .ops.f32 import kernel_masked_attention, kernel_rope_neox, masked_attention
 from .parallel import row_pool
 from .plan import MAX_PREFILL_CHUNK, MIN_PREFILL_CHUNK, plan_for_cap
 from .registry import resolve_model
@@ -53,6 +58,7 @@ class RunConfig:
     ggml_rounding: str = "x86"      # --mode ggml: activation rounding of ggml's ref | x86 | arm quantizers
     mem_cap: int | None = None      # bytes the run may add above the warmed-up process (minillm.plan); None = no cap
     all_logits: bool = False        # logits of every position are kept (perplexity): the memory plan counts them
+    lora: str | None = None         # a LoRA adapter (llama.cpp's GGUF) applied to the linears (minillm.adapter)
 
     @property
     def cache_bits(self) -> int:
@@ -92,6 +98,8 @@ class RunConfig:
                              f"{self.cache_bits}-bit floats")
         if self.mode != "f32" and self.mem_cap is not None:
             raise UsageError(f"--mem-cap runs --mode f32 only, not --mode {self.mode}")
+        if self.lora is not None and self.mem_cap is not None:
+            raise UsageError("--lora and --mem-cap do not run together yet: the memory plan does not count an adapter")
         if self.ggml_rounding not in ROUNDING:
             raise UsageError(f"--ggml-rounding {self.ggml_rounding} is not one of {', '.join(ROUNDING)}")
 
@@ -140,8 +148,9 @@ def prepare(config: RunConfig, announce=print) -> Prepared:
     `minillm info --mem-cap` runs exactly this, so the plan it prints is the plan the run follows
     (the tokenizer's bytes are measured above the same warmed-up baseline)."""
     config.check()
-    meter = warm_up_kernels(config) if config.mem_cap is not None else None
-    gguf = GGUFFile(resolve_model(config.model, announce=announce))
+    path = resolve_model(config.model, announce=announce)
+    meter = warm_up_kernels(config, tensor_types(path)) if config.mem_cap is not None else None
+    gguf = GGUFFile(path)
     model_config = arch.read_config(gguf.metadata, gguf.path)
     validate(gguf, model_config)  # before the plan or the cache is sized by the hyper-parameters
     config = config.for_model(model_config)
@@ -162,16 +171,23 @@ def load(config: RunConfig, announce=print) -> Runtime:
     start = time.perf_counter()
     p = prepare(config, announce)
     config = p.config
-    # Dense attention, and everything under --backend numpy, runs the NumPy reference; sparse patterns the
-    # kernels. The oracle and ggml modes run their own NumPy attention (minillm.ops).
-    attention = masked_attention if config.attention_spec().is_dense or config.backend == "numpy" \
-        else block_sparse_attention
-    ops = mode_ops(config.mode, config.ggml_rounding, attention)
+    # Everything under --backend numpy runs the NumPy reference. Otherwise one query (a decode step)
+    # runs the reference's kernel, and a batch (prefill) the reference for dense attention, the
+    # block-sparse kernels for sparse patterns. The oracle and ggml modes run their own attention
+    # (minillm.ops), ggml's on Numba kernels unless --backend numpy.
+    if config.backend == "numpy":
+        attention = masked_attention
+    else:
+        batch = masked_attention if config.attention_spec().is_dense else block_sparse_attention
+        attention = functools.partial(kernel_masked_attention, batch=batch)
+    ops = mode_ops(config.mode, config.ggml_rounding, attention, config.backend)
     if p.plan is not None:
         runtime = load_capped(p, ops, announce)
     else:
-        model = Model(p.model_config, load_weights(p.gguf, p.model_config, weight_source(p.gguf, p.model_config, config, ops)),
-                      ops)
+        source = weight_source(p.gguf, p.model_config, config, ops)
+        if config.lora is not None:  # the adapter's LoRA added to the linears it names (minillm.adapter)
+            source = adapted_source(config.lora, source, p.gguf, p.model_config, ops)
+        model = Model(p.model_config, load_weights(p.gguf, p.model_config, source), ops)
         runtime = Runtime(config, p.gguf, model, p.tokenizer, 0.0)
     warm_up(runtime)  # the weights' pages and the kernels are loaded now, as start-up, not in the first answer
     runtime.load_seconds = time.perf_counter() - start
@@ -180,11 +196,12 @@ def load(config: RunConfig, announce=print) -> Runtime:
 
 def weight_source(gguf: GGUFFile, model_config, config: RunConfig, ops):
     """float32 for --bits 32; packed blocks, read by the kernels, otherwise. The oracle and ggml modes
-    wrap the packed blocks (as `--bits` stores them) in their own objects (`ops.linear`, minillm.ops)."""
+    wrap the packed blocks (as `--bits` stores them) in their own objects (`ops.linear`, minillm.ops):
+    ggml's on the Numba kernels (unless --backend numpy), the oracle's on the GGUF rows in NumPy."""
     threads = config.threads or os.cpu_count()
     if config.mode == "f32" and config.bits == 32:
         return FloatSource(gguf, threads)
-    backend = config.backend if config.mode == "f32" else "numpy"
+    backend = "numpy" if config.mode == "oracle" else config.backend
     return PackedSource(gguf, model_config, config.bits, int4=config.int4, backend=backend, threads=threads, ops=ops)
 
 
@@ -197,11 +214,13 @@ def warm_up(runtime: Runtime):
     runtime.model.forward([0], cache)
 
 
-def warm_up_kernels(config: RunConfig) -> Meter:
-    """Under --mem-cap: load (or compile) every kernel the run calls by running a tiny random model
-    in the same formats (its chat template too), and touch BLAS's work buffers with the largest
-    prefill products, then start measuring. The baseline the cap is counted from is this process:
-    interpreter, numpy, numba, tokenizers, compiled kernels and BLAS buffers, and no model."""
+def warm_up_kernels(config: RunConfig, ggml_types=()) -> Meter:
+    """Under --mem-cap: load (or compile) every kernel the run calls, by running a tiny random model
+    (its chat template too) and the products of each other format the model file holds
+    (`ggml_types`), and touch BLAS's work buffers with the largest prefill products, then start
+    measuring. The baseline the cap is counted from is this process: interpreter, numpy, numba,
+    tokenizers, compiled kernels and BLAS buffers, and no model. (Loading a kernel from Numba's
+    cache takes heap memory too, compiling it tens of MiB: neither may happen under the plan.)"""
     import tempfile
     from pathlib import Path
 
@@ -230,9 +249,29 @@ def warm_up_kernels(config: RunConfig) -> Meter:
         cache = new_cache(tiny.model.config, ctx_size, tiny.config.attention_spec(), kv_bits)
         chunked = replace(tiny.model, prefill_chunk=MIN_PREFILL_CHUNK)
         list(generate(chunked, cache, prompt, Sampler(config.sampling), max_tokens=2, stop_ids=()))
+    if config.backend == "numba":   # NEOX RoPE (Gemma 3, Qwen 3), which the tiny Llama does not run
+        one = np.ones((1, 1), np.float32)
+        kernel_rope_neox(np.ones((1, 1, 2), np.float32), one, one)
+        for ggml_type in ggml_types:   # the tiny model reads its rows from a map, streaming from a buffer
+            warm_up_format(ggml_type, config.threads or os.cpu_count())
     row_pool(config.threads or os.cpu_count()).touch_blas_buffers(MAX_PREFILL_CHUNK + 1, TILE_BYTES)
     return_freed_memory_at_once()
     return Meter()
+
+
+def warm_up_format(ggml_type, threads: int):
+    """Load (or compile) the kernels of one format as a run calls them: products of one token and
+    of several, by a matrix alone and by matrices sharing an input, and the store of GGUF rows
+    that streaming re-lays them with. Zero blocks of one block's width: only the kernels matter."""
+    fmt = formats.get(ggml_type)
+    if fmt.kernels is None:
+        return
+    raw = np.zeros((2 * GROUP_ROWS, fmt.row_bytes(fmt.block_size)), np.uint8)
+    for linear in [QuantLinear(raw, ggml_type, "numba", threads),
+                   *QuantLinear.sharing_input([raw, raw], [ggml_type] * 2, "numba", threads)]:
+        for tokens in (1, 2):
+            linear(np.ones((tokens, linear.in_features), np.float32))
+        linear.store(raw[:GROUP_ROWS], 0)
 
 
 def load_capped(p: Prepared, ops, announce) -> Runtime:

@@ -14,7 +14,10 @@ fails fast with a message naming the tensor, then walks it, asking a source for 
 |                             |                  | from the file on the fly                 |                      |
 
 A compute mode wraps each packed weight in its own object (`ops.linear`, `ops.embedding`:
-minillm.ops), over the same bytes.
+minillm.ops), over the same bytes. The matrices a block multiplies by one input, one after another
+(q, k and v; gate and up: SHARED_INPUTS), are asked of the source together (`matrices`), so that a
+packed source can hold them as one matrix: one quantization of the input and one kernel call per
+token (minillm.linear.SharedInput).
 """
 
 from dataclasses import dataclass
@@ -29,6 +32,11 @@ from .errors import GGUFError
 from .gguf import GGUFFile
 from .linear import FloatEmbedding, FloatLinear, QuantEmbedding, QuantLinear
 from .ops.f32 import F32
+
+# Products a block computes from the same input, one after another (GGUF names inside a block): held
+# as one matrix each where the source can, so that a decode step quantizes that input once and
+# multiplies it once (minillm.linear.SharedInput).
+SHARED_INPUTS = (("attn_q.weight", "attn_k.weight", "attn_v.weight"), ("ffn_gate.weight", "ffn_up.weight"))
 
 
 @dataclass
@@ -88,18 +96,38 @@ def dequantized(gguf: GGUFFile, name: str) -> np.ndarray:
     return formats.dequantize(gguf.data(name), info.ggml_type).reshape(info.shape)
 
 
+def input_groups(matrices: list) -> list:
+    """A block's matrices (GGUF names inside a block, "attn_q.weight") in the groups they are asked
+    for: each group of SHARED_INPUTS whose matrices are all there, then the others one by one."""
+    groups = [list(group) for group in SHARED_INPUTS if all(name in matrices for name in group)]
+    return groups + [[name] for name in matrices if not any(name in group for group in groups)]
+
+
 def layer_weights(config, i: int, source):
-    """Block i as its architecture's Layer: each row of the table asked of the source."""
-    fields = {field: source.vector(name) if len(shape) == 1 else source.matrix(name)
-              for name, (field, shape) in block_tensors(config, i).items()}
+    """Block i as its architecture's Layer: each row of the table asked of the source, the matrices
+    group by group (`input_groups`)."""
+    table = arch.of(config).layer_tensors(config)        # GGUF name inside a block -> (field, shape)
+    fields = {field: source.vector(f"blk.{i}.{name}") for name, (field, shape) in table.items() if len(shape) == 1}
+    for group in input_groups([name for name, (_, shape) in table.items() if len(shape) == 2]):
+        linears = source.matrices([f"blk.{i}.{name}" for name in group])
+        fields.update({table[name][0]: linear for name, linear in zip(group, linears)})
     return arch.of(config).Layer(**fields)
 
 
 def load_weights(gguf: GGUFFile, config, source, layout=None) -> ModelWeights:
     """The model's weights, tensor by tensor from `source`. With a memory plan's `layout`
     (minillm.plan.Layout; the source is then a streaming.StreamingSource) the layers from
-    `layout.resident_layers` on, and the LM head if `layout.stream_head`, are read on the fly."""
+    `layout.resident_layers` on, and the LM head if `layout.stream_head`, are read on the fly. At the
+    end the source lets go of the mapped pages it read only to copy them (`finish`)."""
     validate(gguf, config)
+    weights = assemble_weights(config, source, OUTPUT in gguf.tensors, layout)
+    source.finish()
+    return weights
+
+
+def assemble_weights(config, source, has_output: bool, layout=None) -> ModelWeights:
+    """The walk of `load_weights` over tensors already checked (training's float arrays too,
+    minillm.train.model): `has_output` when there is a separate LM head."""
     resident = config.n_layers if layout is None else layout.resident_layers
     layers = [layer_weights(config, i, source) for i in range(resident)]
     if resident < config.n_layers:
@@ -107,7 +135,7 @@ def load_weights(gguf: GGUFFile, config, source, layout=None) -> ModelWeights:
     stream_head = layout is not None and layout.stream_head
     embedding = source.streamed_embedding("token_embd.weight") if stream_head else source.embedding("token_embd.weight")
     output = None
-    if OUTPUT in gguf.tensors:
+    if has_output:
         output = source.streamed_embedding(OUTPUT).head if stream_head else source.matrix(OUTPUT)
     return ModelWeights(embedding=embedding, layers=layers, output_norm=source.vector("output_norm.weight"),
                         output=output)
@@ -124,6 +152,12 @@ class FloatSource:
 
     def matrix(self, name: str) -> FloatLinear:
         return FloatLinear(dequantized(self.gguf, name), self.threads)
+
+    def matrices(self, names: list) -> list:
+        return [self.matrix(name) for name in names]
+
+    def finish(self):
+        """Nothing to let go of: every weight is a float32 copy."""
 
     def embedding(self, name: str) -> FloatEmbedding:
         return FloatEmbedding(dequantized(self.gguf, name), self.threads)
@@ -192,21 +226,51 @@ def held_types(gguf: GGUFFile, config, bits: int, int4: str = "asym") -> dict:
             for name in names if name in gguf.tensors}
 
 
+class MapRelease:
+    """Lets go of the memory map's pages of the tensors the kernels copy into their own layout
+    (minillm.packed): of a tensor's rows as the copy advances, and of all of them once more when
+    loading is done (`finish`), since reading one tensor through the map also maps pages around it
+    (the kernel maps ahead, up to a whole large folio), which may belong to a tensor copied before."""
+
+    def __init__(self, gguf: GGUFFile):
+        self.gguf, self.names = gguf, []
+
+    def of(self, name: str, raw: np.ndarray):
+        """For rows that are the map's own pages, the `release(stop_row)` a QuantLinear calls while it
+        copies them; None for rows held elsewhere (converted ones)."""
+        if not np.may_share_memory(raw, self.gguf.data(name)):
+            return None
+        row_bytes = raw.shape[1]
+
+        def release(stop_row):
+            if stop_row == raw.shape[0]:
+                self.names.append(name)
+            self.gguf.release(name, stop_row * row_bytes)
+        return release
+
+    def finish(self):
+        for name in self.names:
+            self.gguf.release(name)
+
+
 class PackedSource:
     """Weights held in the formats `storage_type` picks for `bits`, multiplied by the kernels in
     their packed form (or by a compute mode's objects over the same bytes: `ops`). A file already in
-    those formats is used zero-copy from the memory map."""
+    those formats is read through the memory map: re-laid for the Numba kernels (minillm.packed),
+    whose map pages are then let go of (`finish`), else used in place."""
 
     def __init__(self, gguf: GGUFFile, config, bits: int, *, int4: str = "asym", backend: str = "numba",
                  threads: int = 1, ops=None, progress: bool = True):
         self.gguf, self.backend, self.threads, self.ops = gguf, backend, threads, ops or F32()
         self.targets = held_types(gguf, config, bits, int4)
+        self.released = MapRelease(gguf)
         converting = sum(target != gguf.tensors[name].ggml_type for name, target in self.targets.items())
         self.bar = tqdm(total=converting, desc=f"converting weights to --bits {bits}", unit="tensor",
                         disable=None if progress and converting else True)  # None: off when stderr is no terminal
 
     def vector(self, name: str) -> np.ndarray:
-        return dequantized(self.gguf, name)
+        # a copy: reading a mapped page while the model runs would map its neighbours' pages back in
+        return dequantized(self.gguf, name).copy()
 
     def packed(self, name: str) -> np.ndarray:
         """The tensor's bytes as they are held: (rows, row_bytes) uint8."""
@@ -217,8 +281,21 @@ class PackedSource:
                 self.bar.close()
         return raw
 
+    def quant_linear(self, name: str, kind=QuantLinear):
+        raw = self.packed(name)
+        return kind(raw, self.targets[name], self.backend, self.threads, name, release=self.released.of(name, raw))
+
     def matrix(self, name: str):
-        return self.ops.linear(QuantLinear(self.packed(name), self.targets[name], self.backend, self.threads, name))
+        return self.ops.linear(self.quant_linear(name))
+
+    def matrices(self, names: list) -> list:
+        raws = [self.packed(name) for name in names]
+        return self.ops.linears(QuantLinear.sharing_input(
+            raws, [self.targets[name] for name in names], self.backend, self.threads, names,
+            [self.released.of(name, raw) for name, raw in zip(names, raws)]))
 
     def embedding(self, name: str):
-        return self.ops.embedding(QuantEmbedding(self.packed(name), self.targets[name], self.backend, self.threads))
+        return self.ops.embedding(self.quant_linear(name, QuantEmbedding))
+
+    def finish(self):
+        self.released.finish()

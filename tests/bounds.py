@@ -108,3 +108,22 @@ def tile_bound(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     bound = gamma(K + 1) * (np.abs(x64) @ np.abs(w).T) + K * UNDERFLOW * (1 + gamma(K))
     bound += _reference_error(w, x64)
     return bound * (1 + gamma(4 * K, U64))
+
+
+def rmsnorm_bound(x: np.ndarray, weight: np.ndarray, eps: np.float32) -> tuple:
+    """(exact, bound): RMS norm y = x / sqrt(mean(x^2) + eps) * weight of float32 rows x (..., n) in
+    float64, and how far a float32 computation may be from it, element by element.
+
+    In float32, the sum of the n squares goes through at most n roundings per term (its product and
+    n - 1 additions, in any order: gamma_n of the sum, all terms being positive); the division by n,
+    the addition of eps, the square root (which halves a relative error and adds one rounding), the
+    division of x and the product with the weight are five more: |y' - y| <= gamma_{n+6} |y|
+    (Higham, Lemma 3.1: ratios of (1 + delta) count as products). Underflow: each square may lose
+    up to UNDERFLOW, at most UNDERFLOW / eps relative to mean + eps; x / root and its product with
+    the weight may each lose UNDERFLOW more. The float64 reference itself is within gamma_{n+6} in
+    float64 (its squares of float32 values are exact)."""
+    x64, w64 = x.astype(np.float64), weight.astype(np.float64)
+    n = x.shape[-1]
+    exact = x64 / np.sqrt((x64 * x64).sum(axis=-1, keepdims=True) / n + np.float64(eps)) * w64
+    relative = gamma(n + 6) + gamma(n + 6, U64) + UNDERFLOW / float(eps)
+    return exact, relative * np.abs(exact) + UNDERFLOW * (2 * np.abs(w64) + 1)

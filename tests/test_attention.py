@@ -20,7 +20,7 @@ from minillm.gguf import GGUFFile
 from minillm.kernels.attention import exp_scores
 from minillm.kvcache import KVCache, PatternKVCache
 from minillm.model import load_float_model
-from minillm.ops.f32 import F32, attend, causal_mask, masked_attention
+from minillm.ops.f32 import F32, attend, causal_mask, kernel_masked_attention, masked_attention
 from numba_checks import NUMBA_ENVS, run_checked
 
 NMSE_LIMIT = 1e-7  # from the issue: kernel against a float64 reference
@@ -156,6 +156,21 @@ def test_block_sparse_decode_equals_masked_reference(pattern, S, n_kv_heads, gro
 
 
 @kernel_settings
+@given(pattern=patterns(), S=st.integers(1, MAX_POSITIONS), n_kv_heads=st.integers(1, 3), group=st.integers(1, 4),
+       head_dim=st.sampled_from([8, 16, 32, 64]), shuffled=st.booleans(), seed=st.integers(0, 2**16))
+def test_decode_attention_kernel_equals_masked_reference(pattern, S, n_kv_heads, group, head_dim, shuffled, seed):
+    """One query (a decode step) by the Numba kernel of masked_attention, keys in position order or
+    shuffled as a ring buffer hands them over, against float64 dense attention under the mask (a
+    pattern with random blocks takes the NumPy reference)."""
+    q, k, v = qkv(seed, n_kv_heads, group, 1, S, head_dim)
+    k_pos = np.random.default_rng(seed).permutation(S) if shuffled else np.arange(S)
+    q_pos = np.array([S - 1])
+    got = kernel_masked_attention(q, k, v, pattern, q_pos, k_pos)
+    assert got.dtype == np.float32
+    assert nmse(got, reference(q, k, v, pattern, q_pos, k_pos)) <= NMSE_LIMIT
+
+
+@kernel_settings
 @given(pattern=patterns(random_blocks=False), S=st.integers(2, MAX_POSITIONS), T=st.sampled_from([1, 5, 70]),
        seed=st.integers(0, 2**16))
 def test_keys_in_any_order_give_the_same_attention(pattern, S, T, seed):
@@ -191,6 +206,7 @@ def test_a_query_that_sees_no_key_gets_zeros_not_nan(T):
     for pattern in (Pattern(32), Pattern(32, window=64, sinks=4)):
         np.testing.assert_array_equal(block_sparse_attention(q, k, v, pattern, q_pos, k_pos), 0)
         np.testing.assert_array_equal(masked_attention(q, k, v, pattern, q_pos, k_pos), 0)
+        np.testing.assert_array_equal(kernel_masked_attention(q, k, v, pattern, q_pos, k_pos), 0)
 
 
 @pytest.mark.slow
@@ -198,7 +214,8 @@ def test_a_query_that_sees_no_key_gets_zeros_not_nan(T):
 @pytest.mark.parametrize("numba_env", NUMBA_ENVS, ids=str)
 def test_kernel_tests_pass_with_bounds_checks_and_without_the_jit(numba_env, tmp_path):
     """Re-run the kernel tests above with every array index bounds-checked, then as plain Python."""
-    result = run_checked(__file__, "block_sparse or any_order or sees_no_key or at_least_the_sequence or exp_scores",
+    result = run_checked(__file__, "block_sparse or any_order or sees_no_key or at_least_the_sequence or exp_scores "
+                                   "or decode_attention_kernel",
                          numba_env, tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 

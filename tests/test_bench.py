@@ -32,7 +32,10 @@ def test_bench_reports_every_figure(tiny_q4_path):
     assert r["settings"]["bits"] == 4 and r["model"]["path"] == str(tiny_q4_path.resolve())
     # The planned bytes are what `info` plans for the file at --bits 4.
     assert r["weights_packed_mib"] * MiB == loaded_bytes(GGUFFile(tiny_q4_path), 4)
-    assert r["weight_rss_mib"] >= 0 and r["weight_rss_ratio"] == r["weight_rss_mib"] / r["weights_packed_mib"]
+    # A tiny model's weights are a few KiB, less than the pages the allocator may hand back while they
+    # load, so its RSS growth can come out slightly negative: SmolLM2's is compared with its packed
+    # size (test_weights_at_4_bits_take_their_packed_bytes).
+    assert isinstance(r["weight_rss_mib"], float) and r["weight_rss_ratio"] == r["weight_rss_mib"] / r["weights_packed_mib"]
     # RSS after the run is at most its high-water mark during the run.
     assert r["run_peak_above_baseline_mib"] >= r["weight_rss_mib"]
     assert r["llamacpp"] is None
@@ -60,13 +63,19 @@ def test_compare_llamacpp_without_llama_cpp_is_a_one_line_error(tiny_q4_path):
 
 
 def test_compare_llamacpp_reports_ratios(tiny_q4_path):
+    """One run measures 1 thread and 2, llama.cpp with repacking on and off, and takes the ratio
+    against the faster llama.cpp setting."""
     pytest.importorskip("llama_cpp")
-    r = bench_json("--model", tiny_q4_path, "--compare-llamacpp", *TINY)
-    theirs = r["llamacpp"]
-    assert theirs["prefill_tokens_per_s"] > 0 and theirs["decode_tokens_per_s"] > 0
-    assert theirs["prefill_ratio"] == r["prefill_tokens_per_s"] / theirs["prefill_tokens_per_s"]
-    assert theirs["decode_ratio"] == r["decode_tokens_per_s"] / theirs["decode_tokens_per_s"]
-    assert "minillm / llama.cpp" in format_table(r, "tiny.gguf", 4, 2)
+    r = bench_json("--model", tiny_q4_path, "--compare-llamacpp", "--threads", "2", *TINY)
+    runs = r["llamacpp"]["runs"]
+    assert [row["threads"] for row in runs] == [1, 2]
+    for row in runs:
+        for figure in ("prefill", "decode"):
+            key = f"{figure}_tokens_per_s"
+            assert row["minillm"][key] > 0 and row["repack"][key] > 0 and row["no_repack"][key] > 0
+            assert row[f"{figure}_ratio"] == row["minillm"][key] / max(row["repack"][key], row["no_repack"][key])
+    table = format_table(r, "tiny.gguf", 4, 2)
+    assert "minillm / faster llama.cpp" in table and "no repack" in table
 
 
 # Linux maps already cached file pages around each page fault: up to fault_around_bytes (64 KiB by
@@ -79,7 +88,8 @@ HEADER_FAULT_BYTES = 2 * MiB + 4096
 @pytest.mark.weights
 def test_weights_at_4_bits_take_their_packed_bytes(smollm2_path):
     """Issue 3's memory target: at --bits 4 the weights are resident as packed blocks only,
-    <= 1.05 x their packed bytes; and the mapped file holds them (SmolLM2 runs zero-copy)."""
+    <= 1.05 x their packed bytes. The kernels hold them re-laid (minillm.kernels.layout), anonymous
+    memory, and the memory map lets go of its copy: at most a page at each end of a tensor stays."""
     rt = load(RunConfig(model=str(smollm2_path), bits=4, ctx_size=64, threads=1), announce=lambda _: None)
     planned = weight_bytes(rt.model.weights)
     prompt_ids = bench_prompt(rt.tokenizer, 16)
@@ -88,9 +98,8 @@ def test_weights_at_4_bits_take_their_packed_bytes(smollm2_path):
     if r["weight_rss_mib"] is None:
         pytest.skip("this OS reports no RSS")
     assert r["weight_rss_ratio"] <= 1.05
-    norms = sum(layer.attn_norm.nbytes + layer.ffn_norm.nbytes for layer in rt.model.weights.layers) \
-        + rt.model.weights.output_norm.nbytes  # float32 copies, not in the map
-    assert r["weight_rss_file_mib"] * MiB >= planned - norms - HEADER_FAULT_BYTES
+    assert r["weight_rss_anon_mib"] * MiB >= planned
+    assert r["weight_rss_file_mib"] * MiB <= 2 * 4096 * len(rt.gguf.tensors) + HEADER_FAULT_BYTES
 
 
 def test_bench_memory_runs_outside_the_checkout_and_writes_its_figure_there(tiny_q4_path, tmp_path):

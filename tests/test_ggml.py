@@ -35,6 +35,7 @@ from strategies import float_rows
 
 GOLDEN = Path(__file__).parent / "data" / "ggml_reference.npz"
 EPS32 = float(np.finfo(np.float32).eps)
+ETA = 2.0**-150   # the largest error of one float32 rounding in the subnormal range
 # Issue 6's accuracy targets: f32 against an independent float implementation, ggml against llama.cpp.
 F32_NMSE_TARGET = 1e-6
 GGML_NMSE_TARGET = 1e-4
@@ -273,7 +274,11 @@ def product_bound(raw, ggml_type, x, rounding):
     sum (and offset * activation sum) in some grouping, each through at most 2 nb + 8 roundings
     (products, conversions, block after block, the lanes' reduction), so it is off by at most
     (2 nb + 8) eps32 times the sum of their magnitudes, which is at most sum_e (|scale_e code_e| +
-    |offset_e|) |xhat_e| (plus |m| |s| for Q8_1): terms may cancel, so their sizes count, not |W x|."""
+    |offset_e|) |xhat_e| (plus |m| |s| for Q8_1): terms may cancel, so their sizes count, not |W x|.
+    Tiny activations make the float32 product of a weight scale and an activation scale subnormal,
+    where a rounding is off by up to ETA = 2^-150 rather than eps32 of it; the exact integers that
+    multiply it afterwards (a sub-block scale of at most 127, Q6_K's, times code * q, or times q for
+    an offset) scale that error up, so each element adds at most 128 ETA (|code_e| + 1) |q_e|."""
     fmt = formats.get(ggml_type)
     act_type = fmt.vec_dot_type
     w = fmt.exact(raw)                                                          # (N, K)
@@ -288,8 +293,10 @@ def product_bound(raw, ggml_type, x, rounding):
         m = np.abs(offset.reshape(offset.shape[0], -1)).astype(np.float64)     # (N, nb)
         bound += np.abs(s - d * q.astype(np.int64).sum(-1)) @ m.T
         magnitude += np.abs(s) @ m.T
+    q = (act[2] if act_type == GT.Q8_1 else act[1]).reshape(x.shape[0], -1).astype(np.float64)  # (T, K) codes
+    underflow = 128 * ETA * (np.abs(q) @ (np.abs(codes).reshape(w.shape) + 1).T)
     nb = w.shape[1] // max(32, fmt.block_size)
-    return bound + (2 * nb + 8) * EPS32 * magnitude
+    return bound + (2 * nb + 8) * (EPS32 * magnitude + ETA) + underflow
 
 
 @pytest.mark.parametrize("ggml_type", QUANTIZED, ids=lambda t: t.name)

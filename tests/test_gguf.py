@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from minillm.arch import read_config
 from minillm.errors import GGUFError
-from minillm.gguf import GGUFFile, StringArray
+from minillm.gguf import GGUFFile, StringArray, tensor_types
 from minillm.memory import MiB, usage
 from minillm.synthetic import write_tiny
 from minillm.weights import validate
@@ -31,6 +31,7 @@ def assert_same_as_gguf_reader(path):
         assert info.shape == tuple(int(n) for n in reversed(t.shape))
         assert info.offset == t.data_offset and info.nbytes == t.n_bytes
         assert np.array_equal(ours.data(t.name).reshape(-1), np.asarray(t.data).reshape(-1).view(np.uint8))
+    assert tensor_types(path) == {t.tensor_type for t in theirs.tensors}  # read past the metadata, not into it
 
 
 def test_parser_matches_gguf_reader_on_tiny_model(tiny_q4_path):
@@ -211,6 +212,7 @@ def test_any_truncation_is_a_gguf_error(tiny_path, tmp_path_factory, cut):
     path.write_bytes(data[:int(cut * (len(data) - 1))])
     with pytest.raises(GGUFError):
         open_model(path)
+    tensor_types_or_gguf_error(path)
 
 
 @settings(max_examples=100)
@@ -225,5 +227,14 @@ def test_random_header_corruption_never_escapes_as_another_exception(tiny_path, 
     path.write_bytes(bytes(raw))
     try:
         open_model(path)
+    except GGUFError:
+        pass
+    tensor_types_or_gguf_error(path)
+
+
+def tensor_types_or_gguf_error(path):
+    """tensor_types reads only the header: a file cut or corrupted after it still gives its types."""
+    try:
+        tensor_types(path)
     except GGUFError:
         pass

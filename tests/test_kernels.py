@@ -18,6 +18,7 @@ import time
 import warnings
 
 import gguf
+import numba
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
@@ -25,7 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from bounds import exact_weights, matvec_bound, tile_bound
+from bounds import exact_weights, matvec_bound, rmsnorm_bound, tile_bound
 from numba_checks import NUMBA_ENVS, run_checked
 from minillm import formats
 from minillm.errors import MinillmError
@@ -35,7 +36,9 @@ from minillm.kernels import activations
 from minillm.kernels.q8_k import q8_k_activation, quantize_q8_k
 from minillm.kernels.threads import max_threads
 from minillm.linear import QuantEmbedding, QuantLinear
-from minillm.packed import PackedRows
+from minillm.kernels.q8_0 import Q8_0Rows
+from minillm.kernels.layout import GROUP_ROWS, RELAY_CHUNK_BYTES, interleave
+from minillm.packed import PackedRows, kernel_rows
 from minillm.parallel import SharingPool
 from strategies import raw_rows
 
@@ -43,6 +46,7 @@ FORMATS = [formats.get(t) for t in formats.weight_types()]
 BLOCK_TYPES = [f.ggml_type for f in FORMATS if f.parts is not None]                  # quantized formats
 MATVEC_TYPES = [f.ggml_type for f in FORMATS if f.kernels]                           # with a Numba matvec
 INT8_TYPES = [t for t in BLOCK_TYPES if t in MATVEC_TYPES]                           # ... on int8 activations
+RELAID_TYPES = [t for t in MATVEC_TYPES if kernel_rows(formats.get(t)).fields]       # ... re-laid at load
 QUANTIZE_TYPES = [f.ggml_type for f in FORMATS if f.quantize_blocks is not None]
 FLOAT_TYPES = [f.ggml_type for f in FORMATS if f.parts is None]
 THREADS = [1, min(2, max_threads())]
@@ -308,18 +312,50 @@ def packed_rows(raw, ggml_type, min_parallel_weights=None) -> PackedRows:
     return PackedRows(fmt, raw) if min_parallel_weights is None else PackedRows(fmt, raw, min_parallel_weights)
 
 
-@pytest.mark.parametrize("ggml_type", INT8_TYPES, ids=lambda t: t.name)
+# Up to three row groups of the re-laid layout (minillm.kernels.rows), the last one partly padding.
+MAX_ROWS = 2 * GROUP_ROWS + 6
+
+
+@pytest.mark.parametrize("ggml_type", MATVEC_TYPES, ids=lambda t: t.name)
 @kernel_settings
 @given(data=st.data())
 def test_dequantize_rows_bit_identical_on_any_bytes(ggml_type, data):
-    raw = data.draw(raw_rows(ggml_type, max_rows=6))          # NaN and inf scales included
-    start = data.draw(st.integers(0, raw.shape[0] - 1))
-    stop = data.draw(st.integers(start + 1, raw.shape[0]))
-    out = np.empty((stop - start, n_cols(raw, ggml_type)), np.float32)
-    packed_rows(raw, ggml_type).dequantize_rows(start, stop, out)
+    """Any rows, in any order and repeated (tiles of prefill, token ids of a lookup)."""
+    raw = data.draw(raw_rows(ggml_type, max_rows=MAX_ROWS))    # NaN and inf scales included
+    ids = np.array(data.draw(st.lists(st.integers(0, raw.shape[0] - 1), min_size=1, max_size=8)), np.int64)
+    out = np.empty((len(ids), n_cols(raw, ggml_type)), np.float32)
+    packed_rows(raw, ggml_type).dequantize_rows(ids, out)
     with np.errstate(all="ignore"):
-        want = formats.dequantize(raw[start:stop], ggml_type)
+        want = formats.dequantize(raw[ids], ggml_type)
     assert_same_bits_up_to_nan_payload(out, want)
+
+
+@pytest.mark.parametrize("ggml_type", RELAID_TYPES, ids=lambda t: t.name)
+@kernel_settings
+@given(data=st.data())
+def test_relaid_rows_are_the_numpy_layout_of_the_same_bytes(ggml_type, data):
+    """store() copies GGUF rows, in pieces at any row, into exactly `interleave`'s layout; a
+    re-laid matrix takes the bytes of its rows, padded to whole groups of rows."""
+    raw = data.draw(raw_rows(ggml_type, max_rows=MAX_ROWS))
+    cut = data.draw(st.integers(0, raw.shape[0]))
+    cls = kernel_rows(formats.get(ggml_type))
+    rows = cls.empty(raw.shape[0], n_cols(raw, ggml_type))
+    rows.store(raw[cut:], cut)
+    rows.store(raw[:cut], 0)
+    assert np.array_equal(rows.storage, interleave(raw, cls.fields))
+    assert sum(cls.fields) == cls.type_size
+    assert rows.nbytes == -(-raw.shape[0] // GROUP_ROWS) * GROUP_ROWS * raw.shape[1]
+
+
+def test_relaying_lets_go_of_the_source_rows_as_it_goes():
+    """PackedRows re-lays a large matrix a piece at a time and says after each piece which rows it
+    no longer needs: a memory-mapped source is never resident whole (minillm.weights.releaser)."""
+    raw = np.random.default_rng(3).integers(0, 256, (1000, 34 * 40), dtype=np.uint8)
+    released = []
+    rows = PackedRows(formats.Q8_0, raw, release=released.append)
+    assert len(released) > 1 and released == sorted(released) and released[-1] == raw.shape[0]
+    assert released[0] % GROUP_ROWS == 0 and released[0] * raw.shape[1] <= RELAY_CHUNK_BYTES
+    assert np.array_equal(rows.rows.storage, interleave(raw, Q8_0Rows.fields))
 
 
 def assert_same_bits_up_to_nan_payload(got, want):
@@ -348,7 +384,7 @@ def assert_matvec_within_bound(raw, ggml_type, x, threads):
 @kernel_settings
 @given(data=st.data(), threads=st.sampled_from(THREADS))
 def test_matvec_within_derived_bound(ggml_type, data, threads):
-    raw = data.draw(packed_with_finite_scales(ggml_type))
+    raw = data.draw(packed_with_finite_scales(ggml_type, max_rows=MAX_ROWS))
     x = data.draw(arrays(np.float32, n_cols(raw, ggml_type), elements=ACTIVATIONS))
     assert_matvec_within_bound(raw, ggml_type, x, threads)
 
@@ -395,7 +431,7 @@ def packed_with_finite_values(ggml_type, max_rows=6, max_blocks=4):
 @given(data=st.data())
 def test_matvec_does_not_depend_on_thread_count(ggml_type, data):
     """A matvec split over threads (forced here on small matrices) gives the bits of one thread."""
-    raw = data.draw(packed_with_finite_values(ggml_type, max_rows=9))
+    raw = data.draw(packed_with_finite_values(ggml_type, max_rows=3 * GROUP_ROWS))
     x = data.draw(arrays(np.float32, n_cols(raw, ggml_type), elements=ACTIVATIONS))
     rows = packed_rows(raw, ggml_type, min_parallel_weights=0)
     assert np.array_equal(rows.matvec(x, 1).view(np.uint32), rows.matvec(x, THREADS[-1]).view(np.uint32))
@@ -437,6 +473,112 @@ def test_sharing_pool_reraises_instead_of_waiting_forever():
         SharingPool(2).run(10, 4, fail)
 
 
+# --- ggml's arithmetic (--mode ggml) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ggml_type", RELAID_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("rounding", ["x86", "ref", "arm"])
+@kernel_settings
+@given(data=st.data(), tokens=st.integers(1, 2))
+def test_ggml_kernels_equal_the_numpy_emulation_bit_for_bit(ggml_type, rounding, data, tokens):
+    """The ggml kernel of each re-laid format, on any bytes (inf and NaN scales too) and activations,
+    gives the bits of `Format.ggml_dot` (which tests/test_ggml.py holds to libggml and llama.cpp)."""
+    from minillm.modes.ggml import GGMLLinear
+    raw = data.draw(raw_rows(ggml_type, max_rows=MAX_ROWS))
+    x = data.draw(arrays(np.float32, (tokens, n_cols(raw, ggml_type)), elements=ACTIVATIONS))
+    with np.errstate(all="ignore"):
+        want = GGMLLinear(QuantLinear(raw, ggml_type, backend="numpy"), rounding)(x)
+        got = GGMLLinear(QuantLinear(raw, ggml_type, threads=THREADS[-1]), rounding)(x)
+    assert_same_bits_up_to_nan_payload(got, want)
+
+
+@given(a=FINITE_F32, b=FINITE_F32, c=FINITE_F32)
+def test_fma32_rounds_once(a, b, c):
+    """The fused multiply-add of the ggml kernels (LLVM's fma, or exact Python with the JIT off)
+    against the NumPy emulation (minillm.formats.ggml_math.fma32), inputs of any size."""
+    from minillm.formats.ggml_math import fma32 as reference
+    from minillm.kernels.ggml import fma32
+    fused = numba.njit(lambda a, b, c: fma32(a, b, c))
+    a, b, c = np.float32(a), np.float32(b), np.float32(c)
+    with np.errstate(all="ignore"):
+        want = reference(a, b, c)
+        assert_same_bits_up_to_nan_payload(np.float32(fused(a, b, c)), want)
+        assert_same_bits_up_to_nan_payload(np.float32(fma32(a, b, c)), want)
+
+
+@pytest.mark.parametrize("rounding", ["x86", "ref", "arm"])
+@kernel_settings
+@given(data=st.data())
+def test_ggml_activation_kernel_equals_numpy(rounding, data):
+    """Q8_0's and Q8_1's activations as ggml's quantizers make them, in Numba, bit for bit the NumPy
+    emulation (which tests/test_ggml.py holds to libggml): on any float32 (NaN, inf, subnormal) and on
+    values at float16's edges and ties, so the float16 rounding of d and s is tested where it turns."""
+    from minillm.formats import Q8_1
+    from minillm.kernels.ggml import quantize_q8
+    edges = st.sampled_from([65504.0, 65519.99, 65520.0, 2.0**-14, 2.0**-24, 3 * 2.0**-25, 2.0**-25, 1.0 + 2.0**-11,
+                             127 * 2.0**-126, 1e-38, 0.0, -0.0])
+    x = data.draw(arrays(np.float32, 32 * data.draw(st.integers(1, 3)), elements=st.floats(width=32) | edges))
+    q16, d, s = np.empty(x.size, np.int16), np.empty(x.size // 32, np.float32), np.empty(x.size // 32, np.float32)
+    with np.errstate(all="ignore"):
+        quantize_q8(x, rounding == "x86", rounding == "ref", q16, d, s)
+        want_d, want_s, want_q = Q8_1.ggml_quantize(x, rounding)
+    assert np.array_equal(q16, want_q.reshape(-1))
+    assert_same_bits_up_to_nan_payload(d, want_d)
+    assert_same_bits_up_to_nan_payload(s, want_s)
+
+
+ANY_F32 = st.floats(width=32)   # NaN, infinities, subnormals and zeros included
+
+
+@kernel_settings
+@given(x=arrays(np.float32, st.integers(1, 64), elements=ANY_F32))
+def test_ggml_silu_kernel_equals_numpy(x):
+    """ggml_v_silu, x / (1 + ggml_v_expf(-x)), in Numba equals its NumPy emulation (minillm.ops.ggml)
+    bit for bit on any float32, past the range where exp overflows or flushes to zero too."""
+    from minillm.ops.ggml import ggml_silu, kernel_silu
+    with np.errstate(all="ignore"):
+        assert_same_bits_up_to_nan_payload(kernel_silu(x), ggml_silu(x))
+
+
+@kernel_settings
+@given(data=st.data())
+def test_ggml_softmax_kernel_equals_numpy(data):
+    """Masked rows of scores (-inf where masked, one position at least seen), any length."""
+    from minillm.ops.ggml import ggml_softmax, kernel_softmax
+    rows, S = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 70))
+    scores = data.draw(arrays(np.float32, (rows, S), elements=st.floats(-1e4, 1e4, width=32)))
+    masked = data.draw(arrays(np.bool_, (rows, S)))
+    masked[:, 0] = False
+    scores[masked] = -np.inf
+    with np.errstate(all="ignore"):
+        assert_same_bits_up_to_nan_payload(kernel_softmax(scores), ggml_softmax(scores))
+
+
+@kernel_settings
+@given(data=st.data())
+def test_ggml_rope_kernel_equals_numpy(data):
+    from minillm.ops.ggml import ggml_rope, kernel_rope
+    heads, T, half = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3)), data.draw(st.integers(1, 8))
+    x = data.draw(arrays(np.float32, (heads, T, 2 * half), elements=FINITE_F32))
+    cos, sin = (data.draw(arrays(np.float32, (T, half), elements=st.floats(-1, 1, width=32))) for _ in range(2))
+    with np.errstate(all="ignore"):
+        assert_same_bits_up_to_nan_payload(kernel_rope(x, cos, sin), ggml_rope(x, cos, sin))
+
+
+@kernel_settings
+@given(data=st.data())
+def test_ggml_f16_dot_kernel_equals_numpy(data):
+    """Attention's float16 dot products in ggml's lane order: the Numba kernel and NumPy agree bit for bit."""
+    from minillm.ops.ggml import heads_f16_dot, kernel_heads_f16_dot
+    H, G, J = (data.draw(st.integers(1, 3)) for _ in range(3))
+    n = 64 * data.draw(st.integers(1, 3))
+    f16_values = st.floats(-65504, 65504, width=16)
+    a = data.draw(arrays(np.float16, (H, G, n), elements=f16_values)).astype(np.float32)
+    b = data.draw(arrays(np.float16, (H, J, n), elements=f16_values)).astype(np.float32)
+    with np.errstate(all="ignore"):
+        assert_same_bits_up_to_nan_payload(kernel_heads_f16_dot(a, b), heads_f16_dot(a, b))
+
+
 # --- float16 rows --------------------------------------------------------------------------------
 
 
@@ -444,7 +586,7 @@ def test_f16_rows_widen_every_bit_pattern_exactly():
     """All 65,536 float16 values, subnormals, infinities and NaNs included, as NumPy casts them."""
     raw = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.uint8).reshape(64, 2048)
     out = np.empty((64, 1024), np.float32)
-    packed_rows(raw, Q.F16).dequantize_rows(0, 64, out)
+    packed_rows(raw, Q.F16).dequantize_rows(np.arange(64), out)
     assert_same_bits_up_to_nan_payload(out, formats.F16.dequantize(raw))
 
 
@@ -494,16 +636,53 @@ def expected_bound(linear, raw, ggml_type, x) -> np.ndarray:
     return tile_bound(exact_weights(raw, ggml_type), x)
 
 
-def test_quant_linear_reads_a_read_only_memory_map_in_place(tmp_path):
-    w = np.random.default_rng(1).standard_normal((40, 96)).astype(np.float32)
+@pytest.mark.parametrize("ggml_type", [Q.Q4_1, Q.Q4_K], ids=lambda t: t.name)
+def test_quant_linear_over_a_read_only_memory_map(tmp_path, ggml_type):
+    """A format kept in GGUF's layout is read in place; a re-laid one is copied once, with the same
+    number of bytes (64 rows: two whole groups), and the map is not kept."""
+    fmt = formats.get(ggml_type)
+    w = np.random.default_rng(1).standard_normal((64, 256)).astype(np.float32)
     path = tmp_path / "rows.bin"
-    formats.Q4_1.quantize(w).tofile(path)
-    mapped = np.memmap(path, dtype=np.uint8, mode="r", shape=(40, 60))
-    linear = QuantLinear(mapped, Q.Q4_1)
-    assert np.shares_memory(linear.raw, mapped) and linear.nbytes == mapped.nbytes
+    fmt.quantize(w).tofile(path)
+    mapped = np.memmap(path, dtype=np.uint8, mode="r", shape=(64, fmt.row_bytes(256)))
+    linear = QuantLinear(mapped, ggml_type)
+    assert linear.nbytes == mapped.nbytes
+    if ggml_type in RELAID_TYPES:
+        assert linear.raw is None and not np.shares_memory(linear.kernels.rows.storage, mapped)
+    else:
+        assert np.shares_memory(linear.raw, mapped) and np.shares_memory(linear.kernels.rows.storage, mapped)
     for x in (w[:1], w[:3]):
-        assert_within(linear(x), x.astype(np.float64) @ exact_weights(mapped, Q.Q4_1).T,
-                      expected_bound(linear, mapped, Q.Q4_1, x))
+        assert_within(linear(x), x.astype(np.float64) @ exact_weights(mapped, ggml_type).T,
+                      expected_bound(linear, mapped, ggml_type, x))
+
+
+@pytest.mark.parametrize("ggml_type", [Q.Q4_1, Q.Q8_0, Q.Q4_K], ids=lambda t: t.name)
+def test_linears_sharing_an_input_compute_what_separate_ones_do(ggml_type):
+    """q, k, v held as one matrix: the same bits as three QuantLinears, for one token (one product
+    for the three, computed once per input) and for several; rows stored later land in the right
+    member. Q4_K keeps GGUF's layout, so its three stay separate."""
+    rng = np.random.default_rng(4)
+    fmt = formats.get(ggml_type)
+    raws = [fmt.quantize(rng.standard_normal((n, 256)).astype(np.float32)) for n in (64, 32, 32)]
+    shared = QuantLinear.sharing_input(raws, [ggml_type] * 3, threads=THREADS[-1])
+    separate = [QuantLinear(raw, ggml_type, threads=THREADS[-1]) for raw in raws]
+    assert (shared[0].shared is not None) == (ggml_type in RELAID_TYPES)
+    assert sum(linear.nbytes for linear in shared) == sum(raw.nbytes for raw in raws)
+    for x in (rng.standard_normal((1, 256)).astype(np.float32), rng.standard_normal((3, 256)).astype(np.float32)):
+        for a, b in zip(shared, separate):
+            assert np.array_equal(a(x), b(x))
+    new_rows = fmt.quantize(rng.standard_normal((32, 256)).astype(np.float32))
+    shared[1].store(new_rows, 0)
+    x = rng.standard_normal((1, 256)).astype(np.float32)
+    assert np.array_equal(shared[1](x), QuantLinear(new_rows, ggml_type)(x))
+    assert np.array_equal(shared[2](x), separate[2](x))
+
+
+def test_linears_of_different_types_do_not_share():
+    rng = np.random.default_rng(5)
+    raws = [formats.Q4_1.quantize(rng.standard_normal((32, 64)).astype(np.float32)),
+            formats.Q8_0.quantize(rng.standard_normal((32, 64)).astype(np.float32))]
+    assert all(linear.shared is None for linear in QuantLinear.sharing_input(raws, [Q.Q4_1, Q.Q8_0]))
 
 
 @pytest.mark.parametrize("ggml_type", BLOCK_TYPES, ids=lambda t: t.name)
@@ -536,18 +715,59 @@ def test_bad_backend_and_thread_counts_are_rejected():
 
 
 @pytest.mark.parametrize("ggml_type", [Q.Q8_0, Q.Q4_1], ids=lambda t: t.name)
-def test_quant_embedding_shares_one_packed_table(ggml_type):
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_quant_embedding_shares_one_packed_table(ggml_type, backend):
+    """Lookup and LM head read one copy of the rows (re-laid for the Numba kernels), never two."""
     rng = np.random.default_rng(2)
-    raw = formats.quantize(rng.standard_normal((50, 64)).astype(np.float32), ggml_type)
-    embedding = QuantEmbedding(raw, ggml_type, threads=2)
-    ids = np.array([3, 0, 49, 3])
+    raw = formats.quantize(rng.standard_normal((64, 64)).astype(np.float32), ggml_type)
+    embedding = QuantEmbedding(raw, ggml_type, backend=backend, threads=2)
+    ids = np.array([3, 0, 63, 3, 40])
     assert np.array_equal(embedding.lookup(ids), formats.dequantize(raw[ids], ggml_type))
     x = rng.standard_normal((1, 64)).astype(np.float32)
-    assert np.array_equal(embedding.head(x), QuantLinear(raw, ggml_type, threads=2)(x))
-    assert np.shares_memory(embedding.linear.raw, raw) and embedding.nbytes == raw.nbytes
-    for bad in ([50], [-1], [[1, 2]]):
+    assert np.array_equal(embedding.head(x), QuantLinear(raw, ggml_type, backend=backend, threads=2)(x))
+    assert embedding.nbytes == raw.nbytes
+    assert (embedding.linear.raw is None) if backend == "numba" else np.shares_memory(embedding.linear.raw, raw)
+    for bad in ([64], [-1], [[1, 2]]):
         with pytest.raises(MinillmError, match="token ids"):
             embedding.lookup(np.array(bad))
+
+
+# --- the float operations between the products (kernels/floatops.py) ----------------------------
+
+# |x| up to 2^50: n squares of them stay far below float32's largest value
+NORM_INPUTS = st.floats(-2.0**50, 2.0**50, width=32)
+
+
+@kernel_settings
+@given(data=st.data(), rows=st.integers(1, 3), n=st.integers(1, 700), eps=st.sampled_from([1e-5, 1e-6]))
+def test_rmsnorm_kernel_and_numpy_are_within_the_bound(data, rows, n, eps):
+    """The Numba RMS norm and its NumPy reference (minillm.ops.f32.rmsnorm) each within
+    bounds.rmsnorm_bound of the exact value: they add the squares in different orders."""
+    from minillm.ops.f32 import kernel_rmsnorm, rmsnorm
+    x = data.draw(arrays(np.float32, (rows, n), elements=NORM_INPUTS))
+    weight = data.draw(arrays(np.float32, n, elements=st.floats(-8, 8, width=32)))
+    exact, bound = rmsnorm_bound(x, weight, np.float32(eps))
+    with np.errstate(under="ignore"):
+        for got in (kernel_rmsnorm(x, weight, eps), rmsnorm(x, weight, np.float32(eps))):
+            assert got.dtype == np.float32
+            assert np.all(np.abs(got - exact) <= bound)
+
+
+@pytest.mark.parametrize("mode", ["rope", "rope_neox"])
+@kernel_settings
+@given(data=st.data())
+def test_rope_kernels_equal_numpy_bit_for_bit(mode, data):
+    """Both RoPE kernels compute the reference's float32 operations in its order (no fused
+    multiply-adds): the same bits, for any finite inputs, with channels past rope_dim copied."""
+    from minillm.ops import f32
+    heads, T, half = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3)), data.draw(st.integers(1, 8))
+    head_dim = 2 * half + 2 * data.draw(st.integers(0, 2))
+    x = data.draw(arrays(np.float32, (heads, T, head_dim), elements=FINITE_F32))
+    cos, sin = (data.draw(arrays(np.float32, (T, half), elements=st.floats(-1, 1, width=32))) for _ in range(2))
+    with np.errstate(all="ignore"):
+        want = getattr(f32, mode)(x, cos, sin)
+        got = getattr(f32, "kernel_" + mode)(x.transpose(1, 0, 2).copy().transpose(1, 0, 2), cos, sin)  # strided input
+    assert_same_bits_up_to_nan_payload(got, want)
 
 
 # --- the same tests with Numba's bounds checks on, and without the JIT --------------------------

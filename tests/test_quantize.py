@@ -117,6 +117,8 @@ def test_bits_4_runs_a_mix_as_written_and_converts_a_q8_0_file(tiny_path, tmp_pa
     config = LlamaConfig.from_metadata(mix.metadata, mix.path)
     held = load_weights(mix, config, PackedSource(mix, config, 4, backend="numpy", progress=False))
     assert held.layers[1].wv.ggml_type == Q.Q8_0 and held.layers[0].wv.ggml_type == Q.Q5_0
-    assert loaded_bytes(mix, 4) == sum(info.nbytes for info in mix.tensors.values())
+    # as stored; the Numba kernels' re-laid rows add only zero rows up to whole groups of 32
+    assert loaded_bytes(mix, 4, backend="numpy") == sum(info.nbytes for info in mix.tensors.values())
+    assert loaded_bytes(mix, 4) >= loaded_bytes(mix, 4, backend="numpy")
     q8_held = load_weights(q8, config, PackedSource(q8, config, 4, backend="numpy", progress=False))
     assert q8_held.layers[1].wv.ggml_type == Q.Q4_1

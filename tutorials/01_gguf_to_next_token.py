@@ -46,11 +46,13 @@ from minillm import generate as gen
 from minillm.arch.llama import LlamaConfig, mlp
 from minillm.formats import Q4_1, Q8_0
 from minillm.gguf import GGUFFile
-from minillm.kvcache import KVCache
+from minillm.kvcache import KVCache, new_cache
+from minillm.model import Model
 from minillm.ops.f32 import attend, causal_mask, rmsnorm, rope, rope_angles, silu
+from minillm.ops.oracle import Oracle
 from minillm.registry import resolve_model
 from minillm.runtime import RunConfig, load
-from minillm.weights import dequantized
+from minillm.weights import PackedSource, dequantized, load_weights
 
 PATH = resolve_model(None)  # the default model's file, fetched on first use
 PROMPT = "The capital of France is"
@@ -282,11 +284,16 @@ DECODERS = {GGMLQuantizationType.Q4_1: decode_q4_1, GGMLQuantizationType.Q8_0: d
 
 
 def tensor(name, rows=slice(None)):
-    """Tensor `name` of the file decoded to float32: a matrix (or the chosen rows of it), or a vector."""
+    """Tensor `name` of the file decoded to float32: a matrix (or the chosen rows of it), or a vector.
+    The pages read through the memory map would stay in this process's resident memory (chapter 7),
+    so they are let go of once decoded: the file is unchanged, and a later read maps them again."""
     info, raw = gguf.tensors[name], gguf.data(name)
     if len(info.shape) == 1:
-        return raw.view(np.float32).copy()  # the norms are stored as float32 (a copy: no view into the map)
-    return DECODERS[info.ggml_type](raw[rows])
+        decoded = raw.view(np.float32).copy()  # the norms are stored as float32 (a copy: no view into the map)
+    else:
+        decoded = DECODERS[info.ggml_type](raw[rows])
+    gguf.release(name)
+    return decoded
 
 
 LAYER_TENSORS = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
@@ -307,8 +314,8 @@ print({name: value.shape for name, value in w.items()})
 # ## 5. One transformer block, by hand
 #
 # The runtime (`minillm.runtime.load`, what `minillm generate` runs) does not decode the weights: it
-# keeps the file's blocks as they are, memory-mapped, and multiplies them directly (chapter 3 shows
-# how). So do we, for the model we check against. For the by-hand version we decode one layer at a
+# keeps the file's blocks packed (the same bytes, re-laid once for its kernels) and multiplies them
+# directly (chapter 3 shows how). So do we, for the model we check against. For the by-hand version we decode one layer at a
 # time with the functions above: 14 MB in float32 per layer, where all of them would take 538 MB.
 # Each of the 30 layers does
 #
@@ -327,7 +334,7 @@ print({name: value.shape for name, value in w.items()})
 start = time.perf_counter()
 rt = load(RunConfig(model=str(PATH), ctx_size=64, threads=1), announce=lambda message: None)
 model, tokenizer = rt.model, rt.tokenizer
-gguf = rt.gguf  # decode through the runtime's own map of the file, so each page is mapped once
+gguf = rt.gguf  # decode through the runtime's map of the file: one map of it, not two
 print(f"runtime loaded in {time.perf_counter() - start:.1f} s")
 ids = np.array(tokenizer.encode(PROMPT))
 T = len(ids)
@@ -592,14 +599,18 @@ print("logits", logits.shape, "largest difference from model.forward:", np.abs(l
 # %% [markdown]
 # The same question as before, now through 30 layers: how large is float32's rounding error on these
 # logits? `--mode oracle` runs the library's model in float64 from the same blocks, decoding them a
-# tile at a time (chapter 11 uses it to verify other runtimes). We close our runtime first and open the
-# oracle on its own, so that only one model's pages are mapped at a time, then reopen the runtime.
+# tile at a time (chapter 11 uses it to verify other runtimes). We build what it loads, the file's
+# blocks in place with the oracle's arithmetic (`minillm.ops.oracle`), without the runtime's
+# tokenizer and warm-up. We close our runtime first, so that only one copy of the weights is held at
+# a time, then reopen it.
 
 # %%
-del rt, model, layer, gguf  # nothing maps the weights now
-oracle = load(RunConfig(model=str(PATH), ctx_size=64, mode="oracle"), announce=lambda message: None)
-logits64 = oracle.model.forward(ids, oracle.new_cache())
-del oracle
+del rt, model, layer, gguf  # nothing holds the weights now
+oracle_file = GGUFFile(PATH)
+oracle = Model(config, load_weights(oracle_file, config, PackedSource(oracle_file, config, 4, backend="numpy",
+                                                                      ops=Oracle())), Oracle())
+logits64 = oracle.forward(ids, new_cache(config, T, kv_bits=64))  # keys and values kept in float64 too
+del oracle, oracle_file  # its map of the file goes, and the pages it read with it
 error, rounding = assert_same_up_to_rounding(logits, lib_logits, logits64)
 print(f"logits off from float64 by {error:.1e} (the library by {rounding:.1e}); "
       f"largest logit {np.abs(logits64).max():.1f}")

@@ -20,11 +20,12 @@
 # | dequantize with NumPy, then `W @ x` | 553 kB packed + at least 2 × 3.5 MB | the float32 matrix is written, then read |
 # | float32 matrix kept in memory (`--bits 32`) | 3.5 MB | 6.4 × the file's bytes, resident all the time |
 # | this chapter's Numba kernel | 664 kB | codes, plus d and m widened to float32 once |
-# | minillm's kernel (`QuantLinear`) | 553 kB | the file's bytes as they are, memory-mapped |
+# | minillm's kernel (`QuantLinear`) | 553 kB | the file's bytes, re-laid once when the model loads |
 #
 # We build the NumPy reference, write a first kernel in plain loops, read how minillm's kernel goes
 # further, check both against an exact float64 product with error bounds derived from the arithmetic,
-# and time all four.
+# and time all four. Section 5 isolates the one step that made minillm's kernel several times faster
+# than a careful row-at-a-time kernel: laying 32 rows side by side.
 
 # %%
 # requires: weights  (the chapter multiplies a real SmolLM2 matrix)
@@ -40,6 +41,8 @@ from minillm import formats
 from minillm.formats import Q4_1, Q8_0
 from minillm.formats.activation import Int8Blocks
 from minillm.gguf import GGUFFile
+from minillm.kernels import q4_1
+from minillm.kernels.f16 import f16_to_f32
 from minillm.linear import QuantLinear
 from minillm.ops.f32 import rmsnorm
 from minillm.registry import resolve_model
@@ -187,27 +190,29 @@ print(f"loops kernel:  largest error {loops_error.max():.2e}, "
 # %% [markdown]
 # ## 3. minillm's kernel: integers all the way down
 #
-# `QuantLinear(raw, Q4_1, threads=1)` multiplies the same memory-mapped bytes with
-# `kernels/q4_1.py:matvec_rows_q4_1` (with several threads, each runs it on ranges of rows:
+# `QuantLinear(raw, Q4_1, threads=1)` multiplies the same bytes with
+# `kernels/q4_1.py:matvec_groups_q4_1` (with several threads, each runs it on ranges of rows:
 # `minillm/parallel.py`). Three ideas take it beyond the loops above:
 #
 # 1. **The activation becomes int8 blocks, once per call.** `Int8Blocks.codes` gives each block
 #    of 32 values a float32 scale dx = max|x| / 127 and integers q = round(x / dx), so x ~ dx * q with
 #    |x - dx q| <= dx / 2 per element (plus a hair for float32, below). That costs K values per
 #    call; the matrix has N × K weights.
-# 2. **Integer products per 16-bit word.** A Q4_1 row is read as little-endian 16-bit words, 10 per
-#    block: d, m, then 8 words of four codes each. The activation is laid out once
-#    (`activation_for_q4`) so that `xa[n, k]` is the int8 value nibble n of word k multiplies (0 for
-#    the d and m words). Then `p[k] = sum_n nibble_n(word_k) * xa[n, k]` is an element-wise loop
-#    over the words with no index arithmetic, which LLVM turns into SIMD instructions that handle
-#    many words each. Codes times int8 values fit an int16 (4 × 15 × 127 = 7620).
-# 3. **Floats only per block.** A block's 8 word products add up to the exact integer
+# 2. **32 rows at a time.** When the model loads, each group of 32 rows is re-laid (the same bytes
+#    in another order, `kernels/layout.py`): for block b, the 32 rows' scales d side by side, then
+#    their minimums m, then code byte 0 of the 32 rows, code byte 1, and so on. The kernel's inner
+#    loop runs over the 32 rows of a group: for code byte j it reads 32 consecutive bytes and
+#    multiplies their nibbles by the same two activation values q_j and q_(j+16). That is exactly
+#    the shape of a SIMD instruction: 16 or 32 rows in 16-bit lanes per instruction (a code times
+#    an int8 value is at most 15 × 127, and 16 of them still fit an int16).
+# 3. **Floats only per block, 32 rows at once too.** A block's products add up to the exact integer
 #    I_b = sum_e code_e q_e; with S_b = sum_e q_e (computed once with the activation),
 #
-#        block b contributes  d_b dx_b I_b + m_b dx_b S_b
+#        block b contributes  d_b dx_b I_b + m_b (dx_b S_b)
 #
-#    A handful of float32 operations per 32 weights; `d` and `m` are read as 16-bit words and turned into
-#    float32 through a 65,536-entry table, so nothing is unpacked at load time.
+#    A handful of float32 operations per 32 weights, done for the group's 32 rows in SIMD lanes as
+#    well: `d` and `m` are read as 16-bit words and widened to float32 by integer operations
+#    (`kernels/f16.py:f16_to_f32`), so nothing is unpacked to float32 in memory.
 #
 # We check the idea in NumPy first: the int8 activation, the integer sums, and the two scaled terms.
 
@@ -315,11 +320,11 @@ for label, run, nbytes in contenders(raw):
 #   bytes of a float32 matrix, but they are slower than BLAS on a ready float32 matrix: one float
 #   multiply-add per weight, with a mask or shift and a conversion in front of it, one weight at a
 #   time, and the adds chained through `dot` in order, which keeps LLVM from vectorizing them.
-# - minillm's kernel does the multiplies on integers in SIMD registers and reads the file's bytes
-#   unchanged. On a matrix this small, whose float32 copy stays in the CPU's caches, BLAS may still
-#   win (it did on the EPYC, not on the Xeon); the next measurement shows what happens when the
-#   copy no longer fits. For the whole model the packed kernel means 98 MB mapped instead of 538 MB
-#   resident.
+# - minillm's kernel does the multiplies on integers in SIMD registers, on the file's bytes re-laid
+#   (section 5). On a matrix this small, whose float32 copy stays in the CPU's caches, it is in the
+#   same range as BLAS on a matrix 6.4 times larger in memory; the next measurement shows what happens
+#   when the copy no longer fits. For the whole model the packed kernel means 92 MiB of weights
+#   instead of 538 MB.
 
 # %%
 numpy_s, blas_s, loops_s, minillm_s = results.values()
@@ -369,6 +374,89 @@ course.save(fig, "kernel_time_against_bytes.png", measured=True)
 # where 92 MB of packed weights, or 538 MB of float32 ones, pass through for every token.
 
 # %% [markdown]
+# ## 5. The step that made the difference: 32 rows at a time
+#
+# Idea 2 of section 3 is the one that counts. Here is the same arithmetic as minillm's kernel, one
+# row at a time, on the file's own layout: the int8 activation, an exact integer sum per block,
+# then `acc += d dx I + m (dx S)` in the same order. It is what minillm's kernel looked like before
+# the re-layout (give or take how the integer sum was vectorized along the row). Because every
+# operation is the same, it must give the library's result bit for bit; only the order in which
+# memory is visited differs.
+
+# %%
+def _rows_at_a_time(w16, codes, q16, xd, dsums, out):
+    # w16: (N, 10 nb) u16 and codes: (N, nb, 16) u8, views of the GGUF rows; q16: (K,) i16, xd, dsums: (nb,) f32
+    for row in range(out.shape[0]):
+        acc = np.float32(0)
+        for b in range(xd.shape[0]):
+            isum = np.int32(0)
+            for j in range(16):
+                byte = np.int16(codes[row, b, j])
+                isum += (byte & 15) * q16[32 * b + j] + (byte >> 4) * q16[32 * b + 16 + j]
+            d = f16_to_f32(w16[row, 10 * b])
+            m = f16_to_f32(w16[row, 10 * b + 1])
+            acc += d * xd[b] * np.float32(isum) + m * dsums[b]
+        out[row] = acc
+
+
+rows_at_a_time = numba.njit(_rows_at_a_time, cache=False)
+# the library's kernel, compiled here rather than loaded from Numba's cache, so that its machine
+# code can be inspected below (the same source, the same compiler: the same code)
+groups_at_a_time = numba.njit(q4_1.matvec_groups_q4_1.py_func, cache=False)
+
+packed = lib.kernels.rows                       # the library's re-laid copy of `raw`
+act = packed.new_activation()
+packed.quantize(x, act)                         # act.q16, act.d, act.dsums: the int8 activation of section 3
+scratch = packed.new_scratch(1)[0]
+y_rows, y_groups = np.empty(N, np.float32), np.empty(N, np.float32)
+
+
+def one_row_at_a_time():
+    rows_at_a_time(raw.view(np.uint16), codes, act.q16, act.d, act.dsums, y_rows)
+
+
+def thirty_two_rows_at_a_time():
+    groups_at_a_time(packed.blocks, packed.w16, packed.w32, act.q16, act.d, act.sums, act.dsums, scratch, y_groups, 0,
+                     packed.n_groups)
+
+
+one_row_at_a_time()
+thirty_two_rows_at_a_time()
+assert np.array_equal(y_rows, y_groups) and np.array_equal(y_groups, y_lib)
+
+
+def simd_share(kernel):
+    """Instructions of the compiled kernel, and how many of them work on 256- or 512-bit registers."""
+    asm = kernel.inspect_asm(kernel.signatures[0]).splitlines()
+    ops = [line for line in asm if line.startswith("\t") and not line.startswith("\t.")]
+    return len(ops), sum(("%ymm" in op or "%zmm" in op) for op in ops)
+
+
+print(f"{'kernel':24} {'median':>9} {'weights/s':>10} {'instructions':>13} {'on ymm/zmm':>11}")
+for label, run, kernel in (("one row at a time", one_row_at_a_time, rows_at_a_time),
+                           ("32 rows at a time", thirty_two_rows_at_a_time, groups_at_a_time)):
+    seconds = course.median_seconds(run, 300)
+    total, simd = simd_share(kernel)
+    print(f"{label:24} {seconds * 1e6:6.0f} us {N * K / seconds / 1e9:8.1f} G {total:13} {simd:11}")
+
+# %% [markdown]
+# Measured when this section was written (a shared 2-core AMD EPYC with AVX-512, other jobs
+# running; medians of 300 calls): one row at a time 444 us (2.0 G weights/s), 17 of its 642
+# instructions on SIMD registers; 32 rows at a time 27 us (33 G weights/s), 523 of 2,166, the same
+# bits. The row-at-a-time kernel here is the plain one; minillm's own, before the re-layout, also
+# vectorized the integer products along the row (an activation laid out per 16-bit word of codes)
+# and reached about 7 G weights/s, but its block work stayed scalar. In the whole model the re-layout
+# took SmolLM2's decode step 1.7x to 1.9x faster on one thread (alternated with the former code on
+# the same machine).
+#
+# Why: the row-at-a-time loop's work per block is a chain, one block after another (16 byte
+# products, then two scale conversions and four float operations), and the float part is scalar:
+# LLVM can vectorize along the row only what has no dependence from block to block. Laid side by
+# side, 32 rows are 32 independent copies of the same computation, and every loop over them is
+# SIMD: the integer products, the scale conversions, the float terms. The bytes are the same 5 bits
+# per weight; only their order changed, once, when the model loaded.
+
+# %% [markdown]
 # ## Exercises
 #
 # Worked answers: `tutorials/solutions/03_a_numba_kernel.py`.
@@ -381,8 +469,8 @@ course.save(fig, "kernel_time_against_bytes.png", measured=True)
 #    is the small one not worth splitting?
 # 2. Replace the float32 `dot` in the loops kernel by an int32 sum of `code * q` with the int8 `q` and
 #    `dx` of section 3 (one block at a time: `acc += d * dx[b] * isum + m * dx[b] * qsum[b]`). Does it
-#    get faster? Look at `kernels/nibbles.py:_nibble_products` and explain what LLVM can vectorize there that
-#    it cannot in your version (hint: the byte-to-element index arithmetic, and int16 lanes).
+#    get faster? Compare it with `rows_at_a_time` of section 5 and with `kernels/nibbles.py:_nibble_sums`:
+#    what does LLVM vectorize in each (hint: `inspect_asm`, and count the instructions on `ymm` registers)?
 # 3. The LM head, `token_embd.weight` (Q8_0, 49,152 × 576), is 28 MB packed and 113 MB as float32.
 #    Time `QuantLinear(gguf.data("token_embd.weight"), Q.Q8_0, threads=1)` and its GB/s. Its float32
 #    copy would not fit this course's 400 MB: time BLAS on a quarter of its rows instead, and

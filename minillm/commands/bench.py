@@ -21,8 +21,9 @@ def add_arguments(p):
     p.add_argument("-r", "--repeats", type=int, default=3, help="runs; medians are reported (default: 3)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.add_argument("--compare-llamacpp", action="store_true",
-                   help="also run llama.cpp (llama-cpp-python) on the same file, prompt and threads, and print "
-                        "minillm / llama.cpp ratios")
+                   help="also run llama.cpp (llama-cpp-python) on the same file and prompt, with its weight "
+                        "repacking on and off, at 1 thread and at --threads (default: all cores), alternating "
+                        "with minillm, and print minillm / the faster llama.cpp")
     p.add_argument("--quality", metavar="TEXT", default=None,
                    help="instead of speed: KL divergence and top-1 agreement against --bits 32 over a text file, "
                         "decoding one token at a time")

@@ -3,9 +3,10 @@
 import os
 
 
-def add_model_flags(p, generates: bool = True, ctx_default: str = "2048, or the model's own if smaller"):
+def add_model_flags(p, generates: bool = True, ctx_default: str = "2048, or the model's own if smaller",
+                    adapter: bool = True):
     """The flags that pick and load a model; with `generates`, also --max-tokens, --stop and the
-    sampling flags (bench, dump, info and perplexity never sample)."""
+    sampling flags (bench, dump, info and perplexity never sample); with `adapter`, --lora."""
     g = p.add_argument_group("model")
     g.add_argument("-m", "--model", default=None,
                    help="a known model name or a path to a .gguf file (default: smollm2-135m, fetched on first use)")
@@ -25,6 +26,10 @@ def add_model_flags(p, generates: bool = True, ctx_default: str = "2048, or the 
                         "and tokenizers imported and every kernel compiled, about 140-170 MiB): weights, KV cache, "
                         "activations, tokenizer. A unit is required: 96MiB, 64MB, 0.5GB. Weights that do not fit are "
                         "streamed from the file; the plan is printed first (default: no cap)")
+    if adapter:
+        g.add_argument("--lora", default=None, metavar="ADAPTER.gguf",
+                       help="apply a LoRA adapter in llama.cpp's format (as `minillm finetune` writes) to the "
+                            "model's linears, which stay packed (default: none)")
     add_attention_flags(g)
     if generates:
         add_generation_flags(p)
@@ -84,7 +89,8 @@ def run_config(args):
                      ctx_size=args.ctx_size, threads=args.threads, attention=args.attention,
                      block_size=args.block_size, kv_bits=args.kv_bits, mem_cap=mem_cap(args),
                      all_logits=args.command == "perplexity", mode=getattr(args, "mode", "f32"),
-                     ggml_rounding=getattr(args, "ggml_rounding", "x86"), **generation)
+                     ggml_rounding=getattr(args, "ggml_rounding", "x86"), lora=getattr(args, "lora", None),
+                     **generation)
 
 
 def mem_cap(args) -> int | None:

@@ -15,7 +15,7 @@ HELP = "metadata, tensor types, parameter count and memory of a model; its memor
 
 
 def add_arguments(p):
-    add_model_flags(p, generates=False)
+    add_model_flags(p, generates=False, adapter=False)
     p.add_argument("--png", metavar="FILE", default=None,
                    help="draw the --attention block layout over --ctx-size positions into a PNG file (black: "
                         "computed in full, grey: partly masked, light grey: skipped; one panel per pattern)")

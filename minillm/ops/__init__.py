@@ -2,8 +2,8 @@
 
 A model's forward pass (minillm.arch) calls `ops.rms_norm`, `ops.rope_angles`, `ops.rope` (or
 `ops.rope_neox`), `ops.silu` or `ops.gelu`, `ops.scale` and `ops.attention`; the loader passes every
-packed weight through `ops.linear` and `ops.embedding`. So one forward pass per architecture
-serves every mode:
+packed weight through `ops.linear` (`ops.linears` for the matrices multiplied by one input: q, k
+and v; gate and up) and `ops.embedding`. So one forward pass per architecture serves every mode:
 
 | mode     | matrix products                                   | attention, norms, RoPE | KV cache  | logits  |
 |----------|---------------------------------------------------|------------------------|-----------|---------|
@@ -17,8 +17,8 @@ serves every mode:
 file encodes, and nothing is rounded below float64. `ggml` reproduces what llama.cpp computes on a
 CPU (minillm.ops.ggml, minillm.modes.ggml), bit for bit in a one-token decode, so a difference
 between minillm and llama.cpp in that mode is a bug in one of them, not the expected cost of
-quantized activations. Both are NumPy only (no Numba) and slower than f32: SmolLM2 in ggml mode
-took 0.3 to 1.3 s a token on a shared 2-core machine (the x86 accumulation order is the slower one).
+quantized activations. `oracle` is NumPy only (no Numba). `ggml` runs its products and its fused
+multiply-adds on Numba kernels (bit for bit the NumPy emulation, which `--backend numpy` runs).
 """
 
 from ..errors import UsageError
@@ -33,14 +33,15 @@ def check_mode(mode: str):
         raise UsageError(f"--mode {mode} is not one of {', '.join(MODES)}")
 
 
-def mode_ops(mode: str, rounding: str = "x86", attention=masked_attention):
+def mode_ops(mode: str, rounding: str = "x86", attention=masked_attention, backend: str = "numpy"):
     """The arithmetic of `mode`; `attention` is f32's (the NumPy reference or the block-sparse kernels),
-    `rounding` ggml's activation quantizer. The oracle and ggml modes run their own NumPy attention."""
+    `rounding` ggml's activation quantizer, `backend` whether the float operations of f32 and ggml
+    run their Numba kernels. The oracle and ggml modes run their own attention."""
     check_mode(mode)
     if mode == "oracle":
         from .oracle import Oracle
         return Oracle()
     if mode == "ggml":
         from .ggml import GGML
-        return GGML(rounding)
-    return F32(attention)
+        return GGML(rounding, backend)
+    return F32(attention, backend)

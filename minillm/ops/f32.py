@@ -17,6 +17,15 @@ def rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return x / np.sqrt(mean_square + eps) * weight
 
 
+def kernel_rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """rmsnorm by its Numba kernel (kernels/floatops.py), float32: x (..., n), weight (n,) -> (..., n)."""
+    from ..kernels.floatops import rms_norm_rows
+    x = np.ascontiguousarray(x, np.float32)
+    out = np.empty(x.shape, np.float32)
+    rms_norm_rows(x.reshape(-1, x.shape[-1]), weight, np.float32(eps), out.reshape(-1, x.shape[-1]))
+    return out
+
+
 def rope_angles(positions: np.ndarray, rope_dim: int, base: float, dtype=np.float32):
     """cos and sin of the rotation angle for each position and each pair of channels.
     positions: (T,) -> cos, sin: (T, rope_dim // 2) in dtype (float32; float64 for the oracle).
@@ -40,6 +49,14 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     return out
 
 
+def kernel_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """rope by its Numba kernel, bit for bit: x (n_heads, T, head_dim) float32 -> same shape."""
+    from ..kernels.floatops import rope_pairs
+    out = np.empty(x.shape, np.float32)
+    rope_pairs(np.ascontiguousarray(x, np.float32), cos, sin, out)
+    return out
+
+
 def rope_neox(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """Rotate the pairs (x[i], x[i + rope_dim/2]) of every head by the position's angle: the
     "rotate half" form of the original checkpoints, which llama.cpp calls NEOX and uses for files
@@ -50,6 +67,14 @@ def rope_neox(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     out = x.copy()
     out[..., 0:half] = first * cos - second * sin
     out[..., half:2 * half] = first * sin + second * cos
+    return out
+
+
+def kernel_rope_neox(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """rope_neox by its Numba kernel, bit for bit: x (n_heads, T, head_dim) float32 -> same shape."""
+    from ..kernels.floatops import rope_halves
+    out = np.empty(x.shape, np.float32)
+    rope_halves(np.ascontiguousarray(x, np.float32), cos, sin, out)
     return out
 
 
@@ -106,31 +131,52 @@ def masked_attention(q, k, v, pattern, q_pos, k_pos, scale: float | None = None)
     return attend(q, k, v, pattern.mask(q_pos, k_pos), scale)
 
 
+def kernel_masked_attention(q, k, v, pattern, q_pos, k_pos, scale: float | None = None,
+                            batch=masked_attention) -> np.ndarray:
+    """masked_attention for one query (a decode step) by its Numba kernel (kernels/floatops.py), in
+    float32; a batch of queries (prefill) or a pattern with random blocks by `batch`: masked_attention
+    (BLAS runs the batched products well) or minillm.attention.block_sparse_attention."""
+    if q.shape[1] != 1 or pattern.random_blocks or q.dtype != np.float32:
+        return batch(q, k, v, pattern, q_pos, k_pos, scale)
+    from ..kernels.floatops import attend_one
+    out = np.empty(q.shape, np.float32)
+    attend_one(q[:, 0], k, v, int(q_pos[0]), np.asarray(k_pos, np.int64), pattern.sinks, pattern.limit,
+               pattern.stride, np.float32(1 / math.sqrt(q.shape[-1]) if scale is None else scale),
+               np.empty((3, k.shape[1]), np.float32), out[:, 0])
+    return out
+
+
 class F32:
     """float32 NumPy arithmetic, handed to a model's forward pass (`--mode f32`).
 
     `attention` computes attention under a pattern: the NumPy reference `masked_attention`, or
     `minillm.attention.block_sparse_attention`, which computes only the blocks the pattern can see.
+    `backend` "numba" runs RMS norm and RoPE by their kernels (kernels/floatops.py: a decode step
+    calls them about 120 times on small arrays, where NumPy's per-call work dominates).
     The weight objects are the loader's own (FloatLinear, QuantLinear): `linear` and `embedding`
     keep them as they are."""
 
     name = "f32"
     dtype = np.float32
 
-    def __init__(self, attention=masked_attention):
+    def __init__(self, attention=masked_attention, backend: str = "numpy"):
         self.attention = attention
+        kernels = backend == "numba"
+        self._rmsnorm = kernel_rmsnorm if kernels else rmsnorm
+        self._rope = kernel_rope if kernels else rope
+        self._rope_neox = kernel_rope_neox if kernels else rope_neox
 
     def rms_norm(self, x, weight, eps):
-        return rmsnorm(x, weight, eps)
+        return self._rmsnorm(x, weight, eps)
 
     def rope_angles(self, positions, rope_dim: int, base: float):
         return rope_angles(positions, rope_dim, base, self.dtype)
 
     def rope(self, x, cos, sin):
-        return rope(x, cos, sin)
+        return self._rope(x, cos, sin)
 
     def rope_neox(self, x, cos, sin):
-        return rope_neox(x, cos, sin)
+        return self._rope_neox(x, cos, sin)
 
     def silu(self, x):
         return silu(x)
@@ -144,6 +190,10 @@ class F32:
 
     def linear(self, packed):
         return packed
+
+    def linears(self, packed: list) -> list:
+        """The weight objects of matrices the forward pass multiplies by one input (q, k, v; gate, up)."""
+        return [self.linear(p) for p in packed]
 
     def embedding(self, packed):
         return packed

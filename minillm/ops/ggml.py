@@ -39,7 +39,7 @@ import numpy as np
 
 from ..formats.f16 import vec_dot_f16
 from ..formats.ggml_math import fma32, reduce_16_lanes, round_f16
-from ..modes.ggml import GGMLEmbedding, GGMLLinear
+from ..modes.ggml import GGMLEmbedding, GGMLLinear, ggml_linears
 
 # ggml_v_expf's constants (vec.h), as C hex floats
 _EXPF_CONSTANTS = {"shift": "0x1.8p23", "log2e": "0x1.715476p+0", "ln2_hi": "0x1.62e4p-1", "ln2_lo": "0x1.7f7d1cp-20",
@@ -64,6 +64,15 @@ def ggml_expf(x: np.ndarray) -> np.ndarray:
 def ggml_silu(x: np.ndarray) -> np.ndarray:
     """x / (1 + exp(-x)) in float32 (ggml_v_silu)."""
     return x / (np.float32(1) + ggml_expf(-x))
+
+
+def kernel_silu(x: np.ndarray) -> np.ndarray:
+    """ggml_silu by its Numba kernel: x (...) float32 -> (...) float32."""
+    from ..kernels.ggml import silu_values
+    x = np.ascontiguousarray(x, np.float32)
+    out = np.empty(x.shape, np.float32)
+    silu_values(x.reshape(-1), out.reshape(-1))
+    return out
 
 
 def ggml_rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -106,6 +115,14 @@ def ggml_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """Normal mode (Llama): pairs (2i, 2i+1). x: (heads, T, head_dim), cos, sin: (T, head_dim // 2)"""
     out = np.empty_like(x)
     out[..., 0::2], out[..., 1::2] = rotate_pairs(x[..., 0::2], x[..., 1::2], cos, sin)
+    return out
+
+
+def kernel_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+    """ggml_rope by its Numba kernel. x: (heads, T, head_dim), cos, sin: (T, head_dim // 2) float32"""
+    from ..kernels.ggml import rope_pairs
+    out = np.empty(x.shape, np.float32)
+    rope_pairs(np.ascontiguousarray(x, np.float32), cos, sin, out)
     return out
 
 
@@ -159,8 +176,41 @@ def ggml_softmax(scores: np.ndarray) -> np.ndarray:
     return e * (1.0 / total[..., None]).astype(np.float32)
 
 
-def ggml_attention(q, k, v, pattern, q_pos, k_pos, scale: float) -> np.ndarray:
-    """Attention as ggml computes it without flash attention (module docstring).
+def kernel_softmax(scores: np.ndarray) -> np.ndarray:
+    """ggml_softmax by its Numba kernel: scores (..., S) float32 -> (..., S) float32."""
+    from ..kernels.ggml import softmax_rows
+    scores = np.ascontiguousarray(scores, np.float32)
+    out = np.empty(scores.shape, np.float32)
+    softmax_rows(scores.reshape(-1, scores.shape[-1]), out.reshape(-1, scores.shape[-1]))
+    return out
+
+
+def zeros_after(x: np.ndarray, axis: int, n: int) -> np.ndarray:
+    """x with zeros appended along `axis` up to length n (np.pad's result, without its overhead)."""
+    shape = list(x.shape)
+    shape[axis] = n
+    out = np.zeros(shape, x.dtype)
+    out[(slice(None),) * (axis % x.ndim) + (slice(0, x.shape[axis]),)] = x
+    return out
+
+
+def heads_f16_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """vec_dot_f16 of every row of a with every row of b, head by head: a (H, G, n), b (H, J, n) -> (H, G, J)."""
+    return vec_dot_f16(a[:, :, None, :], b[:, None, :, :])
+
+
+def kernel_heads_f16_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """heads_f16_dot by its Numba kernel: a (H, G, n), b (H, J, n) -> (H, G, J) float32."""
+    from ..kernels.ggml import f16_dot_heads
+    out = np.empty((a.shape[0], a.shape[1], b.shape[1]), np.float32)
+    f16_dot_heads(np.ascontiguousarray(a, np.float32), np.ascontiguousarray(b, np.float32),
+                  np.empty((4, 16), np.float32), out)
+    return out
+
+
+def ggml_attention(q, k, v, pattern, q_pos, k_pos, scale: float, softmax=ggml_softmax, dot=heads_f16_dot) -> np.ndarray:
+    """Attention as ggml computes it without flash attention (module docstring); `softmax` and `dot`
+    are ggml_softmax and heads_f16_dot, or their Numba kernels (kernel_softmax, kernel_heads_f16_dot).
     q: (n_heads, T, head_dim) float32  k, v: (n_kv_heads, S, head_dim) float16 values from the cache
     scale: the kq_scale llama.cpp's graph passes (a float32 value) -> (n_heads, T, head_dim) float32
 
@@ -172,16 +222,16 @@ def ggml_attention(q, k, v, pattern, q_pos, k_pos, scale: float) -> np.ndarray:
     qg = round_f16(q).reshape(n_kv_heads, n_heads // n_kv_heads, T, head_dim)
     decode = T == 1 and head_dim % 64 == 0
     if decode:
-        scores = vec_dot_f16(qg[:, :, :, None, :], k[:, None, None, :, :])  # (n_kv_heads, group, 1, S)
+        scores = dot(qg[:, :, 0, :], k)[:, :, None, :]                  # (n_kv_heads, group, 1, S)
     else:
         scores = qg @ k[:, None].swapaxes(-1, -2)                       # (n_kv_heads, group, T, S) float32
     scores = np.where(pattern.mask(q_pos, k_pos), scores * np.float32(scale), np.float32(-np.inf))
-    weights = round_f16(ggml_softmax(scores))
+    weights = round_f16(softmax(scores))
     if decode:   # the cache's cells past S hold zeros for ggml: pad S to whole steps of 64
-        pad = -S % 64
-        w = np.pad(weights, [(0, 0)] * 3 + [(0, pad)])                  # (n_kv_heads, group, 1, S')
-        vt = np.pad(v, [(0, 0), (0, pad), (0, 0)]).swapaxes(-1, -2)     # (n_kv_heads, head_dim, S')
-        out = vec_dot_f16(w[:, :, :, None, :], vt[:, None, None, :, :])     # (n_kv_heads, group, 1, head_dim)
+        padded = S + -S % 64
+        w = zeros_after(weights, -1, padded)                            # (n_kv_heads, group, 1, S')
+        vt = zeros_after(v, 1, padded).swapaxes(-1, -2)                 # (n_kv_heads, head_dim, S')
+        out = dot(w[:, :, 0, :], vt)[:, :, None, :]                     # (n_kv_heads, group, 1, head_dim)
     else:
         out = weights @ v[:, None]                                      # (n_kv_heads, group, T, head_dim)
     return out.reshape(n_heads, T, head_dim)
@@ -189,13 +239,20 @@ def ggml_attention(q, k, v, pattern, q_pos, k_pos, scale: float) -> np.ndarray:
 
 class GGML:
     """llama.cpp's CPU arithmetic (`--mode ggml`): the float32 operations above, the products of
-    GGMLLinear with activations quantized as ggml's `rounding` ("ref", "x86" or "arm") does."""
+    GGMLLinear with activations quantized as ggml's `rounding` ("ref", "x86" or "arm") does. On the
+    "numba" backend, RoPE, SiLU, the softmax and the attention's float16 dot products run their Numba
+    kernels (minillm.kernels.ggml, bit for bit the NumPy functions, which "numpy" runs)."""
 
     name = "ggml"
     dtype = np.float32
 
-    def __init__(self, rounding: str = "x86"):
+    def __init__(self, rounding: str = "x86", backend: str = "numpy"):
         self.rounding = rounding
+        kernels = backend == "numba"
+        self._rope = kernel_rope if kernels else ggml_rope
+        self._silu = kernel_silu if kernels else ggml_silu
+        self._softmax = kernel_softmax if kernels else ggml_softmax
+        self._dot = kernel_heads_f16_dot if kernels else heads_f16_dot
 
     def rms_norm(self, x, weight, eps):
         return ggml_rmsnorm(x, weight, eps)
@@ -204,13 +261,13 @@ class GGML:
         return ggml_rope_angles(positions, rope_dim, base)
 
     def rope(self, x, cos, sin):
-        return ggml_rope(x, cos, sin)
+        return self._rope(x, cos, sin)
 
     def rope_neox(self, x, cos, sin):
         return ggml_rope_neox(x, cos, sin)
 
     def silu(self, x):
-        return ggml_silu(x)
+        return self._silu(x)
 
     def gelu(self, x):
         return ggml_gelu(x)
@@ -219,10 +276,13 @@ class GGML:
         return x * np.float32(s)
 
     def attention(self, q, k, v, pattern, q_pos, k_pos, scale):
-        return ggml_attention(q, k, v, pattern, q_pos, k_pos, scale)
+        return ggml_attention(q, k, v, pattern, q_pos, k_pos, scale, self._softmax, self._dot)
 
     def linear(self, packed):
         return GGMLLinear(packed, self.rounding)
+
+    def linears(self, packed: list) -> list:
+        return ggml_linears(packed, self.rounding)
 
     def embedding(self, packed):
         return GGMLEmbedding(packed, self.rounding)

@@ -2,8 +2,13 @@
 
     python tests/data/make_ggml_reference.py [--tokens 512] [--llama-logits CACHE.npy] [--no-golden]
     python tests/data/make_ggml_reference.py --dump DIR [--tokens 8]
+    python tests/data/make_ggml_reference.py --model $MINILLM_WEIGHTS_DIR/gemma-3-270m-q4_k_m.gguf --tokens 4 \
+        --graph-golden gemma3_270m_graph_reference.json
     python tests/data/make_ggml_reference.py --model tests/data/tiny_gemma3.gguf --tokens 100 --bits 8 \
         --golden gemma3_ggml_reference.npz --golden-tokens 100 --positions 0,40,63,64,65,99 --float32
+    python tests/data/make_ggml_reference.py --model $MINILLM_WEIGHTS_DIR/gemma-3-270m-q4_k_m.gguf \
+        --tokens 256 --modes ggml:x86 --golden gemma3_270m_ggml_reference.npz --golden-tokens 256 \
+        --positions "" --hashes
 
 Runs the first N tokens of tests/data/alice_in_wonderland.txt (minillm's tokenizer; SmolLM2 adds
 no BOS) through llama.cpp (llama-cpp-python 0.3.36, CPU backend, n_batch = n_ubatch = 1, so every
@@ -15,14 +20,18 @@ logit NMSE over all positions, mean and max KL(llama.cpp || minillm), same top t
 Writes tests/data/ggml_reference.npz (or --golden NAME), the golden the tests read without llama.cpp:
 `token_ids` (GOLDEN_TOKENS,) int32, `top1` (GOLDEN_TOKENS,) int32 llama.cpp's most likely next
 token at each position, `positions` (P,) and `logits` (P, vocab) float16 (float32 with --float32)
-llama.cpp's logits there, `metadata` (JSON: producer, model file and sha256, and the sha256 of
+llama.cpp's logits there, with --hashes `logits_sha256` (GOLDEN_TOKENS, 32) uint8 the sha256 of
+llama.cpp's float32 logits at every position (a 262,144-token vocabulary makes one row 1 MiB),
+`metadata` (JSON: producer, model file and sha256, and the sha256 of
 libggml-cpu's GELU table, ggml_table_gelu_f16, over its finite float16 entries).
 
 With --dump, writes layer-by-layer dumps instead (minillm.verify.dump layout, one token per
 decode): DIR/llamacpp.npz with llama.cpp's own intermediate tensors, caught by its graph
 callback (cb_eval) under their graph names, and DIR/minillm_ggml.npz, DIR/minillm_f32.npz;
 `python -m minillm compare DIR/llamacpp.npz DIR/minillm_ggml.npz` then names the first tensor
-that differs, if any.
+that differs, if any. With --graph-golden NAME (e.g. gemma3_270m_graph_reference.json, --tokens 4),
+writes tests/data/NAME: every float32 tensor name llama.cpp's callback sees and the sha256 of each
+tensor's float32 bytes at each token (JSON).
 
 Needs `pip install llama-cpp-python` (0.3.36 was used); the tests never import it.
 """
@@ -128,6 +137,23 @@ def write_dumps(model: str, ids, threads: int, out: Path):
           f"{len(equal)} equal bit for bit to --mode ggml -> {out}")
 
 
+def write_graph_golden(model: str, ids, threads: int, out: Path):
+    """The names of llama.cpp's float32 graph tensors, caught by its callback in one-token decodes, and
+    the sha256 of each one's float32 bytes at each token: a small golden for `dump`'s names and values.
+    The names ggml makes up for tensors the graph leaves unnamed (node_N) and for views ("x (view)")
+    are left out."""
+    from minillm.verify.dump import file_sha256
+    steps = llamacpp_tensors(model, ids, threads)
+    names = sorted(n for n in set().union(*steps) if not n.startswith("node_") and " (" not in n)
+    digests = {name: [hashlib.sha256(np.ascontiguousarray(s[name], np.float32).tobytes()).hexdigest()
+                      if name in s else None for s in steps] for name in names}
+    golden = {"producer": "llama-cpp-python 0.3.36 (cb_eval, CPU backend, repacking off, one token per decode)",
+              "model_file": Path(model).name, "model_sha256": file_sha256(model),
+              "token_ids": [int(t) for t in ids], "tensor_sha256": digests}
+    out.write_text(json.dumps(golden, indent=0) + "\n")
+    print(f"{len(names)} names of llama.cpp's graph -> {out} ({out.stat().st_size} bytes)")
+
+
 def minillm_logits(model: str, ids, mode: str, rounding: str = "x86", bits: int = 4) -> np.ndarray:
     """minillm's logits after each token in a compute mode, one forward pass per token. -> (T, vocab)"""
     from minillm.runtime import RunConfig, load
@@ -144,8 +170,9 @@ def minillm_logits(model: str, ids, mode: str, rounding: str = "x86", bits: int 
 def table_row(name: str, ref: np.ndarray, ours: np.ndarray) -> str:
     from minillm.verify.compare import logits_diff, tensor_diff
     d, lg = tensor_diff("result_output", ref, ours), logits_diff(ref, ours)
+    exact = sum(np.array_equal(a, b) for a, b in zip(ref, ours))
     return (f"| {name} | {d.nmse:.2e} | {lg.kld_mean:.2e} | {lg.kld_max:.2e} | "
-            f"{100 * lg.top1_agreement:.1f}% ({round(lg.top1_agreement * len(ref))}/{len(ref)}) |")
+            f"{100 * lg.top1_agreement:.1f}% ({round(lg.top1_agreement * len(ref))}/{len(ref)}) | {exact}/{len(ref)} |")
 
 
 def main():
@@ -163,7 +190,10 @@ def main():
     parser.add_argument("--golden-tokens", type=int, default=GOLDEN_TOKENS, help="positions whose top token it keeps")
     parser.add_argument("--positions", default=",".join(map(str, GOLDEN_POSITIONS)), help="positions whose logits it keeps")
     parser.add_argument("--float32", action="store_true", help="keep the logits as float32 (default: float16)")
+    parser.add_argument("--hashes", action="store_true", help="keep the sha256 of the float32 logits at every position")
     parser.add_argument("--dump", metavar="DIR", help="write layer-by-layer dumps of llama.cpp and minillm instead")
+    parser.add_argument("--graph-golden", metavar="NAME", help="write the names and sha256 of llama.cpp's graph "
+                        "tensors to tests/data/NAME instead")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     from minillm.gguf import GGUFFile
@@ -172,6 +202,8 @@ def main():
     ids = Tokenizer.from_metadata(GGUFFile(args.model).metadata).encode(Path(args.text).read_text())[:args.tokens]
     if args.dump:
         return write_dumps(args.model, ids, args.threads, Path(args.dump))
+    if args.graph_golden:
+        return write_graph_golden(args.model, ids, args.threads, HERE / args.graph_golden)
     cache = Path(args.llama_logits) if args.llama_logits else None
     start = time.perf_counter()
     if cache is not None and cache.is_file():
@@ -191,13 +223,13 @@ def main():
         print(f"{spec}: {time.perf_counter() - start:.0f} s  {rows[-1]}", file=sys.stderr, flush=True)
     print(f"\nminillm vs llama.cpp (llama-cpp-python 0.3.36, CPU), {Path(args.model).name}, first {len(ids)} "
           f"tokens of {Path(args.text).name}, one token per decode:\n")
-    print("| minillm | logit NMSE | mean KLD | max KLD | same top token |")
-    print("|---|---|---|---|---|")
+    print("| minillm | logit NMSE | mean KLD | max KLD | same top token | bit-identical positions |")
+    print("|---|---|---|---|---|---|")
     print("\n".join(rows))
     if not args.no_golden:
-        positions = [int(p) for p in args.positions.split(",")]
+        positions = [int(p) for p in args.positions.split(",") if p]
         write_golden(args.model, ids, ref, HERE / args.golden, args.golden_tokens, positions,
-                     np.float32 if args.float32 else np.float16)
+                     np.float32 if args.float32 else np.float16, args.hashes)
 
 
 def gelu_table_sha256() -> str:
@@ -213,16 +245,19 @@ def gelu_table_sha256() -> str:
     return hashlib.sha256(table[finite].tobytes()).hexdigest()
 
 
-def write_golden(model: str, ids, ref: np.ndarray, out: Path, tokens: int, positions: list, dtype):
+def write_golden(model: str, ids, ref: np.ndarray, out: Path, tokens: int, positions: list, dtype, hashes: bool):
     import llama_cpp
+    sys.path.insert(0, str(HERE.parent))
+    from references import logits_sha256
     n = min(tokens, len(ids))
     positions = np.array([p for p in positions if p < n], dtype=np.int32)
     metadata = {"producer": f"llama-cpp-python {llama_cpp.__version__} (CPU backend, n_batch 1, flash attention off)",
                 "model_file": Path(model).name, "model_sha256": hashlib.sha256(Path(model).read_bytes()).hexdigest(),
                 "text": "tests/data/alice_in_wonderland.txt, first tokens", "gelu_table_sha256": gelu_table_sha256()}
+    extra = {"logits_sha256": logits_sha256(ref[:n])} if hashes else {}
     np.savez_compressed(out, token_ids=np.asarray(ids[:n], np.int32), top1=ref[:n].argmax(axis=1).astype(np.int32),
                         positions=positions, logits=ref[positions].astype(dtype),
-                        metadata=np.array(json.dumps(metadata)))
+                        metadata=np.array(json.dumps(metadata)), **extra)
     print(f"golden: {out} ({out.stat().st_size} bytes)")
 
 

@@ -20,6 +20,7 @@ from numba import prange
 from minillm import formats
 from minillm.formats.activation import Int8Blocks
 from minillm.gguf import GGUFFile
+from minillm.kernels import q4_1
 from minillm.linear import QuantLinear
 from minillm.registry import resolve_model
 
@@ -89,13 +90,16 @@ for name, packed, fmt in (("ffn_up, 0.9 M weights", raw, Q.Q4_1), ("LM head, 28 
 # ## 2. Integer sums in the loops kernel
 #
 # The products code * q are exact integers, so the int32 sum per block is exact and the result equals
-# section 3's `y_int8` up to the float32 work per block. It may run a little faster than the float
-# loops (integer multiply-adds, no conversion of each code to float), but it stays several times
-# slower than minillm's kernel: the inner loop still extracts two nibbles per byte and indexes q by
-# `base + j` and `base + 16 + j`, so LLVM sees scattered elements with a widening multiply in the
-# middle, and vectorizes little. minillm's `_nibble_products` lays the activation out once so that the inner
-# loop walks words and activations at the same index, element by element, with the products in int16
-# lanes: 32 of them in one AVX-512 register.
+# section 3's `y_int8` up to the float32 work per block. This is the chapter's `rows_at_a_time` of
+# section 5, give or take the order of the float terms, and it behaves the same: a little faster
+# than the float loops (integer multiply-adds, no conversion of each code to float), but many times
+# slower than minillm's kernel. The machine code says why. In the row-at-a-time loop, LLVM can at
+# best vectorize the 16 byte products of one block (two nibbles per byte, q indexed by `base + j`
+# and `base + 16 + j`, a widening multiply in the middle); the float work per block is a chain
+# from one block to the next and stays scalar. minillm's `matvec_groups_q4_1` runs the same
+# arithmetic for 32 rows side by side (`_nibble_sums` in kernels/nibbles.py walks the 32 rows' code
+# bytes with one pair of activation values), so every loop, the integer products and the float
+# terms alike, is SIMD over rows: far more of its instructions work on ymm/zmm registers.
 
 # %%
 def _matvec_q4_1_int(q, dx, qsum, d, m, codes, out):
@@ -122,6 +126,27 @@ y_int8 = (d.astype(np.float64) * dx * isum + m.astype(np.float64) * dx * qsum).s
 assert np.allclose(y_int, y_int8, rtol=1e-5, atol=1e-5 * np.abs(y_int8).max())
 numba.set_num_threads(1)
 lib = QuantLinear(raw, Q.Q4_1, threads=1)
+
+
+def simd_share(kernel):
+    """Instructions of the compiled kernel, and how many of them work on 256- or 512-bit registers."""
+    asm = kernel.inspect_asm(kernel.signatures[0]).splitlines()
+    ops = [line for line in asm if line.startswith("\t") and not line.startswith("\t.")]
+    return len(ops), sum(("%ymm" in op or "%zmm" in op) for op in ops)
+
+
+groups = numba.njit(q4_1.matvec_groups_q4_1.py_func, cache=False)   # compiled here, so its code can be read
+packed = lib.kernels.rows
+act = packed.new_activation()
+packed.quantize(x, act)
+y_groups = np.empty(N, np.float32)
+groups(packed.blocks, packed.w16, packed.w32, act.q16, act.d, act.sums, act.dsums, packed.new_scratch(1)[0], y_groups,
+       0, packed.n_groups)
+assert np.array_equal(y_groups, lib(x[None])[0])
+for label, kernel in (("int32 loops, one row at a time", integer), ("minillm, 32 rows at a time", groups)):
+    total, simd = simd_share(kernel)
+    print(f"{label:32} {simd:5} of {total:5} instructions on ymm/zmm registers ({simd / total:.0%})")
+assert simd_share(groups)[1] / simd_share(groups)[0] > simd_share(integer)[1] / simd_share(integer)[0]
 print(f"float loops {median_us(lambda: serial(x, d, m, codes, y_serial)):6.0f} us, "
       f"int32 loops {median_us(lambda: integer(q, dx, qsum, d, m, codes, y_int)):6.0f} us, "
       f"minillm {median_us(lambda: lib(x[None])):6.0f} us")

@@ -29,9 +29,11 @@ N_CTX, N_CHUNK = 64, 4
 
 def head_as(fmt):
     """The runtime's model with its tied head re-encoded in `fmt` (a slice of rows at a time)."""
-    table = gguf.data("token_embd.weight")
-    packed = np.concatenate([formats.quantize(formats.dequantize(table[a:a + 8192], Q.Q8_0), fmt)
-                             for a in range(0, len(table), 8192)])
+    table, pieces = gguf.data("token_embd.weight"), []
+    for first in range(0, len(table), 4096):
+        pieces.append(formats.quantize(formats.dequantize(table[first:first + 4096], Q.Q8_0), fmt))
+        gguf.release("token_embd.weight", (first + 4096) * table.shape[1])   # the pages read so far (chapter 5)
+    packed = np.concatenate(pieces)
     weights = replace(model.weights, embedding=QuantEmbedding(packed, fmt, threads=1))
     return replace(model, weights=weights), (table.nbytes - packed.nbytes) / 2**20
 
@@ -95,6 +97,7 @@ assert worse.perplexity > base.perplexity and gains > 0
 # wastes levels: the KL grows by more than half again for those 1.7 MiB.
 
 # %%
+del q4_1                                  # one requantized head at a time
 q4_0, q4_0_saved = head_as(Q.Q4_0)
 kl_q4_0 = exact_kld(reference, scored(q4_0, chunk))
 print(f"head Q4_1: {q4_1_saved:.1f} MiB saved, mean KL {kl.mean():.3f}; "

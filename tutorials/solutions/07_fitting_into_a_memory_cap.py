@@ -9,16 +9,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tutorials/, where course.py is
 import course  # first, before NumPy loads: thread settings and timing
 
+import contextlib
 import gc
+import io
 import os
 import re
-import subprocess
 
 import numpy as np
 from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import models, pre_tokenizers
 
-from minillm import memory
+from minillm import cli, memory
 from minillm.gguf import GGUFFile
 from minillm.linear import QuantLinear
 from minillm.registry import resolve_model
@@ -38,9 +39,12 @@ MiB = 1 << 20
 
 # %%
 def plan_lines(*flags):
-    """The memory plan `minillm info --mem-cap 64MiB -c 2048` prints, as {item: MiB}, and its strategy."""
-    out = subprocess.run([sys.executable, "-m", "minillm", "info", "-m", str(path), "--mem-cap", "64MiB",
-                          "-c", "2048", *flags], capture_output=True, text=True, check=True).stdout
+    """The memory plan `python -m minillm info --mem-cap 64MiB -c 2048` prints, as {item: MiB}, and its
+    strategy. (minillm.cli.main is that command, called in this process to save an interpreter's start-up.)"""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert cli.main(["info", "-m", str(path), "--mem-cap", "64MiB", "-c", "2048", *flags]) == 0
+    out = printed.getvalue()
     plan = out[out.index("memory plan"):]
     lines = dict(re.findall(r"^  (\S[\w ,]*?)\s+([0-9.]+) MiB", plan, re.MULTILINE))
     return {item: float(v) for item, v in lines.items()}, plan.splitlines()[0]
@@ -62,12 +66,14 @@ assert "Q8_0 KV" in plans[()][1] and "Q8_0 KV" not in plans[("--attention", "sin
 # %% [markdown]
 # ## 2. Who limits the streaming loop
 #
-# Here the file sits in the page cache, so a layer's read is a memory copy of 2.1 MiB, usually quicker
-# than the layer's seven products; the loop runs at the slower of the two. A third buffer helps only when reads vary in time:
-# a network or spinning disk, where one slow read could then hide behind two layers of compute rather
-# than one. It does not help when reads are slower on average: then the reader limits the loop
-# whatever the number of buffers. The plan's "streaming buffers" line would grow by one layer buffer,
-# the largest layer plus its alignment padding.
+# Here the file sits in the page cache, so a layer's read is a memory copy of 2.1 MiB, and the reader
+# then re-lays the rows for the kernels (`QuantLinear.store`, as the chapter's `fill` does): two
+# passes over the layer's bytes against the compute's seven products. The loop runs at the slower of
+# the two. A third buffer helps only when reads vary in time: a network or spinning disk, where one
+# slow read could then hide behind two layers of compute rather than one. It does not help when
+# reads are slower on average: then the reader limits the loop whatever the number of buffers. The
+# plan's "streaming buffers" line would grow by one layer's matrices as the kernels hold them (rows
+# padded to whole groups of 32, a page of slack each).
 
 # %%
 gguf = GGUFFile(path)
@@ -75,19 +81,17 @@ infos = [gguf.tensors[f"blk.0.{m}.weight"] for m in ("attn_q", "attn_k", "attn_v
                                                      "ffn_gate", "ffn_up", "ffn_down")]
 buffer = np.empty(sum(info.nbytes for info in infos), np.uint8)
 fd = os.open(path, os.O_RDONLY)
+starts = np.cumsum([0] + [info.nbytes for info in infos[:-1]])
+linears = [QuantLinear(buffer[at:at + info.nbytes].reshape(info.shape[0], -1), info.ggml_type, "numba", 1)
+           for at, info in zip(starts, infos)]
 
 
 def read_layer():
-    at = 0
-    for info in infos:
+    for at, info, linear in zip(starts, infos, linears):
         os.preadv(fd, [memoryview(buffer[at:at + info.nbytes])], info.offset)
-        at += info.nbytes
+        linear.store(buffer[at:at + info.nbytes].reshape(info.shape[0], -1), 0)   # re-laid for the kernels
 
 
-linears, at = [], 0
-for info in infos:
-    linears.append(QuantLinear(buffer[at:at + info.nbytes].reshape(info.shape[0], -1), info.ggml_type, "numba", 1))
-    at += info.nbytes
 x, x_ffn = np.ones((1, 576), np.float32), np.ones((1, 1536), np.float32)
 
 
@@ -99,7 +103,8 @@ def compute_layer():
 read_ms, compute_ms = (course.median_seconds(run, 30) * 1e3 for run in (read_layer, compute_layer))
 print(f"one layer: read {read_ms:.2f} ms, compute {compute_ms:.2f} ms -> the loop is limited by "
       f"{'the reads' if read_ms > compute_ms else 'the compute'}")
-print(f"a third buffer would add {(buffer.nbytes + 16 * 64) / MiB:.2f} MiB to the plan's streaming buffers")
+held = sum(-(-info.shape[0] // 32) * 32 * (info.nbytes // info.shape[0]) + 4096 for info in infos)
+print(f"a third buffer would add {held / MiB:.2f} MiB to the plan's streaming buffers")
 os.close(fd)
 
 # %% [markdown]

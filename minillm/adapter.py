@@ -1,0 +1,146 @@
+"""LoRA adapters: a low-rank change to a model's linears, kept beside the weights, in llama.cpp's file format.
+
+A LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") leaves a weight W
+(out_features, in_features) as it is and adds a product of two thin matrices:
+
+    y = x W^T + scale * (x A^T) B^T        A: (rank, in_features), B: (out_features, rank)
+
+rank * (in + out) numbers instead of in * out: for SmolLM2's 576 x 576 attn_q at rank 8, 9,216
+numbers instead of 331,776. So the base stays packed (Q4_1 blocks as stored) and only A and B are
+float32; `minillm finetune` trains them and writes the file (minillm.train.lora), `--lora ADAPTER`
+applies them (read_adapter, AdapterSource: the loader builds the model with them).
+
+The file is llama.cpp's (src/llama-adapter.cpp, convert_lora_to_gguf.py): a GGUF with
+`general.type = "adapter"`, `general.architecture` of the base, `adapter.type = "lora"` and
+`adapter.lora.alpha`; for each adapted weight two F32 tensors named after it, `<name>.lora_a` of
+NumPy shape (rank, in_features) (ggml ne = [in_features, rank]) and `<name>.lora_b` of NumPy shape
+(out_features, rank). llama.cpp computes scale = alpha / rank (times the user's --lora-scaled
+factor, 1 here), and scale = 1 when alpha is 0; so does `Adapter.scale`.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from .errors import GGUFError, MinillmError
+from .gguf import GGUFFile
+from .linear import FloatLinear, QuantLinear
+from .metadata import get
+from .weights import dequantized, expected_shapes
+
+
+class LoraLinear:
+    """y = base(x) + scale * (x A^T) B^T, with `base` the loader's linear (packed or float), untouched.
+    x: (T, in_features) -> (T, out_features). `factor` makes the linears of A and B: FloatLinear
+    (BLAS, in A's and B's dtype: training, minillm.train.lora), or as the compute mode multiplies
+    any F32 weight (`mode_factor`: float32, float64 for the oracle, ggml_vec_dot_f32's order in
+    --mode ggml), in llama.cpp's order: B (A x), scaled, then added (llama-graph.cpp build_lora_mm).
+    Both read A and B in place, so a trainer that updates them changes what this computes."""
+
+    def __init__(self, base, a: np.ndarray, b: np.ndarray, scale: float, name: str, factor=FloatLinear):
+        self.base, self.a, self.b, self.scale, self.name = base, a, b, scale, name
+        self.down, self.up = factor(a), factor(b)                       # in_features -> rank -> out_features
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y = self.base(x)
+        y += self.scale * self.up(self.down(x))                           # (T, rank) first
+        return y
+
+    @property
+    def nbytes(self) -> int:
+        return self.base.nbytes + self.a.nbytes + self.b.nbytes
+
+
+def mode_factor(ops):
+    """A LoRA factor (a float32 matrix (N, K)) as the compute mode `ops` multiplies an F32 tensor:
+    the F32 format's packed rows (a view of the same memory) handed to `ops.linear`."""
+    return lambda m: ops.linear(QuantLinear(m.view(np.uint8), GGMLQuantizationType.F32, backend="numpy", name="lora"))
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter: alpha, and for each adapted weight (GGUF name) its A (rank, in) and B (out, rank)."""
+
+    architecture: str
+    alpha: float
+    pairs: dict          # weight name -> (a, b) float32
+
+    def scale(self, name: str) -> float:
+        rank = self.pairs[name][0].shape[0]
+        return self.alpha / rank if self.alpha else 1.0
+
+
+def read_adapter(path) -> Adapter:
+    """An adapter file, checked for what llama.cpp requires of it; GGUFError otherwise."""
+    f = GGUFFile(path)
+    meta = f.metadata
+    if get(meta, "general.type", path=f.path) != "adapter" or get(meta, "adapter.type", path=f.path) != "lora":
+        raise GGUFError(f.path, "not a LoRA adapter (general.type must be 'adapter' and adapter.type 'lora')")
+    pairs = {}
+    for name in f.tensors:
+        base, dot, part = name.rpartition(".")
+        if not dot or part not in ("lora_a", "lora_b"):
+            raise GGUFError(f.path, f"tensor {name} is not a .lora_a or .lora_b")
+        pairs.setdefault(base, {})[part] = dequantized(f, name)
+    for base, ab in pairs.items():
+        if set(ab) != {"lora_a", "lora_b"}:
+            raise GGUFError(f.path, f"{base} has only its {next(iter(ab))}")
+        a, b = ab["lora_a"], ab["lora_b"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise GGUFError(f.path, f"{base}: lora_a {a.shape} and lora_b {b.shape} do not share a rank")
+    alpha = float(get(meta, "adapter.lora.alpha", 0.0, f.path))
+    return Adapter(get(meta, "general.architecture", path=f.path), alpha,
+                   {base: (ab["lora_a"], ab["lora_b"]) for base, ab in pairs.items()})
+
+
+def check_fits(adapter: Adapter, architecture: str, shapes: dict, path="adapter"):
+    """Refuse an adapter made for another model: its architecture, a weight the model lacks or a
+    shape that differs. `shapes` is the model's GGUF name -> (out_features, in_features)."""
+    if adapter.architecture != architecture:
+        raise MinillmError(f"{path}: the adapter is for {adapter.architecture!r} models, the model is {architecture!r}")
+    for name, (a, b) in adapter.pairs.items():
+        shape = shapes.get(name)
+        if shape is None or len(shape) != 2:
+            raise MinillmError(f"{path}: the model has no matrix {name} to adapt (an adapter for another model?)")
+        if (b.shape[0], a.shape[1]) != tuple(shape):
+            raise MinillmError(f"{path}: {name} is {shape[0]} x {shape[1]} in the model, the adapter's is "
+                               f"{b.shape[0]} x {a.shape[1]} (an adapter for another model?)")
+
+
+class AdapterSource:
+    """A weight source of the loader (minillm.weights) with an adapter's LoRA added to the matrices
+    it names: every other tensor comes from `source` as it would without the adapter."""
+
+    def __init__(self, source, adapter: Adapter, ops):
+        self.source, self.adapter, self.ops = source, adapter, ops
+
+    def vector(self, name: str) -> np.ndarray:
+        return self.source.vector(name)
+
+    def embedding(self, name: str):
+        return self.source.embedding(name)
+
+    def matrix(self, name: str):
+        return self.adapted(name, self.source.matrix(name))
+
+    def matrices(self, names: list) -> list:
+        return [self.adapted(name, base) for name, base in zip(names, self.source.matrices(names))]
+
+    def finish(self):
+        self.source.finish()
+
+    def adapted(self, name: str, base):
+        """The loader's linear `base` of tensor `name`, with the adapter's LoRA if it has one for it."""
+        if name not in self.adapter.pairs:
+            return base
+        a, b = self.adapter.pairs[name]
+        return LoraLinear(base, a, b, self.adapter.scale(name), name, mode_factor(self.ops))
+
+
+def adapted_source(path, source, gguf, config, ops) -> AdapterSource:
+    """The adapter file at `path`, checked against the model (an open GGUFFile and its config), over
+    the weight source the model is loaded from; its products are those of `ops` (the compute mode)."""
+    adapter = read_adapter(path)
+    check_fits(adapter, gguf.metadata.get("general.architecture"), expected_shapes(config), path)
+    return AdapterSource(source, adapter, ops)
