@@ -157,12 +157,13 @@ SETTINGS = [gen.SamplingSettings(),                                 # llama.cpp'
             gen.SamplingSettings(temperature=0.7, top_k=0, top_p=1.0, min_p=0.2, seed=3),
             gen.SamplingSettings(repeat_penalty=1.3, repeat_last_n=32, seed=4),
             gen.SamplingSettings(temperature=0, repeat_penalty=1.3)]  # greedy, penalized
+DRAWS = 40  # per setting: each sorts 49,152 logits, twice (ours and the library's)
 for s in SETTINGS:
     library, rng = gen.Sampler(s), np.random.default_rng(s.seed)
-    mine = [sample(rows[t], paragraph[:t + 1], s, rng) for t in range(100)]  # the first 100 positions
-    theirs = [library(rows[t], paragraph[:t + 1]) for t in range(100)]
+    mine = [sample(rows[t], paragraph[:t + 1], s, rng) for t in range(DRAWS)]  # the first positions
+    theirs = [library(rows[t], paragraph[:t + 1]) for t in range(DRAWS)]
     assert mine == theirs
-    print(f"100 draws, id for id: temp {s.temperature}, top-k {s.top_k}, top-p {s.top_p}, min-p {s.min_p}, "
+    print(f"{DRAWS} draws, id for id: temp {s.temperature}, top-k {s.top_k}, top-p {s.top_p}, min-p {s.min_p}, "
           f"penalty {s.repeat_penalty}: {len(set(mine))} different ids")
 
 # %% [markdown]

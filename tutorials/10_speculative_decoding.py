@@ -30,14 +30,17 @@ import numpy as np
 
 from minillm import generate as gen
 from minillm.kvcache import KVCache
+from minillm.model import Model
+from minillm.ops.f32 import F32
 from minillm.runtime import RunConfig, load
+from minillm.weights import PackedSource, load_weights
 
 rt = load(RunConfig(ctx_size=512, threads=1), announce=lambda message: None)
 model, tokenizer, config = rt.model, rt.tokenizer, rt.model.config
 PASSAGE = ("Alice was beginning to get very tired of sitting by her sister on the bank, and of having nothing "
            "to do: once or twice she had peeped into the book her sister was reading.")
 prompt = tokenizer.encode_chat([{"role": "user", "content": f"Repeat this text exactly, word for word:\n\n{PASSAGE}"}])
-N_TOKENS = 40
+N_TOKENS = 32
 print(f"prompt: {len(prompt)} tokens")
 
 # %% [markdown]
@@ -151,19 +154,21 @@ assert min(gap_stepped.min(), gap_batched.min()) > 0.01  # no near tie: the last
 # (`--backend numpy`, which dequantizes every weight in every pass, one token or many).
 
 # %%
-def pass_seconds(model, n_tokens, repeats=3):
-    """Median time of one forward pass over n_tokens new tokens after the prompt."""
+def pass_ms(model, sizes, repeats):
+    """Median time in ms of one forward pass over n new tokens after the prompt, for each n in sizes."""
     cache = KVCache(config, 512)
     model.forward(prompt, cache)
-    return course.median_seconds(lambda: (cache.truncate(len(prompt)), model.forward(greedy[:n_tokens], cache)),
-                                 repeats)
+    return [course.median_seconds(lambda: (cache.truncate(len(prompt)), model.forward(greedy[:n], cache)), repeats)
+            * 1e3 for n in sizes]
 
 
 sizes = [1, 2, 3, 5, 9]
-runtime_ms = [pass_seconds(model, n) * 1e3 for n in sizes]
-del rt, model                      # one mapped model at a time
-slow = load(RunConfig(ctx_size=512, threads=1, backend="numpy"), announce=lambda message: None)
-numpy_ms = [pass_seconds(slow.model, n, repeats=2) * 1e3 for n in (1, 5)]
+runtime_ms = pass_ms(model, sizes, repeats=3)
+gguf = rt.gguf
+del rt, model                      # one model's weights at a time
+# what `--backend numpy` loads: the file's blocks used in place, multiplied by dequantized tiles
+slow = Model(config, load_weights(gguf, config, PackedSource(gguf, config, 4, backend="numpy")), F32())
+numpy_ms = pass_ms(slow, [1, 5], repeats=1)  # a NumPy pass takes long: one timed pass each, after one untimed
 del slow
 for n, ms in zip(sizes, runtime_ms):
     print(f"runtime, {n} token(s) per pass: {ms:7.1f} ms")

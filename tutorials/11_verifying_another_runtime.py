@@ -61,9 +61,9 @@ PROMPT = "Alice was beginning to get very tired of sitting by her sister on the 
 runs = {}
 for mode in ("f32", "ggml"):
     start = time.perf_counter()
-    rt = load(RunConfig(mode=mode, backend="numpy", ctx_size=64), announce=lambda m: None)
+    rt = load(RunConfig(mode=mode, ctx_size=64, threads=1), announce=lambda m: None)
     runs[mode] = dump_runtime(rt, PROMPT)
-    del rt  # its memory map of the weights goes too: one mapped model at a time
+    del rt  # its weights go too: one model at a time
     print(f"--mode {mode}: {len(runs[mode].token_ids)} tokens, {len(runs[mode].tensors)} tensors, "
           f"{time.perf_counter() - start:.1f} s (load included)")
 comparison = compare_dumps(runs["f32"], runs["ggml"], tolerance=1e-4)
@@ -119,21 +119,23 @@ assert by_hand == library   # "arm" keeps the generic loop order; "x86" adds in 
 
 # %%
 def packed(ops):
-    """The file's Q4_1 blocks as they are, each matrix wrapped in `ops`' product."""
-    return load_weights(gguf, config, PackedSource(gguf, config, 4, backend="numpy", ops=ops))
+    """The file's Q4_1 blocks, re-laid for the Numba kernels, each matrix wrapped in `ops`' product."""
+    return load_weights(gguf, config, PackedSource(gguf, config, 4, ops=ops))
 
 
 tokens = Tokenizer.from_metadata(gguf.metadata).encode(PROMPT)
-variants = {
-    "activation quantization": (Model(config, packed(GGML()), F32()), 32),
-    "float16 attention": (Model(config, packed(F32()), F32(ggml_attention)), 16),
-    "all of ggml": (Model(config, packed(GGML()), GGML()), 16),
-    "ggml, reference rounding": (Model(config, packed(GGML("ref")), GGML("ref")), 16),
+variants = {  # name: (the products' arithmetic, everything else's, the KV cache's bits)
+    "activation quantization": (GGML(backend="numba"), F32(backend="numba"), 32),
+    "float16 attention": (F32(backend="numba"), F32(ggml_attention, backend="numba"), 16),
+    "all of ggml": (GGML(backend="numba"), GGML(backend="numba"), 16),
+    "ggml, reference rounding": (GGML("ref", backend="numba"), GGML("ref", backend="numba"), 16),
 }
 dumps = {}
-for name, (model, kv_bits) in variants.items():
+for name, (products, ops, kv_bits) in variants.items():
+    model = Model(config, packed(products), ops)  # one at a time: each holds its own re-laid weights
     cache = KVCache(config, 64) if kv_bits == 32 else PatternKVCache(config, 64, kv_bits=16)
     dumps[name] = Dump(runs["f32"].token_ids, record_forward(model, tokens, cache))
+    del model
 layers = np.arange(config.n_layers)
 curves = {name: [tensor_diff("l_out", runs["f32"].tensors[f"l_out-{i}"], dump.tensors[f"l_out-{i}"]).nmse
                  for i in layers] for name, dump in dumps.items()}

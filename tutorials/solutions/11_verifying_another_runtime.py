@@ -15,14 +15,15 @@ import minillm
 from minillm.arch import read_config
 from minillm.formats.q8_0 import quantize_q8
 from minillm.gguf import GGUFFile
-from minillm.kvcache import KVCache, PatternKVCache
+from minillm.kvcache import KVCache, PatternKVCache, new_cache
 from minillm.model import Model
 from minillm.ops.f32 import F32
 from minillm.ops.ggml import GGML, ggml_attention
+from minillm.ops.oracle import Oracle
 from minillm.registry import resolve_model
-from minillm.runtime import RunConfig, load
+from minillm.tokenizer import Tokenizer
 from minillm.verify.compare import compare_dumps, tensor_diff
-from minillm.verify.dump import dump_runtime, record_forward
+from minillm.verify.dump import Dump, record_forward
 from minillm.weights import PackedSource, load_weights
 
 PATH = resolve_model(None)
@@ -38,11 +39,26 @@ PROMPT = "Alice was beginning to get very tired"
 # while 8-bit activations round by up to 1/254 of each block's largest value. No top token changes.
 
 # %%
-runs = {}
-for mode in ("oracle", "f32"):
-    rt = load(RunConfig(mode=mode, backend="numpy", ctx_size=32), announce=lambda message: None)
-    runs[mode] = dump_runtime(rt, PROMPT)
-    del rt
+gguf = GGUFFile(PATH)
+config = read_config(gguf.metadata, gguf.path)
+tokens = Tokenizer.from_metadata(gguf.metadata).encode(PROMPT)
+
+
+def packed(ops):
+    """The file's Q4_1 blocks, each matrix wrapped in `ops`' product (as in the chapter): ggml's on the
+    Numba kernels (bit for bit its NumPy emulation), the oracle's and f32's in NumPy, whose float tiles
+    round no activation to 8 bits (the Numba backend's one-token kernels would)."""
+    backend = "numba" if isinstance(ops, GGML) else "numpy"
+    return load_weights(gguf, config, PackedSource(gguf, config, 4, backend=backend, ops=ops))
+
+
+def dump(ops, kv_bits):
+    """Every traced tensor of the prompt through the model `ops` computes (what `minillm dump` records)."""
+    model = Model(config, packed(ops), ops)
+    return Dump(tokens, record_forward(model, tokens, new_cache(config, 32, kv_bits=kv_bits)))
+
+
+runs = {"oracle": dump(Oracle(), 64), "f32": dump(F32(), 32)}   # the oracle keeps its cache in float64
 comparison = compare_dumps(runs["oracle"], runs["f32"])
 layers = [d for d in comparison.tensors if d.name.startswith("l_out")]
 print("l_out NMSE, f32 against oracle:", " ".join(f"{d.nmse:.0e}" for d in layers[::5]), "...", f"{layers[-1].nmse:.0e}")
@@ -58,17 +74,11 @@ assert max(d.nmse for d in layers) < 1e-9 and comparison.logits.top1_agreement =
 # product that uses it (`Qcur-0`, the first product of all) differs, and every later tensor with it.
 
 # %%
-gguf = GGUFFile(PATH)
-config = read_config(gguf.metadata, gguf.path)
+def ggml(rounding="x86"):
+    return GGML(rounding, backend="numba")
 
 
-def packed(ops):
-    """The file's Q4_1 blocks as they are, each matrix wrapped in `ops`' product (as in the chapter)."""
-    return load_weights(gguf, config, PackedSource(gguf, config, 4, backend="numpy", ops=ops))
-
-
-tokens = runs["f32"].token_ids
-dumps = {rounding: record_forward(Model(config, packed(GGML(rounding)), GGML(rounding)), tokens,
+dumps = {rounding: record_forward(Model(config, packed(ggml(rounding)), ggml(rounding)), tokens,
                                   PatternKVCache(config, 32, kv_bits=16))
          for rounding in ("x86", "arm")}
 first = next(name for name in dumps["x86"] if not np.array_equal(dumps["x86"][name], dumps["arm"][name]))
@@ -91,18 +101,20 @@ assert not np.array_equal(dumps["x86"]["result_output"], dumps["arm"]["result_ou
 golden = np.load(Path(minillm.__file__).resolve().parents[1] / "tests" / "data" / "ggml_reference.npz")
 first_token = int(golden["token_ids"][0])
 want = golden["logits"][0]                                          # position 0, float16 as the golden stores it
-variants = {
-    "all of ggml (x86)": (Model(config, packed(GGML()), GGML()), 16),
-    "ggml, reference rounding": (Model(config, packed(GGML("ref")), GGML("ref")), 16),
-    "activation quantization only": (Model(config, packed(GGML()), F32()), 32),
-    "float16 attention only": (Model(config, packed(F32()), F32(ggml_attention)), 16),
-    "f32": (Model(config, packed(F32()), F32()), 32),
+variants = {  # name: (the products' arithmetic, everything else's, the KV cache's bits)
+    "all of ggml (x86)": (ggml(), ggml(), 16),
+    "ggml, reference rounding": (ggml("ref"), ggml("ref"), 16),
+    "activation quantization only": (ggml(), F32(), 32),
+    "float16 attention only": (F32(), F32(ggml_attention), 16),
+    "f32": (F32(), F32(), 32),
 }
 exact = {}
-for name, (model, kv_bits) in variants.items():
+for name, (products, ops, kv_bits) in variants.items():
+    model = Model(config, packed(products), ops)    # one at a time: each holds its own re-laid weights
     cache = KVCache(config, 1) if kv_bits == 32 else PatternKVCache(config, 1, kv_bits=16)
     got = model.forward([first_token], cache)[0].astype(np.float16)
     exact[name] = np.array_equal(got, want)
     nmse = tensor_diff("logits", want.astype(np.float32), got.astype(np.float32)).nmse
     print(f"{name:30} {'bit for bit' if exact[name] else 'differs'} (NMSE {nmse:.1e})")
+    del model, cache
 assert exact == {name: name == "all of ggml (x86)" for name in variants}

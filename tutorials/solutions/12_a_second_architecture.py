@@ -11,23 +11,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tutorials/, where course.py is
 import course  # noqa: F401  first, before NumPy loads: thread settings
 
-import contextlib
-import io
-import json
-
 import dataclasses
 
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
-from minillm import cli
 from minillm.arch import read_config
 from minillm.attention import parse_attention
 from minillm.gguf import GGUFFile
-from minillm.kvcache import kv_cache_bytes, new_cache
+from minillm.kvcache import kv_cache_bytes, new_cache, ring_rows
 from minillm.linear import QuantEmbedding
 from minillm.model import Model
 from minillm.registry import resolve_model
+from minillm.runtime import RunConfig
 from minillm.tokenizer import Tokenizer
 from minillm.weights import ModelWeights, PackedSource, layer_weights
 
@@ -45,28 +41,25 @@ MiB = 2**20
 # "if every layer saw everything" figure: at 32,768 positions 207 MiB against 1,152 MiB.
 
 # %%
-def info(*flags):
-    """The facts `python -m minillm info -m gemma3-270m --ctx-size 32768 --json [flags]` prints.
-    (minillm.cli.main is that command, called in this process to save an interpreter's start-up.)"""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert cli.main(["info", "-m", str(PATH), "--ctx-size", "32768", "--json", *flags]) == 0
-    return json.loads(out.getvalue())
+def cache_facts(attention=None):
+    """What `python -m minillm info -m gemma3-270m --ctx-size 32768 --json [--attention ...]` reports
+    about the cache: for each distinct pattern, how many layers use it and how many positions each
+    of them caches (`ring_rows`), and the KV cache in MiB (`kv_cache_bytes`). (`info` also counts the
+    keys each query sees over all 32,768 positions, mask by mask, which takes seconds.)"""
+    spec = RunConfig(model=str(PATH), ctx_size=32768, attention=attention).for_model(config).attention_spec()
+    cached = sorted((sum(spec.pattern(i) == p for i in range(config.n_layers)), ring_rows(p, 32768))
+                    for p in dict.fromkeys(spec.patterns))
+    return cached, kv_cache_bytes(config, 32768, spec) / MiB
 
 
-for flags in ((), ("--attention", "dense")):
-    facts = info(*flags)
-    cached = sorted((len(a["layers"]), a["cached_positions"]) for a in facts["attention"])
-    print(f"minillm info {' '.join(flags) or '(its own pattern)'}: KV cache {facts['kv_cache_mib']:.1f} MiB; "
+(windowed, windowed_mib), (dense, dense_mib) = cache_facts(), cache_facts("dense")
+for label, cached, mib in (("its own pattern", windowed, windowed_mib), ("--attention dense", dense, dense_mib)):
+    print(f"minillm info ({label}): KV cache {mib:.1f} MiB; "
           + ", ".join(f"{n} layers cache {positions} positions each" for n, positions in cached))
-    if flags:
-        assert cached == [(18, 32768)]
-        assert facts["kv_cache_mib"] * MiB == kv_cache_bytes(config, 32768, parse_attention("dense"))
-    else:
-        assert cached == [(3, 32768), (15, 512)]
-        windowed_mib = facts["kv_cache_mib"]
-print(f"windows: {windowed_mib:.0f} MiB, dense: {facts['kv_cache_mib']:.0f} MiB")
-assert round(windowed_mib) == 207 and round(facts["kv_cache_mib"]) == 1152
+assert windowed == [(3, 32768), (15, 512)] and dense == [(18, 32768)]
+assert dense_mib * MiB == kv_cache_bytes(config, 32768, parse_attention("dense"))
+print(f"windows: {windowed_mib:.0f} MiB, dense: {dense_mib:.0f} MiB")
+assert round(windowed_mib) == 207 and round(dense_mib) == 1152
 
 # %% [markdown]
 # ## 2. A Q8_0 cache at 32,768 positions
