@@ -168,7 +168,17 @@ gguf = rt.gguf
 del rt, model                      # one model's weights at a time
 # what `--backend numpy` loads: the file's blocks used in place, multiplied by dequantized tiles
 slow = Model(config, load_weights(gguf, config, PackedSource(gguf, config, 4, backend="numpy")), F32())
-numpy_ms = pass_ms(slow, [1, 5], repeats=1)  # a NumPy pass takes long: one timed pass each, after one untimed
+
+
+def numpy_pass_ms(n):
+    """One pass over n tokens on an empty cache, timed once: nothing to warm up in NumPy, and its cost
+    is dequantizing every weight, whatever the context."""
+    start = time.perf_counter()
+    slow.forward(greedy[:n], KVCache(config, n))
+    return (time.perf_counter() - start) * 1e3
+
+
+numpy_ms = [numpy_pass_ms(n) for n in (1, 5)]
 del slow
 for n, ms in zip(sizes, runtime_ms):
     print(f"runtime, {n} token(s) per pass: {ms:7.1f} ms")

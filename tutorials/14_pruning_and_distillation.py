@@ -321,12 +321,12 @@ print(f"student of {student_config.n_layers} blocks as cut: perplexity {start_fi
 # the teacher's top k tokens per position to save memory (k numbers instead of the vocabulary: 64 of
 # SmolLM2's 49,152), and can mix in the text's cross-entropy (`--kl-weight`).
 #
-# Three students from the same cut, 40 steps of 8 windows each (160 windows, each seen twice): the
+# Three students from the same cut, 30 steps of 8 windows each (120 windows, each seen twice): the
 # teacher's whole distribution, its top 16 tokens only, and the text alone (ordinary training,
 # kl_weight 0).
 
 # %%
-def trained_student(k, kl_weight, steps=40):
+def trained_student(k, kl_weight, steps=30):
     examples = with_teacher_targets(teacher_model, train_windows[:4 * steps], k, temperature=1.0)
     student = trainable_from_arrays(student_config, {n: a.copy() for n, a in student_arrays.items()})
     train(student, student.parameters(), batches(examples, 8, seed=0),

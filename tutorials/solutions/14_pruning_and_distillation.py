@@ -28,7 +28,7 @@ from minillm.train.model import float_arrays, inference_model, trainable_from_ar
 from minillm.train.optim import AdamW, Schedule, clip_gradients
 from minillm.train.prune import block_matrices, drop_layers, layer_losses, unstructured, without_layers
 
-TEACHER_STEPS, STUDENT_STEPS = 100, 40     # as in the chapter
+TEACHER_STEPS, STUDENT_STEPS = 100, 30     # as in the chapter
 OUT = Path(tempfile.mkdtemp(prefix="minillm-pruning-answers-"))
 tiny = GGUFFile(write_tiny(OUT / "teacher-random.gguf", "llama", n_layers=4, dim=64, n_heads=4, n_kv_heads=2,
                            ffn_dim=192))
