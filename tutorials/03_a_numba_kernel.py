@@ -311,20 +311,21 @@ for label, run, nbytes in contenders(raw):
           f"{numpy_seconds / seconds:8.1f}x")
 
 # %% [markdown]
-# What to read in the table (your numbers will differ; one run on a shared 2-core Xeon gave medians of
-# about 2,000, 110, 560 and 90 us, top to bottom, and one on a shared AMD EPYC 4,100, 47, 640 and 89 us):
+# What to read in the table (your numbers will differ: one run on a shared 2-core Xeon, before minillm
+# re-laid its rows, gave medians of about 2,000, 110, 560 and 90 us, top to bottom; one on a shared
+# AMD EPYC after it, with other jobs running at a load average of 7, 19,000, 60, 620 and 32 us):
 #
 # - Dequantizing costs far more than the product itself: NumPy builds several temporary arrays per
 #   call (nibbles, float codes, the scaled matrix), some as big as the weights in float32.
-# - The plain loops beat dequantize-then-multiply (4 to 6× here) while reading a fifth of the
+# - The plain loops beat dequantize-then-multiply (several times over) while reading a fifth of the
 #   bytes of a float32 matrix, but they are slower than BLAS on a ready float32 matrix: one float
 #   multiply-add per weight, with a mask or shift and a conversion in front of it, one weight at a
 #   time, and the adds chained through `dot` in order, which keeps LLVM from vectorizing them.
 # - minillm's kernel does the multiplies on integers in SIMD registers, on the file's bytes re-laid
-#   (section 5). On a matrix this small, whose float32 copy stays in the CPU's caches, it is in the
-#   same range as BLAS on a matrix 6.4 times larger in memory; the next measurement shows what happens
-#   when the copy no longer fits. For the whole model the packed kernel means 92 MiB of weights
-#   instead of 538 MB.
+#   (section 5). Even on a matrix this small, whose float32 copy stays in the CPU's caches, it matches
+#   or beats BLAS on a matrix 6.4 times larger in memory; the next measurement shows what happens when
+#   the copy no longer fits. For the whole model the packed kernel means 92 MiB of weights instead of
+#   538 MB.
 
 # %%
 numpy_s, blas_s, loops_s, minillm_s = results.values()
