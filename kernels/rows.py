@@ -53,6 +53,20 @@ def field_counts(fields: tuple) -> tuple:
     return n16, n32, n_codes
 
 
+def _packed_bytes(raw, i, col, width, k):
+    """Word k of the 8 * width bytes that a field of `width` bytes at column col of rows i .. i + 7
+    becomes in the interleaved layout, where those rows' copies of it lie side by side: byte m of
+    the word is byte (8k + m) % width of row i + (8k + m) // width. raw: (n, row_bytes) u8 -> u64."""
+    word = np.uint64(0)
+    for m in range(8):
+        e = 8 * k + m
+        word |= np.uint64(raw[i + e // width, col + e % width]) << np.uint64(8 * m)
+    return word
+
+
+packed_bytes = jit_inline(_packed_bytes)
+
+
 @functools.lru_cache(maxsize=None)
 def store_kernel(fields: tuple):
     """The Numba copy of GGUF rows into the interleaved layout for one format's block `fields`, its
@@ -60,31 +74,50 @@ def store_kernel(fields: tuple):
     arrays, they left a loop of table look-ups that copied about 1.2 GB/s). NumPy reference:
     `layout.interleave`, bit for bit."""
     n16, n32, n_codes = field_counts(fields)
+
     header = 2 * n16 + 4 * n32      # bytes before the codes, in a GGUF block
     type_size = header + n_codes
-    codes = GROUP_ROWS * header      # where code byte 0 of the rows starts, in a group-block
 
-    def store(raw, out, first_row):
+    def store(raw, out, words, first_row):
         """out = raw's rows as rows first_row.. of the interleaved layout.
 
         raw: (n, nb * type_size) u8 GGUF rows; out: (G, nb, GROUP_ROWS * type_size) u8, with
-        first_row + n <= G * GROUP_ROWS (the caller checks). Loop order: row by row, reading each row
-        once in order; a row's bytes of one block go to GROUP_ROWS * (field offset) + (width) * r + t
-        of its group-block, offsets that are constants once the loops over the fields are unrolled,
-        so each byte is one load and one store. Serial. Allocation: none."""
-        for i in range(raw.shape[0]):
+        first_row + n <= G * GROUP_ROWS (the caller checks); words: out's bytes as (G, nb,
+        GROUP_ROWS * type_size / 8) u64. Rows are copied 8 at a time from a row whose number is a
+        multiple of 8: the 8 rows' copies of a field of width w are 8w consecutive bytes of the layout,
+        each 64-bit word of them put together from 8 bytes of the rows and written at once (about
+        8 GB/s here, against 3.7 a byte store at a time). Other rows (before the first such block,
+        after the last) a byte at a time: a word would overwrite rows not given. Offsets are constants
+        once the loops over the fields are unrolled. Serial. Allocation: none."""
+        i = 0
+        while i < raw.shape[0]:
             g, r = divmod(first_row + i, GROUP_ROWS)
-            for b in range(out.shape[1]):
-                src = type_size * b
-                for f in range(n16):        # float16 scales: 2 bytes a row, side by side
-                    for t in range(2):
-                        out[g, b, GROUP_ROWS * 2 * f + 2 * r + t] = raw[i, src + 2 * f + t]
-                for f in range(n32):        # uint32 fifth bits: 4 bytes a row
-                    at = 2 * n16 + 4 * f
-                    for t in range(4):
-                        out[g, b, GROUP_ROWS * at + 4 * r + t] = raw[i, src + at + t]
-                for j in range(n_codes):    # code byte j of the 32 rows, then byte j + 1
-                    out[g, b, codes + GROUP_ROWS * j + r] = raw[i, src + header + j]
+            if r % 8 == 0 and i + 8 <= raw.shape[0]:
+                for b in range(words.shape[1]):
+                    src = type_size * b
+                    for f in range(n16):          # float16 scales: 2 bytes a row, side by side
+                        for k in range(2):
+                            words[g, b, (GROUP_ROWS * 2 * f + 2 * r) // 8 + k] = packed_bytes(raw, i, src + 2 * f, 2, k)
+                    for f in range(n32):          # uint32 fifth bits: 4 bytes a row
+                        at = 2 * n16 + 4 * f
+                        for k in range(4):
+                            words[g, b, (GROUP_ROWS * at + 4 * r) // 8 + k] = packed_bytes(raw, i, src + at, 4, k)
+                    for j in range(n_codes):      # code byte j of the rows, then byte j + 1
+                        words[g, b, (GROUP_ROWS * (header + j) + r) // 8] = packed_bytes(raw, i, src + header + j, 1, 0)
+                i += 8
+            else:
+                for b in range(out.shape[1]):
+                    src = type_size * b
+                    for f in range(n16):
+                        for t in range(2):
+                            out[g, b, GROUP_ROWS * 2 * f + 2 * r + t] = raw[i, src + 2 * f + t]
+                    for f in range(n32):
+                        at = 2 * n16 + 4 * f
+                        for t in range(4):
+                            out[g, b, GROUP_ROWS * at + 4 * r + t] = raw[i, src + at + t]
+                    for j in range(n_codes):
+                        out[g, b, GROUP_ROWS * (header + j) + r] = raw[i, src + header + j]
+                i += 1
 
     return jit(store)
 
@@ -147,7 +180,7 @@ class Rows:
             raise ValueError(f"{type(self).__name__}: cannot store rows of shape {raw.shape} ({raw.dtype}) at row "
                              f"{first_row} of a {self.n_rows} x {self.n_cols} matrix")
         if self.fields:
-            store_kernel(self.fields)(raw, self.storage, first_row)
+            store_kernel(self.fields)(raw, self.storage, self.storage.view(np.uint64), first_row)
         else:
             self.storage[first_row:first_row + raw.shape[0]] = raw
 
