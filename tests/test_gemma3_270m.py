@@ -84,20 +84,19 @@ def graph():
 
 def test_dump_names_and_values_are_llama_cpps(gemma3_path, graph):
     """In --mode ggml, one token at a time over 4 tokens, every tensor `dump` records is the tensor of
-    that name in llama.cpp's graph (its callback's names), bit for bit, with two exceptions: llama.cpp
-    0.3.36 calls the looked-up embedding rows `embd` (its `inp_embd` is the input for embeddings
-    given instead of tokens), and leaves the output projection, `attn_out-i` here, unnamed."""
+    that name in llama.cpp's graph (its callback's names), bit for bit, but the output projection,
+    `attn_out-i` here, which llama.cpp leaves unnamed. (llama.cpp names the looked-up embedding rows
+    `embd`; its `inp_embd` is the input for embeddings given instead of tokens.)"""
     assert graph["model_sha256"] == MODELS["gemma3-270m"].sha256
     theirs = graph["tensor_sha256"]
     rt = quiet_load(gemma3_path, mode="ggml", ctx_size=64)
     cache = rt.new_cache()
     steps = [record_forward(rt.model, [t], cache) for t in graph["token_ids"]]
-    renamed = {"inp_embd": "embd"}
     unnamed = {f"attn_out-{i}" for i in range(rt.model.config.n_layers)}
-    assert set(steps[0]) - set(theirs) == unnamed | set(renamed)
+    assert set(steps[0]) - set(theirs) == unnamed
     for name in set(steps[0]) - unnamed:
         ours = [hashlib.sha256(np.ascontiguousarray(step[name], np.float32).tobytes()).hexdigest() for step in steps]
-        assert ours == theirs[renamed.get(name, name)], name
+        assert ours == theirs[name], name
 
 
 @pytest.mark.slow
