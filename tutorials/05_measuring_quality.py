@@ -193,8 +193,8 @@ entering = {}                                          # layer -> (32, dim) the 
 
 
 def keep_entering(name, x):
-    if name == "inp_embd" or name.startswith("l_out-"):
-        entering[0 if name == "inp_embd" else int(name.split("-")[1]) + 1] = x.copy()
+    if name == "embd" or name.startswith("l_out-"):
+        entering[0 if name == "embd" else int(name.split("-")[1]) + 1] = x.copy()
     return x
 
 
@@ -204,7 +204,7 @@ short_reference = model.forward(SHORT, KVCache(config, len(SHORT)), trace=keep_e
 def from_layer(i, layer):
     """The logits of the runtime's model with `layer` as its layer i, run from layer i on."""
     weights = replace(model.weights, layers=[layer, *model.weights.layers[i + 1:]])
-    start_at_i = lambda name, x: entering[i] if name == "inp_embd" else x  # noqa: E731
+    start_at_i = lambda name, x: entering[i] if name == "embd" else x  # noqa: E731
     return replace(model, weights=weights).forward(SHORT, KVCache(config, len(SHORT)), trace=start_at_i)
 
 

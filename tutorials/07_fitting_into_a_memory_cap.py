@@ -308,13 +308,14 @@ assert measured["peak_above_baseline_mib"] <= measured["plan"]["cap_mib"]
 # them with the compute threads, so decode slows down as the cap shrinks; prefill pays once per
 # chunk. `python -m minillm.bench_memory` measures the full curve: these are its figures from the
 # README (caps 16 to 256 MiB, each in a fresh process, medians of 3 runs; `--ctx-size 256`, a
-# 61-token prompt, 32 new tokens, 2 threads, an idle 2-core Xeon):
+# 61-token prompt, 32 new tokens, 2 threads, a 2-core AMD EPYC with other jobs running at a load
+# average of 6 to 7):
 
 # %%
-# --mem-cap MiB: (decode tokens/s, time to first token ms); 16 MiB was refused: minimum 17.4 MiB
-README_CURVE = {24: (24.6, 250), 32: (31.0, 242), 48: (30.9, 238), 64: (36.2, 240), 96: (37.5, 234),
-                128: (40.0, 228), 256: (39.9, 224)}
-README_UNCAPPED, README_MINIMUM_MIB = (40.2, 185), 17.4
+# --mem-cap MiB: (decode tokens/s, time to first token ms); 16 MiB was refused: minimum 18.1 MiB
+README_CURVE = {24: (4.4, 1340), 32: (6.1, 1072), 48: (6.8, 1075), 64: (10.5, 909), 96: (29.0, 527),
+                128: (54.7, 518), 256: (57.6, 457)}
+README_UNCAPPED, README_MINIMUM_MIB = (63.1, 368), 18.1
 
 # %% [markdown]
 # Beside section 5's run at 48 MiB, two more with `bench_memory`'s own function: a cap below the
@@ -352,17 +353,16 @@ course.save(fig, "memory_cap_speed.png")
 # %% [markdown]
 # ![Decode speed and time to first token against --mem-cap, from zero, with the packed weights and the minimum marked](figures/memory_cap_speed.png)
 #
-# Read from zero, the curve says more than the table: below the packed weight size (dotted) the run
-# still kept most of its speed, because only the streamed layers are read again each token and the
-# reader works while the other core computes; the price is paid mostly at the smallest caps, where the
-# LM head streams too. Nothing runs in the red band: there even the buffers, the Q8_0 KV cache and the
-# activations of 16-token prefill chunks do not fit.
-#
-# The README's curve predates the kernels that read re-laid rows (chapter 3, section 5): since then
-# the uncapped decode step is about twice as fast, while every streamed layer must also be re-laid
-# after it is read, on the reader's thread. Compare the ratio printed above with the README's: on
-# this tree a capped run has kept a much smaller share of the uncapped speed (the README's table is
-# marked to be measured again).
+# Read from zero, the curve says more than the table: as soon as layers stream, decode falls to a
+# small share of the uncapped speed, and it recovers only when most layers are resident again (96 MiB
+# and up); time to first token follows the other way. Every streamed layer is read again for every
+# token and, since the kernels read re-laid rows (chapter 3, section 5), re-laid as it is read, on the
+# reader's thread, which shares the two cores with the compute: the README measured this curve at a
+# load of 6 to 7, where the reader gets little of them. The ratio printed above, from a run of this
+# chapter, shows how much a quieter machine gives back (25% at 48 MiB at a load of 1, against the
+# README's 11%). Before the re-layout (and the kernels that made uncapped decode twice as fast), a
+# 48 MiB run kept 77% of the uncapped speed. Nothing runs in the red band: there even the buffers,
+# the Q8_0 KV cache and the activations of 16-token prefill chunks do not fit.
 
 # %% [markdown]
 # ## Exercises
