@@ -35,6 +35,7 @@ from minillm.formats.activation import FLUSH, Int8Blocks
 from minillm.kernels import activations
 from minillm.kernels.q8_k import q8_k_activation, quantize_q8_k
 from minillm.kernels.threads import max_threads
+from minillm.kernels.vnni import VNNI
 from minillm.linear import QuantEmbedding, QuantLinear
 from minillm.kernels.q8_0 import Q8_0Rows
 from minillm.kernels.layout import GROUP_ROWS, RELAY_CHUNK_BYTES, interleave
@@ -436,6 +437,63 @@ def test_matvec_edge_blocks(ggml_type, case):
         assert_matvec_within_bound(raw, ggml_type, x, threads=THREADS[-1])
     if case == "zero":
         assert np.array_equal(packed_rows(raw, ggml_type).matvec(x, 1), np.zeros(4, np.float32))
+
+
+def with_kernels(rows: PackedRows, vnni: bool) -> PackedRows:
+    """rows with their format's kernels compiled with or without AVX512-VNNI (kernels/vnni.py)."""
+    rows.rows.kernels = type(rows.rows).compile_kernels(vnni)
+    return rows
+
+
+@pytest.mark.skipif(not VNNI, reason="the CPU (as Numba targets it) has no AVX512-VNNI, or the JIT is off")
+@pytest.mark.parametrize("ggml_type", RELAID_TYPES, ids=lambda t: t.name)
+@kernel_settings
+@given(data=st.data())
+def test_vnni_and_portable_matvecs_give_the_same_bits(ggml_type, data):
+    """The integer sums by AVX512-VNNI equal the portable loops' (both exact), so the matvecs do,
+    bit for bit: on any bytes with finite scales, and on the edge blocks."""
+    raw = data.draw(packed_with_finite_values(ggml_type, max_rows=3 * GROUP_ROWS))
+    x = data.draw(arrays(np.float32, n_cols(raw, ggml_type), elements=ACTIVATIONS))
+    cases = [(raw, x)] + [(edge_blocks(ggml_type, case, np.random.default_rng(0)), None)
+                          for case in ("zero", "largest", "subnormal scales")]
+    for raw, x in cases:
+        x = np.full(n_cols(raw, ggml_type), -1e20, np.float32) if x is None else x
+        fast, portable = (with_kernels(packed_rows(raw, ggml_type), vnni).matvec(x, 1) for vnni in (True, False))
+        assert np.array_equal(fast.view(np.uint32), portable.view(np.uint32))
+
+
+@pytest.mark.skipif(not VNNI, reason="the CPU (as Numba targets it) has no AVX512-VNNI, or the JIT is off")
+@pytest.mark.parametrize("ggml_type", RELAID_TYPES, ids=lambda t: t.name)
+@kernel_settings
+@given(data=st.data(), x86=st.booleans())
+def test_vnni_and_portable_ggml_matvecs_give_the_same_bits(ggml_type, data, x86):
+    """--mode ggml's lane sums by AVX512-VNNI equal the portable loops', on any bytes (inf and NaN
+    scales too) and activations."""
+    from minillm.modes.ggml import GGMLLinear
+    raw = data.draw(raw_rows(ggml_type, max_rows=MAX_ROWS))
+    x = data.draw(arrays(np.float32, (1, n_cols(raw, ggml_type)), elements=ACTIVATIONS))
+    got = []
+    for vnni in (True, False):
+        linear = QuantLinear(raw, ggml_type)
+        with_kernels(linear.kernels, vnni)
+        with np.errstate(all="ignore"):
+            got.append(GGMLLinear(linear, "x86" if x86 else "ref")(x))
+    assert_same_bits_up_to_nan_payload(*got)
+
+
+@pytest.mark.skipif(not VNNI, reason="the CPU (as Numba targets it) has no AVX512-VNNI, or the JIT is off")
+@pytest.mark.parametrize("ggml_type", [Q.Q4_0, Q.Q4_1, Q.Q8_0], ids=lambda t: t.name)
+def test_vnni_matvecs_use_the_dot_product_instruction(ggml_type):
+    """Where the CPU has it, the 4-bit and Q8_0 matvecs run `vpdpbusd` (what makes them fast), the
+    portable ones do not."""
+    raw = edge_blocks(ggml_type, "largest", np.random.default_rng(0))
+    for vnni in (True, False):
+        rows = with_kernels(packed_rows(raw, ggml_type), vnni)
+        rows.matvec(np.ones(n_cols(raw, ggml_type), np.float32), 1)
+        cached = rows.rows.kernels[0]
+        matvec = numba.njit(cached.py_func, cache=False)      # compiled here: a cached kernel shows no code
+        matvec.compile(cached.signatures[0])
+        assert ("vpdpbusd" in matvec.inspect_asm(matvec.signatures[0])) == vnni
 
 
 def packed_with_finite_values(ggml_type, max_rows=6, max_blocks=4):

@@ -1,0 +1,211 @@
+"""The integer sums of one group-block with AVX512-VNNI, on the CPUs that have it.
+
+The matvec kernels of the re-laid 32-weight formats (kernels/nibbles.py, kernels/q8_0.py) spend most
+of their time in one step: for the 32 rows of a group and one block b, the exact integer sums
+
+    isum[r] = sum_e code_e(r) q[32 b + e]        (codes: 4-bit nibbles, or Q8_0's int8 weights)
+
+or, for `--mode ggml`, the same sums in 8 "lanes" of 4 elements each (kernels/ggml.py). Written as
+loops, LLVM multiplies in 16-bit SIMD lanes: a widening, a multiply and an add per code byte and
+row lane. AVX512-VNNI has the instruction llama.cpp uses instead, `vpdpbusd`: in each of 16 int32
+lanes it multiplies 4 unsigned bytes by 4 signed bytes and adds the 4 products to the lane, 64
+multiply-adds in one instruction. LLVM does not produce it from our loops (it matches the
+instruction only in a loop that adds the products of one long row into one sum), so the functions
+here emit it through Numba's `intrinsic` (LLVM IR written with llvmlite):
+
+- the layout (kernels/layout.py) keeps each row's codes in 4-byte words: word f of row r holds its
+  code bytes 4f .. 4f + 3, and the group's rows' words f lie side by side, so one 64-byte load holds
+  word f of 16 rows, one int32 lane each, exactly what `vpdpbusd` multiplies;
+- the 4 activation codes q[32 b + 4f .. + 3] (int16 values within -127..127, narrowed to bytes) are
+  one int32, broadcast to the 16 lanes.
+
+A 4-bit word's low nibbles (word & 0x0F0F0F0F) are elements 4f .. 4f + 3, its high nibbles elements
+16 + 4f .. 16 + 4f + 3: unsigned bytes, the instruction's operands as they come. Q8_0's weights are
+signed, so they get their top bit flipped (w + 128, an unsigned byte) and 128 (sum of the q) is
+taken off after; codes centred on 8 likewise lose 8 (sum of the q). Every sum is exact (|sum| < 2^31),
+so the results equal the portable loops' bit for bit; the tests compare the two paths on every format.
+
+`VNNI` says whether Numba compiles for a CPU with the instruction (AVX512-VNNI and AVX512-BW, as
+Numba's target features say, so NUMBA_CPU_NAME / NUMBA_CPU_FEATURES are honoured) and the JIT is on;
+the kernels take it as a compile-time constant and use the portable loops otherwise. The functions
+refuse to compile for any other CPU, and with the JIT off they do not exist. They read without
+bounds checks: each kernel checks its arrays' lengths once before its loops.
+"""
+
+import numba
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.core.errors import TypingError
+from numba.core.registry import cpu_target
+from numba.extending import intrinsic
+
+from .layout import GROUP_ROWS
+
+LANE_ROWS = 16                       # rows per 512-bit register: one int32 lane each
+WORD_BYTES = 4 * GROUP_ROWS          # the group's words f of one block: 4 bytes of each row
+
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+_ROWS = ir.VectorType(_I32, LANE_ROWS)            # <16 x i32>: 16 rows
+_BYTES = ir.VectorType(ir.IntType(8), 4 * LANE_ROWS)
+
+
+def _vnni_target() -> bool:
+    if numba.config.DISABLE_JIT:
+        return False
+    features = set(cpu_target.target_context.codegen().magic_tuple()[2].split(","))
+    return {"+avx512vnni", "+avx512bw"} <= features
+
+
+VNNI = _vnni_target()
+
+
+def _splat(builder, value):
+    """value (an i32) in every lane."""
+    one = builder.insert_element(ir.Constant(_ROWS, ir.Undefined), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(one, ir.Constant(_ROWS, ir.Undefined), ir.Constant(_ROWS, [0] * LANE_ROWS))
+
+
+def _constant(value):
+    return ir.Constant(_ROWS, [value] * LANE_ROWS)
+
+
+def _dot_bytes(builder, acc, unsigned, signed):
+    """vpdpbusd: acc + the sums of 4 unsigned bytes times 4 signed bytes, per int32 lane."""
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_ROWS, [_ROWS, _BYTES, _BYTES]),
+                                        "llvm.x86.avx512.vpdpbusd.512")
+    return builder.call(fn, [acc, builder.bitcast(unsigned, _BYTES), builder.bitcast(signed, _BYTES)])
+
+
+def _byte_pointer(context, builder, array_type, array, offset):
+    """The address of byte `offset` of a contiguous array."""
+    data = context.make_array(array_type)(context, builder, array).data
+    return builder.gep(builder.bitcast(data, ir.IntType(8).as_pointer()), [offset])
+
+
+def _vector_at(builder, pointer, offset):
+    return builder.bitcast(builder.gep(pointer, [ir.Constant(_I64, offset)]), _ROWS.as_pointer())
+
+
+def _activation_words(context, builder, sig, q16, k):
+    """For f < 8: q16[k + 4f .. k + 4f + 3] narrowed to 4 bytes, as one i32 in every lane."""
+    at = _byte_pointer(context, builder, sig.args[2], q16, builder.mul(k, ir.Constant(_I64, 2)))
+    four_i16 = ir.VectorType(ir.IntType(16), 4)
+    words = []
+    for f in range(8):
+        codes = builder.load(builder.bitcast(builder.gep(at, [ir.Constant(_I64, 8 * f)]), four_i16.as_pointer()),
+                             align=2)
+        words.append(_splat(builder, builder.bitcast(builder.trunc(codes, ir.VectorType(ir.IntType(8), 4)), _I32)))
+    return words
+
+
+def _nibbles(builder, word, f):
+    low = builder.and_(word, _constant(0x0F0F0F0F))
+    high = builder.and_(builder.lshr(word, _constant(4)), _constant(0x0F0F0F0F))
+    return [(low, f), (high, 4 + f)]
+
+
+def _signed_bytes(builder, word, f):
+    return [(builder.xor(word, _constant(-0x7F7F7F80)), f)]       # 0x80808080: w + 128 as an unsigned byte
+
+
+def _quad_sums(builder, activation):
+    """The sum of the 4 activation bytes of each word, in every lane (vpdpbusd with bytes of 1)."""
+    return [_dot_bytes(builder, _constant(0), _constant(0x01010101), a) for a in activation]
+
+
+def _check(*arrays):
+    if not VNNI:
+        raise TypingError("this CPU (as Numba targets it) has no AVX512-VNNI: use the portable loops")
+    if any(not isinstance(a, types.Array) or a.layout != "C" for a in arrays):
+        raise TypingError("expected contiguous arrays")
+
+
+def _group_sums(unsigned, n_words, offset_per_quad):
+    """The codegen of a block's sums: out[r] = the products of all words of row r, minus
+    (offset_per_quad + centre) times the sum of the 32 q. `unsigned(builder, word, f)` gives the
+    unsigned bytes of the loaded word f and the activation word each goes with (a 4-bit word gives
+    two: the low nibbles and the high ones)."""
+    def codegen(context, builder, sig, args):
+        block, at, q16, k, out, centre = args
+        first = _byte_pointer(context, builder, sig.args[0], block, at)
+        activation = _activation_words(context, builder, sig, q16, k)
+        scale = builder.add(_splat(builder, builder.trunc(centre, _I32)), _constant(offset_per_quad))
+        total = _constant(0)
+        for quad in _quad_sums(builder, activation):
+            total = builder.add(total, quad)
+        offset = builder.mul(total, scale)                   # LLVM folds it away when the scale is 0
+        out_at = _byte_pointer(context, builder, sig.args[4], out, ir.Constant(_I64, 0))
+        for half in range(GROUP_ROWS // LANE_ROWS):
+            acc = builder.sub(_constant(0), offset)
+            for f in range(n_words):
+                word = builder.load(_vector_at(builder, first, f * WORD_BYTES + 4 * LANE_ROWS * half), align=1)
+                for part, a in unsigned(builder, word, f):
+                    acc = _dot_bytes(builder, acc, part, activation[a])
+            builder.store(acc, _vector_at(builder, out_at, 4 * LANE_ROWS * half), align=4)
+        return context.get_dummy_value()
+    return codegen
+
+
+def _lane_sums(unsigned, n_words, offset_per_quad):
+    """The codegen of ggml's lane sums: lanes[a, r] = the products of activation word a in row r,
+    minus (offset_per_quad + centre) times the sum of its 4 q."""
+    def codegen(context, builder, sig, args):
+        block, at, q16, k, lanes, centre = args
+        first = _byte_pointer(context, builder, sig.args[0], block, at)
+        activation = _activation_words(context, builder, sig, q16, k)
+        scale = builder.add(_splat(builder, builder.trunc(centre, _I32)), _constant(offset_per_quad))
+        offsets = [builder.mul(quad, scale) for quad in _quad_sums(builder, activation)]
+        lanes_at = _byte_pointer(context, builder, sig.args[4], lanes, ir.Constant(_I64, 0))
+        for half in range(GROUP_ROWS // LANE_ROWS):
+            for f in range(n_words):
+                word = builder.load(_vector_at(builder, first, f * WORD_BYTES + 4 * LANE_ROWS * half), align=1)
+                for part, a in unsigned(builder, word, f):
+                    lane = _dot_bytes(builder, builder.sub(_constant(0), offsets[a]), part, activation[a])
+                    builder.store(lane, _vector_at(builder, lanes_at, 4 * (GROUP_ROWS * a + LANE_ROWS * half)),
+                                  align=4)
+        return context.get_dummy_value()
+    return codegen
+
+
+@intrinsic
+def nibble_sums_vnni(typingctx, block, codes, q16, k, isum, centre):
+    """isum[r] = sum_j ((byte j & 15) - centre) q16[k + j] + ((byte j >> 4) - centre) q16[k + 16 + j]
+    for the GROUP_ROWS rows, byte j being code byte j of row r at block[codes + word_byte(j, r)]
+    (kernels/rows.py). block: (GROUP_ROWS * type_size,) u8, one group-block; codes: int; q16: (K,)
+    i16 within -127..127; k: int, 32 b; isum: (GROUP_ROWS,) i32; centre: int (a constant where it is
+    called, so LLVM folds it in). Reads block[codes : codes + 16 GROUP_ROWS] and q16[k : k + 32]."""
+    _check(block, q16, isum)
+    return types.void(block, types.intp, q16, types.intp, isum, types.intp), _group_sums(_nibbles, 4, 0)
+
+
+@intrinsic
+def weight_sums_vnni(typingctx, block, weights, q16, k, isum):
+    """isum[r] = sum_e w_e q16[k + e] for the GROUP_ROWS rows of a Q8_0 group-block, w_e the int8 at
+    block[weights + word_byte(e, r)]. block: (GROUP_ROWS * 34,) i8; weights: int; q16: (K,) i16
+    within -127..127; k: int, 32 b; isum: (GROUP_ROWS,) i32. Reads block[weights : weights + 32
+    GROUP_ROWS] and q16[k : k + 32]."""
+    _check(block, q16, isum)
+    codegen = _group_sums(_signed_bytes, 8, 128)
+    return types.void(block, types.intp, q16, types.intp, isum), \
+        lambda context, builder, sig, args: codegen(context, builder, sig, [*args, ir.Constant(_I64, 0)])
+
+
+@intrinsic
+def nibble_lanes_vnni(typingctx, block, codes, q16, k, lanes, centre):
+    """ggml's lane sums (kernels/ggml.py) of a 4-bit group-block: lanes[l, r] = sum_t ((byte 4l + t
+    & 15) - centre) q16[k + 4l + t] for l < 4, and lanes[4 + l, r] the high nibbles with q16[k + 16
+    + 4l + t]. Arguments as `nibble_sums_vnni`; lanes: (8, GROUP_ROWS) i32."""
+    _check(block, q16, lanes)
+    return types.void(block, types.intp, q16, types.intp, lanes, types.intp), _lane_sums(_nibbles, 4, 0)
+
+
+@intrinsic
+def weight_lanes_vnni(typingctx, block, weights, q16, k, lanes):
+    """ggml's lane sums of a Q8_0 group-block: lanes[l, r] = sum_t w_(4l + t) q16[k + 4l + t], l < 8.
+    Arguments as `weight_sums_vnni`; lanes: (8, GROUP_ROWS) i32."""
+    _check(block, q16, lanes)
+    codegen = _lane_sums(_signed_bytes, 8, 128)
+    return types.void(block, types.intp, q16, types.intp, lanes), \
+        lambda context, builder, sig, args: codegen(context, builder, sig, [*args, ir.Constant(_I64, 0)])
