@@ -1,4 +1,5 @@
-"""Q4_K kernels: y = W x for one token, and W tiles as float32 for prefill, read from packed super-blocks.
+"""Q4_K kernels: y = W x for B tokens (one per sequence decoded together), and W tiles as float32 for
+prefill, read from packed super-blocks.
 
 A super-block is 144 bytes, read as 36 little-endian uint32 words (word 0: d, dmin as float16;
 words 1..3: the 6-bit scales, kernels/kquants.py) and as bytes (the 128 code bytes from byte 16:
@@ -55,30 +56,32 @@ min_sum = jit_inline(_min_sum)
 
 
 def _matvec_rows_q4_k(w32, w8, xq, xd, bsums, out, first, stop):
-    """out[first:stop] = those rows of W times x, from Q4_K rows, on the calling thread.
+    """out[:, first:stop] = those rows of W times each of B activations, from Q4_K rows, on the
+    calling thread.
 
     w32: (N, 36 nsb) u32 and w8: (N, 144 nsb) u8, views of the same rows (read-only is fine);
-    xq: (K,) i8, xd: (nsb,) f32, bsums: (K / 16,) i32 from `quantize_q8_k`;
-    out: (N,) f32.
+    xq: (B, K) i8, xd: (B, nsb) f32, bsums: (B, K / 16) i32 from `quantize_q8_k`; out: (B, N) f32.
 
-    Loop order: row by row, super-block by super-block: four chunks of 64 codes, then the two
-    float products; super-blocks added in order in float32. Allocation: none. Load-time
-    unpacking: none.
+    Loop order: row by row; a row is read from memory once and, while it is in cache, each
+    activation in turn goes super-block by super-block: four chunks of 64 codes, then the two
+    float products; super-blocks added in order in float32, whatever B. Allocation: none.
+    Load-time unpacking: none.
     """
     for row in range(first, stop):
-        acc = np.float32(0)
-        for b in range(xd.shape[0]):
-            scales_lo, scales_hi, mins_lo, mins_hi = scales_k4(w32[row], 36 * b + 1)
-            total = np.int32(0)
-            for j in range(4):
-                low, high = nibble_sums(w8[row], 144 * b + 16 + 32 * j, xq, 256 * b + 64 * j)
-                scales = scales_lo if j < 2 else scales_hi
-                total += field(scales, 2 * (j % 2)) * low + field(scales, 2 * (j % 2) + 1) * high
-            head = w32[row, 36 * b]
-            d = f16_to_f32(head & np.uint32(0xFFFF)) * xd[b]
-            dmin = f16_to_f32(head >> np.uint32(16)) * xd[b]
-            acc += d * np.float32(total) - dmin * np.float32(min_sum(mins_lo, mins_hi, bsums, 16 * b))
-        out[row] = acc
+        for a in range(xq.shape[0]):
+            acc = np.float32(0)
+            for b in range(xd.shape[1]):
+                scales_lo, scales_hi, mins_lo, mins_hi = scales_k4(w32[row], 36 * b + 1)
+                total = np.int32(0)
+                for j in range(4):
+                    low, high = nibble_sums(w8[row], 144 * b + 16 + 32 * j, xq[a], 256 * b + 64 * j)
+                    scales = scales_lo if j < 2 else scales_hi
+                    total += field(scales, 2 * (j % 2)) * low + field(scales, 2 * (j % 2) + 1) * high
+                head = w32[row, 36 * b]
+                d = f16_to_f32(head & np.uint32(0xFFFF)) * xd[a, b]
+                dmin = f16_to_f32(head >> np.uint32(16)) * xd[a, b]
+                acc += d * np.float32(total) - dmin * np.float32(min_sum(mins_lo, mins_hi, bsums[a], 16 * b))
+            out[a, row] = acc
 
 
 matvec_rows_q4_k = jit(_matvec_rows_q4_k)
