@@ -51,7 +51,7 @@ class Model:
         or (1, vocab_size) for the last token only when `last_only` (what generation needs).
 
         `trace(name, array)`, if given, sees every intermediate under llama.cpp's graph names
-        (`inp_embd`, `attn_norm-0`, `Qcur-0`, ..., `l_out-29`, `result_norm`, `result_output`)."""
+        (`embd`, `attn_norm-0`, `Qcur-0`, ..., `l_out-29`, `result_norm`, `result_output`)."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         self.check_ids(ids, cache)
         if self.prefill_chunk is None or len(ids) <= self.prefill_chunk:

@@ -36,7 +36,7 @@ def ids(tiny_rt):
 
 
 def graph_names(n_layers):
-    return ["inp_embd", *(f"{t}-{i}" for i in range(n_layers) for t in LAYER_GRAPH), "result_norm", "result_output"]
+    return ["embd", *(f"{t}-{i}" for i in range(n_layers) for t in LAYER_GRAPH), "result_norm", "result_output"]
 
 
 class Perturbed:
@@ -74,7 +74,7 @@ def test_dump_holds_every_tensor_in_graph_order_with_documented_shapes(tiny_rt, 
 
 
 def test_hf_names_follow_the_documented_table():
-    assert hf_name("inp_embd") == "model.embed_tokens"
+    assert hf_name("embd") == "model.embed_tokens"
     assert hf_name("attn_norm-7") == "model.layers.7.input_layernorm"
     assert hf_name("kqv_out-0") == "model.layers.0.self_attn.o_proj:input"
     assert hf_name("l_out-29") == "model.layers.29"
@@ -153,10 +153,10 @@ def test_dump_from_another_runtime_with_missing_tensors_loads(tiny_rt, ids, tmp_
     ours = dump_of(tiny_rt.model, tiny_rt, ids)
     theirs = tmp_path / "other.npz"
     np.savez(theirs, version=1, token_ids=np.asarray(ids, np.int64),
-             **{n: ours.tensors[n].astype(np.float16) for n in ("inp_embd", "l_out-0", "result_output")})
+             **{n: ours.tensors[n].astype(np.float16) for n in ("embd", "l_out-0", "result_output")})
     other = load_dump(theirs)
     c = compare_dumps(ours, other, tolerance=1e-4)
-    assert [d.name for d in c.tensors] == ["inp_embd", "l_out-0", "result_output"]
+    assert [d.name for d in c.tensors] == ["embd", "l_out-0", "result_output"]
     assert "Qcur-0" in c.only_in_a and not c.only_in_b
     # float16 storage rounds each value by at most 2^-11 relative, so NMSE <= 2^-22
     assert c.ok and max(d.nmse for d in c.tensors) <= 2.0 ** -22
@@ -179,8 +179,8 @@ def test_dumps_of_different_tokens_or_shapes_are_refused(tiny_rt, ids):
     ({"token_ids": np.arange(3)}, "no 'version'"),
     ({"version": 2, "token_ids": np.arange(3)}, "version"),
     ({"version": 1, "token_ids": np.ones((3, 2), int)}, "1-D integer"),
-    ({"version": 1, "token_ids": np.arange(3), "inp_embd": np.zeros((4, 8), np.float32)}, "first axis"),
-    ({"version": 1, "token_ids": np.arange(3), "inp_embd": np.zeros((3, 8), np.int32)}, "floating point"),
+    ({"version": 1, "token_ids": np.arange(3), "embd": np.zeros((4, 8), np.float32)}, "first axis"),
+    ({"version": 1, "token_ids": np.arange(3), "embd": np.zeros((3, 8), np.int32)}, "floating point"),
     ({"version": 1, "token_ids": np.arange(3), "metadata": np.array("[1, 2]")}, "JSON object"),
 ])
 def test_malformed_dumps_are_refused(tmp_path, arrays, words):

@@ -100,7 +100,7 @@ LAYER_GRAPH = {
     "ffn_post_norm": "model.layers.{i}.post_feedforward_layernorm",
     "l_out": "model.layers.{i}",
 }
-OUTER_GRAPH = {"inp_embd": None, "inp_scaled": "model.embed_tokens", "result_norm": "model.norm",
+OUTER_GRAPH = {"embd": None, "inp_scaled": "model.embed_tokens", "result_norm": "model.norm",
                "result_output": "lm_head"}
 
 # For the memory plan (minillm.plan.activation_bytes), measured with tracemalloc at 270M's widths:
@@ -171,7 +171,7 @@ def forward(c: Gemma3Config, weights, ops, ids: np.ndarray, cache, last_only: bo
     positions = cache.positions(len(ids))                               # (T,) absolute positions
     angles = {base: ops.rope_angles(positions, c.rope_dim, base)        # (T, rope_dim / 2) cos and sin
               for base in {c.rope_base_of(i) for i in range(c.n_layers)}}
-    x = trace("inp_embd", weights.embedding.lookup(ids))                # (T, dim)
+    x = trace("embd", weights.embedding.lookup(ids))                # (T, dim)
     x = trace("inp_scaled", ops.scale(x, math.sqrt(c.dim)))             # llama.cpp: sqrtf(n_embd)
     for i, w in enumerate(weights.layers):
         h = trace(f"attn_norm-{i}", ops.rms_norm(x, w.attn_norm, c.norm_eps))

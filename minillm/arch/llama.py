@@ -61,7 +61,7 @@ LAYER_GRAPH = {
     "ffn_out": "model.layers.{i}.mlp",
     "l_out": "model.layers.{i}",
 }
-OUTER_GRAPH = {"inp_embd": "model.embed_tokens", "result_norm": "model.norm", "result_output": "lm_head"}
+OUTER_GRAPH = {"embd": "model.embed_tokens", "result_norm": "model.norm", "result_output": "lm_head"}
 
 # For the memory plan (minillm.plan.activation_bytes), measured with tracemalloc: q-sized arrays alive
 # while Q is rotated (q, the rotated copy, two half-size products), (T, ffn_dim) float32 arrays at the
@@ -113,7 +113,7 @@ def forward(c: LlamaConfig, weights, ops, ids: np.ndarray, cache, last_only: boo
     block = attention_block or attention
     positions = cache.positions(len(ids))                               # (T,) absolute positions
     cos, sin = ops.rope_angles(positions, c.rope_dim, c.rope_base)      # (T, rope_dim / 2) each
-    x = trace("inp_embd", weights.embedding.lookup(ids))                # (T, dim)
+    x = trace("embd", weights.embedding.lookup(ids))                # (T, dim)
     for i, w in enumerate(weights.layers):
         h = trace(f"attn_norm-{i}", ops.rms_norm(x, w.attn_norm, c.norm_eps))
         x = trace(f"ffn_inp-{i}", x + trace(f"attn_out-{i}", block(c, ops, i, w, h, cache, cos, sin, trace)))

@@ -15,7 +15,7 @@ def head_backward(c, weights, tape: Tape, dlogits: np.ndarray) -> np.ndarray:
         dx = weights.output.backward(dlogits)
     else:
         dx = weights.embedding.head_backward(dlogits)                        # (T, dim)
-    last = tape.acts[f"l_out-{c.n_layers - 1}"] if c.n_layers else tape.acts["inp_embd"]
+    last = tape.acts[f"l_out-{c.n_layers - 1}"] if c.n_layers else tape.acts["embd"]
     dx, dnorm = rmsnorm_backward(dx, last, weights.output_norm, c.norm_eps)
     tape.add_grad("output_norm.weight", dnorm)
     return dx

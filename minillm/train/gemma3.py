@@ -34,7 +34,7 @@ def backward(c: Gemma3Config, ops, weights, tape: Tape, dlogits: np.ndarray) -> 
         mask = tape.cache.pattern(i).mask(positions, positions)              # (T, T): causal, windowed on local layers
         dx = dx + mlp_branch_backward(c, w, i, tape, dx)
         dx = dx + attention_branch_backward(c, ops, w, i, tape, dx, *angles[c.rope_base_of(i)], mask)
-    weights.embedding.lookup_backward(ops.scale(dx, math.sqrt(c.dim)))       # inp_scaled = inp_embd * sqrt(dim)
+    weights.embedding.lookup_backward(ops.scale(dx, math.sqrt(c.dim)))       # inp_scaled = embd * sqrt(dim)
     return tape.grads
 
 

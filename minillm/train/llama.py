@@ -3,7 +3,7 @@
 
 Forward, per block i (what the tape holds, by llama.cpp's graph names):
 
-    h    = rmsnorm(x, attn_norm)                       attn_norm-i     x is l_out-(i-1) or inp_embd
+    h    = rmsnorm(x, attn_norm)                       attn_norm-i     x is l_out-(i-1) or embd
     q, k = rope(wq h), rope(wk h);  v = wv h           Qcur-i, Kcur-i, Vcur-i
     x'   = x + wo attention(q, k, v)                   kqv_out-i (wo's input), ffn_inp-i = x'
     h'   = rmsnorm(x', ffn_norm)                       ffn_norm-i
@@ -59,7 +59,7 @@ def attention_block_backward(c: LlamaConfig, w: Layer, i: int, tape: Tape, dx: n
     dout = split_heads(w.wo.backward(dx), c.n_heads)                          # (n_heads, T, head_dim)
     dq, dk, dv = attention_backward(dout, a[f"Qcur-{i}"], a[f"Kcur-{i}"], a[f"Vcur-{i}"], mask, c.attention_scale)
     dh = qkv_backward(c, w, i, tape, dq, dk, dv, cos, sin)                   # (T, dim)
-    x_in = a[f"l_out-{i - 1}"] if i else a["inp_embd"]
+    x_in = a[f"l_out-{i - 1}"] if i else a["embd"]
     din, dnorm = rmsnorm_backward(dh, x_in, w.attn_norm, c.norm_eps)
     tape.add_grad(f"blk.{i}.attn_norm.weight", dnorm)
     return din

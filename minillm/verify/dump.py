@@ -23,7 +23,7 @@ same values (`LAYER_GRAPH`, `OUTER_GRAPH` in minillm.arch.llama, minillm.arch.ge
 
 | llama.cpp name | shape                     | HF module                                  | note            |
 |----------------|---------------------------|--------------------------------------------|-----------------|
-| `inp_embd`     | (T, dim)                  | `model.embed_tokens`                       |                 |
+| `embd`         | (T, dim)                  | `model.embed_tokens`                       |                 |
 | `attn_norm-i`  | (T, dim)                  | `model.layers.i.input_layernorm`           |                 |
 | `Qcur-i`       | (T, n_heads, head_dim)    | `model.layers.i.self_attn.q_proj`          | after RoPE (1)  |
 | `Kcur-i`       | (T, n_kv_heads, head_dim) | `model.layers.i.self_attn.k_proj`          | after RoPE (1)  |

@@ -107,7 +107,7 @@ def main():
     if args.layers is not None:
         keep = {int(i) for i in args.layers.split(",")}
         tensors = {name: x for name, x in tensors.items()
-                   if name in ("inp_embd", "result_norm") or name.rpartition("-")[2] in map(str, keep)}
+                   if name in ("embd", "result_norm") or name.rpartition("-")[2] in map(str, keep)}
     metadata = {"producer": f"transformers {transformers.__version__}", "mode": "float32", "model_file": path.name,
                 "prompt": args.prompt}
     with open(args.output, "wb") as f:
