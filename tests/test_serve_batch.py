@@ -4,6 +4,7 @@ with its keys and values in its own cache or paged in the server's pool (minillm
 its q, k, v (and gate, up) products sharing one kernel call (minillm.linear.SharedInput), its
 layers and LM head resident or streamed from the file (minillm.streaming, as under --mem-cap)."""
 
+import copy
 import dataclasses
 
 import gguf
@@ -22,9 +23,8 @@ from minillm.weights import load_weights
 Q = gguf.GGMLQuantizationType
 
 
-def decode_alone(rt, prompt, tokens, cache) -> list:
-    """Logits of each token fed after the prompt, one at a time, as `minillm generate` decodes."""
-    rt.model.forward(prompt, cache, last_only=True)
+def decode_alone(rt, tokens, cache) -> list:
+    """Logits of each token fed after the prompt in `cache`, one at a time, as `minillm generate` decodes."""
     return [rt.model.forward([t], cache, last_only=True)[-1] for t in tokens]
 
 
@@ -40,18 +40,24 @@ def check_batched_equals_alone(rt, n_sequences=4, steps=6, prompt_step=5, seed=0
     arrive) and leave when their tokens run out; every row must equal the sequence decoded alone
     (in a cache of the run's own kind unless `alone_cache` makes another) by rt's model; the batch
     runs `batched_model` (default: the same model)."""
-    make_cache, alone_cache = make_cache or rt.new_cache, alone_cache or rt.new_cache
+    alone_cache = alone_cache or rt.new_cache
     model = batched_model or rt.model
     rng = np.random.default_rng(seed)
     vocab = rt.model.config.vocab_size
     prompts = [list(rng.integers(3, vocab, 2 + prompt_step * i)) for i in range(n_sequences)]
     joins = [0, 0, 2, 3][:n_sequences]
     feeds = [list(rng.integers(3, vocab, steps - j)) for j in joins]
-    want = [decode_alone(rt, p, f, alone_cache()) for p, f in zip(prompts, feeds)]
+    alone = [alone_cache() for _ in prompts]
+    for prompt, cache in zip(prompts, alone):
+        rt.model.forward(prompt, cache, last_only=True)
+    if make_cache is None and batched_model is None:     # the same prefill: copy it (a real model's takes seconds)
+        caches = [copy.deepcopy(cache) for cache in alone]
+    else:
+        caches = [(make_cache or rt.new_cache)() for _ in prompts]
+        for prompt, cache in zip(prompts, caches):
+            model.forward(prompt, cache, last_only=True)
+    want = [decode_alone(rt, f, cache) for f, cache in zip(feeds, alone)]
     decoder = BatchDecoder(model)
-    caches = [make_cache() for _ in prompts]
-    for prompt, cache in zip(prompts, caches):
-        model.forward(prompt, cache, last_only=True)
     sizes = set()
     for step in range(steps):
         active = [i for i in range(n_sequences) if joins[i] <= step]
