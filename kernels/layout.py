@@ -16,12 +16,10 @@ do 16 or 32 rows at once, the float work included. The bytes are the same, only 
 changes (a group-block of 32 Q4_1 rows is 32 x 20 bytes); a matrix whose row count is not a
 multiple of GROUP_ROWS gets zero rows after its last one, which no kernel writes out.
 
-`interleave` is the layout in NumPy, the reference of the Numba copy `minillm.kernels.rows.Rows.store`;
+`interleave` is the layout in NumPy, the reference of the Numba copy `minillm.kernels.rows.store_kernel`;
 the NumPy references of the formats (minillm.formats) keep reading GGUF's layout. NumPy only, so
 that the memory plan can count re-laid bytes without importing Numba.
 """
-
-import functools
 
 import numpy as np
 
@@ -47,18 +45,6 @@ def interleave(raw: np.ndarray, fields: tuple) -> np.ndarray:
     starts = np.cumsum((0,) + fields)
     return np.concatenate([blocks[..., a:b].reshape(*blocks.shape[:2], -1) for a, b in zip(starts, starts[1:])],
                           axis=-1)
-
-
-@functools.lru_cache(maxsize=None)
-def byte_places(fields: tuple) -> tuple:
-    """Where byte k of a GGUF block goes in a group-block: base[k] + step[k] * (row in the group).
-    A byte at offset i of a field that starts at offset o with width w goes to GROUP_ROWS * o + i + w * row."""
-    base, step, o = [], [], 0
-    for w in fields:
-        base += [GROUP_ROWS * o + i for i in range(w)]
-        step += [w] * w
-        o += w
-    return np.array(base, np.int64), np.array(step, np.int64)
 
 
 def relay_chunk_rows(row_bytes: int) -> int:

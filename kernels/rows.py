@@ -26,10 +26,12 @@ Everything here is NumPy and Numba: threads, buffers kept per thread and the spl
 matrices are the runtime's (minillm.packed).
 """
 
+import functools
+
 import numpy as np
 
 from ._jit import jit, jit_inline
-from .layout import GROUP_ROWS, byte_places, n_groups
+from .layout import GROUP_ROWS, n_groups
 
 
 def read_only(view: np.ndarray) -> np.ndarray:
@@ -47,20 +49,83 @@ def scratch_rows(parts: int, n_values: int, dtype) -> np.ndarray:
     return np.empty((parts, n_padded), dtype)
 
 
-def _store_interleaved(raw, out, first_row, base, step):
-    """out = raw's rows as rows first_row.. of the interleaved layout, bit for bit `layout.interleave`.
-
-    raw: (n, nb * type_size) u8 GGUF rows; out: (G, nb, GROUP_ROWS * type_size) u8; base, step:
-    (type_size,) from `byte_places`. Serial, one pass over raw. Allocation: none."""
-    type_size = base.shape[0]
-    for i in range(raw.shape[0]):
-        g, r = divmod(first_row + i, GROUP_ROWS)
-        for b in range(out.shape[1]):
-            for k in range(type_size):
-                out[g, b, base[k] + step[k] * r] = raw[i, type_size * b + k]
+def field_counts(fields: tuple) -> tuple:
+    """A 32-weight format's block as the store kernel takes it: (n16, n32, n_codes), its fields being
+    n16 float16 scales, then n32 uint32 words of fifth bits, then n_codes bytes of codes."""
+    n16, n32 = fields.count(2), fields.count(4)
+    n_codes = len(fields) - n16 - n32
+    if fields != (2,) * n16 + (4,) * n32 + (1,) * n_codes:
+        raise ValueError(f"block fields {fields}: expected 2-byte fields, then 4-byte ones, then single bytes")
+    return n16, n32, n_codes
 
 
-store_interleaved = jit(_store_interleaved)
+def _packed_bytes(raw, i, col, width, k):
+    """Word k of the 8 * width bytes that a field of `width` bytes at column col of rows i .. i + 7
+    becomes in the interleaved layout, where those rows' copies of it lie side by side: byte m of
+    the word is byte (8k + m) % width of row i + (8k + m) // width. raw: (n, row_bytes) u8 -> u64."""
+    word = np.uint64(0)
+    for m in range(8):
+        e = 8 * k + m
+        word |= np.uint64(raw[i + e // width, col + e % width]) << np.uint64(8 * m)
+    return word
+
+
+packed_bytes = jit_inline(_packed_bytes)
+
+
+@functools.lru_cache(maxsize=None)
+def store_kernel(fields: tuple):
+    """The Numba copy of GGUF rows into the interleaved layout for one format's block `fields`, its
+    field widths compiled in as constants (Numba takes a closure's ints as constants; passed as
+    arrays, they left a loop of table look-ups that copied about 1.2 GB/s). NumPy reference:
+    `layout.interleave`, bit for bit."""
+    n16, n32, n_codes = field_counts(fields)
+
+    header = 2 * n16 + 4 * n32      # bytes before the codes, in a GGUF block
+    type_size = header + n_codes
+
+    def store(raw, out, words, first_row):
+        """out = raw's rows as rows first_row.. of the interleaved layout.
+
+        raw: (n, nb * type_size) u8 GGUF rows; out: (G, nb, GROUP_ROWS * type_size) u8, with
+        first_row + n <= G * GROUP_ROWS (the caller checks); words: out's bytes as (G, nb,
+        GROUP_ROWS * type_size / 8) u64. Rows are copied 8 at a time from a row whose number is a
+        multiple of 8: the 8 rows' copies of a field of width w are 8w consecutive bytes of the layout,
+        each 64-bit word of them put together from 8 bytes of the rows and written at once (about
+        8 GB/s here, against 3.7 a byte store at a time). Other rows (before the first such block,
+        after the last) a byte at a time: a word would overwrite rows not given. Offsets are constants
+        once the loops over the fields are unrolled. Serial. Allocation: none."""
+        i = 0
+        while i < raw.shape[0]:
+            g, r = divmod(first_row + i, GROUP_ROWS)
+            if r % 8 == 0 and i + 8 <= raw.shape[0]:
+                for b in range(words.shape[1]):
+                    src = type_size * b
+                    for f in range(n16):          # float16 scales: 2 bytes a row, side by side
+                        for k in range(2):
+                            words[g, b, (GROUP_ROWS * 2 * f + 2 * r) // 8 + k] = packed_bytes(raw, i, src + 2 * f, 2, k)
+                    for f in range(n32):          # uint32 fifth bits: 4 bytes a row
+                        at = 2 * n16 + 4 * f
+                        for k in range(4):
+                            words[g, b, (GROUP_ROWS * at + 4 * r) // 8 + k] = packed_bytes(raw, i, src + at, 4, k)
+                    for j in range(n_codes):      # code byte j of the rows, then byte j + 1
+                        words[g, b, (GROUP_ROWS * (header + j) + r) // 8] = packed_bytes(raw, i, src + header + j, 1, 0)
+                i += 8
+            else:
+                for b in range(out.shape[1]):
+                    src = type_size * b
+                    for f in range(n16):
+                        for t in range(2):
+                            out[g, b, GROUP_ROWS * 2 * f + 2 * r + t] = raw[i, src + 2 * f + t]
+                    for f in range(n32):
+                        at = 2 * n16 + 4 * f
+                        for t in range(4):
+                            out[g, b, GROUP_ROWS * at + 4 * r + t] = raw[i, src + at + t]
+                    for j in range(n_codes):
+                        out[g, b, GROUP_ROWS * (header + j) + r] = raw[i, src + header + j]
+                i += 1
+
+    return jit(store)
 
 
 def _group_buffers(scratch, batch):
@@ -119,8 +184,12 @@ class Rows:
 
     def store(self, raw: np.ndarray, first_row: int):
         """Copy GGUF rows raw (n, row_bytes) into rows first_row .. first_row + n - 1."""
+        if raw.ndim != 2 or raw.dtype != np.uint8 or raw.shape[1] != self.n_blocks * self.type_size \
+                or first_row < 0 or first_row + raw.shape[0] > self.n_rows:
+            raise ValueError(f"{type(self).__name__}: cannot store rows of shape {raw.shape} ({raw.dtype}) at row "
+                             f"{first_row} of a {self.n_rows} x {self.n_cols} matrix")
         if self.fields:
-            store_interleaved(raw, self.storage, first_row, *byte_places(self.fields))
+            store_kernel(self.fields)(raw, self.storage, self.storage.view(np.uint64), first_row)
         else:
             self.storage[first_row:first_row + raw.shape[0]] = raw
 

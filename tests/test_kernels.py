@@ -339,17 +339,35 @@ def test_dequantize_rows_bit_identical_on_any_bytes(ggml_type, data):
 @kernel_settings
 @given(data=st.data())
 def test_relaid_rows_are_the_numpy_layout_of_the_same_bytes(ggml_type, data):
-    """store() copies GGUF rows, in pieces at any row, into exactly `interleave`'s layout; a
-    re-laid matrix takes the bytes of its rows, padded to whole groups of rows."""
+    """store() copies GGUF rows, in pieces that start at any row (inside a group too) and arrive in
+    any order, into exactly `interleave`'s layout, the padding rows of a partial last group left
+    zero; a re-laid matrix takes the bytes of its rows, padded to whole groups of rows."""
     raw = data.draw(raw_rows(ggml_type, max_rows=MAX_ROWS))
-    cut = data.draw(st.integers(0, raw.shape[0]))
+    cuts = sorted(data.draw(st.lists(st.integers(0, raw.shape[0]), max_size=4)))
+    pieces = data.draw(st.permutations(list(zip([0] + cuts, cuts + [raw.shape[0]]))))
     cls = kernel_rows(formats.get(ggml_type))
     rows = cls.empty(raw.shape[0], n_cols(raw, ggml_type))
-    rows.store(raw[cut:], cut)
-    rows.store(raw[:cut], 0)
+    for start, stop in pieces:
+        rows.store(raw[start:stop], start)
     assert np.array_equal(rows.storage, interleave(raw, cls.fields))
     assert sum(cls.fields) == cls.type_size
     assert rows.nbytes == -(-raw.shape[0] // GROUP_ROWS) * GROUP_ROWS * raw.shape[1]
+
+
+@pytest.mark.parametrize("ggml_type", RELAID_TYPES, ids=lambda t: t.name)
+def test_store_refuses_rows_that_do_not_fit(ggml_type):
+    """The store kernel is never called on rows that would land outside the matrix or that are of
+    another width: it checks nothing itself."""
+    cls = kernel_rows(formats.get(ggml_type))
+    rows = cls.empty(GROUP_ROWS + 1, 64)
+    raw = np.zeros((2, 2 * cls.type_size), np.uint8)
+    for bad_raw, first_row in [(raw, GROUP_ROWS), (raw, -1), (raw[:, :-1], 0), (raw.view(np.int8), 0),
+                               (raw[0], 0)]:
+        with pytest.raises(ValueError, match="cannot store rows"):
+            rows.store(bad_raw, first_row)
+    rows.store(raw + 1, GROUP_ROWS - 1)      # the last two rows, across a group boundary
+    assert np.array_equal(rows.storage, interleave(np.vstack([np.zeros((GROUP_ROWS - 1, raw.shape[1]), np.uint8),
+                                                              raw + 1]), cls.fields))
 
 
 def test_relaying_lets_go_of_the_source_rows_as_it_goes():
