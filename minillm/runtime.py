@@ -218,8 +218,8 @@ def warm_up(runtime: Runtime):
 
 def warm_up_kernels(config: RunConfig, ggml_types=()) -> Meter:
     """Under --mem-cap: load (or compile) every kernel the run calls, by running a tiny random model
-    (its chat template too) and the products of each other format the model file holds
-    (`ggml_types`), and touch BLAS's work buffers with the largest prefill products, then start
+    (its chat template too) and the products of every format the model file holds (`ggml_types`),
+    and touch BLAS's work buffers with the largest prefill products, then start
     measuring. The baseline the cap is counted from is this process: interpreter, numpy, numba,
     tokenizers, compiled kernels and BLAS buffers, and no model. (Loading a kernel from Numba's
     cache takes heap memory too, compiling it tens of MiB: neither may happen under the plan.)"""
@@ -264,9 +264,10 @@ def warm_up_kernels(config: RunConfig, ggml_types=()) -> Meter:
 def warm_up_format(ggml_type, threads: int):
     """Load (or compile) the kernels of one format as a run calls them: products of one token and
     of several, by a matrix alone and by matrices sharing an input, and the store of GGUF rows
-    that streaming re-lays them with. Zero blocks of one block's width: only the kernels matter."""
-    fmt = formats.get(ggml_type)
-    if fmt.kernels is None:
+    that streaming re-lays them with. Zero blocks of one block's width: only the kernels matter. A
+    type minillm does not read is left to the file's validation, which names the tensor."""
+    fmt = formats.FORMATS.get(ggml_type)
+    if fmt is None or fmt.kernels is None:
         return
     raw = np.zeros((2 * GROUP_ROWS, fmt.row_bytes(fmt.block_size)), np.uint8)
     for linear in [QuantLinear(raw, ggml_type, "numba", threads),

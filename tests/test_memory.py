@@ -477,3 +477,18 @@ def test_info_plans_what_the_run_follows_on_smollm2(smollm2_path, cap, flags):
     (A cap within about 0.2 MiB of a layout's total may still go either way: the tokenizer's bytes are
     measured in each process, and info says so.)"""
     assert_same_plan(*printed_plans(smollm2_path, cap, *flags))
+
+
+def test_a_type_minillm_lacks_is_named_with_its_tensor_under_a_cap_too(tmp_path):
+    """The capped warm-up reads the file's tensor types before the file is opened; a type minillm
+    does not read is left to the file's validation, whose one-line error names the tensor."""
+    data = bytearray(write_tiny(tmp_path / "t.gguf", weight_type=gguf.GGMLQuantizationType.Q4_0).read_bytes())
+    name = b"blk.0.attn_q.weight"
+    at = data.index(name) + len(name) + 4 + 8 * 2             # past the name, n_dims and the two dims
+    assert data[at:at + 4] == (2).to_bytes(4, "little")        # Q4_0
+    data[at:at + 4] = (20).to_bytes(4, "little")               # IQ4_NL: the same 18-byte blocks of 32
+    (tmp_path / "iq4.gguf").write_bytes(bytes(data))
+    done = subprocess.run([sys.executable, "-m", "minillm", "generate", "hi", "-m", str(tmp_path / "iq4.gguf"), "-n", "1",
+                           "--mem-cap", "64MiB"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "tensor blk.0.attn_q.weight has unsupported type IQ4_NL" in done.stderr.strip().splitlines()[-1]
