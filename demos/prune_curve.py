@@ -7,7 +7,7 @@ float32 weights the Q4_1 file decodes to, pruned in memory, so the curve shows w
 and not what requantizing costs. The x axis is the fraction of the blocks' matrix weights removed
 (zeroed or cut), so that a head, a neuron and a layer are compared at the same number of weights.
 
-    python demos/prune_curve.py [--model PATH] [--png tutorials/measured/prune_curve.png] [--json FILE]
+    python demos/prune_curve.py [--model PATH] [--png prune_curve.png] [--json FILE]
 """
 
 import os

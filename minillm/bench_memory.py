@@ -7,8 +7,8 @@ A benchmark, not a test: each run is a fresh `python -m minillm generate --raw -
 process (so each has its own baseline and high-water mark), greedy, on a fixed prompt; figures are
 medians over the repeats. A cap below the plan's minimum is refused by minillm and shown as such.
 Runs use --ctx-size 256, so the KV cache (5.6 MiB as float32) leaves the cap to the weights.
-The figure goes to --plot (default: memory_cap_speed.png in the current directory); the README's
-is tutorials/measured/memory_cap_speed.png, written only when that path is given.
+The figure goes to --plot (default: memory_cap_speed.png in the current directory); the README's,
+tutorials/figures/memory_cap_speed.png, is drawn from the README's table by the memory-cap chapter.
 """
 
 import argparse
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     parser.add_argument("-t", "--threads", type=int, default=None, help="compute threads (default: all cores)")
     parser.add_argument("--plot", default=DEFAULT_PLOT,
                         help=f"PNG to write, '' for none (default: {DEFAULT_PLOT} in the current directory; the "
-                             "README's figure is tutorials/measured/memory_cap_speed.png in the checkout)")
+                             "README's figure is drawn from its table by the memory-cap chapter of tutorials/)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     args = parser.parse_args(argv)
     from .bench import machine

@@ -49,3 +49,22 @@ def tiny_q4_path(tmp_path_factory):
     """The same shapes with Q4_1 matrices and a Q8_0 embedding, like SmolLM2's file."""
     return write_tiny(tmp_path_factory.mktemp("tiny") / "tiny-q4_1.gguf", weight_type=gguf.GGMLQuantizationType.Q4_1,
                       embedding_type=gguf.GGMLQuantizationType.Q8_0)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The tutorials' own run times and peaks. tests/test_tutorials.py runs them on a pool ahead of
+    their tests, so a test's duration says how long it waited, not what its runs cost."""
+    rows = [(report.nodeid.split("::")[-1], dict(report.user_properties))
+            for outcome in ("passed", "failed") for report in terminalreporter.stats.get(outcome, [])
+            if report.when == "call" and any(name.startswith("tutorial ") for name, _ in report.user_properties)]
+    if not rows:
+        return
+    terminalreporter.section("tutorial runs: wall and CPU time of each run, peak RSS of the scripts")
+    for test, measured in rows:
+        terminalreporter.line(f"{test:70} " + ", ".join(f"{name[len('tutorial '):]} {value}"
+                                                        for name, value in measured.items()))
+    values = [(name, value) for _, measured in rows for name, value in measured.items()]
+    cpu = sum(value for name, value in values if name.endswith(" cpu seconds"))
+    wall = sum(value for name, value in values if name.endswith(" seconds") and not name.endswith(" cpu seconds"))
+    terminalreporter.line(f"{len(rows)} tests: runs of {wall:.0f} s wall time in all, two at a time; {cpu:.0f} CPU "
+                          f"seconds, so about {cpu / 2:.0f} s on an idle 2-core machine")

@@ -30,6 +30,8 @@
 
 # %%
 # requires: weights  (tests/test_tutorials.py reads this line: the chapter runs on the real SmolLM2 file)
+import course  # first, before NumPy loads: thread settings, figures, timing (tutorials/course.py)
+
 import dataclasses
 import math
 import mmap
@@ -41,16 +43,16 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from minillm import generate as gen
-from minillm.arch.llama import Layer, LlamaConfig, mlp
+from minillm.arch.llama import LlamaConfig, mlp
 from minillm.formats import Q4_1, Q8_0
 from minillm.gguf import GGUFFile
-from minillm.kvcache import KVCache
-from minillm.linear import FloatEmbedding, FloatLinear
-from minillm.model import Model, load_float_model
-from minillm.ops.f32 import attend, causal_mask, rmsnorm, rope, rope_angles
+from minillm.kvcache import KVCache, new_cache
+from minillm.model import Model
+from minillm.ops.f32 import attend, causal_mask, rmsnorm, rope, rope_angles, silu
+from minillm.ops.oracle import Oracle
 from minillm.registry import resolve_model
-from minillm.tokenizer import Tokenizer
-from minillm.weights import ModelWeights
+from minillm.runtime import RunConfig, load
+from minillm.weights import PackedSource, dequantized, load_weights
 
 PATH = resolve_model(None)  # the default model's file, fetched on first use
 PROMPT = "The capital of France is"
@@ -190,16 +192,57 @@ assert q_bytes == gguf.tensors[Q_NAME].nbytes
 # %%
 block = buf[q_start:q_start + 20]  # the first 32 weights of row 0
 d, m = struct.unpack("<ee", block[:4])  # "e" is IEEE float16
+codes = np.empty(32, np.uint8)
 weights = np.empty(32, np.float32)
 for j, byte in enumerate(block[4:]):
-    weights[j] = np.float32(d) * np.float32(byte & 0x0F) + np.float32(m)
-    weights[j + 16] = np.float32(d) * np.float32(byte >> 4) + np.float32(m)
+    codes[j], codes[j + 16] = byte & 0x0F, byte >> 4
+    weights[j] = np.float32(d) * np.float32(codes[j]) + np.float32(m)
+    weights[j + 16] = np.float32(d) * np.float32(codes[j + 16]) + np.float32(m)
 print(f"d = {d:.6g}, m = {m:.6g}, codes (hex) {block[4:].hex(' ')}")
 print(np.array2string(weights[:8], precision=5), "...")
 
 assert np.array_equal(weights, Q4_1.dequantize(np.frombuffer(block, np.uint8)))
 
 # %% [markdown]
+# The same block as a picture: its 20 bytes on top, the 32 weights they encode below, each on one of
+# the block's 16 levels.
+
+# %%
+fig, (top, bottom) = course.figure(8, 4.6, 2, 1, height_ratios=[1, 2])
+top.broken_barh([(0, 2)], (0, 2), color="tab:green", alpha=0.5)
+top.broken_barh([(2, 2)], (0, 2), color="tab:purple", alpha=0.5)
+top.text(1, 1, f"d\n{d:.2e}", ha="center", va="center", fontsize=7)
+top.text(3, 1, f"m\n{m:.3f}", ha="center", va="center", fontsize=7)
+for j in range(16):
+    top.broken_barh([(4 + j, 1)], (0, 1), color="tab:blue", alpha=0.35, edgecolor="white")
+    top.broken_barh([(4 + j, 1)], (1, 1), color="tab:orange", alpha=0.35, edgecolor="white")
+    top.text(4.5 + j, 0.5, f"{codes[j]}", ha="center", va="center", fontsize=7)
+    top.text(4.5 + j, 1.5, f"{codes[j + 16]}", ha="center", va="center", fontsize=7)
+top.set_xlim(0, 20)
+top.set_ylim(0, 2)
+top.set_xticks(range(0, 21, 2))
+top.set_yticks([0.5, 1.5], ["low: w[j]", "high: w[j+16]"])
+top.set_xlabel("byte offset in the 20-byte block (code byte j at offset 4 + j)")
+top.set_ylabel("nibble")
+top.set_title("One Q4_1 block of blk.0.attn_q.weight: float16 d, float16 m, 32 four-bit codes")
+top.grid(False)
+levels = np.float32(d) * np.arange(16, dtype=np.float32) + np.float32(m)
+for level in levels:
+    bottom.axhline(level, color="gray", linewidth=0.5, alpha=0.5)
+element = np.arange(32)
+for half, color, label in ((element < 16, "tab:blue", "low nibbles"), (element >= 16, "tab:orange", "high nibbles")):
+    bottom.vlines(element[half], m, weights[half], color=color, linewidth=1)
+    bottom.plot(element[half], weights[half], "o", color=color, ms=4, label=label)
+bottom.plot([], [], color="gray", linewidth=0.5, label="the 16 levels m + k d, k = 0..15")
+bottom.set_xlabel("element i of the block")
+bottom.set_ylabel("weight w[i] = d * code + m")
+bottom.legend(loc="upper right")
+bottom.grid(False)
+course.save(fig, "q4_1_block.png")
+
+# %% [markdown]
+# ![The 20 bytes of a Q4_1 block and the 32 weights they decode to, on the block's 16 levels](figures/q4_1_block.png)
+#
 # The token embedding is Q8_0: per block a float16 scale and 32 signed bytes, `w = d * q`, 34 bytes
 # per 32 weights. Token 504 is "The", the first token of our prompt (section 5); its row is 18 blocks, 612 bytes.
 
@@ -209,18 +252,72 @@ row_bytes = EMBD.nbytes // EMBD.shape[0]
 row_start = EMBD.offset + 504 * row_bytes
 first_block = buf[row_start:row_start + 34]
 (d,) = struct.unpack("<e", first_block[:2])
-codes = np.frombuffer(first_block[2:], np.int8)
-block0_by_hand = np.float32(d) * codes.astype(np.float32)
+q8 = np.frombuffer(first_block[2:], np.int8)
+block0_by_hand = np.float32(d) * q8.astype(np.float32)
 row = Q8_0.dequantize(np.frombuffer(buf[row_start:row_start + row_bytes], np.uint8))
-print(f"{row_bytes} bytes per row; block 0: d = {d:.6g}, q = {codes[:8]} ...")
+print(f"{row_bytes} bytes per row; block 0: d = {d:.6g}, q = {q8[:8]} ...")
 print(f"row 504, first 8 of {row.size}: {np.array2string(row[:8], precision=5)}")
 assert np.array_equal(block0_by_hand, row[:32])
 
 # %% [markdown]
+# The loops above decode one block. The same arithmetic over every block of a tensor at once, with
+# NumPy doing the loop, decodes whole matrices; we will need them in section 5.
+
+# %%
+def decode_q4_1(raw):
+    """(rows, 20 * n_blocks) uint8 -> (rows, 32 * n_blocks) float32"""
+    blocks = raw.reshape(len(raw), -1, 20)                                   # (rows, n_blocks, 20)
+    d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)          # (rows, n_blocks, 1)
+    m = blocks[..., 2:4].copy().view(np.float16).astype(np.float32)
+    codes = np.concatenate([blocks[..., 4:] & 0x0F, blocks[..., 4:] >> 4], axis=-1)  # elements j, then j + 16
+    return (d * codes.astype(np.float32) + m).reshape(len(raw), -1)
+
+
+def decode_q8_0(raw):
+    """(rows, 34 * n_blocks) uint8 -> (rows, 32 * n_blocks) float32"""
+    blocks = raw.reshape(len(raw), -1, 34)
+    d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)
+    return (d * blocks[..., 2:].copy().view(np.int8).astype(np.float32)).reshape(len(raw), -1)
+
+
+DECODERS = {GGMLQuantizationType.Q4_1: decode_q4_1, GGMLQuantizationType.Q8_0: decode_q8_0}
+
+
+def tensor(name, rows=slice(None)):
+    """Tensor `name` of the file decoded to float32: a matrix (or the chosen rows of it), or a vector.
+    The pages read through the memory map would stay in this process's resident memory (chapter 7),
+    so they are let go of once decoded: the file is unchanged, and a later read maps them again."""
+    info, raw = gguf.tensors[name], gguf.data(name)
+    if len(info.shape) == 1:
+        decoded = raw.view(np.float32).copy()  # the norms are stored as float32 (a copy: no view into the map)
+    else:
+        decoded = DECODERS[info.ggml_type](raw[rows])
+    gguf.release(name)
+    return decoded
+
+
+LAYER_TENSORS = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output",
+                 "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
+
+
+def layer_weights(i):
+    """Every tensor of layer i as float32: 3.5 million weights, 14 MB."""
+    return {name: tensor(f"blk.{i}.{name}.weight") for name in LAYER_TENSORS}
+
+
+w = layer_weights(0)
+for name, value in w.items():
+    assert np.array_equal(value, dequantized(gguf, f"blk.0.{name}.weight")), name
+print({name: value.shape for name, value in w.items()})
+
+# %% [markdown]
 # ## 5. One transformer block, by hand
 #
-# `load_float_model` decodes every tensor this way and keeps float32 copies: the baseline the
-# faster paths of later chapters are checked against. Each of the 30 layers does
+# The runtime (`minillm.runtime.load`, what `minillm generate` runs) does not decode the weights: it
+# keeps the file's blocks packed (the same bytes, re-laid once for its kernels) and multiplies them
+# directly (chapter 3 shows how). So do we, for the model we check against. For the by-hand version we decode one layer at a
+# time with the functions above: 14 MB in float32 per layer, where all of them would take 538 MB.
+# Each of the 30 layers does
 #
 # ```
 # h = rmsnorm(x)                        # (T, dim): each row scaled to unit root-mean-square
@@ -234,21 +331,20 @@ assert np.array_equal(block0_by_hand, row[:32])
 # We write each step in plain NumPy and compare it with the library's function on the same input.
 
 # %%
-t0 = time.perf_counter()
-model = load_float_model(gguf)
-print(f"float model loaded in {time.perf_counter() - t0:.1f} s")
-tokenizer = Tokenizer.from_metadata(gguf.metadata)
+start = time.perf_counter()
+rt = load(RunConfig(model=str(PATH), ctx_size=64, threads=1), announce=lambda message: None)
+model, tokenizer = rt.model, rt.tokenizer
+gguf = rt.gguf  # decode through the runtime's map of the file: one map of it, not two
+print(f"runtime loaded in {time.perf_counter() - start:.1f} s")
 ids = np.array(tokenizer.encode(PROMPT))
 T = len(ids)
 print(f"{PROMPT!r} -> {ids.tolist()} = {[tokenizer.decode([i]) for i in ids]}")
-layer = model.weights.layers[0]
-table = model.weights.embedding.table  # (vocab_size, dim), the decoded Q8_0 table
-assert np.array_equal(table[504], row)
+layer = model.weights.layers[0]  # the library's layer 0: packed weights
 
 # %% [markdown]
-# Embedding and RMSNorm. The embedding is a row lookup. RMSNorm divides each row by its root mean
-# square (plus a small epsilon, so a zero row does not divide by zero) and scales each channel by a
-# learned weight.
+# Embedding and RMSNorm. The embedding is a row lookup: we decode only the T rows of our tokens.
+# RMSNorm divides each row by its root mean square (plus a small epsilon, so a zero row does not
+# divide by zero) and scales each channel by a learned weight.
 
 # %%
 def rms_norm(x, weight, eps):
@@ -256,28 +352,64 @@ def rms_norm(x, weight, eps):
     return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * weight
 
 
-x = table[ids]  # (T, dim)
-h = rms_norm(x, layer.attn_norm, config.norm_eps)
+x = tensor("token_embd.weight", ids)  # (T, dim)
+h = rms_norm(x, w["attn_norm"], config.norm_eps)
 print("x", x.shape, "h", h.shape)
+assert np.array_equal(x[0], row)  # token 504's row, decoded in section 4
 assert np.array_equal(x, model.weights.embedding.lookup(ids))
 assert np.array_equal(h, rmsnorm(x, layer.attn_norm, config.norm_eps))
 
 # %% [markdown]
 # The projections. A weight matrix is stored (out_features, in_features), so `h @ W.T` maps each token's
 # 576 channels to the outputs; the flat outputs are then cut into heads of 64 channels.
+#
+# Here for the first time our result need not equal the library's bit for bit. The library decodes
+# its blocks one tile of rows at a time and multiplies each tile (chapter 3), and a product adds its
+# terms in an order that belongs to BLAS: it may group the additions of one large product differently
+# from those of several small ones, and differently on another machine. How far from the library may
+# a correct float32 version be? Instead of guessing, measure float32's own error: compute the product
+# in float64 from the same inputs (float32 values convert to float64 exactly). The library's float32
+# result is off from it by float32's rounding; ours is off by rounding of the same kind, which another
+# order of additions can make a few times larger, so we allow ten times the library's error. A real
+# mistake, a wrong matrix or a missing transpose, is off by the size of the values themselves,
+# millions of times more.
 
 # %%
+def exact_product(x, w):
+    """x @ w.T in float64 from float32 inputs: what float32 arithmetic approximates."""
+    return x.astype(np.float64) @ w.astype(np.float64).T
+
+
+def assert_same_up_to_rounding(mine, library, reference):
+    """`mine` and `library` compute one function in float32, `reference` in float64 from the same
+    inputs: ours may be off from the reference by ten times the library's rounding error, no more.
+    Returns (our error, the library's error)."""
+    assert mine.dtype == library.dtype == np.float32
+    error, rounding = np.abs(mine - reference).max(), np.abs(library - reference).max()
+    assert error <= 10 * rounding, f"ours is off by {error:.2e}, the library by {rounding:.2e}"
+    return error, rounding
+
+
 def heads(x, n_heads):
     """(T, n_heads * head_dim) -> (n_heads, T, head_dim)"""
     return x.reshape(x.shape[0], n_heads, -1).transpose(1, 0, 2)
 
 
-q_flat, k_flat, v_flat = h @ layer.wq.w.T, h @ layer.wk.w.T, h @ layer.wv.w.T
+q_flat, k_flat, v_flat = h @ w["attn_q"].T, h @ w["attn_k"].T, h @ w["attn_v"].T
 q, k, v = heads(q_flat, config.n_heads), heads(k_flat, config.n_kv_heads), heads(v_flat, config.n_kv_heads)
 print("q", q.shape, "k", k.shape, "v", v.shape)
-assert np.array_equal(q_flat, layer.wq(h))
-assert np.array_equal(k_flat, layer.wk(h))
-assert np.array_equal(v_flat, layer.wv(h))
+
+
+def compare_projection(mine, linear, name):
+    """Our h @ W.T against the library's packed `linear`, for the tensor `name` of layer 0."""
+    error, rounding = assert_same_up_to_rounding(mine, linear(h), exact_product(h, w[name]))
+    print(f"{name}: off from float64 by {error:.1e} (the library by {rounding:.1e}); "
+          f"largest value {np.abs(mine).max():.1f}")
+
+
+compare_projection(q_flat, layer.wq, "attn_q")
+compare_projection(k_flat, layer.wk, "attn_k")
+compare_projection(v_flat, layer.wv, "attn_v")
 
 # %% [markdown]
 # RoPE. Channel pair i of a head, (x[2i], x[2i+1]), is a point in the plane; at position p it is
@@ -315,49 +447,64 @@ assert np.array_equal(k, rope(heads(k_flat, config.n_kv_heads), cos, sin))
 # 1/√64; the causal mask sets the scores of future tokens to −∞, so softmax gives them weight 0.
 
 # %%
-def causal_attention(q, k, v):
-    """q: (n_heads, T, head_dim)  k, v: (n_kv_heads, T, head_dim) -> (n_heads, T, head_dim)"""
+def attention_weights(q, k):
+    """q: (n_heads, T, head_dim)  k: (n_kv_heads, T, head_dim) -> (n_heads, T, T): row t says how
+    much query t takes from each key; each row sums to 1."""
     n_heads, T, head_dim = q.shape
     group = n_heads // k.shape[0]
     future = np.triu(np.ones((T, T), dtype=bool), k=1)  # future[t, s]: token s comes after token t
-    out = np.empty_like(q)
+    weights = np.empty((n_heads, T, T), q.dtype)
     for head in range(n_heads):
-        kv = head // group
-        scores = q[head] @ k[kv].T / math.sqrt(head_dim)  # (T, T)
+        scores = q[head] @ k[head // group].T / math.sqrt(head_dim)  # (T, T)
         scores[future] = -np.inf
-        weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
-        weights /= weights.sum(axis=-1, keepdims=True)  # softmax over s: each row sums to 1
-        out[head] = weights @ v[kv]  # (T, head_dim)
-    return out
+        e = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        weights[head] = e / e.sum(axis=-1, keepdims=True)  # softmax over s
+    return weights
+
+
+def causal_attention(q, k, v):
+    """q: (n_heads, T, head_dim)  k, v: (n_kv_heads, T, head_dim) -> (n_heads, T, head_dim)"""
+    group = q.shape[0] // v.shape[0]
+    weights = attention_weights(q, k)
+    return np.stack([weights[head] @ v[head // group] for head in range(q.shape[0])])
 
 
 attn = causal_attention(q, k, v)
 mask = causal_mask(0, T, T)
 lib_attn = attend(q, k, v, mask)
-print("attention out", attn.shape, "largest difference from attend:", np.abs(attn - lib_attn).max())
+error, rounding = assert_same_up_to_rounding(attn, lib_attn, attend(q.astype(np.float64), k.astype(np.float64),
+                                                                    v.astype(np.float64), mask))
+print(f"attention out {attn.shape}: off from float64 by {error:.1e} (the library by {rounding:.1e})")
 
 # %% [markdown]
-# Why no `np.array_equal` here? Until now every step did the same float32 operations as the library,
-# in the same order, so equality was guaranteed. Attention adds inside matrix products, and the order
-# of those additions belongs to BLAS: it may group the library's batched product differently from our
-# nine separate ones, and differently on another machine. So the difference above may be 0.0 on one
-# machine and a few units in the last place on another. How large may it be? Instead of guessing,
-# measure float32's own error here: run `attend` in float64 on the same inputs (float32 values convert
-# to float64 exactly). Two float32 evaluations of the same function each make an error of about that
-# size, so by the triangle inequality they agree to within about twice it. A real mistake, such as a
-# missing mask or a wrong head, is off by the size of the values themselves.
+# Which query head reads which key/value head, and what each one looks at in layer 0:
 
 # %%
-def to64(*arrays):
-    return [a.astype(np.float64) for a in arrays]
-
-
-attn_rounding = np.abs(lib_attn - attend(*to64(q, k, v), mask)).max()
-print(f"float32 rounding of attend: {attn_rounding:.2e}; size of the values: {np.abs(lib_attn).max():.2f}")
-assert attn.dtype == np.float32
-assert np.abs(attn - lib_attn).max() <= 2 * attn_rounding
+tokens = [tokenizer.decode([i]) for i in ids]
+group = config.n_heads // config.n_kv_heads
+fig, axes = course.figure(7.5, 7, config.n_kv_heads, group, sharex=True, sharey=True)
+weights0 = attention_weights(q, k)
+for head in range(config.n_heads):
+    ax = axes[head // group, head % group]
+    image = ax.imshow(weights0[head], vmin=0, vmax=1, cmap="viridis")
+    ax.set_title(f"query head {head} reads K/V head {head // group}", fontsize=8)
+    ax.set_xticks(range(T), tokens, rotation=60, fontsize=7)
+    ax.set_yticks(range(T), tokens, fontsize=7)
+    ax.grid(False)
+for ax in axes[-1]:
+    ax.set_xlabel("key: the token seen")
+for ax in axes[:, 0]:
+    ax.set_ylabel("query: the token looking")
+fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight (each row sums to 1)")
+fig.suptitle("Layer 0: each row of heads shares one key/value head, yet looks at different tokens")
+course.save(fig, "grouped_query_heads.png")
 
 # %% [markdown]
+# ![The attention weights of the nine query heads of layer 0, three to each key/value head](figures/grouped_query_heads.png)
+#
+# Above the diagonal everything is 0: the mask. The first token takes all of its own weight; the heads of a
+# row share their keys and values, but each has its own queries, so each looks at the prompt in its own way.
+#
 # The rest of the block: merge the heads back into rows, project with Wo, add to the residual stream;
 # then the SwiGLU MLP: a gate (through silu(z) = z · sigmoid(z)) times an up projection, projected down.
 
@@ -369,37 +516,80 @@ def swiglu(x, w_gate, w_up, w_down):
 
 
 merged = attn.transpose(1, 0, 2).reshape(T, -1)  # (T, n_heads * head_dim)
-x_mid = x + merged @ layer.wo.w.T
-h2 = rms_norm(x_mid, layer.ffn_norm, config.norm_eps)
-x_out = x_mid + swiglu(h2, layer.w_gate.w, layer.w_up.w, layer.w_down.w)
+x_mid = x + merged @ w["attn_output"].T
+h2 = rms_norm(x_mid, w["ffn_norm"], config.norm_eps)
+ffn = swiglu(h2, w["ffn_gate"], w["ffn_up"], w["ffn_down"])
+x_out = x_mid + ffn
 print("block output", x_out.shape, x_out.dtype)
-assert np.array_equal(merged @ layer.wo.w.T, layer.wo(merged))
-assert np.array_equal(swiglu(h2, layer.w_gate.w, layer.w_up.w, layer.w_down.w), mlp(model.ops, layer, h2))
+assert_same_up_to_rounding(merged @ w["attn_output"].T, layer.wo(merged), exact_product(merged, w["attn_output"]))
+# the float64 reference uses the library's silu, so that a mistake in our swiglu cannot hide in it
+hidden = silu(exact_product(h2, w["ffn_gate"])) * exact_product(h2, w["ffn_up"])
+assert_same_up_to_rounding(ffn, mlp(model.ops, layer, h2), exact_product(hidden, w["ffn_down"]))
 
 # %% [markdown]
-# The whole model is that block 30 times, a last RMSNorm, and the "LM head": a dot product of the
-# final hidden state with every row of the embedding table (SmolLM2 ties the two, so the file stores
-# the table once). The library runs the same through `model.forward`, storing each layer's keys and
-# values in a `KVCache` so that the next token does not recompute them (used in section 7).
+# How wide each step is, per token, and which weights it reads:
 
 # %%
-def block(x, layer, cos, sin):
+steps = [("x: residual stream in", x, None, "stream"), ("h = rmsnorm(x)", h, None, "stream"),
+         ("q = h Wq^T (9 heads x 64)", q_flat, "attn_q", "attention"),
+         ("k = h Wk^T (3 heads x 64)", k_flat, "attn_k", "attention"),
+         ("v = h Wv^T (3 heads x 64)", v_flat, "attn_v", "attention"),
+         ("a = attention(rope(q), rope(k), v)", merged, None, "attention"),
+         ("x = x + a Wo^T", x_mid, "attn_output", "attention"), ("h = rmsnorm(x)", h2, None, "stream"),
+         ("g = h Wgate^T", h2 @ w["ffn_gate"].T, "ffn_gate", "MLP"), ("u = h Wup^T", h2 @ w["ffn_up"].T, "ffn_up", "MLP"),
+         ("x = x + (silu(g) * u) Wdown^T", x_out, "ffn_down", "MLP")]
+COLORS = {"stream": "tab:gray", "attention": "tab:blue", "MLP": "tab:orange"}
+fig, ax = course.figure(8, 4.2)
+for y, (label, value, weight, part) in enumerate(steps):
+    ax.barh(y, value.shape[1], color=COLORS[part], alpha=0.7)
+    if weight is not None:
+        info = gguf.tensors[f"blk.0.{weight}.weight"]
+        ax.text(value.shape[1] + 15, y, f"W: {info.shape[0]} x {info.shape[1]}, {info.nbytes / 1e3:.0f} kB as "
+                f"{info.ggml_type.name}", va="center", fontsize=7)
+ax.set_yticks(range(len(steps)), [label for label, *_ in steps])
+ax.invert_yaxis()
+ax.set_xlim(0, 2400)
+ax.set_xlabel(f"values per token (T = {T} tokens in all); blue: attention, orange: MLP")
+ax.set_ylabel("step of the block, in order")
+ax.set_title("One transformer block of SmolLM2 (layer 0)")
+course.save(fig, "transformer_block.png")
+
+# %% [markdown]
+# ![The steps of one transformer block, with the width of each step's output and the weights it reads](figures/transformer_block.png)
+#
+# The residual stream stays 576 wide; attention reads four matrices, the MLP three larger ones, which
+# hold two thirds of the layer's bytes.
+#
+# The whole model is that block 30 times, a last RMSNorm, and the "LM head": a dot product of the
+# final hidden state with every row of the embedding table (SmolLM2 ties the two, so the file stores
+# the table once). We decode each layer when we reach it, and the table in slices of 4,096 rows. The
+# library runs the same through `model.forward`, storing each layer's keys and values in a `KVCache`
+# so that the next token does not recompute them (used in section 7).
+
+# %%
+def block(x, w, cos, sin):
     """One transformer layer, from the steps above. x: (T, dim) -> (T, dim)"""
-    h = rms_norm(x, layer.attn_norm, config.norm_eps)
-    q = rotate_pairs(heads(h @ layer.wq.w.T, config.n_heads), cos, sin)
-    k = rotate_pairs(heads(h @ layer.wk.w.T, config.n_kv_heads), cos, sin)
-    v = heads(h @ layer.wv.w.T, config.n_kv_heads)
-    x = x + causal_attention(q, k, v).transpose(1, 0, 2).reshape(len(x), -1) @ layer.wo.w.T
-    return x + swiglu(rms_norm(x, layer.ffn_norm, config.norm_eps), layer.w_gate.w, layer.w_up.w, layer.w_down.w)
+    h = rms_norm(x, w["attn_norm"], config.norm_eps)
+    q = rotate_pairs(heads(h @ w["attn_q"].T, config.n_heads), cos, sin)
+    k = rotate_pairs(heads(h @ w["attn_k"].T, config.n_kv_heads), cos, sin)
+    v = heads(h @ w["attn_v"].T, config.n_kv_heads)
+    x = x + causal_attention(q, k, v).transpose(1, 0, 2).reshape(len(x), -1) @ w["attn_output"].T
+    return x + swiglu(rms_norm(x, w["ffn_norm"], config.norm_eps), w["ffn_gate"], w["ffn_up"], w["ffn_down"])
+
+
+def lm_head(x, rows_at_a_time=4096):
+    """x: (T, dim) -> logits (T, vocab_size): x times every row of the embedding table, decoded a slice at a time."""
+    return np.concatenate([x @ tensor("token_embd.weight", slice(first, first + rows_at_a_time)).T
+                           for first in range(0, config.vocab_size, rows_at_a_time)], axis=1)
 
 
 def forward_by_hand(ids):
     """ids: (T,) -> logits (T, vocab_size)"""
     cos, sin = rotation(np.arange(len(ids)), config.head_dim, config.rope_base)
-    x = table[ids]
-    for layer in model.weights.layers:
-        x = block(x, layer, cos, sin)
-    return rms_norm(x, model.weights.output_norm, config.norm_eps) @ table.T
+    x = tensor("token_embd.weight", ids)
+    for i in range(config.n_layers):
+        x = block(x, layer_weights(i), cos, sin)
+    return lm_head(rms_norm(x, tensor("output_norm.weight"), config.norm_eps))
 
 
 logits = forward_by_hand(ids)
@@ -407,30 +597,25 @@ lib_logits = model.forward(ids, KVCache(config, T))
 print("logits", logits.shape, "largest difference from model.forward:", np.abs(logits - lib_logits).max())
 
 # %% [markdown]
-# The same question as for attention, now through 30 layers: how large is float32's rounding error on
-# these logits? Run the library model once more with every weight, and the cache, in float64. That
-# takes a 1.1 GB copy of the weights, which we drop right after.
+# The same question as before, now through 30 layers: how large is float32's rounding error on these
+# logits? `--mode oracle` runs the library's model in float64 from the same blocks, decoding them a
+# tile at a time (chapter 11 uses it to verify other runtimes). We build what it loads, the file's
+# blocks in place with the oracle's arithmetic (`minillm.ops.oracle`), without the runtime's
+# tokenizer and warm-up. We close our runtime first, so that only one copy of the weights is held at
+# a time, then reopen it.
 
 # %%
-def in_float64(weights: ModelWeights) -> ModelWeights:
-    """A float64 copy of every weight, only to measure float32's rounding error."""
-    def f64(w):
-        return FloatLinear(w.w.astype(np.float64)) if isinstance(w, FloatLinear) else w.astype(np.float64)
-
-    layers = [Layer(**{f.name: f64(getattr(lw, f.name)) for f in dataclasses.fields(lw)})
-              for lw in weights.layers]
-    return ModelWeights(FloatEmbedding(f64(weights.embedding.table)), layers, f64(weights.output_norm))
-
-
-model64 = Model(config, in_float64(model.weights))
-cache64 = KVCache(config, T)
-# KVCache allocates float32 buffers; for this one run, give it float64 ones so no step rounds to float32.
-cache64.k, cache64.v = cache64.k.astype(np.float64), cache64.v.astype(np.float64)
-logits64 = model64.forward(ids, cache64)
-del model64, cache64
-logit_rounding = np.abs(lib_logits - logits64).max()
-print(f"float32 rounding of the logits: {logit_rounding:.2e}; largest logit: {np.abs(logits64).max():.1f}")
-assert np.abs(logits - lib_logits).max() <= 2 * logit_rounding
+del rt, model, layer, gguf  # nothing holds the weights now
+oracle_file = GGUFFile(PATH)
+oracle = Model(config, load_weights(oracle_file, config, PackedSource(oracle_file, config, 4, backend="numpy",
+                                                                      ops=Oracle())), Oracle())
+logits64 = oracle.forward(ids, new_cache(config, T, kv_bits=64))  # keys and values kept in float64 too
+del oracle, oracle_file  # its map of the file goes, and the pages it read with it
+error, rounding = assert_same_up_to_rounding(logits, lib_logits, logits64)
+print(f"logits off from float64 by {error:.1e} (the library by {rounding:.1e}); "
+      f"largest logit {np.abs(logits64).max():.1f}")
+rt = load(RunConfig(model=str(PATH), ctx_size=64, threads=1), announce=lambda message: None)
+model, gguf = rt.model, rt.gguf
 
 # %% [markdown]
 # ## 6. The logits
@@ -493,7 +678,7 @@ assert greedy.startswith(" Paris")
 
 # %% [markdown]
 # The library's `minillm.generate.generate` runs the same loop with a `Sampler` that adds llama.cpp's
-# filters (top-k, top-p, min-p, repetition penalty). Greedy, it must choose the same tokens.
+# filters (top-k, top-p, min-p, repetition penalty; chapter 9). Greedy, it must choose the same tokens.
 
 # %%
 greedy_sampler = gen.Sampler(gen.SamplingSettings(temperature=0))
@@ -504,55 +689,42 @@ assert list(lib_greedy) == greedy_ids
 # %% [markdown]
 # ## 8. Measurements
 #
-# Bytes: the file holds 4-bit and 8-bit codes; the float model holds 32 bits per weight.
+# Bytes: the file holds 4-bit and 8-bit codes, and the runtime multiplies them as they are; a float32
+# copy of the model would hold 32 bits per weight.
 
 # %%
-def float_bytes(weights: ModelWeights) -> int:
-    total = weights.embedding.nbytes + weights.output_norm.nbytes
-    for lw in weights.layers:
-        total += sum(getattr(lw, f.name).nbytes for f in dataclasses.fields(lw))
-    return total
-
-
 tensor_bytes = sum(info.nbytes for info in gguf.tensors.values())
-in_memory = float_bytes(model.weights)
-print(f"file:               {gguf.file_size / 1e6:7.1f} MB ({tensor_bytes / 1e6:.1f} MB of tensors)")
-print(f"float32 in memory:  {in_memory / 1e6:7.1f} MB, {in_memory / tensor_bytes:.1f} x the tensors in the file")
+float32_bytes = 4 * sum(info.n_elements for info in gguf.tensors.values())
+print(f"file:                {gguf.file_size / 1e6:7.1f} MB ({tensor_bytes / 1e6:.1f} MB of tensors)")
+print(f"as float32 it would: {float32_bytes / 1e6:7.1f} MB, {float32_bytes / tensor_bytes:.1f} x the tensors in the file")
 
 # %% [markdown]
 # Time: one decode step (T = 1, after the prompt) against the prompt pass (T = 5). A decode step
-# reads every weight once to do one multiply-add with it, so its speed is set by memory bandwidth,
-# not arithmetic; the prompt pass reads the same weights once for all five tokens.
+# reads every weight once to do one multiply-add with it, so its speed is set by how fast the weights
+# can be read, not by arithmetic; the prompt pass reads the same weights once for all five tokens.
 
 # %%
-def best_time(run, repeats=7):
-    """The fastest of a few runs, in seconds: the least disturbed by other work on the machine."""
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 cache = KVCache(config, T + 1)
-prefill_s = best_time(lambda: (cache.truncate(0), model.forward(ids, cache, last_only=True)))
-decode_s = best_time(lambda: (cache.truncate(T), model.forward([PARIS], cache)))
+prefill_s = course.median_seconds(lambda: (cache.truncate(0), model.forward(ids, cache, last_only=True)), 7)
+decode_s = course.median_seconds(lambda: (cache.truncate(T), model.forward([PARIS], cache)), 7)
 print(f"prompt pass (T = {T}): {prefill_s * 1e3:6.1f} ms")
 print(f"decode step (T = 1): {decode_s * 1e3:6.1f} ms -> {1 / decode_s:5.1f} tokens/s, "
-      f"reading {in_memory / decode_s / 1e9:.1f} GB/s of float32 weights")
+      f"reading {tensor_bytes / decode_s / 1e9:.1f} GB/s of packed weights")
 buf.close()
 file.close()
 
 # %% [markdown]
 # ## Exercises
 #
+# Worked answers: `tutorials/solutions/01_gguf_to_next_token.py`.
+#
 # 1. The file says `tokenizer.ggml.add_bos_token = False`, so the prompt starts without the
 #    beginning-of-sequence token (`tokenizer.bos_id`, which is `<|im_start|>` here). Prepend it to
 #    `ids` and compare the top-5 of section 6. Which rows of the logits change, and why?
-# 2. Delete the line `scores[future] = -np.inf` in `causal_attention`. Which assertion fails? The last
+# 2. Without the line `scores[future] = -np.inf` in `attention_weights`, which assertion fails? The last
 #    token could already see every other one: predict whether the last row of `logits` changes, then
-#    check with `np.abs(logits - lib_logits).max(axis=-1)`. Why is the answer what it is after 30 layers?
-# 3. Section 8 reads every weight as float32 for each token. Estimate the decode time if the step read
-#    the Q4_1 and Q8_0 blocks of the file instead (bytes in section 3), at the same GB/s. That is
-#    the reason for kernels that multiply with the quantized blocks directly.
+#    check it with `forward_by_hand` (the answer runs it with the mask removed). Why is the answer what
+#    it is after 30 layers?
+# 3. Section 8 reads the packed blocks for each token. At the same GB/s, how long would a decode step
+#    take that read float32 weights (the 538 MB above)? Compare with the `--bits 32` row of the
+#    README's performance table, measured by `minillm bench --bits 32`.

@@ -23,24 +23,18 @@
 
 # %%
 # requires: weights  (the chapter measures the real SmolLM2 weights)
-import os
-import time
-from pathlib import Path
+import course  # first, before NumPy loads: thread settings, figures, timing (tutorials/course.py)
 
-import matplotlib
+import time
+
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
-matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
-import matplotlib.pyplot as plt  # noqa: E402
+from minillm import formats
+from minillm.gguf import GGUFFile
+from minillm.registry import resolve_model
+from minillm.weights import dequantized
 
-from minillm import formats  # noqa: E402
-from minillm.gguf import GGUFFile  # noqa: E402
-from minillm.registry import resolve_model  # noqa: E402
-from minillm.weights import dequantized  # noqa: E402
-
-FIGURES = Path(__file__).resolve().parent / "figures"
-FIGURES.mkdir(exist_ok=True)
 gguf = GGUFFile(resolve_model(None))
 
 # %% [markdown]
@@ -131,6 +125,29 @@ for name, bits, rel, seconds in rows:
 assert rows[0][2] < rows[1][2] < rows[2][2] < rows[3][2]
 
 # %% [markdown]
+# On a log scale the rule of thumb is a straight line: each bit taken from the integer grid doubles
+# the step between levels, and so the error. The block formats pay extra bits for their scales
+# (0.5 bit per weight for one float16 per 32), and Q4_1 one more for its minimum.
+
+# %%
+fig, ax = course.figure(6, 3.6)
+bits = np.array([b for _, b, _, _ in rows])
+rel = np.array([r for _, _, r, _ in rows])
+ax.semilogy(bits, rel, "o")
+for name, b, r, _ in rows:
+    ax.annotate(name, (b, r), textcoords="offset points", xytext=(6, 4))
+line = np.linspace(4, 17, 2)
+ax.semilogy(line, rel[1] * 2.0 ** (bits[1] - line), "--", color="gray", label="one bit halves the error (through Q8_0)")
+ax.set_xlabel("bits per weight (codes and scales)")
+ax.set_ylabel("relative RMS error (log scale)")
+ax.set_title("Quantization error of SmolLM2 token-embedding rows against bits")
+ax.legend()
+course.save(fig, "error_against_bits.png")
+
+# %% [markdown]
+# ![Relative RMS error of F16, Q8_0, Q4_1 and Q4_0 against bits per weight](figures/error_against_bits.png)
+
+# %% [markdown]
 # ## 4. What the errors look like
 #
 # Within a block, the error is spread evenly over [-d/2, d/2]; blocks have different d, so the
@@ -138,7 +155,7 @@ assert rows[0][2] < rows[1][2] < rows[2][2] < rows[3][2]
 # at zero is the values that land exactly on a grid point (zeros, and each block's extremes).
 
 # %%
-fig, ax = plt.subplots(figsize=(7, 3.5))
+fig, ax = course.figure(7, 3.5)
 for name in ("Q8_0", "Q4_1", "Q4_0"):
     ax.hist(errors[name], bins=200, range=(-0.05, 0.05), histtype="step", label=name, density=True)
 ax.set_xlabel("dequantized - original")
@@ -146,10 +163,10 @@ ax.set_ylabel("density (log scale)")
 ax.set_yscale("log")
 ax.set_title("Quantization error of SmolLM2 token-embedding rows")
 ax.legend()
-fig.tight_layout()
-figure = FIGURES / "02_quantization_error.png"
-fig.savefig(figure, dpi=100)
-print("wrote", figure)
+course.save(fig, "quantization_error.png")
+
+# %% [markdown]
+# ![Histograms of the quantization error of Q8_0, Q4_1 and Q4_0](figures/quantization_error.png)
 
 # %% [markdown]
 # ## 5. The whole model in bytes
@@ -163,9 +180,11 @@ print(f"file  {sum(info.nbytes for info in gguf.tensors.values()) / 1e6:8.1f} MB
 # %% [markdown]
 # ## Exercises
 #
+# Worked answers: `tutorials/solutions/02_quantization.py`.
+#
 # 1. Q4_0 maps the value of largest magnitude to code 0 (`d = max / -8`). Quantize a block whose
 #    values are all positive with Q4_0 and Q4_1: which codes does each use, and why is Q4_1 better here?
 # 2. Change the block size from 32 to 16 in `my_q8_0` (two scales per 32 weights). How do the bits per
 #    weight and the error change? Why did ggml settle on 32?
-# 3. Plot the relative RMS error against bits per weight on a log scale. Is the slope close to
-#    "one bit halves the error"?
+# 3. Which rows of the token embedding lose the most to Q4_1, relative to their size? Compare each
+#    row's relative error with how far its largest value stands out from its RMS, and explain.

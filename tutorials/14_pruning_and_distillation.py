@@ -1,5 +1,5 @@
 # %% [markdown]
-# # Chapter 8: Pruning and distillation
+# # Chapter 14: Pruning and distillation
 #
 # **The question.** Quantization stores every weight in fewer bits. The other way to a smaller model is
 # to have fewer weights: remove the ones that matter least (pruning), then teach what is left to
@@ -21,9 +21,7 @@
 # `demos/prune_curve.py` measured all six on SmolLM2 (float32 weights pruned in memory; held-out
 # perplexity and mean KL against the unpruned model on 1,016 tokens of *Alice's Adventures in
 # Wonderland*; the x axis is the fraction of the blocks' matrix weights removed, so that a head, a
-# neuron and a layer are compared at equal weight count):
-#
-# ![perplexity and KL against sparsity](measured/prune_curve.png)
+# neuron and a layer are compared at equal weight count). Its figures, from the README's table:
 #
 # | removed | magnitude | Wanda | 2:4 | FFN neurons | layers |
 # |---|---|---|---|---|---|
@@ -32,59 +30,96 @@
 # | 20% | 27.5 (KL 0.23) | 24.8 (KL 0.03) | | 39.4 (19%, KL 0.51) | 54.6 (KL 0.80) |
 # | 30% | 40.4 (KL 0.62) | 27.0 (KL 0.12) | | 99.2 (38%, KL 1.43) | 109.6 (KL 1.50) |
 # | 50% | 376.6 (KL 2.74) | 49.4 (KL 0.71) | 148.2 (KL 1.81) | | 355.8 (KL 2.76) |
+
+# %%
+# requires: weights  (section 1 prunes a real SmolLM2 matrix)
+import course  # first, before NumPy loads: thread settings, figures, timing (tutorials/course.py)
+
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as Q
+
+from minillm import formats
+from minillm.gguf import GGUFFile
+from minillm.registry import resolve_model
+from minillm.runtime import RunConfig, load
+from minillm.synthetic import write_tiny
+from minillm.tokenizer import Tokenizer
+from minillm.train.checkpoint import source_types, write_model
+from minillm.train.data import batches, split_held_out, text_windows
+from minillm.train.distill import with_teacher_targets
+from minillm.train.evaluate import HeldOut
+from minillm.train.grad import Distillation, mean_loss
+from minillm.train.importance import calibrate, frozen_model
+from minillm.train.loop import TrainSettings, train
+from minillm.train.model import float_arrays, inference_model, trainable_from_arrays
+from minillm.train.prune import (drop_layers, keep_neurons, magnitude_mask, row_mask, shape_metadata, top_neurons,
+                                 two_of_four_mask)
+from minillm.train.tape import WindowCache
+from minillm.weights import dequantized
+
+rng = np.random.default_rng(0)
+OUT = Path(tempfile.mkdtemp(prefix="minillm-pruning-"))  # for the tiny models' files
+ALICE = course.ALICE.read_text(encoding="utf-8")
+
+# %% [markdown]
+# The table drawn (perplexity from the unpruned model's 24.2; a method that removes nothing has KL 0,
+# which a log axis cannot show):
+
+# %%
+# removed fraction -> (perplexity, mean KL): `demos/prune_curve.py` on SmolLM2, the README's table
+MEASURED = {
+    "magnitude": {0.1: (23.81, 0.048), 0.2: (27.50, 0.233), 0.3: (40.42, 0.625), 0.5: (376.6, 2.74)},
+    "Wanda": {0.1: (24.23, 0.004), 0.2: (24.75, 0.034), 0.3: (26.97, 0.123), 0.5: (49.41, 0.709)},
+    "2:4 (Wanda's score)": {0.5: (148.2, 1.81)},
+    "heads": {0.063: (89.65, 1.33), 0.125: (3354, 4.89)},
+    "FFN neurons": {0.078: (27.83, 0.175), 0.188: (39.36, 0.511), 0.375: (99.19, 1.43)},
+    "layers": {0.1: (34.87, 0.362), 0.2: (54.61, 0.804), 0.3: (109.6, 1.50), 0.5: (355.8, 2.76)},
+}
+UNPRUNED_PERPLEXITY = 24.18
+
+fig, (ppl, kl) = course.figure(10, 3.8, 1, 2)
+for method, points in MEASURED.items():
+    removed = list(points)
+    style = dict(marker="o", label=method, linestyle="-" if len(points) > 1 else "none")
+    ppl.plot([0.0] + removed, [UNPRUNED_PERPLEXITY] + [p for p, _ in points.values()], **style)
+    kl.plot(removed, [k for _, k in points.values()], **style)
+ppl.set_yscale("log")
+ppl.set_xlabel("fraction of the blocks' matrix weights removed")
+ppl.set_ylabel("held-out perplexity (log scale)")
+ppl.set_title("SmolLM2 pruned in float32: perplexity")
+kl.set_yscale("log")
+kl.set_xlabel("fraction of the blocks' matrix weights removed")
+kl.set_ylabel("mean KL against the unpruned model (nats)")
+kl.set_title("Distance from the unpruned model")
+for ax in (ppl, kl):
+    ax.set_xlim(0, 0.55)
+    ax.legend(fontsize=7)
+course.save(fig, "prune_curve.png")
+
+# %% [markdown]
+# ![Perplexity and mean KL against the fraction of weights removed, for each pruning method on SmolLM2](figures/prune_curve.png)
 #
 # Cutting a third of the heads (6% of the weights) already costs perplexity 89.6: heads are few and
 # each carries a lot. Zeros chosen by Wanda cost least per weight, but save nothing; cuts save
 # bytes and time, and cost much more. Distillation is how a cut model buys its quality back.
 # This chapter works through each idea: zeros on one real SmolLM2 matrix, then cuts and
 # distillation on a tiny model that we train first, so that every run takes seconds.
-
-# %%
-# requires: weights  (section 1 prunes a real SmolLM2 matrix)
-import os
-
-os.environ["OPENBLAS_NUM_THREADS"] = "1"  # as the CLI sets it: training splits batches over threads itself
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-from gguf import GGMLQuantizationType as Q  # noqa: E402
-
-from minillm import formats  # noqa: E402
-from minillm.gguf import GGUFFile  # noqa: E402
-from minillm.registry import resolve_model  # noqa: E402
-from minillm.runtime import RunConfig, load  # noqa: E402
-from minillm.synthetic import write_tiny  # noqa: E402
-from minillm.tokenizer import Tokenizer  # noqa: E402
-from minillm.train.checkpoint import source_types, write_model  # noqa: E402
-from minillm.train.data import batches, split_held_out, text_windows  # noqa: E402
-from minillm.train.distill import with_teacher_targets  # noqa: E402
-from minillm.train.evaluate import HeldOut  # noqa: E402
-from minillm.train.grad import Distillation, mean_loss  # noqa: E402
-from minillm.train.importance import calibrate, frozen_model  # noqa: E402
-from minillm.train.model import float_arrays, inference_model, trainable_from_arrays  # noqa: E402
-from minillm.train.loop import TrainSettings, train  # noqa: E402
-from minillm.train.prune import (drop_layers, keep_neurons, magnitude_mask, row_mask, shape_metadata,  # noqa: E402
-                                 top_neurons, two_of_four_mask)
-from minillm.train.tape import WindowCache  # noqa: E402
-from minillm.weights import dequantized  # noqa: E402
-
-rng = np.random.default_rng(0)
-OUT = Path(tempfile.mkdtemp(prefix="minillm-ch8-"))
-ALICE = Path("tests/data/alice_in_wonderland.txt").read_text(encoding="utf-8")
-
-# %% [markdown]
+#
 # ## 1. Zeros in one real matrix: magnitude, Wanda, 2:4
 #
 # The up-projection of SmolLM2's block 12 (1536 x 576) and what it multiplies: its input `ffn_norm-12`
-# over 512 tokens of Alice, traced from the model as it runs (packed Q4_1 weights, zero-copy). The
-# first 256 tokens calibrate; the other 256 measure.
+# over 256 tokens of Alice, traced from the model as it runs on its packed Q4_1 weights. The first
+# 128 tokens calibrate; the other 128 measure. Only the last position's logits are kept (49,152 of
+# them for each of 256 positions would be 50 MB).
 
 # %%
 LAYER = 12
-smollm2 = load(RunConfig(model=str(resolve_model(None)), ctx_size=512, threads=2), announce=lambda _: None)
-ids = smollm2.tokenizer.encode(ALICE[:4000])[:512]
+smollm2 = load(RunConfig(model=str(resolve_model(None)), ctx_size=256, threads=1), announce=lambda _: None)
+ids = smollm2.tokenizer.encode(ALICE[:2000])[:256]
 seen = {}
 
 
@@ -94,11 +129,12 @@ def keep_input(name, x):
     return x
 
 
-smollm2.model.forward(ids, smollm2.new_cache(), trace=keep_input)
-calib_x, test_x = seen["x"][:256], seen["x"][256:]                          # (256, 576) each
+smollm2.model.forward(ids, smollm2.new_cache(), last_only=True, trace=keep_input)
+calib_x, test_x = seen["x"][:128], seen["x"][128:]                          # (128, 576) each
 name = f"blk.{LAYER}.ffn_up.weight"
 w = dequantized(smollm2.gguf, name).astype(np.float64)                     # (1536, 576)
 print(f"{name}: {w.shape}, stored as {smollm2.gguf.tensors[name].ggml_type.name}")
+del smollm2  # the rest of the chapter needs only this matrix and its inputs
 
 # %% [markdown]
 # Magnitude pruning drops the weights nearest zero. Wanda (Sun et al. 2023) notices that a weight's
@@ -173,8 +209,9 @@ assert before.nbytes == after.nbytes
 #
 # The cuts and the distillation run on a tiny Llama (4 blocks, dim 64, 4 query heads sharing 2
 # key/value heads, FFN 192, a byte-level vocabulary of 267 tokens). A random model has nothing to
-# lose, so first we train it for 150 steps on windows of Alice with minillm's training loop
-# (AdamW, warm-up and cosine schedule, the batch split over two threads): a few seconds.
+# lose, so first we train it for 100 steps on windows of Alice with minillm's training loop
+# (AdamW, warm-up and cosine schedule; one thread: a batch this small gains nothing from two): a few
+# seconds.
 
 # %%
 tiny = GGUFFile(write_tiny(OUT / "teacher-random.gguf", "llama", n_layers=4, dim=64, n_heads=4, n_kv_heads=2,
@@ -185,12 +222,13 @@ config, arrays = float_arrays(tiny)
 teacher = trainable_from_arrays(config, arrays)
 start = time.perf_counter()
 log = train(teacher, teacher.parameters(), batches(train_windows, 8, seed=0),
-            TrainSettings(steps=150, batch_size=8, lr=3e-3, warmup=10, threads=2), progress=False)
+            TrainSettings(steps=100, batch_size=8, lr=5e-3, warmup=10, threads=1), progress=False)
 print(f"teacher: loss {log.steps[0].loss:.2f} -> {log.steps[-1].loss:.2f} in {time.perf_counter() - start:.0f} s "
       f"({log.tokens_per_second:,.0f} tokens/s)")
 teacher_model = inference_model(teacher)
 held = HeldOut(np.concatenate([w.ids for w in held_windows]), 64, base=teacher_model)
-print(f"held-out perplexity {held(teacher_model)['perplexity']:.2f} on {held(teacher_model)['tokens']} tokens")
+teacher_figures = held(teacher_model)
+print(f"held-out perplexity {teacher_figures['perplexity']:.2f} on {teacher_figures['tokens']} tokens")
 
 # %% [markdown]
 # ## 4. Which neurons to cut: a measured importance
@@ -228,13 +266,39 @@ assert agreement > 0.5
 
 # %%
 scores = calibrate(config, arrays, train_windows[:16]).neuron_scores         # (n_layers, ffn_dim)
+kept = (160, 128, 96, 64)
+kl_kept = {"Taylor-ranked": [], "at random": []}
 print("neurons kept   KL, Taylor-ranked   KL, random")
-for n in (160, 128, 96, 64):
+for n in kept:
     ranked = held(inference_model(frozen_model(*keep_neurons(config, arrays, top_neurons(scores, n)))))["kl"]
     chosen = np.sort(np.stack([rng.choice(config.ffn_dim, n, replace=False) for _ in range(config.n_layers)]), axis=-1)
     at_random = held(inference_model(frozen_model(*keep_neurons(config, arrays, chosen))))["kl"]
     print(f"{n:12} {ranked:19.4f} {at_random:12.4f}")
     assert ranked < at_random
+    kl_kept["Taylor-ranked"].append(ranked)
+    kl_kept["at random"].append(at_random)
+
+fig, (left, right) = course.figure(10, 3.6, 1, 2)
+left.loglog(np.abs(exact), taylor, "o", ms=3, alpha=0.6)
+left.set_xlabel("|loss change| with the neuron removed (one forward pass each)")
+left.set_ylabel("Taylor score (one backward pass for all)")
+left.set_title(f"Block 0's {config.ffn_dim} neurons: rank correlation {agreement:.2f}")
+for label, values in kl_kept.items():
+    right.plot(kept, values, "o-", label=label)
+right.set_xlabel(f"FFN neurons kept in each block (of {config.ffn_dim})")
+right.set_ylabel("mean KL against the teacher (nats)")
+right.set_title("Cutting neurons: chosen by score or at random")
+right.set_ylim(bottom=0)
+right.invert_xaxis()
+right.legend()
+course.save(fig, "neuron_importance.png")
+
+# %% [markdown]
+# ![The Taylor score of each neuron against its measured loss change, and KL against the neurons kept](figures/neuron_importance.png)
+#
+# Left: the few neurons that matter stand out in both measures; among the many that barely matter
+# the two disagree more, which costs little, since those go first either way. Right: ranked cuts stay
+# close to the teacher while random ones move far from it at every width.
 
 # %% [markdown]
 # ## 5. A student with half the layers, and distillation
@@ -244,7 +308,7 @@ for n in (160, 128, 96, 64):
 # else, so it starts close, but not close enough:
 
 # %%
-student_config, student_arrays = drop_layers(config, arrays, 2, train_windows[:16], threads=2)
+student_config, student_arrays = drop_layers(config, arrays, 2, train_windows[:16])
 start_figures = held(inference_model(frozen_model(student_config, student_arrays)))
 print(f"student of {student_config.n_layers} blocks as cut: perplexity {start_figures['perplexity']:.2f}, "
       f"KL {start_figures['kl']:.3f}, same top token {start_figures['same_top']:.0%}")
@@ -257,15 +321,16 @@ print(f"student of {student_config.n_layers} blocks as cut: perplexity {start_fi
 # the teacher's top k tokens per position to save memory (k numbers instead of the vocabulary: 64 of
 # SmolLM2's 49,152), and can mix in the text's cross-entropy (`--kl-weight`).
 #
-# Three students from the same cut, 40 steps each: the teacher's whole distribution, its top 16
-# tokens only, and the text alone (ordinary training, kl_weight 0).
+# Three students from the same cut, 30 steps of 8 windows each (120 windows, each seen twice): the
+# teacher's whole distribution, its top 16 tokens only, and the text alone (ordinary training,
+# kl_weight 0).
 
 # %%
-def trained_student(k, kl_weight, steps=40):
-    examples = with_teacher_targets(teacher_model, train_windows, k, temperature=1.0)
+def trained_student(k, kl_weight, steps=30):
+    examples = with_teacher_targets(teacher_model, train_windows[:4 * steps], k, temperature=1.0)
     student = trainable_from_arrays(student_config, {n: a.copy() for n, a in student_arrays.items()})
     train(student, student.parameters(), batches(examples, 8, seed=0),
-          TrainSettings(steps=steps, batch_size=8, lr=3e-3, warmup=5, threads=2),
+          TrainSettings(steps=steps, batch_size=8, lr=3e-3, warmup=5, threads=1),
           loss=Distillation(temperature=1.0, kl_weight=kl_weight), progress=False)
     return student, held(inference_model(student))
 
@@ -287,7 +352,7 @@ assert best["kl"] < runs["the text only"][1]["kl"]
 # blocks' weights have enough freedom to take most of it over. The teacher's distribution tells
 # them exactly what to aim for at every position: on the same steps it brings the student far closer
 # to the teacher than the text does. (The text alone can even lower the perplexity below the
-# teacher's, which 150 steps left undertrained, while staying further from the teacher.) The top-16
+# teacher's, which 100 steps left undertrained, while staying further from the teacher.) The top-16
 # student shows the cost of saving memory: the tail of the distribution it never sees is part of
 # the KL. SmolLM2's distributions are more peaked: on 512 tokens of Alice its top 64 tokens carry
 # 90% of the probability on average (median 94%; its top 16, 80%).
@@ -334,6 +399,8 @@ assert files["student"].stat().st_size < files["teacher"].stat().st_size
 # and at what cost on two cores.
 #
 # ## Exercises
+#
+# Worked answers: `tutorials/solutions/14_pruning_and_distillation.py`.
 #
 # 1. Prune the tiny teacher with Wanda at 50% and fine-tune it with the zeros held fixed (multiply each
 #    gradient by the mask after the backward pass): how much of the KL comes back?

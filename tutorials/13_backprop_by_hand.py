@@ -1,5 +1,5 @@
 # %% [markdown]
-# # Chapter 7: Backprop by hand
+# # Chapter 13: Backprop by hand
 #
 # **The question.** Pruning, distillation and fine-tuning all change weights to lower a loss, so
 # they all need the gradient: for every one of SmolLM2's 135 million weights, how much the loss
@@ -27,24 +27,23 @@
 # checks can be tight and the chapter needs no download.
 
 # %%
-import os
+import course  # first, before NumPy loads: thread settings, figures, timing (tutorials/course.py)
 
-os.environ["OPENBLAS_NUM_THREADS"] = "1"  # as the CLI sets it: two BLAS threads a product fight for 2 shared cores
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import tempfile
+import time
+from pathlib import Path
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from minillm.gguf import GGUFFile  # noqa: E402
-from minillm.synthetic import write_tiny  # noqa: E402
-from minillm.train import backward as library  # noqa: E402
-from minillm.train import model as trainable  # noqa: E402
-from minillm.train.grad import Example, batch_gradient  # noqa: E402
-from minillm.train.model import load_trained  # noqa: E402
+from minillm.gguf import GGUFFile
+from minillm.synthetic import write_tiny
+from minillm.train import backward as library
+from minillm.train import model as trainable
+from minillm.train.grad import Example, batch_gradient
+from minillm.train.model import load_trained
 
 rng = np.random.default_rng(0)
-OUT = Path(tempfile.mkdtemp(prefix="minillm-ch7-"))
+OUT = Path(tempfile.mkdtemp(prefix="minillm-backprop-"))  # for the tiny models
 
 # %% [markdown]
 # ## 1. One step: RMSNorm and its backward
@@ -97,10 +96,40 @@ lib_dx, lib_dw = library.rmsnorm_backward(R, x, w, EPS)
 assert np.allclose(lib_dx, dx, rtol=0, atol=1e-12) and np.allclose(lib_dw, dw, rtol=0, atol=1e-12)
 
 # %% [markdown]
-# Central differences have an error of about h^2 times the third derivative plus the rounding of L
-# divided by 2h: around 1e-9 here with h = 1e-6 in float64. A wrong sign, a missing term or an
-# index off by one changes a component by a whole term, so 1e-8 separates right from wrong.
-# (`tests/gradcheck.py` writes this argument down for the test suite.)
+# Central differences have two errors that pull the step h in opposite directions. The *truncation*
+# error: (L(x + h) - L(x - h)) / 2h = L'(x) + h^2 L'''(x) / 6 + ..., which shrinks as h^2. The
+# *rounding* error: L itself is computed with a relative error of about 1e-16 (float64), and the
+# difference of two nearly equal values keeps that absolute error, divided by 2h, which grows as h
+# shrinks. Sweep h and watch both:
+
+# %%
+steps = np.logspace(-12, -1, 23)
+fd_error = np.array([np.abs(finite_differences(lambda: np.sum(rmsnorm(x, w) * R), x, h) - dx).max() for h in steps])
+best = steps[np.argmin(fd_error)]
+at_used = fd_error[np.argmin(np.abs(steps - 1e-6))]
+print(f"smallest error {fd_error.min():.1e} at h = {best:.0e}; at h = 1e-6: {at_used:.1e}")
+assert 1e-8 < best < 1e-3 and at_used < 1e-8
+
+fig, ax = course.figure(6.5, 3.6)
+ax.loglog(steps, fd_error, "o-", ms=3, label="largest error of dL/dx by central differences")
+ax.loglog(steps, 0.5 * fd_error.min() * (steps / best) ** 2, "--", color="gray", label="truncation: grows as h^2")
+ax.loglog(steps, 0.5 * fd_error.min() * best / steps, ":", color="gray", label="rounding: grows as 1 / h")
+ax.axvline(1e-6, color="tab:green", linewidth=0.8, label="h = 1e-6, used in this chapter")
+ax.axhline(1e-8, color="tab:red", linewidth=0.8, label="the tolerance, 1e-8")
+ax.set_ylim(1e-12, 1e2)
+ax.set_xlabel("step h (float64)")
+ax.set_ylabel("largest |finite difference - backward|")
+ax.set_title("RMSNorm's gradient: the error of central differences against h")
+ax.legend(loc="upper center", fontsize=7)
+course.save(fig, "finite_differences.png")
+
+# %% [markdown]
+# ![The error of central differences against the step h: truncation falls as h^2, rounding grows as 1/h](figures/finite_differences.png)
+#
+# Between the two slopes lies a floor, near h = 1e-6 in float64. A wrong sign, a missing term or an
+# index off by one changes a component by a whole term, about 1, so 1e-8 separates right from wrong
+# with room on both sides. (`tests/gradcheck.py` writes this argument down for the test suite;
+# exercise 2 asks what float32 does to the floor.)
 #
 # ## 2. A whole block, forward and backward
 #
@@ -303,43 +332,73 @@ print(f"all {len(mine)} gradients equal minillm's to 1e-12 of their scale")
 # dW), and it needs the forward's intermediates: kept from the forward (the tape) or recomputed.
 # minillm keeps what the trace names and each linear's input, and recomputes the attention
 # probabilities from q and k (as FlashAttention does), so nothing of size heads x T x T is kept.
-# In float32 on a 4-block model of dim 256 (SmolLM2 is 30 blocks of dim 576):
+# In float32 on a 4-block model of dim 256 (SmolLM2 is 30 blocks of dim 576), for windows of 32 to
+# 256 tokens (what the tape holds is counted from its arrays):
 
 # %%
 wide = load_trained(GGUFFile(write_tiny(OUT / "wide.gguf", "llama", n_layers=4, dim=256, n_heads=8, n_kv_heads=4,
                                               ffn_dim=704, context_length=512)))
 ids = rng.integers(0, wide.config.vocab_size, 257)
-window = Example(ids=ids[:-1], targets=ids[1:])
 
 
-def fastest(fn, repeat=3):
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def taped_bytes(window_ids):
+    """What the forward keeps for the backward: the traced activations and each linear's input and output."""
+    _, weights, tape = trainable.forward(wide, window_ids)
+    return sum(a.nbytes for a in tape.acts.values()) + sum(
+        lin.x.nbytes + lin.y.nbytes for layer in weights.layers
+        for lin in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down))
 
 
-forward_s = fastest(lambda: trainable.forward(wide, window.ids))
-gradient_s = fastest(lambda: batch_gradient(wide, [window]))
-_, weights, tape = trainable.forward(wide, window.ids)
-taped = sum(a.nbytes for a in tape.acts.values())
-taped += sum(lin.x.nbytes + lin.y.nbytes for layer in weights.layers
-             for lin in (layer.wq, layer.wk, layer.wv, layer.wo, layer.w_gate, layer.w_up, layer.w_down))
+lengths = [32, 64, 128, 256]
+costs = []                                   # (forward s, forward + backward s, taped bytes) per length
+for T in lengths:
+    window = Example(ids=ids[:T], targets=ids[1:T + 1])
+    costs.append((course.median_seconds(lambda: trainable.forward(wide, window.ids), 3),
+                  course.median_seconds(lambda: batch_gradient(wide, [window]), 3), taped_bytes(window.ids)))
+forward_s, gradient_s, taped = costs[-1]
+per_token_block = [nbytes / T / wide.config.n_layers for T, (_, _, nbytes) in zip(lengths, costs)]
 print(f"256 tokens: forward {forward_s * 1e3:.0f} ms, forward + backward {gradient_s * 1e3:.0f} ms "
       f"({gradient_s / forward_s:.1f}x); the tape holds {taped / 2**20:.1f} MiB "
-      f"({taped / len(window.ids) / wide.config.n_layers / 1024:.1f} KiB a token a block)")
+      f"({per_token_block[-1] / 1024:.1f} KiB a token a block at every length)")
+assert max(per_token_block) == min(per_token_block)   # no T x T array on the tape
 assert gradient_s > forward_s
+
+fig, (left, right) = course.figure(10, 3.6, 1, 2)
+left.plot(lengths, [f * 1e3 for f, _, _ in costs], "o-", label="forward")
+left.plot(lengths, [g * 1e3 for _, g, _ in costs], "o-", label="forward + backward")
+left.set_xlabel("tokens in the window")
+left.set_ylabel("median time (ms)")
+left.set_title("4 blocks of dim 256, float32, one thread")
+left.set_ylim(bottom=0)
+left.legend()
+probabilities = [wide.config.n_heads * T * 4 * wide.config.n_layers * T for T in lengths]   # float32 heads x T x T
+right.plot(lengths, [nbytes / 2**20 for _, _, nbytes in costs], "o-", label="the tape (minillm)")
+right.plot(lengths, [nbytes / 2**20 for nbytes in probabilities], "s--", label="attention probabilities, if kept")
+right.set_xlabel("tokens in the window")
+right.set_ylabel("MiB held for the backward")
+right.set_title("Kept for the backward: grows with T, not T x T")
+right.set_ylim(bottom=0)
+right.legend()
+course.save(fig, "backward_cost.png", measured=True)
+
+# %% [markdown]
+# ![Time of the forward and of forward + backward against the window's tokens, and the MiB the tape holds](figures/backward_cost.png)
+#
+# The backward costs two to four times the forward, and what the tape holds grows in step with the
+# tokens: about 28 KiB a token a block here. The attention probabilities would grow as T x T; at
+# these lengths they are still the smaller term, but at SmolLM2's 2,048 tokens they would be 9 x
+# 2,048 x 4 bytes = 72 KiB a token a block, more than all the rest.
 
 # %% [markdown]
 # A step also needs the gradient itself and AdamW's two running averages, three more numbers for
 # every trained weight: training all of SmolLM2 in float32 holds 540 MB of weights, 540 MB of
 # gradients and 1.1 GB of moments. That is why `minillm finetune` trains only a low-rank adapter
-# beside the packed weights (chapter 9), and why distillation can leave the embedding, a third of
+# beside the packed weights (chapter 15), and why distillation can leave the embedding, a third of
 # SmolLM2's weights, untrained.
 #
 # ## Exercises
+#
+# Worked answers: `tutorials/solutions/13_backprop_by_hand.py`.
 #
 # 1. Kept or recomputed: change `block_backward` to recompute `gate` and `up` from `h2` instead of
 #    keeping them, and measure the bytes saved per token against the time added.

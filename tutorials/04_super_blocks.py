@@ -1,12 +1,13 @@
 # %% [markdown]
-# # Chapter 7: Super-blocks
+# # Chapter 4: Super-blocks
 #
 # **The question.** A Q4_0 block (chapter 2) stores 32 weights in 18 bytes: 16 bytes of 4-bit codes
 # and a float16 scale, so half a bit of its 4.5 bits per weight pays for the scale. Q4_1 adds a
 # float16 minimum and pays a whole bit. The files people download (`Q4_K_M`, Gemma 3's, Llama's) are
 # mostly llama.cpp's *K-quants*, which keep a scale *and* a minimum for every 32 weights, yet spend
 # 4.5 bits per weight like Q4_0. Where do the bits come from, how is such a block laid out, and
-# what does it cost in error?
+# what does it cost in error? (Chapter 3's kernel reads Q4_1; `kernels/q4_k.py` does the same for
+# these blocks, with the scales below unpacked per super-block.)
 #
 # **The idea.** Two levels of scales. 256 weights form a *super-block* with one float16 `d` and one
 # float16 `dmin`; each of its 8 sub-blocks of 32 has a 6-bit integer scale `sc` and a 6-bit integer
@@ -31,25 +32,20 @@
 
 # %%
 # requires: weights  (the chapter measures the real SmolLM2 weights)
-import os
-import time
-from pathlib import Path
+import course  # first, before NumPy loads: thread settings, figures, timing (tutorials/course.py)
 
-import matplotlib
+import time
+
 import numpy as np
 from gguf import GGMLQuantizationType as Q
+from matplotlib.patches import Rectangle
 
-matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
-import matplotlib.pyplot as plt  # noqa: E402
+from minillm import formats
+from minillm.formats import kquants
+from minillm.gguf import GGUFFile
+from minillm.registry import resolve_model
+from minillm.weights import dequantized
 
-from minillm import formats  # noqa: E402
-from minillm.formats import kquants  # noqa: E402
-from minillm.gguf import GGUFFile  # noqa: E402
-from minillm.registry import resolve_model  # noqa: E402
-from minillm.weights import dequantized  # noqa: E402
-
-FIGURES = Path(__file__).resolve().parent / "figures"
-FIGURES.mkdir(exist_ok=True)
 gguf = GGUFFile(resolve_model(None))
 
 # Weights to quantize: token-embedding rows (stored as Q8_0, the closest to float the file has),
@@ -73,14 +69,14 @@ print(f"one Q4_K super-block: {block.nbytes} bytes for 256 weights")
 # 64 j + 32 + l (sub-block 2 j + 1) in its high nibble.
 
 # %%
-fig, (grid, weights) = plt.subplots(2, 1, figsize=(8, 5.2), gridspec_kw={"height_ratios": [9, 1.6]})
+fig, (grid, weights) = course.figure(8, 5.2, 2, 1, height_ratios=[9, 1.6])
 fields = ["d"] * 2 + ["dmin"] * 2 + [f"s{i}" for i in range(12)] + ["qs"] * 128   # one label per byte
 colors = {"d": "tab:red", "dmin": "tab:orange", "s": "tab:green", "qs": "tab:blue"}
 for byte, field in enumerate(fields):
     row, col = divmod(byte, 16)
     group = (byte - 16) // 32                         # which 32 bytes of qs: sub-blocks 2g and 2g + 1
     shade = 0.35 + 0.15 * (group % 2) if field == "qs" else 0.7
-    grid.add_patch(plt.Rectangle((col, -row - 1), 1, 1, color=colors.get(field, colors["s"]), alpha=shade))
+    grid.add_patch(Rectangle((col, -row - 1), 1, 1, color=colors.get(field, colors["s"]), alpha=shade))
     if field != "qs":
         grid.text(col + 0.5, -row - 0.5, field, ha="center", va="center", fontsize=7)
 for g in range(4):
@@ -93,16 +89,18 @@ grid.set_yticks([-r - 0.5 for r in range(9)], [str(16 * r) for r in range(9)])
 grid.set_xlabel("byte within the row of 16")
 grid.set_ylabel("first byte of the row")
 grid.set_title("The 144 bytes of a Q4_K super-block (s0-s11: the packed 6-bit scales and minimums)")
+grid.grid(False)
 for s in range(8):
-    weights.broken_barh([(32 * s, 32)], (0, 1), color=plt.cm.tab10(s), alpha=0.6)
+    weights.broken_barh([(32 * s, 32)], (0, 1), color=f"C{s}", alpha=0.6)
     weights.text(32 * s + 16, 0.5, f"sc{s}, m{s}", ha="center", va="center", fontsize=8)
 weights.set_xlim(0, 256)
 weights.set_yticks([])
 weights.set_xlabel("weight of the super-block: 8 sub-blocks of 32, w = d sc q - dmin m in each")
-fig.tight_layout()
-figure = FIGURES / "07_q4_k_layout.png"
-fig.savefig(figure, dpi=100)
-print("wrote", figure)
+weights.grid(False)
+course.save(fig, "q4_k_layout.png")
+
+# %% [markdown]
+# ![The 144 bytes of a Q4_K super-block by field, and the 8 sub-blocks of 32 weights they describe](figures/q4_k_layout.png)
 
 # %% [markdown]
 # ## 2. Decoding a Q4_K block by hand
@@ -187,7 +185,7 @@ error = {name: rel for name, _, rel, _ in rows}
 assert error["Q4_K"] < error["Q4_0"]          # same bits, less error: the minimum per sub-block pays
 assert error["Q5_K"] < error["Q5_0"] and error["Q6_K"] < error["Q5_K"] < error["Q4_K"]
 
-fig, ax = plt.subplots(figsize=(6, 4))
+fig, ax = course.figure(6, 4)
 for name, bits, rel, _ in rows[1:]:                   # F16, at 16 bits, would squeeze the others
     k = "_K" in name
     ax.scatter(bits, rel, color="tab:blue" if k else "tab:gray")
@@ -196,11 +194,11 @@ ax.set_xlabel("bits per weight")
 ax.set_ylabel("relative RMS error (log scale)")
 ax.set_yscale("log")
 ax.set_xlim(4, 9)
-ax.set_title("SmolLM2 embedding rows in each format (blue: super-blocks)", fontsize=10)
-fig.tight_layout()
-figure = FIGURES / "07_error_against_bits.png"
-fig.savefig(figure, dpi=100)
-print("wrote", figure)
+ax.set_title("SmolLM2 embedding rows in each format (blue: super-blocks)")
+course.save(fig, "super_block_error_against_bits.png")
+
+# %% [markdown]
+# ![Relative RMS error against bits per weight for every format, the K-quants in blue](figures/super_block_error_against_bits.png)
 
 # %% [markdown]
 # ## 5. What the whole model costs
@@ -215,6 +213,8 @@ for fmt in (Q.Q8_0, Q.Q6_K, Q.Q5_K, Q.Q4_K, Q.Q4_1, Q.Q4_0):
 
 # %% [markdown]
 # ## Exercises
+#
+# Worked answers: `tutorials/solutions/04_super_blocks.py`.
 #
 # 1. Decode a Q6_K block by hand: 128 bytes `ql` (low 4 bits), 64 bytes `qh` (high 2 bits), 16 int8
 #    scales, float16 d; `w = d * scale * (code - 32)` over 16 sub-blocks of 16. The docstring of

@@ -1,5 +1,5 @@
 # %% [markdown]
-# # Chapter 9: LoRA, fine-tuning a packed model
+# # Chapter 15: LoRA, fine-tuning a packed model
 #
 # **The question.** We want SmolLM2 to do one new thing, say answer in one line of JSON. Training all
 # of its weights means a float32 copy of each (540 MB), its gradient, and AdamW's two running averages:
@@ -29,30 +29,29 @@
 # and takes the adapter file apart.
 
 # %%
-import os
+import course  # first, before NumPy loads: thread settings, figures, timing (tutorials/course.py)
 
-os.environ["OPENBLAS_NUM_THREADS"] = "1"  # as the CLI sets it: training splits batches over threads itself
-import json  # noqa: E402
-import tempfile  # noqa: E402
-from pathlib import Path  # noqa: E402
+import json
+import tempfile
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-from gguf import GGMLQuantizationType as Q  # noqa: E402
+import numpy as np
+from gguf import GGMLQuantizationType as Q
 
-from minillm.generate import Sampler, SamplingSettings, generate  # noqa: E402
-from minillm.gguf import GGUFFile  # noqa: E402
-from minillm.errors import MinillmError  # noqa: E402
-from minillm.linear import TILE_BYTES, FloatLinear, QuantLinear  # noqa: E402
-from minillm.runtime import RunConfig, load  # noqa: E402
-from minillm.synthetic import write_tiny  # noqa: E402
-from minillm.train.finetune import FinetuneConfig, finetune  # noqa: E402
-from minillm.train.lora import TrainedLoRA  # noqa: E402
-from minillm.train.loop import TrainSettings  # noqa: E402
-from minillm.train.tape import Tape  # noqa: E402
-from minillm.weights import dequantized  # noqa: E402
+from minillm.errors import MinillmError
+from minillm.generate import Sampler, SamplingSettings, generate
+from minillm.gguf import GGUFFile
+from minillm.linear import TILE_BYTES, FloatLinear, QuantLinear
+from minillm.runtime import RunConfig, load
+from minillm.synthetic import write_tiny
+from minillm.train.finetune import FinetuneConfig, finetune
+from minillm.train.lora import TrainedLoRA
+from minillm.train.loop import TrainSettings
+from minillm.train.tape import Tape
+from minillm.weights import dequantized
 
 rng = np.random.default_rng(0)
-OUT = Path(tempfile.mkdtemp(prefix="minillm-ch9-"))
+OUT = Path(tempfile.mkdtemp(prefix="minillm-lora-"))  # for the tiny models, the data and the adapter
 
 shapes = {"attn_q": (576, 576), "attn_k": (192, 576), "attn_v": (192, 576), "attn_output": (576, 576),
           "ffn_gate": (1536, 576), "ffn_up": (1536, 576), "ffn_down": (576, 1536)}
@@ -164,7 +163,7 @@ print((OUT / "train.jsonl").read_text().splitlines()[0])
 
 report = finetune(FinetuneConfig(model=str(path), data=str(OUT / "train.jsonl"), output=str(OUT / "adapter.gguf"),
                                  eval_data=str(OUT / "held.jsonl"), rank=8,
-                                 train=TrainSettings(steps=80, batch_size=8, lr=1e-2, warmup=5, threads=2)),
+                                 train=TrainSettings(steps=80, batch_size=8, lr=1e-2, warmup=5, threads=1)),
                   announce=print, progress=False)
 print(f"training loss {report['first_loss']:.2f} -> {report['final_loss']:.2f}; held-out answer loss "
       f"{report['held_out_loss_before']:.2f} -> {report['held_out_loss_after']:.2f}; "
@@ -247,6 +246,41 @@ print(f"s = alpha / r = {adapter.metadata['adapter.lora.alpha']:g} / {a_file.sha
       f"|B A| / |W| for {name}: {np.linalg.norm(scale * b_file @ a_file) / np.linalg.norm(dequantized(base, name)):.2f}")
 
 # %% [markdown]
+# What "low rank" means, drawn: the singular values of the trained change s B A of that matrix beside
+# those of W itself, and what the rank costs in trained numbers for SmolLM2.
+
+# %%
+update_sv = np.linalg.svd(scale * b_file.astype(np.float64) @ a_file, compute_uv=False)   # (64,)
+weight_sv = np.linalg.svd(dequantized(base, name).astype(np.float64), compute_uv=False)
+rank = a_file.shape[0]
+assert np.all(update_sv[rank:] < 1e-6 * update_sv[0])   # a product through r = 8 numbers has rank 8 at most
+
+fig, (left, right) = course.figure(10, 3.6, 1, 2)
+left.semilogy(np.arange(1, len(weight_sv) + 1), weight_sv, "o-", ms=3, label=f"W ({base.tensors[name].ggml_type.name})")
+left.semilogy(np.arange(1, rank + 1), update_sv[:rank], "o-", ms=3, label=f"s B A, rank {rank}")
+left.axvline(rank + 0.5, color="gray", linewidth=0.8)
+left.set_xlabel("singular value, largest first")
+left.set_ylabel("size (log scale)")
+left.set_title(f"{name} of the tiny model: the weight and its trained change")
+left.legend()
+ranks = [1, 2, 4, 8, 16, 32, 64]
+right.loglog(ranks, [30 * sum(r_ * (o + i) for o, i in shapes.values()) for r_ in ranks], "o-", label="LoRA on all seven linears")
+right.axhline(full, color="tab:red", linestyle="--", label="every weight of the 30 blocks")
+right.set_xlabel("rank r")
+right.set_ylabel("trained numbers")
+right.set_title("SmolLM2: what the rank costs")
+right.legend()
+course.save(fig, "lora_rank.png")
+
+# %% [markdown]
+# ![Singular values of a weight and of its trained rank-8 change, and trained numbers against rank for SmolLM2](figures/lora_rank.png)
+#
+# W's spectrum falls slowly: it uses all of its 64 dimensions. The change is 8 numbers wide by
+# construction, so its ninth singular value onwards is zero (below float rounding): everything the
+# adapter learned lives in an 8-dimensional subspace of the inputs. At rank 8 that is 2.3% of the
+# blocks' weights to train; at rank 64 still under a fifth.
+
+# %% [markdown]
 # llama.cpp loads the same file (`llama-cli -m BASE.gguf --lora ADAPTER.gguf`, or llama-cpp-python's
 # `lora_path`), and in `--mode ggml`, which reproduces its CPU arithmetic, minillm's logits with the
 # adapter equal llama.cpp's bit for bit (`tests/test_lora.py`). An adapter made for other shapes is
@@ -265,8 +299,10 @@ except MinillmError as err:         # the command line prints it as one line and
 # %% [markdown]
 # ## Exercises
 #
-# 1. Train rank 1, 2, 4 and 8 adapters on the JSON task and plot the held-out loss against the number
-#    of trained numbers. Where does more rank stop helping?
+# Worked answers: `tutorials/solutions/15_lora.py`.
+#
+# 1. Train rank 1, 2 and 8 adapters on the JSON task and compare the held-out loss with the number of
+#    trained numbers. Where does more rank stop helping?
 # 2. Adapt only `attn_q` and `attn_v` (`--lora-targets attn_q,attn_v`, the original paper's choice)
 #    and compare with all seven linears at the same number of trained numbers.
 # 3. Merge an adapter into the base: W' = W + s B A, requantized to Q4_1. Measure how far the merged

@@ -1,5 +1,5 @@
 # %% [markdown]
-# # Chapter 8: A second architecture
+# # Chapter 12: A second architecture
 #
 # **The question.** SmolLM2 (a Llama) and Gemma 3 270M are both decoder-only transformers of about
 # the same depth, and both ship as GGUF files. What does Gemma do differently, what does each change
@@ -25,30 +25,25 @@
 
 # %%
 # requires: weights, gemma  (the chapter reads SmolLM2's and Gemma 3 270M's files)
+import course  # first, before NumPy loads: thread settings, figures, timing (tutorials/course.py)
+
 import dataclasses
 import math
-import os
 import time
-from pathlib import Path
 
-import matplotlib
 import numpy as np
 
-matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
-import matplotlib.pyplot as plt  # noqa: E402
+from minillm import formats
+from minillm.arch import gemma3, read_config
+from minillm.attention import parse_attention
+from minillm.gguf import GGUFFile
+from minillm.kvcache import kv_cache_bytes, new_cache
+from minillm.linear import QuantEmbedding
+from minillm.model import Model
+from minillm.registry import resolve_model
+from minillm.tokenizer import Tokenizer
+from minillm.weights import FloatSource, ModelWeights, layer_weights
 
-from minillm import formats  # noqa: E402
-from minillm.arch import gemma3, read_config  # noqa: E402
-from minillm.attention import parse_attention  # noqa: E402
-from minillm.gguf import GGUFFile  # noqa: E402
-from minillm.kvcache import kv_cache_bytes, new_cache  # noqa: E402
-from minillm.model import Model  # noqa: E402
-from minillm.registry import resolve_model  # noqa: E402
-from minillm.tokenizer import Tokenizer  # noqa: E402
-from minillm.weights import FloatSource, ModelWeights, PackedSource, layer_weights  # noqa: E402
-
-FIGURES = Path(__file__).resolve().parent / "figures"
-FIGURES.mkdir(exist_ok=True)
 smollm2 = GGUFFile(resolve_model(None))
 gemma = GGUFFile(resolve_model("gemma3-270m"))
 llama_config, config = read_config(smollm2.metadata, smollm2.path), read_config(gemma.metadata, gemma.path)
@@ -64,7 +59,7 @@ for name, c in (("SmolLM2", llama_config), ("Gemma 3", config)):
 # ## 1. Which layers see what
 #
 # `gemma3.attention.sliding_window` is 512; llama.cpp makes layer `i` local when `i % 6 < 5`. A local
-# layer is `--attention window:512` (chapter 3), a global one is `dense`; the module states both as
+# layer is `--attention window:512` (chapter 6), a global one is `dense`; the module states both as
 # the model's default pattern.
 
 # %%
@@ -83,22 +78,22 @@ q_pos, k_pos = np.array([T - 1]), np.arange(T)
 library_seen = np.stack([spec.pattern(i).mask(q_pos, k_pos)[0] for i in range(config.n_layers)])
 assert (library_seen == seen).all()
 
-fig, ax = plt.subplots(figsize=(8, 3.2))
+fig, ax = course.figure(8, 3.2)
 ax.imshow(seen, aspect="auto", cmap="Greys", interpolation="nearest")
 ax.set_xlabel(f"key position (the query is at {T - 1})")
 ax.set_ylabel("layer")
 ax.set_yticks(range(0, config.n_layers, 3))
 ax.set_title("Gemma 3 270M: keys each layer's attention reads (black)")
-fig.tight_layout()
-fig.savefig(FIGURES / "08_which_layers_see_what.png", dpi=100)
+ax.grid(False)
+course.save(fig, "which_layers_see_what.png")
 
 # %% [markdown]
-# ![which layers see what](figures/08_which_layers_see_what.png)
+# ![Which keys the last query of a 2,048-token context reads in each of Gemma 3's 18 layers: 512 in the local layers, all in layers 5, 11 and 17](figures/which_layers_see_what.png)
 #
 # Information from position 0 still reaches the last token: the global layers 5, 11 and 17 read every
 # position, and each local layer passes on what it read 512 positions further. What the windows save
 # is the cache. A local layer never needs more than 512 positions, so minillm keeps a ring buffer of
-# that many rows for it (chapter 3), whatever the context; only the three global layers grow.
+# that many rows for it (chapter 6), whatever the context; only the three global layers grow.
 
 # %%
 def cache_bytes(ctx: int, windows: bool, bytes_per_value: int = 4) -> int:
@@ -148,9 +143,11 @@ assert 0.7 < head_share < 0.75
 # %% [markdown]
 # The 262,144 x 640 table is 72% of Gemma's bytes: stored as Q8_0, 170 MiB, and as the tied LM head it
 # is read in full for every token, so a decode step reads 235 MiB against SmolLM2's 92 MiB although
-# Gemma's 18 blocks are smaller than SmolLM2's 30. For SmolLM2 the table is a third. Under
-# `--mem-cap` the head is what gets streamed in row chunks when it does not fit (chapter 5). The
-# vocabulary buys shorter token sequences for many languages:
+# Gemma's 18 blocks are smaller than SmolLM2's 30 (and a decode step is bound by the bytes it reads,
+# chapter 3). For SmolLM2 the table is a third. Under `--mem-cap` the head is what gets streamed in
+# row chunks when it does not fit (chapter 7). The vocabulary (SentencePiece pieces with a byte
+# fallback, where chapter 8 built SmolLM2's byte-level BPE) buys shorter token sequences for many
+# languages:
 
 # %%
 texts = ["The quick brown fox jumps over the lazy dog.", "Der schnelle braune Fuchs springt über den faulen Hund.",
@@ -229,17 +226,21 @@ print(f"{len(ids)} tokens through block 0 from scratch in {ours_ms:.1f} ms")
 
 # %% [markdown]
 # The library runs the same block as `minillm.arch.gemma3.forward` over a model of one layer: the
-# same float32 weights (FloatSource) and the packed Q8_0 table for the embedding. `trace` hands us
-# every intermediate under llama.cpp's graph names; `l_out-0` is the block's output.
+# same float32 weights (FloatSource) and, for the embedding, the packed Q8_0 rows of the prompt's
+# tokens: a vocabulary of just those tokens, since at the end of the pass the tied head would read
+# every row of the 170 MiB table (into this process's memory, as mapped pages), and block 0 does not
+# look at the vocabulary. `trace` hands us every intermediate under llama.cpp's graph names, as in
+# chapter 11's dumps; `l_out-0` is the block's output.
 
 # %%
-one_layer = dataclasses.replace(config, n_layers=1, local_layers=config.local_layers[:1])
-packed = PackedSource(gemma, config, 4, progress=False)
-weights = ModelWeights(embedding=packed.embedding("token_embd.weight"),
+vocabulary, local_ids = np.unique(ids, return_inverse=True)                   # the prompt's distinct tokens
+rows = np.ascontiguousarray(gemma.data("token_embd.weight")[vocabulary])      # their Q8_0 rows, (n, 680) u8
+one_layer = dataclasses.replace(config, n_layers=1, local_layers=config.local_layers[:1], vocab_size=len(vocabulary))
+weights = ModelWeights(embedding=QuantEmbedding(rows, gemma.tensors["token_embd.weight"].ggml_type, threads=1),
                        layers=[layer_weights(config, 0, source)], output_norm=source.vector("output_norm.weight"))
 traced = {}
 model = Model(one_layer, weights)
-model.forward(ids, new_cache(one_layer, 64, spec), last_only=True,
+model.forward(local_ids, new_cache(one_layer, 64, spec), last_only=True,
               trace=lambda name, a: traced.setdefault(name, a.copy()) if name == "l_out-0" else a)
 theirs = traced["l_out-0"]
 
@@ -265,6 +266,8 @@ assert np.abs(ours - theirs).max() <= bound
 # per-head Q/K norms (`arch.common.per_head_normed_qkv`) and Llama's SwiGLU.
 #
 # ## Exercises
+#
+# Worked answers: `tutorials/solutions/12_a_second_architecture.py`.
 #
 # 1. Run `python -m minillm info -m gemma3-270m` and find the line that shows which layers keep how
 #    many positions. Then run it with `--attention dense` and compare the KV cache size with section 1.

@@ -1,5 +1,5 @@
 # %% [markdown]
-# # Chapter 3: Attention that skips work
+# # Chapter 6: Attention that skips work
 #
 # **The question.** For every new token, attention compares its query with the key of every earlier
 # position, and the KV cache keeps every one of those keys and values. For SmolLM2-135M a position
@@ -30,10 +30,11 @@
 # download.
 
 # %%
+import course  # first, before NumPy loads: thread settings, figures, timing (tutorials/course.py)
+
 import dataclasses
 import math
 import tempfile
-import time
 from pathlib import Path
 
 import gguf
@@ -50,7 +51,7 @@ from minillm.ops.f32 import F32, attend
 from minillm.synthetic import write_tiny
 
 rng = np.random.default_rng(0)
-OUT = Path(tempfile.mkdtemp(prefix="minillm-ch3-"))
+OUT = Path(tempfile.mkdtemp(prefix="minillm-attention-"))  # for the tiny model of section 5
 
 # %% [markdown]
 # ## 1. A pattern is a mask
@@ -91,20 +92,39 @@ def layout_by_hand(mask, B):
 
 
 n, B = 4096, 64
-for text in ("dense", "window:1024", "sinks:4,window:1020", "strided:512", "bigbird:512,4,2"):
+PATTERNS = ("dense", "window:1024", "sinks:4,window:1020", "strided:512", "bigbird:512,4,2")
+layouts = {}
+for text in PATTERNS:
     p = parse_attention(text, B).pattern(0)
-    layout = p.layout(n)
-    # The by-hand version builds the n x n mask: fine at 4,096 positions, not at 128k.
-    assert np.array_equal(layout_by_hand(p.mask(np.arange(n), np.arange(n)), B), layout.active)
-    (OUT / f"{text.replace(':', '-').replace(',', '_')}.png").write_bytes(layout.png(pixels_per_block=4))
+    # The by-hand version builds the n x n mask (and NumPy temporaries 8 times its size): we check it
+    # at half the positions; at 128k positions it could not be built at all.
+    half = np.arange(n // 2)
+    assert np.array_equal(layout_by_hand(p.mask(half, half), B), p.layout(n // 2).active)
+    layouts[text] = layout = p.layout(n)
     print(layout.summary())
-print(f"pictures of the layouts: {OUT}")
+
+# %%
+fig, axes = course.figure(12, 3.4, 1, len(PATTERNS), sharey=True)
+for ax, (text, layout) in zip(axes, layouts.items()):
+    causal = np.tril(np.ones(layout.active.shape, int))
+    # 0: above the diagonal, never needed; 1: causal but skipped; 2: partly masked; 3: computed whole
+    shade = np.where(layout.full, 3, np.where(layout.active, 2, causal))
+    ax.imshow(shade, cmap="Greys", vmin=0, vmax=3, interpolation="nearest")
+    ax.set_title(f"{text}\n{layout.share_of_causal:.0%} of the causal blocks", fontsize=8)
+    ax.set_xlabel(f"key block ({B} positions)")
+    ax.grid(False)
+axes[0].set_ylabel(f"query block ({B} positions)")
+fig.suptitle(f"Block layouts at {n:,} positions: black computed whole, grey partly masked, "
+             "light grey skipped although causal, white never needed")
+course.save(fig, "attention_layouts.png")
 
 # %% [markdown]
-# Opened, `window-1024.png` shows a band along the diagonal 17 blocks wide, `sinks-4_window-1020.png`
-# the same band plus a first column (the sinks: only 4 keys of that block are visible, so it is drawn
-# grey, "partly masked"), `strided-512.png` a band plus a column every 8 blocks, and the BigBird
-# layout scattered random tiles. Black tiles are visible everywhere and skip the element test.
+# ![The block layouts of five attention patterns at 4,096 positions](figures/attention_layouts.png)
+#
+# `window:1024` is a band along the diagonal 17 blocks wide; `sinks:4,window:1020` the same band plus
+# a first column (the sinks: only 4 keys of that block are visible, so it is partly masked);
+# `strided:512` a band plus a column every 8 blocks; BigBird adds global columns and random tiles.
+# Black tiles are visible everywhere and skip the element test.
 # Two numbers describe a layout: the share of the full square (what attention without a causal mask
 # computes) and the share of the causal triangle (what dense causal attention computes). The
 # second is the one that predicts the saving.
@@ -126,8 +146,9 @@ print("\n".join("".join("#" if f else "+" if a else "." for a, f in zip(ra, rf))
 # NumPy for one head, against the reference.
 
 # %%
-def online_softmax_attention(q, k, v, mask, B):
-    """q: (T, head_dim), k, v: (S, head_dim), mask: (T, S) bool -> (T, head_dim), one key block at a time."""
+def online_softmax_attention(q, k, v, mask, B, history=None):
+    """q: (T, head_dim), k, v: (S, head_dim), mask: (T, S) bool -> (T, head_dim), one key block at a time.
+    `history`, a list, receives (first key, m, rescale, acc / l) after each block visited (for the figure)."""
     T, S = mask.shape
     m = np.full(T, -np.inf)
     l = np.zeros(T)
@@ -144,6 +165,8 @@ def online_softmax_attention(q, k, v, mask, B):
         l = l * rescale + p.sum(axis=1)
         acc = acc * rescale[:, None] + p @ v[j0:j0 + B]
         m = m_new
+        if history is not None:
+            history.append((j0, m.copy(), rescale, acc / np.where(l > 0, l, 1)[:, None]))
     return acc / np.where(l > 0, l, 1)[:, None]
 
 
@@ -157,6 +180,40 @@ print("largest difference from attend:", np.abs(mine - reference).max())
 assert np.allclose(mine, reference, rtol=0, atol=1e-12)
 
 # %% [markdown]
+# What the loop does to one row, with every earlier key visible (the causal mask) and blocks of 16, so
+# that the last row visits 19 of them: the running maximum only rises; when it does, the sum and the
+# output so far are scaled down by exp(m - m'), and the running output moves towards its final value.
+
+# %%
+history = []
+causal = np.tril(np.ones((S, S), bool))
+online_softmax_attention(q, k, v, causal, 16, history)
+row = S - 1
+first_key, running_max, rescale, estimate = (np.array([h[i] for h in history]) for i in range(4))
+exact_row = attend(q[None, row:], k[None], v[None], causal[row:])[0, 0]
+fig, (left, right) = course.figure(10, 3.5, 1, 2)
+left.step(first_key, running_max[:, row], where="post", label="running maximum m")
+block_max = [np.max(q[row] @ k[j:j + 16].T) / math.sqrt(q.shape[1]) for j in first_key]  # all visible in row S - 1
+left.plot(first_key, block_max, "o", ms=4, label="the block's largest score")
+rescaled = rescale[:, row] < 1
+left.plot(first_key[rescaled], running_max[rescaled, row], "x", color="tab:red", ms=8,
+          label="m rose: earlier sums scaled by exp(m - m')")
+left.set_xlabel("first key of the block just visited")
+left.set_ylabel("score (q . k / sqrt(head_dim))")
+left.set_title(f"Row {row}: the running maximum")
+left.legend()
+for channel, color in ((0, "tab:blue"), (1, "tab:orange"), (2, "tab:green")):
+    right.plot(first_key, estimate[:, row, channel], "o-", ms=3, color=color, label=f"acc / l, channel {channel}")
+    right.axhline(exact_row[channel], color=color, linestyle=":", linewidth=1)
+right.set_xlabel("first key of the block just visited")
+right.set_ylabel("attention output so far")
+right.set_title("The output after each block; dotted: the softmax over all keys")
+right.legend()
+course.save(fig, "online_softmax.png")
+
+# %% [markdown]
+# ![The running maximum of one query row and its output after each key block](figures/online_softmax.png)
+#
 # `minillm.kernels.attention` is the same loop in Numba, with grouped-query heads stacked as extra
 # rows of a tile (K and V are read once for the whole group, never copied) and the layout deciding
 # which blocks to visit. It runs in float32; its difference from the float64 reference is float32
@@ -189,6 +246,26 @@ print("row -> position after 30 tokens:", [rows[r] for r in range(S_ + W_)])
 
 ring = RingLayer(Float32Rows(1, S_ + W_, 4), S_, W_)
 assert [rows[r] for r in range(S_ + W_)] == ring.positions(30).tolist()
+
+# %%
+positions = np.arange(30)
+row_of = np.where(positions < S_, positions, S_ + (positions - S_) % W_)
+held = np.isin(positions, ring.positions(30))
+fig, ax = course.figure(8, 3.4)
+ax.axhspan(-0.5, S_ - 0.5, color="tab:green", alpha=0.12, label=f"rows 0..{S_ - 1}: the {S_} sinks, kept forever")
+ax.axhspan(S_ - 0.5, S_ + W_ - 0.5, color="tab:blue", alpha=0.08, label=f"rows {S_}..{S_ + W_ - 1}: a window of {W_}, reused")
+ax.plot(positions, row_of, color="gray", linewidth=0.7)
+ax.plot(positions[~held], row_of[~held], "o", mfc="white", color="gray", label="written, then overwritten")
+ax.plot(positions[held], row_of[held], "o", color="tab:red", label="held after 30 tokens")
+ax.set_xlabel("position of the token")
+ax.set_ylabel("row of the ring buffer")
+ax.set_yticks(range(S_ + W_))
+ax.set_title(f"sinks:{S_},window:{W_}: where each position's key and value are stored")
+ax.legend(loc="upper left", fontsize=7)
+course.save(fig, "ring_buffer.png")
+
+# %% [markdown]
+# ![Which row of a ring buffer each position is written to, and which positions it holds after 30 tokens](figures/ring_buffer.png)
 
 # %% [markdown]
 # The bytes: per layer, 2 × n_kv_heads × rows × row_bytes, with rows = S + W (or the whole context
@@ -253,20 +330,11 @@ assert len(out) == 200 and cache.unbounded
 #
 # Time: one layer of SmolLM2's attention (9 query heads, 3 KV heads of 64) on random arrays, dense
 # against `window:1024`, for a 4,096-token prefill and for one decode step at position 8,191. Both use
-# the same kernel; only the layout differs. The machine may be shared, so take the fastest of a few,
+# the same kernel; only the layout differs. The machine may be shared, so take the median of a few,
 # on one thread: when another job holds a core, a parallel kernel waits for it at every step.
 
 # %%
 numba.set_num_threads(1)
-
-
-def fastest(run, repeats=3):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def layer(T, S):
@@ -280,7 +348,7 @@ for T, S in ((4096, 4096), (1, 8192)):
     seconds = {}
     for text in ("dense", "window:1024"):
         p = parse_attention(text).pattern(0)
-        seconds[text] = fastest(lambda: block_sparse_attention(q, k, v, p, q_pos, k_pos))
+        seconds[text] = course.median_seconds(lambda: block_sparse_attention(q, k, v, p, q_pos, k_pos), 3)
     share = parse_attention("window:1024").pattern(0).layout(S).share_of_causal if T > 1 else 1024 / S
     print(f"T = {T:4}, S = {S}: dense {seconds['dense'] * 1e3:8.2f} ms, window:1024 {seconds['window:1024'] * 1e3:7.2f} ms"
           f" -> {seconds['dense'] / seconds['window:1024']:4.1f}x faster; it computes {share:.0%} of the work")
@@ -348,12 +416,16 @@ for T, S in ((4096, 4096), (1, 8192)):
 #
 # ## Exercises
 #
-# 1. `--kv-bits 8` stores K and V as Q8_0 blocks but dequantizes the rows attention needs on every
-#    step. Write a decode kernel that reads the int8 codes and scales directly (score = d · Σ q·c),
-#    and compare its speed at 8,192 tokens with the float32 cache.
-# 2. `Pattern.block_rule` marks a block `full` only when one rule alone makes every pair visible.
-#    Find a block that sinks and window make fully visible only together, count such blocks in
-#    `sinks:4,window:1020` at 8,192 positions, and measure what an exact test would save.
-# 3. StreamingLLM does not keep absolute positions: it rotates keys by their position *inside* the
-#    cache, so no distance ever exceeds S + W. Change `RingLayer` to store keys unrotated and rotate
-#    them when read, then compare `quality` past 8,192 tokens, beyond SmolLM2's training context.
+# Worked answers: `tutorials/solutions/06_attention_that_skips_work.py`.
+#
+# 1. Compute the KV cache of every pattern of section 2 at 8,192 positions with `kv_cache_bytes`.
+#    `strided:512` and `bigbird:512,4,2` compute about a third of the blocks, like the windows: why
+#    do they not make the cache any smaller?
+# 2. `Pattern.block_rule` marks a block `full` only when one rule alone makes every pair visible. In
+#    `sinks:4,window:1020` at 8,192 positions, find the blocks that are partly masked by that rule yet
+#    fully visible with sinks and window together (test each one's element mask), and count them
+#    against all partly masked blocks. What would an exact test save?
+# 3. minillm runs dense attention with the NumPy reference (`minillm.model.masked_attention`, BLAS
+#    products) and windows with the block kernel. Time one layer's decode step (section 6's shapes)
+#    both ways at 1,024, 2,048, 4,096 and 8,192 positions: from which context on is `window:1024`
+#    faster than dense?

@@ -1,5 +1,5 @@
 # %% [markdown]
-# # Chapter 6: Verifying another runtime, layer by layer
+# # Chapter 11: Verifying another runtime, layer by layer
 #
 # **The question.** You ported a quantized model to a new runtime, and its logits are close to the
 # reference but not equal. Is that a bug, or the expected cost of different arithmetic? And if the
@@ -24,34 +24,28 @@
 
 # %%
 # requires: weights  (the chapter runs SmolLM2 itself)
-import os
-import time
-from pathlib import Path
+import course  # first, before NumPy loads: thread settings, figures, timing (tutorials/course.py)
 
-import matplotlib
+import time
+
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
-matplotlib.use(os.environ.get("MPLBACKEND", "Agg"))
-import matplotlib.pyplot as plt  # noqa: E402
+from minillm import formats
+from minillm.arch import read_config
+from minillm.gguf import GGUFFile
+from minillm.kvcache import KVCache, PatternKVCache
+from minillm.model import Model
+from minillm.modes.ggml import GGMLLinear
+from minillm.ops.f32 import F32
+from minillm.ops.ggml import GGML, ggml_attention
+from minillm.registry import resolve_model
+from minillm.runtime import RunConfig, load
+from minillm.tokenizer import Tokenizer
+from minillm.verify.compare import compare_dumps, tensor_diff
+from minillm.verify.dump import Dump, dump_runtime, record_forward
+from minillm.weights import PackedSource, load_weights
 
-from minillm import formats  # noqa: E402
-from minillm.arch import read_config  # noqa: E402
-from minillm.gguf import GGUFFile  # noqa: E402
-from minillm.kvcache import KVCache, PatternKVCache  # noqa: E402
-from minillm.model import Model  # noqa: E402
-from minillm.modes.ggml import GGMLLinear  # noqa: E402
-from minillm.ops.f32 import F32  # noqa: E402
-from minillm.ops.ggml import GGML, ggml_attention  # noqa: E402
-from minillm.registry import resolve_model  # noqa: E402
-from minillm.runtime import RunConfig, load  # noqa: E402
-from minillm.tokenizer import Tokenizer  # noqa: E402
-from minillm.verify.compare import compare_dumps, tensor_diff  # noqa: E402
-from minillm.verify.dump import Dump, dump_runtime, record_forward  # noqa: E402
-from minillm.weights import PackedSource, load_weights  # noqa: E402
-
-FIGURES = Path(__file__).resolve().parent / "figures"
-FIGURES.mkdir(exist_ok=True)
 PATH = resolve_model(None)
 PROMPT = "Alice was beginning to get very tired of sitting by her sister on the bank"
 
@@ -67,8 +61,9 @@ PROMPT = "Alice was beginning to get very tired of sitting by her sister on the 
 runs = {}
 for mode in ("f32", "ggml"):
     start = time.perf_counter()
-    rt = load(RunConfig(mode=mode, backend="numpy", ctx_size=64), announce=lambda m: None)
+    rt = load(RunConfig(mode=mode, ctx_size=64, threads=1), announce=lambda m: None)
     runs[mode] = dump_runtime(rt, PROMPT)
+    del rt  # its weights go too: one model at a time
     print(f"--mode {mode}: {len(runs[mode].token_ids)} tokens, {len(runs[mode].tensors)} tensors, "
           f"{time.perf_counter() - start:.1f} s (load included)")
 comparison = compare_dumps(runs["f32"], runs["ggml"], tolerance=1e-4)
@@ -94,7 +89,7 @@ gguf = GGUFFile(PATH)
 config = read_config(gguf.metadata, gguf.path)
 raw = gguf.data("blk.0.attn_q.weight")                           # (576, 18 blocks * 20 bytes)
 x = runs["ggml"].tensors["attn_norm-0"][:1]                       # (1, 576): the first token's input
-f16 = lambda v: np.float32(v).astype(np.float16).astype(np.float32)  # noqa: E731
+f16 = lambda v: np.float32(v).astype(np.float16).astype(np.float32)
 
 blocks = x[0].reshape(-1, 32)
 amax = np.abs(blocks).max(axis=1)
@@ -124,21 +119,23 @@ assert by_hand == library   # "arm" keeps the generic loop order; "x86" adds in 
 
 # %%
 def packed(ops):
-    """The file's Q4_1 blocks as they are, each matrix wrapped in `ops`' product."""
-    return load_weights(gguf, config, PackedSource(gguf, config, 4, backend="numpy", ops=ops))
+    """The file's Q4_1 blocks, re-laid for the Numba kernels, each matrix wrapped in `ops`' product."""
+    return load_weights(gguf, config, PackedSource(gguf, config, 4, ops=ops))
 
 
 tokens = Tokenizer.from_metadata(gguf.metadata).encode(PROMPT)
-variants = {
-    "activation quantization": (Model(config, packed(GGML()), F32()), 32),
-    "float16 attention": (Model(config, packed(F32()), F32(ggml_attention)), 16),
-    "all of ggml": (Model(config, packed(GGML()), GGML()), 16),
-    "ggml, reference rounding": (Model(config, packed(GGML("ref")), GGML("ref")), 16),
+variants = {  # name: (the products' arithmetic, everything else's, the KV cache's bits)
+    "activation quantization": (GGML(backend="numba"), F32(backend="numba"), 32),
+    "float16 attention": (F32(backend="numba"), F32(ggml_attention, backend="numba"), 16),
+    "all of ggml": (GGML(backend="numba"), GGML(backend="numba"), 16),
+    "ggml, reference rounding": (GGML("ref", backend="numba"), GGML("ref", backend="numba"), 16),
 }
 dumps = {}
-for name, (model, kv_bits) in variants.items():
+for name, (products, ops, kv_bits) in variants.items():
+    model = Model(config, packed(products), ops)  # one at a time: each holds its own re-laid weights
     cache = KVCache(config, 64) if kv_bits == 32 else PatternKVCache(config, 64, kv_bits=16)
     dumps[name] = Dump(runs["f32"].token_ids, record_forward(model, tokens, cache))
+    del model
 layers = np.arange(config.n_layers)
 curves = {name: [tensor_diff("l_out", runs["f32"].tensors[f"l_out-{i}"], dump.tensors[f"l_out-{i}"]).nmse
                  for i in layers] for name, dump in dumps.items()}
@@ -153,22 +150,21 @@ assert order[-1] > curves["all of ggml"][-1] / 10
 assert np.array_equal(dumps["all of ggml"].tensors["result_output"], runs["ggml"].tensors["result_output"])
 
 # %%
-fig, ax = plt.subplots(figsize=(7, 4))
+fig, ax = course.figure(7, 4)
 for name, curve in curves.items():
     ax.semilogy(layers, curve, label=f"{name} vs f32")
 ax.semilogy(layers, order, "k--", label="x86 vs reference rounding")
 ax.set_xlabel("layer")
-ax.set_ylabel("NMSE of l_out")
+ax.set_ylabel("NMSE of l_out (log scale)")
 ax.set_title(f"SmolLM2 Q4_1, {len(tokens)} tokens: where ggml and f32 part")
-ax.legend(fontsize=8)
-fig.tight_layout()
-figure = FIGURES / "06_nmse_per_layer.png"
-fig.savefig(figure, dpi=100)
-print(f"wrote {figure}")
+ax.legend()
+course.save(fig, "nmse_per_layer.png")
 peak = [np.abs(runs["f32"].tensors[f"l_out-{i}"]).max() for i in layers]
 print("largest |l_out| per layer:", " ".join(f"{p:.0f}" for p in peak))
 
 # %% [markdown]
+# ![NMSE of each layer's output against f32, for each ingredient of ggml's arithmetic](figures/nmse_per_layer.png)
+#
 # Reading the figure (NMSE is relative to the tensor's size: where the residual stream grows a few
 # very large values, from layer 11 on, the same absolute error reads as a smaller NMSE):
 #
@@ -190,9 +186,12 @@ print("largest |l_out| per layer:", " ".join(f"{p:.0f}" for p in peak))
 #
 # ## Exercises
 #
+# Worked answers: `tutorials/solutions/11_verifying_another_runtime.py`.
+#
 # 1. Dump `--mode oracle` and compare it with `f32` (`python -m minillm compare`). How large is
 #    the float32 error, and does it grow through the layers like the quantization error?
 # 2. Change packed(GGML()) to packed(GGML("arm")) (NEON's rule: id = 1/d, halves to
-#    even). At which layer does it first differ from x86's rule, and why so rarely?
-# 3. Run `tests/data/make_ggml_reference.py --tokens 64` with llama-cpp-python installed: which
-#    variant of this chapter matches llama.cpp exactly?
+#    even). At which tensor does it first differ from x86's rule, and why so rarely?
+# 3. `tests/data/ggml_reference.npz` holds llama.cpp's own logits for 64 tokens of *Alice*, fed one at
+#    a time (written by `tests/data/make_ggml_reference.py` with llama-cpp-python, which this course
+#    does not need). Which variant of this chapter matches them exactly?
