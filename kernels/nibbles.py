@@ -15,10 +15,9 @@ code bytes 4..7 of the 32 rows, and so on: byte j of row r is at `codes + word_b
 `codes` = GROUP_ROWS * (header bytes).
 
 A block's integer dot product with the int8 activation q, sum_e code_e q_e, is computed here for
-all rows of a group at once. Where the CPU has AVX512-VNNI, the 4-bit formats use its instruction
-(`nibble_sums_vnni`, kernels/vnni.py: 4 bytes of 16 rows at a time, why the codes come in words);
-elsewhere, and for the 5-bit formats, loops that LLVM turns into 16-bit SIMD lanes (`nibble_sums`,
-`fifth_bit_sums`): products are at most 31 * 127, so sums of up to 16 of them, kept signed (codes
+all rows of a group at once. Where the CPU has AVX512-VNNI, by its instruction (`nibble_sums_vnni`,
+`fifth_bit_sums_vnni`, kernels/vnni.py: 4 bytes of 16 rows at a time, why the codes come in words);
+elsewhere by loops that LLVM turns into 16-bit SIMD lanes (`nibble_sums`, `fifth_bit_sums`): products are at most 31 * 127, so sums of up to 16 of them, kept signed (codes
 centred on 16 for Q5), fit an int16. The two give the same integers. The four formats then differ
 only in constants, which each passes to the kernels here (`CodeRows`): where the codes and fifth
 bits sit, the code their weights are centred on (8, 16 or 0: w = d (code - centre) [+ m]), whether
@@ -39,7 +38,7 @@ from .activations import Int8Rows
 from .f16 import f16_to_f32
 from .ggml import add_block, ggml_buffers, start_group, widen_fields, write_ggml_group
 from .rows import GROUP_ROWS, check_vnni_reads, group_buffers, read_only, word_byte, write_group
-from .vnni import nibble_lanes_vnni, nibble_sums_vnni
+from .vnni import fifth_bit_lanes_vnni, fifth_bit_sums_vnni, nibble_lanes_vnni, nibble_sums_vnni
 
 
 def _nibble_sums(blocks, g, b, codes, q16, isum):
@@ -145,10 +144,10 @@ def code_kernels(codes: int, qh: int, five_bit: bool, centre: int, has_m: bool, 
     vectorizing most loops, 12 times slower): codes, where a group-block's code bytes start; qh, the
     32-bit word where its fifth bits start (five_bit); centre, the code the weights are centred on;
     has_m, a minimum after d; dw_first, ggml's generic C multiplies sumi by dW before dx; vnni, the
-    4-bit sums by AVX512-VNNI (kernels/vnni.py: only where the CPU has it).
+    integer sums by AVX512-VNNI (kernels/vnni.py: only where the CPU has it).
     -> (matvec_groups, dequantize_rows, ggml_matvec_groups)"""
-    shift = (16 if five_bit else 0) - centre      # isum' = isum + shift qsum (the sums are centred on 16 or 0)
-    by_vnni = vnni and not five_bit               # fifth bits are not in the words VNNI multiplies
+    # isum' = isum + shift qsum: the loops' sums are centred on 16 (Q5) or 0 (Q4); VNNI's on the centre
+    shift = 0 if vnni else (16 if five_bit else 0) - centre
 
     def matvec_groups(blocks, w16, w32, q16, xd, qsum, dsums, scratch, out, first, stop):
         """out[:, rows of groups first..stop-1] = those rows of W times each of B activations, on the
@@ -163,14 +162,16 @@ def code_kernels(codes: int, qh: int, five_bit: bool, centre: int, has_m: bool, 
         codes) and their float terms (a second pass, 16 rows an instruction); each row's blocks are
         added in order in float32, whatever B. Allocation: none; the caller owns out and scratch."""
         isum, acc = group_buffers(scratch, q16.shape[0])
-        if by_vnni:
+        if vnni:
             check_vnni_reads(blocks, codes + 16 * GROUP_ROWS, q16, xd.shape[1], isum)
         for g in range(first, stop):
             acc[:] = 0
             for b in range(xd.shape[1]):
                 for a in range(q16.shape[0]):
-                    if by_vnni:
-                        nibble_sums_vnni(blocks[g, b], codes, q16[a], 32 * b, isum, 0)
+                    if vnni and five_bit:
+                        fifth_bit_sums_vnni(blocks[g, b], codes, 4 * qh, q16[a], 32 * b, isum, centre)
+                    elif vnni:
+                        nibble_sums_vnni(blocks[g, b], codes, q16[a], 32 * b, isum, centre)
                     elif five_bit:
                         fifth_bit_sums(blocks, w32, g, b, qh, codes, q16[a], isum)
                     else:
@@ -214,7 +215,7 @@ def code_kernels(codes: int, qh: int, five_bit: bool, centre: int, has_m: bool, 
         Loop order: group by group, block by block; the 8 lane sums of the group's rows, then the
         float work of the block for every row (rows innermost: SIMD). Allocation: none."""
         lanes, acc, summs, dws, ms = ggml_buffers(scratch)
-        if by_vnni:
+        if vnni:
             check_vnni_reads(blocks, codes + 16 * GROUP_ROWS, q16, dx.shape[0], lanes[-1])
         for g in range(first, stop):
             start_group(acc, summs, ms)
@@ -222,7 +223,9 @@ def code_kernels(codes: int, qh: int, five_bit: bool, centre: int, has_m: bool, 
                 widen_fields(w16, g, b, 0, dws, rows)
                 if has_m:
                     widen_fields(w16, g, b, GROUP_ROWS, ms, rows)
-                if by_vnni:
+                if vnni and five_bit:
+                    fifth_bit_lanes_vnni(blocks[g, b], codes, 4 * qh, q16, 32 * b, lanes, centre)
+                elif vnni:
                     nibble_lanes_vnni(blocks[g, b], codes, q16, 32 * b, lanes, centre)
                 elif five_bit:
                     fifth_bit_lanes(blocks, w32, g, b, qh, codes, q16, centre, lanes)

@@ -88,9 +88,9 @@ def _vector_at(builder, pointer, offset):
     return builder.bitcast(builder.gep(pointer, [ir.Constant(_I64, offset)]), _ROWS.as_pointer())
 
 
-def _activation_words(context, builder, sig, q16, k):
+def _activation_words(context, builder, q16_type, q16, k):
     """For f < 8: q16[k + 4f .. k + 4f + 3] narrowed to 4 bytes, as one i32 in every lane."""
-    at = _byte_pointer(context, builder, sig.args[2], q16, builder.mul(k, ir.Constant(_I64, 2)))
+    at = _byte_pointer(context, builder, q16_type, q16, builder.mul(k, ir.Constant(_I64, 2)))
     four_i16 = ir.VectorType(ir.IntType(16), 4)
     words = []
     for f in range(8):
@@ -104,6 +104,20 @@ def _nibbles(builder, word, f):
     low = builder.and_(word, _constant(0x0F0F0F0F))
     high = builder.and_(builder.lshr(word, _constant(4)), _constant(0x0F0F0F0F))
     return [(low, f), (high, 4 + f)]
+
+
+def _fifth_bits(builder, bits, first):
+    """Bits first .. first + 3 of each lane's 32 bits as bit 4 of its bytes 0 .. 3: times 0x00204081,
+    the 4 bits land at bits 0, 8, 16 and 24 (4 copies 7 bits apart: no carries)."""
+    four = builder.and_(builder.lshr(bits, _constant(first)), _constant(0xF))
+    return builder.shl(builder.and_(builder.mul(four, _constant(0x00204081)), _constant(0x01010101)), _constant(4))
+
+
+def _five_bit_codes(builder, word, f, bits):
+    """`_nibbles` with each code's fifth bit: bit e of the row's qh (bits) for element e."""
+    (low, a), (high, b) = _nibbles(builder, word, f)
+    return [(builder.or_(low, _fifth_bits(builder, bits, 4 * f)), a),
+            (builder.or_(high, _fifth_bits(builder, bits, 16 + 4 * f)), b)]
 
 
 def _signed_bytes(builder, word, f):
@@ -122,51 +136,78 @@ def _check(*arrays):
         raise TypingError("expected contiguous arrays")
 
 
-def _group_sums(unsigned, n_words, offset_per_quad):
+def _arguments(args, sig, five_bit):
+    """(block, at, qh_at, q16, k, out, centre) of an intrinsic's arguments (qh_at None without fifth
+    bits), and the types of q16 and out."""
+    if five_bit:
+        block, at, qh_at, q16, k, out, centre = args
+        return (block, at, qh_at, q16, k, out, centre), sig.args[3], sig.args[5]
+    block, at, q16, k, out, centre = args
+    return (block, at, None, q16, k, out, centre), sig.args[2], sig.args[4]
+
+
+def _codes_of(unsigned, builder, block_at, qh_at, half):
+    """unsigned(builder, word, f) for the 16 rows of `half`: with their fifth bits when qh_at is given."""
+    if qh_at is None:
+        return unsigned
+    bits = builder.load(_vector_at(builder, builder.gep(block_at, [qh_at]), 4 * LANE_ROWS * half), align=4)
+    return lambda builder, word, f: unsigned(builder, word, f, bits)
+
+
+def _group_sums(unsigned, n_words, offset_per_quad, five_bit=False):
     """The codegen of a block's sums: out[r] = the products of all words of row r, minus
     (offset_per_quad + centre) times the sum of the 32 q. `unsigned(builder, word, f)` gives the
     unsigned bytes of the loaded word f and the activation word each goes with (a 4-bit word gives
     two: the low nibbles and the high ones)."""
     def codegen(context, builder, sig, args):
-        block, at, q16, k, out, centre = args
-        first = _byte_pointer(context, builder, sig.args[0], block, at)
-        activation = _activation_words(context, builder, sig, q16, k)
+        (block, at, qh_at, q16, k, out, centre), q16_type, out_type = _arguments(args, sig, five_bit)
+        block_at = _byte_pointer(context, builder, sig.args[0], block, ir.Constant(_I64, 0))
+        first = builder.gep(block_at, [at])
+        activation = _activation_words(context, builder, q16_type, q16, k)
         scale = builder.add(_splat(builder, builder.trunc(centre, _I32)), _constant(offset_per_quad))
         total = _constant(0)
         for quad in _quad_sums(builder, activation):
             total = builder.add(total, quad)
         offset = builder.mul(total, scale)                   # LLVM folds it away when the scale is 0
-        out_at = _byte_pointer(context, builder, sig.args[4], out, ir.Constant(_I64, 0))
+        out_at = _byte_pointer(context, builder, out_type, out, ir.Constant(_I64, 0))
         for half in range(GROUP_ROWS // LANE_ROWS):
+            codes = _codes_of(unsigned, builder, block_at, qh_at, half)
             acc = builder.sub(_constant(0), offset)
             for f in range(n_words):
                 word = builder.load(_vector_at(builder, first, f * WORD_BYTES + 4 * LANE_ROWS * half), align=1)
-                for part, a in unsigned(builder, word, f):
+                for part, a in codes(builder, word, f):
                     acc = _dot_bytes(builder, acc, part, activation[a])
             builder.store(acc, _vector_at(builder, out_at, 4 * LANE_ROWS * half), align=4)
         return context.get_dummy_value()
     return codegen
 
 
-def _lane_sums(unsigned, n_words, offset_per_quad):
+def _lane_sums(unsigned, n_words, offset_per_quad, five_bit=False):
     """The codegen of ggml's lane sums: lanes[a, r] = the products of activation word a in row r,
     minus (offset_per_quad + centre) times the sum of its 4 q."""
     def codegen(context, builder, sig, args):
-        block, at, q16, k, lanes, centre = args
-        first = _byte_pointer(context, builder, sig.args[0], block, at)
-        activation = _activation_words(context, builder, sig, q16, k)
+        (block, at, qh_at, q16, k, lanes, centre), q16_type, lanes_type = _arguments(args, sig, five_bit)
+        block_at = _byte_pointer(context, builder, sig.args[0], block, ir.Constant(_I64, 0))
+        first = builder.gep(block_at, [at])
+        activation = _activation_words(context, builder, q16_type, q16, k)
         scale = builder.add(_splat(builder, builder.trunc(centre, _I32)), _constant(offset_per_quad))
         offsets = [builder.mul(quad, scale) for quad in _quad_sums(builder, activation)]
-        lanes_at = _byte_pointer(context, builder, sig.args[4], lanes, ir.Constant(_I64, 0))
+        lanes_at = _byte_pointer(context, builder, lanes_type, lanes, ir.Constant(_I64, 0))
         for half in range(GROUP_ROWS // LANE_ROWS):
+            codes = _codes_of(unsigned, builder, block_at, qh_at, half)
             for f in range(n_words):
                 word = builder.load(_vector_at(builder, first, f * WORD_BYTES + 4 * LANE_ROWS * half), align=1)
-                for part, a in unsigned(builder, word, f):
+                for part, a in codes(builder, word, f):
                     lane = _dot_bytes(builder, builder.sub(_constant(0), offsets[a]), part, activation[a])
                     builder.store(lane, _vector_at(builder, lanes_at, 4 * (GROUP_ROWS * a + LANE_ROWS * half)),
                                   align=4)
         return context.get_dummy_value()
     return codegen
+
+
+def _with_centre_zero(codegen):
+    # the Q8_0 intrinsics have no centre argument: the codegen's is 0
+    return lambda context, builder, sig, args: codegen(context, builder, sig, [*args, ir.Constant(_I64, 0)])
 
 
 @intrinsic
@@ -181,15 +222,22 @@ def nibble_sums_vnni(typingctx, block, codes, q16, k, isum, centre):
 
 
 @intrinsic
+def fifth_bit_sums_vnni(typingctx, block, codes, qh, q16, k, isum, centre):
+    """`nibble_sums_vnni` for Q5's 5-bit codes: element e of row r has its fifth bit from bit e of the
+    row's uint32 at block[qh + 4r]. Reads block[qh : qh + 4 GROUP_ROWS] too."""
+    _check(block, q16, isum)
+    sig = types.void(block, types.intp, types.intp, q16, types.intp, isum, types.intp)
+    return sig, _group_sums(_five_bit_codes, 4, 0, five_bit=True)
+
+
+@intrinsic
 def weight_sums_vnni(typingctx, block, weights, q16, k, isum):
     """isum[r] = sum_e w_e q16[k + e] for the GROUP_ROWS rows of a Q8_0 group-block, w_e the int8 at
     block[weights + word_byte(e, r)]. block: (GROUP_ROWS * 34,) i8; weights: int; q16: (K,) i16
     within -127..127; k: int, 32 b; isum: (GROUP_ROWS,) i32. Reads block[weights : weights + 32
     GROUP_ROWS] and q16[k : k + 32]."""
     _check(block, q16, isum)
-    codegen = _group_sums(_signed_bytes, 8, 128)
-    return types.void(block, types.intp, q16, types.intp, isum), \
-        lambda context, builder, sig, args: codegen(context, builder, sig, [*args, ir.Constant(_I64, 0)])
+    return types.void(block, types.intp, q16, types.intp, isum), _with_centre_zero(_group_sums(_signed_bytes, 8, 128))
 
 
 @intrinsic
@@ -202,10 +250,16 @@ def nibble_lanes_vnni(typingctx, block, codes, q16, k, lanes, centre):
 
 
 @intrinsic
+def fifth_bit_lanes_vnni(typingctx, block, codes, qh, q16, k, lanes, centre):
+    """`nibble_lanes_vnni` for Q5's 5-bit codes, their fifth bits as in `fifth_bit_sums_vnni`."""
+    _check(block, q16, lanes)
+    sig = types.void(block, types.intp, types.intp, q16, types.intp, lanes, types.intp)
+    return sig, _lane_sums(_five_bit_codes, 4, 0, five_bit=True)
+
+
+@intrinsic
 def weight_lanes_vnni(typingctx, block, weights, q16, k, lanes):
     """ggml's lane sums of a Q8_0 group-block: lanes[l, r] = sum_t w_(4l + t) q16[k + 4l + t], l < 8.
     Arguments as `weight_sums_vnni`; lanes: (8, GROUP_ROWS) i32."""
     _check(block, q16, lanes)
-    codegen = _lane_sums(_signed_bytes, 8, 128)
-    return types.void(block, types.intp, q16, types.intp, lanes), \
-        lambda context, builder, sig, args: codegen(context, builder, sig, [*args, ir.Constant(_I64, 0)])
+    return types.void(block, types.intp, q16, types.intp, lanes), _with_centre_zero(_lane_sums(_signed_bytes, 8, 128))

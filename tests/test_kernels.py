@@ -490,10 +490,10 @@ def test_vnni_and_portable_ggml_matvecs_give_the_same_bits(ggml_type, data, x86)
 
 
 @pytest.mark.skipif(not VNNI, reason="the CPU (as Numba targets it) has no AVX512-VNNI, or the JIT is off")
-@pytest.mark.parametrize("ggml_type", [Q.Q4_0, Q.Q4_1, Q.Q8_0], ids=lambda t: t.name)
+@pytest.mark.parametrize("ggml_type", RELAID_TYPES, ids=lambda t: t.name)
 def test_vnni_matvecs_use_the_dot_product_instruction(ggml_type):
-    """Where the CPU has it, the 4-bit and Q8_0 matvecs run `vpdpbusd` (what makes them fast), the
-    portable ones do not."""
+    """Where the CPU has it, the matvecs of the re-laid formats run `vpdpbusd` (what makes them
+    fast), the portable ones do not."""
     raw = edge_blocks(ggml_type, "largest", np.random.default_rng(0))
     for vnni in (True, False):
         rows = with_kernels(packed_rows(raw, ggml_type), vnni)
