@@ -8,7 +8,9 @@ A LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models") le
 rank * (in + out) numbers instead of in * out: for SmolLM2's 576 x 576 attn_q at rank 8, 9,216
 numbers instead of 331,776. So the base stays packed (Q4_1 blocks as stored) and only A and B are
 float32; `minillm finetune` trains them and writes the file (minillm.train.lora), `--lora ADAPTER`
-applies them (read_adapter, AdapterSource: the loader builds the model with them).
+applies them (read_adapter, AdapterSource: the loader builds the model with them). Under --mem-cap
+the plan counts A and B and their products' temporaries (`adapter_size`, minillm.plan), and a layer
+streamed from the file gets its LoRA as it passes through the buffers (AdaptedLayers).
 
 The file is llama.cpp's (src/llama-adapter.cpp, convert_lora_to_gguf.py): a GGUF with
 `general.type = "adapter"`, `general.architecture` of the base, `adapter.type = "lora"` and
@@ -18,11 +20,13 @@ NumPy shape (rank, in_features) (ggml ne = [in_features, rank]) and `<name>.lora
 factor, 1 here), and scale = 1 when alpha is 0; so does `Adapter.scale`.
 """
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, replace
 
 import numpy as np
 from gguf import GGMLQuantizationType
 
+from . import arch
 from .errors import GGUFError, MinillmError
 from .gguf import GGUFFile
 from .linear import FloatLinear, QuantLinear
@@ -44,8 +48,16 @@ class LoraLinear:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         y = self.base(x)
-        y += self.scale * self.up(self.down(x))                           # (T, rank) first
+        update = self.up(self.down(x))                                    # (T, rank) first, then (T, out_features)
+        update *= self.scale                                              # in place: one temporary, not two
+        y += update
         return y
+
+    def over(self, base) -> "LoraLinear":
+        """The same A and B (and their linears) over another base: a streamed layer's buffer of the moment."""
+        other = copy.copy(self)
+        other.base = base
+        return other
 
     @property
     def nbytes(self) -> int:
@@ -71,12 +83,19 @@ class Adapter:
         return self.alpha / rank if self.alpha else 1.0
 
 
-def read_adapter(path) -> Adapter:
-    """An adapter file, checked for what llama.cpp requires of it; GGUFError otherwise."""
+def open_adapter(path) -> GGUFFile:
+    """The GGUF file at `path`, if it says it is a LoRA adapter; GGUFError otherwise."""
     f = GGUFFile(path)
     meta = f.metadata
     if get(meta, "general.type", path=f.path) != "adapter" or get(meta, "adapter.type", path=f.path) != "lora":
         raise GGUFError(f.path, "not a LoRA adapter (general.type must be 'adapter' and adapter.type 'lora')")
+    return f
+
+
+def read_adapter(path) -> Adapter:
+    """An adapter file, checked for what llama.cpp requires of it; GGUFError otherwise."""
+    f = open_adapter(path)
+    meta = f.metadata
     pairs = {}
     for name in f.tensors:
         base, dot, part = name.rpartition(".")
@@ -99,6 +118,9 @@ def check_fits(adapter: Adapter, architecture: str, shapes: dict, path="adapter"
     shape that differs. `shapes` is the model's GGUF name -> (out_features, in_features)."""
     if adapter.architecture != architecture:
         raise MinillmError(f"{path}: the adapter is for {adapter.architecture!r} models, the model is {architecture!r}")
+    if "token_embd.weight" in adapter.pairs:
+        raise MinillmError(f"{path}: an adapter on token_embd.weight (the token table) is not supported; "
+                           "minillm applies LoRA to linears")
     for name, (a, b) in adapter.pairs.items():
         shape = shapes.get(name)
         if shape is None or len(shape) != 2:
@@ -130,12 +152,70 @@ class AdapterSource:
     def finish(self):
         self.source.finish()
 
+    def streamed_layers(self, config, resident: list):
+        return AdaptedLayers(self.source.streamed_layers(config, resident), len(resident), self, config)
+
+    def streamed_embedding(self, name: str):
+        """The token table (or an untied LM head) in row chunks, as without the adapter: check_fits
+        admits LoRA on the blocks' matrices only."""
+        return self.source.streamed_embedding(name)
+
     def adapted(self, name: str, base):
         """The loader's linear `base` of tensor `name`, with the adapter's LoRA if it has one for it."""
         if name not in self.adapter.pairs:
             return base
         a, b = self.adapter.pairs[name]
         return LoraLinear(base, a, b, self.adapter.scale(name), name, mode_factor(self.ops))
+
+
+class AdaptedLayers:
+    """Layers streamed from the file (minillm.streaming.StreamedLayers) with the adapter's LoRA on
+    the linears it names: each streamed layer, as it is yielded, gets its own A and B over the
+    buffer's linears of the moment (made once per weight, then `LoraLinear.over` the new base). The
+    first `n_resident` layers were loaded through the AdapterSource, with their LoRA already."""
+
+    def __init__(self, layers, n_resident: int, source: AdapterSource, config):
+        self.layers, self.n_resident, self.source = layers, n_resident, source
+        self.matrices = {field: name for name, (field, shape) in arch.of(config).layer_tensors(config).items()
+                         if len(shape) == 2}   # field of Layer -> GGUF name inside a block
+        self.loras = {}                        # GGUF name -> LoraLinear
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self):
+        for i, layer in enumerate(self.layers):
+            if i < self.n_resident:
+                yield layer
+                continue
+            yield replace(layer, **{field: self.lora(f"blk.{i}.{name}", getattr(layer, field))
+                                    for field, name in self.matrices.items()})
+
+    def lora(self, name: str, base):
+        if name not in self.source.adapter.pairs:
+            return base
+        if name not in self.loras:
+            self.loras[name] = self.source.adapted(name, base)
+        return self.loras[name].over(base)
+
+
+@dataclass(frozen=True)
+class AdapterSize:
+    """What the memory plan needs of an adapter, from its file's tensor table alone."""
+
+    pairs: int
+    nbytes: int         # A and B of every pair as read_adapter holds them: float32 arrays
+    rank: int           # the largest rank
+    widest: int         # the largest out_features: a product's temporaries are (T, widest)
+
+
+def adapter_size(path) -> AdapterSize:
+    """The sizes of the adapter file at `path` (its header only: no tensor is read)."""
+    shapes = {name: info.shape for name, info in open_adapter(path).tensors.items()}
+    b_shapes = [shape for name, shape in shapes.items() if name.endswith(".lora_b") and len(shape) == 2]
+    return AdapterSize(pairs=len(b_shapes), nbytes=sum(4 * int(np.prod(shape)) for shape in shapes.values()),
+                       rank=max((shape[1] for shape in b_shapes), default=0),
+                       widest=max((shape[0] for shape in b_shapes), default=0))
 
 
 def adapted_source(path, source, gguf, config, ops) -> AdapterSource:

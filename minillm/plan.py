@@ -269,6 +269,8 @@ def plan_lines(index: WeightIndex, layout: Layout, run) -> tuple:
          + (", --backend numpy" if run.backend == "numpy" else "")),
         ("reserve", RESERVE_BYTES, "pages not counted above: code run first, worker threads' allocator pages"),
     ]
+    if run.adapter is not None:
+        lines.append(adapter_line(run.adapter, layout.prefill_chunk, run.ctx_size))
     if relaid:
         lines.append(relay_line(index, layout, n))
     if index.converted_bytes:
@@ -277,6 +279,18 @@ def plan_lines(index: WeightIndex, layout: Layout, run) -> tuple:
         lines.append(("conversion scratch", index.conversion_scratch, "float32 copy of the largest converted tensor, "
                       "and the converted tensors of one input-sharing group"))
     return tuple(lines)
+
+
+def adapter_line(adapter, chunk: int, ctx_size: int) -> tuple:
+    """A LoRA adapter (minillm.adapter): its A and B as float32 (stored as F32: the file's own pages,
+    mapped, all of them read), and what one adapted product adds to the activations: x A^T
+    (T, rank), then B times it, scaled in place, a (T, out_features) array alive beside the base's
+    output until it is added to it (LoraLinear), for T as in activation_bytes."""
+    T = min(chunk + 1, ctx_size)
+    temporaries = 4 * T * (adapter.widest + adapter.rank)
+    return ("LoRA adapter", adapter.nbytes + temporaries,
+            f"{adapter.pairs} adapted matrices up to rank {adapter.rank}: A and B float32 ({mib(adapter.nbytes)}), "
+            f"a product's temporaries for {T} tokens")
 
 
 def relay_line(index: WeightIndex, layout: Layout, n_layers: int) -> tuple:
@@ -305,6 +319,7 @@ class PlanInputs:
     all_logits: bool = False  # the command keeps logits of every position (perplexity)
     tokenizer_built: bool = True  # False: a first check, before the tokenizer is built
     backend: str = "numba"        # "numpy": products dequantize tiles in NumPy, decode too
+    adapter: object = None        # a LoRA adapter's sizes (minillm.adapter.AdapterSize), or None
 
 
 def candidate_layouts(index: WeightIndex, run: PlanInputs):
@@ -364,11 +379,13 @@ def plan_for_cap(gguf, model_config, config, meter: Meter, tokenizer_built: bool
     they hold is measured by `meter` since the baseline; everything else is planned. Called once
     before the tokenizer is built too (`tokenizer_built=False`), so a cap that cannot fit even
     without it is refused before it is spent."""
+    from .adapter import adapter_size
+    adapter = adapter_size(config.lora) if config.lora is not None else None   # from its header: nothing read yet
     held = meter.measure()
     run = PlanInputs(model_config, config.ctx_size, config.attention_spec(), config.kv_bits,
                      config.threads or os.cpu_count(), tokenizer_bytes=held.anon + held.file,
                      tokenizer_peak=held.peak, all_logits=config.all_logits, tokenizer_built=tokenizer_built,
-                     backend=config.backend)
+                     backend=config.backend, adapter=adapter)
     try:
         return plan_memory(weight_index(gguf, model_config, config.bits, config.int4, config.backend), run,
                            config.mem_cap)
