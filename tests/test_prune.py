@@ -226,8 +226,8 @@ def test_cutting_gemma3_layers_keeps_each_layers_window(tmp_path):
 @pytest.mark.parametrize("method, sparsity, shape", [("layers", 0.2, (14, 4, 2048)), ("heads", 0.25, (18, 3, 2048))])
 def test_structured_pruning_of_gemma3_270m_runs_in_llama_cpp(gemma3_path, tmp_path, method, sparsity, shape):
     """The real Gemma 3 270M cut by blocks (the 4 of 18 whose removal costs least; the rest keep their
-    windows in a per-layer pattern, copied byte for byte) or by heads (3 of 4 a layer: attn_q's rows
-    kept as stored, attn_output's Q4_K rows re-encoded): llama.cpp loads the file and its logits equal
+    windows in a per-layer pattern, copied byte for byte) or by heads (3 of 4 a layer: attn_q and
+    attn_output re-encoded in their Q5_0 and Q4_K, the embedding copied): llama.cpp loads the file and its logits equal
     minillm's --mode ggml bit for bit, one token at a time (the comparison of test_gemma3_270m.py)."""
     from minillm.train.prune import PruneConfig, prune_file
     out = tmp_path / f"gemma3-{method}.gguf"
