@@ -72,45 +72,55 @@ def mode_factor(ops):
 
 @dataclass
 class Adapter:
-    """A LoRA adapter: alpha, and for each adapted weight (GGUF name) its A (rank, in) and B (out, rank)."""
+    """A LoRA adapter: alpha, and for each adapted weight (GGUF name) its A (rank, in) and B (out, rank):
+    float32 arrays (read_adapter), or the file's TensorInfos when only their shapes are needed
+    (adapter_header: checks and the memory plan, before anything is read)."""
 
     architecture: str
     alpha: float
-    pairs: dict          # weight name -> (a, b) float32
+    pairs: dict          # weight name -> (a, b)
 
     def scale(self, name: str) -> float:
         rank = self.pairs[name][0].shape[0]
         return self.alpha / rank if self.alpha else 1.0
 
 
-def open_adapter(path) -> GGUFFile:
-    """The GGUF file at `path`, if it says it is a LoRA adapter; GGUFError otherwise."""
+def open_adapter(path) -> tuple[GGUFFile, Adapter]:
+    """The adapter file at `path` and its header as an Adapter of TensorInfos, checked for what
+    llama.cpp requires of it (general.type, adapter.type, a .lora_a and a .lora_b of one rank for
+    each weight); GGUFError otherwise."""
     f = GGUFFile(path)
     meta = f.metadata
     if get(meta, "general.type", path=f.path) != "adapter" or get(meta, "adapter.type", path=f.path) != "lora":
         raise GGUFError(f.path, "not a LoRA adapter (general.type must be 'adapter' and adapter.type 'lora')")
-    return f
-
-
-def read_adapter(path) -> Adapter:
-    """An adapter file, checked for what llama.cpp requires of it; GGUFError otherwise."""
-    f = open_adapter(path)
-    meta = f.metadata
-    pairs = {}
-    for name in f.tensors:
+    parts = {}
+    for name, info in f.tensors.items():
         base, dot, part = name.rpartition(".")
         if not dot or part not in ("lora_a", "lora_b"):
             raise GGUFError(f.path, f"tensor {name} is not a .lora_a or .lora_b")
-        pairs.setdefault(base, {})[part] = dequantized(f, name)
-    for base, ab in pairs.items():
+        parts.setdefault(base, {})[part] = info
+    for base, ab in parts.items():
         if set(ab) != {"lora_a", "lora_b"}:
             raise GGUFError(f.path, f"{base} has only its {next(iter(ab))}")
-        a, b = ab["lora_a"], ab["lora_b"]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-            raise GGUFError(f.path, f"{base}: lora_a {a.shape} and lora_b {b.shape} do not share a rank")
+        a, b = ab["lora_a"].shape, ab["lora_b"].shape
+        if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+            raise GGUFError(f.path, f"{base}: lora_a {tuple(a)} and lora_b {tuple(b)} do not share a rank")
     alpha = float(get(meta, "adapter.lora.alpha", 0.0, f.path))
-    return Adapter(get(meta, "general.architecture", path=f.path), alpha,
-                   {base: (ab["lora_a"], ab["lora_b"]) for base, ab in pairs.items()})
+    return f, Adapter(get(meta, "general.architecture", path=f.path), alpha,
+                      {base: (ab["lora_a"], ab["lora_b"]) for base, ab in parts.items()})
+
+
+def adapter_header(path) -> Adapter:
+    """The adapter's architecture, alpha and shapes (TensorInfos), checked; no tensor is read."""
+    return open_adapter(path)[1]
+
+
+def read_adapter(path) -> Adapter:
+    """An adapter file, checked for what llama.cpp requires of it, its A and B decoded to float32
+    (F32 tensors: views of the file's pages); GGUFError otherwise."""
+    f, header = open_adapter(path)
+    return Adapter(header.architecture, header.alpha,
+                   {base: (dequantized(f, a.name), dequantized(f, b.name)) for base, (a, b) in header.pairs.items()})
 
 
 def check_fits(adapter: Adapter, architecture: str, shapes: dict, path="adapter"):
@@ -121,7 +131,7 @@ def check_fits(adapter: Adapter, architecture: str, shapes: dict, path="adapter"
     if "token_embd.weight" in adapter.pairs:
         raise MinillmError(f"{path}: an adapter on token_embd.weight (the token table) is not supported; "
                            "minillm applies LoRA to linears")
-    for name, (a, b) in adapter.pairs.items():
+    for name, (a, b) in adapter.pairs.items():   # arrays or TensorInfos: their shapes
         shape = shapes.get(name)
         if shape is None or len(shape) != 2:
             raise MinillmError(f"{path}: the model has no matrix {name} to adapt (an adapter for another model?)")
@@ -209,13 +219,19 @@ class AdapterSize:
     widest: int         # the largest out_features: a product's temporaries are (T, widest)
 
 
-def adapter_size(path) -> AdapterSize:
-    """The sizes of the adapter file at `path` (its header only: no tensor is read)."""
-    shapes = {name: info.shape for name, info in open_adapter(path).tensors.items()}
-    b_shapes = [shape for name, shape in shapes.items() if name.endswith(".lora_b") and len(shape) == 2]
-    return AdapterSize(pairs=len(b_shapes), nbytes=sum(4 * int(np.prod(shape)) for shape in shapes.values()),
-                       rank=max((shape[1] for shape in b_shapes), default=0),
-                       widest=max((shape[0] for shape in b_shapes), default=0))
+def adapter_size(adapter: Adapter) -> AdapterSize:
+    """The sizes of an adapter (its header suffices: adapter_header)."""
+    shapes = [(a.shape, b.shape) for a, b in adapter.pairs.values()]
+    return AdapterSize(pairs=len(shapes), nbytes=sum(4 * (int(np.prod(a)) + int(np.prod(b))) for a, b in shapes),
+                       rank=max((a[0] for a, _ in shapes), default=0), widest=max((b[0] for _, b in shapes), default=0))
+
+
+def checked_header(path, gguf, config) -> Adapter:
+    """The header of the adapter file at `path`, checked against the model (an open GGUFFile and its
+    config) before anything is read or planned."""
+    header = adapter_header(path)
+    check_fits(header, gguf.metadata.get("general.architecture"), expected_shapes(config), path)
+    return header
 
 
 def adapted_source(path, source, gguf, config, ops) -> AdapterSource:

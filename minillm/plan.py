@@ -379,8 +379,8 @@ def plan_for_cap(gguf, model_config, config, meter: Meter, tokenizer_built: bool
     they hold is measured by `meter` since the baseline; everything else is planned. Called once
     before the tokenizer is built too (`tokenizer_built=False`), so a cap that cannot fit even
     without it is refused before it is spent."""
-    from .adapter import adapter_size
-    adapter = adapter_size(config.lora) if config.lora is not None else None   # from its header: nothing read yet
+    from .adapter import adapter_header, adapter_size
+    adapter = adapter_size(adapter_header(config.lora)) if config.lora is not None else None  # nothing read yet
     held = meter.measure()
     run = PlanInputs(model_config, config.ctx_size, config.attention_spec(), config.kv_bits,
                      config.threads or os.cpu_count(), tokenizer_bytes=held.anon + held.file,

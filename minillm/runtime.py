@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from . import arch, formats
-from .adapter import adapted_source
+from .adapter import adapted_source, checked_header
 from .attention import AttentionSpec, block_sparse_attention, parse_attention
 from .errors import UsageError
 from .generate import Sampler, SamplingSettings, generate
@@ -157,6 +157,8 @@ def prepare(config: RunConfig, announce=print) -> Prepared:
                          f"length {model_config.context_length}")
     config.attention_spec().check(config.ctx_size)
     check_kv_bits(config.kv_bits, model_config.head_dim)
+    if config.lora is not None:  # an adapter for another model is refused before anything is planned or read
+        checked_header(config.lora, gguf, model_config)
     if meter is not None:
         plan_for_cap(gguf, model_config, config, meter, tokenizer_built=False)  # refuses a hopeless cap now
     tokenizer = Tokenizer.from_metadata(gguf.metadata, gguf.path)
