@@ -14,7 +14,7 @@ same activation value at once, in 16-bit SIMD lanes: they read `q16`, the codes 
 (one broadcast load each), and for the formats with an offset the float32 `dsums` = d * sum(q) of
 each block.
 
-Kernels here are serial: they touch K values, the weights are K times more.
+Kernels here are serial: they touch B K values, the weights are K times more.
 """
 
 from dataclasses import dataclass
@@ -31,19 +31,21 @@ ACTIVATION_FLUSH = np.float32(127 * 2.0**-126)
 
 @dataclass
 class Int8Activation:
-    """One quantized activation, as the matvec kernels of the 32-weight formats read it."""
-    q: np.ndarray       # (K,) int8
-    q16: np.ndarray     # (K,) int16, the same codes
-    d: np.ndarray       # (K // 32,) float32 scales
-    sums: np.ndarray    # (K // 32,) int32 sums of q per block (for the formats with an offset)
-    dsums: np.ndarray   # (K // 32,) float32 d * sums, rounded once
+    """B quantized activations, as the matvec kernels of the 32-weight formats read them: row a of
+    each array is activation a (B tokens of B sequences decoded together; B = 1 for one token)."""
+    q: np.ndarray       # (B, K) int8
+    q16: np.ndarray     # (B, K) int16, the same codes
+    d: np.ndarray       # (B, K // 32) float32 scales
+    sums: np.ndarray    # (B, K // 32) int32 sums of q per block (for the formats with an offset)
+    dsums: np.ndarray   # (B, K // 32) float32 d * sums, rounded once
 
 
-def int8_activation(n_cols: int) -> Int8Activation:
-    """Buffers for one activation of n_cols values."""
+def int8_activation(n_cols: int, batch: int = 1) -> Int8Activation:
+    """Buffers for `batch` activations of n_cols values."""
     nb = n_cols // 32
-    return Int8Activation(q=np.empty(n_cols, np.int8), q16=np.empty(n_cols, np.int16), d=np.empty(nb, np.float32),
-                          sums=np.empty(nb, np.int32), dsums=np.empty(nb, np.float32))
+    return Int8Activation(q=np.empty((batch, n_cols), np.int8), q16=np.empty((batch, n_cols), np.int16),
+                          d=np.empty((batch, nb), np.float32), sums=np.empty((batch, nb), np.int32),
+                          dsums=np.empty((batch, nb), np.float32))
 
 
 def _round_half_away(v):
@@ -85,17 +87,18 @@ quantize_activation = jit(_quantize_activation)
 
 
 def _activation_with_sums(x, q, q16, d, sums, dsums):
-    """Quantize x as `quantize_activation` does, widen the codes to q16, and add up each block's
-    codes: sums (K // 32,) i32 and dsums = d * sums (K // 32,) f32."""
-    quantize_activation(x, q, d)
-    for k in range(q.shape[0]):
-        q16[k] = q[k]
-    for b in range(d.shape[0]):
-        total = 0
-        for e in range(32):
-            total += int(q[32 * b + e])      # int(): plain NumPy would add in int8 and wrap
-        sums[b] = total
-        dsums[b] = d[b] * np.float32(total)
+    """Quantize each row of x (B, K) as `quantize_activation` does, widen the codes to q16, and add
+    up each block's codes: q, q16 (B, K); d, sums (i32) and dsums = d * sums (f32): (B, K // 32)."""
+    for a in range(x.shape[0]):
+        quantize_activation(x[a], q[a], d[a])
+        for k in range(q.shape[1]):
+            q16[a, k] = q[a, k]
+        for b in range(d.shape[1]):
+            total = 0
+            for e in range(32):
+                total += int(q[a, 32 * b + e])      # int(): plain NumPy would add in int8 and wrap
+            sums[a, b] = total
+            dsums[a, b] = d[a, b] * np.float32(total)
 
 
 activation_with_sums = jit(_activation_with_sums)
@@ -105,11 +108,12 @@ class Int8Rows(Rows):
     """Re-laid rows of a 32-weight format (minillm.kernels.rows) multiplied by int8 activations with
     block sums; subclasses set `type_size` and `fields` and add the views and the kernels."""
 
-    def new_activation(self):
-        return int8_activation(self.n_cols)
+    def new_activation(self, batch=1):
+        return int8_activation(self.n_cols, batch)
 
     def quantize(self, x, act):
         activation_with_sums(x, act.q, act.q16, act.d, act.sums, act.dsums)
 
-    def new_scratch(self, parts):
-        return scratch_rows(parts, 2 * GROUP_ROWS, np.int32)      # a group's integer sums and accumulators
+    def new_scratch(self, parts, batch=1):
+        # a group's integer sums and the accumulators of its rows for each activation (rows.group_buffers)
+        return scratch_rows(parts, (1 + batch) * GROUP_ROWS, np.int32)

@@ -1,4 +1,5 @@
-"""F16 kernel: y = W x for one token, with W float16 rows and float32 arithmetic.
+"""F16 kernel: y = W x for B tokens (one per sequence decoded together), with W float16 rows and float32
+arithmetic.
 
 A row is read as 16-bit words (a zero-copy view of the packed bytes). Numba has no float16
 type, so each word is widened to float32 by integer operations that LLVM vectorizes:
@@ -80,17 +81,19 @@ dot_any_order = jit_any_order_sum(_dot_any_order)
 
 
 def _matvec_rows_f16(w16, x, out, w, first, stop):
-    """out[first:stop] = those rows of W times x, from float16 rows, on the calling thread.
+    """out[:, first:stop] = those rows of W times each row of x, from float16 rows, on the calling thread.
 
-    w16: (N, K) u16 float16 bits (read-only is fine); x: (K,) f32; out: (N,) f32; w: (>= K,) f32
+    w16: (N, K) u16 float16 bits (read-only is fine); x: (B, K) f32; out: (B, N) f32; w: (>= K,) f32
     scratch.
 
-    Loop order: each row is widened to float32 into `w` (one SIMD pass), then multiplied by x
-    (a second SIMD pass, `dot_any_order`). Allocation: none. Load-time unpacking: none.
+    Loop order: each row is widened to float32 into `w` once (one SIMD pass), then multiplied by
+    each of the B rows of x (a second SIMD pass each, `dot_any_order`: the same compiled code on
+    the same values whatever B). Allocation: none. Load-time unpacking: none.
     """
     for row in range(first, stop):
         widen_f16(w16[row], w)
-        out[row] = dot_any_order(w[:x.shape[0]], x)
+        for a in range(x.shape[0]):
+            out[a, row] = dot_any_order(w[:x.shape[1]], x[a])
 
 
 matvec_rows_f16 = jit(_matvec_rows_f16)
@@ -98,8 +101,8 @@ matvec_rows_f16 = jit(_matvec_rows_f16)
 
 @dataclass
 class FloatActivation:
-    """The activation of a float16 matvec: x itself, not quantized."""
-    x: np.ndarray = None     # (K,) float32
+    """The activations of a float16 matvec: x itself, not quantized."""
+    x: np.ndarray = None     # (B, K) float32
 
 
 class F16Rows(Rows):
@@ -111,13 +114,13 @@ class F16Rows(Rows):
         super().__init__(storage, n_rows, n_cols)
         self.w16 = read_only(storage.view(np.uint16))            # (N, K) float16 bits, same bytes
 
-    def new_activation(self):
+    def new_activation(self, batch=1):
         return FloatActivation()
 
     def quantize(self, x, act):
         act.x = x
 
-    def new_scratch(self, parts):
+    def new_scratch(self, parts, batch=1):
         return scratch_rows(parts, self.n_cols, np.float32)     # one widened row per thread
 
     def matvec_groups(self, act, w, out, first, stop):

@@ -136,31 +136,33 @@ def k4_kernels(type_size: int, five_bit: bool) -> tuple:
     words = type_size // 4
 
     def matvec_rows(w32, w8, xq, xd, bsums, out, first, stop):
-        """out[first:stop] = those rows of W times x, on the calling thread.
+        """out[:, first:stop] = those rows of W times each of B activations, on the calling thread.
 
         w32: (N, words nsb) u32 and w8: (N, type_size nsb) u8, views of the same rows (read-only is
-        fine); xq: (K,) i8, xd: (nsb,) f32, bsums: (K / 16,) i32 from `quantize_q8_k`; out: (N,) f32.
+        fine); xq: (B, K) i8, xd: (B, nsb) f32, bsums: (B, K / 16) i32 from `quantize_q8_k`; out: (B, N) f32.
 
-        Loop order: row by row, super-block by super-block: four chunks of 64 codes, then the two
-        float products; super-blocks added in order in float32. Allocation: none. Load-time
-        unpacking: none."""
+        Loop order: row by row; a row is read from memory once and, while it is in cache, each
+        activation in turn goes super-block by super-block: four chunks of 64 codes, then the two
+        float products; super-blocks added in order in float32, whatever B. Allocation: none.
+        Load-time unpacking: none."""
         for row in range(first, stop):
-            acc = np.float32(0)
-            for b in range(xd.shape[0]):
-                scales_lo, scales_hi, mins_lo, mins_hi = scales_k4(w32[row], words * b + 1)
-                total = np.int32(0)
-                for j in range(4):
-                    if five_bit:
-                        low, high = fifth_bit_sums(w8[row], type_size * b, j, xq, 256 * b + 64 * j)
-                    else:
-                        low, high = nibble_sums(w8[row], type_size * b, j, xq, 256 * b + 64 * j)
-                    scales = scales_lo if j < 2 else scales_hi
-                    total += field(scales, 2 * (j % 2)) * low + field(scales, 2 * (j % 2) + 1) * high
-                head = w32[row, words * b]
-                d = f16_to_f32(head & np.uint32(0xFFFF)) * xd[b]
-                dmin = f16_to_f32(head >> np.uint32(16)) * xd[b]
-                acc += d * np.float32(total) - dmin * np.float32(min_sum(mins_lo, mins_hi, bsums, 16 * b))
-            out[row] = acc
+            for a in range(xq.shape[0]):
+                acc = np.float32(0)
+                for b in range(xd.shape[1]):
+                    scales_lo, scales_hi, mins_lo, mins_hi = scales_k4(w32[row], words * b + 1)
+                    total = np.int32(0)
+                    for j in range(4):
+                        if five_bit:
+                            low, high = fifth_bit_sums(w8[row], type_size * b, j, xq[a], 256 * b + 64 * j)
+                        else:
+                            low, high = nibble_sums(w8[row], type_size * b, j, xq[a], 256 * b + 64 * j)
+                        scales = scales_lo if j < 2 else scales_hi
+                        total += field(scales, 2 * (j % 2)) * low + field(scales, 2 * (j % 2) + 1) * high
+                    head = w32[row, words * b]
+                    d = f16_to_f32(head & np.uint32(0xFFFF)) * xd[a, b]
+                    dmin = f16_to_f32(head >> np.uint32(16)) * xd[a, b]
+                    acc += d * np.float32(total) - dmin * np.float32(min_sum(mins_lo, mins_hi, bsums[a], 16 * b))
+                out[a, row] = acc
 
     def dequantize_rows(w32, w8, ids, out):
         """out[i] = row ids[i] as float32, bit-identical to the format's NumPy `dequantize`:

@@ -144,28 +144,31 @@ def code_kernels(codes: int, qh: int, five_bit: bool, centre: int, has_m: bool, 
     shift = (16 if five_bit else 0) - centre      # isum' = isum + shift qsum (the sums are centred on 16 or 0)
 
     def matvec_groups(blocks, w16, w32, q16, xd, qsum, dsums, scratch, out, first, stop):
-        """out[rows of groups first..stop-1] = those rows of W times x, on the calling thread.
+        """out[:, rows of groups first..stop-1] = those rows of W times each of B activations, on the
+        calling thread.
 
         blocks: (G, nb, GROUP_ROWS * type_size) u8, w16 and w32: views of the same re-laid rows; q16:
-        (K,) i16, xd: (nb,) f32, qsum: (nb,) i32 and dsums: (nb,) f32 from `activation_with_sums`;
-        scratch: (>= 64,) i32; out: (N,) f32.
+        (B, K) i16, xd: (B, nb) f32, qsum: (B, nb) i32 and dsums: (B, nb) f32 from
+        `activation_with_sums`; scratch: (>= (1 + B) GROUP_ROWS,) i32; out: (B, N) f32.
 
-        Loop order: group by group; per block, the rows' integer sums (one SIMD pass over the codes),
-        then their float terms (a second pass, 16 rows an instruction); each row's blocks are added
-        in order in float32. Allocation: none; the caller owns out and scratch."""
-        isum, acc = group_buffers(scratch)
+        Loop order: group by group, block by block; a group-block is read from memory once and, while
+        it is in cache, each activation in turn takes the rows' integer sums (one SIMD pass over the
+        codes) and their float terms (a second pass, 16 rows an instruction); each row's blocks are
+        added in order in float32, whatever B. Allocation: none; the caller owns out and scratch."""
+        isum, acc = group_buffers(scratch, q16.shape[0])
         for g in range(first, stop):
             acc[:] = 0
-            for b in range(xd.shape[0]):
-                if five_bit:
-                    fifth_bit_sums(blocks, w32, g, b, qh, codes, q16, isum)
-                else:
-                    nibble_sums(blocks, g, b, codes, q16, isum)
-                for r in range(GROUP_ROWS):
-                    term = f16_to_f32(w16[g, b, r]) * xd[b] * np.float32(isum[r] + shift * qsum[b])
-                    if has_m:
-                        term = term + f16_to_f32(w16[g, b, GROUP_ROWS + r]) * dsums[b]
-                    acc[r] += term
+            for b in range(xd.shape[1]):
+                for a in range(q16.shape[0]):
+                    if five_bit:
+                        fifth_bit_sums(blocks, w32, g, b, qh, codes, q16[a], isum)
+                    else:
+                        nibble_sums(blocks, g, b, codes, q16[a], isum)
+                    for r in range(GROUP_ROWS):
+                        term = f16_to_f32(w16[g, b, r]) * xd[a, b] * np.float32(isum[r] + shift * qsum[a, b])
+                        if has_m:
+                            term = term + f16_to_f32(w16[g, b, GROUP_ROWS + r]) * dsums[a, b]
+                        acc[a, r] += term
             write_group(acc, out, g)
 
     def dequantize_rows(blocks, w16, w32, ids, out):

@@ -1,4 +1,5 @@
-"""Q4_0 kernels: y = W x for one token, rows of W as float32, and ggml's product, from re-laid blocks.
+"""Q4_0 kernels: y = W x for B tokens (one per sequence decoded together), rows of W as float32,
+and ggml's product, from re-laid blocks.
 
 A Q4_0 block is a float16 scale d and 32 4-bit codes, w = d (code - 8). A group-block of 32 rows
 (minillm.kernels.rows) is their 32 scales, then code byte j of the 32 rows for j = 0..15:

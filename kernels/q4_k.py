@@ -1,4 +1,5 @@
-"""Q4_K kernels: y = W x for one token, and W tiles as float32 for prefill, read from packed super-blocks.
+"""Q4_K kernels: y = W x for B tokens (one per sequence decoded together), and W tiles as float32 for
+prefill, read from packed super-blocks.
 
 A super-block is 144 bytes, read as 36 little-endian uint32 words (word 0: d, dmin as float16;
 words 1..3: the 6-bit scales, kernels/kquants.py) and as bytes (the 128 code bytes from byte 16:

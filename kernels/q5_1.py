@@ -1,4 +1,5 @@
-"""Q5_1 kernels: y = W x for one token, rows of W as float32, and ggml's product, from re-laid blocks.
+"""Q5_1 kernels: y = W x for B tokens (one per sequence decoded together), rows of W as float32,
+and ggml's product, from re-laid blocks.
 
 A Q5_1 block is a float16 scale d, a float16 minimum m, a uint32 qh of fifth bits and 32 4-bit codes,
 w = d code + m with code = nibble | fifth bit << 4. A group-block of 32 rows (minillm.kernels.rows)

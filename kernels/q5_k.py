@@ -1,4 +1,5 @@
-"""Q5_K kernels: y = W x for one token, and W tiles as float32 for prefill, read from packed super-blocks.
+"""Q5_K kernels: y = W x for B tokens (one per sequence decoded together), and W tiles as float32 for
+prefill, read from packed super-blocks.
 
 A super-block is 176 bytes: as Q4_K (kernels/q4_k.py: word 0 d and dmin, words 1..3 the 6-bit
 scales) with 32 bytes of fifth bits before the 128 code bytes: bit c of qh byte l (byte 16 + l)

@@ -1,4 +1,5 @@
-"""Q6_K kernels: y = W x for one token, and W tiles as float32 for prefill, read from packed super-blocks.
+"""Q6_K kernels: y = W x for B tokens (one per sequence decoded together), and W tiles as float32 for
+prefill, read from packed super-blocks.
 
 A super-block is 210 bytes: 128 bytes of low nibbles (ql), 64 of high bit pairs (qh), 16 signed
 8-bit scales, then d as float16 (word 104 of the block, read through a 16-bit view). For each half
@@ -68,22 +69,26 @@ half_sum = jit_inline(_half_sum)
 
 
 def _matvec_rows_q6_k(w16, w8, wi8, xq, xd, bsums, out, first, stop):
-    """out[first:stop] = those rows of W times x, from Q6_K rows, on the calling thread.
+    """out[:, first:stop] = those rows of W times each of B activations, from Q6_K rows, on the
+    calling thread.
 
     w16: (N, 105 nsb) u16, w8: (N, 210 nsb) u8 and wi8: (N, 210 nsb) i8, views of the same rows
-    (read-only is fine); xq: (K,) i8, xd: (nsb,) f32, bsums: (K / 16,) i32 from `quantize_q8_k`;
-    out: (N,) f32.
+    (read-only is fine); xq: (B, K) i8, xd: (B, nsb) f32, bsums: (B, K / 16) i32 from
+    `quantize_q8_k`; out: (B, N) f32.
 
-    Loop order: row by row, super-block by super-block: two halves of 128 codes, then one float
-    product; super-blocks added in order in float32. Allocation: none. Load-time unpacking: none.
+    Loop order: row by row; a row is read from memory once and, while it is in cache, each
+    activation in turn goes super-block by super-block: two halves of 128 codes, then one float
+    product; super-blocks added in order in float32, whatever B. Allocation: none. Load-time
+    unpacking: none.
     """
     for row in range(first, stop):
-        acc = np.float32(0)
-        for b in range(xd.shape[0]):
-            total = half_sum(w8[row], wi8[row], 210 * b, 0, xq, bsums, 256 * b)
-            total += half_sum(w8[row], wi8[row], 210 * b, 1, xq, bsums, 256 * b)
-            acc += f16_to_f32(w16[row, 105 * b + 104]) * xd[b] * np.float32(total)
-        out[row] = acc
+        for a in range(xq.shape[0]):
+            acc = np.float32(0)
+            for b in range(xd.shape[1]):
+                total = half_sum(w8[row], wi8[row], 210 * b, 0, xq[a], bsums[a], 256 * b)
+                total += half_sum(w8[row], wi8[row], 210 * b, 1, xq[a], bsums[a], 256 * b)
+                acc += f16_to_f32(w16[row, 105 * b + 104]) * xd[a, b] * np.float32(total)
+            out[a, row] = acc
 
 
 matvec_rows_q6_k = jit(_matvec_rows_q6_k)

@@ -1,4 +1,5 @@
-"""Q8_0 kernels: y = W x for one token, and rows of W as float32, read from re-laid blocks.
+"""Q8_0 kernels: y = W x for B tokens (one, or one per sequence decoded together), and rows of W as
+float32, read from re-laid blocks.
 
 A Q8_0 block is a float16 scale d and 32 int8 weights q, w = d q. A group-block of 32 rows
 (minillm.kernels.rows) is their 32 scales, then weight e of the 32 rows for e = 0..31:
@@ -61,22 +62,25 @@ weight_lanes = jit_inline(_weight_lanes)
 
 
 def _matvec_groups_q8_0(w8, w16, q16, xd, scratch, out, first, stop):
-    """out[rows of groups first..stop-1] = those rows of W times x, on the calling thread.
+    """out[:, rows of groups first..stop-1] = those rows of W times each of B activations, on the
+    calling thread.
 
-    w8: (G, nb, 1088) i8 and w16: (G, nb, 544) u16, views of the re-laid rows; q16: (K,) i16 and
-    xd: (nb,) f32 from `activation_with_sums`; scratch: (>= 64,) i32; out: (N,) f32.
+    w8: (G, nb, 1088) i8 and w16: (G, nb, 544) u16, views of the re-laid rows; q16: (B, K) i16 and
+    xd: (B, nb) f32 from `activation_with_sums`; scratch: (>= (1 + B) GROUP_ROWS,) i32; out: (B, N) f32.
 
-    Loop order: group by group; per block, the 32 rows' integer sums (one SIMD pass over the
-    weights, `pair_sums`), then their float terms (a second pass); each row's blocks are added in
-    order in float32. Allocation: none; the caller owns out and scratch.
+    Loop order: group by group, block by block; a group-block is read from memory once and, while it
+    is in cache, each activation in turn takes the 32 rows' integer sums (one SIMD pass over the
+    weights, `pair_sums`) and their float terms (a second pass); each row's blocks are added in
+    order in float32, whatever B. Allocation: none; the caller owns out and scratch.
     """
-    isum, acc = group_buffers(scratch)
+    isum, acc = group_buffers(scratch, q16.shape[0])
     for g in range(first, stop):
         acc[:] = 0
-        for b in range(xd.shape[0]):
-            pair_sums(w8, g, b, q16, isum)
-            for r in range(GROUP_ROWS):
-                acc[r] += f16_to_f32(w16[g, b, r]) * xd[b] * np.float32(isum[r])
+        for b in range(xd.shape[1]):
+            for a in range(q16.shape[0]):
+                pair_sums(w8, g, b, q16[a], isum)
+                for r in range(GROUP_ROWS):
+                    acc[a, r] += f16_to_f32(w16[g, b, r]) * xd[a, b] * np.float32(isum[r])
         write_group(acc, out, g)
 
 

@@ -12,25 +12,25 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._jit import jit
+from ._jit import jit, jit_inline
 from .rows import Rows
 
 
 @dataclass
 class Q8KActivation:
-    """One activation as Q8_K blocks."""
-    q: np.ndarray        # (K,) int8
-    d: np.ndarray        # (K // 256,) float32
-    bsums: np.ndarray    # (K // 16,) int32 sums of q over each 16 values
+    """B activations as Q8_K blocks, row a of each array for activation a (B = 1 for one token)."""
+    q: np.ndarray        # (B, K) int8
+    d: np.ndarray        # (B, K // 256) float32
+    bsums: np.ndarray    # (B, K // 16) int32 sums of q over each 16 values
 
 
-def q8_k_activation(n_cols: int) -> Q8KActivation:
-    """Buffers for one activation of n_cols values (a multiple of 256)."""
-    return Q8KActivation(q=np.empty(n_cols, np.int8), d=np.empty(n_cols // 256, np.float32),
-                         bsums=np.empty(n_cols // 16, np.int32))
+def q8_k_activation(n_cols: int, batch: int = 1) -> Q8KActivation:
+    """Buffers for `batch` activations of n_cols values (a multiple of 256)."""
+    return Q8KActivation(q=np.empty((batch, n_cols), np.int8), d=np.empty((batch, n_cols // 256), np.float32),
+                         bsums=np.empty((batch, n_cols // 16), np.int32))
 
 
-def _quantize_q8_k(x, q, d, bsums):
+def _quantize_row_q8_k(x, q, d, bsums):
     # x: (K,) f32 -> q: (K,) i8, d: (K // 256,) f32, bsums: (K // 16,) i32
     # A block holding a NaN or an infinity gets the scale NaN and codes 0, as in the reference.
     for b in range(d.shape[0]):
@@ -65,6 +65,15 @@ def _quantize_q8_k(x, q, d, bsums):
             bsums[16 * b + j] = total
 
 
+quantize_row_q8_k = jit_inline(_quantize_row_q8_k)
+
+
+def _quantize_q8_k(x, q, d, bsums):
+    # x: (B, K) f32 -> q: (B, K) i8, d: (B, K // 256) f32, bsums: (B, K // 16) i32, row by row
+    for a in range(x.shape[0]):
+        quantize_row_q8_k(x[a], q[a], d[a], bsums[a])
+
+
 quantize_q8_k = jit(_quantize_q8_k)
 
 
@@ -74,8 +83,8 @@ class Q8KRows(Rows):
 
     block_size = 256
 
-    def new_activation(self):
-        return q8_k_activation(self.n_cols)
+    def new_activation(self, batch=1):
+        return q8_k_activation(self.n_cols, batch)
 
     def quantize(self, x, act):
         quantize_q8_k(x, act.q, act.d, act.bsums)

@@ -6,11 +6,17 @@ and one subclass of `Rows`, named `<TYPE>Rows` (`Q4_KRows`), which is all minill
     rows = Q4_1Rows.empty(N, K)            # storage in the kernels' layout (re-laid, below) ...
     rows.store(raw, first_row)             # ... filled from GGUF rows raw (n, row_bytes) uint8
     rows = F16Rows.over(raw)               # or, for a format kept in GGUF's layout, raw itself
-    act = rows.new_activation()            # buffers for one quantized activation (one set per thread)
-    rows.quantize(x, act)                  # x: (K,) float32 -> act
-    scratch = rows.new_scratch(parts)      # (parts, ...) one row per thread, written by matvec_groups
-    rows.matvec_groups(act, scratch[slot], out, first, stop)   # out = W x on row groups first..stop-1
+    act = rows.new_activation(B)           # buffers for B quantized activations (one set per thread)
+    rows.quantize(x, act)                  # x: (B, K) float32 -> act
+    scratch = rows.new_scratch(parts, B)   # (parts, ...) one row per thread, written by matvec_groups
+    rows.matvec_groups(act, scratch[slot], out, first, stop)   # out (B, N) = W x_a on row groups first..stop-1
     rows.dequantize_rows(ids, tile)                            # tile[i] = W[ids[i]] as float32
+
+A matvec multiplies W by B activations at once: B tokens of B sequences decoded together by the
+server (minillm.serve), or B = 1, one token. Each kernel reads a group of rows (or a row) once for
+all B and computes each activation's result with the operations, in the order, of B = 1, so a
+sequence's result does not depend on the others in its batch, bit for bit; one token is the case
+B = 1 of the same kernel.
 
 The 32-weight formats are re-laid once, at load, into the row-interleaved layout of
 minillm.kernels.layout (`store` below is its Numba version); formats with `fields = None` (the
@@ -122,20 +128,23 @@ def store_kernel(fields: tuple):
     return jit(store)
 
 
-def _group_buffers(scratch):
-    """A group kernel's buffers in a thread's scratch row (>= 2 GROUP_ROWS,) i32: the integer sums
-    of one block (GROUP_ROWS,) i32 and the rows' float32 accumulators (GROUP_ROWS,) f32."""
-    return scratch[:GROUP_ROWS], scratch[GROUP_ROWS:2 * GROUP_ROWS].view(np.float32)
+def _group_buffers(scratch, batch):
+    """A group kernel's buffers in a thread's scratch row (>= (1 + batch) GROUP_ROWS,) i32: the integer
+    sums of one block (GROUP_ROWS,) i32 and the rows' float32 accumulators, one row per activation
+    (batch, GROUP_ROWS) f32."""
+    acc = scratch[GROUP_ROWS:(1 + batch) * GROUP_ROWS].view(np.float32).reshape((batch, GROUP_ROWS))
+    return scratch[:GROUP_ROWS], acc
 
 
 group_buffers = jit_inline(_group_buffers)
 
 
 def _write_group(acc, out, g):
-    # out[rows of group g] = acc; the padding rows after the matrix's last row are not written
+    # out[:, rows of group g] = acc (B, GROUP_ROWS); the padding rows after the matrix's last row are not written
     first = g * GROUP_ROWS
-    for r in range(min(GROUP_ROWS, out.shape[0] - first)):
-        out[first + r] = acc[r]
+    for a in range(acc.shape[0]):
+        for r in range(min(GROUP_ROWS, out.shape[1] - first)):
+            out[a, first + r] = acc[a, r]
 
 
 write_group = jit_inline(_write_group)
@@ -188,6 +197,7 @@ class Rows:
     def nbytes(self) -> int:
         return self.storage.nbytes
 
-    def new_scratch(self, parts: int) -> np.ndarray:
-        """(parts, ...) what each thread's matvec_groups writes besides out: nothing, unless a format says."""
+    def new_scratch(self, parts: int, batch: int = 1) -> np.ndarray:
+        """(parts, ...) what each thread's matvec_groups writes besides out for `batch` activations:
+        nothing, unless a format says."""
         return scratch_rows(parts, 0, np.int16)

@@ -33,7 +33,7 @@ def bench_formats(n_rows: int = N_ROWS, n_cols: int = N_COLS, rounds: int = 7, c
     per matvec, weights per second, MiB of weights read per second and speed relative to Q4_1 (> 1: faster)."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((n_rows, n_cols)).astype(np.float32)
-    x = rng.standard_normal(n_cols).astype(np.float32)
+    x = rng.standard_normal((1, n_cols)).astype(np.float32)      # one token
     kernels = [formats.get(t) for t in formats.weight_types() if formats.get(t).kernels]
     rows = {fmt.name: PackedRows(fmt, fmt.quantize(w), min_parallel_weights=0) for fmt in kernels}   # split when threads > 1
     seconds = {name: [] for name in rows}

@@ -1,11 +1,13 @@
 """A conversation with the model: the chat template renders it, the KV cache is kept from one turn
-to the next, and the oldest turns make room when the context is full."""
+to the next, and the oldest turns make room when the context is full. `OffloadedChat` has a server
+answer instead (minillm.remote), and the local model when the server cannot."""
 
 from collections.abc import Iterator, Sequence
 
 from .errors import MinillmError, UsageError
 from .generate import Completion, GenerationStats, Sampler
 from .kvcache import KVCache
+from .remote import RemoteError
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -107,3 +109,50 @@ class ChatSession:
         keep = min(common_prefix_length(self.ids[:self.cache.length], ids), len(ids) - 1)
         self.cache.truncate(keep)
         return self.cache.length
+
+
+class OffloadedChat:
+    """A conversation answered by a server (a minillm.remote.RemoteChat) whenever it can be, and by the
+    local model otherwise: when the server cannot be reached or sends nothing for its timeout, the
+    turn is answered locally, after `announce` has said so. The local model is loaded (by
+    `make_local`, which returns a ChatSession) only the first time it is needed; it then carries
+    on the same conversation. Each turn tries the server again."""
+
+    def __init__(self, remote, make_local, *, system: str | None = None, announce=print):
+        self.remote, self.make_local, self.announce = remote, make_local, announce
+        self.system = system
+        self.local = None
+        self.reset()
+
+    def reset(self):
+        self.messages = [{"role": "system", "content": self.system}] if self.system is not None else []
+        self.notices = []
+        self.last_stats = GenerationStats()
+
+    def reply(self, user_text: str) -> Iterator[str]:
+        self.notices = []
+        history = self.messages + [{"role": "user", "content": user_text}]
+        pieces, answer = self.remote.reply(history), ""
+        try:
+            for piece in pieces:
+                answer += piece
+                yield piece
+        except RemoteError as e:
+            if not answer:
+                self.announce(f"({e}; answering with the local model)")
+                yield from self._reply_locally(user_text)
+                return
+            self.notices.append(f"the answer broke off: {e}")
+        self.messages = history + [{"role": "assistant", "content": answer}]
+        self.last_stats = self.remote.last_stats
+
+    def _reply_locally(self, user_text: str) -> Iterator[str]:
+        if self.local is None:
+            self.local = self.make_local()
+        self.local.messages = [dict(m) for m in self.messages]
+        try:
+            yield from self.local.reply(user_text)
+        finally:
+            self.messages = [dict(m) for m in self.local.messages]
+            self.last_stats = self.local.last_stats
+            self.notices += self.local.notices

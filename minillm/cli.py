@@ -12,12 +12,13 @@ import sys
 
 from . import __version__
 from .commands import (bench, chat, compare, distill, dump, fetch, finetune, generate, info, list_models,
-                       perplexity, prune, quantize, tokenize)
+                       perplexity, prune, quantize, serve, tokenize)
 
 # name -> module with HELP, add_arguments(parser), run(args) and maybe EPILOG; in `--help`'s order
 COMMANDS = {
     "chat": chat,
     "generate": generate,
+    "serve": serve,
     "tokenize": tokenize,
     "info": info,
     "list": list_models,

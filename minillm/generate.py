@@ -311,7 +311,11 @@ class Completion:
     (stop_reason "stop_string" when a stop string ended it, `stop_string` which one), `logprobs`
     one TokenLogprob per id. A character left unfinished when generation stops at a limit (`-n`,
     the context, a stop string, Ctrl-C) is dropped, never shown as U+FFFD; only after the end of
-    text does the decoder's U+FFFD for invalid bytes stand (as `Tokenizer.decode` gives it)."""
+    text does the decoder's U+FFFD for invalid bytes stand (as `Tokenizer.decode` gives it).
+
+    A loop that samples by itself (the server's scheduler, minillm.serve) drives the same text
+    logic one token at a time: `accept` each generated id, and once `stats.stop_reason` is set,
+    `finish` for the text held back."""
 
     def __init__(self, tokenizer, stop_strings: Sequence[str] = (), top_logprobs: int | None = None):
         self.tokenizer = tokenizer
@@ -321,32 +325,47 @@ class Completion:
         self.logprobs: list[TokenLogprob] = []
         self.top_logprobs = top_logprobs
         self._stops = StopStrings(stop_strings)
+        self._decoder = tokenizer.stream()
 
     @property
     def stop_string(self) -> str | None:
         return self._stops.found
 
+    def accept(self, token: int, logits: np.ndarray) -> str:
+        """Take one generated id (not a stop id) and the logits (vocab_size,) it was sampled from;
+        return the text it makes printable ("" while a character or a possible stop string is
+        incomplete). Once a stop string is complete (`stop_string` is set) the generation is over."""
+        self.ids.append(token)
+        if self.top_logprobs is not None:
+            self.logprobs.append(token_logprob(token, logits, self.top_logprobs))
+        return self._show(self._stops.push(self._decoder.push(token)))
+
+    def finish(self) -> str:
+        """The text held back when the generation ended for `stats.stop_reason` (a character is
+        completed only by the end of text), or "" after a stop string, which becomes the reason."""
+        if self._stops.found is not None:
+            self.stats.stop_reason = "stop_string"
+            return ""
+        tail = self._decoder.flush() if self.stats.stop_reason == "eos" else ""  # else a character cut at a limit
+        return self._show(self._stops.push(tail) + self._stops.flush())
+
     def run(self, model, cache, prompt_ids, sampler: Sampler, *, max_tokens: int,
             earlier_ids: Sequence[int] = ()) -> Iterator[str]:
         """Generate after `prompt_ids` (minillm.generate.generate) and yield the text as it becomes printable."""
-        record = None if self.top_logprobs is None else \
-            (lambda token, logits: self.logprobs.append(token_logprob(token, logits, self.top_logprobs)))
+        pieces = []
         tokens = generate(model, cache, prompt_ids, sampler, max_tokens=max_tokens, stop_ids=self.tokenizer.stop_ids,
-                          stats=self.stats, earlier_ids=earlier_ids, on_token=record)
-        decoder = self.tokenizer.stream()
+                          stats=self.stats, earlier_ids=earlier_ids,
+                          on_token=lambda token, logits: pieces.append(self.accept(token, logits)))
         with closing(tokens):
-            for token in tokens:
-                self.ids.append(token)
-                yield from self._show(self._stops.push(decoder.push(token)))
+            for _ in tokens:
+                if pieces[-1]:
+                    yield pieces[-1]
                 if self._stops.found is not None:
                     break
-        if self._stops.found is not None:
-            self.stats.stop_reason = "stop_string"  # closing the generator above marked it "interrupted"
-            return
-        tail = decoder.flush() if self.stats.stop_reason == "eos" else ""  # else a character cut at a limit
-        yield from self._show(self._stops.push(tail) + self._stops.flush())
+        tail = self.finish()  # after closing the generator above, which marked a stop string "interrupted"
+        if tail:
+            yield tail
 
-    def _show(self, piece: str) -> Iterator[str]:
-        if piece:
-            self.text += piece
-            yield piece
+    def _show(self, piece: str) -> str:
+        self.text += piece
+        return piece

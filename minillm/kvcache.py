@@ -32,7 +32,24 @@ from .errors import MinillmError, UsageError
 KV_BITS = (8, 16, 32, 64)
 
 
-class KVCache:
+class Cache:
+    """What a forward pass (minillm.arch) asks of a cache: the positions of the new tokens, and
+    attention of their queries to the keys and values the cache holds once it has stored theirs.
+    A cache provides `length` and `store`/`pattern`; minillm.serve's batch of caches answers the
+    same two calls for B sequences at once (row i of the new tokens belongs to sequence i)."""
+
+    def positions(self, T: int) -> np.ndarray:
+        """(T,) absolute positions of T new tokens after the cached ones."""
+        return self.length + np.arange(T)
+
+    def attend(self, layer: int, q, k, v, ops, scale: float) -> np.ndarray:
+        """Store the new tokens' k, v (n_kv_heads, T, head_dim) and attend their q (n_heads, T, head_dim)
+        to what this layer's pattern can see (`ops.attention`); -> (n_heads, T, head_dim)."""
+        k_all, v_all, k_pos = self.store(layer, k, v)   # (n_kv_heads, S, head_dim) twice, positions (S,)
+        return ops.attention(q, k_all, v_all, self.pattern(layer), self.positions(q.shape[1]), k_pos, scale)
+
+
+class KVCache(Cache):
     """A dense cache: (n_layers, n_kv_heads, max_len, head_dim) float32 for keys and for values."""
 
     unbounded = False  # it holds max_len positions, no more
@@ -200,7 +217,7 @@ class RingLayer:
         return length >= seen or seen <= self.sinks + self.window or length <= self.sinks
 
 
-class PatternKVCache:
+class PatternKVCache(Cache):
     """A cache shaped by an attention spec: a RingLayer where a layer's pattern allows one that is
     smaller than max_len, else a FullLayer; float32 rows, or Q8_0, float16, float64 with kv_bits=8, 16, 64.
     `rings=False` keeps every position in every layer, to check the ring buffers against."""
@@ -270,6 +287,17 @@ def kv_cache_bytes(config: TransformerConfig, max_len: int, spec: AttentionSpec 
     row_bytes = Q8_0.row_bytes(config.head_dim) if kv_bits == 8 else kv_bits // 8 * config.head_dim
     rows = sum(ring_rows(spec.pattern(i), max_len) for i in range(config.n_layers))
     return 2 * config.n_kv_heads * rows * row_bytes
+
+
+# A server pages its sequences' keys and values in a pool of blocks of this many positions
+# (minillm.serve.kvpool), vLLM's default: a prompt shares cached blocks only whole.
+POOL_BLOCK_SIZE = 16
+
+
+def pool_block_bytes(config: TransformerConfig, block_size: int = POOL_BLOCK_SIZE) -> int:
+    """Bytes of one block of a KV pool: keys and values of block_size positions in every layer, float32
+    (every layer keeps every position: windows are masked, as llama.cpp lays out its cache)."""
+    return 2 * config.n_layers * config.n_kv_heads * block_size * config.head_dim * 4
 
 
 def new_cache(config: TransformerConfig, max_len: int, spec: AttentionSpec = DENSE, kv_bits: int = 32,

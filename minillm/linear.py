@@ -85,10 +85,11 @@ class QuantLinear:
 
     One token (T == 1, backend "numba", a format with kernels): the format's Numba matvec reads the
     blocks (or float16 rows) directly, on `threads` threads (kernels/<type>.py, through
-    minillm.packed). Several tokens (prefill), formats without kernels (F32, BF16) and backend
-    "numpy": rows are dequantized one tile at a time into a float32 buffer, which BLAS multiplies
-    (x @ tile.T); BLAS uses its own threads (OPENBLAS_NUM_THREADS). The "numpy" backend dequantizes
-    with the formats' NumPy references, so it needs no Numba.
+    minillm.packed); `tokens(x)` runs the same kernel on B rows that are tokens of B sequences,
+    reading the weights once for all of them. Several tokens (prefill), formats without kernels
+    (F32, BF16) and backend "numpy": rows are dequantized one tile at a time into a float32 buffer,
+    which BLAS multiplies (x @ tile.T); BLAS uses its own threads (OPENBLAS_NUM_THREADS). The "numpy"
+    backend dequantizes with the formats' NumPy references, so it needs no Numba.
     """
 
     def __init__(self, raw: np.ndarray, ggml_type, backend: str = "numba", threads: int = 1,
@@ -154,13 +155,20 @@ class QuantLinear:
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise MinillmError(f"{self.name}: input of shape {x.shape} does not fit a {self.out_features} x "
                                f"{self.in_features} weight (expected (T, {self.in_features}))")
-        if self.shared is not None and x.shape[0] == 1:
-            first = self.first_row
-            return self.shared.product(x)[None, first:first + self.out_features]
-        x = np.ascontiguousarray(x, dtype=np.float32)
         if self.kernels is not None and x.shape[0] == 1:
-            return self.kernels.matvec(x[0], self.threads)[None, :]
-        return self._tiled(x)
+            return self.tokens(x)                 # one token: the matvec kernel, a batch of one
+        return self._tiled(np.ascontiguousarray(x, dtype=np.float32))
+
+    def tokens(self, x: np.ndarray) -> np.ndarray:
+        """Each row of x (B, in_features) as a token of its own (B sequences decoded together,
+        minillm.serve) -> (B, out_features) float32, row i bit for bit what `self(x[i:i+1])` gives.
+        With kernels (backend "numba", a format that has them) one matvec reads the weights once for
+        all B rows; otherwise one product per row (a tile product of B rows would add in another order)."""
+        if self.kernels is None:
+            return np.concatenate([self(x[i:i + 1]) for i in range(x.shape[0])])
+        if self.shared is not None:
+            return self.shared.take(x, self.first_row, self.out_features)
+        return self.kernels.matvec(np.ascontiguousarray(x, dtype=np.float32), self.threads)
 
     def _tiled(self, x: np.ndarray) -> np.ndarray:
         # x: (T, K) -> (T, N): each thread takes a range of rows and dequantizes it one float32
@@ -218,13 +226,15 @@ class QuantLinear:
 class SharedInput:
     """The rows of several QuantLinears that the model calls one after another on the same input x
     (q, k and v from the normalised hidden state; gate and up from the MLP's), held as one matrix in
-    one PackedRows, their rows one after another. For one token, the first member called with a new
-    x multiplies all the rows at once: one int8 quantization of x, one kernel call, one split over
-    the threads instead of one per member; each member then takes its rows of the result.
+    one PackedRows, their rows one after another. For one token (or one per sequence of a batch,
+    `QuantLinear.tokens`), the first member called with a new x multiplies all the rows at once: one
+    int8 quantization of x, one kernel call, one split over the threads instead of one per member;
+    each member then takes its rows of the result.
 
-    x is recognised by identity (the (1, K) array the model passes): the model never changes an
-    activation in place between those calls. The last (x, product) pair is kept as one tuple, so a
-    member called from another thread never sees the x of one call with the product of another."""
+    x is recognised by identity (the (B, K) array the model passes): the model never changes an
+    activation in place between those calls. The product is kept until each member has taken its
+    rows (then dropped: for a batch it is not small), with x, as one tuple, so a member called from
+    another thread never sees the x of one call with the product of another."""
 
     def __init__(self, fmt, raws: list, threads: int, releases: list):
         from .packed import PackedRows
@@ -234,7 +244,7 @@ class SharedInput:
         for raw, first, release in zip(raws, self.first_rows, releases):
             self.kernels.store(raw, first, release)
         self.threads = threads
-        self.last = (None, None)   # (x, its product)
+        self.last = (None, None, 0)   # (x, its product, members still to take their rows)
 
     @staticmethod
     def possible(fmt, raws: list) -> bool:
@@ -245,13 +255,15 @@ class SharedInput:
         return (len({raw.shape[1] for raw in raws}) == 1 and relaid(fmt)
                 and all(raw.shape[0] % GROUP_ROWS == 0 for raw in raws))
 
-    def product(self, x: np.ndarray) -> np.ndarray:
-        """All members' rows times x: (1, K) -> (N_total,) float32, computed once per x."""
-        last_x, y = self.last
+    def take(self, x: np.ndarray, first: int, n: int) -> np.ndarray:
+        """Rows first..first + n - 1 of all members' rows times each row of x: (B, K) -> (B, n)
+        float32; the product of all rows is computed once per x."""
+        last_x, y, left = self.last
         if x is not last_x:
-            y = self.kernels.matvec(np.ascontiguousarray(x[0], dtype=np.float32), self.threads)
-            self.last = (x, y)
-        return y
+            y = self.kernels.matvec(np.ascontiguousarray(x, dtype=np.float32), self.threads)
+            left = len(self.first_rows)
+        self.last = (x, y, left - 1) if left > 1 else (None, None, 0)
+        return y[:, first:first + n]
 
 
 class QuantEmbedding:
@@ -274,6 +286,10 @@ class QuantEmbedding:
 
     def head(self, x: np.ndarray) -> np.ndarray:
         return self.linear(x)  # (T, dim) -> (T, vocab_size)
+
+    def head_tokens(self, x: np.ndarray) -> np.ndarray:
+        """The LM head of B rows that are tokens of B sequences (`QuantLinear.tokens`): (B, dim) -> (B, vocab_size)."""
+        return self.linear.tokens(x)
 
     @property
     def nbytes(self) -> int:

@@ -81,6 +81,14 @@ def held_bytes(fmt, n_rows: int, n_cols: int, backend: str = "numba") -> int:
     return n_rows * fmt.row_bytes(n_cols)
 
 
+def buffer_bytes(fmt, n_cols: int, batch: int, threads: int) -> int:
+    """Bytes of one thread's MatvecBuffers for matrices of the format and width: `batch` quantized
+    activations and `threads` scratch rows, as `PackedRows.new_buffers` makes them."""
+    rows = kernel_rows(fmt).empty(0, n_cols)
+    arrays = [a for a in vars(rows.new_activation(batch)).values() if a is not None]
+    return sum(a.nbytes for a in arrays) + rows.new_scratch(threads, batch).nbytes
+
+
 def parts_for(n_weights: int, threads: int, min_parallel_weights: int) -> int:
     """How many threads a matvec of a matrix of n_weights runs on, given `threads`."""
     check_threads(threads)
@@ -89,26 +97,50 @@ def parts_for(n_weights: int, threads: int, min_parallel_weights: int) -> int:
 
 @dataclass
 class MatvecBuffers:
-    """What one matvec writes besides its output, for one calling thread."""
-    parts: int              # threads the matvec runs on (parts_for), one scratch row each
-    activation: object      # the quantized activation (kernels/<type>.py's new_activation); None for ggml_matvec
-    scratch: np.ndarray     # (parts, ...) one row per part
+    """What matvecs write besides their output, for one calling thread: room for up to `batch`
+    activations, and scratch for `threads` parts."""
+    batch: int              # activations the buffers hold
+    activation: object      # the quantized activations (kernels/<type>.py's new_activation); None for ggml_matvec
+    scratch: np.ndarray     # (threads, ...) one row per part (thread)
+    firsts: dict            # B -> the activation buffers' first B rows, views made once
+
+    def first(self, B: int):
+        """The activation buffers for B <= batch activations."""
+        act = self.firsts.get(B)
+        if act is None:
+            act = self.firsts[B] = type(self.activation)(
+                **{name: None if v is None else v[:B] for name, v in vars(self.activation).items()})
+        return act
+
+
+# Matvec buffers are kept per calling Python thread, one set for each format (kernel rows class),
+# row width and thread count, shared by every matrix of that kind: a thread's matvecs run one
+# after another, so a model's hundreds of matrices need a few sets, and a batch of B activations
+# costs B rows in each (minillm.plan counts them: `matvec_buffer_bytes`). Thread-local, so they
+# go when the thread does.
+_buffers = threading.local()
+
+
+def thread_buffers() -> dict:
+    """The calling thread's buffers: (kind, rows class, K, threads) -> MatvecBuffers."""
+    sets = getattr(_buffers, "sets", None)
+    if sets is None:
+        sets = _buffers.sets = {}
+    return sets
 
 
 class PackedRows:
     """The rows of one matrix in a format with kernels, made from raw (N, row_bytes) uint8 GGUF rows,
     C-contiguous; or `PackedRows.empty(fmt, n_rows, n_cols)`, filled later by `store`.
 
-    `matvec` may be called from several Python threads at once: each thread gets its own buffers."""
+    `matvec` may be called from several Python threads at once: each thread has its own buffers."""
 
     def __init__(self, fmt, raw: np.ndarray = None, min_parallel_weights: int = MIN_PARALLEL_WEIGHTS, rows=None,
                  release=None):
         self.format = fmt
         self.rows = rows if rows is not None else gguf_rows(kernel_rows(fmt), raw, release)
         self.n_rows, self.n_cols = self.rows.n_rows, self.rows.n_cols
-        self.x_shape = (self.n_cols,)
         self.min_parallel_weights = min_parallel_weights
-        self.buffers = {}                                        # (Python thread id, threads) -> MatvecBuffers
 
     @classmethod
     def empty(cls, fmt, n_rows: int, n_cols: int, min_parallel_weights: int = MIN_PARALLEL_WEIGHTS):
@@ -124,46 +156,59 @@ class PackedRows:
         return bool(self.rows.fields)
 
     def matvec(self, x: np.ndarray, threads: int) -> np.ndarray:
-        """W x for one token: x (K,) float32 -> (N,) float32, on up to `threads` threads."""
-        if x.shape != self.x_shape or x.dtype is not FLOAT32:
-            raise ValueError(f"x must be {self.x_shape} float32, got {x.shape} {x.dtype}")
-        buf = self.buffers.get((threading.get_ident(), threads)) or self.new_buffers(threads)
-        self.rows.quantize(x, buf.activation)
-        matvec_groups, act = self.rows.matvec_groups, buf.activation
-        return self.split(buf, threads, lambda scratch, out, first, stop: matvec_groups(act, scratch, out, first, stop))
+        """W x_a for each row x_a of x (B, K) float32 -> (B, N) float32, on up to `threads` threads:
+        B tokens (of B sequences decoded together, minillm.serve; B = 1 for one token), the weights
+        read once for all of them. Row a is bit for bit what x_a alone gives, on any number of threads."""
+        if x.ndim != 2 or x.shape[1] != self.n_cols or x.dtype is not FLOAT32:
+            raise ValueError(f"x must be (B, {self.n_cols}) float32, got {x.shape} {x.dtype}")
+        B = x.shape[0]
+        buf = thread_buffers().get((None, type(self.rows), self.n_cols, threads))
+        if buf is None or buf.batch < B:
+            buf = self.new_buffers(threads, B)
+        act = buf.first(B)
+        self.rows.quantize(x, act)
+        matvec_groups = self.rows.matvec_groups
+        return self.split(buf, threads, B, lambda scratch, out, first, stop: matvec_groups(act, scratch, out, first, stop))
 
     def ggml_matvec(self, act, x86: bool, threads: int) -> np.ndarray:
         """W x for one token as llama.cpp computes it (`--mode ggml`), from x as ggml quantized it:
         act = kernels.ggml.GGMLActivation -> (N,) float32, on up to `threads` threads (the rows are
         independent, so the result does not depend on how they are split)."""
-        if act.q16.shape != self.x_shape:
+        if act.q16.shape != (self.n_cols,):
             raise ValueError(f"the activation must have {self.n_cols} values, got {act.q16.shape}")
-        buf = self.buffers.get((threading.get_ident(), threads, "ggml")) or self.new_buffers(threads, ggml=True)
+        buf = thread_buffers().get(("ggml", None, 0, threads)) or self.new_buffers(threads, ggml=True)
         ggml_groups = self.rows.ggml_matvec_groups
-        return self.split(buf, threads, lambda scratch, out, first, stop: ggml_groups(act, scratch, out, first, stop,
-                                                                                     x86))
+        return self.split(buf, threads, None,
+                          lambda scratch, out, first, stop: ggml_groups(act, scratch, out, first, stop, x86))
 
-    def split(self, buf, threads: int, groups) -> np.ndarray:
-        """out (N,) float32 filled by groups(scratch, out, first, stop) on ranges of the row groups, on
-        the calling thread, or shared out over buf.parts threads."""
-        out = np.empty(self.n_rows, np.float32)
+    def parts(self, B: int, threads: int) -> int:
+        """How many threads a matvec of B activations runs on: its work is B times one's."""
+        return parts_for(B * self.n_rows * self.n_cols, threads, self.min_parallel_weights)
+
+    def split(self, buf, threads: int, B, groups) -> np.ndarray:
+        """out (B, N) float32 ((N,) when B is None, one ggml activation) filled by groups(scratch, out,
+        first, stop) on ranges of the row groups, on the calling thread, or shared out over up to
+        `threads` threads (`parts`)."""
+        out = np.empty((self.n_rows,) if B is None else (B, self.n_rows), np.float32)
+        parts = self.parts(B or 1, threads)
         use_threads(threads)          # what Numba's own parallel kernels (attention) then use
-        if buf.parts == 1:
+        if parts == 1:
             groups(buf.scratch[0], out, 0, self.rows.n_groups)
         else:
-            sharing_pool(buf.parts).run(self.rows.n_groups, RANGES_PER_THREAD * buf.parts,
-                                        lambda slot, first, stop: groups(buf.scratch[slot], out, first, stop))
+            sharing_pool(parts).run(self.rows.n_groups, RANGES_PER_THREAD * parts,
+                                    lambda slot, first, stop: groups(buf.scratch[slot], out, first, stop))
         return out
 
-    def new_buffers(self, threads: int, ggml: bool = False) -> MatvecBuffers:
-        """The calling thread's buffers for matvecs on `threads` threads (`ggml_matvec` if ggml), made and kept."""
-        parts = parts_for(self.n_rows * self.n_cols, threads, self.min_parallel_weights)
+    def new_buffers(self, threads: int, batch: int = 1, ggml: bool = False) -> MatvecBuffers:
+        """The calling thread's buffers for matvecs of up to `batch` activations on `threads` threads
+        (`ggml_matvec` if ggml), made and kept for every matrix of this format and width."""
+        check_threads(threads)
         if ggml:
-            buf = MatvecBuffers(parts, None, scratch_rows(parts, GGML_SCRATCH, np.int32))
-            self.buffers[threading.get_ident(), threads, "ggml"] = buf
+            buf = MatvecBuffers(1, None, scratch_rows(threads, GGML_SCRATCH, np.int32), {})
+            thread_buffers()["ggml", None, 0, threads] = buf
         else:
-            buf = MatvecBuffers(parts, self.rows.new_activation(), self.rows.new_scratch(parts))
-            self.buffers[threading.get_ident(), threads] = buf
+            buf = MatvecBuffers(batch, self.rows.new_activation(batch), self.rows.new_scratch(threads, batch), {})
+            thread_buffers()[None, type(self.rows), self.n_cols, threads] = buf
         return buf
 
     def dequantize_rows(self, ids: np.ndarray, out: np.ndarray):

@@ -39,6 +39,12 @@ RESERVE_BYTES = 3 << 19
 # Kept free under the cap besides the plan's total: the uncounted pages differ between machines by
 # more than the reserve covers, and the cap is a promise, not an estimate.
 MARGIN_BYTES = 3 << 19
+# What a server adds that no other line counts: the HTTP server (uvicorn's event loop, Starlette),
+# the requests in flight and their text, the scheduler's thread, the metrics. SmolLM2 served with
+# -np 16 under caps of 60, 100 and 160 MB, 32 chat requests from 16 clients at once: measured peaks
+# 2.6, 4.9 and 11.4 MiB under the plans' totals with this line (the idle server of the 60 MB run
+# peaked 9.1 MiB under), so the requests and the HTTP side together took under 4 MiB more.
+SERVE_RESERVE_BYTES = 4 << 20
 # Temporaries of the NumPy dequantizers (minillm.formats) while they fill one tile, in tiles: measured
 # 2.06 (Q8_0, Q4_1, Q5_1), 2.31 (Q4_0, Q5_0), 2.36 (Q4_K, Q5_K), 2.35 (Q6_K), 2.0 (BF16), 1.0 (F16)
 # with tracemalloc.
@@ -63,6 +69,8 @@ class WeightIndex:
                              # the converted tensors of a group that shares an input, until they are re-laid
     streamable: bool         # matrices held as stored: layers can be streamed
     slot_bytes: int          # one set of streamed layer weights: each matrix in each format some layer holds it in
+    matvec_kinds: tuple      # (GGML type, n_cols) of the matrices Numba's matvec kernels multiply: each kind
+                             # has its own matvec buffers (minillm.packed)
 
 
 @dataclass(frozen=True)
@@ -150,6 +158,8 @@ def weight_index(gguf, config, bits: int, int4: str = "asym", backend: str = "nu
     shared_converted = max([sum(held_bytes(f"blk.{i}.{name}") for name in group if f"blk.{i}.{name}" in converted)
                             for i in range(config.n_layers) for group in SHARED_INPUTS], default=0)
     matrices = [name for name in held if len(gguf.tensors[name].shape) == 2]
+    kinds = {(held[name], gguf.tensors[name].shape[-1]) for name in matrices
+             if backend == "numba" and get(held[name]).kernels}
     relay = max(relay_chunk_rows(row_bytes(held[name], gguf.tensors[name].shape[-1]))
                 * row_bytes(held[name], gguf.tensors[name].shape[-1]) for name in matrices)
     return WeightIndex(
@@ -166,11 +176,11 @@ def weight_index(gguf, config, bits: int, int4: str = "asym", backend: str = "nu
         converted_bytes=sum(map(held_bytes, converted)),
         converted_source=sum(gguf.tensors[name].nbytes for name in converted),
         conversion_scratch=max([4 * gguf.tensors[name].n_elements for name in converted], default=0) + shared_converted,
-        streamable=not converted, slot_bytes=slot_bytes(gguf, config, backend))
+        streamable=not converted, slot_bytes=slot_bytes(gguf, config, backend), matvec_kinds=tuple(sorted(kinds)))
 
 
 def activation_bytes(config, chunk: int, ctx_size: int, threads: int, kv_bits: int, all_logits: bool = False,
-                     backend: str = "numba") -> int:
+                     backend: str = "numba", paged: bool = False) -> int:
     """Bytes of the arrays alive at the peak of one forward pass over up to `chunk` + 1 new tokens
     (T: a last chunk of one token joins the one before, minillm.model.prefill_chunks) that
     attend to up to `ctx_size` positions (S), or of sampling after it. Counted array by array as
@@ -186,7 +196,8 @@ def activation_bytes(config, chunk: int, ctx_size: int, threads: int, kv_bits: i
                   they fill one
       residual    3 x (T, dim): x, the normalised h, and their sum
       attention   q, the new k and v, float32 copies of all S cached keys and values when the
-                  cache holds Q8_0 or float16, and the largest of: RoPE's temporaries (Llama: q
+                  cache holds Q8_0 or float16 or is `paged` in a server's pool (minillm.serve.kvpool,
+                  which gathers a sequence's blocks), and the largest of: RoPE's temporaries (Llama: q
                   projected, and two half-size products: 2.5 x (n_heads, T, head_dim)); for Q8_0, while the
                   values are decoded, their codes as float32 and their 34-byte blocks gathered from
                   the cache; 3 x (n_heads, T, S) scores (the product, its masked copy and the
@@ -212,14 +223,55 @@ def activation_bytes(config, chunk: int, ctx_size: int, threads: int, kv_bits: i
     q = 4 * c.n_heads * T * c.head_dim
     new_kv = 2 * 4 * c.n_kv_heads * T * c.head_dim
     one_read = 4 * c.n_kv_heads * S * c.head_dim  # all S keys (or values) as float32
-    kv_reads = 2 * one_read if kv_bits in (8, 16) else 0
+    kv_reads = 2 * one_read if kv_bits in (8, 16) or paged else 0
     decoding = one_read + one_read * 34 // 128 if kv_bits == 8 else 0  # while the values are decoded
     scores = 3 * f * c.n_heads * T * S + 2 * T * S
     attention = q + new_kv + kv_reads + max(int(peaks["rope"] * q), decoding, scores, 2 * q)
     mlp = int(peaks["mlp"] * 4 * T * c.ffn_dim)
-    sampling = (4 + 4 + 8 + 4) * c.vocab_size
     every_position = (2 * 4 + 3 * 8 // 2) * S * c.vocab_size if all_logits else 0
-    return tiles + max(residual + max(attention, mlp), sampling) + every_position
+    return tiles + max(residual + max(attention, mlp), sampling_bytes(c)) + every_position
+
+
+def sampling_bytes(config) -> int:
+    """Sampling one token (minillm.generate.Sampler): the logits, a penalised copy, the sort order
+    (int64) and the sorted logits, (vocab,) each."""
+    return (4 + 4 + 8 + 4) * config.vocab_size
+
+
+def batch_activation_bytes(config, batch: int, ctx_size: int) -> int:
+    """Bytes of the arrays alive at the peak of one decode step for `batch` sequences together
+    (minillm.serve.batch: B rows, one new token of each sequence, each attending to up to
+    `ctx_size` positions of its own paged in the pool), or of sampling after it. Counted as
+    `activation_bytes` counts a forward pass of T = B tokens, except for attention, which runs one
+    sequence at a time:
+
+      residual    3 x (B, dim)
+      attention   q, the new k and v of the B rows and the heads' output; then, for one sequence, its
+                  keys and values gathered from the pool (2 x (n_kv_heads, S, head_dim) float32) and
+                  the largest of RoPE's temporaries and its scores (3 x (n_heads, 1, S) and 2 x (1, S) bool)
+      MLP         as for T = B tokens
+      sampling    the (B, vocab) logits; one row at a time, a copy of it with the stop ids masked
+                  (requests with ignore_eos) and what sampling a token holds (`sampling_bytes`)
+    """
+    from .arch import of
+    B, S, c = batch, ctx_size, config
+    peaks = of(config).ACTIVATION_PEAKS
+    q = 4 * c.n_heads * B * c.head_dim
+    new_kv = 2 * 4 * c.n_kv_heads * B * c.head_dim
+    gathered = 2 * 4 * c.n_kv_heads * S * c.head_dim
+    scores = 3 * 4 * c.n_heads * S + 2 * S
+    attention = 2 * q + new_kv + gathered + max(int(peaks["rope"] * q), scores)
+    mlp = int(peaks["mlp"] * 4 * B * c.ffn_dim)
+    sampling = 4 * B * c.vocab_size + 4 * c.vocab_size + sampling_bytes(c)
+    return max(3 * 4 * B * c.dim + max(attention, mlp), sampling)
+
+
+def matvec_buffer_bytes(index: WeightIndex, batch: int, threads: int) -> int:
+    """The matvec buffers of the thread that runs the model (minillm.packed): one set for each format
+    and width of the matrices, each holding `batch` quantized activations and `threads` scratch rows."""
+    from .formats import get
+    from .packed import buffer_bytes
+    return sum(buffer_bytes(get(ggml_type), n_cols, batch, threads) for ggml_type, n_cols in index.matvec_kinds)
 
 
 def streaming_buffer_bytes(index: WeightIndex, layout: Layout, n_layers: int) -> int:
@@ -253,6 +305,8 @@ def plan_lines(index: WeightIndex, layout: Layout, run) -> tuple:
     from .kvcache import kv_cache_bytes
     kv_type = {8: "Q8_0", 16: "float16", 32: "float32", 64: "float64"}[layout.kv_bits]
     chosen = " (chosen by the plan)" if layout.kv_bits != run.kv_bits else ""
+    activations = activation_bytes(c, layout.prefill_chunk, run.ctx_size, run.threads, layout.kv_bits, run.all_logits,
+                                   run.backend, paged=bool(run.parallel))
     lines = [
         ("tokenizer and metadata", run.tokenizer_bytes,
          "measured while building it" if run.tokenizer_built else "file metadata only: the tokenizer comes next"),
@@ -262,13 +316,14 @@ def plan_lines(index: WeightIndex, layout: Layout, run) -> tuple:
         ("norms", index.norms_bytes, "float32"),
         ("KV cache", kv_cache_bytes(c, run.ctx_size, run.spec, layout.kv_bits),
          f"{run.ctx_size} positions, {kv_type}{chosen}, --attention {run.spec.name}"),
-        ("activations", activation_bytes(c, layout.prefill_chunk, run.ctx_size, run.threads, layout.kv_bits,
-                                         run.all_logits, run.backend),
+        ("activations", activations,
          f"prefill chunk of {layout.prefill_chunk} tokens, {run.threads} threads"
          + (f", logits of all {run.ctx_size} positions" if run.all_logits else "")
          + (", --backend numpy" if run.backend == "numpy" else "")),
         ("reserve", RESERVE_BYTES, "pages not counted above: code run first, worker threads' allocator pages"),
     ]
+    if run.parallel:
+        lines[4:6] = serving_lines(index, run, activations)
     if run.adapter is not None:
         lines.append(adapter_line(run.adapter, layout.prefill_chunk, run.ctx_size))
     if relaid:
@@ -291,6 +346,27 @@ def adapter_line(adapter, chunk: int, ctx_size: int) -> tuple:
     return ("LoRA adapter", adapter.nbytes + temporaries,
             f"{adapter.pairs} adapted matrices up to rank {adapter.rank}: A and B float32 ({mib(adapter.nbytes)}), "
             f"a product's temporaries for {T} tokens")
+
+
+def serving_lines(index: WeightIndex, run, prefill_activations: int) -> list:
+    """What a server (minillm serve, `run.parallel` sequences decoded together) holds instead of one
+    KV cache and one sequence's activations: the KV pool at its smallest, one context (the server
+    adds blocks for whatever headroom the plan leaves); the larger of a prefill chunk's and a
+    batched decode step's activations; the matvec buffers for a batch; the HTTP server's own memory."""
+    from .kvcache import POOL_BLOCK_SIZE, pool_block_bytes
+    c, B = run.config, run.parallel
+    blocks = -(-run.ctx_size // POOL_BLOCK_SIZE)
+    batch = batch_activation_bytes(c, B, run.ctx_size)
+    return [
+        ("KV pool", blocks * pool_block_bytes(c), f"at least one context: {blocks} blocks of {POOL_BLOCK_SIZE} "
+         "positions, float32 (the headroom adds blocks)"),
+        ("activations", max(prefill_activations, batch),
+         f"a decode step of {B} sequences ({mib(batch)}) or a prefill chunk ({mib(prefill_activations)}), "
+         f"{run.threads} threads"),
+        ("matvec buffers", matvec_buffer_bytes(index, B, run.threads),
+         f"{B} activations for each of {len(index.matvec_kinds)} kinds of matrix, {run.threads} threads' scratch"),
+        ("serving", SERVE_RESERVE_BYTES, "the HTTP server, its requests and the scheduler's thread (measured)"),
+    ]
 
 
 def relay_line(index: WeightIndex, layout: Layout, n_layers: int) -> tuple:
@@ -317,6 +393,7 @@ class PlanInputs:
     tokenizer_bytes: int    # measured: held after building the tokenizer (with the file's metadata)
     tokenizer_peak: int     # measured: the peak while building it
     all_logits: bool = False  # the command keeps logits of every position (perplexity)
+    parallel: int = 0         # minillm serve: sequences decoded together, their KV paged in a pool; 0: one sequence
     tokenizer_built: bool = True  # False: a first check, before the tokenizer is built
     backend: str = "numba"        # "numpy": products dequantize tiles in NumPy, decode too
     adapter: object = None        # a LoRA adapter's sizes (minillm.adapter.AdapterSize), or None
@@ -331,7 +408,8 @@ def candidate_layouts(index: WeightIndex, run: PlanInputs):
     n = run.config.n_layers
     first_chunk = min(run.ctx_size, MAX_PREFILL_CHUNK)
     chunks = [first_chunk] + [c for c in (256, 128, 64, 32, MIN_PREFILL_CHUNK) if c < first_chunk]
-    kv_choices = [run.kv_bits] + ([8] if run.kv_bits == 32 and run.config.head_dim % 32 == 0 else [])
+    kv_choices = [run.kv_bits] + ([8] if run.kv_bits == 32 and run.config.head_dim % 32 == 0 and not run.parallel
+                                  else [])
     holdings = [(n, False)]
     if index.streamable:
         holdings += sorted(((r, head) for head in (False, True) for r in range(n + 1) if (r, head) != (n, False)),
@@ -357,12 +435,16 @@ def plan_memory(index: WeightIndex, run: PlanInputs, cap: int) -> MemoryPlan:
 def raise_below_minimum(smallest: MemoryPlan, index: WeightIndex, run: PlanInputs):
     """Refuse, stating the smallest plan's total and which flags would lower it."""
     hints = []
-    kv = dict((item, nbytes) for item, nbytes, _ in smallest.lines)["KV cache"]
+    kv = dict((item, nbytes) for item, nbytes, _ in smallest.lines).get("KV cache", 0)
     if kv > MiB:
         hints.append(f"a smaller --ctx-size (the KV cache takes {mib(kv)} at {run.ctx_size})")
         hints.append("--attention sinks:4,window:W (a ring buffer of 4 + W positions per layer)")
-    if smallest.layout.kv_bits == 32 and run.kv_bits == 32 and run.config.head_dim % 32 == 0:
+    if smallest.layout.kv_bits == 32 and run.kv_bits == 32 and run.config.head_dim % 32 == 0 and not run.parallel:
         hints.append("--kv-bits 8")
+    if run.parallel:
+        hints.append(f"a smaller --ctx-size (the KV pool holds at least one context, {run.ctx_size} positions)")
+        if run.parallel > 1:
+            hints.append("fewer --parallel (a decode step's activations and buffers grow with it)")
     if index.converted_bytes:
         hints.append("--bits matching the file's own formats (streaming reads the weights as stored)")
     if run.threads > 1:
@@ -385,7 +467,7 @@ def plan_for_cap(gguf, model_config, config, meter: Meter, tokenizer_built: bool
     run = PlanInputs(model_config, config.ctx_size, config.attention_spec(), config.kv_bits,
                      config.threads or os.cpu_count(), tokenizer_bytes=held.anon + held.file,
                      tokenizer_peak=held.peak, all_logits=config.all_logits, tokenizer_built=tokenizer_built,
-                     backend=config.backend, adapter=adapter)
+                     backend=config.backend, parallel=config.parallel or 0, adapter=adapter)
     try:
         return plan_memory(weight_index(gguf, model_config, config.bits, config.int4, config.backend), run,
                            config.mem_cap)

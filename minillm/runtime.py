@@ -59,6 +59,8 @@ class RunConfig:
     mem_cap: int | None = None      # bytes the run may add above the warmed-up process (minillm.plan); None = no cap
     all_logits: bool = False        # logits of every position are kept (perplexity): the memory plan counts them
     lora: str | None = None         # a LoRA adapter (llama.cpp's GGUF) applied to the linears (minillm.adapter)
+    parallel: int | None = None     # minillm serve: sequences decoded together, their KV paged in a pool (the
+                                    # memory plan counts both); None: one sequence at a time
 
     @property
     def cache_bits(self) -> int:

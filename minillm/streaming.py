@@ -231,13 +231,22 @@ class StreamedEmbedding:
 
     def head(self, x: np.ndarray) -> np.ndarray:
         # x: (T, dim) -> (T, vocab_size) logits, one chunk of rows at a time
+        return self._by_chunks(x, QuantLinear.__call__)
+
+    def head_tokens(self, x: np.ndarray) -> np.ndarray:
+        """The LM head of B rows that are tokens of B sequences (`QuantLinear.tokens`): each chunk of
+        the table is read once for all B. (B, dim) -> (B, vocab_size)"""
+        return self._by_chunks(x, QuantLinear.tokens)
+
+    def _by_chunks(self, x: np.ndarray, product) -> np.ndarray:
+        # out[:, chunk's rows] = product(chunk's QuantLinear, x), the chunks read in turn
         out = np.empty((x.shape[0], self.vocab_size), np.float32)
         for chunk in range(self.n_chunks):
             slot = self.read_ahead.take(chunk)
             self.read_ahead.prefetch((chunk + 1) % self.n_chunks, (slot + 1) % STREAM_SLOTS)
             start = chunk * self.rows
             n = min(self.rows, self.vocab_size - start)
-            out[:, start:start + n] = self.linears[slot](x)[:, :n]
+            out[:, start:start + n] = product(self.linears[slot], x)[:, :n]
         return out
 
     def _fill(self, chunk: int, slot: int):

@@ -59,7 +59,7 @@ def pytest_terminal_summary(terminalreporter):
             if report.when == "call" and any(name.startswith("tutorial ") for name, _ in report.user_properties)]
     if not rows:
         return
-    terminalreporter.section("tutorial runs: wall and CPU time of each run, peak RSS of the scripts")
+    terminalreporter.section("tutorial runs: wall and CPU time of each run, peak RSS of the scripts less shared libraries")
     for test, measured in rows:
         terminalreporter.line(f"{test:70} " + ", ".join(f"{name[len('tutorial '):]} {value}"
                                                         for name, value in measured.items()))

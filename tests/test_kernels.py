@@ -36,9 +36,10 @@ from minillm.kernels import activations
 from minillm.kernels.q8_k import q8_k_activation, quantize_q8_k
 from minillm.kernels.threads import max_threads
 from minillm.linear import QuantEmbedding, QuantLinear
+from minillm.kernels.q4_1 import Q4_1Rows
 from minillm.kernels.q8_0 import Q8_0Rows
 from minillm.kernels.layout import GROUP_ROWS, RELAY_CHUNK_BYTES, interleave
-from minillm.packed import PackedRows, kernel_rows
+from minillm.packed import PackedRows, kernel_rows, thread_buffers
 from minillm.parallel import SharingPool
 from strategies import raw_rows
 
@@ -219,12 +220,18 @@ def test_activation_rounding_bound(x):
     assert np.all(q[~kept] == 0) and np.all(np.abs(blocks[~kept]) < FLUSH)
 
 
+def q8_k_kernel(x):
+    """The Q8_K activation of one x (K,) by the kernel, as 1-D arrays (the kernel quantizes rows)."""
+    act = q8_k_activation(x.shape[0])
+    quantize_q8_k(x[None], act.q, act.d, act.bsums)
+    return type(act)(q=act.q[0], d=act.d[0], bsums=act.bsums[0])
+
+
 @kernel_settings
 @given(x=float_matrices(max_rows=1, block=256, max_blocks=3).map(lambda a: a[0]))
 def test_q8_k_activation_kernel_equals_reference(x):
     """The K-quant kernels' activation is ggml's Q8_K bit for bit: codes, scales, sums of 16."""
-    act = q8_k_activation(x.shape[0])
-    quantize_q8_k(x, act.q, act.d, act.bsums)
+    act = q8_k_kernel(x)
     d, q, bsums = Q8_K.ggml_quantize(x[None])
     assert np.array_equal(act.q, q.ravel()) and np.array_equal(act.bsums, bsums.ravel())
     assert np.array_equal(act.d.view(np.uint32), d.ravel().view(np.uint32))
@@ -234,8 +241,7 @@ def test_q8_k_activation_edge_blocks():
     """Zeros (d = 0), a maximum below 127 / FLT_MAX (ggml's iscale is infinite: codes 0), ties."""
     x = np.concatenate([np.zeros(256), np.full(256, 1e-38), np.arange(256) - 127.5,
                         np.where(np.arange(256) == 3, -2.0, 0.5)]).astype(np.float32)
-    act = q8_k_activation(x.shape[0])
-    quantize_q8_k(x, act.q, act.d, act.bsums)
+    act = q8_k_kernel(x)
     d, q, bsums = Q8_K.ggml_quantize(x[None])
     assert np.array_equal(act.q, q.ravel()) and np.array_equal(act.d, d.ravel())
     assert np.all(act.q[:512] == 0) and act.q[256 * 3 + 3] == -127         # the max, -2, maps to -127
@@ -284,8 +290,7 @@ def test_a_non_finite_q8_k_block_is_never_quantized(bad):
     assert np.isnan(d[0, 1]) and not q[0, 1].any() and not bsums[0, 1].any()
     clean_d, clean_q, _ = Q8_K.ggml_quantize(np.delete(x, np.s_[256:512])[None])
     assert np.array_equal(q[0, [0, 2]], clean_q[0]) and np.array_equal(d[0, [0, 2]], clean_d[0])
-    act = q8_k_activation(x.shape[0])
-    quantize_q8_k(x, act.q, act.d, act.bsums)
+    act = q8_k_kernel(x)
     assert np.array_equal(act.q, q.ravel()) and np.array_equal(act.bsums, bsums.ravel())
     assert np.array_equal(act.d, d.ravel(), equal_nan=True)
 
@@ -300,7 +305,7 @@ def test_matvec_of_a_non_finite_activation_is_nan(ggml_type, bad):
     w = np.random.default_rng(0).standard_normal((8, n_cols)).astype(np.float32)
     x = np.ones(n_cols, np.float32)
     x[3] = bad
-    out = packed_rows(fmt.quantize(w), ggml_type).matvec(x, 1)
+    out = packed_rows(fmt.quantize(w), ggml_type).matvec(x[None], 1)
     assert np.isnan(out).all()
 
 
@@ -393,17 +398,20 @@ def assert_within(got, want, bound):
 
 
 def assert_matvec_within_bound(raw, ggml_type, x, threads):
+    """x: (B, K), B activations multiplied together (one per sequence of a batch): each within its bound."""
     got = packed_rows(raw, ggml_type).matvec(x, threads)
-    assert got.dtype == np.float32 and got.shape == (raw.shape[0],)
-    assert_within(got, exact_weights(raw, ggml_type) @ x.astype(np.float64), matvec_bound(raw, ggml_type, x))
+    assert got.dtype == np.float32 and got.shape == (x.shape[0], raw.shape[0])
+    for a in range(x.shape[0]):
+        assert_within(got[a], exact_weights(raw, ggml_type) @ x[a].astype(np.float64),
+                      matvec_bound(raw, ggml_type, x[a]))
 
 
 @pytest.mark.parametrize("ggml_type", INT8_TYPES, ids=lambda t: t.name)
 @kernel_settings
-@given(data=st.data(), threads=st.sampled_from(THREADS))
-def test_matvec_within_derived_bound(ggml_type, data, threads):
+@given(data=st.data(), threads=st.sampled_from(THREADS), batch=st.integers(1, 3))
+def test_matvec_within_derived_bound(ggml_type, data, threads, batch):
     raw = data.draw(packed_with_finite_scales(ggml_type, max_rows=MAX_ROWS))
-    x = data.draw(arrays(np.float32, n_cols(raw, ggml_type), elements=ACTIVATIONS))
+    x = data.draw(arrays(np.float32, (batch, n_cols(raw, ggml_type)), elements=ACTIVATIONS))
     assert_matvec_within_bound(raw, ggml_type, x, threads)
 
 
@@ -432,10 +440,10 @@ def test_matvec_edge_blocks(ggml_type, case):
     rng = np.random.default_rng(0)
     raw = edge_blocks(ggml_type, case, rng)
     K = n_cols(raw, ggml_type)
-    for x in (rng.standard_normal(K).astype(np.float32), np.full(K, -1e20, np.float32)):
-        assert_matvec_within_bound(raw, ggml_type, x, threads=THREADS[-1])
+    x = np.stack([rng.standard_normal(K).astype(np.float32), np.full(K, -1e20, np.float32)])   # a batch of two
+    assert_matvec_within_bound(raw, ggml_type, x, threads=THREADS[-1])
     if case == "zero":
-        assert np.array_equal(packed_rows(raw, ggml_type).matvec(x, 1), np.zeros(4, np.float32))
+        assert np.array_equal(packed_rows(raw, ggml_type).matvec(x, 1), np.zeros((2, 4), np.float32))
 
 
 def packed_with_finite_values(ggml_type, max_rows=6, max_blocks=4):
@@ -446,23 +454,43 @@ def packed_with_finite_values(ggml_type, max_rows=6, max_blocks=4):
 
 @pytest.mark.parametrize("ggml_type", MATVEC_TYPES, ids=lambda t: t.name)
 @kernel_settings
-@given(data=st.data())
-def test_matvec_does_not_depend_on_thread_count(ggml_type, data):
-    """A matvec split over threads (forced here on small matrices) gives the bits of one thread."""
+@given(data=st.data(), threads=st.sampled_from(THREADS), batch=st.integers(1, 4))
+def test_a_batched_matvec_gives_each_activation_its_one_token_bits(ggml_type, data, threads, batch):
+    """B activations multiplied in one pass over the weights (B sequences decoded together,
+    minillm.serve) give each the bits of the same kernel on that activation alone (B = 1, one
+    token), on one thread or split over several (forced here on small matrices): the same
+    operations in the same order, whatever the other activations of the batch."""
     raw = data.draw(packed_with_finite_values(ggml_type, max_rows=3 * GROUP_ROWS))
-    x = data.draw(arrays(np.float32, n_cols(raw, ggml_type), elements=ACTIVATIONS))
+    x = data.draw(arrays(np.float32, (batch, n_cols(raw, ggml_type)), elements=ACTIVATIONS))
     rows = packed_rows(raw, ggml_type, min_parallel_weights=0)
-    assert np.array_equal(rows.matvec(x, 1).view(np.uint32), rows.matvec(x, THREADS[-1]).view(np.uint32))
+    got = rows.matvec(x, threads)
+    alone = np.concatenate([rows.matvec(x[a:a + 1], 1) for a in range(batch)])
+    assert got.shape == (batch, raw.shape[0]) and np.array_equal(got.view(np.uint32), alone.view(np.uint32))
 
 
-def test_only_large_matrices_use_a_second_thread():
+def test_matvec_buffers_grow_with_the_batch_and_are_shared_by_matrices_of_a_kind():
+    """A thread's buffers grow to the largest batch so far and serve smaller ones; every matrix of one
+    format and width shares them (a width no other test uses, so they start here)."""
+    rng = np.random.default_rng(3)
+    rows = packed_rows(formats.Q4_1.quantize(rng.standard_normal((7, 416)).astype(np.float32)), Q.Q4_1)
+    for batch in (3, 1, 6, 2):
+        x = rng.standard_normal((batch, 416)).astype(np.float32)
+        assert np.array_equal(rows.matvec(x, 1), np.concatenate([rows.matvec(v[None], 1) for v in x]))
+    buffers = thread_buffers()
+    mine = buffers[None, Q4_1Rows, 416, 1]
+    assert mine.batch == 6 and mine.activation.q16.shape == (6, 416)
+    other = packed_rows(formats.Q4_1.quantize(rng.standard_normal((40, 416)).astype(np.float32)), Q.Q4_1)
+    other.matvec(x, 1)
+    assert buffers[None, Q4_1Rows, 416, 1] is mine
+
+
+def test_only_large_matrices_and_batches_use_a_second_thread():
+    """A matvec's work is B times the matrix: a batch splits where one token would not."""
     small = packed_rows(np.zeros((4, 34), np.uint8), Q.Q8_0)
-    large = packed_rows(np.zeros((4, 34), np.uint8), Q.Q8_0, min_parallel_weights=4 * 32)
-    x = np.ones(32, np.float32)
-    for rows in (small, large):
-        rows.matvec(x, THREADS[-1])
-    assert [buf.parts for buf in small.buffers.values()] == [1]
-    assert [buf.parts for buf in large.buffers.values()] == [THREADS[-1]]
+    large = packed_rows(np.zeros((4, 34), np.uint8), Q.Q8_0, min_parallel_weights=3 * 4 * 32)
+    assert small.parts(1, THREADS[-1]) == 1 and small.parts(16, THREADS[-1]) == 1
+    assert large.parts(2, THREADS[-1]) == 1 and large.parts(3, THREADS[-1]) == THREADS[-1]
+    assert large.parts(3, 1) == 1
 
 
 def test_sharing_pool_runs_every_range_once_on_exclusive_slots():
@@ -609,20 +637,20 @@ def test_f16_rows_widen_every_bit_pattern_exactly():
 
 
 @kernel_settings
-@given(data=st.data(), threads=st.sampled_from(THREADS))
-def test_f16_matvec_within_tile_bound(data, threads):
-    """Any finite float16 rows of any length (not only multiples of a SIMD width)."""
+@given(data=st.data(), threads=st.sampled_from(THREADS), batch=st.integers(1, 3))
+def test_f16_matvec_within_tile_bound(data, threads, batch):
+    """Any finite float16 rows of any length (not only multiples of a SIMD width), B activations."""
     raw = data.draw(raw_rows(Q.F16, max_rows=6, max_blocks=100).map(lambda raw: with_finite_scales(raw, Q.F16)))
-    x = data.draw(arrays(np.float32, n_cols(raw, Q.F16), elements=ACTIVATIONS))
+    x = data.draw(arrays(np.float32, (batch, n_cols(raw, Q.F16)), elements=ACTIVATIONS))
     got = packed_rows(raw, Q.F16, min_parallel_weights=0).matvec(x, threads)
     w = formats.F16.exact(raw)                                         # float16 -> float64 is exact
-    assert got.dtype == np.float32 and got.shape == (raw.shape[0],)
-    assert_within(got, w @ x.astype(np.float64), tile_bound(w, x[None, :])[0])
+    assert got.dtype == np.float32 and got.shape == (batch, raw.shape[0])
+    assert_within(got, x.astype(np.float64) @ w.T, tile_bound(w, x))
 
 
 def test_matvec_rejects_a_wrong_activation():
     for rows in (packed_rows(np.zeros((4, 34), np.uint8), Q.Q8_0), packed_rows(np.zeros((4, 64), np.uint8), Q.F16)):
-        for x in (np.ones(33, np.float32), np.ones(32, np.float64)):
+        for x in (np.ones((1, 33), np.float32), np.ones((1, 32), np.float64), np.ones(32, np.float32)):
             with pytest.raises(ValueError, match="x must be"):
                 rows.matvec(x, 1)
 
@@ -689,11 +717,27 @@ def test_linears_sharing_an_input_compute_what_separate_ones_do(ggml_type):
     for x in (rng.standard_normal((1, 256)).astype(np.float32), rng.standard_normal((3, 256)).astype(np.float32)):
         for a, b in zip(shared, separate):
             assert np.array_equal(a(x), b(x))
+        # the rows of x as tokens of as many sequences: each gets its one-token bits, shared or not
+        alone = [np.concatenate([b(row[None]) for row in x]) for b in separate]
+        assert all(np.array_equal(a.tokens(x), want) for a, want in zip(shared, alone))
+        assert shared[0].shared is None or shared[0].shared.last[0] is None   # the product went with its last member
     new_rows = fmt.quantize(rng.standard_normal((32, 256)).astype(np.float32))
     shared[1].store(new_rows, 0)
     x = rng.standard_normal((1, 256)).astype(np.float32)
     assert np.array_equal(shared[1](x), QuantLinear(new_rows, ggml_type)(x))
     assert np.array_equal(shared[2](x), separate[2](x))
+
+
+@pytest.mark.parametrize("ggml_type", [Q.Q4_0, Q.F32], ids=lambda t: t.name)
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_tokens_without_a_matvec_kernel_are_one_token_products(ggml_type, backend):
+    """`tokens` treats each row as a token of its own on every path: a format or backend without a
+    matvec kernel multiplies row by row (a tile product of B rows would add in another order)."""
+    rng = np.random.default_rng(6)
+    raw = formats.quantize(rng.standard_normal((5, 64)).astype(np.float32), ggml_type)
+    linear = QuantLinear(raw, ggml_type, backend=backend)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    assert np.array_equal(linear.tokens(x), np.concatenate([linear(row[None]) for row in x]))
 
 
 def test_linears_of_different_types_do_not_share():

@@ -14,13 +14,18 @@ import gguf
 import numpy as np
 import pytest
 
+from minillm import formats
 from minillm.cli import main
 from minillm.arch import read_config
 from minillm.errors import MinillmError, UsageError
 from minillm.generate import Sampler, SamplingSettings, generate
 from minillm.gguf import GGUFFile
+from minillm.kernels.layout import GROUP_ROWS
+from minillm.kvcache import POOL_BLOCK_SIZE, pool_block_bytes
 from minillm.memory import parse_size
-from minillm.plan import Layout, PlanInputs, plan_memory, weight_index
+from minillm.packed import PackedRows, thread_buffers
+from minillm.plan import (SERVE_RESERVE_BYTES, Layout, PlanInputs, batch_activation_bytes, candidate_layouts,
+                          plan_lines, plan_memory, weight_index)
 from minillm.runtime import RunConfig, load
 from minillm.model import prefill_chunks
 from minillm.streaming import StreamingSource
@@ -60,6 +65,27 @@ def model_plan_inputs(path, ctx_size=128, kv_bits=32, tokenizer_bytes=4 * MiB):
 
 def packed_bytes(index) -> int:
     return sum(index.layer_bytes) + index.head_bytes
+
+
+def test_a_servers_plan_counts_its_pool_its_batch_and_its_buffers(tiny_q4_path):
+    """`minillm serve --parallel B` under a cap: the KV pool at one context instead of a KV cache, the
+    larger of a decode step of B sequences and a prefill chunk, the matvec buffers of B activations
+    (exactly what the kernels allocate) and the HTTP server; never the Q8_0 cache (the pool is float32)."""
+    index, run = model_plan_inputs(tiny_q4_path)
+    c = run.config
+    one, sixteen = (dataclasses.replace(run, parallel=B, threads=1) for B in (1, 16))
+    lines = {B: {item: nbytes for item, nbytes, _ in plan_lines(index, Layout(c.n_layers, False, 32, 64), r)}
+             for B, r in ((1, one), (16, sixteen))}
+    assert "KV cache" not in lines[16] and lines[16]["KV pool"] == -(-128 // POOL_BLOCK_SIZE) * pool_block_bytes(c)
+    assert lines[16]["activations"] >= batch_activation_bytes(c, 16, 128) > batch_activation_bytes(c, 1, 128)
+    thread_buffers().clear()
+    for ggml_type, n_cols in index.matvec_kinds:      # what 16 activations of each kind allocate
+        PackedRows.empty(formats.get(ggml_type), GROUP_ROWS, n_cols).new_buffers(1, 16)
+    made = sum(a.nbytes for buf in thread_buffers().values() for a in [*vars(buf.activation).values(), buf.scratch]
+               if a is not None)
+    assert lines[16]["matvec buffers"] == made > lines[1]["matvec buffers"]
+    assert lines[16]["serving"] == SERVE_RESERVE_BYTES
+    assert {layout.kv_bits for layout in candidate_layouts(index, sixteen)} == {32}
 
 
 @pytest.mark.weights

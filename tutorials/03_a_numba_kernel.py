@@ -406,14 +406,14 @@ rows_at_a_time = numba.njit(_rows_at_a_time, cache=False)
 groups_at_a_time = numba.njit(q4_1.matvec_groups_q4_1.py_func, cache=False)
 
 packed = lib.kernels.rows                       # the library's re-laid copy of `raw`
-act = packed.new_activation()
-packed.quantize(x, act)                         # act.q16, act.d, act.dsums: the int8 activation of section 3
+act = packed.new_activation()                   # room for one activation: the kernel takes a batch of B (here 1)
+packed.quantize(x[None], act)                   # act.q16, act.d, act.dsums: the int8 activation of section 3
 scratch = packed.new_scratch(1)[0]
-y_rows, y_groups = np.empty(N, np.float32), np.empty(N, np.float32)
+y_rows, y_groups = np.empty(N, np.float32), np.empty((1, N), np.float32)
 
 
 def one_row_at_a_time():
-    rows_at_a_time(raw.view(np.uint16), codes, act.q16, act.d, act.dsums, y_rows)
+    rows_at_a_time(raw.view(np.uint16), codes, act.q16[0], act.d[0], act.dsums[0], y_rows)
 
 
 def thirty_two_rows_at_a_time():
@@ -423,7 +423,7 @@ def thirty_two_rows_at_a_time():
 
 one_row_at_a_time()
 thirty_two_rows_at_a_time()
-assert np.array_equal(y_rows, y_groups) and np.array_equal(y_groups, y_lib)
+assert np.array_equal(y_rows, y_groups[0]) and np.array_equal(y_groups[0], y_lib)
 
 
 def simd_share(kernel):

@@ -177,7 +177,7 @@ def default_attention(c: Gemma3Config) -> str:
 def forward(c: Gemma3Config, weights, ops, ids: np.ndarray, cache, last_only: bool, trace) -> np.ndarray:
     """Logits (T, vocab_size) for new tokens `ids` (T,) after the cached ones ((1, vocab_size) when
     `last_only`); every layer stores its keys and values in `cache`."""
-    positions = cache.length + np.arange(len(ids))                      # (T,) absolute positions
+    positions = cache.positions(len(ids))                               # (T,) absolute positions
     angles = {base: ops.rope_angles(positions, c.rope_dim, base)        # (T, rope_dim / 2) cos and sin
               for base in {c.rope_base_of(i) for i in range(c.n_layers)}}
     x = trace("embd", weights.embedding.lookup(ids))                # (T, dim)
@@ -202,10 +202,8 @@ def attention(c: Gemma3Config, ops, layer: int, w: Layer, x: np.ndarray, cache, 
     # q (n_heads, T, head_dim), k and v (n_kv_heads, T, head_dim): Q and K normed per head, then rotated
     q, k, v = per_head_normed_qkv(c, ops, layer, w, x, cos, sin, trace)
     q = ops.scale(q, c.attention_scale)
-    q_pos = cache.length + np.arange(x.shape[0])                        # absolute positions of the new tokens
-    # The cache returns what this layer's pattern can still see: (n_kv_heads, S, head_dim) and positions (S,)
-    k_all, v_all, k_pos = cache.store(layer, k, v)
-    out = ops.attention(q, k_all, v_all, cache.pattern(layer), q_pos, k_pos, 1.0)  # (n_heads, T, head_dim)
+    # The cache stores k, v and attends q to what this layer's pattern can still see
+    out = cache.attend(layer, q, k, v, ops, 1.0)                        # (n_heads, T, head_dim)
     return trace(f"attn_out-{layer}", w.wo(trace(f"kqv_out-{layer}", merge_heads(out))))
 
 

@@ -111,7 +111,7 @@ def forward(c: LlamaConfig, weights, ops, ids: np.ndarray, cache, last_only: boo
     `last_only`); every layer stores its keys and values in `cache`. An architecture that differs from
     Llama only in its attention block (Qwen 3) passes its own as `attention_block`."""
     block = attention_block or attention
-    positions = cache.length + np.arange(len(ids))                      # (T,) absolute positions
+    positions = cache.positions(len(ids))                               # (T,) absolute positions
     cos, sin = ops.rope_angles(positions, c.rope_dim, c.rope_base)      # (T, rope_dim / 2) each
     x = trace("embd", weights.embedding.lookup(ids))                # (T, dim)
     for i, w in enumerate(weights.layers):
@@ -130,10 +130,8 @@ def attention(c: LlamaConfig, ops, layer: int, w: Layer, x: np.ndarray, cache, c
     q = trace(f"Qcur-{layer}", ops.rope(split_heads(w.wq(x), c.n_heads), cos, sin))      # (n_heads, T, head_dim)
     k = trace(f"Kcur-{layer}", ops.rope(split_heads(w.wk(x), c.n_kv_heads), cos, sin))   # (n_kv_heads, T, head_dim)
     v = trace(f"Vcur-{layer}", split_heads(w.wv(x), c.n_kv_heads))                       # (n_kv_heads, T, head_dim)
-    q_pos = cache.length + np.arange(x.shape[0])             # absolute positions of the new tokens
-    # The cache returns what this layer's pattern can still see: (n_kv_heads, S, head_dim) and positions (S,)
-    k_all, v_all, k_pos = cache.store(layer, k, v)
-    out = ops.attention(q, k_all, v_all, cache.pattern(layer), q_pos, k_pos, c.attention_scale)  # (n_heads, T, head_dim)
+    # The cache stores k, v and attends q to what this layer's pattern can still see
+    out = cache.attend(layer, q, k, v, ops, c.attention_scale)                            # (n_heads, T, head_dim)
     return w.wo(trace(f"kqv_out-{layer}", merge_heads(out)))
 
 

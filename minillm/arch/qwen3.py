@@ -50,9 +50,7 @@ def attention(c: Qwen3Config, ops, layer: int, w: Layer, x: np.ndarray, cache, c
     """x: (T, dim) normalised input -> (T, dim) attention output; stores this layer's K, V."""
     # q (n_heads, T, head_dim), k and v (n_kv_heads, T, head_dim): Q and K normed per head, then rotated
     q, k, v = per_head_normed_qkv(c, ops, layer, w, x, cos, sin, trace)
-    q_pos = cache.length + np.arange(x.shape[0])                        # absolute positions of the new tokens
-    k_all, v_all, k_pos = cache.store(layer, k, v)                      # what this layer can see: (n_kv_heads, S, head_dim)
-    out = ops.attention(q, k_all, v_all, cache.pattern(layer), q_pos, k_pos, c.attention_scale)  # (n_heads, T, head_dim)
+    out = cache.attend(layer, q, k, v, ops, c.attention_scale)          # stores k, v -> (n_heads, T, head_dim)
     return w.wo(trace(f"kqv_out-{layer}", merge_heads(out)))
 
 

@@ -24,9 +24,10 @@ nothing but the weights can each hold their own tape.
 import numpy as np
 
 from ..attention import DENSE
+from ..kvcache import Cache
 
 
-class WindowCache:
+class WindowCache(Cache):
     """The KV cache of one training window: each window starts at position 0 and attends to its own
     keys only, so nothing is stored. `store` hands k and v back as they are (float64 too, for the
     gradient checks). Each layer's mask is its pattern in `spec` (the architecture's own, as at

@@ -1,0 +1,120 @@
+"""One decode step for B sequences at once: the model's own forward pass (minillm.arch) over B rows,
+row i being sequence i's next token.
+
+What differs from decoding each sequence alone is only how the work is grouped:
+
+| step                          | alone (T = 1)                    | batched (B rows)                                  |
+|-------------------------------|----------------------------------|---------------------------------------------------|
+| norms, RoPE, MLP activations  | one row                          | B rows, each row computed as alone                 |
+| matrix products               | matvec kernel, B = 1             | `QuantLinear.tokens`: one pass over W for all B    |
+| attention, KV cache           | the sequence's cache             | each sequence's own cache, one after the other     |
+| LM head                       | one row                          | B rows, as the matrix products                     |
+
+Every step computes row i exactly as the one-token decode would (the batched kernels add in the
+same order as the one-token ones), so a sequence decoded in a batch gets bit for bit the logits
+it would get alone; the saving is that each weight is read once per step instead of B times, and
+Python's per-layer work is paid once for the whole batch.
+"""
+
+from dataclasses import fields, replace
+
+import numpy as np
+
+from ..kvcache import Cache
+from ..weights import ModelWeights
+
+
+def _no_trace(name: str, x: np.ndarray) -> np.ndarray:
+    return x
+
+
+class RowWise:
+    """A linear layer that takes each row of its input as a token of its own: the layer's `tokens`
+    (QuantLinear's: one pass over the weights for all B rows) when it has one, else one call per row
+    (a float product of B rows would add in another order than B products of one)."""
+
+    def __init__(self, linear):
+        self.tokens = getattr(linear, "tokens", None) or (lambda x: np.concatenate([linear(row[None]) for row in x]))
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        # x: (B, in_features) -> (B, out_features)
+        return self.tokens(x)
+
+
+class RowWiseEmbedding:
+    """The token table, looked up as ever, with its LM head taken row by row (`head_tokens`, which
+    a streamed head runs chunk by chunk, each chunk once for all B rows)."""
+
+    def __init__(self, embedding):
+        self.lookup = embedding.lookup
+        self.head = embedding.head_tokens if hasattr(embedding, "head_tokens") else RowWise(embedding.head)
+
+
+def row_wise_layer(layer):
+    """The architecture's Layer with every linear wrapped in RowWise (norm vectors stay as they are)."""
+    return replace(layer, **{f.name: RowWise(getattr(layer, f.name)) for f in fields(layer)
+                             if callable(getattr(layer, f.name))})
+
+
+class RowWiseLayers:
+    """The blocks, each with row-wise linears: resident blocks wrapped once; blocks streamed from
+    the file under --mem-cap (minillm.streaming) wrapped as they arrive."""
+
+    def __init__(self, layers):
+        self.layers = layers
+        self.resident = [row_wise_layer(layer) for layer in layers] if isinstance(layers, list) else None
+
+    def __iter__(self):
+        return iter(self.resident) if self.resident is not None else map(row_wise_layer, self.layers)
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+
+def row_wise_weights(weights: ModelWeights) -> ModelWeights:
+    """The same weights (no copy) seen row by row, for a decode step over B sequences."""
+    return ModelWeights(embedding=RowWiseEmbedding(weights.embedding), layers=RowWiseLayers(weights.layers),
+                        output_norm=weights.output_norm,
+                        output=RowWise(weights.output) if weights.output is not None else None)
+
+
+class BatchCache(Cache):
+    """B sequences' caches seen as one by a forward pass over B new tokens, one per sequence."""
+
+    def __init__(self, caches: list):
+        self.caches = caches
+
+    def positions(self, T: int) -> np.ndarray:
+        """(B,) the position of each sequence's new token."""
+        return np.array([cache.length for cache in self.caches])
+
+    def attend(self, layer: int, q, k, v, ops, scale: float) -> np.ndarray:
+        """Each sequence's row attends within its own cache, as it would alone.
+        q: (n_heads, B, head_dim); k, v: (n_kv_heads, B, head_dim) -> (n_heads, B, head_dim)"""
+        out = np.empty_like(q)
+        # (B, heads, head_dim), so that row i is a contiguous (heads, 1, head_dim), as a one-token pass has it
+        rows = [np.ascontiguousarray(a.transpose(1, 0, 2))[:, :, None] for a in (q, k, v)]
+        for i, cache in enumerate(self.caches):
+            out[:, i] = cache.attend(layer, rows[0][i], rows[1][i], rows[2][i], ops, scale)[:, 0]
+        return out
+
+
+class BatchDecoder:
+    """Decode steps of a model for batches of sequences, each with its own cache."""
+
+    def __init__(self, model):
+        self.model = model
+        self.weights = row_wise_weights(model.weights)
+
+    def step(self, caches: list, tokens: list) -> np.ndarray:
+        """Feed token i to the sequence of caches[i], for every i at once; -> logits (B, vocab_size),
+        row i bit for bit what `model.forward([tokens[i]], caches[i])` gives."""
+        m = self.model
+        ids = np.asarray(tokens, dtype=np.int64)
+        for cache, token in zip(caches, ids):
+            m.check_ids(np.array([token]), cache)
+        logits = m.arch.forward(m.config, self.weights, m.ops, ids, BatchCache(caches), False, _no_trace)
+        for cache in caches:
+            cache.commit(1)
+        return logits
+
