@@ -216,14 +216,13 @@ class AdapterSize:
     pairs: int
     nbytes: int         # A and B of every pair as read_adapter holds them: float32 arrays
     rank: int           # the largest rank
-    widest: int         # the largest out_features: a product's temporaries are (T, widest)
 
 
 def adapter_size(adapter: Adapter) -> AdapterSize:
     """The sizes of an adapter (its header suffices: adapter_header)."""
     shapes = [(a.shape, b.shape) for a, b in adapter.pairs.values()]
     return AdapterSize(pairs=len(shapes), nbytes=sum(4 * (int(np.prod(a)) + int(np.prod(b))) for a, b in shapes),
-                       rank=max((a[0] for a, _ in shapes), default=0), widest=max((b[0] for _, b in shapes), default=0))
+                       rank=max((a[0] for a, _ in shapes), default=0))
 
 
 def checked_header(path, gguf, config) -> Adapter:

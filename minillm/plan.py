@@ -338,14 +338,15 @@ def plan_lines(index: WeightIndex, layout: Layout, run) -> tuple:
 
 def adapter_line(adapter, chunk: int, ctx_size: int) -> tuple:
     """A LoRA adapter (minillm.adapter): its A and B as float32 (stored as F32: the file's own pages,
-    mapped, all of them read), and what one adapted product adds to the activations: x A^T
-    (T, rank), then B times it, scaled in place, a (T, out_features) array alive beside the base's
-    output until it is added to it (LoraLinear), for T as in activation_bytes."""
+    mapped, all of them read), and x A^T (T, rank) of a product, for T as in activation_bytes. B
+    times that, scaled in place, is a (T, out_features) array alive beside the base's output until
+    it is added to it (LoraLinear): two arrays of that width at the moment, within what the step's
+    own peak counts anyway (activation_bytes: the MLP holds 3 (Llama) or 5 (Gemma 3) of (T, ffn_dim)
+    at its peak, the attention 2 or more of q's size), so the update adds nothing above it."""
     T = min(chunk + 1, ctx_size)
-    temporaries = 4 * T * (adapter.widest + adapter.rank)
-    return ("LoRA adapter", adapter.nbytes + temporaries,
+    return ("LoRA adapter", adapter.nbytes + 4 * T * adapter.rank,
             f"{adapter.pairs} adapted matrices up to rank {adapter.rank}: A and B float32 ({mib(adapter.nbytes)}), "
-            f"a product's temporaries for {T} tokens")
+            f"x A^T for {T} tokens")
 
 
 def serving_lines(index: WeightIndex, run, prefill_activations: int) -> list:
