@@ -41,7 +41,7 @@ from .errors import MinillmError
 from .generate import GenerationStats, Sampler, SamplingSettings, generate, log_softmax
 from .gguf import GGUFFile
 from .kvcache import kv_cache_bytes
-from .memory import Meter, peak_rss_bytes, usage
+from .memory import Meter, peak_rss_bytes, return_freed_memory_at_once, usage
 from .runtime import load, weight_source
 from .weights import load_weights
 
@@ -190,7 +190,10 @@ def weight_memory(rt, prompt_ids, new_tokens: int, planned_mib: float) -> dict:
     if usage() is None:
         return dict.fromkeys(("weight_rss_mib", "weight_rss_file_mib", "weight_rss_anon_mib", "weight_rss_ratio",
                               "run_peak_above_baseline_mib"))
-    gc.collect()   # garbage of earlier work, freed during the measurement, would hide part of the new weights
+    # Garbage of earlier work, and heap memory the allocator kept after earlier work freed it, would be
+    # resident at the baseline and given back during the measurement, hiding part of the new weights.
+    gc.collect()
+    return_freed_memory_at_once()
     meter = Meter()
     weights = load_weights(gguf, rt.model.config, weight_source(gguf, rt.model.config, rt.config, rt.model.ops))
     model = replace(rt.model, weights=weights)
