@@ -257,9 +257,17 @@ def split_json(done: subprocess.CompletedProcess):
 @pytest.mark.weights
 @pytest.mark.parametrize("fraction", [0.25, 0.5, 1.0, 1.5])
 def test_measured_peak_stays_under_the_cap_and_near_the_plan(smollm2_path, fraction):
+    """The peak never passes the cap, and comes within 5% (or 2 MiB) of the plan. The second check
+    needs the kernels in Numba's cache: a warm-up that compiles leaves the compiler's freed heap in the
+    baseline, which the run then reuses, so the peak above the baseline comes out below the plan (by
+    3.4 MiB at a quarter of the weights, when this file ran before the kernel tests on two workers).
+    A run that compiled is therefore made again, from the cache it filled."""
     index, _ = model_plan_inputs(smollm2_path)
     cap = int(fraction * packed_bytes(index))
-    code, out, err = capped_run(smollm2_path, cap)
+    env = {**os.environ, "NUMBA_DEBUG_CACHE": "1"}
+    code, out, err = capped_run(smollm2_path, cap, env=env)
+    if code == 0 and "[cache] data saved" in err:
+        code, out, err = capped_run(smollm2_path, cap, env=env)
     assert code == 0, err
     m = out["memory"]
     assert m["peak_was_reset"]
