@@ -41,7 +41,7 @@ from .errors import MinillmError
 from .generate import GenerationStats, Sampler, SamplingSettings, generate, log_softmax
 from .gguf import GGUFFile
 from .kvcache import kv_cache_bytes
-from .memory import Meter, peak_rss_bytes, return_freed_memory_at_once, usage
+from .memory import Meter, give_back_kept_memory, peak_rss_bytes, usage
 from .runtime import load, weight_source
 from .weights import load_weights
 
@@ -192,8 +192,9 @@ def weight_memory(rt, prompt_ids, new_tokens: int, planned_mib: float) -> dict:
                               "run_peak_above_baseline_mib"))
     # Garbage of earlier work, and heap memory the allocator kept after earlier work freed it, would be
     # resident at the baseline and given back during the measurement, hiding part of the new weights.
+    # (Only given back, not the allocator's settings changed: the runs after this one are timed.)
     gc.collect()
-    return_freed_memory_at_once()
+    give_back_kept_memory()
     meter = Meter()
     weights = load_weights(gguf, rt.model.config, weight_source(gguf, rt.model.config, rt.config, rt.model.ops))
     model = replace(rt.model, weights=weights)
