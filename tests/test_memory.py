@@ -257,7 +257,8 @@ def split_json(done: subprocess.CompletedProcess):
 @pytest.mark.weights
 @pytest.mark.parametrize("fraction", [0.25, 0.5, 1.0, 1.5])
 def test_measured_peak_stays_under_the_cap_and_near_the_plan(smollm2_path, fraction):
-    """The peak never passes the cap, and comes within 5% (or 2 MiB) of the plan. The second check
+    """The peak never passes the cap, and comes within 5% (or 2 MiB) of the plan; below the plan, its
+    reserve line (pages it cannot count, held back on purpose) is allowed on top. The second check
     needs the kernels in Numba's cache: a warm-up that compiles leaves the compiler's freed heap in the
     baseline, which the run then reuses, so the peak above the baseline comes out below the plan (by
     3.4 MiB at a quarter of the weights, when this file ran before the kernel tests on two workers).
@@ -273,7 +274,9 @@ def test_measured_peak_stays_under_the_cap_and_near_the_plan(smollm2_path, fract
     assert m["peak_was_reset"]
     peak, plan = m["peak_above_baseline_mib"] * MiB, m["plan"]["total_mib"] * MiB
     assert peak <= cap, m
-    assert abs(plan - peak) <= max(0.05 * peak, 2 * MiB), m
+    reserve = next(line["mib"] for line in m["plan"]["lines"] if line["item"] == "reserve") * MiB
+    slack = max(0.05 * peak, 2 * MiB)
+    assert plan - reserve - slack <= peak <= plan + slack, m
     assert "memory plan for --mem-cap" in err and "baseline of" in err
 
 
@@ -353,7 +356,9 @@ def test_gemma3_under_a_quarter_of_its_weights_gives_the_uncapped_tokens(gemma3_
     assert "LM head streamed" in m["plan"]["strategy"]
     peak, plan = m["peak_above_baseline_mib"] * MiB, m["plan"]["total_mib"] * MiB
     assert m["peak_was_reset"] and peak <= cap, m
-    assert abs(plan - peak) <= max(0.05 * peak, 2 * MiB), m
+    reserve = next(line["mib"] for line in m["plan"]["lines"] if line["item"] == "reserve") * MiB
+    slack = max(0.05 * peak, 2 * MiB)
+    assert plan - reserve - slack <= peak <= plan + slack, m
     uncapped = subprocess.run([sys.executable, "-m", "minillm", "generate", PROMPT, "--raw", "-m", str(gemma3_path),
                                "--temp", "0", "-n", "4", "-c", "128", "--json"], capture_output=True, text=True, timeout=300)
     assert uncapped.returncode == 0, uncapped.stderr
