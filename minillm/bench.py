@@ -41,7 +41,7 @@ from .errors import MinillmError
 from .generate import GenerationStats, Sampler, SamplingSettings, generate, log_softmax
 from .gguf import GGUFFile
 from .kvcache import kv_cache_bytes
-from .memory import Meter, peak_rss_bytes, usage
+from .memory import Meter, give_back_kept_memory, peak_rss_bytes, usage
 from .runtime import load, weight_source
 from .weights import load_weights
 
@@ -85,6 +85,7 @@ def run_bench(rt, *, prompt_tokens=128, new_tokens=128, repeats=3, compare_llama
     The order: minillm's first run, then the process's peak RSS (load plus one run, before anything
     else is loaded); the weight memory measurement (a second copy of the model, freed again); the
     remaining runs; the comparison with llama.cpp when asked for; last the start-up children."""
+    load_at_start = os.getloadavg()[0]
     prompt_ids = bench_prompt(rt.tokenizer, prompt_tokens)
     ours = [run_once(rt.model, rt.new_cache(), prompt_ids, new_tokens)]
     peak_rss = peak_rss_bytes()
@@ -111,6 +112,10 @@ def run_bench(rt, *, prompt_tokens=128, new_tokens=128, repeats=3, compare_llama
     result["llamacpp"] = compare_with_llamacpp(rt, prompt_ids, new_tokens, repeats, llamacpp_env or dict(os.environ)) \
         if compare_llamacpp else None
     result.update(startup(rt, repeats))
+    # Other programs' load decides what the figures mean on a shared machine: a run at load 6 on 2
+    # cores says little about either program idle (llama.cpp's threads, meeting at a barrier after
+    # every operation, lose far more to it than one waiting thread does).
+    result["load_average"] = {"start": load_at_start, "end": os.getloadavg()[0]}
     return result
 
 
@@ -185,7 +190,11 @@ def weight_memory(rt, prompt_ids, new_tokens: int, planned_mib: float) -> dict:
     if usage() is None:
         return dict.fromkeys(("weight_rss_mib", "weight_rss_file_mib", "weight_rss_anon_mib", "weight_rss_ratio",
                               "run_peak_above_baseline_mib"))
-    gc.collect()   # garbage of earlier work, freed during the measurement, would hide part of the new weights
+    # Garbage of earlier work, and heap memory the allocator kept after earlier work freed it, would be
+    # resident at the baseline and given back during the measurement, hiding part of the new weights.
+    # (Only given back, not the allocator's settings changed: the runs after this one are timed.)
+    gc.collect()
+    give_back_kept_memory()
     meter = Meter()
     weights = load_weights(gguf, rt.model.config, weight_source(gguf, rt.model.config, rt.config, rt.model.ops))
     model = replace(rt.model, weights=weights)
@@ -252,6 +261,7 @@ def format_table(r: dict, model: str, bits: int, threads: int) -> str:
     rows = [
         ("model", f"{model} --bits {bits}, {threads} threads"),
         ("machine", r["machine"]),
+        ("load average (1 min)", f"{r['load_average']['start']:.1f} at the start, {r['load_average']['end']:.1f} at the end"),
         (f"prefill ({r['prompt_tokens']} tokens)", f"{r['prefill_tokens_per_s']:.1f} tokens/s"),
         (f"decode ({r['new_tokens']} tokens)", f"{r['decode_tokens_per_s']:.1f} tokens/s"),
         ("time to first token", f"{r['time_to_first_token_ms']:.0f} ms"),

@@ -3,7 +3,7 @@ in one place. Each architecture (minillm.arch) reads its own `{arch}.*` keys in 
 `Config.from_metadata`, through `HyperParameters`; its config extends `TransformerConfig`."""
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from . import metadata as typed
 from .errors import GGUFError
@@ -74,6 +74,20 @@ class TransformerConfig:
             if not (0 < self.rope_base < math.inf and 0 < self.norm_eps < math.inf):
                 problems.append("rope base and norm epsilon must be positive and finite")
         return problems
+
+    def keep_layers(self, kept: list) -> "TransformerConfig":
+        """The hyper-parameters of the model made of the blocks `kept` (indices, in order) only: fewer
+        blocks; an architecture whose blocks differ (Gemma 3's windows) keeps each kept block's kind."""
+        return replace(self, n_layers=len(kept))
+
+    def shape_metadata(self) -> dict:
+        """The `{arch}.*` keys that give the shapes (block count, FFN width, heads, head size) and,
+        where they differ by block, the per-block kinds: what a pruned or distilled file rewrites.
+        head_dim is written explicitly (key_length): with fewer heads, dim / n_heads no longer gives it."""
+        a = self.architecture
+        return {f"{a}.block_count": self.n_layers, f"{a}.feed_forward_length": self.ffn_dim,
+                f"{a}.attention.head_count": self.n_heads, f"{a}.attention.key_length": self.head_dim,
+                f"{a}.attention.value_length": self.head_dim}
 
     def check(self, path="model"):
         """Refuse hyper-parameters that cannot describe a working model."""

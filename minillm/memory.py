@@ -88,14 +88,22 @@ def return_freed_memory_at_once() -> bool:
     (arrays of 128 KiB or more mapped on their own, heap tops of 128 KiB or more trimmed) stop
     both; what glibc already kept is trimmed now. False where the allocator is not glibc's."""
     try:
-        libc = ctypes.CDLL(None)
-        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
     ok = mallopt(M_MMAP_THRESHOLD, 128 << 10) == 1 and mallopt(M_TRIM_THRESHOLD, 128 << 10) == 1
-    malloc_trim(0)
+    give_back_kept_memory()
     return ok
+
+
+def give_back_kept_memory():
+    """Hand what the C allocator kept of freed memory back to the OS now, leaving its thresholds (and
+    so the speed of later allocations) as they are: for a measurement that starts from a baseline."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 # ---------------------------------------------------------------------------------------------

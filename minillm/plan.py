@@ -324,6 +324,8 @@ def plan_lines(index: WeightIndex, layout: Layout, run) -> tuple:
     ]
     if run.parallel:
         lines[4:6] = serving_lines(index, run, activations)
+    if run.adapter is not None:
+        lines.append(adapter_line(run.adapter, layout.prefill_chunk, run.ctx_size))
     if relaid:
         lines.append(relay_line(index, layout, n))
     if index.converted_bytes:
@@ -332,6 +334,19 @@ def plan_lines(index: WeightIndex, layout: Layout, run) -> tuple:
         lines.append(("conversion scratch", index.conversion_scratch, "float32 copy of the largest converted tensor, "
                       "and the converted tensors of one input-sharing group"))
     return tuple(lines)
+
+
+def adapter_line(adapter, chunk: int, ctx_size: int) -> tuple:
+    """A LoRA adapter (minillm.adapter): its A and B as float32 (stored as F32: the file's own pages,
+    mapped, all of them read), and x A^T (T, rank) of a product, for T as in activation_bytes. B
+    times that, scaled in place, is a (T, out_features) array alive beside the base's output until
+    it is added to it (LoraLinear): two arrays of that width at the moment, within what the step's
+    own peak counts anyway (activation_bytes: the MLP holds 3 (Llama) or 5 (Gemma 3) of (T, ffn_dim)
+    at its peak, the attention 2 or more of q's size), so the update adds nothing above it."""
+    T = min(chunk + 1, ctx_size)
+    return ("LoRA adapter", adapter.nbytes + 4 * T * adapter.rank,
+            f"{adapter.pairs} adapted matrices up to rank {adapter.rank}: A and B float32 ({mib(adapter.nbytes)}), "
+            f"x A^T for {T} tokens")
 
 
 def serving_lines(index: WeightIndex, run, prefill_activations: int) -> list:
@@ -382,6 +397,7 @@ class PlanInputs:
     parallel: int = 0         # minillm serve: sequences decoded together, their KV paged in a pool; 0: one sequence
     tokenizer_built: bool = True  # False: a first check, before the tokenizer is built
     backend: str = "numba"        # "numpy": products dequantize tiles in NumPy, decode too
+    adapter: object = None        # a LoRA adapter's sizes (minillm.adapter.AdapterSize), or None
 
 
 def candidate_layouts(index: WeightIndex, run: PlanInputs):
@@ -446,11 +462,13 @@ def plan_for_cap(gguf, model_config, config, meter: Meter, tokenizer_built: bool
     they hold is measured by `meter` since the baseline; everything else is planned. Called once
     before the tokenizer is built too (`tokenizer_built=False`), so a cap that cannot fit even
     without it is refused before it is spent."""
+    from .adapter import adapter_header, adapter_size
+    adapter = adapter_size(adapter_header(config.lora)) if config.lora is not None else None  # nothing read yet
     held = meter.measure()
     run = PlanInputs(model_config, config.ctx_size, config.attention_spec(), config.kv_bits,
                      config.threads or os.cpu_count(), tokenizer_bytes=held.anon + held.file,
                      tokenizer_peak=held.peak, all_logits=config.all_logits, tokenizer_built=tokenizer_built,
-                     backend=config.backend, parallel=config.parallel or 0)
+                     backend=config.backend, parallel=config.parallel or 0, adapter=adapter)
     try:
         return plan_memory(weight_index(gguf, model_config, config.bits, config.int4, config.backend), run,
                            config.mem_cap)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from . import arch, formats
-from .adapter import adapted_source
+from .adapter import adapted_source, checked_header
 from .attention import AttentionSpec, block_sparse_attention, parse_attention
 from .errors import UsageError
 from .generate import Sampler, SamplingSettings, generate
@@ -100,8 +100,6 @@ class RunConfig:
                              f"{self.cache_bits}-bit floats")
         if self.mode != "f32" and self.mem_cap is not None:
             raise UsageError(f"--mem-cap runs --mode f32 only, not --mode {self.mode}")
-        if self.lora is not None and self.mem_cap is not None:
-            raise UsageError("--lora and --mem-cap do not run together yet: the memory plan does not count an adapter")
         if self.ggml_rounding not in ROUNDING:
             raise UsageError(f"--ggml-rounding {self.ggml_rounding} is not one of {', '.join(ROUNDING)}")
 
@@ -161,6 +159,8 @@ def prepare(config: RunConfig, announce=print) -> Prepared:
                          f"length {model_config.context_length}")
     config.attention_spec().check(config.ctx_size)
     check_kv_bits(config.kv_bits, model_config.head_dim)
+    if config.lora is not None:  # an adapter for another model is refused before anything is planned or read
+        checked_header(config.lora, gguf, model_config)
     if meter is not None:
         plan_for_cap(gguf, model_config, config, meter, tokenizer_built=False)  # refuses a hopeless cap now
     tokenizer = Tokenizer.from_metadata(gguf.metadata, gguf.path)
@@ -240,7 +240,7 @@ def warm_up_kernels(config: RunConfig, ggml_types=()) -> Meter:
         # Without --attention the file's architecture picks the pattern (it may use windows), and the
         # file is not open yet: compile the window kernels as well as dense attention's.
         attention = config.attention or f"window:{config.block_size}/dense"
-        tiny = load(replace(config, model=str(path), mem_cap=None, ctx_size=ctx_size, attention=attention),
+        tiny = load(replace(config, model=str(path), mem_cap=None, ctx_size=ctx_size, attention=attention, lora=None),
                     announce=lambda _: None)
     # the pre-tokenizer's code and the template engine are paged in on first use
     tiny.tokenizer.encode_chat([{"role": "user", "content": "Warm-up: words, digits 0123, ünïcödé — 漢字 🙂"}])
@@ -286,8 +286,11 @@ def load_capped(p: Prepared, ops, announce) -> Runtime:
     config = replace(p.config, kv_bits=plan.layout.kv_bits)
     threads = config.threads or os.cpu_count()
     if plan.index.streamable:
-        weights = load_weights(p.gguf, p.model_config, StreamingSource(p.gguf, config.backend, threads), plan.layout)
+        source, layout = StreamingSource(p.gguf, config.backend, threads), plan.layout
     else:
-        weights = load_weights(p.gguf, p.model_config, weight_source(p.gguf, p.model_config, config, ops))
+        source, layout = weight_source(p.gguf, p.model_config, config, ops), None
+    if config.lora is not None:  # the adapter's LoRA, on resident and streamed layers alike (minillm.adapter)
+        source = adapted_source(config.lora, source, p.gguf, p.model_config, ops)
+    weights = load_weights(p.gguf, p.model_config, source, layout)
     model = Model(p.model_config, weights, ops, prefill_chunk=plan.layout.prefill_chunk)
     return Runtime(config, p.gguf, model, p.tokenizer, 0.0, plan=plan, meter=meter)

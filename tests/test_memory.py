@@ -181,6 +181,42 @@ def test_gemma3_streamed_logits_are_bit_identical_to_resident(gemma3_path):
     assert_same_logits(rt, streamed, rt.tokenizer.encode("The capital of France is"), steps=3)
 
 
+def write_random_adapter(model_path, out, targets, rank: int, scale: float):
+    """A LoRA adapter for the model file on `targets` of every block, B random of size `scale` (a
+    fresh adapter's B is zero: it would change nothing)."""
+    from minillm.train.lora import adapter_pairs, lora_model, write_adapter
+    model_gguf = GGUFFile(model_path)
+    rng = np.random.default_rng(0)
+    config = read_config(model_gguf.metadata)
+    pairs = adapter_pairs(lora_model(model_gguf, config, targets, rank, 2.0 * rank, rng))
+    for _, b in pairs.values():
+        b[:] = scale * rng.standard_normal(b.shape)
+    write_adapter(out, config.architecture, 2.0 * rank, pairs)
+    return out
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gemma3"])
+def test_streamed_layers_apply_their_adapter_bit_identically(tmp_path, architecture):
+    """--lora under a cap: the streamed layers get the adapter's LoRA as they pass through the
+    buffers (the untied LM head streams beside them as without one), so every logit equals the
+    resident model's with the adapter; which is not the model's without it."""
+    from minillm.adapter import adapted_source
+    q = gguf.GGMLQuantizationType
+    path = write_tiny(tmp_path / "tiny.gguf", architecture, weight_type=q.Q4_1, embedding_type=q.Q8_0,
+                      output_type=q.Q8_0)
+    adapter = write_random_adapter(path, tmp_path / "adapter.gguf", ("attn_q", "attn_v", "ffn_up", "ffn_down"), 4,
+                                   0.1)
+    rt = load(RunConfig(model=str(path), ctx_size=64, lora=str(adapter)), announce=lambda _: None)
+    base = load(RunConfig(model=str(path), ctx_size=64), announce=lambda _: None)
+    ids = [5, 70, 71, 72, 3, 9]
+    assert np.abs(rt.model.forward(ids, rt.new_cache()) - base.model.forward(ids, base.new_cache())).max() > 1e-3
+    threads = rt.config.threads or os.cpu_count()
+    for layout in [Layout(0, True, 32, 64), Layout(1, False, 32, 64), Layout(1, True, 32, 64)]:
+        source = adapted_source(adapter, StreamingSource(rt.gguf, "numba", threads), rt.gguf, rt.model.config,
+                                rt.model.ops)
+        assert_same_logits(rt, load_weights(rt.gguf, rt.model.config, source, layout), ids, steps=4)
+
+
 def assert_same_logits(rt, streamed_weights, ids, steps):
     """Prefill `ids`, then decode greedily for `steps` tokens with both weight sets: every logit equal."""
     streamed = dataclasses.replace(rt.model, weights=streamed_weights)
@@ -194,10 +230,10 @@ def assert_same_logits(rt, streamed_weights, ids, steps):
         tokens.append(int(np.argmax(a[-1])))
 
 
-def capped_run(path, cap: int, *flags, env=None):
+def capped_run(path, cap: int, *flags, env=None, prompt=PROMPT):
     """`generate` under --mem-cap in a fresh process: (exit code, JSON output or None, everything
     else it printed, stdout and stderr in the order printed)."""
-    command = [sys.executable, "-m", "minillm", "generate", PROMPT, "--raw", "-m", str(path), "--temp", "0", "-n", "4",
+    command = [sys.executable, "-m", "minillm", "generate", prompt, "--raw", "-m", str(path), "--temp", "0", "-n", "4",
                "-c", "128", "--mem-cap", f"{cap}B", "--json", *flags]
     return split_json(run_in_order(command, env, timeout=300))
 
@@ -221,16 +257,77 @@ def split_json(done: subprocess.CompletedProcess):
 @pytest.mark.weights
 @pytest.mark.parametrize("fraction", [0.25, 0.5, 1.0, 1.5])
 def test_measured_peak_stays_under_the_cap_and_near_the_plan(smollm2_path, fraction):
+    """The peak never passes the cap, and comes within 5% (or 2 MiB) of the plan; below the plan, its
+    reserve line (pages it cannot count, held back on purpose) is allowed on top. The second check
+    needs the kernels in Numba's cache: a warm-up that compiles leaves the compiler's freed heap in the
+    baseline, which the run then reuses, so the peak above the baseline comes out below the plan (by
+    3.4 MiB at a quarter of the weights, when this file ran before the kernel tests on two workers).
+    A run that compiled is therefore made again, from the cache it filled."""
     index, _ = model_plan_inputs(smollm2_path)
     cap = int(fraction * packed_bytes(index))
-    code, out, err = capped_run(smollm2_path, cap)
+    env = {**os.environ, "NUMBA_DEBUG_CACHE": "1"}
+    code, out, err = capped_run(smollm2_path, cap, env=env)
+    if code == 0 and "[cache] data saved" in err:
+        code, out, err = capped_run(smollm2_path, cap, env=env)
     assert code == 0, err
     m = out["memory"]
     assert m["peak_was_reset"]
     peak, plan = m["peak_above_baseline_mib"] * MiB, m["plan"]["total_mib"] * MiB
     assert peak <= cap, m
-    assert abs(plan - peak) <= max(0.05 * peak, 2 * MiB), m
+    reserve = next(line["mib"] for line in m["plan"]["lines"] if line["item"] == "reserve") * MiB
+    slack = max(0.05 * peak, 2 * MiB)
+    assert plan - reserve - slack <= peak <= plan + slack, m
     assert "memory plan for --mem-cap" in err and "baseline of" in err
+
+
+def test_lora_under_a_cap_gives_the_uncapped_tokens(tmp_path):
+    """`generate --lora` under a cap that streams layers (a tiny model of 8 wider layers, so that
+    streaming them saves more than its buffers cost): the plan has the adapter's line, and the
+    tokens are those of the run without a cap."""
+    q = gguf.GGMLQuantizationType
+    path = write_tiny(tmp_path / "tiny.gguf", n_layers=8, dim=256, ffn_dim=1024, weight_type=q.Q4_1,
+                      embedding_type=q.Q8_0)
+    adapter = write_random_adapter(path, tmp_path / "adapter.gguf", ("attn_q", "attn_output", "ffn_gate"), 4, 0.3)
+    prompt = "one two three four five six"
+    code, free, err = capped_run(path, 1 << 40, "--lora", str(adapter), prompt=prompt)
+    assert code == 0, err
+    assert "(a) all weights resident" in free["memory"]["plan"]["strategy"]
+    cap = int(free["memory"]["plan"]["total_mib"] * MiB) - 2 * MiB
+    code, capped, err = capped_run(path, cap, "--lora", str(adapter), prompt=prompt)
+    assert code == 0, err
+    assert "layers streamed" in capped["memory"]["plan"]["strategy"]
+    assert "LoRA adapter" in err and "24 adapted matrices up to rank 4" in err
+    assert capped["generated_ids"] == free["generated_ids"]
+    code, base, err = capped_run(path, cap, prompt=prompt)
+    assert code == 0, err
+    assert base["generated_ids"] != capped["generated_ids"]   # the adapter does change them
+
+
+@pytest.mark.weights
+def test_measured_peak_with_an_adapter_stays_under_the_cap_and_its_line_is_what_it_adds(smollm2_path, tmp_path):
+    """SmolLM2 with a rank-8 adapter on all 210 linears (9.3 MiB of A and B). With every weight
+    resident (the same layout as without the adapter, so every other line of the plan is the same)
+    the adapter's line is what the measured peak grows by (it came to within 0.02 MiB; 5% or 0.5 MiB
+    leaves room for the allocator's pages). Under half the weights, streamed: the peak stays under
+    the cap, and the tokens are the uncapped run's."""
+    adapter = write_random_adapter(smollm2_path, tmp_path / "adapter.gguf", ("attn_q", "attn_k", "attn_v", "attn_output",
+                                                                              "ffn_gate", "ffn_up", "ffn_down"), 8, 0.05)
+    index, _ = model_plan_inputs(smollm2_path)
+    resident = int(1.5 * packed_bytes(index))
+    runs = [capped_run(smollm2_path, resident, *flags) for flags in ((), ("--lora", str(adapter)))]
+    assert all(code == 0 for code, _, _ in runs), runs
+    (_, plain, _), (_, adapted, err) = runs
+    assert plain["memory"]["plan"]["strategy"] == adapted["memory"]["plan"]["strategy"]
+    assert "LoRA adapter" in err and "210 adapted matrices up to rank 8" in err
+    planned = (adapted["memory"]["plan"]["total_mib"] - plain["memory"]["plan"]["total_mib"]) * MiB
+    grown = (adapted["memory"]["peak_above_baseline_mib"] - plain["memory"]["peak_above_baseline_mib"]) * MiB
+    assert abs(planned - grown) <= max(0.05 * planned, MiB // 2), (planned, grown)
+    cap = int(0.5 * packed_bytes(index))
+    code, out, err = capped_run(smollm2_path, cap, "--lora", str(adapter))
+    assert code == 0, err
+    assert "streamed" in out["memory"]["plan"]["strategy"]
+    assert out["memory"]["peak_above_baseline_mib"] * MiB <= cap, out["memory"]
+    assert out["generated_ids"] == adapted["generated_ids"]
 
 
 @pytest.mark.weights
@@ -259,7 +356,9 @@ def test_gemma3_under_a_quarter_of_its_weights_gives_the_uncapped_tokens(gemma3_
     assert "LM head streamed" in m["plan"]["strategy"]
     peak, plan = m["peak_above_baseline_mib"] * MiB, m["plan"]["total_mib"] * MiB
     assert m["peak_was_reset"] and peak <= cap, m
-    assert abs(plan - peak) <= max(0.05 * peak, 2 * MiB), m
+    reserve = next(line["mib"] for line in m["plan"]["lines"] if line["item"] == "reserve") * MiB
+    slack = max(0.05 * peak, 2 * MiB)
+    assert plan - reserve - slack <= peak <= plan + slack, m
     uncapped = subprocess.run([sys.executable, "-m", "minillm", "generate", PROMPT, "--raw", "-m", str(gemma3_path),
                                "--temp", "0", "-n", "4", "-c", "128", "--json"], capture_output=True, text=True, timeout=300)
     assert uncapped.returncode == 0, uncapped.stderr

@@ -167,18 +167,78 @@ def tiny_q4_wide(tmp_path_factory):
                             embedding_type=Q.Q8_0)
 
 
-@pytest.mark.parametrize("method, shape", [("heads", (2, 2, 128)), ("ffn", (2, 4, 64)), ("layers", (1, 4, 128))])
-def test_structured_pruning_writes_a_smaller_model_llama_cpp_runs(tiny_q4_wide, tmp_path, method, shape):
-    """The pruned file is smaller; in --mode ggml minillm's logits equal llama.cpp's on it bit for bit."""
+# Tiny models of each architecture as the llama.cpp tests write them: Q4_1 matrices, a Q8_0 embedding,
+# FFN 128. Gemma 3's: 3 layers (0 and 1 local, a window of 64; 2 global), 4 query heads of 64 on one
+# KV head; Qwen 3's: Llama's 2 layers and 4:2 heads, heads of 32 apart from dim / n_heads.
+TINY = {"llama": {}, "gemma3": {"head_dim": 64}, "qwen3": {}}
+
+
+@pytest.fixture(scope="module", params=list(TINY))
+def tiny_q4_model(request, tmp_path_factory):
+    arch_name = request.param
+    path = write_tiny(tmp_path_factory.mktemp("prune") / f"tiny-{arch_name}.gguf", arch_name, ffn_dim=128,
+                      weight_type=Q.Q4_1, embedding_type=Q.Q8_0, **TINY[arch_name])
+    return arch_name, path
+
+
+# (method, sparsity) -> (n_layers, n_heads, ffn_dim) after, by architecture
+STRUCTURED = {
+    ("heads", 0.5): {"llama": (2, 2, 128), "gemma3": (3, 2, 128), "qwen3": (2, 2, 128)},
+    ("ffn", 0.5): {"llama": (2, 4, 64), "gemma3": (3, 4, 64), "qwen3": (2, 4, 64)},
+    ("layers", 0.4): {"llama": (1, 4, 128), "gemma3": (2, 4, 128), "qwen3": (1, 4, 128)},
+}
+
+
+@pytest.mark.parametrize("method, sparsity", list(STRUCTURED))
+def test_structured_pruning_writes_a_smaller_model_llama_cpp_runs(tiny_q4_model, tmp_path, method, sparsity):
+    """The pruned file is smaller; in --mode ggml minillm's logits equal llama.cpp's on it bit for bit
+    (Gemma 3: its per-head norms, windows and two RoPE bases; a cut layer's kind kept per layer)."""
+    arch_name, model = tiny_q4_model
     out = tmp_path / "pruned.gguf"
-    r = minillm("prune", tiny_q4_wide, "-o", out, "--method", method, "--sparsity", "0.5", "--calib", ALICE,
+    r = minillm("prune", model, "-o", out, "--method", method, "--sparsity", str(sparsity), "--calib", ALICE,
                 "--calib-tokens", "512", "--json", cwd=".")
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout)
-    assert (report["n_layers"], report["n_heads"], report["ffn_dim"]) == shape
+    assert report["architecture"] == arch_name
+    assert (report["n_layers"], report["n_heads"], report["ffn_dim"]) == STRUCTURED[method, sparsity][arch_name]
     assert report["file_mib_after"] < report["file_mib_before"]
     pytest.importorskip("llama_cpp")
     ids = [int(i) for i in IDS]
+    np.testing.assert_array_equal(minillm_logits(out, ids, "ggml"), llamacpp_logits(out, ids))
+
+
+def test_cutting_gemma3_layers_keeps_each_layers_window(tmp_path):
+    """Gemma 3 without its layer 1: the kept layers 0 (local) and 2 (global) keep their kinds in the
+    file's per-layer pattern, and the smaller model computes what the whole one computes with layer
+    1's branches zeroed (its windows and RoPE bases are those of the layers as they were)."""
+    model = write_tiny(tmp_path / "gemma3.gguf", "gemma3")
+    config, arrays = float_arrays(GGUFFile(model), np.float64)
+    small_config, small = without_layers(config, arrays, [1])
+    assert small_config.local_layers == (True, False)
+    for name in ("blk.1.post_attention_norm.weight", "blk.1.post_ffw_norm.weight"):  # the branches' last step
+        arrays = dict(arrays, **{name: np.zeros_like(arrays[name])})
+    want = logits(config, arrays)
+    np.testing.assert_allclose(logits(small_config, small), want, rtol=0, atol=reordering_atol(want))
+
+
+@pytest.mark.weights
+@pytest.mark.slow
+@pytest.mark.parametrize("method, sparsity, shape", [("layers", 0.2, (14, 4, 2048)), ("heads", 0.25, (18, 3, 2048))])
+def test_structured_pruning_of_gemma3_270m_runs_in_llama_cpp(gemma3_path, tmp_path, method, sparsity, shape):
+    """The real Gemma 3 270M cut by blocks (the 4 of 18 whose removal costs least; the rest keep their
+    windows in a per-layer pattern, copied byte for byte) or by heads (3 of 4 a layer: attn_q and
+    attn_output re-encoded in their Q5_0 and Q4_K, the embedding copied): llama.cpp loads the file and its logits equal
+    minillm's --mode ggml bit for bit, one token at a time (the comparison of test_gemma3_270m.py)."""
+    from minillm.train.prune import PruneConfig, prune_file
+    out = tmp_path / f"gemma3-{method}.gguf"
+    report = prune_file(PruneConfig(model=str(gemma3_path), output=str(out), method=method, sparsity=sparsity,
+                                    calib=ALICE, calib_tokens=32, window=32))
+    assert (report["n_layers"], report["n_heads"], report["ffn_dim"]) == shape
+    assert report["file_mib_after"] < report["file_mib_before"]
+    source, pruned = GGUFFile(gemma3_path), GGUFFile(out)
+    np.testing.assert_array_equal(pruned.data("token_embd.weight"), source.data("token_embd.weight"))
+    pytest.importorskip("llama_cpp")
+    ids = [2, 818, 5279, 529, 1032, 7001, 236764, 496]   # BOS, then the start of a sentence
     np.testing.assert_array_equal(minillm_logits(out, ids, "ggml"), llamacpp_logits(out, ids))
 
 
@@ -205,10 +265,18 @@ def test_bad_input_is_a_one_line_error_and_writes_nothing(tiny_q4_wide, tmp_path
     assert not any(tmp_path.iterdir())
 
 
-def test_pruning_another_architecture_is_a_one_line_error(tmp_path):
-    """Training runs on Gemma 3 and Qwen 3 too (LoRA), but pruning writes Llama's shapes: refused."""
-    model = write_tiny(tmp_path / "gemma3.gguf", "gemma3")
+def test_an_architecture_without_a_backward_pass_is_a_one_line_error(tmp_path, monkeypatch):
+    """Pruning ranks and cuts through the backward pass of the architecture (minillm.train.model.BACKWARD):
+    one that minillm runs but has none for yet is refused in one line (a UsageError: exit 2), and
+    nothing is written."""
+    from minillm.errors import UsageError
+    from minillm.train import model as trainable
+    from minillm.train.prune import PruneConfig, prune_file
+    model = write_tiny(tmp_path / "qwen3.gguf", "qwen3")
+    monkeypatch.delitem(trainable.BACKWARD, "qwen3")
     out = tmp_path / "pruned.gguf"
-    assert_one_line_error(minillm("prune", model, "-o", out, "--method", "magnitude", "--sparsity", "0.5"), 2,
-                          "minillm prune runs on llama models", "'gemma3'")
+    with pytest.raises(UsageError) as refusal:
+        prune_file(PruneConfig(model=str(model), output=str(out), method="magnitude", sparsity=0.5))
+    assert "\n" not in str(refusal.value)
+    assert "minillm prune runs on gemma3, llama models; this one is 'qwen3'" in str(refusal.value)
     assert not out.exists()

@@ -56,7 +56,7 @@ from minillm.train.grad import Distillation, mean_loss
 from minillm.train.importance import calibrate, frozen_model
 from minillm.train.loop import TrainSettings, train
 from minillm.train.model import float_arrays, inference_model, trainable_from_arrays
-from minillm.train.prune import (drop_layers, keep_neurons, magnitude_mask, row_mask, shape_metadata, top_neurons,
+from minillm.train.prune import (drop_layers, keep_neurons, magnitude_mask, row_mask, top_neurons,
                                  two_of_four_mask)
 from minillm.train.tape import WindowCache
 from minillm.weights import dequantized
@@ -367,7 +367,7 @@ assert best["kl"] < runs["the text only"][1]["kl"]
 # %%
 def write(label, c, a):
     types = source_types(tiny, a)                    # the source's types: F32 for this tiny model
-    return write_model(OUT / f"{label}.gguf", tiny, {n: (x, types[n]) for n, x in a.items()}, shape_metadata(c))
+    return write_model(OUT / f"{label}.gguf", tiny, {n: (x, types[n]) for n, x in a.items()}, c.shape_metadata())
 
 
 def forward_seconds(model, repeat=3):

@@ -208,7 +208,7 @@ assert np.mean([compliant(t) for t in after]) >= 0.8 > np.mean([compliant(t) for
 # needs attention heads that find and repeat a span, which its base does not have and 80 steps do not
 # build. SmolLM2 has them. `demos/lora_json_answers.py` trains the same kind of adapter on SmolLM2
 # (questions about sums, capitals, opposites and plurals) and measures it on held-out questions:
-# 0% compliant answers before, 100% after, 68% correct (the README's "Training" section).
+# 0% compliant answers before, 100% after, 62% correct (the README's "Training" section).
 #
 # ## 4. The adapter file
 #

@@ -24,7 +24,7 @@ What changes from Llama (minillm.arch.llama), and why:
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import numpy as np
@@ -78,6 +78,15 @@ class Gemma3Config(TransformerConfig):
         (which for the 27B model, 62 layers, uses dim / n_heads instead: Gemma's own config rule)."""
         per_head = self.dim // self.n_heads if self.n_layers == 62 else self.head_dim
         return float(np.float32(1) / np.sqrt(np.float32(per_head)))
+
+    def keep_layers(self, kept: list) -> "Gemma3Config":
+        """Fewer blocks, each kept block local or global as it was (its window and its RoPE base)."""
+        return replace(self, n_layers=len(kept), local_layers=tuple(self.local_layers[i] for i in kept))
+
+    def shape_metadata(self) -> dict:
+        """The common shape keys, and which blocks are local as one flag per block (llama.cpp reads
+        `sliding_window_pattern` as a per-layer array too): after blocks are cut, the period no longer says it."""
+        return {**super().shape_metadata(), "gemma3.attention.sliding_window_pattern": list(self.local_layers)}
 
     def rope_base_of(self, layer: int) -> float:
         return self.rope_local_base if self.local_layers[layer] else self.rope_base

@@ -6,8 +6,8 @@ from .output import print_json, say
 
 HELP = "prune a model: zero weights (magnitude, wanda, 2:4) or cut heads, FFN neurons or layers"
 EPILOG = ("Unstructured methods (magnitude, wanda, 2:4) keep the shapes: the file is as large and runs as fast "
-          "until a kernel skips zeros. Structured ones (heads, ffn, layers) write a smaller model that minillm "
-          "and llama.cpp run as any Llama.")
+          "until a kernel skips zeros. Structured ones (heads, ffn, layers) write a smaller model of the same "
+          "architecture (Llama, Gemma 3, Qwen 3) that minillm and llama.cpp run.")
 
 
 def add_arguments(p):

@@ -27,11 +27,10 @@ from pathlib import Path
 import numpy as np
 
 from .. import arch
-from ..arch.llama import LlamaConfig
+from ..config import TransformerConfig
 from ..errors import MinillmError, UsageError
 from ..linear import FloatEmbedding
 from ..gguf import GGUFFile
-from ..kvcache import KVCache
 from ..registry import resolve_model
 from ..runtime import RunConfig, load
 from ..tokenizer import Tokenizer
@@ -40,10 +39,10 @@ from .data import batches, read_texts, split_held_out, text_windows
 from .evaluate import HeldOut
 from .grad import Distillation
 from .importance import calibrate
-from .model import check_trainable, float_arrays, inference_model, trainable_from_arrays
+from .model import check_trainable, float_arrays, inference_cache, inference_model, trainable_from_arrays
 from .loop import TrainSettings, train
 from .losses import teacher_targets
-from .prune import drop_layers, keep_heads, keep_neurons, shape_metadata, top_heads, top_neurons
+from .prune import drop_layers, keep_heads, keep_neurons, top_heads, top_neurons
 from .tape import FrozenEmbedding
 
 
@@ -81,8 +80,12 @@ def parse_student(spec: str) -> list[tuple[str, int]]:
     return steps
 
 
-def check_smaller(teacher: LlamaConfig, student: LlamaConfig, what: str):
-    """A student must be the teacher's shape or smaller in every dimension, with the same width and vocabulary."""
+def check_smaller(teacher: TransformerConfig, student: TransformerConfig, what: str):
+    """A student must be of the teacher's architecture, its shape or smaller in every dimension, with
+    the same width and vocabulary."""
+    if student.architecture != teacher.architecture:
+        raise MinillmError(f"{what}: the student is a {student.architecture} model, the teacher a "
+                           f"{teacher.architecture} model: distillation here cuts the student from the teacher's kind")
     larger = [f"{name} {getattr(student, name)} > {getattr(teacher, name)}" for name in ("n_layers", "ffn_dim", "n_heads")
               if getattr(student, name) > getattr(teacher, name)]
     if larger:
@@ -93,7 +96,7 @@ def check_smaller(teacher: LlamaConfig, student: LlamaConfig, what: str):
                                f"{getattr(teacher, name)}: distillation here needs the same width and vocabulary")
 
 
-def student_from_teacher(config: LlamaConfig, arrays: dict, spec: str, windows: list, threads: int):
+def student_from_teacher(config: TransformerConfig, arrays: dict, spec: str, windows: list, threads: int):
     """The teacher's weights cut down as the spec says, each cut ranked on the calibration windows."""
     for kind, n in parse_student(spec):
         target = {"layers": "n_layers", "ffn": "ffn_dim", "heads": "n_heads"}[kind]
@@ -113,10 +116,11 @@ def student_from_teacher(config: LlamaConfig, arrays: dict, spec: str, windows: 
 
 
 def with_teacher_targets(teacher, windows: list, k: int, temperature: float) -> list:
-    """Each window with the teacher's top-k next tokens and log-probabilities at the temperature."""
+    """Each window with the teacher's top-k next tokens and log-probabilities at the temperature
+    (each window on a cache of its own, in its architecture's attention pattern: Gemma 3's windows)."""
     out = []
     for ex in windows:
-        logits = teacher.forward(ex.ids, KVCache(teacher.config, len(ex.ids)))
+        logits = teacher.forward(ex.ids, inference_cache(teacher.config, len(ex.ids)))
         ids, logprobs = teacher_targets(logits, k, temperature)
         out.append(replace(ex, teacher_ids=ids, teacher_logprobs=logprobs))
     return out
@@ -139,7 +143,7 @@ def distill(config: DistillConfig, announce=print, progress: bool | None = None)
     threads = config.train.threads
     teacher_gguf = GGUFFile(resolve_model(config.teacher, announce=announce))
     teacher_config = arch.read_config(teacher_gguf.metadata, teacher_gguf.path)
-    check_trainable(teacher_config, ("llama",), "minillm distill")
+    check_trainable(teacher_config, what="minillm distill")
     tokens = Tokenizer.from_metadata(teacher_gguf.metadata).encode(read_texts(config.text))
     train_windows, held_windows = split_held_out(text_windows(tokens, config.window), config.held_out)
     held_tokens = np.concatenate([w.ids for w in held_windows] + [held_windows[-1].targets[-1:]])
@@ -147,8 +151,9 @@ def distill(config: DistillConfig, announce=print, progress: bool | None = None)
                                 threads=threads), announce=lambda _: None)
     held = HeldOut(held_tokens, config.eval_ctx, base=teacher_rt.model)
     if config.student.endswith(".gguf") or Path(config.student).is_file():
-        student_config, arrays = float_arrays(GGUFFile(config.student))
-        check_trainable(student_config, ("llama",), "minillm distill")
+        student_gguf = GGUFFile(config.student)
+        check_trainable(arch.read_config(student_gguf.metadata, student_gguf.path), what="minillm distill")
+        student_config, arrays = float_arrays(student_gguf)
         check_smaller(teacher_config, student_config, config.student)
     else:
         student_config, arrays = student_from_teacher(*float_arrays(teacher_gguf), config.student,
@@ -161,7 +166,7 @@ def distill(config: DistillConfig, announce=print, progress: bool | None = None)
         model.weights.embedding = FrozenEmbedding(FloatEmbedding(arrays["token_embd.weight"]))
     tensors = lambda: {name: (w, types[name]) for name, w in arrays.items()}   # noqa: E731
     types = source_types(teacher_gguf, arrays)
-    metadata = shape_metadata(student_config, teacher_gguf.metadata["general.architecture"])
+    metadata = student_config.shape_metadata()
     figures = {"teacher": file_figures(teacher_gguf.path, held, train_windows[0].ids[:64].tolist(), threads)}
     with tempfile.TemporaryDirectory() as tmp:
         write_model(Path(tmp) / "student-initial.gguf", teacher_gguf, tensors(), metadata)

@@ -4,8 +4,8 @@ training), over the same chunks."""
 
 import numpy as np
 
-from ..kvcache import KVCache
 from ..verify.perplexity import count_chunks, kl_divergence, model_base_chunks, perplexity
+from .model import inference_cache
 
 
 class HeldOut:
@@ -22,7 +22,8 @@ class HeldOut:
             self.base_chunks = list(model_base_chunks(base, self.cache_for(base), self.tokens, n_ctx, self.n_chunk))
 
     def cache_for(self, model):
-        return lambda: KVCache(model.config, self.n_ctx)
+        """New caches of a chunk's length, in the model's attention pattern (Gemma 3's windows)."""
+        return lambda: inference_cache(model.config, self.n_ctx)
 
     def __call__(self, model) -> dict:
         """{"perplexity"}, and with a base also "kl" (mean exact KL(base || model)), "same_top" (the

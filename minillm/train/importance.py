@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..arch.llama import LlamaConfig
+from ..config import TransformerConfig
 from . import model as trainable
 from .losses import cross_entropy
 from .model import Trainable, linears, trainable_from_arrays
@@ -35,12 +35,12 @@ class Calibration:
     tokens: int
 
 
-def frozen_model(config: LlamaConfig, arrays: dict) -> Trainable:
+def frozen_model(config: TransformerConfig, arrays: dict) -> Trainable:
     """Float weights (GGUF name -> array) that a backward pass goes through without their gradients."""
     return trainable_from_arrays(config, arrays, frozen=True)
 
 
-def calibrate(config: LlamaConfig, arrays: dict, windows: list, with_scores: bool = True) -> Calibration:
+def calibrate(config: TransformerConfig, arrays: dict, windows: list, with_scores: bool = True) -> Calibration:
     """Input norms from forward passes over the calibration windows; with `with_scores`, also the
     head and neuron scores from a backward pass of each window's cross-entropy."""
     model = frozen_model(config, arrays)

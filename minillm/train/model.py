@@ -24,6 +24,7 @@ from .. import arch
 from ..arch.common import OUTPUT
 from ..attention import parse_attention
 from ..errors import UsageError
+from ..kvcache import new_cache
 from ..linear import FloatEmbedding, FloatLinear
 from ..model import Model
 from ..ops.f32 import F32
@@ -42,11 +43,18 @@ def training_ops(dtype=np.float32):
     return Oracle() if np.dtype(dtype) == np.float64 else F32()
 
 
-def check_trainable(config, supported=tuple(BACKWARD), what: str = "training"):
-    """UsageError unless `what` supports the config's architecture (training: those with a backward pass)."""
+def check_trainable(config, supported=None, what: str = "training"):
+    """UsageError unless `what` supports the config's architecture (by default: those with a backward pass)."""
+    supported = BACKWARD if supported is None else supported
     if config.architecture not in supported:
         raise UsageError(f"{what} runs on {', '.join(sorted(supported))} models; this one is "
                          f"{config.architecture!r}")
+
+
+def inference_cache(config, max_len: int):
+    """A KV cache of max_len positions as inference holds it (minillm.kvcache.new_cache), each layer
+    in the architecture's own attention pattern: the teacher's targets and held-out evaluation."""
+    return new_cache(config, max_len, parse_attention(arch.of(config).default_attention(config)))
 
 
 def window_cache(config, segments=None) -> WindowCache:

@@ -11,8 +11,14 @@
 
 The first three only put zeros into matrices of the same shape: the file is as large as before and
 runs exactly as fast, until a kernel skips zeros (2:4 is the pattern sparse tensor cores do skip).
-The last three change the shapes (llama.attention.head_count, llama.feed_forward_length,
-llama.block_count), so the file is smaller and faster, and llama.cpp runs it as any Llama.
+The last three change the shapes (`{arch}.attention.head_count`, `.feed_forward_length`,
+`.block_count`, and Gemma 3's per-block windows: the config's `shape_metadata`), so the file is
+smaller and faster, and llama.cpp runs it as any model of its architecture. Every architecture with
+a backward pass (minillm.train.model.BACKWARD: Llama, Gemma 3, Qwen 3) is pruned the same way: the
+cuts select rows and columns of the matrices every block has (attn_q, attn_output, ffn_gate,
+ffn_up, ffn_down), and the norms of Q and K per head (Gemma 3, Qwen 3) are shared by all heads.
+Tensors a cut leaves as they were (the embedding; every kept block's, for `layers`) are copied as
+stored, byte for byte.
 
 Heads are cut the same way in every group that shares a key/value head (grouped-query attention
 needs n_heads / n_kv_heads query heads per KV head), FFN widths stay whole multiples of 32 (a
@@ -26,16 +32,17 @@ from dataclasses import dataclass, replace
 import numpy as np
 from gguf import GGMLQuantizationType
 
-from .. import formats
-from ..arch.llama import LlamaConfig
+from .. import arch
+from ..config import TransformerConfig
 from ..errors import UsageError
 from ..gguf import GGUFFile
 from ..registry import resolve_model
 from ..tokenizer import Tokenizer
-from .checkpoint import source_types, write_model
+from .checkpoint import source_types, stored_as_is, write_model
 from .data import read_texts, text_windows
 from .grad import mean_loss
 from .importance import Calibration, calibrate, frozen_model
+from ..weights import dequantized
 from .model import check_trainable, float_arrays
 
 METHODS = ("magnitude", "wanda", "2:4", "heads", "ffn", "layers")
@@ -105,17 +112,18 @@ def unstructured(arrays: dict, method: str, sparsity: float, calibration: Calibr
 # ---------------------------------------------------------------------------------------------
 # Structured: smaller shapes.
 
-def without_layers(config: LlamaConfig, arrays: dict, drop) -> tuple[LlamaConfig, dict]:
-    """The model without the blocks in `drop`, the others renumbered 0, 1, ... in their order."""
+def without_layers(config: TransformerConfig, arrays: dict, drop) -> tuple[TransformerConfig, dict]:
+    """The model without the blocks in `drop`, the others renumbered 0, 1, ... in their order (each
+    keeps its kind: config.keep_layers)."""
     kept = [i for i in range(config.n_layers) if i not in set(drop)]
     out = {name: w for name, w in arrays.items() if not name.startswith("blk.")}
     for new, old in enumerate(kept):
         prefix = f"blk.{old}."
         out.update({f"blk.{new}.{name[len(prefix):]}": w for name, w in arrays.items() if name.startswith(prefix)})
-    return replace(config, n_layers=len(kept)), out
+    return config.keep_layers(kept), out
 
 
-def keep_heads(config: LlamaConfig, arrays: dict, keep: np.ndarray) -> tuple[LlamaConfig, dict]:
+def keep_heads(config: TransformerConfig, arrays: dict, keep: np.ndarray) -> tuple[TransformerConfig, dict]:
     """Only the query heads keep[i] (n_layers, n_kept) of each layer i: their head_dim rows of attn_q
     and columns of attn_output. keep[i] lists the same number of heads from each KV group, in order,
     so new head h still reads KV head h // (n_kept / n_kv_heads)."""
@@ -128,7 +136,7 @@ def keep_heads(config: LlamaConfig, arrays: dict, keep: np.ndarray) -> tuple[Lla
     return replace(config, n_heads=keep.shape[1]), out
 
 
-def keep_neurons(config: LlamaConfig, arrays: dict, keep: np.ndarray) -> tuple[LlamaConfig, dict]:
+def keep_neurons(config: TransformerConfig, arrays: dict, keep: np.ndarray) -> tuple[TransformerConfig, dict]:
     """Only the FFN neurons keep[i] (n_layers, n_kept) of each layer: rows of gate and up, columns of down."""
     out = dict(arrays)
     for i, neurons in enumerate(keep):
@@ -138,7 +146,7 @@ def keep_neurons(config: LlamaConfig, arrays: dict, keep: np.ndarray) -> tuple[L
     return replace(config, ffn_dim=keep.shape[1]), out
 
 
-def top_heads(config: LlamaConfig, scores: np.ndarray, per_group: int) -> np.ndarray:
+def top_heads(config: TransformerConfig, scores: np.ndarray, per_group: int) -> np.ndarray:
     """(n_layers, n_kv_heads * per_group): in every KV group of every layer, the per_group best heads."""
     group = config.group_size
     by_group = scores.reshape(config.n_layers, config.n_kv_heads, group)
@@ -151,21 +159,21 @@ def top_neurons(scores: np.ndarray, n_kept: int) -> np.ndarray:
     return np.sort(np.argsort(-scores, axis=-1)[:, :n_kept], axis=-1)
 
 
-def heads_kept(config: LlamaConfig, sparsity: float) -> int:
+def heads_kept(config: TransformerConfig, sparsity: float) -> int:
     """Query heads kept per KV group: round((1 - S) * group), at least 1."""
     return max(1, round((1 - sparsity) * config.group_size))
 
 
-def neurons_kept(config: LlamaConfig, sparsity: float) -> int:
+def neurons_kept(config: TransformerConfig, sparsity: float) -> int:
     """(1 - S) * ffn_dim rounded to a multiple of BLOCK, at least BLOCK."""
     return max(BLOCK, int(round((1 - sparsity) * config.ffn_dim / BLOCK)) * BLOCK)
 
 
-def layers_dropped(config: LlamaConfig, sparsity: float) -> int:
+def layers_dropped(config: TransformerConfig, sparsity: float) -> int:
     return min(config.n_layers - 1, round(sparsity * config.n_layers))
 
 
-def layer_losses(config: LlamaConfig, arrays: dict, windows: list, threads: int = 1) -> np.ndarray:
+def layer_losses(config: TransformerConfig, arrays: dict, windows: list, threads: int = 1) -> np.ndarray:
     """(n_layers,) the mean calibration cross-entropy of the model without each block in turn: a
     block whose removal costs least matters least (measured, not estimated)."""
     losses = []
@@ -175,8 +183,8 @@ def layer_losses(config: LlamaConfig, arrays: dict, windows: list, threads: int 
     return np.array(losses)
 
 
-def structured(config: LlamaConfig, arrays: dict, method: str, sparsity: float, calibration: Calibration,
-               windows: list, threads: int = 1) -> tuple[LlamaConfig, dict]:
+def structured(config: TransformerConfig, arrays: dict, method: str, sparsity: float, calibration: Calibration,
+               windows: list, threads: int = 1) -> tuple[TransformerConfig, dict]:
     if method == "heads":
         return keep_heads(config, arrays, top_heads(config, calibration.head_scores, heads_kept(config, sparsity)))
     if method == "ffn":
@@ -184,18 +192,10 @@ def structured(config: LlamaConfig, arrays: dict, method: str, sparsity: float, 
     return drop_layers(config, arrays, layers_dropped(config, sparsity), windows, threads)
 
 
-def drop_layers(config: LlamaConfig, arrays: dict, n_drop: int, windows: list, threads: int = 1):
+def drop_layers(config: TransformerConfig, arrays: dict, n_drop: int, windows: list, threads: int = 1):
     """The model without the n_drop blocks whose removal alone costs the least calibration loss."""
     losses = layer_losses(config, arrays, windows, threads) if n_drop else np.zeros(config.n_layers)
     return without_layers(config, arrays, np.argsort(losses)[:n_drop])
-
-
-def shape_metadata(config: LlamaConfig, arch: str = "llama") -> dict:
-    """The metadata keys that describe the (possibly pruned) shapes. head_dim is written explicitly
-    (key_length): with fewer heads, dim / n_heads no longer gives it."""
-    return {f"{arch}.block_count": config.n_layers, f"{arch}.feed_forward_length": config.ffn_dim,
-            f"{arch}.attention.head_count": config.n_heads, f"{arch}.attention.key_length": config.head_dim,
-            f"{arch}.attention.value_length": config.head_dim}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,8 +237,8 @@ def prune_file(config: PruneConfig) -> dict:
     """Prune the model, write it (under a temporary name, renamed at the end) and report what changed."""
     config.check()
     gguf = GGUFFile(resolve_model(config.model))
+    check_trainable(arch.read_config(gguf.metadata, gguf.path), what="minillm prune")
     model_config, arrays = float_arrays(gguf)
-    check_trainable(model_config, ("llama",), "minillm prune")
     windows = calibration_windows(gguf, config)
     calibration = calibrate(model_config, arrays, windows, with_scores=config.method in ("heads", "ffn")) \
         if windows and config.method != "layers" else None
@@ -250,15 +250,18 @@ def prune_file(config: PruneConfig) -> dict:
     types = source_types(gguf, pruned)
     if config.out_type != "same":
         types.update({name: GGMLQuantizationType[config.out_type.upper()] for name in block_matrices(pruned)})
-    metadata = {} if config.method in UNSTRUCTURED else shape_metadata(new_config, gguf.metadata["general.architecture"])
-    write_model(config.output, gguf, {name: (w, types[name]) for name, w in pruned.items()}, metadata)
-    return pruning_report(config, gguf, model_config, new_config, arrays, pruned, types)
+    metadata = {} if config.method in UNSTRUCTURED else new_config.shape_metadata()
+    origins = {id(w): name for name, w in arrays.items()}
+    write_model(config.output, gguf, stored_as_is(gguf, pruned, origins, types), metadata)
+    return pruning_report(config, gguf, new_config, arrays, pruned)
 
 
-def pruning_report(config, gguf, before: LlamaConfig, after: LlamaConfig, arrays, pruned, types) -> dict:
+def pruning_report(config, gguf, after: TransformerConfig, arrays, pruned) -> dict:
     blocks = block_matrices(pruned)
-    stored = {name: formats.dequantize(formats.quantize(pruned[name], types[name]), types[name]) for name in blocks}
+    written = GGUFFile(config.output)
+    stored = {name: dequantized(written, name) for name in blocks}      # the zeros as the file holds them
     report = {"method": config.method, "sparsity": config.sparsity, "output": os.path.abspath(config.output),
+              "architecture": after.architecture,
               "file_mib_before": gguf.file_size / 2**20, "file_mib_after": os.path.getsize(config.output) / 2**20,
               "parameters_before": int(sum(w.size for w in arrays.values())),
               "parameters_after": int(sum(w.size for w in pruned.values())),

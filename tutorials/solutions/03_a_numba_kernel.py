@@ -137,12 +137,12 @@ def simd_share(kernel):
 
 groups = numba.njit(q4_1.Q4_1Rows.compile_kernels(vnni=False)[0].py_func, cache=False)   # the loops, compiled here to be read
 packed = lib.kernels.rows
-act = packed.new_activation()
-packed.quantize(x[None], act)                   # a batch of one activation
+act = packed.new_activation()                 # a batch of one activation
+packed.quantize(x[None], act)
 y_groups = np.empty((1, N), np.float32)
 groups(packed.blocks, packed.w16, packed.w32, act.q16, act.d, act.sums, act.dsums, packed.new_scratch(1)[0], y_groups,
        0, packed.n_groups)
-assert np.array_equal(y_groups[0], lib(x[None])[0])
+assert np.array_equal(y_groups, lib(x[None]))
 for label, kernel in (("int32 loops, one row at a time", integer), ("minillm, 32 rows at a time", groups)):
     total, simd = simd_share(kernel)
     print(f"{label:32} {simd:5} of {total:5} instructions on ymm/zmm registers ({simd / total:.0%})")
