@@ -13,8 +13,8 @@ A field of width w keeps its w bytes together: the float16 d of row r is bytes 2
 bytes 4f .. 4f + 3 of row r are bytes (4 + 4f) * 32 + 4r .. + 3 (rows.word_byte). Every loop "for
 each row of the group" then reads consecutive memory, and LLVM turns it into SIMD instructions that
 do 16 or 32 rows at once, the float work included. The codes come in words of 4 bytes because
-that is what AVX512-VNNI's integer dot product multiplies per lane (kernels/vnni.py): one 64-byte
-load holds 4 code bytes of each of 16 rows. The bytes are the same, only their order
+that is what x86's byte dot products (AVX512-VNNI's, AVX2's) multiply per lane (kernels/vnni.py):
+one 64-byte load holds 4 code bytes of each of 16 rows. The bytes are the same, only their order
 changes (a group-block of 32 Q4_1 rows is 32 x 20 bytes); a matrix whose row count is not a
 multiple of GROUP_ROWS gets zero rows after its last one, which no kernel writes out.
 
@@ -25,7 +25,7 @@ that the memory plan can count re-laid bytes without importing Numba.
 
 import numpy as np
 
-GROUP_ROWS = 32   # rows re-laid together: two AVX-512 registers of 32-bit lanes (VNNI), or of 16-bit lanes on AVX2
+GROUP_ROWS = 32   # rows re-laid together: two 512-bit registers of 32-bit lanes (kernels/vnni.py), or of 16-bit lanes
 # GGUF rows are re-laid (and streamed ones read) this many bytes of them at a time, so that a
 # memory-mapped source can be let go of as the copy advances and a staging buffer stays small.
 RELAY_CHUNK_BYTES = 1 << 20

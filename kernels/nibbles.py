@@ -15,9 +15,10 @@ code bytes 4..7 of the 32 rows, and so on: byte j of row r is at `codes + word_b
 `codes` = GROUP_ROWS * (header bytes).
 
 A block's integer dot product with the int8 activation q, sum_e code_e q_e, is computed here for
-all rows of a group at once. Where the CPU has AVX512-VNNI, by its instruction (`nibble_sums_vnni`,
-`fifth_bit_sums_vnni`, kernels/vnni.py: 4 bytes of 16 rows at a time, why the codes come in words);
-elsewhere by loops that LLVM turns into 16-bit SIMD lanes (`nibble_sums`, `fifth_bit_sums`): products are at most 31 * 127, so sums of up to 16 of them, kept signed (codes
+all rows of a group at once. On x86 CPUs with AVX512-VNNI or AVX2, by their byte dot products
+(`nibble_sums_vnni`, `fifth_bit_sums_vnni`, kernels/vnni.py: 4 bytes of 16 rows at a time, why the
+codes come in words); elsewhere by loops that LLVM turns into 16-bit SIMD lanes (`nibble_sums`,
+`fifth_bit_sums`): products are at most 31 * 127, so sums of up to 16 of them, kept signed (codes
 centred on 16 for Q5), fit an int16. The two give the same integers. The four formats then differ
 only in constants, which each passes to the kernels here (`CodeRows`): where the codes and fifth
 bits sit, the code their weights are centred on (8, 16 or 0: w = d (code - centre) [+ m]), whether
@@ -37,7 +38,7 @@ from ._jit import jit, jit_inline
 from .activations import Int8Rows
 from .f16 import f16_to_f32
 from .ggml import add_block, ggml_buffers, start_group, widen_fields, write_ggml_group
-from .rows import GROUP_ROWS, check_vnni_reads, group_buffers, read_only, word_byte, write_group
+from .rows import GROUP_ROWS, byte_of, check_vnni_reads, group_buffers, read_only, sixteen_bytes, word_byte, write_group
 from .vnni import fifth_bit_lanes_vnni, fifth_bit_sums_vnni, nibble_lanes_vnni, nibble_sums_vnni
 
 
@@ -144,9 +145,9 @@ def code_kernels(codes: int, qh: int, five_bit: bool, centre: int, has_m: bool, 
     vectorizing most loops, 12 times slower): codes, where a group-block's code bytes start; qh, the
     32-bit word where its fifth bits start (five_bit); centre, the code the weights are centred on;
     has_m, a minimum after d; dw_first, ggml's generic C multiplies sumi by dW before dx; vnni, the
-    integer sums by AVX512-VNNI (kernels/vnni.py: only where the CPU has it).
+    integer sums by byte dot products (kernels/vnni.py: only where the CPU has them, `DOT_BYTES`).
     -> (matvec_groups, dequantize_rows, ggml_matvec_groups)"""
-    # isum' = isum + shift qsum: the loops' sums are centred on 16 (Q5) or 0 (Q4); VNNI's on the centre
+    # isum' = isum + shift qsum: the loops' sums are centred on 16 (Q5) or 0 (Q4); the intrinsics' on the centre
     shift = 0 if vnni else (16 if five_bit else 0) - centre
 
     def matvec_groups(blocks, w16, w32, q16, xd, qsum, dsums, scratch, out, first, stop):
@@ -195,9 +196,10 @@ def code_kernels(codes: int, qh: int, five_bit: bool, centre: int, has_m: bool, 
                 m = np.float32(0)
                 if has_m:
                     m = f16_to_f32(w16[g, b, GROUP_ROWS + r])
+                first, second = sixteen_bytes(w32, g, b, codes // 4, r)
                 for j in range(16):
                     # elements j and j + 16, minus 16 (with no fifth bits, Q4's nibbles minus 16)
-                    low, high = codes5(np.int16(blocks[g, b, codes + word_byte(j, r)]), bits, j)
+                    low, high = codes5(byte_of(first, second, j), bits, j)
                     w_low = d * np.float32(low + 16 - centre)
                     w_high = d * np.float32(high + 16 - centre)
                     if has_m:
@@ -242,11 +244,11 @@ class CodeRows(Int8Rows):
     `code_kernels`; subclasses set `fields`, `constants` and `kernels`."""
 
     constants = None    # the format's (codes, qh, five_bit, centre, has_m, dw_first) for code_kernels
-    kernels = None      # code_kernels(*constants, VNNI)
+    kernels = None      # code_kernels(*constants, DOT_BYTES)
 
     @classmethod
     def compile_kernels(cls, vnni: bool) -> tuple:
-        """The format's kernels, with or without AVX512-VNNI (kernels/vnni.py; the tests run both)."""
+        """The format's kernels, with or without byte dot products (kernels/vnni.py; the tests run both)."""
         return code_kernels(*cls.constants, vnni)
 
     def __init__(self, storage, n_rows, n_cols):

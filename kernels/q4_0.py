@@ -15,7 +15,7 @@ NumPy references: minillm.formats.q4_0.
 
 from .layout import GROUP_ROWS
 from .nibbles import CodeRows, code_kernels
-from .vnni import VNNI
+from .vnni import DOT_BYTES
 
 
 class Q4_0Rows(CodeRows):
@@ -24,7 +24,7 @@ class Q4_0Rows(CodeRows):
     type_size = 18
     fields = (2,) + (4,) * 4
     constants = (2 * GROUP_ROWS, 0, False, 8, False, True)    # codes, qh, five_bit, centre, has_m, dw_first
-    kernels = code_kernels(*constants, VNNI)
+    kernels = code_kernels(*constants, DOT_BYTES)
 
 
 matvec_groups_q4_0, dequantize_rows_q4_0, ggml_matvec_groups_q4_0 = Q4_0Rows.kernels

@@ -19,7 +19,7 @@ NumPy references: minillm.formats.q4_1.
 
 from .layout import GROUP_ROWS
 from .nibbles import CodeRows, code_kernels
-from .vnni import VNNI
+from .vnni import DOT_BYTES
 
 
 class Q4_1Rows(CodeRows):
@@ -28,7 +28,7 @@ class Q4_1Rows(CodeRows):
     type_size = 20
     fields = (2, 2) + (4,) * 4
     constants = (4 * GROUP_ROWS, 0, False, 0, True, False)    # codes, qh, five_bit, centre, has_m, dw_first
-    kernels = code_kernels(*constants, VNNI)
+    kernels = code_kernels(*constants, DOT_BYTES)
 
 
 matvec_groups_q4_1, dequantize_rows_q4_1, ggml_matvec_groups_q4_1 = Q4_1Rows.kernels

@@ -14,7 +14,7 @@ constants. A block's dot product with the int8 activation (dx, q) is d dx isum, 
 
 from .layout import GROUP_ROWS
 from .nibbles import CodeRows, code_kernels
-from .vnni import VNNI
+from .vnni import DOT_BYTES
 
 
 class Q5_0Rows(CodeRows):
@@ -23,7 +23,7 @@ class Q5_0Rows(CodeRows):
     type_size = 22
     fields = (2, 4) + (4,) * 4
     constants = (6 * GROUP_ROWS, GROUP_ROWS // 2, True, 16, False, False)    # codes, qh, five_bit, centre, has_m, dw_first
-    kernels = code_kernels(*constants, VNNI)
+    kernels = code_kernels(*constants, DOT_BYTES)
 
 
 matvec_groups_q5_0, dequantize_rows_q5_0, ggml_matvec_groups_q5_0 = Q5_0Rows.kernels

@@ -15,7 +15,7 @@ isum = sum_e code_e q_e and qsum exact integers. NumPy references: minillm.forma
 
 from .layout import GROUP_ROWS
 from .nibbles import CodeRows, code_kernels
-from .vnni import VNNI
+from .vnni import DOT_BYTES
 
 
 class Q5_1Rows(CodeRows):
@@ -24,7 +24,7 @@ class Q5_1Rows(CodeRows):
     type_size = 24
     fields = (2, 2, 4) + (4,) * 4
     constants = (8 * GROUP_ROWS, GROUP_ROWS, True, 0, True, False)    # codes, qh, five_bit, centre, has_m, dw_first
-    kernels = code_kernels(*constants, VNNI)
+    kernels = code_kernels(*constants, DOT_BYTES)
 
 
 matvec_groups_q5_1, dequantize_rows_q5_1, ggml_matvec_groups_q5_1 = Q5_1Rows.kernels

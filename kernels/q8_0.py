@@ -8,8 +8,9 @@ A Q8_0 block is a float16 scale d and 32 int8 weights q, w = d q. A group-block 
     16-bit word r: d of row r        byte 64 + word_byte(e, r): weight e of row r (int8)
 
 A block's dot product with the int8 activation (dx, qx) is d dx isum, isum = sum_e q_e qx_e, an
-exact integer: by AVX512-VNNI where the CPU has it (`weight_sums_vnni`, kernels/vnni.py), else by
-loops LLVM turns into 16-bit SIMD lanes (`pair_sums`); the two give the same integers.
+exact integer: by byte dot products where the CPU has AVX512-VNNI or AVX2 (`weight_sums_vnni`,
+kernels/vnni.py), else by loops LLVM turns into 16-bit SIMD lanes (`pair_sums`); the two give the
+same integers.
 
 NumPy references (minillm.formats.q8_0), reading GGUF's layout: `Q8_0.dequantize` for
 `dequantize_rows_q8_0` (bit-identical); float64 `Q8_0.dequantize(W) @ x` for `matvec_groups_q8_0`,
@@ -22,8 +23,9 @@ from ._jit import jit, jit_inline
 from .activations import Int8Rows
 from .f16 import f16_to_f32
 from .ggml import add_block, ggml_buffers, start_group, widen_fields, write_ggml_group
-from .rows import GROUP_ROWS, check_vnni_reads, group_buffers, read_only, word_byte, write_group
-from .vnni import VNNI, weight_lanes_vnni, weight_sums_vnni
+from .rows import (GROUP_ROWS, byte_of, check_vnni_reads, group_buffers, pick, read_only, sixteen_bytes, word_byte,
+                   write_group)
+from .vnni import DOT_BYTES, weight_lanes_vnni, weight_sums_vnni
 
 WEIGHTS = 2 * GROUP_ROWS   # where a group-block's weights start: after 32 d
 
@@ -65,8 +67,8 @@ weight_lanes = jit_inline(_weight_lanes)
 
 
 def q8_0_kernels(vnni: bool) -> tuple:
-    """The Q8_0 matvec and ggml's, their integer sums by AVX512-VNNI (kernels/vnni.py: only where the
-    CPU has it) or by loops (`pair_sums`, `weight_lanes`). -> (matvec_groups, ggml_matvec_groups)"""
+    """The Q8_0 matvec and ggml's, their integer sums by byte dot products (kernels/vnni.py: only where
+    the CPU has them) or by loops (`pair_sums`, `weight_lanes`). -> (matvec_groups, ggml_matvec_groups)"""
 
     def matvec_groups_q8_0(w8, w16, q16, xd, scratch, out, first, stop):
         """out[:, rows of groups first..stop-1] = those rows of W times each of B activations, on the
@@ -122,21 +124,27 @@ def q8_0_kernels(vnni: bool) -> tuple:
     return jit(matvec_groups_q8_0), jit(ggml_matvec_groups_q8_0)
 
 
-matvec_groups_q8_0, ggml_matvec_groups_q8_0 = q8_0_kernels(VNNI)
+matvec_groups_q8_0, ggml_matvec_groups_q8_0 = q8_0_kernels(DOT_BYTES)
 
 
-def _dequantize_rows_q8_0(w8, w16, ids, out):
+def _dequantize_rows_q8_0(w16, w32, ids, out):
     """out[i] = row ids[i] as float32, bit-identical to `minillm.formats.Q8_0.dequantize`.
 
-    w8, w16: views of the re-laid rows; ids: (n,) int64 row numbers; out: (n, K) f32. Serial: the
-    prefill path hands each tile to BLAS, whose threads would contend with Numba's. Allocation: none.
+    w16, w32: views of the re-laid rows; ids: (n,) int64 row numbers; out: (n, K) f32. A block's
+    weights are read as four 64-bit words (`sixteen_bytes`), so that the loop over them vectorizes.
+    Serial: the prefill path hands each tile to BLAS, whose threads would contend with Numba's.
+    Allocation: none.
     """
     for i in range(ids.shape[0]):
         g, r = divmod(ids[i], GROUP_ROWS)
         for b in range(out.shape[1] // 32):
             d = f16_to_f32(w16[g, b, r])
+            first, second = sixteen_bytes(w32, g, b, WEIGHTS // 4, r)                    # weights 0..15
+            third, fourth = sixteen_bytes(w32, g, b, WEIGHTS // 4 + 4 * GROUP_ROWS, r)   # weights 16..31
             for e in range(32):
-                out[i, 32 * b + e] = np.float32(w8[g, b, WEIGHTS + word_byte(e, r)]) * d
+                half = e >> 4
+                weight = np.int8(byte_of(pick(first, third, half), pick(second, fourth, half), e & 15))
+                out[i, 32 * b + e] = np.float32(weight) * d
 
 
 dequantize_rows_q8_0 = jit(_dequantize_rows_q8_0)
@@ -151,7 +159,7 @@ class Q8_0Rows(Int8Rows):
 
     @classmethod
     def compile_kernels(cls, vnni: bool) -> tuple:
-        """The kernels, with or without AVX512-VNNI (kernels/vnni.py; the tests run both)."""
+        """The kernels, with or without byte dot products (kernels/vnni.py; the tests run both)."""
         matvec_groups, ggml_matvec_groups = q8_0_kernels(vnni)
         return matvec_groups, dequantize_rows_q8_0, ggml_matvec_groups
 
@@ -159,12 +167,13 @@ class Q8_0Rows(Int8Rows):
         super().__init__(storage, n_rows, n_cols)
         self.w8 = read_only(storage.view(np.int8))               # (G, nb, 1088), the re-laid bytes
         self.w16 = read_only(storage.view(np.uint16))
+        self.w32 = read_only(storage.view(np.uint32))            # the weights' 4-byte words (dequantize_rows)
 
     def matvec_groups(self, act, scratch, out, first, stop):
         self.kernels[0](self.w8, self.w16, act.q16, act.d, scratch, out, first, stop)
 
     def dequantize_rows(self, ids, out):
-        self.kernels[1](self.w8, self.w16, ids, out)
+        self.kernels[1](self.w16, self.w32, ids, out)
 
     def ggml_matvec_groups(self, act, scratch, out, first, stop, x86):
         self.kernels[2](self.w8, self.w16, act.q16, act.d, scratch, out, first, stop, GROUP_ROWS, x86)

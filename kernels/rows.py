@@ -131,6 +131,38 @@ def _word_byte(j, r):
 word_byte = jit_inline(_word_byte)
 
 
+def _sixteen_bytes(w32, g, b, at, r):
+    """Bytes 0..15 of row r's codes or weights in group-block (g, b), as two uint64 (byte j of the
+    first in its bits 8j .. 8j + 7, byte 8 + j of the second likewise): the row's 4-byte words 0..3,
+    which lie GROUP_ROWS words apart from word `at` of w32 (G, nb, GROUP_ROWS * type_size / 4) u32."""
+    high = np.uint64(32)
+    first = np.uint64(w32[g, b, at + r]) | np.uint64(w32[g, b, at + GROUP_ROWS + r]) << high
+    second = np.uint64(w32[g, b, at + 2 * GROUP_ROWS + r]) | np.uint64(w32[g, b, at + 3 * GROUP_ROWS + r]) << high
+    return first, second
+
+
+sixteen_bytes = jit_inline(_sixteen_bytes)
+
+
+def _pick(first, second, which):
+    """first if which == 0, second if which == 1 (uint64 words), without a branch: a mask."""
+    return first ^ ((first ^ second) & np.uint64(np.int64(-which)))
+
+
+pick = jit_inline(_pick)
+
+
+def _byte_of(first, second, j):
+    """Byte j < 16 of the 16 bytes `sixteen_bytes` gives, as an int16. Computed from j without a
+    branch or an address (a mask picks the word, a shift the byte), so that LLVM vectorizes a loop
+    over j: the dequantizers' loops (a row's bytes are not consecutive in the layout, and a loop that
+    loads them one by one by address stays scalar)."""
+    return np.int16((pick(first, second, j >> 3) >> np.uint64(8 * (j & 7))) & np.uint64(255))
+
+
+byte_of = jit_inline(_byte_of)
+
+
 def _check_vnni_reads(blocks, stop, q16, nb, out_row):
     """Raise IndexError unless the reads and writes of kernels/vnni.py's sums stay inside their
     arrays: bytes up to `stop` of each group-block of blocks (G, nb, GROUP_ROWS * type_size), nb
@@ -138,7 +170,7 @@ def _check_vnni_reads(blocks, stop, q16, nb, out_row):
     sums). Those functions read without bounds checks (even under NUMBA_BOUNDSCHECK), so a kernel
     calls this once first."""
     if stop > blocks.shape[2] or 32 * nb > q16.shape[-1] or out_row.shape[0] < GROUP_ROWS:
-        raise IndexError("a VNNI sum would read or write outside its arrays")
+        raise IndexError("a byte dot-product sum would read or write outside its arrays")
 
 
 check_vnni_reads = jit_inline(_check_vnni_reads)

@@ -1,4 +1,4 @@
-"""The integer sums of one group-block with AVX512-VNNI, on the CPUs that have it.
+"""The integer sums of one group-block with a byte dot-product instruction: AVX512-VNNI's, or AVX2's.
 
 The matvec kernels of the re-laid 32-weight formats (kernels/nibbles.py, kernels/q8_0.py) spend most
 of their time in one step: for the 32 rows of a group and one block b, the exact integer sums
@@ -7,29 +7,40 @@ of their time in one step: for the 32 rows of a group and one block b, the exact
 
 or, for `--mode ggml`, the same sums in 8 "lanes" of 4 elements each (kernels/ggml.py). Written as
 loops, LLVM multiplies in 16-bit SIMD lanes: a widening, a multiply and an add per code byte and
-row lane. AVX512-VNNI has the instruction llama.cpp uses instead, `vpdpbusd`: in each of 16 int32
-lanes it multiplies 4 unsigned bytes by 4 signed bytes and adds the 4 products to the lane, 64
-multiply-adds in one instruction. LLVM does not produce it from our loops (it matches the
-instruction only in a loop that adds the products of one long row into one sum), so the functions
-here emit it through Numba's `intrinsic` (LLVM IR written with llvmlite):
+row lane. x86 CPUs have instructions that do more per step, the ones llama.cpp uses, and LLVM does not
+produce them from our loops, so the functions here emit them through Numba's `intrinsic` (LLVM IR
+written with llvmlite):
+
+- AVX512-VNNI's `vpdpbusd`: in each of 16 int32 lanes it multiplies 4 unsigned bytes by 4 signed
+  bytes and adds the 4 products to the lane, 64 multiply-adds in one instruction;
+- on CPUs without it but with AVX2, the same in two: `vpmaddubsw` multiplies unsigned bytes by
+  signed bytes and adds each pair of products into an int16 lane (saturating: the pairs must stay
+  within +-32767), and `vpmaddwd` by ones adds each pair of int16 lanes into an int32 lane; on 512
+  bits with AVX512-BW, else on each 256-bit half.
+
+Both take their operands as the layout gives them:
 
 - the layout (kernels/layout.py) keeps each row's codes in 4-byte words: word f of row r holds its
   code bytes 4f .. 4f + 3, and the group's rows' words f lie side by side, so one 64-byte load holds
-  word f of 16 rows, one int32 lane each, exactly what `vpdpbusd` multiplies;
+  word f of 16 rows, one int32 lane each, exactly what the instructions multiply;
 - the 4 activation codes q[32 b + 4f .. + 3] (int16 values within -127..127, narrowed to bytes) are
   one int32, broadcast to the 16 lanes.
 
 A 4-bit word's low nibbles (word & 0x0F0F0F0F) are elements 4f .. 4f + 3, its high nibbles elements
-16 + 4f .. 16 + 4f + 3: unsigned bytes, the instruction's operands as they come. Q8_0's weights are
-signed, so they get their top bit flipped (w + 128, an unsigned byte) and 128 (sum of the q) is
-taken off after; codes centred on 8 likewise lose 8 (sum of the q). Every sum is exact (|sum| < 2^31),
-so the results equal the portable loops' bit for bit; the tests compare the two paths on every format.
+16 + 4f .. 16 + 4f + 3: unsigned bytes, the instructions' operands as they come (a pair of products
+is at most 2 * 31 * 127). Codes centred on 8 or 16 lose that times (sum of the q) after. Q8_0's
+weights are signed: for vpdpbusd they get their top bit flipped (w + 128, an unsigned byte) and 128
+(sum of the q) is taken off after; for vpmaddubsw that would saturate, so they go in as |w| with the
+activation taking w's sign (as llama.cpp's AVX2 code does: a pair is at most 2 * 128 * 127). Every
+sum is exact (|sum| < 2^31), so the results equal the portable loops' bit for bit; the tests compare
+the two paths on every format, for each instruction.
 
-`VNNI` says whether Numba compiles for a CPU with the instruction (AVX512-VNNI and AVX512-BW, as
-Numba's target features say, so NUMBA_CPU_NAME / NUMBA_CPU_FEATURES are honoured) and the JIT is on;
-the kernels take it as a compile-time constant and use the portable loops otherwise. The functions
-refuse to compile for any other CPU, and with the JIT off they do not exist. They read without
-bounds checks: each kernel checks its arrays' lengths once before its loops.
+`INSTRUCTION` is the one Numba's target CPU gets (its features, so NUMBA_CPU_NAME / NUMBA_CPU_FEATURES
+are honoured), None without AVX2 or with the JIT off; `DOT_BYTES` says whether there is one. The
+kernels take it as a compile-time constant and use the portable loops otherwise (other CPUs, and
+the kernel tests run as plain Python). The functions refuse to compile without one, and with the JIT
+off they do not exist. They read without bounds checks: each kernel checks its arrays' lengths once
+before its loops.
 """
 
 import numba
@@ -49,16 +60,30 @@ _I32 = ir.IntType(32)
 _I64 = ir.IntType(64)
 _ROWS = ir.VectorType(_I32, LANE_ROWS)            # <16 x i32>: 16 rows
 _BYTES = ir.VectorType(ir.IntType(8), 4 * LANE_ROWS)
+_PAIRS = ir.VectorType(ir.IntType(16), 2 * LANE_ROWS)    # <32 x i16>: 2 per row
 
 
-def _vnni_target() -> bool:
+def _target_features() -> set:
+    """The CPU features Numba compiles for ("+avx2", ...), none with the JIT off."""
     if numba.config.DISABLE_JIT:
-        return False
-    features = set(cpu_target.target_context.codegen().magic_tuple()[2].split(","))
-    return {"+avx512vnni", "+avx512bw"} <= features
+        return set()
+    return set(cpu_target.target_context.codegen().magic_tuple()[2].split(","))
 
 
-VNNI = _vnni_target()
+def _instruction(features: set):
+    """The byte dot product the functions here compile to for a CPU with these features, or None."""
+    if {"+avx512vnni", "+avx512bw"} <= features:
+        return "vpdpbusd"
+    if "+avx2" in features:
+        return "vpmaddubsw"
+    return None
+
+
+_FEATURES = _target_features()
+INSTRUCTION = _instruction(_FEATURES)
+VNNI = INSTRUCTION == "vpdpbusd"          # AVX512-VNNI's instruction
+DOT_BYTES = INSTRUCTION is not None       # the functions here compile for this CPU (with either)
+_WIDE = "+avx512bw" in _FEATURES          # vpmaddubsw and vpmaddwd on 512 bits, else twice on 256
 
 
 def _splat(builder, value):
@@ -72,10 +97,43 @@ def _constant(value):
 
 
 def _dot_bytes(builder, acc, unsigned, signed):
-    """vpdpbusd: acc + the sums of 4 unsigned bytes times 4 signed bytes, per int32 lane."""
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_ROWS, [_ROWS, _BYTES, _BYTES]),
-                                        "llvm.x86.avx512.vpdpbusd.512")
-    return builder.call(fn, [acc, builder.bitcast(unsigned, _BYTES), builder.bitcast(signed, _BYTES)])
+    """acc + the sums of 4 unsigned bytes times 4 signed bytes, per int32 lane: vpdpbusd, or
+    vpmaddubsw (products of byte pairs added into int16 lanes, which saturate: the caller keeps
+    |u1 s1 + u2 s2| <= 32767) then vpmaddwd by ones (int16 pairs added into int32 lanes)."""
+    unsigned, signed = builder.bitcast(unsigned, _BYTES), builder.bitcast(signed, _BYTES)
+    if INSTRUCTION == "vpdpbusd":
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_ROWS, [_ROWS, _BYTES, _BYTES]),
+                                            "llvm.x86.avx512.vpdpbusd.512")
+        return builder.call(fn, [acc, unsigned, signed])
+    pairs = _pairwise(builder, "vpmaddubsw", unsigned, signed)
+    return builder.add(acc, _pairwise(builder, "vpmaddwd", pairs, ir.Constant(_PAIRS, [1] * 2 * LANE_ROWS)))
+
+
+# LLVM's names of the two instructions on 512 bits (AVX512-BW) and on 256 (AVX2)
+_PAIRWISE = {"vpmaddubsw": ("llvm.x86.avx512.pmaddubs.w.512", "llvm.x86.avx2.pmadd.ub.sw"),
+             "vpmaddwd": ("llvm.x86.avx512.pmaddw.d.512", "llvm.x86.avx2.pmadd.wd")}
+
+
+def _pairwise(builder, instruction, a, b):
+    """vpmaddubsw or vpmaddwd of two 64-byte vectors: element products added in pairs, half as many
+    elements of twice the width. One 512-bit instruction with AVX512-BW, else one per 256-bit half."""
+    n, width = a.type.count, 2 * a.type.element.width
+    wide, narrow = _PAIRWISE[instruction]
+    if _WIDE:
+        return builder.call(_declared(builder, wide, ir.VectorType(ir.IntType(width), n // 2), a.type), [a, b])
+    fn = _declared(builder, narrow, ir.VectorType(ir.IntType(width), n // 4), ir.VectorType(a.type.element, n // 2))
+    low, high = (builder.call(fn, [_elements(builder, v, start, n // 2) for v in (a, b)]) for start in (0, n // 2))
+    return builder.shuffle_vector(low, high, ir.Constant(ir.VectorType(_I32, n // 2), list(range(n // 2))))
+
+
+def _declared(builder, name, result, operand):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(result, [operand, operand]), name)
+
+
+def _elements(builder, vector, start, count):
+    """Elements start .. start + count - 1 of a vector."""
+    indices = ir.Constant(ir.VectorType(_I32, count), list(range(start, start + count)))
+    return builder.shuffle_vector(vector, vector, indices)
 
 
 def _byte_pointer(context, builder, array_type, array, offset):
@@ -121,17 +179,41 @@ def _five_bit_codes(builder, word, f, bits):
 
 
 def _signed_bytes(builder, word, f):
+    """Q8_0's int8 weights for vpdpbusd: w + 128, an unsigned byte (the caller takes 128 (sum of the q)
+    off). Not for vpmaddubsw: (w + 128) q of two bytes can pass the int16 its pairs saturate at."""
+    assert INSTRUCTION == "vpdpbusd", "w + 128 would saturate vpmaddubsw's int16 pairs"
     return [(builder.xor(word, _constant(-0x7F7F7F80)), f)]       # 0x80808080: w + 128 as an unsigned byte
 
 
+def _weight_magnitudes(builder, word, f):
+    """Q8_0's int8 weights for vpmaddubsw, as llama.cpp's AVX2 code has them: |w| (at most 128) as the
+    unsigned bytes, and the activation's bytes take w's sign (the third item), so |w| (q sign(w))
+    = w q and two products add up to at most 2 * 128 * 127, within the int16 pairs."""
+    return [(_select_negated(builder, word, word), f, word)]
+
+
+def _select_negated(builder, values, signs):
+    """values (64 bytes), each negated where the byte of signs is negative."""
+    values, signs = builder.bitcast(values, _BYTES), builder.bitcast(signs, _BYTES)
+    negative = builder.icmp_signed("<", signs, ir.Constant(_BYTES, [0] * 4 * LANE_ROWS))
+    return builder.select(negative, builder.sub(ir.Constant(_BYTES, [0] * 4 * LANE_ROWS), values), values)
+
+
+def _operands(builder, item, activation):
+    """(unsigned bytes, signed bytes, activation word a) of one item a code function gives: (unsigned,
+    a), or (unsigned, a, signs) when the activation is to take the signs of those bytes."""
+    part, a, *signs = item
+    return part, _select_negated(builder, activation[a], signs[0]) if signs else activation[a], a
+
+
 def _quad_sums(builder, activation):
-    """The sum of the 4 activation bytes of each word, in every lane (vpdpbusd with bytes of 1)."""
+    """The sum of the 4 activation bytes of each word, in every lane (a dot product with bytes of 1)."""
     return [_dot_bytes(builder, _constant(0), _constant(0x01010101), a) for a in activation]
 
 
 def _check(*arrays):
-    if not VNNI:
-        raise TypingError("this CPU (as Numba targets it) has no AVX512-VNNI: use the portable loops")
+    if not DOT_BYTES:
+        raise TypingError("this CPU (as Numba targets it) has neither AVX512-VNNI nor AVX2: use the portable loops")
     if any(not isinstance(a, types.Array) or a.layout != "C" for a in arrays):
         raise TypingError("expected contiguous arrays")
 
@@ -175,8 +257,9 @@ def _group_sums(unsigned, n_words, offset_per_quad, five_bit=False):
             acc = builder.sub(_constant(0), offset)
             for f in range(n_words):
                 word = builder.load(_vector_at(builder, first, f * WORD_BYTES + 4 * LANE_ROWS * half), align=1)
-                for part, a in codes(builder, word, f):
-                    acc = _dot_bytes(builder, acc, part, activation[a])
+                for item in codes(builder, word, f):
+                    part, signed, _ = _operands(builder, item, activation)
+                    acc = _dot_bytes(builder, acc, part, signed)
             builder.store(acc, _vector_at(builder, out_at, 4 * LANE_ROWS * half), align=4)
         return context.get_dummy_value()
     return codegen
@@ -197,12 +280,17 @@ def _lane_sums(unsigned, n_words, offset_per_quad, five_bit=False):
             codes = _codes_of(unsigned, builder, block_at, qh_at, half)
             for f in range(n_words):
                 word = builder.load(_vector_at(builder, first, f * WORD_BYTES + 4 * LANE_ROWS * half), align=1)
-                for part, a in codes(builder, word, f):
-                    lane = _dot_bytes(builder, builder.sub(_constant(0), offsets[a]), part, activation[a])
+                for item in codes(builder, word, f):
+                    part, signed, a = _operands(builder, item, activation)
+                    lane = _dot_bytes(builder, builder.sub(_constant(0), offsets[a]), part, signed)
                     builder.store(lane, _vector_at(builder, lanes_at, 4 * (GROUP_ROWS * a + LANE_ROWS * half)),
                                   align=4)
         return context.get_dummy_value()
     return codegen
+
+
+# Q8_0's weights as the instruction takes them, its 8 words, and the offset to take off per q
+_Q8_0_BYTES = (_signed_bytes, 8, 128) if VNNI else (_weight_magnitudes, 8, 0)
 
 
 def _with_centre_zero(codegen):
@@ -237,7 +325,7 @@ def weight_sums_vnni(typingctx, block, weights, q16, k, isum):
     within -127..127; k: int, 32 b; isum: (GROUP_ROWS,) i32. Reads block[weights : weights + 32
     GROUP_ROWS] and q16[k : k + 32]."""
     _check(block, q16, isum)
-    return types.void(block, types.intp, q16, types.intp, isum), _with_centre_zero(_group_sums(_signed_bytes, 8, 128))
+    return types.void(block, types.intp, q16, types.intp, isum), _with_centre_zero(_group_sums(*_Q8_0_BYTES))
 
 
 @intrinsic
@@ -262,4 +350,4 @@ def weight_lanes_vnni(typingctx, block, weights, q16, k, lanes):
     """ggml's lane sums of a Q8_0 group-block: lanes[l, r] = sum_t w_(4l + t) q16[k + 4l + t], l < 8.
     Arguments as `weight_sums_vnni`; lanes: (8, GROUP_ROWS) i32."""
     _check(block, q16, lanes)
-    return types.void(block, types.intp, q16, types.intp, lanes), _with_centre_zero(_lane_sums(_signed_bytes, 8, 128))
+    return types.void(block, types.intp, q16, types.intp, lanes), _with_centre_zero(_lane_sums(*_Q8_0_BYTES))
