@@ -470,17 +470,19 @@ for label, run, kernel in (("one row at a time", one_row_at_a_time, rows_at_a_ti
 # hold 4 code bytes of the *same* row, which is why minillm's layout keeps each row's code bytes 4 to
 # a word (section 3): one 64-byte load is code bytes 4f .. 4f + 3 of 16 rows; masked to their low
 # nibbles they are elements 4f .. 4f + 3, shifted, elements 16 + 4f .. 16 + 4f + 3, and each is
-# multiplied by the matching 4 activation bytes, broadcast to every lane.
+# multiplied by the matching 4 activation bytes, broadcast to every lane. x86 CPUs without it but
+# with AVX2 do the same in two instructions, as llama.cpp does there: `vpmaddubsw` (byte products
+# added in pairs into 16-bit lanes) and `vpmaddwd` by ones (pairs of those into 32-bit lanes).
 #
-# LLVM does not find this instruction in our loops, so `kernels/vnni.py` writes it in LLVM IR through
-# Numba's `intrinsic`. The kernel takes that path only where the CPU has the instruction
-# (`kernels.vnni.VNNI`), the loops of section 5 everywhere else. The integer sums are exact either way,
-# so the two kernels must agree bit for bit.
+# LLVM does not find these instructions in our loops, so `kernels/vnni.py` writes them in LLVM IR
+# through Numba's `intrinsic`. The kernel takes that path only where the CPU has one of them
+# (`kernels.vnni.INSTRUCTION`), the loops of section 5 everywhere else. The integer sums are exact
+# either way, so the two kernels must agree bit for bit.
 
 # %%
-from minillm.kernels.vnni import VNNI  # noqa: E402  (the section's one new name)
+from minillm.kernels.vnni import INSTRUCTION  # noqa: E402  (the section's one new name)
 
-if VNNI:
+if INSTRUCTION:
     vnni_kernel = q4_1.Q4_1Rows.compile_kernels(vnni=True)[0]
     y_vnni = np.empty((1, N), np.float32)
 
@@ -490,19 +492,22 @@ if VNNI:
 
     four_bytes_at_a_time()
     assert np.array_equal(y_vnni, y_groups)
-    for label, run in (("32 rows, 16-bit lanes", thirty_two_rows_at_a_time), ("32 rows, vpdpbusd", four_bytes_at_a_time)):
+    for label, run in (("32 rows, 16-bit lanes", thirty_two_rows_at_a_time),
+                       (f"32 rows, {INSTRUCTION}", four_bytes_at_a_time)):
         seconds = course.median_seconds(run, 300)
         print(f"{label:24} {seconds * 1e6:6.0f} us {N * K / seconds / 1e9:8.1f} G weights/s")
 else:
-    print("This CPU (as Numba targets it) has no AVX512-VNNI: minillm runs the loops of section 5.")
+    print("This CPU (as Numba targets it) has no byte dot product: minillm runs the loops of section 5.")
 
 # %% [markdown]
-# Measured when this section was written (the shared 2-core AMD EPYC, Zen 4, at a load average of 6
-# from other jobs; medians of 300 calls, three rounds alike): 16-bit lanes 36.7 us (24 G weights/s),
-# vpdpbusd 17.2 us (51 G weights/s), the same bits. The words cost the loops something: on the layout
-# before them (code byte j of the 32 rows side by side) the same loops took 27.3 us, so the gain over
-# that kernel is 1.6x. In a decode step the matvecs are only part of the time (norms, attention and
-# Python around the calls are the rest).
+# Measured when this section was written (the shared 2-core AMD EPYC, Zen 4, at a load average of 5
+# from other jobs; medians of 300 calls on a 1536 x 576 Q4_1 matrix of random codes): 16-bit lanes 38 us (23 G
+# weights/s), vpdpbusd 18 us (49 G weights/s), the same bits. The same machine compiling for a CPU
+# without AVX512-VNNI (`NUMBA_CPU_FEATURES`) runs vpmaddubsw: 20 us on 512 bits, 22 us on AVX2's 256.
+# The words cost the loops something: on the layout before them (code byte j of the 32 rows side by
+# side) the same loops took 31 us, so the gain over that kernel is 1.7x; the loops now run only where
+# the CPU has neither instruction. In a decode step the matvecs are only part of the time (norms,
+# attention and Python around the calls are the rest).
 
 # %% [markdown]
 # ## Exercises
