@@ -81,6 +81,11 @@ def test_bad_flag_values_are_usage_errors(tiny_path, flags, words):
     assert_one_line_error(minillm(*args), 2, *words)
 
 
+@pytest.mark.parametrize("flags", [["--parallel", "4"], ["--parallel", "0", "--mem-cap", "40MiB"]])
+def test_info_parallel_needs_a_cap_and_one_sequence_at_least(tiny_path, flags):
+    assert_one_line_error(minillm("info", "--model", tiny_path, *flags), 2, "--parallel", "--mem-cap")
+
+
 def test_a_whitespace_prompt_is_a_prompt(tiny_path):
     result = minillm("generate", "  ", "--raw", "--model", tiny_path, "-n", "2", "--json")
     assert result.returncode == 0, result.stderr
