@@ -81,9 +81,11 @@ def test_bad_flag_values_are_usage_errors(tiny_path, flags, words):
     assert_one_line_error(minillm(*args), 2, *words)
 
 
-@pytest.mark.parametrize("flags", [["--parallel", "4"], ["--parallel", "0", "--mem-cap", "40MiB"]])
-def test_info_parallel_needs_a_cap_and_one_sequence_at_least(tiny_path, flags):
-    assert_one_line_error(minillm("info", "--model", tiny_path, *flags), 2, "--parallel", "--mem-cap")
+@pytest.mark.parametrize("flags, words", [(["--parallel", "4"], ["--parallel", "--mem-cap"]),
+                                          (["--parallel", "0", "--mem-cap", "40MiB"], ["--parallel", "--mem-cap"]),
+                                          (["--parallel", "4", "--mem-cap", "40MiB", "--kv-bits", "8"], ["--kv-bits"])])
+def test_info_parallel_takes_what_serve_takes(tiny_path, flags, words):
+    assert_one_line_error(minillm("info", "--model", tiny_path, *flags), 2, *words)
 
 
 def test_a_whitespace_prompt_is_a_prompt(tiny_path):

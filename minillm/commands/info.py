@@ -55,10 +55,11 @@ def warm_up_as_a_server(args, config):
     """`--parallel N` shows a server's plan: it needs --mem-cap, and the baseline a server measures,
     after the warm-up that `minillm serve --mem-cap` runs."""
     from ..errors import UsageError
-    from .serve import require_serve_extra
+    from .serve import refuse_kv_bits, require_serve_extra
     if args.mem_cap is None or args.parallel < 1:
         raise UsageError("--parallel N (at least 1) shows the memory plan of `minillm serve --parallel N`: "
                          "give --mem-cap too")
+    refuse_kv_bits(args.kv_bits)
     require_serve_extra()
     from ..serve.server import warm_up_server
     warm_up_server(config)

@@ -38,8 +38,7 @@ def run(args) -> int:
     from .output import say
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, not {args.port}")
-    if args.kv_bits != 32:
-        raise UsageError("minillm serve keeps keys and values as float32 blocks (its KV pool); --kv-bits does not apply")
+    refuse_kv_bits(args.kv_bits)
     if args.parallel < 1 or args.ubatch_size < 2 or args.queue_size < 1:
         raise UsageError("--parallel must be at least 1, --ubatch-size at least 2 and --queue-size at least 1")
     require_serve_extra()
@@ -52,6 +51,12 @@ def run(args) -> int:
                            kv_pool=args.kv_pool, queue_size=args.queue_size,
                            api_key=args.api_key, alias=args.alias), announce=say)
     return 0
+
+
+def refuse_kv_bits(kv_bits: int):
+    from ..errors import UsageError
+    if kv_bits != 32:
+        raise UsageError("minillm serve keeps keys and values as float32 blocks (its KV pool); --kv-bits does not apply")
 
 
 def require_serve_extra():
