@@ -254,11 +254,19 @@ def split_json(done: subprocess.CompletedProcess):
     return done.returncode, json.loads(record), "".join(line for line in lines if line is not record)
 
 
+def assert_near_the_plan(m: dict):
+    """A run's measured peak (its JSON "memory") within 5% (or 2 MiB) of its plan; below the plan, the
+    plan's reserve line (pages it cannot count, held back on purpose) is allowed on top."""
+    peak, plan = m["peak_above_baseline_mib"] * MiB, m["plan"]["total_mib"] * MiB
+    reserve = next(line["mib"] for line in m["plan"]["lines"] if line["item"] == "reserve") * MiB
+    slack = max(0.05 * peak, 2 * MiB)
+    assert plan - reserve - slack <= peak <= plan + slack, m
+
+
 @pytest.mark.weights
 @pytest.mark.parametrize("fraction", [0.25, 0.5, 1.0, 1.5])
 def test_measured_peak_stays_under_the_cap_and_near_the_plan(smollm2_path, fraction):
-    """The peak never passes the cap, and comes within 5% (or 2 MiB) of the plan; below the plan, its
-    reserve line (pages it cannot count, held back on purpose) is allowed on top. The second check
+    """The peak never passes the cap, and comes near the plan (assert_near_the_plan). The second check
     needs the kernels in Numba's cache: a warm-up that compiles leaves the compiler's freed heap in the
     baseline, which the run then reuses, so the peak above the baseline comes out below the plan (by
     3.4 MiB at a quarter of the weights, when this file ran before the kernel tests on two workers).
@@ -272,11 +280,8 @@ def test_measured_peak_stays_under_the_cap_and_near_the_plan(smollm2_path, fract
     assert code == 0, err
     m = out["memory"]
     assert m["peak_was_reset"]
-    peak, plan = m["peak_above_baseline_mib"] * MiB, m["plan"]["total_mib"] * MiB
-    assert peak <= cap, m
-    reserve = next(line["mib"] for line in m["plan"]["lines"] if line["item"] == "reserve") * MiB
-    slack = max(0.05 * peak, 2 * MiB)
-    assert plan - reserve - slack <= peak <= plan + slack, m
+    assert m["peak_above_baseline_mib"] * MiB <= cap, m
+    assert_near_the_plan(m)
     assert "memory plan for --mem-cap" in err and "baseline of" in err
 
 
@@ -354,11 +359,8 @@ def test_gemma3_under_a_quarter_of_its_weights_gives_the_uncapped_tokens(gemma3_
     assert "[cache] index loaded" in err and "[cache]" not in err[err.index("memory plan for --mem-cap"):]
     m = out["memory"]
     assert "LM head streamed" in m["plan"]["strategy"]
-    peak, plan = m["peak_above_baseline_mib"] * MiB, m["plan"]["total_mib"] * MiB
-    assert m["peak_was_reset"] and peak <= cap, m
-    reserve = next(line["mib"] for line in m["plan"]["lines"] if line["item"] == "reserve") * MiB
-    slack = max(0.05 * peak, 2 * MiB)
-    assert plan - reserve - slack <= peak <= plan + slack, m
+    assert m["peak_was_reset"] and m["peak_above_baseline_mib"] * MiB <= cap, m
+    assert_near_the_plan(m)
     uncapped = subprocess.run([sys.executable, "-m", "minillm", "generate", PROMPT, "--raw", "-m", str(gemma3_path),
                                "--temp", "0", "-n", "4", "-c", "128", "--json"], capture_output=True, text=True, timeout=300)
     assert uncapped.returncode == 0, uncapped.stderr
@@ -467,36 +469,22 @@ def test_activation_bytes_follow_gemma3s_forward_pass(gemma3_widths, chunk, ctx_
 def check_activation_bytes(path, chunk, ctx_size, kv_bits, threads, **settings):
     """The planned activations against the arrays Python and NumPy allocate (tracemalloc) during the
     chunk that ends the context, where the scores are largest, plus the tile buffers every thread
-    keeps from the first prefill: within a quarter of the reserve the plan keeps for what it does
-    not count (the plan counts the large arrays; positions, angles and row maxima take a few KiB).
-    Measured in a process of its own: tracemalloc counts the allocations of every thread, and in a
-    pytest worker threads left by earlier tests once added 1.9 MB to the peak."""
-    from minillm.plan import RESERVE_BYTES
-    arguments = json.dumps([str(path), chunk, ctx_size, kv_bits, threads, settings])
-    done = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
-                           f"import test_memory; test_memory.print_activation_bytes(*{arguments})"],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    measured, tiles, planned = json.loads(done.stdout.splitlines()[-1])
-    assert abs(planned - (measured[1] + sum(tiles))) <= RESERVE_BYTES // 4, (measured, tiles, planned)
-
-
-def print_activation_bytes(path, chunk, ctx_size, kv_bits, threads, settings):
-    """For check_activation_bytes, in its child: the peaks of two passes (the first allocates each
-    kernel's buffers, once), each thread's tile buffer and the planned bytes, as one JSON line."""
+    keeps from the first prefill: within a quarter of the reserve the
+    plan keeps for what it does not count (the plan counts the large arrays; positions, angles and
+    row maxima take a few KiB)."""
     import tracemalloc
 
     from minillm.kvcache import new_cache
+    from minillm.plan import RESERVE_BYTES, activation_bytes
     from minillm.parallel import row_pool, tile_buffer
-    from minillm.plan import activation_bytes
-    rt = load(RunConfig(model=path, ctx_size=ctx_size, threads=threads, kv_bits=kv_bits, **settings),
+    rt = load(RunConfig(model=str(path), ctx_size=ctx_size, threads=threads, kv_bits=kv_bits, **settings),
               announce=lambda _: None)
     c = rt.model.config
     weights = load_weights(rt.gguf, c, StreamingSource(rt.gguf, "numba", threads), Layout(0, True, kv_bits, chunk))
     model = dataclasses.replace(rt.model, weights=weights)
     T = min(chunk + 1, ctx_size)
     measured = []
-    for _ in range(2):
+    for _ in range(2):  # the first pass allocates each kernel's buffers, once
         cache = new_cache(c, ctx_size, rt.config.attention_spec(), kv_bits)
         if ctx_size - T:
             model.forward(np.arange(ctx_size - T) % min(1000, c.vocab_size), cache, last_only=True)
@@ -506,7 +494,8 @@ def print_activation_bytes(path, chunk, ctx_size, kv_bits, threads, settings):
         tracemalloc.stop()
     tiles = []  # each thread's tile buffer, made by the first prefill and kept since
     row_pool(threads).on_every_thread(lambda: tiles.append(tile_buffer(0).base.nbytes))
-    print(json.dumps([measured, tiles, activation_bytes(c, chunk, ctx_size, threads, kv_bits)]))
+    planned = activation_bytes(c, chunk, ctx_size, threads, kv_bits)
+    assert abs(planned - (measured[1] + sum(tiles))) <= RESERVE_BYTES // 4, (measured, tiles, planned)
 
 
 def test_touch_pages_makes_a_fresh_array_resident():
