@@ -2,12 +2,19 @@
 
 import os
 
-import gguf
-import pytest
-from hypothesis import HealthCheck, settings
+from minillm.cli import set_thread_count
 
-from minillm.registry import DEFAULT_MODEL, MODELS, weights_dir
-from minillm.synthetic import write_tiny
+# The tests run minillm with the threading its command line sets up before NumPy loads: BLAS on one
+# thread (minillm splits products itself) and idle threads asleep. With BLAS's own spinning threads,
+# a capped measurement in a child process took 45 s instead of 6 at a load of 5.
+set_thread_count(None)
+
+import gguf  # noqa: E402  (NumPy loads here)
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+from minillm.registry import DEFAULT_MODEL, MODELS, weights_dir  # noqa: E402
+from minillm.synthetic import write_tiny  # noqa: E402
 
 # The first example of a kernel test pays the JIT compile: no deadline. CI runs more examples.
 settings.register_profile("dev", deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow])

@@ -81,6 +81,13 @@ def test_bad_flag_values_are_usage_errors(tiny_path, flags, words):
     assert_one_line_error(minillm(*args), 2, *words)
 
 
+@pytest.mark.parametrize("flags, words", [(["--parallel", "4"], ["--parallel", "--mem-cap"]),
+                                          (["--parallel", "0", "--mem-cap", "40MiB"], ["--parallel", "--mem-cap"]),
+                                          (["--parallel", "4", "--mem-cap", "40MiB", "--kv-bits", "8"], ["--kv-bits"])])
+def test_info_parallel_takes_what_serve_takes(tiny_path, flags, words):
+    assert_one_line_error(minillm("info", "--model", tiny_path, *flags), 2, *words)
+
+
 def test_a_whitespace_prompt_is_a_prompt(tiny_path):
     result = minillm("generate", "  ", "--raw", "--model", tiny_path, "-n", "2", "--json")
     assert result.returncode == 0, result.stderr

@@ -9,8 +9,12 @@ other; the second must find all of them in the cache.
 """
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
+
+from minillm.kernels import _jit
 
 WARM_UP_EVERY_FORMAT = """
 from minillm import formats
@@ -34,3 +38,44 @@ def test_a_second_process_compiles_no_kernel():
     assert "data loaded" in log
     saved = sorted({line.split(" saved to ")[-1] for line in log.splitlines() if "[cache]" in line and " saved " in line})
     assert not saved, "compiled again in a second process:\n" + "\n".join(saved)
+
+
+PROBE = """
+from ._jit import jit
+from .f16 import f16_to_f32
+
+
+def _first_as_f32(bits):
+    return f16_to_f32(bits[0])
+
+
+first_as_f32 = jit(_first_as_f32)
+"""
+
+
+def test_a_kernel_is_compiled_again_when_a_helper_it_inlines_changes(tmp_path):
+    """A copy of the kernels' folder with one more kernel, which inlines float16.f16_to_f32 from
+    another file. Numba alone stamps a cache with the kernel's own file, so after the helper changes
+    the next process would load the old machine code; stamped with every kernel source, it compiles
+    the new helper."""
+    copy = tmp_path / "kernels_copy"
+    shutil.copytree(Path(_jit.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "probe.py").write_text(PROBE)
+    run = lambda: subprocess.run(  # noqa: E731
+        [sys.executable, "-c", "import numpy as np; from kernels_copy.probe import first_as_f32; "
+                               "print(first_as_f32(np.array([0x3C00], np.uint16)))"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(tmp_path)})
+    assert run().stdout.strip() == "1.0"
+    assert run().stdout.strip() == "1.0"      # from the cache
+    with open(copy / "f16.py", "a") as f:  # the helper now widens every float16 to 7
+        f.write("\n\ndef _f16_to_f32(bits):\n    return np.float32(7.0)\n\n\nf16_to_f32 = jit_inline(_f16_to_f32)\n")
+    assert run().stdout.strip() == "7.0"
+
+
+def test_kernel_sources_stamp_changes_with_any_file(tmp_path):
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "b.py").write_text("y = 2\n")
+    before = _jit.kernel_sources_stamp(tmp_path)
+    (tmp_path / "b.py").write_text("y = 22\n")
+    assert _jit.kernel_sources_stamp(tmp_path) != before

@@ -13,9 +13,12 @@ The last test runs this module again in subprocesses with Numba's bounds checkin
 JIT off, so every kernel index is checked and the plain-Python bodies are tested as well.
 """
 
+import functools
 import os
+import threading
 import time
 import warnings
+import weakref
 
 import gguf
 import numba
@@ -620,6 +623,28 @@ def test_sharing_pool_reraises_instead_of_waiting_forever():
         raise ValueError("range failed")
     with pytest.raises(ValueError, match="range failed"):
         SharingPool(2).run(10, 4, fail)
+
+
+def fill_ones(out, slot, start, stop):
+    out[start:stop] = 1
+
+
+def test_sharing_pool_keeps_no_array_of_a_run_once_it_returns():
+    """A helper late to its queue (here busy with another job, as when another program holds its
+    core) must not keep alive the arrays of a run the caller finished alone: they would outlive
+    their product, across the next ones, above the memory plan (minillm.plan.activation_bytes)."""
+    pool = SharingPool(2)
+    helper_free = threading.Event()
+    pool.queues[0].put(lambda slot: helper_free.wait())   # the run's job waits behind this one
+    try:
+        out = np.zeros(8)
+        pool.run(8, 4, functools.partial(fill_ones, out))
+        assert out.all()
+        alive = weakref.ref(out)
+        del out
+        assert alive() is None
+    finally:
+        helper_free.set()
 
 
 # --- ggml's arithmetic (--mode ggml) ---------------------------------------------------------------

@@ -301,9 +301,20 @@ def test_under_a_memory_cap_the_pool_takes_what_the_plan_leaves_and_the_peak_sta
             got = list(pool.map(lambda p: client(s).completions.create(
                 model="tiny-q4_1", prompt=p, max_tokens=20, temperature=0).choices[0].text, PROMPTS[:4]))
         assert s.stop() == 0
-        peak = float(re.search(r"memory: peak ([\d.]+) MiB above the baseline", s.log)[1])
+        served = s.log
+    peak = float(re.search(r"memory: peak ([\d.]+) MiB above the baseline", served)[1])
     assert peak <= cap / 2**20
     assert got == [local_answer(local, local.tokenizer.encode(p), 20).text for p in PROMPTS[:4]]
+    info = subprocess.run([sys.executable, "-m", "minillm", "info", "-m", str(tiny_q4_path), "--mem-cap", f"{cap}B",
+                           "--parallel", "4", "--ctx-size", "128"], capture_output=True, text=True, timeout=120)
+    assert info.returncode == 0, info.stderr
+    assert plan_lines(info.stdout) == plan_lines(served)      # `info --parallel` prints the plan the server follows
+
+
+def plan_lines(text: str) -> dict:
+    """The planned lines of a memory plan as printed (item: MiB), less the one measured in each process."""
+    return {item.strip(): mib for item, mib in re.findall(r"^  ([a-zA-Z][\w ,/-]*?) +([\d.]+) MiB", text, re.M)
+            if item.strip() not in ("tokenizer and metadata", "total")}
 
 
 def chat(model, *flags, stdin: str, timeout: float = 120):

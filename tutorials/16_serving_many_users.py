@@ -240,7 +240,7 @@ assert [row["clients"] for row in rows] == [1, 4] and all(row["tokens_per_s"] > 
 
 # %%
 # clients: (aggregate decode tokens/s, time to first token p50 ms, inter-token latency p50 ms)
-README_SERVE = {1: (33.2, 332, 25), 4: (44.4, 645, 73), 16: (48.7, 1163, 244)}
+README_SERVE = {1: (89.7, 93, 10), 4: (122.4, 191, 27), 16: (153.9, 256, 85)}
 
 fig, (rate, latency) = course.figure(10, 3.6, 1, 2)
 clients = list(README_SERVE)
@@ -267,9 +267,9 @@ course.save(fig, "serving_clients.png")
 # %% [markdown]
 # ![Aggregate decode rate and latency of minillm serve against concurrent clients](figures/serving_clients.png)
 #
-# Sixteen clients get 1.5 times the work of one done per second, short of the 3x aimed at: the
+# Sixteen clients get 1.7 times the work of one done per second, short of the 3x aimed at: the
 # batched kernels save the weight reads, and section 1 showed that reads are not what a decode step
-# spends most of its time on. Each user's wait grows meanwhile: a token every 244 ms instead of 25.
+# spends most of its time on. Each user's wait grows meanwhile: a token every 85 ms instead of 10.
 #
 # ## Exercises
 #

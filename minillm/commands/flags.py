@@ -90,7 +90,7 @@ def run_config(args):
                      block_size=args.block_size, kv_bits=args.kv_bits, mem_cap=mem_cap(args),
                      all_logits=args.command == "perplexity", mode=getattr(args, "mode", "f32"),
                      ggml_rounding=getattr(args, "ggml_rounding", "x86"), lora=getattr(args, "lora", None),
-                     parallel=args.parallel if args.command == "serve" else None, **generation)
+                     parallel=getattr(args, "parallel", None), **generation)
 
 
 def mem_cap(args) -> int | None:

@@ -19,13 +19,19 @@ def add_arguments(p):
     p.add_argument("--png", metavar="FILE", default=None,
                    help="draw the --attention block layout over --ctx-size positions into a PNG file (black: "
                         "computed in full, grey: partly masked, light grey: skipped; one panel per pattern)")
+    p.add_argument("-np", "--parallel", type=int, default=None, metavar="N",
+                   help="with --mem-cap: the plan of `minillm serve --parallel N` instead of one sequence's (N "
+                        "sequences decoded together, their KV paged in a pool sized by what the plan leaves)")
     p.add_argument("--json", action="store_true", help="print the facts (and the plan) as one JSON object")
 
 
 def run(args) -> int:
     from ..info import describe, format_description
     from ..runtime import prepare
-    p = prepare(run_config(args), announce=say)
+    config = run_config(args)
+    if args.parallel is not None:
+        warm_up_as_a_server(args, config)
+    p = prepare(config, announce=say)
     facts = describe(p.gguf, p.config)
     if args.png:
         write_png(args.png, p.config)
@@ -43,6 +49,20 @@ def run(args) -> int:
             print("(headroom within 0.25 MiB of the margin: the tokenizer's bytes, measured in each process, vary by about 0.2 MiB "
                   "from one to the next, so a run may choose the next layout)")
     return 0
+
+
+def warm_up_as_a_server(args, config):
+    """`--parallel N` shows a server's plan: it needs --mem-cap, and the baseline a server measures,
+    after the warm-up that `minillm serve --mem-cap` runs."""
+    from ..errors import UsageError
+    from .serve import refuse_kv_bits, require_serve_extra
+    if args.mem_cap is None or args.parallel < 1:
+        raise UsageError("--parallel N (at least 1) shows the memory plan of `minillm serve --parallel N`: "
+                         "give --mem-cap too")
+    refuse_kv_bits(args.kv_bits)
+    require_serve_extra()
+    from ..serve.server import warm_up_server
+    warm_up_server(config)
 
 
 def write_png(path, config):

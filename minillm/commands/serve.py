@@ -38,17 +38,10 @@ def run(args) -> int:
     from .output import say
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be in 0..65535, not {args.port}")
-    if args.kv_bits != 32:
-        raise UsageError("minillm serve keeps keys and values as float32 blocks (its KV pool); --kv-bits does not apply")
+    refuse_kv_bits(args.kv_bits)
     if args.parallel < 1 or args.ubatch_size < 2 or args.queue_size < 1:
         raise UsageError("--parallel must be at least 1, --ubatch-size at least 2 and --queue-size at least 1")
-    try:
-        import prometheus_client  # noqa: F401
-        import starlette  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as e:
-        raise UsageError(f"minillm serve needs the serve extra ({e.name} is missing): "
-                         "pip install 'minillm[serve]'") from None
+    require_serve_extra()
     if args.mem_cap is not None:
         from ..serve.server import warm_up_server
         warm_up_server(run_config(args))
@@ -58,3 +51,22 @@ def run(args) -> int:
                            kv_pool=args.kv_pool, queue_size=args.queue_size,
                            api_key=args.api_key, alias=args.alias), announce=say)
     return 0
+
+
+def refuse_kv_bits(kv_bits: int):
+    from ..errors import UsageError
+    if kv_bits != 32:
+        raise UsageError("minillm serve keeps keys and values as float32 blocks (its KV pool); --kv-bits does not apply")
+
+
+def require_serve_extra():
+    """Refuse in one line when the serve extra is not installed (the server, and its memory plan,
+    need its HTTP stack)."""
+    from ..errors import UsageError
+    try:
+        import prometheus_client  # noqa: F401
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise UsageError(f"minillm serve needs the serve extra ({e.name} is missing): "
+                         "pip install 'minillm[serve]'") from None
