@@ -4,15 +4,17 @@ GGUF stores a matrix row after row, and each row block after block. A kernel tha
 a time does each block's float work (convert the scales, scale the integer sum) one row at a time,
 in scalar code. So the 32-weight formats are re-laid once, when the weights are loaded: GROUP_ROWS
 consecutive rows form a group, and a group stores block b of all its rows together, field by field
-(a field: a float16 scale, Q5's uint32 of fifth bits, one byte of codes):
+(a field: a float16 scale, Q5's uint32 of fifth bits, a word of 4 code bytes):
 
-    GGUF, row r:         [d][m][c0 c1 ... c15]  [d][m][c0 c1 ... c15]  ...     (Q4_1: 20 bytes a block)
-    group g, block b:    [d of rows 0..31][m of rows 0..31][c0 of rows 0..31] ... [c15 of rows 0..31]
+    GGUF, row r:         [d][m][c0 ... c15]  [d][m][c0 ... c15]  ...              (Q4_1: 20 bytes a block)
+    group g, block b:    [d of rows 0..31][m of rows 0..31][c0..c3 of rows 0..31] ... [c12..c15 of rows 0..31]
 
-so that byte j of a block's codes, for row r of the group, is at (4 + j) * 32 + r. A field of
-width w keeps its w bytes together: the float16 d of row r is bytes 2r, 2r + 1. Every loop "for
+A field of width w keeps its w bytes together: the float16 d of row r is bytes 2r, 2r + 1, and code
+bytes 4f .. 4f + 3 of row r are bytes (4 + 4f) * 32 + 4r .. + 3 (rows.word_byte). Every loop "for
 each row of the group" then reads consecutive memory, and LLVM turns it into SIMD instructions that
-do 16 or 32 rows at once, the float work included. The bytes are the same, only their order
+do 16 or 32 rows at once, the float work included. The codes come in words of 4 bytes because
+that is what x86's byte dot products (AVX512-VNNI's, AVX2's) multiply per lane (kernels/vnni.py):
+one 64-byte load holds 4 code bytes of each of 16 rows. The bytes are the same, only their order
 changes (a group-block of 32 Q4_1 rows is 32 x 20 bytes); a matrix whose row count is not a
 multiple of GROUP_ROWS gets zero rows after its last one, which no kernel writes out.
 
@@ -23,7 +25,7 @@ that the memory plan can count re-laid bytes without importing Numba.
 
 import numpy as np
 
-GROUP_ROWS = 32   # rows re-laid together: two SIMD registers of 16-bit lanes on AVX2 and AVX-512
+GROUP_ROWS = 32   # rows re-laid together: two 512-bit registers of 32-bit lanes (kernels/vnni.py), or of 16-bit lanes
 # GGUF rows are re-laid (and streamed ones read) this many bytes of them at a time, so that a
 # memory-mapped source can be let go of as the copy advances and a staging buffer stays small.
 RELAY_CHUNK_BYTES = 1 << 20

@@ -10,15 +10,19 @@ bit e of a little-endian uint32 qh in the header:
     Q5_1  [d][m][qh][16 code bytes]        w = d code + m
 
 Re-laid (minillm.kernels.rows), block b of a group holds each header field for the 32 rows side by
-side, then code byte 0 of the 32 rows, code byte 1, ...: byte j of row r is at
-`codes + j * GROUP_ROWS + r`, with `codes` = GROUP_ROWS * (header bytes).
+side, then the code bytes in 4-byte words: code bytes 0..3 of row 0, of row 1, ... of row 31, then
+code bytes 4..7 of the 32 rows, and so on: byte j of row r is at `codes + word_byte(j, r)`, with
+`codes` = GROUP_ROWS * (header bytes).
 
 A block's integer dot product with the int8 activation q, sum_e code_e q_e, is computed here for
-all rows of a group at once (`nibble_sums`, `fifth_bit_sums`), in 16-bit SIMD lanes: products
-are at most 31 * 127, so sums of up to 16 of them, kept signed (codes centred on 16 for Q5), fit
-an int16. The four formats then differ only in constants, which each passes to the kernels here
-(`CodeRows`): where the codes and fifth bits sit, the code their weights are centred on (8, 16 or
-0: w = d (code - centre) [+ m]), whether a minimum m follows d. Per block, in float32:
+all rows of a group at once. On x86 CPUs with AVX512-VNNI or AVX2, by their byte dot products
+(`nibble_sums_vnni`, `fifth_bit_sums_vnni`, kernels/vnni.py: 4 bytes of 16 rows at a time, why the
+codes come in words); elsewhere by loops that LLVM turns into 16-bit SIMD lanes (`nibble_sums`,
+`fifth_bit_sums`): products are at most 31 * 127, so sums of up to 16 of them, kept signed (codes
+centred on 16 for Q5), fit an int16. The two give the same integers. The four formats then differ
+only in constants, which each passes to the kernels here (`CodeRows`): where the codes and fifth
+bits sit, the code their weights are centred on (8, 16 or 0: w = d (code - centre) [+ m]), whether
+a minimum m follows d. Per block, in float32:
 
     d dx isum' [+ m (dx qsum)]      isum' = sum_e (code_e - centre) q_e, an exact integer
 
@@ -34,7 +38,8 @@ from ._jit import jit, jit_inline
 from .activations import Int8Rows
 from .f16 import f16_to_f32
 from .ggml import add_block, ggml_buffers, start_group, widen_fields, write_ggml_group
-from .rows import GROUP_ROWS, group_buffers, read_only, write_group
+from .rows import GROUP_ROWS, byte_of, check_vnni_reads, group_buffers, read_only, sixteen_bytes, word_byte, write_group
+from .vnni import fifth_bit_lanes_vnni, fifth_bit_sums_vnni, nibble_lanes_vnni, nibble_sums_vnni
 
 
 def _nibble_sums(blocks, g, b, codes, q16, isum):
@@ -47,11 +52,11 @@ def _nibble_sums(blocks, g, b, codes, q16, isum):
     for r in range(GROUP_ROWS):
         first = np.int16(0)
         for j in range(8):
-            byte = np.int16(blocks[g, b, codes + j * GROUP_ROWS + r])
+            byte = np.int16(blocks[g, b, codes + word_byte(j, r)])
             first = np.int16(first + (byte & 15) * q16[k + j] + (byte >> 4) * q16[k + 16 + j])
         second = np.int16(0)
         for j in range(8, 16):
-            byte = np.int16(blocks[g, b, codes + j * GROUP_ROWS + r])
+            byte = np.int16(blocks[g, b, codes + word_byte(j, r)])
             second = np.int16(second + (byte & 15) * q16[k + j] + (byte >> 4) * q16[k + 16 + j])
         isum[r] = np.int32(first) + np.int32(second)
 
@@ -80,11 +85,11 @@ def _fifth_bit_sums(blocks, w32, g, b, qh, codes, q16, isum):
         bits = w32[g, b, qh + r]
         first = np.int16(0)
         for j in range(8):
-            low, high = codes5(np.int16(blocks[g, b, codes + j * GROUP_ROWS + r]), bits, j)
+            low, high = codes5(np.int16(blocks[g, b, codes + word_byte(j, r)]), bits, j)
             first = np.int16(first + low * q16[k + j] + high * q16[k + 16 + j])
         second = np.int16(0)
         for j in range(8, 16):
-            low, high = codes5(np.int16(blocks[g, b, codes + j * GROUP_ROWS + r]), bits, j)
+            low, high = codes5(np.int16(blocks[g, b, codes + word_byte(j, r)]), bits, j)
             second = np.int16(second + low * q16[k + j] + high * q16[k + 16 + j])
         isum[r] = np.int32(first) + np.int32(second)
 
@@ -103,7 +108,7 @@ def _nibble_lanes(blocks, g, b, codes, q16, centre, lanes):
             high = np.int16(0)
             for t in range(4):
                 j = 4 * lane + t
-                byte = np.int16(blocks[g, b, codes + j * GROUP_ROWS + r])
+                byte = np.int16(blocks[g, b, codes + word_byte(j, r)])
                 low = np.int16(low + ((byte & 15) - centre) * q16[k + j])
                 high = np.int16(high + ((byte >> 4) - centre) * q16[k + 16 + j])
             lanes[lane, r] = low
@@ -124,7 +129,7 @@ def _fifth_bit_lanes(blocks, w32, g, b, qh, codes, q16, centre, lanes):
             high = np.int16(0)
             for t in range(4):
                 j = 4 * lane + t
-                c_low, c_high = codes5(np.int16(blocks[g, b, codes + j * GROUP_ROWS + r]), bits, j)
+                c_low, c_high = codes5(np.int16(blocks[g, b, codes + word_byte(j, r)]), bits, j)
                 low = np.int16(low + (c_low + 16 - centre) * q16[k + j])
                 high = np.int16(high + (c_high + 16 - centre) * q16[k + 16 + j])
             lanes[lane, r] = low
@@ -134,14 +139,16 @@ def _fifth_bit_lanes(blocks, w32, g, b, qh, codes, q16, centre, lanes):
 fifth_bit_lanes = jit_inline(_fifth_bit_lanes)
 
 
-def code_kernels(codes: int, qh: int, five_bit: bool, centre: int, has_m: bool, dw_first: bool) -> tuple:
+def code_kernels(codes: int, qh: int, five_bit: bool, centre: int, has_m: bool, dw_first: bool, vnni: bool) -> tuple:
     """The three kernels of one of the four formats, compiled with its constants (CodeRows) folded
     into their code (Numba takes a closure's variables as constants; as arguments, they kept LLVM from
     vectorizing most loops, 12 times slower): codes, where a group-block's code bytes start; qh, the
     32-bit word where its fifth bits start (five_bit); centre, the code the weights are centred on;
-    has_m, a minimum after d; dw_first, ggml's generic C multiplies sumi by dW before dx.
+    has_m, a minimum after d; dw_first, ggml's generic C multiplies sumi by dW before dx; vnni, the
+    integer sums by byte dot products (kernels/vnni.py: only where the CPU has them, `DOT_BYTES`).
     -> (matvec_groups, dequantize_rows, ggml_matvec_groups)"""
-    shift = (16 if five_bit else 0) - centre      # isum' = isum + shift qsum (the sums are centred on 16 or 0)
+    # isum' = isum + shift qsum: the loops' sums are centred on 16 (Q5) or 0 (Q4); the intrinsics' on the centre
+    shift = 0 if vnni else (16 if five_bit else 0) - centre
 
     def matvec_groups(blocks, w16, w32, q16, xd, qsum, dsums, scratch, out, first, stop):
         """out[:, rows of groups first..stop-1] = those rows of W times each of B activations, on the
@@ -156,11 +163,17 @@ def code_kernels(codes: int, qh: int, five_bit: bool, centre: int, has_m: bool, 
         codes) and their float terms (a second pass, 16 rows an instruction); each row's blocks are
         added in order in float32, whatever B. Allocation: none; the caller owns out and scratch."""
         isum, acc = group_buffers(scratch, q16.shape[0])
+        if vnni:
+            check_vnni_reads(blocks, codes + 16 * GROUP_ROWS, q16, xd.shape[1], isum)
         for g in range(first, stop):
             acc[:] = 0
             for b in range(xd.shape[1]):
                 for a in range(q16.shape[0]):
-                    if five_bit:
+                    if vnni and five_bit:
+                        fifth_bit_sums_vnni(blocks[g, b], codes, 4 * qh, q16[a], 32 * b, isum, centre)
+                    elif vnni:
+                        nibble_sums_vnni(blocks[g, b], codes, q16[a], 32 * b, isum, centre)
+                    elif five_bit:
                         fifth_bit_sums(blocks, w32, g, b, qh, codes, q16[a], isum)
                     else:
                         nibble_sums(blocks, g, b, codes, q16[a], isum)
@@ -180,13 +193,16 @@ def code_kernels(codes: int, qh: int, five_bit: bool, centre: int, has_m: bool, 
             for b in range(out.shape[1] // 32):
                 d = f16_to_f32(w16[g, b, r])
                 bits = w32[g, b, qh + r] if five_bit else np.uint32(0)
+                m = np.float32(0)
+                if has_m:
+                    m = f16_to_f32(w16[g, b, GROUP_ROWS + r])
+                first, second = sixteen_bytes(w32, g, b, codes // 4, r)
                 for j in range(16):
                     # elements j and j + 16, minus 16 (with no fifth bits, Q4's nibbles minus 16)
-                    low, high = codes5(np.int16(blocks[g, b, codes + j * GROUP_ROWS + r]), bits, j)
+                    low, high = codes5(byte_of(first, second, j), bits, j)
                     w_low = d * np.float32(low + 16 - centre)
                     w_high = d * np.float32(high + 16 - centre)
                     if has_m:
-                        m = f16_to_f32(w16[g, b, GROUP_ROWS + r])
                         w_low, w_high = w_low + m, w_high + m
                     out[i, 32 * b + j] = w_low
                     out[i, 32 * b + 16 + j] = w_high
@@ -201,13 +217,19 @@ def code_kernels(codes: int, qh: int, five_bit: bool, centre: int, has_m: bool, 
         Loop order: group by group, block by block; the 8 lane sums of the group's rows, then the
         float work of the block for every row (rows innermost: SIMD). Allocation: none."""
         lanes, acc, summs, dws, ms = ggml_buffers(scratch)
+        if vnni:
+            check_vnni_reads(blocks, codes + 16 * GROUP_ROWS, q16, dx.shape[0], lanes[-1])
         for g in range(first, stop):
             start_group(acc, summs, ms)
             for b in range(dx.shape[0]):
                 widen_fields(w16, g, b, 0, dws, rows)
                 if has_m:
                     widen_fields(w16, g, b, GROUP_ROWS, ms, rows)
-                if five_bit:
+                if vnni and five_bit:
+                    fifth_bit_lanes_vnni(blocks[g, b], codes, 4 * qh, q16, 32 * b, lanes, centre)
+                elif vnni:
+                    nibble_lanes_vnni(blocks[g, b], codes, q16, 32 * b, lanes, centre)
+                elif five_bit:
                     fifth_bit_lanes(blocks, w32, g, b, qh, codes, q16, centre, lanes)
                 else:
                     nibble_lanes(blocks, g, b, codes, q16, centre, lanes)
@@ -219,9 +241,15 @@ def code_kernels(codes: int, qh: int, five_bit: bool, centre: int, has_m: bool, 
 
 class CodeRows(Int8Rows):
     """Rows of Q4_0, Q4_1, Q5_0 or Q5_1, re-laid (minillm.kernels.rows), for the format's
-    `code_kernels`; subclasses set `fields` and `kernels`."""
+    `code_kernels`; subclasses set `fields`, `constants` and `kernels`."""
 
-    kernels = None      # code_kernels(...) of the format
+    constants = None    # the format's (codes, qh, five_bit, centre, has_m, dw_first) for code_kernels
+    kernels = None      # code_kernels(*constants, DOT_BYTES)
+
+    @classmethod
+    def compile_kernels(cls, vnni: bool) -> tuple:
+        """The format's kernels, with or without byte dot products (kernels/vnni.py; the tests run both)."""
+        return code_kernels(*cls.constants, vnni)
 
     def __init__(self, storage, n_rows, n_cols):
         super().__init__(storage, n_rows, n_cols)

@@ -2,9 +2,10 @@
 and ggml's product, from re-laid blocks.
 
 A Q4_0 block is a float16 scale d and 32 4-bit codes, w = d (code - 8). A group-block of 32 rows
-(minillm.kernels.rows) is their 32 scales, then code byte j of the 32 rows for j = 0..15:
+(minillm.kernels.rows) is their 32 scales, then their code bytes in 4-byte words, word f of the 32
+rows (code bytes 4f .. 4f + 3 of each) for f = 0..3:
 
-    16-bit word r: d of row r        byte (2 + j) * 32 + r: code byte j of row r
+    16-bit word r: d of row r        byte 64 + word_byte(j, r): code byte j of row r
 
 The kernels are those of kernels/nibbles.py, which all four 4- and 5-bit formats share, with Q4_0's
 constants: codes after 2 * 32 bytes, centred on 8, no minimum. A block's dot product with the int8
@@ -14,15 +15,16 @@ NumPy references: minillm.formats.q4_0.
 
 from .layout import GROUP_ROWS
 from .nibbles import CodeRows, code_kernels
-
-# codes, qh, five_bit, centre, has_m, dw_first
-matvec_groups_q4_0, dequantize_rows_q4_0, ggml_matvec_groups_q4_0 = \
-    code_kernels(2 * GROUP_ROWS, 0, False, 8, False, True)
+from .vnni import DOT_BYTES
 
 
 class Q4_0Rows(CodeRows):
-    """Q4_0 rows for the kernels above (minillm.kernels.rows)."""
+    """Q4_0 rows for the kernels of kernels/nibbles.py (minillm.kernels.rows)."""
 
     type_size = 18
-    fields = (2,) + (1,) * 16
-    kernels = (matvec_groups_q4_0, dequantize_rows_q4_0, ggml_matvec_groups_q4_0)
+    fields = (2,) + (4,) * 4
+    constants = (2 * GROUP_ROWS, 0, False, 8, False, True)    # codes, qh, five_bit, centre, has_m, dw_first
+    kernels = code_kernels(*constants, DOT_BYTES)
+
+
+matvec_groups_q4_0, dequantize_rows_q4_0, ggml_matvec_groups_q4_0 = Q4_0Rows.kernels

@@ -2,10 +2,10 @@
 and ggml's product, from re-laid blocks.
 
 A Q4_1 block is a float16 scale d, a float16 minimum m and 32 4-bit codes, w = d code + m. A
-group-block of 32 rows (minillm.kernels.rows) is their 32 d, their 32 m, then code byte j of the 32
-rows for j = 0..15:
+group-block of 32 rows (minillm.kernels.rows) is their 32 d, their 32 m, then their code bytes in
+4-byte words, word f of the 32 rows (code bytes 4f .. 4f + 3 of each) for f = 0..3:
 
-    16-bit word r: d of row r    word 32 + r: m of row r    byte (4 + j) * 32 + r: code byte j of row r
+    16-bit word r: d of row r    word 32 + r: m of row r    byte 128 + word_byte(j, r): code byte j of row r
 
 The kernels are those of kernels/nibbles.py, which all four 4- and 5-bit formats share, with Q4_1's
 constants: codes after 4 * 32 bytes, a minimum. A block's dot product with the int8 activation
@@ -19,15 +19,16 @@ NumPy references: minillm.formats.q4_1.
 
 from .layout import GROUP_ROWS
 from .nibbles import CodeRows, code_kernels
-
-# codes, qh, five_bit, centre, has_m, dw_first
-matvec_groups_q4_1, dequantize_rows_q4_1, ggml_matvec_groups_q4_1 = \
-    code_kernels(4 * GROUP_ROWS, 0, False, 0, True, False)
+from .vnni import DOT_BYTES
 
 
 class Q4_1Rows(CodeRows):
-    """Q4_1 rows for the kernels above (minillm.kernels.rows)."""
+    """Q4_1 rows for the kernels of kernels/nibbles.py (minillm.kernels.rows)."""
 
     type_size = 20
-    fields = (2, 2) + (1,) * 16
-    kernels = (matvec_groups_q4_1, dequantize_rows_q4_1, ggml_matvec_groups_q4_1)
+    fields = (2, 2) + (4,) * 4
+    constants = (4 * GROUP_ROWS, 0, False, 0, True, False)    # codes, qh, five_bit, centre, has_m, dw_first
+    kernels = code_kernels(*constants, DOT_BYTES)
+
+
+matvec_groups_q4_1, dequantize_rows_q4_1, ggml_matvec_groups_q4_1 = Q4_1Rows.kernels

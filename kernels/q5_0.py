@@ -3,9 +3,9 @@ and ggml's product, from re-laid blocks.
 
 A Q5_0 block is a float16 scale d, a uint32 qh of fifth bits and 32 4-bit codes, w = d (code - 16)
 with code = nibble | fifth bit << 4. A group-block of 32 rows (minillm.kernels.rows) is their 32 d,
-their 32 qh, then code byte j of the 32 rows for j = 0..15:
+their 32 qh, then their code bytes in 4-byte words, word f of the 32 rows for f = 0..3:
 
-    16-bit word r: d of row r    32-bit word 16 + r: qh of row r    byte (6 + j) * 32 + r: code byte j of row r
+    16-bit word r: d of row r    32-bit word 16 + r: qh of row r    byte 192 + word_byte(j, r): code byte j of row r
 
 The kernels are those of kernels/nibbles.py, which all four 4- and 5-bit formats share, with Q5_0's
 constants. A block's dot product with the int8 activation (dx, q) is d dx isum, isum = sum_e
@@ -14,15 +14,16 @@ constants. A block's dot product with the int8 activation (dx, q) is d dx isum, 
 
 from .layout import GROUP_ROWS
 from .nibbles import CodeRows, code_kernels
-
-# codes, qh, five_bit, centre, has_m, dw_first
-matvec_groups_q5_0, dequantize_rows_q5_0, ggml_matvec_groups_q5_0 = \
-    code_kernels(6 * GROUP_ROWS, GROUP_ROWS // 2, True, 16, False, False)
+from .vnni import DOT_BYTES
 
 
 class Q5_0Rows(CodeRows):
-    """Q5_0 rows for the kernels above (minillm.kernels.rows)."""
+    """Q5_0 rows for the kernels of kernels/nibbles.py (minillm.kernels.rows)."""
 
     type_size = 22
-    fields = (2, 4) + (1,) * 16
-    kernels = (matvec_groups_q5_0, dequantize_rows_q5_0, ggml_matvec_groups_q5_0)
+    fields = (2, 4) + (4,) * 4
+    constants = (6 * GROUP_ROWS, GROUP_ROWS // 2, True, 16, False, False)    # codes, qh, five_bit, centre, has_m, dw_first
+    kernels = code_kernels(*constants, DOT_BYTES)
+
+
+matvec_groups_q5_0, dequantize_rows_q5_0, ggml_matvec_groups_q5_0 = Q5_0Rows.kernels

@@ -50,13 +50,12 @@ def scratch_rows(parts: int, n_values: int, dtype) -> np.ndarray:
 
 
 def field_counts(fields: tuple) -> tuple:
-    """A 32-weight format's block as the store kernel takes it: (n16, n32, n_codes), its fields being
-    n16 float16 scales, then n32 uint32 words of fifth bits, then n_codes bytes of codes."""
+    """A 32-weight format's block as the store kernel takes it: (n16, n32), its fields being n16
+    float16 scales, then n32 4-byte words (Q5's fifth bits, then the codes or weights, 4 bytes a word)."""
     n16, n32 = fields.count(2), fields.count(4)
-    n_codes = len(fields) - n16 - n32
-    if fields != (2,) * n16 + (4,) * n32 + (1,) * n_codes:
-        raise ValueError(f"block fields {fields}: expected 2-byte fields, then 4-byte ones, then single bytes")
-    return n16, n32, n_codes
+    if fields != (2,) * n16 + (4,) * n32:
+        raise ValueError(f"block fields {fields}: expected 2-byte fields, then 4-byte ones")
+    return n16, n32
 
 
 def _packed_bytes(raw, i, col, width, k):
@@ -79,10 +78,8 @@ def store_kernel(fields: tuple):
     field widths compiled in as constants (Numba takes a closure's ints as constants; passed as
     arrays, they left a loop of table look-ups that copied about 1.2 GB/s). NumPy reference:
     `layout.interleave`, bit for bit."""
-    n16, n32, n_codes = field_counts(fields)
-
-    header = 2 * n16 + 4 * n32      # bytes before the codes, in a GGUF block
-    type_size = header + n_codes
+    n16, n32 = field_counts(fields)
+    type_size = 2 * n16 + 4 * n32
 
     def store(raw, out, words, first_row):
         """out = raw's rows as rows first_row.. of the interleaved layout.
@@ -104,12 +101,10 @@ def store_kernel(fields: tuple):
                     for f in range(n16):          # float16 scales: 2 bytes a row, side by side
                         for k in range(2):
                             words[g, b, (GROUP_ROWS * 2 * f + 2 * r) // 8 + k] = packed_bytes(raw, i, src + 2 * f, 2, k)
-                    for f in range(n32):          # uint32 fifth bits: 4 bytes a row
+                    for f in range(n32):          # 4-byte words (fifth bits, codes): 4 bytes a row
                         at = 2 * n16 + 4 * f
                         for k in range(4):
                             words[g, b, (GROUP_ROWS * at + 4 * r) // 8 + k] = packed_bytes(raw, i, src + at, 4, k)
-                    for j in range(n_codes):      # code byte j of the rows, then byte j + 1
-                        words[g, b, (GROUP_ROWS * (header + j) + r) // 8] = packed_bytes(raw, i, src + header + j, 1, 0)
                 i += 8
             else:
                 for b in range(out.shape[1]):
@@ -121,11 +116,64 @@ def store_kernel(fields: tuple):
                         at = 2 * n16 + 4 * f
                         for t in range(4):
                             out[g, b, GROUP_ROWS * at + 4 * r + t] = raw[i, src + at + t]
-                    for j in range(n_codes):
-                        out[g, b, GROUP_ROWS * (header + j) + r] = raw[i, src + header + j]
                 i += 1
 
     return jit(store)
+
+
+def _word_byte(j, r):
+    """Where byte j (of a block's codes or weights) of row r of a group lies, from the start of those
+    bytes in a group-block: each row keeps them in 4-byte words (fields of width 4, kernels/layout.py),
+    the rows' words 0 side by side, then their words 1, ..."""
+    return (j >> 2) * (4 * GROUP_ROWS) + 4 * r + (j & 3)
+
+
+word_byte = jit_inline(_word_byte)
+
+
+def _sixteen_bytes(w32, g, b, at, r):
+    """Bytes 0..15 of row r's codes or weights in group-block (g, b), as two uint64 (byte j of the
+    first in its bits 8j .. 8j + 7, byte 8 + j of the second likewise): the row's 4-byte words 0..3,
+    which lie GROUP_ROWS words apart from word `at` of w32 (G, nb, GROUP_ROWS * type_size / 4) u32."""
+    high = np.uint64(32)
+    first = np.uint64(w32[g, b, at + r]) | np.uint64(w32[g, b, at + GROUP_ROWS + r]) << high
+    second = np.uint64(w32[g, b, at + 2 * GROUP_ROWS + r]) | np.uint64(w32[g, b, at + 3 * GROUP_ROWS + r]) << high
+    return first, second
+
+
+sixteen_bytes = jit_inline(_sixteen_bytes)
+
+
+def _pick(first, second, which):
+    """first if which == 0, second if which == 1 (uint64 words), without a branch: a mask."""
+    return first ^ ((first ^ second) & np.uint64(np.int64(-which)))
+
+
+pick = jit_inline(_pick)
+
+
+def _byte_of(first, second, j):
+    """Byte j < 16 of the 16 bytes `sixteen_bytes` gives, as an int16. Computed from j without a
+    branch or an address (a mask picks the word, a shift the byte), so that LLVM vectorizes a loop
+    over j: the dequantizers' loops (a row's bytes are not consecutive in the layout, and a loop that
+    loads them one by one by address stays scalar)."""
+    return np.int16((pick(first, second, j >> 3) >> np.uint64(8 * (j & 7))) & np.uint64(255))
+
+
+byte_of = jit_inline(_byte_of)
+
+
+def _check_vnni_reads(blocks, stop, q16, nb, out_row):
+    """Raise IndexError unless the reads and writes of kernels/vnni.py's sums stay inside their
+    arrays: bytes up to `stop` of each group-block of blocks (G, nb, GROUP_ROWS * type_size), nb
+    blocks of each activation of q16 (B, K) or (K,), and GROUP_ROWS values of out_row (one row of the
+    sums). Those functions read without bounds checks (even under NUMBA_BOUNDSCHECK), so a kernel
+    calls this once first."""
+    if stop > blocks.shape[2] or 32 * nb > q16.shape[-1] or out_row.shape[0] < GROUP_ROWS:
+        raise IndexError("a byte dot-product sum would read or write outside its arrays")
+
+
+check_vnni_reads = jit_inline(_check_vnni_reads)
 
 
 def _group_buffers(scratch, batch):

@@ -22,6 +22,7 @@ import weakref
 
 import gguf
 import numba
+from numba.core.registry import cpu_target
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
@@ -36,8 +37,10 @@ from minillm.errors import MinillmError
 from minillm.formats import Q8_K
 from minillm.formats.activation import FLUSH, Int8Blocks
 from minillm.kernels import activations
+from minillm.kernels import vnni as vnni_module
 from minillm.kernels.q8_k import q8_k_activation, quantize_q8_k
 from minillm.kernels.threads import max_threads
+from minillm.kernels.vnni import DOT_BYTES, INSTRUCTION
 from minillm.linear import QuantEmbedding, QuantLinear
 from minillm.kernels.q4_1 import Q4_1Rows
 from minillm.kernels.q8_0 import Q8_0Rows
@@ -447,6 +450,106 @@ def test_matvec_edge_blocks(ggml_type, case):
     assert_matvec_within_bound(raw, ggml_type, x, threads=THREADS[-1])
     if case == "zero":
         assert np.array_equal(packed_rows(raw, ggml_type).matvec(x, 1), np.zeros((2, 4), np.float32))
+
+
+needs_dot_bytes = pytest.mark.skipif(not DOT_BYTES, reason="the CPU (as Numba targets it) has neither AVX512-VNNI "
+                                                              "nor AVX2, or the JIT is off")
+
+
+def with_kernels(rows: PackedRows, vnni: bool) -> PackedRows:
+    """rows with their format's kernels compiled with kernels/vnni.py's byte dot products, or with the
+    portable loops."""
+    rows.rows.kernels = type(rows.rows).compile_kernels(vnni)
+    return rows
+
+
+@needs_dot_bytes
+@pytest.mark.parametrize("ggml_type", RELAID_TYPES, ids=lambda t: t.name)
+@kernel_settings
+@given(data=st.data(), batch=st.integers(1, 3))
+def test_vnni_and_portable_matvecs_give_the_same_bits(ggml_type, data, batch):
+    """The integer sums by byte dot products (vpdpbusd, or vpmaddubsw and vpmaddwd) equal the portable
+    loops' (both exact), so the matvecs do, bit for bit: on any bytes with finite scales, and on the
+    edge blocks (the largest products: vpmaddubsw's int16 pairs must not saturate)."""
+    raw = data.draw(packed_with_finite_values(ggml_type, max_rows=3 * GROUP_ROWS))
+    x = data.draw(arrays(np.float32, (batch, n_cols(raw, ggml_type)), elements=ACTIVATIONS))
+    cases = [(raw, x)] + [(edge_blocks(ggml_type, case, np.random.default_rng(0)), None)
+                          for case in ("zero", "largest", "subnormal scales")]
+    for raw, x in cases:
+        x = np.full((1, n_cols(raw, ggml_type)), -1e20, np.float32) if x is None else x
+        fast, portable = (with_kernels(packed_rows(raw, ggml_type), vnni).matvec(x, 1) for vnni in (True, False))
+        assert np.array_equal(fast.view(np.uint32), portable.view(np.uint32))
+
+
+@needs_dot_bytes
+@pytest.mark.parametrize("ggml_type", RELAID_TYPES, ids=lambda t: t.name)
+@kernel_settings
+@given(data=st.data(), x86=st.booleans())
+def test_vnni_and_portable_ggml_matvecs_give_the_same_bits(ggml_type, data, x86):
+    """--mode ggml's lane sums by byte dot products equal the portable loops', on any bytes (inf and
+    NaN scales too) and activations."""
+    from minillm.modes.ggml import GGMLLinear
+    raw = data.draw(raw_rows(ggml_type, max_rows=MAX_ROWS))
+    x = data.draw(arrays(np.float32, (1, n_cols(raw, ggml_type)), elements=ACTIVATIONS))
+    got = []
+    for vnni in (True, False):
+        linear = QuantLinear(raw, ggml_type)
+        with_kernels(linear.kernels, vnni)
+        with np.errstate(all="ignore"):
+            got.append(GGMLLinear(linear, "x86" if x86 else "ref")(x))
+    assert_same_bits_up_to_nan_payload(*got)
+
+
+@needs_dot_bytes
+@pytest.mark.parametrize("ggml_type", RELAID_TYPES, ids=lambda t: t.name)
+def test_vnni_matvecs_use_the_dot_product_instruction(ggml_type):
+    """The matvecs of the re-laid formats run the target's byte dot product (`vpdpbusd` with
+    AVX512-VNNI, else `vpmaddubsw`: what makes them fast), the portable ones neither."""
+    raw = edge_blocks(ggml_type, "largest", np.random.default_rng(0))
+    for vnni in (True, False):
+        rows = with_kernels(packed_rows(raw, ggml_type), vnni)
+        rows.matvec(np.ones((1, n_cols(raw, ggml_type)), np.float32), 1)
+        cached = rows.rows.kernels[0]
+        matvec = numba.njit(cached.py_func, cache=False)      # compiled here: a cached kernel shows no code
+        matvec.compile(cached.signatures[0])
+        code = matvec.inspect_asm(matvec.signatures[0])
+        assert (INSTRUCTION in code) == vnni and ("vpdpbusd" in code or "vpmaddubsw" in code) == vnni
+
+
+@pytest.mark.skipif("+avx2" not in vnni_module._FEATURES, reason="the check reads x86 AVX2 code")
+@pytest.mark.parametrize("ggml_type", RELAID_TYPES, ids=lambda t: t.name)
+def test_dequantizers_of_the_relaid_formats_vectorize(ggml_type):
+    """Prefill's tile dequantizer reads a row's code words as two 64-bit words and picks each byte by
+    a variable shift (rows.byte_of), so that LLVM vectorizes it: the loop of the layout's addresses
+    stayed scalar, 2.5 times slower. Vectorized, the shifts are `vpsrlvq`."""
+    raw = edge_blocks(ggml_type, "largest", np.random.default_rng(0))
+    rows = packed_rows(raw, ggml_type)
+    rows.dequantize_rows(np.zeros(1, np.int64), np.empty((1, n_cols(raw, ggml_type)), np.float32))
+    cached = rows.rows.kernels[1]
+    dequantize = numba.njit(cached.py_func, cache=False)      # compiled here: a cached kernel shows no code
+    dequantize.compile(cached.signatures[0])
+    assert "vpsrlvq" in dequantize.inspect_asm(dequantize.signatures[0])
+
+
+def features_without(*names) -> str:
+    """Numba's target features of this CPU with those named (and any that start with them) turned off:
+    code for an older CPU that this one runs."""
+    features = cpu_target.target_context.codegen().magic_tuple()[2].split(",")
+    return ",".join("-" + f[1:] if f[1:].startswith(names) else f for f in features)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(_EXAMPLES), reason="already inside a checked run")
+@needs_dot_bytes
+@pytest.mark.parametrize("target", [("avx512vnni", "avxvnni"), ("avx512", "avxvnni", "evex512")],
+                         ids=["no AVX512-VNNI", "AVX2"])
+def test_byte_dots_without_vnni(target, tmp_path):
+    """Re-run the byte dot product tests for the CPUs without AVX512-VNNI: vpmaddubsw on 512 bits
+    (AVX512-BW), and on 256 (AVX2, each 64 bytes in two halves)."""
+    features = features_without(*target)
+    assert vnni_module._instruction(set(features.split(","))) == "vpmaddubsw"
+    result = run_checked(__file__, "vnni and not numba_checks", {"NUMBA_CPU_FEATURES": features}, tmp_path)
+    assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 def packed_with_finite_values(ggml_type, max_rows=6, max_blocks=4):

@@ -200,11 +200,12 @@ print(f"loops kernel:  largest error {loops_error.max():.2e}, "
 #    call; the matrix has N × K weights.
 # 2. **32 rows at a time.** When the model loads, each group of 32 rows is re-laid (the same bytes
 #    in another order, `kernels/layout.py`): for block b, the 32 rows' scales d side by side, then
-#    their minimums m, then code byte 0 of the 32 rows, code byte 1, and so on. The kernel's inner
-#    loop runs over the 32 rows of a group: for code byte j it reads 32 consecutive bytes and
-#    multiplies their nibbles by the same two activation values q_j and q_(j+16). That is exactly
-#    the shape of a SIMD instruction: 16 or 32 rows in 16-bit lanes per instruction (a code times
-#    an int8 value is at most 15 × 127, and 16 of them still fit an int16).
+#    their minimums m, then code bytes 0..3 of the 32 rows (4 bytes a row), code bytes 4..7, and so
+#    on. The kernel's inner loop runs over the 32 rows of a group: for code byte j it reads the 32
+#    rows' bytes and multiplies their nibbles by the same two activation values q_j and q_(j+16).
+#    That is exactly the shape of a SIMD instruction: 16 or 32 rows in 16-bit lanes per instruction
+#    (a code times an int8 value is at most 15 × 127, and 16 of them still fit an int16). Why the
+#    bytes come 4 to a row: section 6.
 # 3. **Floats only per block, 32 rows at once too.** A block's products add up to the exact integer
 #    I_b = sum_e code_e q_e; with S_b = sum_e q_e (computed once with the activation),
 #
@@ -401,9 +402,10 @@ def _rows_at_a_time(w16, codes, q16, xd, dsums, out):
 
 
 rows_at_a_time = numba.njit(_rows_at_a_time, cache=False)
-# the library's kernel, compiled here rather than loaded from Numba's cache, so that its machine
-# code can be inspected below (the same source, the same compiler: the same code)
-groups_at_a_time = numba.njit(q4_1.matvec_groups_q4_1.py_func, cache=False)
+# the library's kernel in its portable form (plain loops; section 6 has the faster one), compiled
+# here rather than loaded from Numba's cache, so that its machine code can be inspected below
+portable_kernel = q4_1.Q4_1Rows.compile_kernels(vnni=False)[0]
+groups_at_a_time = numba.njit(portable_kernel.py_func, cache=False)
 
 packed = lib.kernels.rows                       # the library's re-laid copy of `raw`
 act = packed.new_activation()                   # room for one activation: the kernel takes a batch of B (here 1)
@@ -456,6 +458,56 @@ for label, run, kernel in (("one row at a time", one_row_at_a_time, rows_at_a_ti
 # side, 32 rows are 32 independent copies of the same computation, and every loop over them is
 # SIMD: the integer products, the scale conversions, the float terms. The bytes are the same 5 bits
 # per weight; only their order changed, once, when the model loaded.
+
+# %% [markdown]
+# ## 6. Four bytes at a time: the CPU's integer dot product
+#
+# Section 5's kernel multiplies in 16-bit lanes: for each code byte it widens the 32 rows' bytes to 16
+# bits, masks or shifts out a nibble, multiplies by q_j and adds, several instructions for every 32
+# multiply-adds. CPUs with AVX512-VNNI (Intel since Ice Lake, AMD since Zen 4) have the instruction
+# llama.cpp's kernels use instead, `vpdpbusd`: in each of 16 lanes of 32 bits, 4 unsigned bytes times
+# 4 signed bytes, the 4 products added to the lane, 64 multiply-adds at once. For that a lane must
+# hold 4 code bytes of the *same* row, which is why minillm's layout keeps each row's code bytes 4 to
+# a word (section 3): one 64-byte load is code bytes 4f .. 4f + 3 of 16 rows; masked to their low
+# nibbles they are elements 4f .. 4f + 3, shifted, elements 16 + 4f .. 16 + 4f + 3, and each is
+# multiplied by the matching 4 activation bytes, broadcast to every lane. x86 CPUs without it but
+# with AVX2 do the same in two instructions, as llama.cpp does there: `vpmaddubsw` (byte products
+# added in pairs into 16-bit lanes) and `vpmaddwd` by ones (pairs of those into 32-bit lanes).
+#
+# LLVM does not find these instructions in our loops, so `kernels/vnni.py` writes them in LLVM IR
+# through Numba's `intrinsic`. The kernel takes that path only where the CPU has one of them
+# (`kernels.vnni.INSTRUCTION`), the loops of section 5 everywhere else. The integer sums are exact
+# either way, so the two kernels must agree bit for bit.
+
+# %%
+from minillm.kernels.vnni import INSTRUCTION  # noqa: E402  (the section's one new name)
+
+if INSTRUCTION:
+    vnni_kernel = q4_1.Q4_1Rows.compile_kernels(vnni=True)[0]
+    y_vnni = np.empty((1, N), np.float32)
+
+    def four_bytes_at_a_time():
+        vnni_kernel(packed.blocks, packed.w16, packed.w32, act.q16, act.d, act.sums, act.dsums, scratch, y_vnni, 0,
+                    packed.n_groups)
+
+    four_bytes_at_a_time()
+    assert np.array_equal(y_vnni, y_groups)
+    for label, run in (("32 rows, 16-bit lanes", thirty_two_rows_at_a_time),
+                       (f"32 rows, {INSTRUCTION}", four_bytes_at_a_time)):
+        seconds = course.median_seconds(run, 300)
+        print(f"{label:24} {seconds * 1e6:6.0f} us {N * K / seconds / 1e9:8.1f} G weights/s")
+else:
+    print("This CPU (as Numba targets it) has no byte dot product: minillm runs the loops of section 5.")
+
+# %% [markdown]
+# Measured when this section was written (the shared 2-core AMD EPYC, Zen 4, at a load average of 5
+# from other jobs; medians of 300 calls on a 1536 x 576 Q4_1 matrix of random codes): 16-bit lanes 38 us (23 G
+# weights/s), vpdpbusd 18 us (49 G weights/s), the same bits. The same machine compiling for a CPU
+# without AVX512-VNNI (`NUMBA_CPU_FEATURES`) runs vpmaddubsw: 20 us on 512 bits, 22 us on AVX2's 256.
+# The words cost the loops something: on the layout before them (code byte j of the 32 rows side by
+# side) the same loops took 31 us, so the gain over that kernel is 1.7x; the loops now run only where
+# the CPU has neither instruction. In a decode step the matvecs are only part of the time (norms,
+# attention and Python around the calls are the rest).
 
 # %% [markdown]
 # ## Exercises

@@ -135,7 +135,7 @@ def simd_share(kernel):
     return len(ops), sum(("%ymm" in op or "%zmm" in op) for op in ops)
 
 
-groups = numba.njit(q4_1.matvec_groups_q4_1.py_func, cache=False)   # compiled here, so its code can be read
+groups = numba.njit(q4_1.Q4_1Rows.compile_kernels(vnni=False)[0].py_func, cache=False)   # the loops, compiled here to be read
 packed = lib.kernels.rows
 act = packed.new_activation()                 # a batch of one activation
 packed.quantize(x[None], act)
