@@ -115,5 +115,8 @@ class Int8Rows(Rows):
         activation_with_sums(x, act.q, act.q16, act.d, act.sums, act.dsums)
 
     def new_scratch(self, parts, batch=1):
-        # a group's integer sums and the accumulators of its rows for each activation (rows.group_buffers)
-        return scratch_rows(parts, (1 + batch) * GROUP_ROWS, np.int32)
+        # what the portable loops keep (rows.group_buffers: a group's integer sums, its rows' accumulators
+        # for each activation) or, more, the VNNI batch kernels (kernels/batch_matvec.py, imported here:
+        # it imports this module)
+        from .batch_matvec import batch_scratch_values
+        return scratch_rows(parts, max((1 + batch) * GROUP_ROWS, batch_scratch_values(batch, self.n_cols)), np.int32)

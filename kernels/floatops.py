@@ -72,22 +72,26 @@ def _rope_halves(x, cos, sin, out):
 rope_halves = jit(_rope_halves)
 
 
-def _attend_one(q, k, v, q_pos, k_pos, sinks, limit, stride, scale, scratch, out):
+def _attend_rows(q, k, v, rows, q_pos, k_pos, sinks, limit, stride, scale, scratch, out):
     """softmax(q k^T * scale) v for one query per head, at position q_pos, over the cached keys its
     pattern's element rule lets it see (kernels.attention.visible: no random blocks); a head that
-    sees no key gets zeros. Query head h reads KV head h // (H / Hkv) (grouped-query attention).
-    q, out: (H, D) f32; k, v: (Hkv, S, D) f32; k_pos: (S,) i64; scale: f32;
-    scratch: (3, S) f32: the scores, their exponentials, and the exp's int32 work."""
+    sees no key gets zeros. Key j (at position k_pos[j]) and its value are row rows[j] of k and v: a
+    cache's own rows in order (rows 0..S-1), or a sequence's rows of the server's KV pool
+    (kernels/paged_attention.py), read where they are. Query head h reads KV head h // (H / Hkv)
+    (grouped-query attention).
+    q, out: (H, D) f32; k, v: (Hkv, P, D) f32; rows, k_pos: (S,) i64; scale: f32;
+    scratch: (3, >= S) f32: the scores, their exponentials, and the exp's int32 work."""
     scores, weights, bits = scratch[0], scratch[1], scratch[2].view(np.int32)
     group = q.shape[0] // k.shape[0]
+    S = rows.shape[0]
     for h in range(q.shape[0]):
         kv = h // group
         top = -np.inf
-        for j in range(k.shape[1]):
+        for j in range(S):
             if visible(q_pos, k_pos[j], sinks, limit, stride):
                 s = np.float32(0)
                 for d in range(q.shape[1]):
-                    s += q[h, d] * k[kv, j, d]
+                    s += q[h, d] * k[kv, rows[j], d]
                 scores[j] = s * scale
                 top = max(top, scores[j])
             else:
@@ -95,17 +99,17 @@ def _attend_one(q, k, v, q_pos, k_pos, sinks, limit, stride, scale, scratch, out
         out[h, :] = 0
         if top == -np.inf:
             continue
-        for j in range(k.shape[1]):
+        for j in range(S):
             scores[j] -= top
-        exp_scores(scores, weights, bits, k.shape[1])
+        exp_scores(scores, weights, bits, S)
         total = np.float32(0)
-        for j in range(k.shape[1]):
+        for j in range(S):
             if weights[j] != 0:
                 total += weights[j]
                 for d in range(q.shape[1]):
-                    out[h, d] += weights[j] * v[kv, j, d]
+                    out[h, d] += weights[j] * v[kv, rows[j], d]
         for d in range(q.shape[1]):
             out[h, d] /= total
 
 
-attend_one = jit_any_order_sum(_attend_one)
+attend_rows = jit_any_order_sum(_attend_rows)

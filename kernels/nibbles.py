@@ -36,10 +36,11 @@ import numpy as np
 
 from ._jit import jit, jit_inline
 from .activations import Int8Rows
+from .batch_matvec import batch_code_matvec
 from .f16 import f16_to_f32
 from .ggml import add_block, ggml_buffers, start_group, widen_fields, write_ggml_group
 from .rows import GROUP_ROWS, byte_of, check_vnni_reads, group_buffers, read_only, sixteen_bytes, word_byte, write_group
-from .vnni import fifth_bit_lanes_vnni, fifth_bit_sums_vnni, nibble_lanes_vnni, nibble_sums_vnni
+from .vnni import VNNI, fifth_bit_lanes_vnni, fifth_bit_sums_vnni, nibble_lanes_vnni, nibble_sums_vnni
 
 
 def _nibble_sums(blocks, g, b, codes, q16, isum):
@@ -236,7 +237,9 @@ def code_kernels(codes: int, qh: int, five_bit: bool, centre: int, has_m: bool, 
                 add_block(acc, summs, lanes, dws, ms, dx[b], sx[b] if has_m else np.float32(0), rows, x86, dw_first)
             write_ggml_group(acc, summs, out, g, x86, has_m)
 
-    return jit(matvec_groups), jit(dequantize_rows), jit(ggml_matvec_groups)
+    # with AVX512-VNNI the matvec unpacks each group-block once for all activations (kernels/batch_matvec.py)
+    matvec = batch_code_matvec(codes, qh, five_bit, centre, has_m) if vnni and VNNI else jit(matvec_groups)
+    return matvec, jit(dequantize_rows), jit(ggml_matvec_groups)
 
 
 class CodeRows(Int8Rows):

@@ -21,11 +21,12 @@ import numpy as np
 
 from ._jit import jit, jit_inline
 from .activations import Int8Rows
+from .batch_matvec import batch_q8_0_matvec
 from .f16 import f16_to_f32
 from .ggml import add_block, ggml_buffers, start_group, widen_fields, write_ggml_group
 from .rows import (GROUP_ROWS, byte_of, check_vnni_reads, group_buffers, pick, read_only, sixteen_bytes, word_byte,
                    write_group)
-from .vnni import DOT_BYTES, weight_lanes_vnni, weight_sums_vnni
+from .vnni import DOT_BYTES, VNNI, weight_lanes_vnni, weight_sums_vnni
 
 WEIGHTS = 2 * GROUP_ROWS   # where a group-block's weights start: after 32 d
 
@@ -121,7 +122,9 @@ def q8_0_kernels(vnni: bool) -> tuple:
                 add_block(acc, summs, lanes, dws, ms, dx[b], np.float32(0), rows, x86, False)
             write_ggml_group(acc, summs, out, g, x86, False)
 
-    return jit(matvec_groups_q8_0), jit(ggml_matvec_groups_q8_0)
+    # with AVX512-VNNI the matvec unpacks each group-block once for all activations (kernels/batch_matvec.py)
+    matvec = batch_q8_0_matvec(WEIGHTS) if vnni and VNNI else jit(matvec_groups_q8_0)
+    return matvec, jit(ggml_matvec_groups_q8_0)
 
 
 matvec_groups_q8_0, ggml_matvec_groups_q8_0 = q8_0_kernels(DOT_BYTES)

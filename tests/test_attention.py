@@ -20,7 +20,7 @@ from minillm.gguf import GGUFFile
 from minillm.kernels.attention import exp_scores
 from minillm.kvcache import KVCache, PatternKVCache
 from minillm.model import load_float_model
-from minillm.ops.f32 import F32, attend, causal_mask, kernel_masked_attention, masked_attention
+from minillm.ops.f32 import F32, attend, causal_mask, kernel_masked_attention, kernel_paged_attention, masked_attention
 from numba_checks import NUMBA_ENVS, run_checked
 
 NMSE_LIMIT = 1e-7  # from the issue: kernel against a float64 reference
@@ -168,6 +168,39 @@ def test_decode_attention_kernel_equals_masked_reference(pattern, S, n_kv_heads,
     got = kernel_masked_attention(q, k, v, pattern, q_pos, k_pos)
     assert got.dtype == np.float32
     assert nmse(got, reference(q, k, v, pattern, q_pos, k_pos)) <= NMSE_LIMIT
+
+
+@kernel_settings
+@given(pattern=patterns(random_blocks=False), lengths=st.lists(st.integers(1, 90), min_size=1, max_size=5),
+       n_kv_heads=st.integers(1, 3), group=st.integers(1, 4), head_dim=st.sampled_from([8, 16, 64]),
+       seed=st.integers(0, 2**16))
+def test_paged_attention_gives_each_sequence_its_bits_alone(pattern, lengths, n_kv_heads, group, head_dim, seed):
+    """B sequences' queries in one kernel call, their keys and values scattered over the rows of one
+    pool as the server pages them (minillm.serve.kvpool): each sequence's result is, bit for bit, the
+    one-query kernel's on its rows gathered in order (what it gets decoded alone)."""
+    rng = np.random.default_rng(seed)
+    B, S = len(lengths), max(lengths)
+    k, v = rng.standard_normal((2, n_kv_heads, sum(lengths) + 7, head_dim), dtype=np.float32)
+    order = rng.permutation(k.shape[1])
+    starts = np.cumsum([0] + lengths)
+    slots = np.zeros((B, S), np.int64)
+    for i, n in enumerate(lengths):
+        slots[i, :n] = order[starts[i]:starts[i] + n]
+    q = rng.standard_normal((n_kv_heads * group, B, head_dim), dtype=np.float32)
+    got = kernel_paged_attention(q, k, v, slots, np.array(lengths), pattern, 0.125)
+    for i, n in enumerate(lengths):
+        rows = slots[i, :n]
+        alone = kernel_masked_attention(q[:, i:i + 1], k[:, rows], v[:, rows], pattern, np.array([n - 1]), np.arange(n),
+                                        0.125)
+        assert np.array_equal(got[:, i:i + 1].view(np.uint32), alone.view(np.uint32))
+
+
+def test_paged_attention_refuses_rows_outside_the_pool():
+    q = np.zeros((2, 1, 8), np.float32)
+    k = v = np.zeros((1, 5, 8), np.float32)
+    for slots in ([[0, 5]], [[-1, 0]]):
+        with pytest.raises(ValueError):
+            kernel_paged_attention(q, k, v, np.array(slots), np.array([2]), Pattern(), 1.0)
 
 
 @kernel_settings

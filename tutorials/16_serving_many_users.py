@@ -15,9 +15,10 @@
 # |---|---|---|
 # | weight bytes read from memory | B x 92 MiB | 92 MiB |
 # | Python work per layer | B times | once |
-# | codes unpacked, multiply-adds | B x 134 M | B x 134 M |
+# | codes unpacked (where the CPU has AVX512-VNNI) | B x 134 M | 134 M |
+# | multiply-adds | B x 134 M | B x 134 M |
 #
-# The arithmetic stays, so the gain is what the other rows cost. `minillm serve` does this with
+# The multiply-adds stay, so the gain is what the other rows cost. `minillm serve` does this with
 # *continuous batching* (a request joins the batch at the next step, not after the others end), keeps
 # the users' keys and values in a pool of fixed-size blocks, and shares the blocks of prompts that
 # start alike. We build each piece by hand and check it against the library.
@@ -96,7 +97,9 @@ assert np.allclose(out, exact, rtol=1e-4, atol=1e-3)
 # always takes B activations, and one token is B = 1. It works on the rows as the model loaded them,
 # re-laid in groups of 32 (chapter 3, section 5): a group's block is read from memory once, then each
 # activation in turn runs the integer sums and float terms of one token on it while it sits in the
-# cache. Its promise is stronger than closeness: each activation's result is *bit for bit* what the
+# cache. Where the CPU has AVX512-VNNI (kernels/batch_matvec.py, kernels/vnni_batch.py) the block's
+# codes are also unpacked once, into registers, and each activation then costs only its 16 dot-product
+# instructions and its float terms. Its promise is stronger than closeness: each activation's result is *bit for bit* what the
 # kernel gives that activation alone, because it adds the same numbers in the same order. That is
 # what lets a server batch users without changing anyone's answer.
 
@@ -120,11 +123,12 @@ for B in (1, 4, 16):
 
 # %% [markdown]
 # The speed-up is far from "B times fewer weight reads". On SmolLM2's small matrices the one-token
-# kernel is bound by arithmetic, not by memory: per block and row it unpacks 16 code bytes, does
-# 32 multiply-adds in 16-bit SIMD lanes and the float terms, and the next activation has to do all
-# of that again. Reading each group once for all B saves only the trips to memory. (Exercise 1
-# asks what it would take to share more.) The order of every float operation within a row is that
-# of one token, so the bits are too (the `assert` above).
+# kernel is bound by arithmetic, not by memory: per block of 32 rows it unpacks their code bytes,
+# then multiplies them by the activation (16 `vpdpbusd`, 1,024 multiply-adds; with the portable
+# loops, many more instructions in 16-bit lanes) and does the float terms. A batch shares the
+# reads and, with VNNI, the unpacking; the dot products and the float terms of each activation
+# remain, and they are most of the work. (Exercise 1 measures the part a batch shares.) The order of
+# every float operation within a row is that of one token, so the bits are too (the `assert` above).
 #
 # ## 2. A decode step for B conversations
 #

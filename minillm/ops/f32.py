@@ -5,6 +5,7 @@ to a model's forward pass in float32 (`--mode f32`, the runtime's own); minillm.
 same functions in float64. Each works in the dtype of its input, so one definition serves both.
 """
 
+import functools
 import math
 
 import numpy as np
@@ -133,17 +134,48 @@ def masked_attention(q, k, v, pattern, q_pos, k_pos, scale: float | None = None)
 
 def kernel_masked_attention(q, k, v, pattern, q_pos, k_pos, scale: float | None = None,
                             batch=masked_attention) -> np.ndarray:
-    """masked_attention for one query (a decode step) by its Numba kernel (kernels/floatops.py), in
-    float32; a batch of queries (prefill) or a pattern with random blocks by `batch`: masked_attention
-    (BLAS runs the batched products well) or minillm.attention.block_sparse_attention."""
-    if q.shape[1] != 1 or pattern.random_blocks or q.dtype != np.float32:
+    """masked_attention for one query (a decode step) by its Numba kernel (kernels/paged_attention.py,
+    kernels/floatops.py), in float32; a batch of queries (prefill), a pattern with random blocks or
+    keys and values of another type (a float64 cache) by `batch`: masked_attention (BLAS runs the
+    batched products well) or minillm.attention.block_sparse_attention."""
+    if q.shape[1] != 1 or pattern.random_blocks or not q.dtype == k.dtype == v.dtype == np.float32:
         return batch(q, k, v, pattern, q_pos, k_pos, scale)
-    from ..kernels.floatops import attend_one
-    out = np.empty(q.shape, np.float32)
-    attend_one(q[:, 0], k, v, int(q_pos[0]), np.asarray(k_pos, np.int64), pattern.sinks, pattern.limit,
-               pattern.stride, np.float32(1 / math.sqrt(q.shape[-1]) if scale is None else scale),
-               np.empty((3, k.shape[1]), np.float32), out[:, 0])
-    return out
+    from ..kernels.paged_attention import attend_pages
+    # one sequence's rows in order: the kernel a batch of sequences paged in a pool runs (kernel_paged_attention),
+    # so the same compiled loops (it adds in any order, but the same order each time)
+    S = k.shape[1]
+    out = np.empty((1, q.shape[0], q.shape[2]), np.float32)
+    attend_pages(q.transpose(1, 0, 2), k, v, np.arange(S)[None], np.array([S]), np.asarray(q_pos[:1], np.int64),
+                 np.asarray(k_pos, np.int64), pattern.sinks, pattern.limit, pattern.stride,
+                 np.float32(1 / math.sqrt(q.shape[-1]) if scale is None else scale), np.empty((3, S), np.float32), out)
+    return out.transpose(1, 0, 2)
+
+
+def kernel_paged_attention(q, k, v, slots, lengths, pattern, scale: float) -> np.ndarray:
+    """kernel_masked_attention for B sequences' queries at once, one per sequence (a decode step of the
+    server), each over its keys and values in a pool (minillm.serve.kvpool) where they lie: sequence
+    i's new token is at position lengths[i] - 1 and its key j at row slots[i, j] of k and v, for
+    j < lengths[i]. Each row of the result is bit for bit what kernel_masked_attention gives the
+    sequence's rows gathered. q: (n_heads, B, head_dim); k, v: (n_kv_heads, P, head_dim) float32;
+    slots: (B, >= max(lengths)) int64 -> (n_heads, B, head_dim). Only for patterns without random
+    blocks (`paged_attention_fits`)."""
+    from ..kernels.paged_attention import attend_pages
+    B, S = q.shape[1], int(lengths.max())
+    if (q.dtype != np.float32 or k.dtype != np.float32 or v.shape != k.shape or q.shape[0] % k.shape[0]
+            or q.shape[2] != k.shape[2] or slots.shape[0] != B or slots.shape[1] < S or lengths.shape != (B,)
+            or lengths.min() < 1 or slots[:, :S].max(initial=0) >= k.shape[1] or slots[:, :S].min(initial=0) < 0):
+        raise ValueError("paged attention: arrays that do not fit together")
+    out = np.empty((B, q.shape[0], q.shape[2]), np.float32)
+    attend_pages(q.transpose(1, 0, 2), k, v, slots, lengths, lengths - 1, np.arange(S),
+                 pattern.sinks, pattern.limit, pattern.stride, np.float32(scale), np.empty((3, S), np.float32), out)
+    return out.transpose(1, 0, 2)
+
+
+def paged_attention_fits(attention, pattern) -> bool:
+    """Whether kernel_paged_attention computes what `attention` (an F32's) does for one query per
+    sequence: `attention` is kernel_masked_attention, and the pattern has no random blocks."""
+    kernel = attention.func if isinstance(attention, functools.partial) else attention
+    return kernel is kernel_masked_attention and not pattern.random_blocks
 
 
 class F32:

@@ -123,17 +123,22 @@ class PagedCache(Cache):
         """Write the new tokens' k, v (n_kv_heads, T, head_dim) at positions length..length+T-1 and return
         this layer's keys and values of every position so far, (n_kv_heads, S, head_dim) with S =
         length + T, gathered from the blocks in order, and their positions (S,)."""
-        pool = self.pool
         end = self.length + k.shape[1]
-        if end > self.max_len:
-            raise MinillmError(f"context full: {end} positions needed, the cache holds {self.max_len} (--ctx-size)")
-        while len(self.slots) < end:            # the first layer takes the blocks the new tokens need
-            self._add_block(pool.take())
-            self.promised -= 1
-        new, held = self.slots[self.length:end], self.slots[:end]
-        k_flat, v_flat = pool.flat_k[layer], pool.flat_v[layer]    # (n_kv_heads, n_blocks * block_size, head_dim)
+        new, held = self.reserve(k.shape[1]), self.slots[:end]
+        k_flat, v_flat = self.pool.flat_k[layer], self.pool.flat_v[layer]    # (n_kv_heads, n_blocks * block_size, head_dim)
         k_flat[:, new], v_flat[:, new] = k, v
         return k_flat[:, held], v_flat[:, held], np.arange(end)
+
+    def reserve(self, T: int) -> np.ndarray:
+        """(T,) the pool rows (of KVPool.flat_k) of positions length..length+T-1, taking the blocks they
+        need from the pool (the first layer does; the others find them taken)."""
+        end = self.length + T
+        if end > self.max_len:
+            raise MinillmError(f"context full: {end} positions needed, the cache holds {self.max_len} (--ctx-size)")
+        while len(self.slots) < end:
+            self._add_block(self.pool.take())
+            self.promised -= 1
+        return self.slots[self.length:end]
 
     def commit(self, T: int):
         self.length += T
