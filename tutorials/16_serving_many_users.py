@@ -244,7 +244,7 @@ assert [row["clients"] for row in rows] == [1, 4] and all(row["tokens_per_s"] > 
 
 # %%
 # clients: (aggregate decode tokens/s, time to first token p50 ms, inter-token latency p50 ms)
-README_SERVE = {1: (89.7, 93, 10), 4: (122.4, 191, 27), 16: (153.9, 256, 85)}
+README_SERVE = {1: (93.2, 86, 10), 4: (161.4, 194, 19), 16: (203.5, 244, 58)}
 
 fig, (rate, latency) = course.figure(10, 3.6, 1, 2)
 clients = list(README_SERVE)
@@ -271,9 +271,10 @@ course.save(fig, "serving_clients.png")
 # %% [markdown]
 # ![Aggregate decode rate and latency of minillm serve against concurrent clients](figures/serving_clients.png)
 #
-# Sixteen clients get 1.7 times the work of one done per second, short of the 3x aimed at: the
-# batched kernels save the weight reads, and section 1 showed that reads are not what a decode step
-# spends most of its time on. Each user's wait grows meanwhile: a token every 85 ms instead of 10.
+# Sixteen clients get 2.2 times the work of one done per second, short of the 3x aimed at: the
+# batched kernels save the weight reads and the unpacking, and section 1 showed that the dot products
+# and float terms each activation keeps are most of a decode step. Each user's wait grows meanwhile:
+# a token every 58 ms instead of 10.
 #
 # ## Exercises
 #
