@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 from contextlib import contextmanager
 
@@ -146,8 +147,8 @@ def main(argv=None) -> int:
             prompt = list(range(3, 3 + args.prompt_tokens))
             results[threads] = measure(rt, batches, args.steps, args.rounds, prompt)
     except MinillmError as e:
-        print(f"error: {e}")
-        return 1
+        print(f"minillm.bench_steps: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
     load_average = os.getloadavg()[0]
     if args.json:
         print(json.dumps({"load_average": load_average, "results": results}, indent=1))
@@ -155,7 +156,7 @@ def main(argv=None) -> int:
     print(f"decode steps, medians of {args.rounds} rounds; load average {load_average:.1f} at the end")
     print("threads  B   tokens/s  x one  " + "  ".join(f"{p:>9}" for p in (*PARTS, "other")))
     for threads, by_batch in results.items():
-        one = by_batch[batches[0]]["tokens_per_second"]
+        one = by_batch[batches[0]]["tokens_per_second"]   # "x one": against the first batch size given
         for B, row in by_batch.items():
             parts = "  ".join(f"{100 * row['parts'][p]:8.1f}%" for p in (*PARTS, "other"))
             print(f"{threads:7d} {B:3d} {row['tokens_per_second']:9.1f} {row['tokens_per_second'] / one:6.2f}  {parts}")

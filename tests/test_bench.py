@@ -142,3 +142,19 @@ def test_bench_formats_measures_every_format_with_kernels():
         assert r["matvec_ms"] > 0 and r["weights_per_s"] > 0 and r["speed_vs_q4_1"] > 0
     assert next(r for r in results if r["format"] == "Q4_1")["speed_vs_q4_1"] == 1.0
     assert "Q4_K" in format_table(results, threads=1, rounds=2, n_rows=64, n_cols=512)
+
+
+def test_bench_steps_times_batches_and_splits_a_step_into_its_parts(tiny_q4_path):
+    done = subprocess.run([sys.executable, "-m", "minillm.bench_steps", "-m", str(tiny_q4_path), "--batches", "1,3",
+                           "--threads", "1", "--steps", "2", "--rounds", "1", "--prompt-tokens", "4", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    by_batch = json.loads(done.stdout)["results"]["1"]
+    assert set(by_batch) == {"1", "3"}
+    for row in by_batch.values():
+        assert row["tokens_per_second"] > 0
+        assert set(row["parts"]) == {"matvec", "attention", "sampling", "other"}
+        assert abs(sum(row["parts"].values()) - 1) < 1e-9 and min(row["parts"].values()) >= 0
+    bad = subprocess.run([sys.executable, "-m", "minillm.bench_steps", "--batches", "0,4"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.count("\n") == 1 and "--batches" in bad.stderr
