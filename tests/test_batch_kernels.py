@@ -10,6 +10,7 @@ unpacked once and multiplied by every activation of a batch.
 tests/test_kernels.py holds the rest (the bound against float64, edge blocks, the instruction in the
 machine code): with VNNI its matvec tests run these kernels."""
 
+import functools
 import os
 
 import numba
@@ -53,9 +54,11 @@ def f16_field(raw, ggml_type, i) -> np.ndarray:
     return blocks[..., at:at + 2].copy().view(np.float16)[..., 0].astype(np.float32)
 
 
+@functools.lru_cache(maxsize=None)
 def batch_terms(ggml_type):
     """A jitted caller of the format's intrinsic over every block of every group, in order:
-    f(blocks (G, nb, bytes), q (B, K) i8, xd, qsum, dsums (B, nb), acc (G, B', GROUP_ROWS) f32)."""
+    f(blocks (G, nb, bytes), q (B, K) i8, xd, qsum, dsums (B, nb), acc (G, B', GROUP_ROWS) f32).
+    Made once per format: each new one is compiled at its first call."""
     from minillm.kernels.vnni_batch import fifth_bit_terms_vnni, nibble_terms_vnni, weight_terms_vnni
     if ggml_type == Q.Q8_0:
         weights = 2 * GROUP_ROWS
