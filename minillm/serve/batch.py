@@ -21,13 +21,10 @@ from dataclasses import fields, replace
 import numpy as np
 
 from ..kvcache import Cache
+from ..model import no_trace
 from ..ops.f32 import kernel_paged_attention, paged_attention_fits
 from ..weights import ModelWeights
 from .kvpool import PagedCache
-
-
-def _no_trace(name: str, x: np.ndarray) -> np.ndarray:
-    return x
 
 
 class RowWise:
@@ -139,7 +136,7 @@ class BatchDecoder:
         ids = np.asarray(tokens, dtype=np.int64)
         for cache, token in zip(caches, ids):
             m.check_ids(np.array([token]), cache)
-        logits = m.arch.forward(m.config, self.weights, m.ops, ids, BatchCache(caches), False, _no_trace)
+        logits = m.arch.forward(m.config, self.weights, m.ops, ids, BatchCache(caches), False, no_trace)
         for cache in caches:
             cache.commit(1)
         return logits
