@@ -72,26 +72,26 @@ def _rope_halves(x, cos, sin, out):
 rope_halves = jit(_rope_halves)
 
 
-def _attend_rows(q, k, v, rows, q_pos, k_pos, sinks, limit, stride, scale, scratch, out):
+def _attend_rows(q, k, v, group, head_rows, rows, q_pos, k_pos, sinks, limit, stride, scale, scratch, out):
     """softmax(q k^T * scale) v for one query per head, at position q_pos, over the cached keys its
     pattern's element rule lets it see (kernels.attention.visible: no random blocks); a head that
-    sees no key gets zeros. Key j (at position k_pos[j]) and its value are row rows[j] of k and v: a
-    cache's own rows in order (rows 0..S-1), or a sequence's rows of the server's KV pool
-    (kernels/paged_attention.py), read where they are. Query head h reads KV head h // (H / Hkv)
-    (grouped-query attention).
-    q, out: (H, D) f32; k, v: (Hkv, P, D) f32; rows, k_pos: (S,) i64; scale: f32;
+    sees no key gets zeros. Query head h reads KV head kv = h // group (grouped-query attention).
+    k and v hold the KV heads' rows one head after the other, head_rows apart: key j of head kv (at
+    position k_pos[j]) and its value are row kv * head_rows + rows[j], for a cache's own rows in order
+    (rows 0..S-1) or a sequence's rows of the server's KV pool (kernels/paged_attention.py), read
+    where they are. A row is contiguous, so each dot product over its D channels is one SIMD loop.
+    q, out: (H, D) f32; k, v: (R, D) f32; rows, k_pos: (S,) i64; scale: f32;
     scratch: (3, >= S) f32: the scores, their exponentials, and the exp's int32 work."""
     scores, weights, bits = scratch[0], scratch[1], scratch[2].view(np.int32)
-    group = q.shape[0] // k.shape[0]
     S = rows.shape[0]
     for h in range(q.shape[0]):
-        kv = h // group
+        first = h // group * head_rows          # the KV head's row 0
         top = -np.inf
         for j in range(S):
             if visible(q_pos, k_pos[j], sinks, limit, stride):
-                s = np.float32(0)
+                s, row = np.float32(0), first + rows[j]
                 for d in range(q.shape[1]):
-                    s += q[h, d] * k[kv, rows[j], d]
+                    s += q[h, d] * k[row, d]
                 scores[j] = s * scale
                 top = max(top, scores[j])
             else:
@@ -104,10 +104,11 @@ def _attend_rows(q, k, v, rows, q_pos, k_pos, sinks, limit, stride, scale, scrat
         exp_scores(scores, weights, bits, S)
         total = np.float32(0)
         for j in range(S):
-            if weights[j] != 0:
-                total += weights[j]
+            w, row = weights[j], first + rows[j]    # locals: LLVM cannot tell that out[h] is not where they lie
+            if w != 0:
+                total += w
                 for d in range(q.shape[1]):
-                    out[h, d] += weights[j] * v[kv, rows[j], d]
+                    out[h, d] += w * v[row, d]
         for d in range(q.shape[1]):
             out[h, d] /= total
 

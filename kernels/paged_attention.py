@@ -18,20 +18,24 @@ from ._jit import jit_any_order_sum
 from .floatops import attend_rows
 
 
-def _attend_pages(q, k, v, slots, lengths, q_pos, positions, sinks, limit, stride, scale, scratch, out):
-    """out[i] = sequence i's query q[i] attended to its first lengths[i] keys and values, key j at
-    row slots[i, j] of k and v (one layer of the pool, rows numbered across its blocks) and at
-    position j, under the pattern (sinks, limit, stride: kernels.attention.visible).
-    q, out: (B, H, D) f32; k, v: (Hkv, P, D) f32; slots: (B, >= S) i64; lengths, q_pos: (B,) i64;
+def _attend_pages(q, k, v, group, head_rows, slots, lengths, q_pos, positions, sinks, limit, stride, scale, scratch,
+                  out):
+    """out[i] = sequence i's query q[i] attended to its first lengths[i] keys and values, key j of KV
+    head kv at row kv * head_rows + slots[i, j] of k and v (one layer of the pool, its KV heads' rows
+    one head after the other) and at position j, under the pattern (sinks, limit, stride:
+    kernels.attention.visible); group query heads read each KV head.
+    q, out: (B, H, D) f32; k, v: (R, D) f32; slots: (B, >= S) i64; lengths, q_pos: (B,) i64;
     positions: (>= S,) i64 = 0, 1, 2, ...; scale: f32; scratch: (3, >= S) f32; S = the longest length."""
     for i in range(q.shape[0]):
         n = lengths[i]
-        attend_rows(q[i], k, v, slots[i, :n], q_pos[i], positions[:n], sinks, limit, stride, scale, scratch, out[i])
+        attend_rows(q[i], k, v, group, head_rows, slots[i, :n], q_pos[i], positions[:n], sinks, limit, stride, scale,
+                    scratch, out[i])
 
 
-# One signature, arrays of any layout ("A"), compiled once: a sequence alone (its cache's rows, a view of
-# any strides) and a batch (the pool's rows) run the same machine code, so its additions, in whatever
-# order LLVM vectorizes them, are the same order for both (Numba would otherwise compile one version per
-# layout, which may vectorize differently).
-SIGNATURE = "void(f4[:, :, :], f4[:, :, :], f4[:, :, :], i8[:, :], i8[:], i8[:], i8[:], i8, i8, i8, f4, f4[:, :], f4[:, :, :])"
+# One signature, compiled once: a sequence alone (its cache's rows) and a batch (the pool's rows) run
+# the same machine code, so its additions, in whatever order LLVM vectorizes them, are the same order
+# for both (Numba would otherwise compile one version per combination of layouts, which may vectorize
+# differently). The float arrays are C-contiguous, so that LLVM knows a row's channels are adjacent.
+SIGNATURE = ("void(f4[:, :, ::1], f4[:, ::1], f4[:, ::1], i8, i8, i8[:, ::1], i8[::1], i8[::1], i8[::1], i8, i8, i8, f4, "
+             "f4[:, ::1], f4[:, :, ::1])")
 attend_pages = jit_any_order_sum(SIGNATURE)(_attend_pages)

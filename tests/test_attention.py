@@ -20,7 +20,8 @@ from minillm.gguf import GGUFFile
 from minillm.kernels.attention import exp_scores
 from minillm.kvcache import KVCache, PatternKVCache
 from minillm.model import load_float_model
-from minillm.ops.f32 import F32, attend, causal_mask, kernel_masked_attention, kernel_paged_attention, masked_attention
+from minillm.ops.f32 import (F32, attend, causal_mask, kernel_masked_attention, kernel_paged_attention, masked_attention,
+                             rows_of_heads)
 from numba_checks import NUMBA_ENVS, run_checked
 
 NMSE_LIMIT = 1e-7  # from the issue: kernel against a float64 reference
@@ -193,6 +194,26 @@ def test_paged_attention_gives_each_sequence_its_bits_alone(pattern, lengths, n_
         alone = kernel_masked_attention(q[:, i:i + 1], k[:, rows], v[:, rows], pattern, np.array([n - 1]), np.arange(n),
                                         0.125)
         assert np.array_equal(got[:, i:i + 1].view(np.uint32), alone.view(np.uint32))
+
+
+@kernel_settings
+@given(S=st.integers(1, 90), spare=st.integers(0, 40), n_kv_heads=st.integers(1, 3), group=st.integers(1, 4),
+       seed=st.integers(0, 2**16))
+def test_decode_attention_reads_a_cache_layer_where_it_lies(S, spare, n_kv_heads, group, seed):
+    """A dense cache hands over its layer's first S rows of each head, a view whose heads lie
+    S + spare rows apart: the kernel reads them there (rows_of_heads, no copy) and gets the bits it
+    gets from a contiguous copy."""
+    rng = np.random.default_rng(seed)
+    k_all, v_all = rng.standard_normal((2, n_kv_heads, S + spare, 16), dtype=np.float32)
+    k, v = k_all[:, :S], v_all[:, :S]
+    rows, head_rows = rows_of_heads(k)
+    assert np.shares_memory(rows, k_all) and rows.flags.c_contiguous
+    assert head_rows == (S + spare if n_kv_heads > 1 else S)
+    q = rng.standard_normal((n_kv_heads * group, 1, 16), dtype=np.float32)
+    q_pos, k_pos = np.array([S - 1]), np.arange(S)
+    got = kernel_masked_attention(q, k, v, Pattern(), q_pos, k_pos)
+    copied = kernel_masked_attention(q, k.copy(), v.copy(), Pattern(), q_pos, k_pos)
+    assert np.array_equal(got.view(np.uint32), copied.view(np.uint32))
 
 
 def test_paged_attention_refuses_rows_outside_the_pool():

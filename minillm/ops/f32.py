@@ -144,9 +144,11 @@ def kernel_masked_attention(q, k, v, pattern, q_pos, k_pos, scale: float | None 
     # one sequence's rows in order: the kernel a batch of sequences paged in a pool runs (kernel_paged_attention),
     # so the same compiled loops (it adds in any order, but the same order each time)
     S = k.shape[1]
+    (k_rows, head_rows), (v_rows, _) = rows_of_heads(k), rows_of_heads(v)
     out = np.empty((1, q.shape[0], q.shape[2]), np.float32)
-    attend_pages(q.transpose(1, 0, 2), k, v, np.arange(S)[None], np.array([S]), np.asarray(q_pos[:1], np.int64),
-                 np.asarray(k_pos, np.int64), pattern.sinks, pattern.limit, pattern.stride,
+    attend_pages(np.ascontiguousarray(q.transpose(1, 0, 2)), k_rows, v_rows, q.shape[0] // k.shape[0], head_rows,
+                 np.arange(S)[None], np.array([S]), np.asarray(q_pos[:1], np.int64), np.asarray(k_pos, np.int64),
+                 pattern.sinks, pattern.limit, pattern.stride,
                  np.float32(1 / math.sqrt(q.shape[-1]) if scale is None else scale), np.empty((3, S), np.float32), out)
     return out.transpose(1, 0, 2)
 
@@ -165,10 +167,28 @@ def kernel_paged_attention(q, k, v, slots, lengths, pattern, scale: float) -> np
             or q.shape[2] != k.shape[2] or slots.shape[0] != B or slots.shape[1] < S or lengths.shape != (B,)
             or lengths.min() < 1 or slots[:, :S].max(initial=0) >= k.shape[1] or slots[:, :S].min(initial=0) < 0):
         raise ValueError("paged attention: arrays that do not fit together")
+    (k_rows, head_rows), (v_rows, _) = rows_of_heads(k), rows_of_heads(v)
     out = np.empty((B, q.shape[0], q.shape[2]), np.float32)
-    attend_pages(q.transpose(1, 0, 2), k, v, slots, lengths, lengths - 1, np.arange(S),
-                 pattern.sinks, pattern.limit, pattern.stride, np.float32(scale), np.empty((3, S), np.float32), out)
+    attend_pages(np.ascontiguousarray(q.transpose(1, 0, 2)), k_rows, v_rows, q.shape[0] // k.shape[0], head_rows,
+                 slots, lengths, lengths - 1, np.arange(S), pattern.sinks, pattern.limit, pattern.stride,
+                 np.float32(scale), np.empty((3, S), np.float32), out)
     return out.transpose(1, 0, 2)
+
+
+def rows_of_heads(x: np.ndarray) -> tuple:
+    """The rows of keys or values x (n_kv_heads, S, head_dim) float32 as the attention kernels read
+    them: (rows, head_rows), rows (R, head_dim) C-contiguous with row j of head h at h * head_rows + j.
+    A view of x's own memory when its rows are contiguous and its heads a whole number of rows apart
+    (a cache's layer up to its length, a pool's layer: the heads' rows lie head_rows apart in one
+    buffer); otherwise a contiguous copy."""
+    n_heads, S, D = x.shape
+    head_stride, row_stride, channel_stride = x.strides
+    if channel_stride == x.itemsize and row_stride == D * x.itemsize and (
+            n_heads == 1 or (head_stride > 0 and head_stride % row_stride == 0)):
+        head_rows = head_stride // row_stride if n_heads > 1 else S
+        return np.lib.stride_tricks.as_strided(x, ((n_heads - 1) * head_rows + S, D), (row_stride, channel_stride)), \
+            head_rows
+    return np.ascontiguousarray(x).reshape(n_heads * S, D), S
 
 
 def paged_attention_fits(attention, pattern) -> bool:
