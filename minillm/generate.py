@@ -178,7 +178,7 @@ def generate(model, cache: KVCache, prompt_ids: Sequence[int], sampler: Sampler,
              on_token=None) -> Iterator[int]:
     """Yield generated token ids one by one after `prompt_ids`.
 
-    The prompt runs in one batched forward pass (prefill), then each sampled token is fed back
+    The prompt runs in one batched pass (`model.prefill`), then each sampled token is fed back
     alone (decode). `earlier_ids` are ids already in the cache before the prompt: the model has
     seen them, and the repetition penalty looks back over them too.
 
@@ -195,7 +195,7 @@ def generate(model, cache: KVCache, prompt_ids: Sequence[int], sampler: Sampler,
     stats.prompt_tokens = len(prompt_ids)
     try:
         start = time.perf_counter()
-        logits = model.forward(prompt_ids, cache, last_only=True)[-1]   # (vocab_size,)
+        logits = model.prefill(prompt_ids, cache)[-1]   # (vocab_size,)
         stats.prefill_seconds = time.perf_counter() - start
         token = sampler(logits, history)
         stats.time_to_first_token = time.perf_counter() - start

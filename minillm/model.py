@@ -11,6 +11,7 @@ and counts the new positions as cached. A variant is the same model with one fie
 """
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -18,6 +19,12 @@ from . import arch
 from .errors import MinillmError
 from .kvcache import KVCache
 from .ops.f32 import F32
+from .rowwise import row_wise_weights
+
+
+# Prompts of at most this many tokens take the matvec kernels (`Model.short_prompt`); the README's
+# performance section has the measurement that chose it.
+SHORT_PROMPT = 32
 
 
 def no_trace(name: str, x: np.ndarray) -> np.ndarray:
@@ -30,12 +37,19 @@ class Model:
     """The model: configuration, weights (minillm.weights.ModelWeights) and arithmetic (an ops object).
     With `prefill_chunk`, prompts longer than that run through the model that many tokens at a time,
     so the activations stay within what the memory plan counted for one chunk. The cache makes
-    chunked prefill compute the same function as one pass over the whole prompt."""
+    chunked prefill compute the same function as one pass over the whole prompt.
+    `short_prompt`: see `prefill`."""
 
     config: object
     weights: object
     ops: object = field(default_factory=F32)
     prefill_chunk: int | None = None
+    short_prompt: int = 0
+
+    @cached_property
+    def row_wise(self):
+        """The weights seen row by row (minillm.rowwise), for prompts of at most `short_prompt` tokens."""
+        return row_wise_weights(self.weights, alone=False)
 
     @property
     def arch(self):
@@ -49,20 +63,33 @@ class Model:
 
     def forward(self, ids, cache: KVCache, last_only: bool = False, trace=None) -> np.ndarray:
         """Run new tokens `ids` (T,) after the cached ones; return logits (T, vocab_size) in self.dtype,
-        or (1, vocab_size) for the last token only when `last_only` (what generation needs).
+        or (1, vocab_size) for the last token only when `last_only`.
 
         `trace(name, array)`, if given, sees every intermediate under llama.cpp's graph names
         (`embd`, `attn_norm-0`, `Qcur-0`, ..., `l_out-29`, `result_norm`, `result_output`)."""
+        return self._forward(ids, cache, last_only, trace or no_trace, short=False)
+
+    def prefill(self, ids, cache: KVCache) -> np.ndarray:
+        """A prompt before generation: `forward(ids, cache, last_only=True)`, (1, vocab_size), except
+        that a prompt, or a chunk of one, of 2 to `short_prompt` tokens runs its products row by row
+        through the matvec kernels (`row_wise`), as a decode step over that many sequences does. For a
+        few tokens that is faster than dequantizing every matrix to float32 tiles for BLAS (each
+        weight written and read back as float32, to be used a few times), and it rounds as llama.cpp
+        does for any prompt: the activations quantized as the matvec kernels quantize them. The
+        runtime turns it on (SHORT_PROMPT) for f32 mode on the Numba backend; `forward` (dumps,
+        perplexity, training) always takes the float32 products."""
+        return self._forward(ids, cache, True, no_trace, short=True)
+
+    def _forward(self, ids, cache, last_only: bool, trace, short: bool) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         self.check_ids(ids, cache)
-        if self.prefill_chunk is None or len(ids) <= self.prefill_chunk:
-            return self._run(ids, cache, last_only, trace or no_trace)
-        logits = [self._run(ids[start:stop], cache, last_only, trace or no_trace)
-                  for start, stop in prefill_chunks(len(ids), self.prefill_chunk)]
+        chunks = [(0, len(ids))] if self.prefill_chunk is None else prefill_chunks(len(ids), self.prefill_chunk)
+        logits = [self._run(ids[start:stop], cache, last_only, trace, short) for start, stop in chunks]
         return logits[-1] if last_only else np.concatenate(logits)
 
-    def _run(self, ids: np.ndarray, cache, last_only: bool, trace) -> np.ndarray:
-        logits = self.arch.forward(self.config, self.weights, self.ops, ids, cache, last_only, trace)
+    def _run(self, ids: np.ndarray, cache, last_only: bool, trace, short: bool) -> np.ndarray:
+        weights = self.row_wise if short and 1 < len(ids) <= self.short_prompt else self.weights
+        logits = self.arch.forward(self.config, weights, self.ops, ids, cache, last_only, trace)
         cache.commit(len(ids))
         return logits
 

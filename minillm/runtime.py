@@ -24,7 +24,7 @@ from .kernels.layout import GROUP_ROWS
 from .kvcache import check_kv_bits, new_cache
 from .linear import TILE_BYTES, QuantLinear
 from .memory import Meter, cache_arrays, mib, return_freed_memory_at_once, touch_pages
-from .model import Model
+from .model import SHORT_PROMPT, Model
 from .modes.ggml import ROUNDING
 from .ops import KV_BITS as MODE_KV_BITS
 from .ops import check_mode, mode_ops
@@ -189,11 +189,19 @@ def load(config: RunConfig, announce=print) -> Runtime:
         source = weight_source(p.gguf, p.model_config, config, ops)
         if config.lora is not None:  # the adapter's LoRA added to the linears it names (minillm.adapter)
             source = adapted_source(config.lora, source, p.gguf, p.model_config, ops)
-        model = Model(p.model_config, load_weights(p.gguf, p.model_config, source), ops)
+        model = Model(p.model_config, load_weights(p.gguf, p.model_config, source), ops,
+                      short_prompt=short_prompt(config))
         runtime = Runtime(config, p.gguf, model, p.tokenizer, 0.0)
     warm_up(runtime)  # the weights' pages and the kernels are loaded now, as start-up, not in the first answer
     runtime.load_seconds = time.perf_counter() - start
     return runtime
+
+
+def short_prompt(config: RunConfig) -> int:
+    """Model.short_prompt for these settings: the matvec kernels take short prompts in f32 mode on
+    the Numba backend (ggml mode reproduces llama.cpp's own products; the oracle computes in float64),
+    without an adapter (a LoRA run computes its prompts as training did: minillm.train)."""
+    return SHORT_PROMPT if config.mode == "f32" and config.backend == "numba" and config.lora is None else 0
 
 
 def weight_source(gguf: GGUFFile, model_config, config: RunConfig, ops):
@@ -292,5 +300,6 @@ def load_capped(p: Prepared, ops, announce) -> Runtime:
     if config.lora is not None:  # the adapter's LoRA, on resident and streamed layers alike (minillm.adapter)
         source = adapted_source(config.lora, source, p.gguf, p.model_config, ops)
     weights = load_weights(p.gguf, p.model_config, source, layout)
-    model = Model(p.model_config, weights, ops, prefill_chunk=plan.layout.prefill_chunk)
+    model = Model(p.model_config, weights, ops, prefill_chunk=plan.layout.prefill_chunk,
+                  short_prompt=short_prompt(config))
     return Runtime(config, p.gguf, model, p.tokenizer, 0.0, plan=plan, meter=meter)

@@ -281,6 +281,9 @@ class ScriptedModel:
         logits[-1, self.script.pop(0)] += 1e4
         return logits
 
+    def prefill(self, ids, cache):
+        return self.forward(ids, cache, last_only=True)
+
 
 def scripted_completion(tiny, script, max_tokens, **options):
     model, tokenizer = tiny
@@ -344,6 +347,9 @@ class RecordingModel:
             raise KeyboardInterrupt
         self.calls.append(list(ids))
         return self.model.forward(ids, cache, last_only=last_only)
+
+    def prefill(self, ids, cache):
+        return self.forward(ids, cache, last_only=True)
 
 
 def chat(model, tokenizer, *, ctx_size=256, max_tokens=8, system=None):

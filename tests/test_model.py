@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 from minillm.gguf import GGUFFile
 from minillm.kvcache import KVCache
-from minillm.model import load_float_model
+from minillm.model import SHORT_PROMPT, load_float_model
+from minillm.runtime import RunConfig, load
 from minillm.ops.f32 import attend, causal_mask, rmsnorm, rope, rope_angles, softmax
 from minillm.errors import MinillmError
 from minillm.generate import softmax as generate_softmax
@@ -19,6 +20,11 @@ from bounds import reordering_atol
 @pytest.fixture(scope="module")
 def tiny(tiny_q4_path):
     return load_float_model(GGUFFile(tiny_q4_path))
+
+
+@pytest.fixture(scope="module")
+def tiny_runtime(tiny_q4_path):
+    return load(RunConfig(model=str(tiny_q4_path), ctx_size=64), announce=lambda _: None)
 
 
 def test_rmsnorm_gives_unit_rms():
@@ -117,6 +123,24 @@ def test_prefill_equals_token_by_token_decode(tiny, ids, split):
     parts = ([tiny.forward(ids[:split], cache)] if split else []) + [tiny.forward([t], cache) for t in ids[split:]]
     np.testing.assert_allclose(np.concatenate(parts), full, rtol=0, atol=reordering_atol(full))
     assert cache.length == len(ids)
+
+
+@settings(max_examples=10, deadline=None)
+@given(ids=st.lists(st.integers(0, 266), min_size=2, max_size=SHORT_PROMPT + 4))
+def test_a_short_prompt_takes_the_decode_kernels(tiny_runtime, ids):
+    """`prefill` runs a prompt of up to SHORT_PROMPT tokens through the matvec kernels, row by row:
+    the first layer's keys and values (which depend only on each token) are then bit for bit those
+    of decoding the prompt one token at a time. A longer prompt takes forward's float32 products."""
+    model = tiny_runtime.model
+    assert model.short_prompt == SHORT_PROMPT
+    prefilled, decoded, forward = (KVCache(model.config, 64) for _ in range(3))
+    model.prefill(ids, prefilled)
+    for t in ids:
+        model.forward([t], decoded)
+    model.forward(ids, forward)
+    want = decoded if len(ids) <= SHORT_PROMPT else forward
+    np.testing.assert_array_equal(prefilled.k[0], want.k[0])
+    np.testing.assert_array_equal(prefilled.v[0], want.v[0])
 
 
 def test_last_only_is_the_last_row(tiny):

@@ -168,12 +168,14 @@ for s in SETTINGS:
 
 # %% [markdown]
 # And the whole loop: `minillm.generate.generate` feeds each sampled token back; our loop, with the
-# same model and seed, writes the same story.
+# same model and seed, writes the same story. The prompt goes in through `model.prefill`: the last
+# position's logits, as `forward(prompt, cache, last_only=True)` gives them, except that a prompt of
+# a few tokens takes the decode step's matvec kernels (minillm.model, `Model.prefill`).
 
 # %%
 def generate_by_hand(prompt, n_tokens, s):
     cache, rng, history = KVCache(model.config, 256), np.random.default_rng(s.seed), list(prompt)
-    z = model.forward(prompt, cache, last_only=True)[-1]
+    z = model.prefill(prompt, cache)[-1]
     for _ in range(n_tokens):
         history.append(sample(z, history, s, rng))
         if history[-1] in tokenizer.stop_ids:

@@ -16,65 +16,13 @@ it would get alone; the saving is that each weight is read once per step instead
 Python's per-layer work is paid once for the whole batch.
 """
 
-from dataclasses import fields, replace
-
 import numpy as np
 
 from ..kvcache import Cache
 from ..model import no_trace
 from ..ops.f32 import kernel_paged_attention, paged_attention_fits
-from ..weights import ModelWeights
+from ..rowwise import row_wise_weights
 from .kvpool import PagedCache
-
-
-class RowWise:
-    """A linear layer that takes each row of its input as a token of its own: the layer's `tokens`
-    (QuantLinear's: one pass over the weights for all B rows) when it has one, else one call per row
-    (a float product of B rows would add in another order than B products of one)."""
-
-    def __init__(self, linear):
-        self.tokens = getattr(linear, "tokens", None) or (lambda x: np.concatenate([linear(row[None]) for row in x]))
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        # x: (B, in_features) -> (B, out_features)
-        return self.tokens(x)
-
-
-class RowWiseEmbedding:
-    """The token table, looked up as ever, with its LM head taken row by row (`head_tokens`, which
-    a streamed head runs chunk by chunk, each chunk once for all B rows)."""
-
-    def __init__(self, embedding):
-        self.lookup = embedding.lookup
-        self.head = embedding.head_tokens if hasattr(embedding, "head_tokens") else RowWise(embedding.head)
-
-
-def row_wise_layer(layer):
-    """The architecture's Layer with every linear wrapped in RowWise (norm vectors stay as they are)."""
-    return replace(layer, **{f.name: RowWise(getattr(layer, f.name)) for f in fields(layer)
-                             if callable(getattr(layer, f.name))})
-
-
-class RowWiseLayers:
-    """The blocks, each with row-wise linears: resident blocks wrapped once; blocks streamed from
-    the file under --mem-cap (minillm.streaming) wrapped as they arrive."""
-
-    def __init__(self, layers):
-        self.layers = layers
-        self.resident = [row_wise_layer(layer) for layer in layers] if isinstance(layers, list) else None
-
-    def __iter__(self):
-        return iter(self.resident) if self.resident is not None else map(row_wise_layer, self.layers)
-
-    def __len__(self) -> int:
-        return len(self.layers)
-
-
-def row_wise_weights(weights: ModelWeights) -> ModelWeights:
-    """The same weights (no copy) seen row by row, for a decode step over B sequences."""
-    return ModelWeights(embedding=RowWiseEmbedding(weights.embedding), layers=RowWiseLayers(weights.layers),
-                        output_norm=weights.output_norm,
-                        output=RowWise(weights.output) if weights.output is not None else None)
 
 
 class BatchCache(Cache):

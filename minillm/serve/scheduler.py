@@ -213,7 +213,7 @@ class Scheduler:
         """The next chunk of one prompt; after the last, its first token."""
         seq = seqs[0]
         start, stop = seq.chunks.pop(0)
-        logits = self.runtime.model.forward(seq.request.prompt_ids[start:stop], seq.cache, last_only=True)
+        logits = self.runtime.model.prefill(seq.request.prompt_ids[start:stop], seq.cache)
         for i in kept_blocks(start, stop, self.prefill_chunk, self.pool.block_size) if seq.keys else ():
             self.pool.prefix.insert(seq.keys[i], seq.cache.blocks[i])
         if not seq.chunks:
