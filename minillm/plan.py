@@ -324,6 +324,12 @@ def plan_lines(index: WeightIndex, layout: Layout, run) -> tuple:
     ]
     if run.parallel:
         lines[4:6] = serving_lines(index, run, activations)
+    elif run.backend == "numba" and index.matvec_kinds:
+        from .model import SHORT_PROMPT
+        rows = min(SHORT_PROMPT, layout.prefill_chunk + 1)    # a short prompt, or chunk, through the kernels
+        lines.insert(6, ("matvec buffers", matvec_buffer_bytes(index, rows, run.threads),
+                         f"{rows} activations (a short prompt through the matvec kernels) for each of "
+                         f"{len(index.matvec_kinds)} kinds of matrix, {run.threads} threads' scratch"))
     if run.adapter is not None:
         lines.append(adapter_line(run.adapter, layout.prefill_chunk, run.ctx_size))
     if relaid:
@@ -353,8 +359,10 @@ def serving_lines(index: WeightIndex, run, prefill_activations: int) -> list:
     """What a server (minillm serve, `run.parallel` sequences decoded together) holds instead of one
     KV cache and one sequence's activations: the KV pool at its smallest, one context (the server
     adds blocks for whatever headroom the plan leaves); the larger of a prefill chunk's and a
-    batched decode step's activations; the matvec buffers for a batch; the HTTP server's own memory."""
+    batched decode step's activations; the matvec buffers for a batch or a short prompt chunk
+    (minillm.model.Model.prefill); the HTTP server's own memory."""
     from .kvcache import POOL_BLOCK_SIZE, pool_block_bytes
+    from .model import SHORT_PROMPT
     c, B = run.config, run.parallel
     blocks = -(-run.ctx_size // POOL_BLOCK_SIZE)
     batch = batch_activation_bytes(c, B, run.ctx_size)
@@ -364,8 +372,9 @@ def serving_lines(index: WeightIndex, run, prefill_activations: int) -> list:
         ("activations", max(prefill_activations, batch),
          f"a decode step of {B} sequences ({mib(batch)}) or a prefill chunk ({mib(prefill_activations)}), "
          f"{run.threads} threads"),
-        ("matvec buffers", matvec_buffer_bytes(index, B, run.threads),
-         f"{B} activations for each of {len(index.matvec_kinds)} kinds of matrix, {run.threads} threads' scratch"),
+        ("matvec buffers", matvec_buffer_bytes(index, max(B, SHORT_PROMPT), run.threads),
+         f"{max(B, SHORT_PROMPT)} activations (a decode step of {B} sequences, a short prompt chunk) for each of "
+         f"{len(index.matvec_kinds)} kinds of matrix, {run.threads} threads' scratch"),
         ("serving", SERVE_RESERVE_BYTES, "the HTTP server, its requests and the scheduler's thread (measured)"),
     ]
 

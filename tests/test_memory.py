@@ -23,6 +23,7 @@ from minillm.gguf import GGUFFile
 from minillm.kernels.layout import GROUP_ROWS
 from minillm.kvcache import POOL_BLOCK_SIZE, pool_block_bytes
 from minillm.memory import parse_size
+from minillm.model import SHORT_PROMPT
 from minillm.packed import PackedRows, thread_buffers
 from minillm.plan import (SERVE_RESERVE_BYTES, Layout, PlanInputs, batch_activation_bytes, candidate_layouts,
                           plan_lines, plan_memory, weight_index)
@@ -67,25 +68,45 @@ def packed_bytes(index) -> int:
     return sum(index.layer_bytes) + index.head_bytes
 
 
+def buffers_made(index, B: int) -> int:
+    """Bytes the matvec buffers of B activations of each kind of the index's matrices take, one thread,
+    as the kernels allocate them (minillm.packed)."""
+    thread_buffers().clear()
+    for ggml_type, n_cols in index.matvec_kinds:
+        PackedRows.empty(formats.get(ggml_type), GROUP_ROWS, n_cols).new_buffers(1, B)
+    return sum(a.nbytes for buf in thread_buffers().values() for a in [*vars(buf.activation).values(), buf.scratch]
+               if a is not None)
+
+
 def test_a_servers_plan_counts_its_pool_its_batch_and_its_buffers(tiny_q4_path):
     """`minillm serve --parallel B` under a cap: the KV pool at one context instead of a KV cache, the
-    larger of a decode step of B sequences and a prefill chunk, the matvec buffers of B activations
-    (exactly what the kernels allocate) and the HTTP server; never the Q8_0 cache (the pool is float32)."""
+    larger of a decode step of B sequences and a prefill chunk, the matvec buffers of B activations, or
+    of a short prompt chunk's SHORT_PROMPT if more (exactly what the kernels allocate), and the HTTP
+    server; never the Q8_0 cache (the pool is float32)."""
     index, run = model_plan_inputs(tiny_q4_path)
     c = run.config
-    one, sixteen = (dataclasses.replace(run, parallel=B, threads=1) for B in (1, 16))
-    lines = {B: {item: nbytes for item, nbytes, _ in plan_lines(index, Layout(c.n_layers, False, 32, 64), r)}
-             for B, r in ((1, one), (16, sixteen))}
+    one, sixteen, many = (dataclasses.replace(run, parallel=B, threads=1) for B in (1, 16, SHORT_PROMPT + 8))
+    lines = {r.parallel: {item: nbytes for item, nbytes, _ in plan_lines(index, Layout(c.n_layers, False, 32, 64), r)}
+             for r in (one, sixteen, many)}
     assert "KV cache" not in lines[16] and lines[16]["KV pool"] == -(-128 // POOL_BLOCK_SIZE) * pool_block_bytes(c)
     assert lines[16]["activations"] >= batch_activation_bytes(c, 16, 128) > batch_activation_bytes(c, 1, 128)
-    thread_buffers().clear()
-    for ggml_type, n_cols in index.matvec_kinds:      # what 16 activations of each kind allocate
-        PackedRows.empty(formats.get(ggml_type), GROUP_ROWS, n_cols).new_buffers(1, 16)
-    made = sum(a.nbytes for buf in thread_buffers().values() for a in [*vars(buf.activation).values(), buf.scratch]
-               if a is not None)
-    assert lines[16]["matvec buffers"] == made > lines[1]["matvec buffers"]
+    assert lines[1]["matvec buffers"] == lines[16]["matvec buffers"] == buffers_made(index, SHORT_PROMPT)
+    most = lines[many.parallel]["matvec buffers"]
+    assert most == buffers_made(index, many.parallel) > buffers_made(index, SHORT_PROMPT)
     assert lines[16]["serving"] == SERVE_RESERVE_BYTES
     assert {layout.kv_bits for layout in candidate_layouts(index, sixteen)} == {32}
+
+
+def test_a_plan_counts_the_matvec_buffers_of_a_short_prompt(tiny_q4_path):
+    """A short prompt (or prefill chunk) runs through the matvec kernels (minillm.model.Model.prefill),
+    which keep buffers for as many activations as it has tokens: at most SHORT_PROMPT, and at most a
+    prefill chunk's (chunk + 1 with a last token joined) when the plan chunks prompts more finely."""
+    index, run = model_plan_inputs(tiny_q4_path)
+    run = dataclasses.replace(run, threads=1)
+    for chunk, rows in ((64, SHORT_PROMPT), (16, 17)):
+        layout = Layout(run.config.n_layers, False, 32, chunk)
+        lines = {item: nbytes for item, nbytes, _ in plan_lines(index, layout, run)}
+        assert lines["matvec buffers"] == buffers_made(index, rows)
 
 
 @pytest.mark.weights
