@@ -185,7 +185,7 @@ write_ggml_group = jit_inline(_write_ggml_group)
 
 
 # --- the float32 operations around the products -------------------------------------------------
-# NumPy references: minillm.ops.ggml (ggml_expf, ggml_silu, ggml_rope), bit for bit.
+# NumPy references: minillm.ops.ggml (ggml_expf, ggml_silu, ggml_rmsnorm, ggml_rope), bit for bit.
 
 # ggml_v_expf's constants (ggml-cpu/vec.h), as C hex floats
 EXPF_SHIFT = np.float32(float.fromhex("0x1.8p23"))
@@ -241,6 +241,24 @@ def _silu_values(x, out):
 
 
 silu_values = jit(_silu_values)
+
+
+def _rms_norm_rows(x, weight, eps, out):
+    """ggml_compute_forward_rms_norm_f32 then ggml_mul on each row: the float32 squares added one after
+    another in double, mean = float(sum / n), scale = 1 / sqrtf(mean + eps), out = (x * scale) * weight.
+    x, out: (rows, n) f32; weight: (n,) f32; eps: f32."""
+    n = x.shape[1]
+    for row in range(x.shape[0]):
+        total = 0.0
+        for i in range(n):
+            total += np.float64(x[row, i] * x[row, i])
+        # np.divide: 1 / 0 is inf (x all zeros, eps 0), where Numba's `/` would raise
+        scale = np.divide(ONE, np.sqrt(np.float32(total / n) + eps))
+        for i in range(n):
+            out[row, i] = x[row, i] * scale * weight[i]
+
+
+rms_norm_rows = jit(_rms_norm_rows)
 
 
 def _rope_pairs(x, cos, sin, out):

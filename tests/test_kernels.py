@@ -716,6 +716,22 @@ def test_ggml_silu_kernel_equals_numpy(x):
 
 @kernel_settings
 @given(data=st.data())
+def test_ggml_rmsnorm_kernel_equals_numpy(data):
+    """ggml's RMS norm (float32 squares added in order in double) in Numba equals its NumPy emulation
+    bit for bit, on rows of any float32 (squares that overflow, NaN, zeros) and any eps."""
+    from minillm.ops.ggml import ggml_rmsnorm, kernel_rmsnorm
+    rows, n = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 80))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    x = (rng.normal(size=(rows, n)) * data.draw(st.sampled_from([1e-30, 1.0, 1e10, 1e19]))).astype(np.float32)
+    x[:, 0] = data.draw(arrays(np.float32, rows, elements=ANY_F32))
+    weight = data.draw(arrays(np.float32, n, elements=st.floats(-10, 10, width=32)))
+    eps = data.draw(st.sampled_from([0.0, 1e-6, 1e-5]))
+    with np.errstate(all="ignore"):
+        assert_same_bits_up_to_nan_payload(kernel_rmsnorm(x, weight, eps), ggml_rmsnorm(x, weight, eps))
+
+
+@kernel_settings
+@given(data=st.data())
 def test_ggml_softmax_kernel_equals_numpy(data):
     """Masked rows of scores (-inf where masked, one position at least seen), any length."""
     from minillm.ops.ggml import ggml_softmax, kernel_softmax

@@ -76,12 +76,26 @@ def kernel_silu(x: np.ndarray) -> np.ndarray:
 
 
 def ggml_rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """ggml_compute_forward_rms_norm_f32 then ggml_mul: float32 squares summed in double, mean and
-    scale = 1/sqrtf(mean + eps) in float32, (x * scale) * weight. x: (..., n) -> (..., n)"""
+    """ggml_compute_forward_rms_norm_f32 then ggml_mul: float32 squares summed in double one after
+    another (cumsum: NumPy's sum would add them pairwise), mean and scale = 1/sqrtf(mean + eps) in
+    float32, (x * scale) * weight. x: (..., n) -> (..., n)"""
     x = np.asarray(x, np.float32)
-    mean = ((x * x).astype(np.float64).sum(axis=-1, keepdims=True) / x.shape[-1]).astype(np.float32)
+    total = np.cumsum((x * x).astype(np.float64), axis=-1)[..., -1:]
+    mean = (total / x.shape[-1]).astype(np.float32)
     scale = np.float32(1) / np.sqrt(mean + np.float32(eps))
     return x * scale * weight
+
+
+def kernel_rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """ggml_rmsnorm by its Numba kernel: x (..., n) float32, weight (n,) float32 -> (..., n) float32."""
+    from ..kernels.ggml import rms_norm_rows
+    x = np.ascontiguousarray(x, np.float32)
+    weight = np.ascontiguousarray(weight, np.float32)
+    if weight.shape != x.shape[-1:]:
+        raise ValueError(f"kernel_rmsnorm: weight {weight.shape} for rows of {x.shape[-1]}")
+    out = np.empty(x.shape, np.float32)
+    rms_norm_rows(x.reshape(-1, x.shape[-1]), weight, np.float32(eps), out.reshape(-1, x.shape[-1]))
+    return out
 
 
 _LIBM = ctypes.CDLL(ctypes.util.find_library("m"))
@@ -261,7 +275,7 @@ def kernel_attention(q, k, v, pattern, q_pos, k_pos, scale: float) -> np.ndarray
 class GGML:
     """llama.cpp's CPU arithmetic (`--mode ggml`): the float32 operations above, the products of
     GGMLLinear with activations quantized as ggml's `rounding` ("ref", "x86" or "arm") does. On the
-    "numba" backend, RoPE, SiLU, the softmax and a decode step's attention run their Numba
+    "numba" backend, the RMS norm, RoPE, SiLU, the softmax and a decode step's attention run their Numba
     kernels (minillm.kernels.ggml and .ggml_attention, bit for bit the NumPy functions, which
     "numpy" runs)."""
 
@@ -271,13 +285,14 @@ class GGML:
     def __init__(self, rounding: str = "x86", backend: str = "numpy"):
         self.rounding = rounding
         kernels = backend == "numba"
+        self._rms_norm = kernel_rmsnorm if kernels else ggml_rmsnorm
         self._rope = kernel_rope if kernels else ggml_rope
         self._silu = kernel_silu if kernels else ggml_silu
         self._softmax = kernel_softmax if kernels else ggml_softmax
         self.kernels = kernels
 
     def rms_norm(self, x, weight, eps):
-        return ggml_rmsnorm(x, weight, eps)
+        return self._rms_norm(x, weight, eps)
 
     def rope_angles(self, positions, rope_dim: int, base: float):
         return ggml_rope_angles(positions, rope_dim, base)
