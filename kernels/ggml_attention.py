@@ -15,7 +15,10 @@ register (i // 16) % 4, the registers are added 0+2, 1+3, then 0+1, then their 1
 is a plain addition of the exact product. Both products keep the 4 x 16 lanes as 64 slots,
 element i in slot i % 64, and are written so the inner loop runs over contiguous memory:
 
-- K q: a key row's D elements into the slots (one vector pass per 64), then the slot tree;
+- K q: a key row's D elements into the slots (one vector pass per 64), its register tree over
+  the 16 lanes, then the lanes' halving for a block of 16 keys at once, lane-major: each of its
+  additions one vector operation across the keys (a key's own halving is scalar work: twice the
+  time);
 - V w: for each key j, weight w[j] times the row V[j] (D contiguous values) into slot j % 64 of
   every output d at once: slots (64, D), the loop over d vectorized; then the tree for each d.
   The padding's products are 0 * 0 = +0, and adding +0 changes no slot (a slot starts at +0 and a
@@ -24,36 +27,56 @@ element i in slot i % 64, and are written so the inner loop runs over contiguous
 The cache is read where it lies, as its 16-bit words, widened by kernels/f16.py's f16_to_f32 (no
 float32 copy of the cache). The mask is the pattern's element rule (kernels.attention.visible),
 so patterns with random blocks are not for this kernel.
+
+The two products are compiled as functions of their own (`jit`) that the kernel calls, not inlined
+into it (`jit_inline`): inlined at Numba's level, the key blocks ran at half the speed.
 """
 
 import numpy as np
 
-from ._jit import jit, jit_inline
+from ._jit import jit
 from .attention import visible
 from .f16 import f16_to_f32
 from .ggml import round_f16, softmax_row
 
 SLOTS = 64   # 4 AVX-512 registers of 16 float32 lanes: GGML_F16_STEP
+KEYS = 16    # keys whose lane trees are added together (_dot_key_block)
 
 
-def _dot_f16_row(a, b16, work):
-    """vec_dot_f16(a, b) for a (D,) f32 holding float16 values and b16 (D,) float16 bits, D a multiple
-    of 64. work: (96,) f32 scratch: the 64 slots, then the tree's 16 + 8 + 4 partial sums."""
-    for i in range(SLOTS):                  # 0 + product: GGML_F16_VEC_ZERO, and a -0 product gives +0
-        work[i] = np.float32(0) + a[i] * f16_to_f32(b16[i])
-    for step in range(SLOTS, a.shape[0], SLOTS):
-        for i in range(SLOTS):
-            work[i] += a[step + i] * f16_to_f32(b16[step + i])
-    for lane in range(16):                  # registers 0+2, 1+3, then 0+1
-        work[64 + lane] = (work[lane] + work[32 + lane]) + (work[16 + lane] + work[48 + lane])
-    for lane in range(8):                   # then the 16 lanes halving: 8, 4, 2, 1
-        work[80 + lane] = work[64 + lane] + work[72 + lane]
-    for lane in range(4):
-        work[88 + lane] = work[80 + lane] + work[84 + lane]
-    return (work[88] + work[90]) + (work[89] + work[91])
+def _dot_key_block(q16, k16, kv, first, n, lanes, products, halves, scores):
+    """scores[first + b] = vec_dot_f16(q16, K[first + b]) for b < n <= KEYS, with q16 (D,) f32 holding
+    float16 values, K[j] = k16[j, kv] (D,) float16 bits, D a multiple of 64.
+
+    Each key's 64 slots (products: (64,) f32) and its register tree (0+2, 1+3, then 0+1) are loops
+    over contiguous lanes, into row b of lanes (KEYS, 16) f32; the 16 lanes' halving (8, 4, 2, 1)
+    then runs for the block's keys at once, lane by lane across keys (halves: (8, KEYS) f32), so
+    each of its additions is one vector operation for 16 keys. The register tree's loop runs to
+    lanes.shape[1] (16) rather than the constant: LLVM unrolls a loop of a constant 16 whole, and
+    then does not vectorize it."""
+    for b in range(n):
+        row = k16[first + b, kv]
+        for i in range(SLOTS):              # 0 + product: GGML_F16_VEC_ZERO, and a -0 product gives +0
+            products[i] = np.float32(0) + q16[i] * f16_to_f32(row[i])
+        for step in range(SLOTS, q16.shape[0], SLOTS):
+            for i in range(SLOTS):
+                products[i] += q16[step + i] * f16_to_f32(row[step + i])
+        key = lanes[b]
+        for lane in range(lanes.shape[1]):
+            key[lane] = (products[lane] + products[32 + lane]) + (products[16 + lane] + products[48 + lane])
+    for lane in range(8):                   # rows past n hold leftovers: added, never written out
+        half = halves[lane]
+        for b in range(KEYS):
+            half[b] = lanes[b, lane] + lanes[b, lane + 8]
+    for width in (4, 2):
+        for lane in range(width):
+            low, high = halves[lane], halves[lane + width]
+            for b in range(KEYS):
+                low[b] = low[b] + high[b]
+    for b in range(n):
+        scores[first + b] = halves[0, b] + halves[1, b]
 
 
-dot_f16_row = jit_inline(_dot_f16_row)
+dot_key_block = jit(_dot_key_block)   # called, not inlined (module docstring)
 
 
 def _add_weighted_values(w, v16, kv, slots, out):
@@ -78,7 +101,7 @@ def _add_weighted_values(w, v16, kv, slots, out):
         out[d] = slots[0, d]
 
 
-add_weighted_values = jit_inline(_add_weighted_values)
+add_weighted_values = jit(_add_weighted_values)   # called, not inlined (module docstring)
 
 
 def _attend_f16_cache(q, k16, v16, q_pos, k_pos, sinks, limit, stride, scale, out):
@@ -86,28 +109,25 @@ def _attend_f16_cache(q, k16, v16, q_pos, k_pos, sinks, limit, stride, scale, ou
     q, out: (H, D) f32; k16, v16: (>= S, Hkv, D) u16 float16 bits, position-major as the cache
     stores them (minillm.kvcache.Float16Rows), H a multiple of Hkv, D of 64; q_pos: the query's
     position; k_pos: (S,) i64 the keys' positions; sinks, limit, stride: the pattern
-    (kernels.attention.visible); scale: f32. Query head h reads KV head h // G, G = H / Hkv.
-    Allocation: its work arrays, G (2 S + D) + 64 D + 112 floats."""
+    (kernels.attention.visible); scale: f32. Query head h reads KV head h // (H / Hkv).
+    Allocation: its work arrays, 2 S + 65 D + 560 floats."""
     S, D = k_pos.shape[0], q.shape[1]
-    G = q.shape[0] // k16.shape[1]
-    q16, scores, weights = np.empty((G, D), np.float32), np.empty((G, S), np.float32), np.empty((G, S), np.float32)
-    slots, work, lanes = np.empty((SLOTS, D), np.float32), np.empty(96, np.float32), np.empty(16, np.float32)
-    for kv in range(k16.shape[1]):
-        for g in range(G):                  # the group's queries, rounded to float16 (F16's vec_dot_type)
-            for d in range(D):
-                q16[g, d] = round_f16(q[kv * G + g, d])
-        for j in range(S):                  # each key row read once for the group
-            if visible(q_pos, k_pos[j], sinks, limit, stride):
-                for g in range(G):
-                    scores[g, j] = dot_f16_row(q16[g], k16[j, kv], work) * scale
-            else:
-                for g in range(G):
-                    scores[g, j] = -np.inf
-        for g in range(G):
-            softmax_row(scores[g], weights[g], lanes)
-            for j in range(S):
-                weights[g, j] = round_f16(weights[g, j])
-            add_weighted_values(weights[g], v16, kv, slots, out[kv * G + g])
+    group = q.shape[0] // k16.shape[1]
+    q16, scores, weights = np.empty(D, np.float32), np.empty(S, np.float32), np.empty(S, np.float32)
+    slots, products = np.empty((SLOTS, D), np.float32), np.empty(SLOTS, np.float32)
+    lanes, halves, softmax_lanes = np.empty((KEYS, 16), np.float32), np.empty((8, KEYS), np.float32), np.empty(16, np.float32)
+    for h in range(q.shape[0]):
+        kv = h // group
+        for d in range(D):                  # the query rounded to float16 (F16's vec_dot_type)
+            q16[d] = round_f16(q[h, d])
+        for first in range(0, S, KEYS):
+            dot_key_block(q16, k16, kv, first, min(KEYS, S - first), lanes, products, halves, scores)
+        for j in range(S):
+            scores[j] = scores[j] * scale if visible(q_pos, k_pos[j], sinks, limit, stride) else -np.inf
+        softmax_row(scores, weights, softmax_lanes)
+        for j in range(S):
+            weights[j] = round_f16(weights[j])
+        add_weighted_values(weights, v16, kv, slots, out[h])
 
 
 attend_f16_cache = jit(_attend_f16_cache)
