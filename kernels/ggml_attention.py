@@ -115,7 +115,8 @@ def _attend_f16_cache(q, k16, v16, q_pos, k_pos, sinks, limit, stride, scale, ou
     group = q.shape[0] // k16.shape[1]
     q16, scores, weights = np.empty(D, np.float32), np.empty(S, np.float32), np.empty(S, np.float32)
     slots, products = np.empty((SLOTS, D), np.float32), np.empty(SLOTS, np.float32)
-    lanes, halves, softmax_lanes = np.empty((KEYS, 16), np.float32), np.empty((8, KEYS), np.float32), np.empty(16, np.float32)
+    lanes, halves = np.empty((KEYS, 16), np.float32), np.empty((8, KEYS), np.float32)
+    softmax_lanes = np.empty(16, np.float32)
     for h in range(q.shape[0]):
         kv = h // group
         for d in range(D):                  # the query rounded to float16 (F16's vec_dot_type)

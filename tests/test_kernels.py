@@ -767,7 +767,8 @@ def test_ggml_attention_kernel_equals_numpy(data, pattern, cache_rows):
     patterns' masks, keys in any position order, read from the cache's position-major rows or not."""
     from minillm.attention import Pattern
     from minillm.ops.ggml import ggml_attention, kernel_attention
-    n_kv_heads, group, D = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3)), data.draw(st.sampled_from([64, 128]))
+    n_kv_heads, group = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3))
+    D = data.draw(st.sampled_from([64, 128]))
     S = data.draw(st.integers(1, 140))
     # normal values at drawn magnitudes (small queries spread the weights over many keys, so the order
     # of the value sums shows; q's rounding to float16 shows), hypothesis's own values beside

@@ -34,6 +34,7 @@ order is not reproduced here.
 import ctypes
 import ctypes.util
 from functools import cache
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -66,12 +67,20 @@ def ggml_silu(x: np.ndarray) -> np.ndarray:
     return x / (np.float32(1) + ggml_expf(-x))
 
 
+@cache
+def numba_kernels() -> SimpleNamespace:
+    """minillm.kernels.ggml and .ggml_attention, imported on first use (Numba loads only on the numba
+    backend); then a lookup of about 0.1 us where an import statement takes 1 us, and a decode step
+    calls the kernels below some 180 times."""
+    from ..kernels import ggml, ggml_attention
+    return SimpleNamespace(ggml=ggml, attention=ggml_attention)
+
+
 def kernel_silu(x: np.ndarray) -> np.ndarray:
     """ggml_silu by its Numba kernel: x (...) float32 -> (...) float32."""
-    from ..kernels.ggml import silu_values
     x = np.ascontiguousarray(x, np.float32)
     out = np.empty(x.shape, np.float32)
-    silu_values(x.reshape(-1), out.reshape(-1))
+    numba_kernels().ggml.silu_values(x.reshape(-1), out.reshape(-1))
     return out
 
 
@@ -88,13 +97,13 @@ def ggml_rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
 
 def kernel_rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """ggml_rmsnorm by its Numba kernel: x (..., n) float32, weight (n,) float32 -> (..., n) float32."""
-    from ..kernels.ggml import rms_norm_rows
     x = np.ascontiguousarray(x, np.float32)
     weight = np.ascontiguousarray(weight, np.float32)
     if weight.shape != x.shape[-1:]:
         raise ValueError(f"kernel_rmsnorm: weight {weight.shape} for rows of {x.shape[-1]}")
     out = np.empty(x.shape, np.float32)
-    rms_norm_rows(x.reshape(-1, x.shape[-1]), weight, np.float32(eps), out.reshape(-1, x.shape[-1]))
+    rows = x.shape[-1]
+    numba_kernels().ggml.rms_norm_rows(x.reshape(-1, rows), weight, np.float32(eps), out.reshape(-1, rows))
     return out
 
 
@@ -134,9 +143,8 @@ def ggml_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 def kernel_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """ggml_rope by its Numba kernel. x: (heads, T, head_dim), cos, sin: (T, head_dim // 2) float32"""
-    from ..kernels.ggml import rope_pairs
     out = np.empty(x.shape, np.float32)
-    rope_pairs(np.ascontiguousarray(x, np.float32), cos, sin, out)
+    numba_kernels().ggml.rope_pairs(np.ascontiguousarray(x, np.float32), cos, sin, out)
     return out
 
 
@@ -192,10 +200,9 @@ def ggml_softmax(scores: np.ndarray) -> np.ndarray:
 
 def kernel_softmax(scores: np.ndarray) -> np.ndarray:
     """ggml_softmax by its Numba kernel: scores (..., S) float32 -> (..., S) float32."""
-    from ..kernels.ggml import softmax_rows
     scores = np.ascontiguousarray(scores, np.float32)
     out = np.empty(scores.shape, np.float32)
-    softmax_rows(scores.reshape(-1, scores.shape[-1]), out.reshape(-1, scores.shape[-1]))
+    numba_kernels().ggml.softmax_rows(scores.reshape(-1, scores.shape[-1]), out.reshape(-1, scores.shape[-1]))
     return out
 
 
@@ -256,7 +263,6 @@ def kernel_attention(q, k, v, pattern, q_pos, k_pos, scale: float) -> np.ndarray
     """ggml_attention of one token by its Numba kernel (kernels/ggml_attention.py), over the float16
     cache where it lies. q: (n_heads, 1, head_dim) float32; k, v: (n_kv_heads, S, head_dim) float16,
     views of position-major rows (minillm.kvcache.Float16Rows); k_pos: (S,) -> (n_heads, 1, head_dim)"""
-    from ..kernels.ggml_attention import attend_f16_cache
     n_heads, T, head_dim = q.shape
     n_kv_heads, S = k.shape[:2]
     k_pos = np.asarray(k_pos, np.int64)
@@ -267,8 +273,9 @@ def kernel_attention(q, k, v, pattern, q_pos, k_pos, scale: float) -> np.ndarray
     out = np.empty((n_heads, T, head_dim), np.float32)
     # (S, n_kv_heads, head_dim): the cache's own layout, so no copy (a copy only for other arrays)
     k16, v16 = (np.ascontiguousarray(x.transpose(1, 0, 2)).view(np.uint16) for x in (k, v))
-    attend_f16_cache(np.ascontiguousarray(q[:, 0], np.float32), k16, v16, int(q_pos[0]), k_pos,
-                     pattern.sinks, pattern.limit, pattern.stride, np.float32(scale), out[:, 0])
+    numba_kernels().attention.attend_f16_cache(np.ascontiguousarray(q[:, 0], np.float32), k16, v16, int(q_pos[0]),
+                                               k_pos, pattern.sinks, pattern.limit, pattern.stride, np.float32(scale),
+                                               out[:, 0])
     return out
 
 
