@@ -185,7 +185,7 @@ write_ggml_group = jit_inline(_write_ggml_group)
 
 
 # --- the float32 operations around the products -------------------------------------------------
-# NumPy references: minillm.ops.ggml (ggml_expf, ggml_silu, ggml_rope), bit for bit.
+# NumPy references: minillm.ops.ggml (ggml_expf, ggml_silu, ggml_rmsnorm, ggml_rope), bit for bit.
 
 # ggml_v_expf's constants (ggml-cpu/vec.h), as C hex floats
 EXPF_SHIFT = np.float32(float.fromhex("0x1.8p23"))
@@ -241,6 +241,24 @@ def _silu_values(x, out):
 
 
 silu_values = jit(_silu_values)
+
+
+def _rms_norm_rows(x, weight, eps, out):
+    """ggml_compute_forward_rms_norm_f32 then ggml_mul on each row: the float32 squares added one after
+    another in double, mean = float(sum / n), scale = 1 / sqrtf(mean + eps), out = (x * scale) * weight.
+    x, out: (rows, n) f32; weight: (n,) f32; eps: f32."""
+    n = x.shape[1]
+    for row in range(x.shape[0]):
+        total = 0.0
+        for i in range(n):
+            total += np.float64(x[row, i] * x[row, i])
+        # np.divide: 1 / 0 is inf (x all zeros, eps 0), where Numba's `/` would raise
+        scale = np.divide(ONE, np.sqrt(np.float32(total / n) + eps))
+        for i in range(n):
+            out[row, i] = x[row, i] * scale * weight[i]
+
+
+rms_norm_rows = jit(_rms_norm_rows)
 
 
 def _rope_pairs(x, cos, sin, out):
@@ -323,60 +341,43 @@ def _quantize_q8(x, x86, half_away, q16, d, s):
 quantize_q8 = jit(_quantize_q8)
 
 
-# --- attention's float16 dot products (one token) -----------------------------------------------
-# NumPy reference: minillm.formats.f16.vec_dot_f16, bit for bit.
+# --- attention's softmax ---------------------------------------------------------------------------
+# NumPy reference: minillm.ops.ggml.ggml_softmax, bit for bit.
 
-def _f16_dot_heads(a, b, acc, out):
-    """out[h, g, j] = ggml_vec_dot_f16(a[h, g], b[h, j]) in its AVX-512 order: element i goes to lane
-    i % 16 of register (i // 16) % 4, the registers are added 0+2, 1+3, then 0+1, then their 16 lanes
-    halving (8, 4, 2, 1). a: (H, G, n), b: (H, J, n) f32 holding float16 values, n a multiple of 64
-    (their products are exact in float32, so the fused multiply-adds are plain additions);
-    acc: (4, 16) f32 scratch; out: (H, G, J) f32."""
-    for h in range(a.shape[0]):
-        for g in range(a.shape[1]):
-            for j in range(b.shape[1]):
-                acc[:, :] = 0                       # GGML_F16_VEC_ZERO: a -0 product added to it gives +0
-                for step in range(a.shape[2] // 64):
-                    for reg in range(4):
-                        for lane in range(16):
-                            i = 64 * step + 16 * reg + lane
-                            acc[reg, lane] += a[h, g, i] * b[h, j, i]
-                for lane in range(16):
-                    acc[0, lane] = (acc[0, lane] + acc[2, lane]) + (acc[1, lane] + acc[3, lane])
-                for width in (8, 4, 2, 1):
-                    for lane in range(width):
-                        acc[0, lane] = acc[0, lane] + acc[0, lane + width]
-                out[h, g, j] = acc[0, 0]
+def _softmax_row(scores, out, lanes):
+    """ggml_compute_forward_soft_max_f32 (after scaling and masking) on one row: e = expf(x - max);
+    its sum in double of float32 sums over 16 lanes (ggml_vec_soft_max_f32, AVX-512: each chunk of 16
+    values, zeros after the last, added halving 8, 4, 2, 1); e * float(1 / sum).
+    scores, out: (S,) f32, -inf where masked; lanes: (16,) f32 scratch."""
+    S = scores.shape[0]
+    top = scores[0]
+    for i in range(1, S):
+        top = max(top, scores[i])
+    total = 0.0
+    for start in range(0, S, 16):
+        for lane in range(16):
+            i = start + lane
+            e = expf(scores[i] - top) if i < S else np.float32(0)
+            lanes[lane] = e
+            if i < S:
+                out[i] = e
+        for width in (8, 4, 2, 1):
+            for lane in range(width):
+                lanes[lane] = lanes[lane] + lanes[lane + width]
+        total += np.float64(lanes[0])
+    scale = np.float32(1.0 / total)
+    for i in range(S):
+        out[i] = out[i] * scale
 
 
-f16_dot_heads = jit(_f16_dot_heads)
+softmax_row = jit_inline(_softmax_row)
 
 
 def _softmax_rows(scores, out):
-    """ggml_compute_forward_soft_max_f32 (after scaling and masking) on each row: e = expf(x - max);
-    its sum in double of float32 sums over 16 lanes (ggml_vec_soft_max_f32, AVX-512: each chunk of 16
-    values, zeros after the last, added halving 8, 4, 2, 1); e * float(1 / sum).
-    scores, out: (rows, S) f32, -inf where masked."""
+    """softmax_row on each row. scores, out: (rows, S) f32, -inf where masked."""
     lanes = np.empty(16, np.float32)
     for row in range(scores.shape[0]):
-        top = scores[row, 0]
-        for i in range(1, scores.shape[1]):
-            top = max(top, scores[row, i])
-        total = 0.0
-        for start in range(0, scores.shape[1], 16):
-            for lane in range(16):
-                i = start + lane
-                e = expf(scores[row, i] - top) if i < scores.shape[1] else np.float32(0)
-                lanes[lane] = e
-                if i < scores.shape[1]:
-                    out[row, i] = e
-            for width in (8, 4, 2, 1):
-                for lane in range(width):
-                    lanes[lane] = lanes[lane] + lanes[lane + width]
-            total += np.float64(lanes[0])
-        scale = np.float32(1.0 / total)
-        for i in range(scores.shape[1]):
-            out[row, i] = out[row, i] * scale
+        softmax_row(scores[row], out[row], lanes)
 
 
 softmax_rows = jit(_softmax_rows)

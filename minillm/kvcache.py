@@ -126,12 +126,22 @@ class Float64Rows(Float32Rows):
 
 
 class Float16Rows(Float32Rows):
-    """The same rows in float16, as llama.cpp's default KV cache. Reads return float32 copies."""
+    """The same rows in float16, as llama.cpp's default KV cache, stored position-major as llama.cpp
+    lays its cache out: (n_rows, n_kv_heads, head_dim) each, so the first S positions are one
+    contiguous block. Reads return float16 (n_kv_heads, S, head_dim) views of it for a slice, which
+    --mode ggml's attention kernel reads where they lie (minillm.ops.ggml)."""
 
     dtype = np.float16
 
+    def __init__(self, n_kv_heads: int, n_rows: int, head_dim: int):
+        self.k = np.zeros((n_rows, n_kv_heads, head_dim), self.dtype)
+        self.v = np.zeros((n_rows, n_kv_heads, head_dim), self.dtype)
+
+    def write(self, rows, k, v):
+        self.k[rows], self.v[rows] = k.transpose(1, 0, 2), v.transpose(1, 0, 2)
+
     def read(self, rows):
-        return self.k[:, rows].astype(np.float32), self.v[:, rows].astype(np.float32)
+        return self.k[rows].transpose(1, 0, 2), self.v[rows].transpose(1, 0, 2)
 
     def roundtrip(self, x):
         return x.astype(np.float16).astype(np.float32)

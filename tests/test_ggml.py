@@ -384,8 +384,9 @@ def test_float16_rows_store_what_float16_holds(tiny_q4_path):
     k = np.random.default_rng(0).normal(size=(2, 1, 32)).astype(np.float32)
     rows.write(slice(1, 2), k, 2 * k)
     got_k, got_v = rows.read(slice(0, 2))
-    assert got_k.dtype == np.float32
-    assert np.array_equal(got_k[:, 1:], k.astype(np.float16).astype(np.float32))
+    assert got_k.dtype == np.float16 and got_k.shape == (2, 2, 32)
+    assert np.shares_memory(got_k, rows.k)                              # a view: no copy per step
+    assert np.array_equal(got_k[:, 1:], k.astype(np.float16))
     assert np.array_equal(got_v[:, 1:], rows.roundtrip(2 * k))
     for bits in (16, 64):
         assert new_cache(config, 16, kv_bits=bits).nbytes == kv_cache_bytes(config, 16, kv_bits=bits)

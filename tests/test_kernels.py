@@ -716,6 +716,22 @@ def test_ggml_silu_kernel_equals_numpy(x):
 
 @kernel_settings
 @given(data=st.data())
+def test_ggml_rmsnorm_kernel_equals_numpy(data):
+    """ggml's RMS norm (float32 squares added in order in double) in Numba equals its NumPy emulation
+    bit for bit, on rows of any float32 (squares that overflow, NaN, zeros) and any eps."""
+    from minillm.ops.ggml import ggml_rmsnorm, kernel_rmsnorm
+    rows, n = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 80))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    x = (rng.normal(size=(rows, n)) * data.draw(st.sampled_from([1e-30, 1.0, 1e10, 1e19]))).astype(np.float32)
+    x[:, 0] = data.draw(arrays(np.float32, rows, elements=ANY_F32))
+    weight = data.draw(arrays(np.float32, n, elements=st.floats(-10, 10, width=32)))
+    eps = data.draw(st.sampled_from([0.0, 1e-6, 1e-5]))
+    with np.errstate(all="ignore"):
+        assert_same_bits_up_to_nan_payload(kernel_rmsnorm(x, weight, eps), ggml_rmsnorm(x, weight, eps))
+
+
+@kernel_settings
+@given(data=st.data())
 def test_ggml_softmax_kernel_equals_numpy(data):
     """Masked rows of scores (-inf where masked, one position at least seen), any length."""
     from minillm.ops.ggml import ggml_softmax, kernel_softmax
@@ -739,18 +755,39 @@ def test_ggml_rope_kernel_equals_numpy(data):
         assert_same_bits_up_to_nan_payload(kernel_rope(x, cos, sin), ggml_rope(x, cos, sin))
 
 
+GGML_DECODE_PATTERNS = [{}, {"window": 5}, {"sinks": 2, "window": 7}, {"stride": 4}]   # minillm.attention.Pattern
+
+
 @kernel_settings
-@given(data=st.data())
-def test_ggml_f16_dot_kernel_equals_numpy(data):
-    """Attention's float16 dot products in ggml's lane order: the Numba kernel and NumPy agree bit for bit."""
-    from minillm.ops.ggml import heads_f16_dot, kernel_heads_f16_dot
-    H, G, J = (data.draw(st.integers(1, 3)) for _ in range(3))
-    n = 64 * data.draw(st.integers(1, 3))
-    f16_values = st.floats(-65504, 65504, width=16)
-    a = data.draw(arrays(np.float16, (H, G, n), elements=f16_values)).astype(np.float32)
-    b = data.draw(arrays(np.float16, (H, J, n), elements=f16_values)).astype(np.float32)
+@given(data=st.data(), pattern=st.sampled_from(GGML_DECODE_PATTERNS), cache_rows=st.booleans())
+def test_ggml_attention_kernel_equals_numpy(data, pattern, cache_rows):
+    """One token's attention over a float16 cache, ggml's way (float16 query and weights, the dot
+    products in vec_dot_f16's lane order, ggml's softmax): the Numba kernel equals the NumPy reference
+    bit for bit, for grouped heads, head_dim 64 or 128, any length (the padding to 64 included), the
+    patterns' masks, keys in any position order, read from the cache's position-major rows or not."""
+    from minillm.attention import Pattern
+    from minillm.ops.ggml import ggml_attention, kernel_attention
+    n_kv_heads, group = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3))
+    D = data.draw(st.sampled_from([64, 128]))
+    S = data.draw(st.integers(1, 140))
+    # normal values at drawn magnitudes (small queries spread the weights over many keys, so the order
+    # of the value sums shows; q's rounding to float16 shows), hypothesis's own values beside
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    q_magnitude, magnitude = (data.draw(st.sampled_from([2.0**-20, 0.01, 1.0, 30.0, 3000.0])) for _ in range(2))
+    q = (rng.normal(size=(n_kv_heads * group, 1, D)) * q_magnitude).astype(np.float32)
+    q[:, 0, 0] = data.draw(arrays(np.float32, n_kv_heads * group, elements=st.floats(-65504, 65504, width=32)))
+    rows = [np.clip(rng.normal(size=(S + 3, n_kv_heads, D)) * magnitude, -65504, 65504).astype(np.float16)
+            for _ in range(2)]
+    for r in rows:
+        r[:S, :, -1] = data.draw(arrays(np.float16, (S, n_kv_heads), elements=st.floats(-65504, 65504, width=16)))
+    k, v = (r[:S].transpose(1, 0, 2) if cache_rows else np.ascontiguousarray(r[:S].transpose(1, 0, 2)) for r in rows)
+    k_pos = np.array(data.draw(st.permutations(range(S)))) + data.draw(st.integers(0, 50))
+    q_pos = np.array([k_pos.max()])
+    scale = data.draw(st.floats(2.0**-6, 1, width=32))
+    p = Pattern(**pattern)
     with np.errstate(all="ignore"):
-        assert_same_bits_up_to_nan_payload(kernel_heads_f16_dot(a, b), heads_f16_dot(a, b))
+        assert_same_bits_up_to_nan_payload(kernel_attention(q, k, v, p, q_pos, k_pos, scale),
+                                           ggml_attention(q, k, v, p, q_pos, k_pos, scale))
 
 
 # --- float16 rows --------------------------------------------------------------------------------

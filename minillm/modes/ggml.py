@@ -89,11 +89,15 @@ class KernelProduct:
         # x: (T, K) float32 -> (T, N) float32
         act = self.activations.get(threading.get_ident()) or self.activations.setdefault(threading.get_ident(),
                                                                                            self.new_activation())
-        out = np.empty((x.shape[0], self.kernels.n_rows), np.float32)
-        for t in range(x.shape[0]):
-            self.quantize(np.ascontiguousarray(x[t]), self.x86, self.half_away, act.q16, act.d, act.s)
-            out[t] = self.kernels.ggml_matvec(act, self.x86, self.threads)
-        return out
+        rows = [self.row(x[t], act) for t in range(x.shape[0])]
+        if len(rows) == 1:
+            return rows[0][None]                # one token (decode): its row as the kernel wrote it
+        return np.array(rows, np.float32).reshape(-1, self.kernels.n_rows)
+
+    def row(self, x: np.ndarray, act) -> np.ndarray:
+        # one token x (K,) float32, quantized into act -> (N,) float32
+        self.quantize(np.ascontiguousarray(x), self.x86, self.half_away, act.q16, act.d, act.s)
+        return self.kernels.ggml_matvec(act, self.x86, self.threads)
 
 
 class GGMLShared:

@@ -34,6 +34,7 @@ order is not reproduced here.
 import ctypes
 import ctypes.util
 from functools import cache
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -66,22 +67,44 @@ def ggml_silu(x: np.ndarray) -> np.ndarray:
     return x / (np.float32(1) + ggml_expf(-x))
 
 
+@cache
+def numba_kernels() -> SimpleNamespace:
+    """minillm.kernels.ggml and .ggml_attention, imported on first use (Numba loads only on the numba
+    backend); then a lookup of about 0.1 us where an import statement takes 1 us, and a decode step
+    calls the kernels below some 180 times."""
+    from ..kernels import ggml, ggml_attention
+    return SimpleNamespace(ggml=ggml, attention=ggml_attention)
+
+
 def kernel_silu(x: np.ndarray) -> np.ndarray:
     """ggml_silu by its Numba kernel: x (...) float32 -> (...) float32."""
-    from ..kernels.ggml import silu_values
     x = np.ascontiguousarray(x, np.float32)
     out = np.empty(x.shape, np.float32)
-    silu_values(x.reshape(-1), out.reshape(-1))
+    numba_kernels().ggml.silu_values(x.reshape(-1), out.reshape(-1))
     return out
 
 
 def ggml_rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """ggml_compute_forward_rms_norm_f32 then ggml_mul: float32 squares summed in double, mean and
-    scale = 1/sqrtf(mean + eps) in float32, (x * scale) * weight. x: (..., n) -> (..., n)"""
+    """ggml_compute_forward_rms_norm_f32 then ggml_mul: float32 squares summed in double one after
+    another (cumsum: NumPy's sum would add them pairwise), mean and scale = 1/sqrtf(mean + eps) in
+    float32, (x * scale) * weight. x: (..., n) -> (..., n)"""
     x = np.asarray(x, np.float32)
-    mean = ((x * x).astype(np.float64).sum(axis=-1, keepdims=True) / x.shape[-1]).astype(np.float32)
+    total = np.cumsum((x * x).astype(np.float64), axis=-1)[..., -1:]
+    mean = (total / x.shape[-1]).astype(np.float32)
     scale = np.float32(1) / np.sqrt(mean + np.float32(eps))
     return x * scale * weight
+
+
+def kernel_rmsnorm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """ggml_rmsnorm by its Numba kernel: x (..., n) float32, weight (n,) float32 -> (..., n) float32."""
+    x = np.ascontiguousarray(x, np.float32)
+    weight = np.ascontiguousarray(weight, np.float32)
+    if weight.shape != x.shape[-1:]:
+        raise ValueError(f"kernel_rmsnorm: weight {weight.shape} for rows of {x.shape[-1]}")
+    out = np.empty(x.shape, np.float32)
+    rows = x.shape[-1]
+    numba_kernels().ggml.rms_norm_rows(x.reshape(-1, rows), weight, np.float32(eps), out.reshape(-1, rows))
+    return out
 
 
 _LIBM = ctypes.CDLL(ctypes.util.find_library("m"))
@@ -120,9 +143,8 @@ def ggml_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 def kernel_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """ggml_rope by its Numba kernel. x: (heads, T, head_dim), cos, sin: (T, head_dim // 2) float32"""
-    from ..kernels.ggml import rope_pairs
     out = np.empty(x.shape, np.float32)
-    rope_pairs(np.ascontiguousarray(x, np.float32), cos, sin, out)
+    numba_kernels().ggml.rope_pairs(np.ascontiguousarray(x, np.float32), cos, sin, out)
     return out
 
 
@@ -178,10 +200,9 @@ def ggml_softmax(scores: np.ndarray) -> np.ndarray:
 
 def kernel_softmax(scores: np.ndarray) -> np.ndarray:
     """ggml_softmax by its Numba kernel: scores (..., S) float32 -> (..., S) float32."""
-    from ..kernels.ggml import softmax_rows
     scores = np.ascontiguousarray(scores, np.float32)
     out = np.empty(scores.shape, np.float32)
-    softmax_rows(scores.reshape(-1, scores.shape[-1]), out.reshape(-1, scores.shape[-1]))
+    numba_kernels().ggml.softmax_rows(scores.reshape(-1, scores.shape[-1]), out.reshape(-1, scores.shape[-1]))
     return out
 
 
@@ -199,30 +220,24 @@ def heads_f16_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return vec_dot_f16(a[:, :, None, :], b[:, None, :, :])
 
 
-def kernel_heads_f16_dot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """heads_f16_dot by its Numba kernel: a (H, G, n), b (H, J, n) -> (H, G, J) float32."""
-    from ..kernels.ggml import f16_dot_heads
-    out = np.empty((a.shape[0], a.shape[1], b.shape[1]), np.float32)
-    f16_dot_heads(np.ascontiguousarray(a, np.float32), np.ascontiguousarray(b, np.float32),
-                  np.empty((4, 16), np.float32), out)
-    return out
-
-
-def ggml_attention(q, k, v, pattern, q_pos, k_pos, scale: float, softmax=ggml_softmax, dot=heads_f16_dot) -> np.ndarray:
-    """Attention as ggml computes it without flash attention (module docstring); `softmax` and `dot`
-    are ggml_softmax and heads_f16_dot, or their Numba kernels (kernel_softmax, kernel_heads_f16_dot).
-    q: (n_heads, T, head_dim) float32  k, v: (n_kv_heads, S, head_dim) float16 values from the cache
-    scale: the kq_scale llama.cpp's graph passes (a float32 value) -> (n_heads, T, head_dim) float32
+def ggml_attention(q, k, v, pattern, q_pos, k_pos, scale: float, softmax=ggml_softmax) -> np.ndarray:
+    """Attention as ggml computes it without flash attention (module docstring); `softmax` is
+    ggml_softmax or its Numba kernel (kernel_softmax).
+    q: (n_heads, T, head_dim) float32  k, v: (n_kv_heads, S, head_dim) float16 from the cache (or
+    float32 holding float16 values)  scale: the kq_scale llama.cpp's graph passes (a float32 value)
+    -> (n_heads, T, head_dim) float32
 
     One token (T = 1) adds the KQ and KQV dot products in ggml_vec_dot_f16's order (llama.cpp's
-    decode). A batch uses BLAS: llama.cpp's batched products (llamafile's tinyBLAS) add in yet
-    another order, so a batch matches llama.cpp only to the level such differences grow to."""
+    decode; kernel_attention is its Numba kernel). A batch uses BLAS: llama.cpp's batched products
+    (llamafile's tinyBLAS) add in yet another order, so a batch matches llama.cpp only to the level
+    such differences grow to."""
     n_heads, T, head_dim = q.shape
     n_kv_heads, S = k.shape[:2]
+    k, v = np.asarray(k, np.float32), np.asarray(v, np.float32)
     qg = round_f16(q).reshape(n_kv_heads, n_heads // n_kv_heads, T, head_dim)
     decode = T == 1 and head_dim % 64 == 0
     if decode:
-        scores = dot(qg[:, :, 0, :], k)[:, :, None, :]                  # (n_kv_heads, group, 1, S)
+        scores = heads_f16_dot(qg[:, :, 0, :], k)[:, :, None, :]        # (n_kv_heads, group, 1, S)
     else:
         scores = qg @ k[:, None].swapaxes(-1, -2)                       # (n_kv_heads, group, T, S) float32
     scores = np.where(pattern.mask(q_pos, k_pos), scores * np.float32(scale), np.float32(-np.inf))
@@ -231,17 +246,45 @@ def ggml_attention(q, k, v, pattern, q_pos, k_pos, scale: float, softmax=ggml_so
         padded = S + -S % 64
         w = zeros_after(weights, -1, padded)                            # (n_kv_heads, group, 1, S')
         vt = zeros_after(v, 1, padded).swapaxes(-1, -2)                 # (n_kv_heads, head_dim, S')
-        out = dot(w[:, :, 0, :], vt)[:, :, None, :]                     # (n_kv_heads, group, 1, head_dim)
+        out = heads_f16_dot(w[:, :, 0, :], vt)[:, :, None, :]           # (n_kv_heads, group, 1, head_dim)
     else:
         out = weights @ v[:, None]                                      # (n_kv_heads, group, T, head_dim)
     return out.reshape(n_heads, T, head_dim)
 
 
+def attention_kernel_fits(q, k, v, pattern) -> bool:
+    """Whether kernel_attention computes this attention: one token, head_dim a multiple of 64, a
+    float16 cache, a pattern without random blocks."""
+    return (q.shape[1] == 1 and q.shape[2] % 64 == 0 and k.dtype == v.dtype == np.float16
+            and not pattern.random_blocks)
+
+
+def kernel_attention(q, k, v, pattern, q_pos, k_pos, scale: float) -> np.ndarray:
+    """ggml_attention of one token by its Numba kernel (kernels/ggml_attention.py), over the float16
+    cache where it lies. q: (n_heads, 1, head_dim) float32; k, v: (n_kv_heads, S, head_dim) float16,
+    views of position-major rows (minillm.kvcache.Float16Rows); k_pos: (S,) -> (n_heads, 1, head_dim)"""
+    n_heads, T, head_dim = q.shape
+    n_kv_heads, S = k.shape[:2]
+    k_pos = np.asarray(k_pos, np.int64)
+    if not attention_kernel_fits(q, k, v, pattern) or v.shape != k.shape or k.shape[2] != head_dim \
+            or n_heads % n_kv_heads or k_pos.shape != (S,) or S == 0:
+        raise ValueError(f"kernel_attention: q {q.shape} {q.dtype}, k {k.shape} {k.dtype}, v {v.shape} {v.dtype}, "
+                         f"{len(k_pos)} key positions, pattern {pattern.name}")
+    out = np.empty((n_heads, T, head_dim), np.float32)
+    # (S, n_kv_heads, head_dim): the cache's own layout, so no copy (a copy only for other arrays)
+    k16, v16 = (np.ascontiguousarray(x.transpose(1, 0, 2)).view(np.uint16) for x in (k, v))
+    numba_kernels().attention.attend_f16_cache(np.ascontiguousarray(q[:, 0], np.float32), k16, v16, int(q_pos[0]),
+                                               k_pos, pattern.sinks, pattern.limit, pattern.stride, np.float32(scale),
+                                               out[:, 0])
+    return out
+
+
 class GGML:
     """llama.cpp's CPU arithmetic (`--mode ggml`): the float32 operations above, the products of
     GGMLLinear with activations quantized as ggml's `rounding` ("ref", "x86" or "arm") does. On the
-    "numba" backend, RoPE, SiLU, the softmax and the attention's float16 dot products run their Numba
-    kernels (minillm.kernels.ggml, bit for bit the NumPy functions, which "numpy" runs)."""
+    "numba" backend, the RMS norm, RoPE, SiLU, the softmax and a decode step's attention run their Numba
+    kernels (minillm.kernels.ggml and .ggml_attention, bit for bit the NumPy functions, which
+    "numpy" runs)."""
 
     name = "ggml"
     dtype = np.float32
@@ -249,13 +292,14 @@ class GGML:
     def __init__(self, rounding: str = "x86", backend: str = "numpy"):
         self.rounding = rounding
         kernels = backend == "numba"
+        self._rms_norm = kernel_rmsnorm if kernels else ggml_rmsnorm
         self._rope = kernel_rope if kernels else ggml_rope
         self._silu = kernel_silu if kernels else ggml_silu
         self._softmax = kernel_softmax if kernels else ggml_softmax
-        self._dot = kernel_heads_f16_dot if kernels else heads_f16_dot
+        self.kernels = kernels
 
     def rms_norm(self, x, weight, eps):
-        return ggml_rmsnorm(x, weight, eps)
+        return self._rms_norm(x, weight, eps)
 
     def rope_angles(self, positions, rope_dim: int, base: float):
         return ggml_rope_angles(positions, rope_dim, base)
@@ -276,7 +320,9 @@ class GGML:
         return x * np.float32(s)
 
     def attention(self, q, k, v, pattern, q_pos, k_pos, scale):
-        return ggml_attention(q, k, v, pattern, q_pos, k_pos, scale, self._softmax, self._dot)
+        if self.kernels and attention_kernel_fits(q, k, v, pattern):
+            return kernel_attention(q, k, v, pattern, q_pos, k_pos, scale)
+        return ggml_attention(q, k, v, pattern, q_pos, k_pos, scale, self._softmax)
 
     def linear(self, packed):
         return GGMLLinear(packed, self.rounding)
