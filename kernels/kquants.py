@@ -158,9 +158,11 @@ def k4_kernels(type_size: int, five_bit: bool, vnni: bool) -> tuple:
                 for b in range(xd.shape[1]):
                     scales_lo, scales_hi, mins_lo, mins_hi = scales_k4(w32[row], words * b + 1)
                     if vnni and five_bit:
-                        total = fifth_bit_superblock_vnni(w8[row], type_size * b, xq[a], 256 * b, scales_lo, scales_hi)
+                        total, mins = fifth_bit_superblock_vnni(w8[row], type_size * b, xq[a], 256 * b, scales_lo,
+                                                                scales_hi, mins_lo, mins_hi, bsums[a], 16 * b)
                     elif vnni:
-                        total = nibble_superblock_vnni(w8[row], type_size * b, xq[a], 256 * b, scales_lo, scales_hi)
+                        total, mins = nibble_superblock_vnni(w8[row], type_size * b, xq[a], 256 * b, scales_lo,
+                                                             scales_hi, mins_lo, mins_hi, bsums[a], 16 * b)
                     else:
                         total = np.int32(0)
                         for j in range(4):
@@ -170,10 +172,11 @@ def k4_kernels(type_size: int, five_bit: bool, vnni: bool) -> tuple:
                                 low, high = nibble_sums(w8[row], type_size * b, j, xq[a], 256 * b + 64 * j)
                             scales = scales_lo if j < 2 else scales_hi
                             total += field(scales, 2 * (j % 2)) * low + field(scales, 2 * (j % 2) + 1) * high
+                        mins = min_sum(mins_lo, mins_hi, bsums[a], 16 * b)
                     head = w32[row, words * b]
                     d = f16_to_f32(head & np.uint32(0xFFFF)) * xd[a, b]
                     dmin = f16_to_f32(head >> np.uint32(16)) * xd[a, b]
-                    acc += d * np.float32(total) - dmin * np.float32(min_sum(mins_lo, mins_hi, bsums[a], 16 * b))
+                    acc += d * np.float32(total) - dmin * np.float32(mins)
                 out[a, row] = acc
 
     def dequantize_rows(w32, w8, ids, out):

@@ -93,9 +93,10 @@ def _sum_lanes(builder, lanes):
     return builder.call(fn, [lanes])
 
 
-def _six_bit_scales(builder, scales_lo, scales_hi):
-    """Q4_K's and Q5_K's scales sc_0..sc_7 (the bytes of scales_lo, then scales_hi) as <8 x i32>."""
-    word = builder.or_(builder.zext(scales_lo, _I64), builder.shl(builder.zext(scales_hi, _I64), ir.Constant(_I64, 32)))
+def _six_bit_fields(builder, low, high):
+    """The 8 fields of Q4_K's and Q5_K's 6-bit scales (or minimums), the bytes of low then high (as
+    kernels/kquants.py's `scales_k4` gives them), as <8 x i32>."""
+    word = builder.or_(builder.zext(low, _I64), builder.shl(builder.zext(high, _I64), ir.Constant(_I64, 32)))
     return builder.zext(builder.bitcast(word, ir.VectorType(_I8, 8)), ir.VectorType(_I32, 8))
 
 
@@ -104,15 +105,20 @@ def _fifth_bits(builder, qh, bit):
     return builder.shl(builder.and_(builder.lshr(qh, _bytes(bit)), _bytes(1)), _bytes(4))
 
 
-def _k4_sum(five_bit):
-    """The codegen of a Q4_K (or, five_bit, Q5_K) super-block's I."""
+def _min_sum(builder, mins, bsums):
+    """M = sum_s m_s (bsums[2 s] + bsums[2 s + 1]): sub-block s of 32 is two of the Q8_K sums of 16."""
+    return _sum_lanes(builder, builder.mul(_spread(builder, mins, lambda lane: lane // 2), bsums))
+
+
+def _k4_sums(five_bit):
+    """The codegen of a Q4_K (or, five_bit, Q5_K) super-block's (I, M)."""
     codes_at = 48 if five_bit else 16
 
     def codegen(context, builder, sig, args):
-        row, base, xq, first, scales_lo, scales_hi = args
+        row, base, xq, first, scales_lo, scales_hi, mins_lo, mins_hi, bsums, sums = args
         block = _byte_pointer(context, builder, sig.args[0], row, base)
         x = _byte_pointer(context, builder, sig.args[2], xq, first)
-        scales = _six_bit_scales(builder, scales_lo, scales_hi)
+        scales = _six_bit_fields(builder, scales_lo, scales_hi)
         qh = _load(builder, block, 16, _HALF) if five_bit else None
         acc = _constant(0)
         for j in range(4):
@@ -123,29 +129,39 @@ def _k4_sum(five_bit):
             # lanes 0..7: sub-block 2 j (the low nibbles), lanes 8..15: sub-block 2 j + 1
             lane_scales = _spread(builder, scales, lambda lane: 2 * j + lane // 8)
             acc = _scaled_dot(builder, acc, _joined(builder, low, high), _load(builder, x, 64 * j, _BYTES), lane_scales)
-        return _sum_lanes(builder, acc)
+        mins = _min_sum(builder, _six_bit_fields(builder, mins_lo, mins_hi), _bsums16(context, builder, sig.args[8], bsums, sums))
+        return context.make_tuple(builder, sig.return_type, [_sum_lanes(builder, acc), mins])
     return codegen
 
 
-def _k4_signature(row, xq):
-    _check(row, xq)
-    return types.int32(row, types.intp, xq, types.intp, types.uint32, types.uint32)
+def _bsums16(context, builder, bsums_type, bsums, sums):
+    """bsums[sums : sums + 16] as <16 x i32>."""
+    at = _byte_pointer(context, builder, bsums_type, bsums, builder.mul(sums, ir.Constant(_I64, 4)))
+    return builder.load(builder.bitcast(at, _LANES.as_pointer()), align=4)
+
+
+def _k4_signature(row, xq, bsums):
+    _check(row, xq, bsums)
+    u32 = types.uint32
+    return types.UniTuple(types.int32, 2)(row, types.intp, xq, types.intp, u32, u32, u32, u32, bsums, types.intp)
 
 
 @intrinsic
-def nibble_superblock_vnni(typingctx, row, base, xq, first, scales_lo, scales_hi):
-    """I = sum_s sc_s sum_(e in s) code_e xq[first + e] of the Q4_K super-block at row[base:], sc_0..3
-    the bytes of scales_lo and sc_4..7 those of scales_hi (kernels/kquants.py's `scales_k4`). row:
-    (>= base + 144,) u8; xq: (>= first + 256,) i8. Reads row[base + 16 : base + 144] and
-    xq[first : first + 256]."""
-    return _k4_signature(row, xq), _k4_sum(five_bit=False)
+def nibble_superblock_vnni(typingctx, row, base, xq, first, scales_lo, scales_hi, mins_lo, mins_hi, bsums, sums):
+    """(I, M) of the Q4_K super-block at row[base:] (kernels/kquants.py): I = sum_s sc_s sum_(e in s)
+    code_e xq[first + e] and M = sum_s m_s sum_(e in s) xq[first + e], sc_0..3 the bytes of
+    scales_lo and sc_4..7 those of scales_hi, the m_s those of mins_lo and mins_hi (`scales_k4`), the
+    sums of xq over each 16 in bsums[sums : sums + 16]. row: (>= base + 144,) u8; xq: (>= first +
+    256,) i8; bsums: (>= sums + 16,) i32. Reads row[base + 16 : base + 144], xq[first : first + 256]
+    and bsums[sums : sums + 16]."""
+    return _k4_signature(row, xq, bsums), _k4_sums(five_bit=False)
 
 
 @intrinsic
-def fifth_bit_superblock_vnni(typingctx, row, base, xq, first, scales_lo, scales_hi):
+def fifth_bit_superblock_vnni(typingctx, row, base, xq, first, scales_lo, scales_hi, mins_lo, mins_hi, bsums, sums):
     """`nibble_superblock_vnni` for Q5_K, each code with its fifth bit from qh (row[base + 16 : base
-    + 48]). row: (>= base + 176,) u8. Reads row[base + 16 : base + 176] and xq[first : first + 256]."""
-    return _k4_signature(row, xq), _k4_sum(five_bit=True)
+    + 48]). row: (>= base + 176,) u8. Reads row[base + 16 : base + 176] too."""
+    return _k4_signature(row, xq, bsums), _k4_sums(five_bit=True)
 
 
 def _q6_k_codes(builder, block, n):
@@ -172,8 +188,7 @@ def _q6_k_sum(context, builder, sig, args):
             # lane L holds elements 128 n + 64 part + 4L .. + 3, of sub-block 8 n + 4 part + L // 4
             lane_scales = _spread(builder, scales, lambda lane: 8 * n + 4 * part + lane // 4)
             acc = _scaled_dot(builder, acc, codes, _load(builder, x, 128 * n + 64 * part, _BYTES), lane_scales)
-    at = _byte_pointer(context, builder, sig.args[4], bsums, builder.mul(sums, ir.Constant(_I64, 4)))
-    offsets = builder.mul(scales, builder.load(builder.bitcast(at, _LANES.as_pointer()), align=4))
+    offsets = builder.mul(scales, _bsums16(context, builder, sig.args[4], bsums, sums))
     return builder.sub(_sum_lanes(builder, acc), builder.mul(_sum_lanes(builder, offsets), ir.Constant(_I32, 32)))
 
 
