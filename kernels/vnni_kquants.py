@@ -23,9 +23,10 @@ is multiplied by that sub-block's scale, the scales spread over the lanes by a s
 AVX512-VNNI, `vpdpbusd` then `vpmulld`; without, `vpmaddubsw` then `vpmaddwd` by the scales (in
 both int16 halves of a lane) instead of by ones, as llama.cpp's AVX2 code does. vpmaddubsw's int16
 pairs stay within 2 * 63 * 128 = 16128 (< 32767) even for Q6_K's 6-bit codes. The 16 lanes are
-added once per super-block. Q6_K's - 32 comes off through the Q8_K sums of 16 (bsums):
-32 sum_s sc_s bsums_s, also a vector product. Every sum is exact (|I| < 2^28), so the results equal
-the portable loops' bit for bit; tests/test_kernels.py compares the two paths for each instruction.
+added once per super-block. The terms of the Q8_K sums of 16 (bsums) are vector products too: Q4_K's
+and Q5_K's M = sum_s m_s (sum of q over s), returned beside I, and Q6_K's - 32, taken off I as
+32 sum_s sc_s bsums_s. Every sum is exact (|I| < 2^29), so the results equal the portable loops'
+bit for bit; tests/test_kernels.py compares the two paths for each instruction.
 
 As in kernels/vnni.py, the kernels take `DOT_BYTES` as a compile-time constant and keep their
 portable loops for other CPUs and for runs without the JIT; the functions read without bounds
@@ -89,8 +90,16 @@ def _scaled_dot(builder, acc, unsigned, signed, scales):
 
 
 def _sum_lanes(builder, lanes):
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32, [_LANES]), "llvm.vector.reduce.add.v16i32")
-    return builder.call(fn, [lanes])
+    """The sum of the 16 lanes of an <16 x i32>."""
+    reduce_add = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32, [_LANES]),
+                                                "llvm.vector.reduce.add.v16i32")
+    return builder.call(reduce_add, [lanes])
+
+
+def _bsums16(context, builder, bsums_type, bsums, sums):
+    """bsums[sums : sums + 16] (the Q8_K sums of 16 of one super-block) as <16 x i32>."""
+    at = _byte_pointer(context, builder, bsums_type, bsums, builder.mul(sums, ir.Constant(_I64, 4)))
+    return builder.load(builder.bitcast(at, _LANES.as_pointer()), align=4)
 
 
 def _six_bit_fields(builder, low, high):
@@ -105,6 +114,17 @@ def _fifth_bits(builder, qh, bit):
     return builder.shl(builder.and_(builder.lshr(qh, _bytes(bit)), _bytes(1)), _bytes(4))
 
 
+def _chunk_codes(builder, block, j, five_bit):
+    """The 64 codes of chunk j of a Q4_K (or, five_bit, Q5_K) super-block, in element order."""
+    codes = _load(builder, block, (48 if five_bit else 16) + 32 * j, _HALF)
+    low, high = builder.and_(codes, _bytes(15)), builder.lshr(codes, _bytes(4))
+    if five_bit:
+        qh = _load(builder, block, 16, _HALF)            # LLVM loads it once for the 4 chunks
+        low = builder.or_(low, _fifth_bits(builder, qh, 2 * j))
+        high = builder.or_(high, _fifth_bits(builder, qh, 2 * j + 1))
+    return _joined(builder, low, high)
+
+
 def _min_sum(builder, mins, bsums):
     """M = sum_s m_s (bsums[2 s] + bsums[2 s + 1]): sub-block s of 32 is two of the Q8_K sums of 16."""
     return _sum_lanes(builder, builder.mul(_spread(builder, mins, lambda lane: lane // 2), bsums))
@@ -112,32 +132,21 @@ def _min_sum(builder, mins, bsums):
 
 def _k4_sums(five_bit):
     """The codegen of a Q4_K (or, five_bit, Q5_K) super-block's (I, M)."""
-    codes_at = 48 if five_bit else 16
-
     def codegen(context, builder, sig, args):
         row, base, xq, first, scales_lo, scales_hi, mins_lo, mins_hi, bsums, sums = args
         block = _byte_pointer(context, builder, sig.args[0], row, base)
         x = _byte_pointer(context, builder, sig.args[2], xq, first)
         scales = _six_bit_fields(builder, scales_lo, scales_hi)
-        qh = _load(builder, block, 16, _HALF) if five_bit else None
         acc = _constant(0)
         for j in range(4):
-            codes = _load(builder, block, codes_at + 32 * j, _HALF)
-            low, high = builder.and_(codes, _bytes(15)), builder.lshr(codes, _bytes(4))
-            if five_bit:
-                low, high = builder.or_(low, _fifth_bits(builder, qh, 2 * j)), builder.or_(high, _fifth_bits(builder, qh, 2 * j + 1))
             # lanes 0..7: sub-block 2 j (the low nibbles), lanes 8..15: sub-block 2 j + 1
             lane_scales = _spread(builder, scales, lambda lane: 2 * j + lane // 8)
-            acc = _scaled_dot(builder, acc, _joined(builder, low, high), _load(builder, x, 64 * j, _BYTES), lane_scales)
-        mins = _min_sum(builder, _six_bit_fields(builder, mins_lo, mins_hi), _bsums16(context, builder, sig.args[8], bsums, sums))
-        return context.make_tuple(builder, sig.return_type, [_sum_lanes(builder, acc), mins])
+            codes, activation = _chunk_codes(builder, block, j, five_bit), _load(builder, x, 64 * j, _BYTES)
+            acc = _scaled_dot(builder, acc, codes, activation, lane_scales)
+        mins = _six_bit_fields(builder, mins_lo, mins_hi)
+        m = _min_sum(builder, mins, _bsums16(context, builder, sig.args[8], bsums, sums))
+        return context.make_tuple(builder, sig.return_type, [_sum_lanes(builder, acc), m])
     return codegen
-
-
-def _bsums16(context, builder, bsums_type, bsums, sums):
-    """bsums[sums : sums + 16] as <16 x i32>."""
-    at = _byte_pointer(context, builder, bsums_type, bsums, builder.mul(sums, ir.Constant(_I64, 4)))
-    return builder.load(builder.bitcast(at, _LANES.as_pointer()), align=4)
 
 
 def _k4_signature(row, xq, bsums):
