@@ -16,13 +16,17 @@ product is
     I = sum_s sc_s sum_(e in s) code_e q_e,   M = sum_s m_s sum_(e in s) q_e    (exact int32)
 
 so each super-block costs two float products, whatever its 8 sub-blocks' scales: they are integers.
-`k4_kernels` writes that loop once, for the codes of either format.
+`k4_kernels` writes that loop once, for the codes of either format. On x86 CPUs with AVX512-VNNI or
+AVX2, I comes from their byte dot products (kernels/vnni_kquants.py); elsewhere from the loops
+below (`nibble_sums`, `fifth_bit_sums`), which LLVM turns into 16-bit SIMD at best. The two give
+the same integers.
 """
 
 import numpy as np
 
 from ._jit import jit, jit_inline
 from .f16 import f16_to_f32
+from .vnni_kquants import check_superblock_reads, fifth_bit_superblock_vnni, nibble_superblock_vnni
 
 LOW6 = np.uint32(0x3F3F3F3F)
 LOW4 = np.uint32(0x0F0F0F0F)
@@ -126,13 +130,14 @@ def _min_sum(mins_lo, mins_hi, bsums, first):
 min_sum = jit_inline(_min_sum)
 
 
-def k4_kernels(type_size: int, five_bit: bool) -> tuple:
+def k4_kernels(type_size: int, five_bit: bool, vnni: bool) -> tuple:
     """The matvec and the row dequantizer of a format whose super-block of `type_size` bytes starts as
     Q4_K's (word 0: d and dmin as float16; words 1..3: the 6-bit scales and minimums) and holds four
     chunks of 64 codes: Q4_K's nibbles (`nibble_sums`, `nibble_codes`) or, with `five_bit`, Q5_K's
-    nibbles and fifth bits (`fifth_bit_sums`, `fifth_bit_codes`). Numba takes a closure's variables as
-    constants, so each format's kernels are compiled with one branch only, as if written apart.
-    -> (matvec_rows, dequantize_rows)"""
+    nibbles and fifth bits (`fifth_bit_sums`, `fifth_bit_codes`); with `vnni`, the matvec's integer sums
+    by byte dot products (kernels/vnni_kquants.py: only where the CPU has them, `DOT_BYTES`). Numba
+    takes a closure's variables as constants, so each format's kernels are compiled with one branch
+    only, as if written apart. -> (matvec_rows, dequantize_rows)"""
     words = type_size // 4
 
     def matvec_rows(w32, w8, xq, xd, bsums, out, first, stop):
@@ -145,23 +150,33 @@ def k4_kernels(type_size: int, five_bit: bool) -> tuple:
         activation in turn goes super-block by super-block: four chunks of 64 codes, then the two
         float products; super-blocks added in order in float32, whatever B. Allocation: none.
         Load-time unpacking: none."""
+        if vnni:
+            check_superblock_reads(w8, type_size, xq, bsums, xd.shape[1], stop)
         for row in range(first, stop):
             for a in range(xq.shape[0]):
                 acc = np.float32(0)
                 for b in range(xd.shape[1]):
                     scales_lo, scales_hi, mins_lo, mins_hi = scales_k4(w32[row], words * b + 1)
-                    total = np.int32(0)
-                    for j in range(4):
-                        if five_bit:
-                            low, high = fifth_bit_sums(w8[row], type_size * b, j, xq[a], 256 * b + 64 * j)
-                        else:
-                            low, high = nibble_sums(w8[row], type_size * b, j, xq[a], 256 * b + 64 * j)
-                        scales = scales_lo if j < 2 else scales_hi
-                        total += field(scales, 2 * (j % 2)) * low + field(scales, 2 * (j % 2) + 1) * high
+                    if vnni and five_bit:
+                        total, mins = fifth_bit_superblock_vnni(w8[row], type_size * b, xq[a], 256 * b, scales_lo,
+                                                                scales_hi, mins_lo, mins_hi, bsums[a], 16 * b)
+                    elif vnni:
+                        total, mins = nibble_superblock_vnni(w8[row], type_size * b, xq[a], 256 * b, scales_lo,
+                                                             scales_hi, mins_lo, mins_hi, bsums[a], 16 * b)
+                    else:
+                        total = np.int32(0)
+                        for j in range(4):
+                            if five_bit:
+                                low, high = fifth_bit_sums(w8[row], type_size * b, j, xq[a], 256 * b + 64 * j)
+                            else:
+                                low, high = nibble_sums(w8[row], type_size * b, j, xq[a], 256 * b + 64 * j)
+                            scales = scales_lo if j < 2 else scales_hi
+                            total += field(scales, 2 * (j % 2)) * low + field(scales, 2 * (j % 2) + 1) * high
+                        mins = min_sum(mins_lo, mins_hi, bsums[a], 16 * b)
                     head = w32[row, words * b]
                     d = f16_to_f32(head & np.uint32(0xFFFF)) * xd[a, b]
                     dmin = f16_to_f32(head >> np.uint32(16)) * xd[a, b]
-                    acc += d * np.float32(total) - dmin * np.float32(min_sum(mins_lo, mins_hi, bsums[a], 16 * b))
+                    acc += d * np.float32(total) - dmin * np.float32(mins)
                 out[a, row] = acc
 
     def dequantize_rows(w32, w8, ids, out):

@@ -17,15 +17,21 @@ import numpy as np
 from .kquants import k4_kernels
 from .q8_k import Q8KRows
 from .rows import read_only
-
-matvec_rows_q4_k, dequantize_rows_q4_k = k4_kernels(144, five_bit=False)
+from .vnni import DOT_BYTES
 
 
 class Q4_KRows(Q8KRows):
-    """Q4_K rows for the kernels above: 144-byte super-blocks read as 36 words and as bytes
-    (minillm.kernels.rows)."""
+    """Q4_K rows for the kernels of kernels/kquants.py: 144-byte super-blocks read as 36 words and as
+    bytes (minillm.kernels.rows); Q5_KRows changes the constants."""
 
     type_size = 144
+    five_bit = False
+    kernels = k4_kernels(144, False, DOT_BYTES)      # (matvec_rows, dequantize_rows)
+
+    @classmethod
+    def compile_kernels(cls, vnni: bool) -> tuple:
+        """The kernels, with or without byte dot products (kernels/vnni_kquants.py; the tests run both)."""
+        return k4_kernels(cls.type_size, cls.five_bit, vnni)
 
     def __init__(self, storage, n_rows, n_cols):
         super().__init__(storage, n_rows, n_cols)
@@ -33,7 +39,10 @@ class Q4_KRows(Q8KRows):
         self.w8 = read_only(storage.view(np.uint8))
 
     def matvec_groups(self, act, scratch, out, first, stop):
-        matvec_rows_q4_k(self.w32, self.w8, act.q, act.d, act.bsums, out, first, stop)
+        self.kernels[0](self.w32, self.w8, act.q, act.d, act.bsums, out, first, stop)
 
     def dequantize_rows(self, ids, out):
-        dequantize_rows_q4_k(self.w32, self.w8, ids, out)
+        self.kernels[1](self.w32, self.w8, ids, out)
+
+
+matvec_rows_q4_k, dequantize_rows_q4_k = Q4_KRows.kernels

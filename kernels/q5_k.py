@@ -13,8 +13,7 @@ NumPy references (minillm.formats.q5_k): `Q5_K.dequantize` for `dequantize_rows_
 
 from .kquants import k4_kernels
 from .q4_k import Q4_KRows
-
-matvec_rows_q5_k, dequantize_rows_q5_k = k4_kernels(176, five_bit=True)
+from .vnni import DOT_BYTES
 
 
 class Q5_KRows(Q4_KRows):
@@ -22,9 +21,8 @@ class Q5_KRows(Q4_KRows):
     (minillm.kernels.rows)."""
 
     type_size = 176
+    five_bit = True
+    kernels = k4_kernels(176, True, DOT_BYTES)
 
-    def matvec_groups(self, act, scratch, out, first, stop):
-        matvec_rows_q5_k(self.w32, self.w8, act.q, act.d, act.bsums, out, first, stop)
 
-    def dequantize_rows(self, ids, out):
-        dequantize_rows_q5_k(self.w32, self.w8, ids, out)
+matvec_rows_q5_k, dequantize_rows_q5_k = Q5_KRows.kernels

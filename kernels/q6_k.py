@@ -11,7 +11,9 @@ With the activation as Q8_K a super-block's dot product is
 
 NumPy references (minillm.formats.q6_k): `Q6_K.dequantize` for `dequantize_rows_q6_k`
 (bit-identical); float64 `Q6_K.dequantize(W) @ x` for `matvec_rows_q6_k`, within the bound
-`tests/bounds.py` derives from `Q6_K.matvec_terms`.
+`tests/bounds.py` derives from `Q6_K.matvec_terms`. On x86 CPUs with AVX512-VNNI or AVX2, I comes
+from their byte dot products (kernels/vnni_kquants.py), elsewhere from `half_sum`'s loops: the same
+integers.
 """
 
 import numpy as np
@@ -20,6 +22,8 @@ from ._jit import jit, jit_inline
 from .f16 import f16_to_f32
 from .q8_k import Q8KRows
 from .rows import read_only
+from .vnni import DOT_BYTES
+from .vnni_kquants import check_superblock_reads, q6_k_superblock_vnni
 
 
 def _codes6(w8_row, block, n, l):
@@ -68,30 +72,42 @@ def _half_sum(w8_row, wi8_row, block, n, xq, bsums, first):
 half_sum = jit_inline(_half_sum)
 
 
-def _matvec_rows_q6_k(w16, w8, wi8, xq, xd, bsums, out, first, stop):
-    """out[:, first:stop] = those rows of W times each of B activations, from Q6_K rows, on the
-    calling thread.
+def q6_k_matvec(vnni: bool):
+    """The Q6_K matvec, its integer sums by byte dot products with `vnni` (kernels/vnni_kquants.py:
+    only where the CPU has them, `DOT_BYTES`), else by `half_sum`'s loops; Numba takes `vnni` as a
+    constant, so each version is compiled with one branch only."""
 
-    w16: (N, 105 nsb) u16, w8: (N, 210 nsb) u8 and wi8: (N, 210 nsb) i8, views of the same rows
-    (read-only is fine); xq: (B, K) i8, xd: (B, nsb) f32, bsums: (B, K / 16) i32 from
-    `quantize_q8_k`; out: (B, N) f32.
+    def matvec_rows(w16, w8, wi8, xq, xd, bsums, out, first, stop):
+        """out[:, first:stop] = those rows of W times each of B activations, from Q6_K rows, on the
+        calling thread.
 
-    Loop order: row by row; a row is read from memory once and, while it is in cache, each
-    activation in turn goes super-block by super-block: two halves of 128 codes, then one float
-    product; super-blocks added in order in float32, whatever B. Allocation: none. Load-time
-    unpacking: none.
-    """
-    for row in range(first, stop):
-        for a in range(xq.shape[0]):
-            acc = np.float32(0)
-            for b in range(xd.shape[1]):
-                total = half_sum(w8[row], wi8[row], 210 * b, 0, xq[a], bsums[a], 256 * b)
-                total += half_sum(w8[row], wi8[row], 210 * b, 1, xq[a], bsums[a], 256 * b)
-                acc += f16_to_f32(w16[row, 105 * b + 104]) * xd[a, b] * np.float32(total)
-            out[a, row] = acc
+        w16: (N, 105 nsb) u16, w8: (N, 210 nsb) u8 and wi8: (N, 210 nsb) i8, views of the same rows
+        (read-only is fine); xq: (B, K) i8, xd: (B, nsb) f32, bsums: (B, K / 16) i32 from
+        `quantize_q8_k`; out: (B, N) f32.
+
+        Loop order: row by row; a row is read from memory once and, while it is in cache, each
+        activation in turn goes super-block by super-block: the integer sum of its 256 codes, then
+        one float product; super-blocks added in order in float32, whatever B. Allocation: none.
+        Load-time unpacking: none.
+        """
+        if vnni:
+            check_superblock_reads(w8, 210, xq, bsums, xd.shape[1], stop)
+        for row in range(first, stop):
+            for a in range(xq.shape[0]):
+                acc = np.float32(0)
+                for b in range(xd.shape[1]):
+                    if vnni:
+                        total = q6_k_superblock_vnni(w8[row], 210 * b, xq[a], 256 * b, bsums[a], 16 * b)
+                    else:
+                        total = half_sum(w8[row], wi8[row], 210 * b, 0, xq[a], bsums[a], 256 * b)
+                        total += half_sum(w8[row], wi8[row], 210 * b, 1, xq[a], bsums[a], 256 * b)
+                    acc += f16_to_f32(w16[row, 105 * b + 104]) * xd[a, b] * np.float32(total)
+                out[a, row] = acc
+
+    return jit(matvec_rows)
 
 
-matvec_rows_q6_k = jit(_matvec_rows_q6_k)
+matvec_rows_q6_k = q6_k_matvec(DOT_BYTES)
 
 
 def _dequantize_rows_q6_k(w16, w8, wi8, ids, out):
@@ -121,6 +137,12 @@ class Q6_KRows(Q8KRows):
     signed bytes (minillm.kernels.rows)."""
 
     type_size = 210
+    kernels = (matvec_rows_q6_k, dequantize_rows_q6_k)
+
+    @classmethod
+    def compile_kernels(cls, vnni: bool) -> tuple:
+        """The kernels, with or without byte dot products (kernels/vnni_kquants.py; the tests run both)."""
+        return q6_k_matvec(vnni), dequantize_rows_q6_k
 
     def __init__(self, storage, n_rows, n_cols):
         super().__init__(storage, n_rows, n_cols)
@@ -129,7 +151,7 @@ class Q6_KRows(Q8KRows):
         self.wi8 = read_only(storage.view(np.int8))
 
     def matvec_groups(self, act, scratch, out, first, stop):
-        matvec_rows_q6_k(self.w16, self.w8, self.wi8, act.q, act.d, act.bsums, out, first, stop)
+        self.kernels[0](self.w16, self.w8, self.wi8, act.q, act.d, act.bsums, out, first, stop)
 
     def dequantize_rows(self, ids, out):
-        dequantize_rows_q6_k(self.w16, self.w8, self.wi8, ids, out)
+        self.kernels[1](self.w16, self.w8, self.wi8, ids, out)

@@ -54,6 +54,7 @@ BLOCK_TYPES = [f.ggml_type for f in FORMATS if f.parts is not None]             
 MATVEC_TYPES = [f.ggml_type for f in FORMATS if f.kernels]                           # with a Numba matvec
 INT8_TYPES = [t for t in BLOCK_TYPES if t in MATVEC_TYPES]                           # ... on int8 activations
 RELAID_TYPES = [t for t in MATVEC_TYPES if kernel_rows(formats.get(t)).fields]       # ... re-laid at load
+DOT_TYPES = [t for t in MATVEC_TYPES if hasattr(kernel_rows(formats.get(t)), "compile_kernels")]  # byte dots
 QUANTIZE_TYPES = [f.ggml_type for f in FORMATS if f.quantize_blocks is not None]
 FLOAT_TYPES = [f.ggml_type for f in FORMATS if f.parts is None]
 THREADS = [1, min(2, max_threads())]
@@ -464,13 +465,14 @@ def with_kernels(rows: PackedRows, vnni: bool) -> PackedRows:
 
 
 @needs_dot_bytes
-@pytest.mark.parametrize("ggml_type", RELAID_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("ggml_type", DOT_TYPES, ids=lambda t: t.name)
 @kernel_settings
 @given(data=st.data(), batch=st.integers(1, 3))
 def test_vnni_and_portable_matvecs_give_the_same_bits(ggml_type, data, batch):
     """The integer sums by byte dot products (vpdpbusd, or vpmaddubsw and vpmaddwd) equal the portable
     loops' (both exact), so the matvecs do, bit for bit: on any bytes with finite scales, and on the
-    edge blocks (the largest products: vpmaddubsw's int16 pairs must not saturate)."""
+    edge blocks (the largest products: vpmaddubsw's int16 pairs must not saturate). For the re-laid
+    32-weight formats (kernels/vnni.py) and the K-quants on GGUF's rows (kernels/vnni_kquants.py)."""
     raw = data.draw(packed_with_finite_values(ggml_type, max_rows=3 * GROUP_ROWS))
     x = data.draw(arrays(np.float32, (batch, n_cols(raw, ggml_type)), elements=ACTIVATIONS))
     cases = [(raw, x)] + [(edge_blocks(ggml_type, case, np.random.default_rng(0)), None)
@@ -501,10 +503,10 @@ def test_vnni_and_portable_ggml_matvecs_give_the_same_bits(ggml_type, data, x86)
 
 
 @needs_dot_bytes
-@pytest.mark.parametrize("ggml_type", RELAID_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("ggml_type", DOT_TYPES, ids=lambda t: t.name)
 def test_vnni_matvecs_use_the_dot_product_instruction(ggml_type):
-    """The matvecs of the re-laid formats run the target's byte dot product (`vpdpbusd` with
-    AVX512-VNNI, else `vpmaddubsw`: what makes them fast), the portable ones neither."""
+    """The matvecs of the re-laid formats and of the K-quants run the target's byte dot product
+    (`vpdpbusd` with AVX512-VNNI, else `vpmaddubsw`: what makes them fast), the portable ones neither."""
     raw = edge_blocks(ggml_type, "largest", np.random.default_rng(0))
     for vnni in (True, False):
         rows = with_kernels(packed_rows(raw, ggml_type), vnni)
