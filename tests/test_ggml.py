@@ -294,7 +294,8 @@ def product_bound(raw, ggml_type, x, rounding):
         bound += np.abs(s - d * q.astype(np.int64).sum(-1)) @ m.T
         magnitude += np.abs(s) @ m.T
     q = (act[2] if act_type == GT.Q8_1 else act[1]).reshape(x.shape[0], -1).astype(np.float64)  # (T, K) codes
-    underflow = 128 * ETA * (np.abs(q) @ (np.abs(codes).reshape(w.shape) + 1).T)
+    codes = np.abs(codes.astype(np.float64)).reshape(w.shape)   # float64 first: an int8 -128 has no int8 magnitude
+    underflow = 128 * ETA * (np.abs(q) @ (codes + 1).T)
     nb = w.shape[1] // max(32, fmt.block_size)
     return bound + (2 * nb + 8) * (EPS32 * magnitude + ETA) + underflow
 
