@@ -41,6 +41,7 @@ from .f16 import f16_to_f32
 from .ggml import add_block, ggml_buffers, start_group, widen_fields, write_ggml_group
 from .rows import GROUP_ROWS, byte_of, check_vnni_reads, group_buffers, read_only, sixteen_bytes, word_byte, write_group
 from .vnni import VNNI, fifth_bit_lanes_vnni, fifth_bit_sums_vnni, nibble_lanes_vnni, nibble_sums_vnni
+from .vnni_ggml import activation_bytes, check_group_reads, dot_bytes_buffers, fifth_bit_group_ggml, nibble_group_ggml
 
 
 def _nibble_sums(blocks, g, b, codes, q16, isum):
@@ -150,6 +151,7 @@ def code_kernels(codes: int, qh: int, five_bit: bool, centre: int, has_m: bool, 
     -> (matvec_groups, dequantize_rows, ggml_matvec_groups)"""
     # isum' = isum + shift qsum: the loops' sums are centred on 16 (Q5) or 0 (Q4); the intrinsics' on the centre
     shift = 0 if vnni else (16 if five_bit else 0) - centre
+    assert not (has_m and centre), "the ggml group kernels take the codes of a format with a minimum as centred on 0"
 
     def matvec_groups(blocks, w16, w32, q16, xd, qsum, dsums, scratch, out, first, stop):
         """out[:, rows of groups first..stop-1] = those rows of W times each of B activations, on the
@@ -212,11 +214,28 @@ def code_kernels(codes: int, qh: int, five_bit: bool, centre: int, has_m: bool, 
         """out[rows of groups first..stop-1] = W x as llama.cpp's ggml_vec_dot_<type>_q8_0 / _q8_1
         computes it, bit for bit: x86 order when `x86`, else the generic C's (kernels/ggml.py). q16:
         (K,) i16 codes, dx and sx: (nb,) f32 float16 d and s of its Q8_0 / Q8_1 activation (s unused
-        without m); scratch: (>= GGML_SCRATCH,) i32; out: (N,) f32; rows: GROUP_ROWS (kernels/ggml.py
-        says why).
+        without m); scratch: (>= GGML_SCRATCH and >= dot_bytes_scratch_values(K),) i32; out: (N,)
+        f32; rows: GROUP_ROWS (kernels/ggml.py says why).
 
         Loop order: group by group, block by block; the 8 lane sums of the group's rows, then the
-        float work of the block for every row (rows innermost: SIMD). Allocation: none."""
+        float work of the block for every row (rows innermost: SIMD); in x86 order with byte dot
+        products, a group in one pass (kernels/vnni_ggml.py). Allocation: none."""
+        if vnni and x86:   # each group by one intrinsic (kernels/vnni_ggml.py)
+            sums, offsets, q8 = dot_bytes_buffers(scratch, q16.shape[0])
+            check_group_reads(blocks, codes + 16 * GROUP_ROWS, q8, offsets, dx, sx, sums[0])
+            activation_bytes(q16, centre, q8, offsets)
+            for g in range(first, stop):
+                # a format with a minimum has its codes centred on 0 (asserted above): its lanes need no offsets
+                if five_bit and has_m:
+                    fifth_bit_group_ggml(blocks[g], codes, 4 * qh, q8, None, dx, sx, sums[0])
+                elif five_bit:
+                    fifth_bit_group_ggml(blocks[g], codes, 4 * qh, q8, offsets, dx, None, sums[0])
+                elif has_m:
+                    nibble_group_ggml(blocks[g], codes, q8, None, dx, sx, sums[0])
+                else:
+                    nibble_group_ggml(blocks[g], codes, q8, offsets, dx, None, sums[0])
+                write_group(sums, out.reshape((1, out.shape[0])), g)
+            return
         lanes, acc, summs, dws, ms = ggml_buffers(scratch)
         if vnni:
             check_vnni_reads(blocks, codes + 16 * GROUP_ROWS, q16, dx.shape[0], lanes[-1])

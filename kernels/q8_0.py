@@ -27,6 +27,7 @@ from .ggml import add_block, ggml_buffers, start_group, widen_fields, write_ggml
 from .rows import (GROUP_ROWS, byte_of, check_vnni_reads, group_buffers, pick, read_only, sixteen_bytes, word_byte,
                    write_group)
 from .vnni import DOT_BYTES, VNNI, weight_lanes_vnni, weight_sums_vnni
+from .vnni_ggml import Q8_0_CENTRE, activation_bytes, check_group_reads, dot_bytes_buffers, weight_group_ggml
 
 WEIGHTS = 2 * GROUP_ROWS   # where a group-block's weights start: after 32 d
 
@@ -102,12 +103,21 @@ def q8_0_kernels(vnni: bool) -> tuple:
     def ggml_matvec_groups_q8_0(w8, w16, q16, dx, scratch, out, first, stop, rows, x86):
         """out[rows of groups first..stop-1] = W x as llama.cpp's ggml_vec_dot_q8_0_q8_0 computes it, bit
         for bit: x86 order when `x86`, else the generic C's (kernels/ggml.py). q16: (K,) i16 codes and dx:
-        (nb,) f32 float16 scales of its Q8_0 activation; scratch: (>= GGML_SCRATCH,) i32; out: (N,) f32;
-        rows: GROUP_ROWS (kernels/ggml.py says why). Reference: `minillm.formats.Q8_0.ggml_dot`.
+        (nb,) f32 float16 scales of its Q8_0 activation; scratch: (>= GGML_SCRATCH and >=
+        dot_bytes_scratch_values(K),) i32; out: (N,) f32; rows: GROUP_ROWS (kernels/ggml.py says why).
+        Reference: `minillm.formats.Q8_0.ggml_dot`.
 
         Loop order: group by group, block by block; the 8 lane sums of the group's rows, then the float
-        work of the block for every row (rows innermost: SIMD).
-        Allocation: none."""
+        work of the block for every row (rows innermost: SIMD); in x86 order with byte dot products, a
+        group in one pass (kernels/vnni_ggml.py). Allocation: none."""
+        if vnni and x86:   # each group by one intrinsic (kernels/vnni_ggml.py)
+            sums, offsets, q8 = dot_bytes_buffers(scratch, q16.shape[0])
+            check_group_reads(w8, WEIGHTS + 32 * GROUP_ROWS, q8, offsets, dx, dx, sums[0])
+            activation_bytes(q16, Q8_0_CENTRE, q8, offsets)
+            for g in range(first, stop):
+                weight_group_ggml(w8[g], WEIGHTS, q8, offsets, dx, sums[0])
+                write_group(sums, out.reshape((1, out.shape[0])), g)
+            return
         lanes, acc, summs, dws, ms = ggml_buffers(scratch)
         if vnni:
             check_vnni_reads(w8, WEIGHTS + 32 * GROUP_ROWS, q16, dx.shape[0], lanes[-1])

@@ -24,6 +24,7 @@ from .kernels.ggml import GGML_SCRATCH
 from .kernels.layout import GROUP_ROWS, n_groups, relay_chunk_rows
 from .kernels.rows import scratch_rows
 from .kernels.threads import check_threads, use_threads
+from .kernels.vnni_ggml import dot_bytes_scratch_values
 from .parallel import sharing_pool
 
 # Matrices with fewer weights than this run on one thread whatever `threads` says: only a large
@@ -176,7 +177,7 @@ class PackedRows:
         independent, so the result does not depend on how they are split)."""
         if act.q16.shape != (self.n_cols,):
             raise ValueError(f"the activation must have {self.n_cols} values, got {act.q16.shape}")
-        buf = thread_buffers().get(("ggml", None, 0, threads)) or self.new_buffers(threads, ggml=True)
+        buf = thread_buffers().get(("ggml", None, self.n_cols, threads)) or self.new_buffers(threads, ggml=True)
         ggml_groups = self.rows.ggml_matvec_groups
         return self.split(buf, threads, None,
                           lambda scratch, out, first, stop: ggml_groups(act, scratch, out, first, stop, x86))
@@ -204,8 +205,9 @@ class PackedRows:
         (`ggml_matvec` if ggml), made and kept for every matrix of this format and width."""
         check_threads(threads)
         if ggml:
-            buf = MatvecBuffers(1, None, scratch_rows(threads, GGML_SCRATCH, np.int32), {})
-            thread_buffers()["ggml", None, 0, threads] = buf
+            values = max(GGML_SCRATCH, dot_bytes_scratch_values(self.n_cols))
+            buf = MatvecBuffers(1, None, scratch_rows(threads, values, np.int32), {})
+            thread_buffers()["ggml", None, self.n_cols, threads] = buf
         else:
             buf = MatvecBuffers(batch, self.rows.new_activation(batch), self.rows.new_scratch(threads, batch), {})
             thread_buffers()[None, type(self.rows), self.n_cols, threads] = buf

@@ -4,8 +4,8 @@ Numba keys a cached kernel on its source and, for a closure, on its captured var
 captured dispatcher pickles differently in every process, so such a kernel is compiled again in
 every run (seconds of start-up, and tens of MiB inside a capped run). Each format's kernels are
 run here as a capped run's warm-up runs them (`runtime.warm_up_format`: products of one token and
-of several, alone and sharing an input, and the re-layout store), in two processes one after the
-other; the second must find all of them in the cache.
+of several, alone and sharing an input, and the re-layout store), and their `--mode ggml` products,
+in two processes one after the other; the second must find all of them in the cache.
 """
 
 import os
@@ -17,11 +17,18 @@ from pathlib import Path
 from minillm.kernels import _jit
 
 WARM_UP_EVERY_FORMAT = """
+import numpy as np
 from minillm import formats
+from minillm.linear import QuantLinear
+from minillm.modes.ggml import GGMLLinear
 from minillm.runtime import warm_up_format
-for ggml_type in formats.FORMATS:
+for ggml_type, fmt in formats.FORMATS.items():
     for threads in (1, 2):
         warm_up_format(ggml_type, threads)
+    if fmt.kernels is not None and fmt.vec_dot_type is not None and hasattr(fmt, "ggml_dot"):
+        raw = np.zeros((2, fmt.row_bytes(fmt.block_size)), np.uint8)       # --mode ggml's products, both orders
+        for rounding in ("x86", "ref"):
+            GGMLLinear(QuantLinear(raw, ggml_type, "numba", 1), rounding)(np.ones((1, fmt.block_size), np.float32))
 """
 
 

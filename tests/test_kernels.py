@@ -505,17 +505,25 @@ def test_vnni_and_portable_ggml_matvecs_give_the_same_bits(ggml_type, data, x86)
 @needs_dot_bytes
 @pytest.mark.parametrize("ggml_type", DOT_TYPES, ids=lambda t: t.name)
 def test_vnni_matvecs_use_the_dot_product_instruction(ggml_type):
-    """The matvecs of the re-laid formats and of the K-quants run the target's byte dot product
-    (`vpdpbusd` with AVX512-VNNI, else `vpmaddubsw`: what makes them fast), the portable ones neither."""
+    """The matvecs of the re-laid formats and of the K-quants, and the re-laid formats' `--mode ggml`
+    ones, run the target's byte dot product (`vpdpbusd` with AVX512-VNNI, else `vpmaddubsw`: what
+    makes them fast), the portable ones neither."""
+    from minillm.kernels.ggml import GGMLActivation
     raw = edge_blocks(ggml_type, "largest", np.random.default_rng(0))
+    K = n_cols(raw, ggml_type)
+    act = GGMLActivation(np.ones(K, np.int16), np.ones(K // 32, np.float32), np.ones(K // 32, np.float32))
     for vnni in (True, False):
         rows = with_kernels(packed_rows(raw, ggml_type), vnni)
-        rows.matvec(np.ones((1, n_cols(raw, ggml_type)), np.float32), 1)
-        cached = rows.rows.kernels[0]
-        matvec = numba.njit(cached.py_func, cache=False)      # compiled here: a cached kernel shows no code
-        matvec.compile(cached.signatures[0])
-        code = matvec.inspect_asm(matvec.signatures[0])
-        assert (INSTRUCTION in code) == vnni and ("vpdpbusd" in code or "vpmaddubsw" in code) == vnni
+        rows.matvec(np.ones((1, K), np.float32), 1)
+        kernels = [rows.rows.kernels[0]]
+        if rows.relaid:                                           # the others' ggml products are NumPy's
+            rows.ggml_matvec(act, True, 1)
+            kernels.append(rows.rows.kernels[2])
+        for cached in kernels:
+            kernel = numba.njit(cached.py_func, cache=False)      # compiled here: a cached kernel shows no code
+            kernel.compile(cached.signatures[0])
+            code = kernel.inspect_asm(kernel.signatures[0])
+            assert (INSTRUCTION in code) == vnni and ("vpdpbusd" in code or "vpmaddubsw" in code) == vnni
 
 
 @pytest.mark.skipif("+avx2" not in vnni_module._FEATURES, reason="the check reads x86 AVX2 code")
