@@ -22,7 +22,6 @@ import weakref
 
 import gguf
 import numba
-from numba.core.registry import cpu_target
 import numpy as np
 import pytest
 from gguf import GGMLQuantizationType as Q
@@ -539,27 +538,6 @@ def test_dequantizers_of_the_relaid_formats_vectorize(ggml_type):
     dequantize = numba.njit(cached.py_func, cache=False)      # compiled here: a cached kernel shows no code
     dequantize.compile(cached.signatures[0])
     assert "vpsrlvq" in dequantize.inspect_asm(dequantize.signatures[0])
-
-
-def features_without(*names) -> str:
-    """Numba's target features of this CPU with those named (and any that start with them) turned off:
-    code for an older CPU that this one runs."""
-    features = cpu_target.target_context.codegen().magic_tuple()[2].split(",")
-    return ",".join("-" + f[1:] if f[1:].startswith(names) else f for f in features)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(bool(_EXAMPLES), reason="already inside a checked run")
-@needs_dot_bytes
-@pytest.mark.parametrize("target", [("avx512vnni", "avxvnni"), ("avx512", "avxvnni", "evex512")],
-                         ids=["no AVX512-VNNI", "AVX2"])
-def test_byte_dots_without_vnni(target, tmp_path):
-    """Re-run the byte dot product tests for the CPUs without AVX512-VNNI: vpmaddubsw on 512 bits
-    (AVX512-BW), and on 256 (AVX2, each 64 bytes in two halves)."""
-    features = features_without(*target)
-    assert vnni_module._instruction(set(features.split(","))) == "vpmaddubsw"
-    result = run_checked(__file__, "vnni and not numba_checks", {"NUMBA_CPU_FEATURES": features}, tmp_path)
-    assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
 
 
 def packed_with_finite_values(ggml_type, max_rows=6, max_blocks=4):

@@ -1,0 +1,43 @@
+"""The byte dot product tests of tests/test_kernels.py, re-run for CPUs without AVX512-VNNI, in
+subprocesses whose Numba compiles for fewer features of this CPU (NUMBA_CPU_FEATURES). A file of their
+own: each re-run compiles every kernel again, and with `--dist loadfile` a file runs on one worker."""
+
+from pathlib import Path
+
+import pytest
+from numba.core.registry import cpu_target
+
+from numba_checks import run_checked
+from minillm.kernels import vnni as vnni_module
+from minillm.kernels.vnni import DOT_BYTES
+
+KERNEL_TESTS = str(Path(__file__).with_name("test_kernels.py"))
+
+
+def features_without(*names) -> str:
+    """Numba's target features of this CPU with those named (and any that start with them) turned off:
+    code for an older CPU that this one runs."""
+    features = cpu_target.target_context.codegen().magic_tuple()[2].split(",")
+    return ",".join("-" + f[1:] if f[1:].startswith(names) else f for f in features)
+
+
+# vpmaddubsw on 512 bits runs every format's byte dot tests; on AVX2's 256 bits only the splitting of
+# each 64 bytes into two halves differs (kernels/vnni.py `_dot_bytes`, shared by every format), so one
+# format of each code path runs there: Q4_0 (nibbles), Q5_1 (fifth bits), Q8_0 (signed weights), Q5_K
+# and Q6_K (super-blocks).
+TARGETS = {"no AVX512-VNNI": (("avx512vnni", "avxvnni"), "vnni and not numba_checks"),
+           "AVX2": (("avx512", "avxvnni", "evex512"),
+                    "vnni and not numba_checks and (Q4_0 or Q5_1 or Q8_0 or Q5_K or Q6_K)")}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DOT_BYTES, reason="the CPU (as Numba targets it) has neither AVX512-VNNI nor AVX2")
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_byte_dots_without_vnni(target, tmp_path):
+    """Re-run the byte dot product tests for the CPUs without AVX512-VNNI: vpmaddubsw on 512 bits
+    (AVX512-BW), and on 256 (AVX2, each 64 bytes in two halves)."""
+    turned_off, select = TARGETS[target]
+    features = features_without(*turned_off)
+    assert vnni_module._instruction(set(features.split(","))) == "vpmaddubsw"
+    result = run_checked(KERNEL_TESTS, select, {"NUMBA_CPU_FEATURES": features}, tmp_path)
+    assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
