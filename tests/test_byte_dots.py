@@ -21,13 +21,12 @@ def features_without(*names) -> str:
     return ",".join("-" + f[1:] if f[1:].startswith(names) else f for f in features)
 
 
-# vpmaddubsw on 512 bits runs every format's byte dot tests; on AVX2's 256 bits only the splitting of
-# each 64 bytes into two halves differs (kernels/vnni.py `_dot_bytes`, shared by every format), so one
-# format of each code path runs there: Q4_0 (nibbles), Q5_1 (fifth bits), Q8_0 (signed weights), Q5_K
-# and Q6_K (super-blocks).
-TARGETS = {"no AVX512-VNNI": (("avx512vnni", "avxvnni"), "vnni and not numba_checks"),
-           "AVX2": (("avx512", "avxvnni", "evex512"),
-                    "vnni and not numba_checks and (Q4_0 or Q5_1 or Q8_0 or Q5_K or Q6_K)")}
+# The native run of test_kernels.py tests every format's byte dots with this CPU's instruction. These
+# re-runs check vpmaddubsw, on 512 bits and on AVX2's two 256-bit halves, on one format of each code
+# path (formats of one path differ only in constants of the same code): Q4_0 (nibbles), Q5_1 (fifth
+# bits), Q8_0 (signed weights), Q5_K and Q6_K (super-blocks). Each re-run compiles those kernels again.
+ONE_FORMAT_OF_EACH_PATH = "vnni and not numba_checks and (Q4_0 or Q5_1 or Q8_0 or Q5_K or Q6_K)"
+TARGETS = {"no AVX512-VNNI": ("avx512vnni", "avxvnni"), "AVX2": ("avx512", "avxvnni", "evex512")}
 
 
 @pytest.mark.slow
@@ -36,8 +35,7 @@ TARGETS = {"no AVX512-VNNI": (("avx512vnni", "avxvnni"), "vnni and not numba_che
 def test_byte_dots_without_vnni(target, tmp_path):
     """Re-run the byte dot product tests for the CPUs without AVX512-VNNI: vpmaddubsw on 512 bits
     (AVX512-BW), and on 256 (AVX2, each 64 bytes in two halves)."""
-    turned_off, select = TARGETS[target]
-    features = features_without(*turned_off)
+    features = features_without(*TARGETS[target])
     assert vnni_module._instruction(set(features.split(","))) == "vpmaddubsw"
-    result = run_checked(KERNEL_TESTS, select, {"NUMBA_CPU_FEATURES": features}, tmp_path)
+    result = run_checked(KERNEL_TESTS, ONE_FORMAT_OF_EACH_PATH, {"NUMBA_CPU_FEATURES": features}, tmp_path)
     assert result.returncode == 0 and " passed" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
