@@ -216,6 +216,18 @@ def test_decode_attention_reads_a_cache_layer_where_it_lies(S, spare, n_kv_heads
     assert np.array_equal(got.view(np.uint32), copied.view(np.uint32))
 
 
+def test_keys_and_values_laid_out_differently_are_read_with_one_head_distance():
+    """A cache whose values lie elsewhere than its keys (here: values a contiguous copy, keys a view of
+    a longer buffer) still gives the bits of contiguous copies of both."""
+    rng = np.random.default_rng(0)
+    k_all = rng.standard_normal((3, 40, 16), dtype=np.float32)
+    k, v = k_all[:, :25], rng.standard_normal((3, 25, 16), dtype=np.float32)
+    q = rng.standard_normal((6, 1, 16), dtype=np.float32)
+    got = kernel_masked_attention(q, k, v, Pattern(), np.array([24]), np.arange(25))
+    want = kernel_masked_attention(q, k.copy(), v, Pattern(), np.array([24]), np.arange(25))
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
 def test_paged_attention_refuses_rows_outside_the_pool():
     q = np.zeros((2, 1, 8), np.float32)
     k = v = np.zeros((1, 5, 8), np.float32)

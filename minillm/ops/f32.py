@@ -144,7 +144,7 @@ def kernel_masked_attention(q, k, v, pattern, q_pos, k_pos, scale: float | None 
     # one sequence's rows in order: the kernel a batch of sequences paged in a pool runs (kernel_paged_attention),
     # so the same compiled loops (it adds in any order, but the same order each time)
     S = k.shape[1]
-    (k_rows, head_rows), (v_rows, _) = rows_of_heads(k), rows_of_heads(v)
+    k_rows, v_rows, head_rows = rows_of_kv(k, v)
     out = np.empty((1, q.shape[0], q.shape[2]), np.float32)
     attend_pages(np.ascontiguousarray(q.transpose(1, 0, 2)), k_rows, v_rows, q.shape[0] // k.shape[0], head_rows,
                  np.arange(S)[None], np.array([S]), np.asarray(q_pos[:1], np.int64), np.asarray(k_pos, np.int64),
@@ -167,7 +167,7 @@ def kernel_paged_attention(q, k, v, slots, lengths, pattern, scale: float) -> np
             or q.shape[2] != k.shape[2] or slots.shape[0] != B or slots.shape[1] < S or lengths.shape != (B,)
             or lengths.min() < 1 or slots[:, :S].max(initial=0) >= k.shape[1] or slots[:, :S].min(initial=0) < 0):
         raise ValueError("paged attention: arrays that do not fit together")
-    (k_rows, head_rows), (v_rows, _) = rows_of_heads(k), rows_of_heads(v)
+    k_rows, v_rows, head_rows = rows_of_kv(k, v)
     out = np.empty((B, q.shape[0], q.shape[2]), np.float32)
     attend_pages(np.ascontiguousarray(q.transpose(1, 0, 2)), k_rows, v_rows, q.shape[0] // k.shape[0], head_rows,
                  slots, lengths, lengths - 1, np.arange(S), pattern.sinks, pattern.limit, pattern.stride,
@@ -189,6 +189,16 @@ def rows_of_heads(x: np.ndarray) -> tuple:
         return np.lib.stride_tricks.as_strided(x, ((n_heads - 1) * head_rows + S, D), (row_stride, channel_stride)), \
             head_rows
     return np.ascontiguousarray(x).reshape(n_heads * S, D), S
+
+
+def rows_of_kv(k: np.ndarray, v: np.ndarray) -> tuple:
+    """(k rows, v rows, head_rows) for the attention kernels, which read both with one head_rows:
+    `rows_of_heads` of each, or contiguous copies of both when their heads lie apart differently."""
+    (k_rows, head_rows), (v_rows, v_head_rows) = rows_of_heads(k), rows_of_heads(v)
+    if v_head_rows != head_rows:
+        k_rows, v_rows = (np.ascontiguousarray(x).reshape(-1, x.shape[2]) for x in (k, v))
+        head_rows = k.shape[1]
+    return k_rows, v_rows, head_rows
 
 
 def paged_attention_fits(attention, pattern) -> bool:
