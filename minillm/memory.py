@@ -87,14 +87,34 @@ def return_freed_memory_at_once() -> bool:
     RSS a capped run reaches would then depend on its history, not on its plan. Fixed thresholds
     (arrays of 128 KiB or more mapped on their own, heap tops of 128 KiB or more trimmed) stop
     both; what glibc already kept is trimmed now. False where the allocator is not glibc's."""
+    ok = set_allocator_thresholds(mapped_from=128 << 10, trimmed_from=128 << 10)
+    give_back_kept_memory()
+    return ok
+
+
+def keep_freed_memory() -> bool:
+    """Make the C allocator keep freed memory for reuse, for a run without --mem-cap. A forward pass
+    allocates and frees arrays of hundreds of KiB to a few MiB in every layer. By default glibc maps
+    arrays from 128 KiB on their own and returns a free heap top of a few MiB to the OS, so each
+    layer's arrays came back as fresh pages that the OS zero-fills one fault at a time (tens of
+    thousands of faults in one prompt; the README's performance section has the measurement). With
+    arrays up to 4 MiB taken from the heap and up to 64 MiB of free heap top kept, the next layer
+    reuses the pages. Larger arrays (long contexts' scores, many positions' logits) are still mapped
+    on their own: from the heap, the holes they leave would raise the peak RSS. A capped run takes
+    `return_freed_memory_at_once` instead. False where the allocator is not glibc's."""
+    return set_allocator_thresholds(mapped_from=4 << 20, trimmed_from=64 << 20)
+
+
+def set_allocator_thresholds(mapped_from: int, trimmed_from: int) -> bool:
+    """glibc's malloc: arrays of `mapped_from` bytes or more mapped on their own (freed straight back
+    to the OS), and a free heap top of `trimmed_from` bytes or more returned to the OS. Fixed values
+    stop glibc adapting them. False where the allocator is not glibc's."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
-    ok = mallopt(M_MMAP_THRESHOLD, 128 << 10) == 1 and mallopt(M_TRIM_THRESHOLD, 128 << 10) == 1
-    give_back_kept_memory()
-    return ok
+    return mallopt(M_MMAP_THRESHOLD, mapped_from) == 1 and mallopt(M_TRIM_THRESHOLD, trimmed_from) == 1
 
 
 def give_back_kept_memory():

@@ -23,7 +23,7 @@ from .gguf import GGUFFile, tensor_types
 from .kernels.layout import GROUP_ROWS
 from .kvcache import check_kv_bits, new_cache
 from .linear import TILE_BYTES, QuantLinear
-from .memory import Meter, cache_arrays, mib, return_freed_memory_at_once, touch_pages
+from .memory import Meter, cache_arrays, keep_freed_memory, mib, return_freed_memory_at_once, touch_pages
 from .model import SHORT_PROMPT, Model
 from .modes.ggml import ROUNDING
 from .ops import KV_BITS as MODE_KV_BITS
@@ -186,6 +186,7 @@ def load(config: RunConfig, announce=print) -> Runtime:
     if p.plan is not None:
         runtime = load_capped(p, ops, announce)
     else:
+        keep_freed_memory()   # a run without a cap reuses freed activations rather than faulting them back in
         source = weight_source(p.gguf, p.model_config, config, ops)
         if config.lora is not None:  # the adapter's LoRA added to the linears it names (minillm.adapter)
             source = adapted_source(config.lora, source, p.gguf, p.model_config, ops)
@@ -250,6 +251,7 @@ def warm_up_kernels(config: RunConfig, ggml_types=()) -> Meter:
         attention = config.attention or f"window:{config.block_size}/dense"
         tiny = load(replace(config, model=str(path), mem_cap=None, ctx_size=ctx_size, attention=attention, lora=None),
                     announce=lambda _: None)
+    return_freed_memory_at_once()  # again: loading without a cap made the allocator keep what is freed
     # the pre-tokenizer's code and the template engine are paged in on first use
     tiny.tokenizer.encode_chat([{"role": "user", "content": "Warm-up: words, digits 0123, ünïcödé — 漢字 🙂"}])
     # a prefill of several chunks, then decode and sample; past every window, so ring caches wrap round
