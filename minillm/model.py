@@ -22,9 +22,9 @@ from .ops.f32 import F32
 from .rowwise import row_wise_weights
 
 
-# Prompts of at most this many tokens take the matvec kernels (`Model.short_prompt`); the README's
-# performance section has the measurement that chose it.
-SHORT_PROMPT = 32
+# `Model.prefill` runs a prompt through the matvec kernels at most this many tokens at a time (as
+# llama.cpp runs its prompts in micro-batches): the kernels' buffers hold that many activations.
+PROMPT_ROWS = 128
 
 
 def no_trace(name: str, x: np.ndarray) -> np.ndarray:
@@ -38,17 +38,17 @@ class Model:
     With `prefill_chunk`, prompts longer than that run through the model that many tokens at a time,
     so the activations stay within what the memory plan counted for one chunk. The cache makes
     chunked prefill compute the same function as one pass over the whole prompt.
-    `short_prompt`: see `prefill`."""
+    `prompt_rows`: see `prefill`."""
 
     config: object
     weights: object
     ops: object = field(default_factory=F32)
     prefill_chunk: int | None = None
-    short_prompt: int = 0
+    prompt_rows: int = 0
 
     @cached_property
     def row_wise(self):
-        """The weights seen row by row (minillm.rowwise), for prompts of at most `short_prompt` tokens."""
+        """The weights seen row by row (minillm.rowwise), for prompts through the matvec kernels."""
         return row_wise_weights(self.weights, alone=False)
 
     @property
@@ -67,28 +67,29 @@ class Model:
 
         `trace(name, array)`, if given, sees every intermediate under llama.cpp's graph names
         (`embd`, `attn_norm-0`, `Qcur-0`, ..., `l_out-29`, `result_norm`, `result_output`)."""
-        return self._forward(ids, cache, last_only, trace or no_trace, short=False)
+        return self._forward(ids, cache, last_only, trace or no_trace)
 
     def prefill(self, ids, cache: KVCache) -> np.ndarray:
         """A prompt before generation: `forward(ids, cache, last_only=True)`, (1, vocab_size), except
-        that a prompt, or a chunk of one, of 2 to `short_prompt` tokens runs its products row by row
-        through the matvec kernels (`row_wise`), as a decode step over that many sequences does. For a
-        few tokens that is faster than dequantizing every matrix to float32 tiles for BLAS (each
-        weight written and read back as float32, to be used a few times), and it rounds as llama.cpp
-        does for any prompt: the activations quantized as the matvec kernels quantize them. The
-        runtime turns it on (SHORT_PROMPT) for f32 mode on the Numba backend; `forward` (dumps,
-        perplexity, training) always takes the float32 products."""
-        return self._forward(ids, cache, True, no_trace, short=True)
+        that with `prompt_rows` set the prompt runs its products row by row through the matvec
+        kernels (`row_wise`), as a decode step over that many sequences does, at most `prompt_rows`
+        tokens at a time. That reads the packed weights once per chunk, where the float32 products
+        of `forward` dequantize every matrix to tiles for BLAS (each weight written and read back as
+        float32), and it rounds as llama.cpp does for any prompt: the activations quantized as the
+        matvec kernels quantize them. The runtime sets it (PROMPT_ROWS) for f32 mode on the Numba
+        backend; `forward` (dumps, perplexity, training) always takes the float32 products."""
+        return self._forward(ids, cache, True, no_trace, rows=self.prompt_rows)
 
-    def _forward(self, ids, cache, last_only: bool, trace, short: bool) -> np.ndarray:
+    def _forward(self, ids, cache, last_only: bool, trace, rows: int = 0) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         self.check_ids(ids, cache)
-        chunks = [(0, len(ids))] if self.prefill_chunk is None else prefill_chunks(len(ids), self.prefill_chunk)
-        logits = [self._run(ids[start:stop], cache, last_only, trace, short) for start, stop in chunks]
+        chunk = min([n for n in (self.prefill_chunk, rows) if n], default=None)   # None: the prompt in one pass
+        chunks = [(0, len(ids))] if chunk is None else prefill_chunks(len(ids), chunk)
+        logits = [self._run(ids[start:stop], cache, last_only, trace, rows) for start, stop in chunks]
         return logits[-1] if last_only else np.concatenate(logits)
 
-    def _run(self, ids: np.ndarray, cache, last_only: bool, trace, short: bool) -> np.ndarray:
-        weights = self.row_wise if short and 1 < len(ids) <= self.short_prompt else self.weights
+    def _run(self, ids: np.ndarray, cache, last_only: bool, trace, rows: int) -> np.ndarray:
+        weights = self.row_wise if rows and len(ids) > 1 else self.weights
         logits = self.arch.forward(self.config, weights, self.ops, ids, cache, last_only, trace)
         cache.commit(len(ids))
         return logits

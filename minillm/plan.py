@@ -71,6 +71,8 @@ class WeightIndex:
     slot_bytes: int          # one set of streamed layer weights: each matrix in each format some layer holds it in
     matvec_kinds: tuple      # (GGML type, n_cols) of the matrices Numba's matvec kernels multiply: each kind
                              # has its own matvec buffers (minillm.packed)
+    untiled_prompts: bool    # every matrix has matvec kernels or is float32: a prompt through the kernels
+                             # (minillm.model.Model.prefill) dequantizes no float32 tile
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,7 @@ def weight_index(gguf, config, bits: int, int4: str = "asym", backend: str = "nu
     """Sizes of the weights as `--bits` holds them (minillm.weights.storage_type), per layer, from the
     architecture's tensor table (minillm.arch): its matrices are the layer's bytes, its vectors the norms.
     On the Numba backend the 32-weight formats are re-laid in whole groups of rows (minillm.packed)."""
-    from .formats import get, row_bytes
+    from .formats import F32, get, row_bytes
     from .kernels.layout import relay_chunk_rows
     from .packed import held_bytes as relaid_bytes, relaid
     from .streaming import slot_bytes
@@ -160,6 +162,7 @@ def weight_index(gguf, config, bits: int, int4: str = "asym", backend: str = "nu
     matrices = [name for name in held if len(gguf.tensors[name].shape) == 2]
     kinds = {(held[name], gguf.tensors[name].shape[-1]) for name in matrices
              if backend == "numba" and get(held[name]).kernels}
+    untiled = backend == "numba" and all(get(held[name]).kernels or get(held[name]) is F32 for name in matrices)
     relay = max(relay_chunk_rows(row_bytes(held[name], gguf.tensors[name].shape[-1]))
                 * row_bytes(held[name], gguf.tensors[name].shape[-1]) for name in matrices)
     return WeightIndex(
@@ -176,18 +179,21 @@ def weight_index(gguf, config, bits: int, int4: str = "asym", backend: str = "nu
         converted_bytes=sum(map(held_bytes, converted)),
         converted_source=sum(gguf.tensors[name].nbytes for name in converted),
         conversion_scratch=max([4 * gguf.tensors[name].n_elements for name in converted], default=0) + shared_converted,
-        streamable=not converted, slot_bytes=slot_bytes(gguf, config, backend), matvec_kinds=tuple(sorted(kinds)))
+        streamable=not converted, slot_bytes=slot_bytes(gguf, config, backend), matvec_kinds=tuple(sorted(kinds)),
+        untiled_prompts=untiled)
 
 
 def activation_bytes(config, chunk: int, ctx_size: int, threads: int, kv_bits: int, all_logits: bool = False,
-                     backend: str = "numba", paged: bool = False) -> int:
+                     backend: str = "numba", paged: bool = False, tiles: bool = True, kernels: bool = False) -> int:
     """Bytes of the arrays alive at the peak of one forward pass over up to `chunk` + 1 new tokens
     (T: a last chunk of one token joins the one before, minillm.model.prefill_chunks) that
     attend to up to `ctx_size` positions (S), or of sampling after it. Counted array by array as
     the architecture's forward pass (minillm.arch) computes them, with the peaks it states for the
     steps that differ between architectures (ACTIVATION_PEAKS: q-sized arrays while Q is normed and
-    rotated, (T, ffn_dim) arrays in the MLP); a layer's steps run one after the other, so the peak
-    is the tiles, the residual stream and the largest step, not the sum of all steps:
+    rotated, the temporaries of the MLP's gate activation); a layer's steps run one after the other,
+    so the peak is the tiles, the residual stream and the largest step, not the sum of all steps.
+    `kernels`: the products run through the matvec kernels (minillm.model.Model.prefill), which
+    make no tile (`tiles` False when no matrix needs one) and compute gate and up as one product:
 
       tiles       one float32 tile of dequantized rows per thread (minillm.linear.TILE_BYTES), T > 1:
                   made by the first prefill and kept (minillm.parallel.tile_buffer). With --backend
@@ -203,8 +209,7 @@ def activation_bytes(config, chunk: int, ctx_size: int, threads: int, kv_bits: i
                   the cache; 3 x (n_heads, T, S) scores (the product, its masked copy and the
                   exponentials) and 2 x (T, S) bool (the mask and its comparison); the output
                   projection: the heads' output, merged
-      MLP         Llama's SwiGLU: SiLU of the gate, the gate and two (T, ffn_dim) temporaries; then
-                  SiLU's result, the up projection and their product (Gemma's GeGLU: five)
+      MLP         `mlp_peak` (T, ffn_dim) arrays
       sampling    the logits, a penalised copy, the sort order (int64) and the sorted logits (vocab,)
       all_logits  (perplexity) logits of all S positions, float32, twice (the chunks' pieces and the
                   array they are joined into), and a float64 log-softmax of the scored half, with its
@@ -219,7 +224,7 @@ def activation_bytes(config, chunk: int, ctx_size: int, threads: int, kv_bits: i
     if backend == "numpy":
         tiles = int(threads * TILE_BYTES * (1 + NUMPY_DEQUANTIZE_TILES))
     else:
-        tiles = threads * TILE_BYTES if T > 1 else 0
+        tiles = threads * TILE_BYTES if T > 1 and tiles else 0
     q = 4 * c.n_heads * T * c.head_dim
     new_kv = 2 * 4 * c.n_kv_heads * T * c.head_dim
     one_read = 4 * c.n_kv_heads * S * c.head_dim  # all S keys (or values) as float32
@@ -227,9 +232,17 @@ def activation_bytes(config, chunk: int, ctx_size: int, threads: int, kv_bits: i
     decoding = one_read + one_read * 34 // 128 if kv_bits == 8 else 0  # while the values are decoded
     scores = 3 * f * c.n_heads * T * S + 2 * T * S
     attention = q + new_kv + kv_reads + max(int(peaks["rope"] * q), decoding, scores, 2 * q)
-    mlp = int(peaks["mlp"] * 4 * T * c.ffn_dim)
+    mlp = mlp_peak(peaks, kernels) * 4 * T * c.ffn_dim
     every_position = (2 * 4 + 3 * 8 // 2) * S * c.vocab_size if all_logits else 0
     return tiles + max(residual + max(attention, mlp), sampling_bytes(c)) + every_position
+
+
+def mlp_peak(peaks: dict, one_product: bool) -> int:
+    """(T, ffn_dim) float32 arrays alive at the MLP's peak: the gate (with up, when the matvec
+    kernels compute both as `one_product`, minillm.linear.SharedInput) and the temporaries of its
+    activation (ACTIVATION_PEAKS["gate"]: SiLU 1, tanh-GELU 2); or, after it, the activated gate,
+    up and their product."""
+    return max((2 if one_product else 1) + peaks["gate"], 3)
 
 
 def sampling_bytes(config) -> int:
@@ -261,7 +274,7 @@ def batch_activation_bytes(config, batch: int, ctx_size: int) -> int:
     gathered = 2 * 4 * c.n_kv_heads * S * c.head_dim
     scores = 3 * 4 * c.n_heads * S + 2 * S
     attention = 2 * q + new_kv + gathered + max(int(peaks["rope"] * q), scores)
-    mlp = int(peaks["mlp"] * 4 * B * c.ffn_dim)
+    mlp = mlp_peak(peaks, one_product=True) * 4 * B * c.ffn_dim
     sampling = 4 * B * c.vocab_size + 4 * c.vocab_size + sampling_bytes(c)
     return max(3 * 4 * B * c.dim + max(attention, mlp), sampling)
 
@@ -305,8 +318,10 @@ def plan_lines(index: WeightIndex, layout: Layout, run) -> tuple:
     from .kvcache import kv_cache_bytes
     kv_type = {8: "Q8_0", 16: "float16", 32: "float32", 64: "float64"}[layout.kv_bits]
     chosen = " (chosen by the plan)" if layout.kv_bits != run.kv_bits else ""
-    activations = activation_bytes(c, layout.prefill_chunk, run.ctx_size, run.threads, layout.kv_bits, run.all_logits,
-                                   run.backend, paged=bool(run.parallel))
+    chunk = prompt_chunk(layout, run)
+    activations = activation_bytes(c, chunk, run.ctx_size, run.threads, layout.kv_bits, run.all_logits, run.backend,
+                                   paged=bool(run.parallel), tiles=not (run.prompt_rows and index.untiled_prompts),
+                                   kernels=bool(run.prompt_rows))
     lines = [
         ("tokenizer and metadata", run.tokenizer_bytes,
          "measured while building it" if run.tokenizer_built else "file metadata only: the tokenizer comes next"),
@@ -317,19 +332,20 @@ def plan_lines(index: WeightIndex, layout: Layout, run) -> tuple:
         ("KV cache", kv_cache_bytes(c, run.ctx_size, run.spec, layout.kv_bits),
          f"{run.ctx_size} positions, {kv_type}{chosen}, --attention {run.spec.name}"),
         ("activations", activations,
-         f"prefill chunk of {layout.prefill_chunk} tokens, {run.threads} threads"
+         f"prefill chunk of {chunk} tokens" + (" through the matvec kernels" if run.prompt_rows else "")
+         + f", {run.threads} threads"
          + (f", logits of all {run.ctx_size} positions" if run.all_logits else "")
          + (", --backend numpy" if run.backend == "numpy" else "")),
         ("reserve", RESERVE_BYTES, "pages not counted above: code run first, worker threads' allocator pages"),
     ]
     if run.parallel:
-        lines[4:6] = serving_lines(index, run, activations)
+        lines[4:6] = serving_lines(index, run, activations, chunk)
     elif run.backend == "numba" and index.matvec_kinds:
-        from .model import SHORT_PROMPT
-        rows = min(SHORT_PROMPT, layout.prefill_chunk + 1)    # a short prompt, or chunk, through the kernels
+        rows = min(chunk + 1, run.ctx_size) if run.prompt_rows else 1   # a prompt chunk through the kernels, or a decode step
         lines.insert(6, ("matvec buffers", matvec_buffer_bytes(index, rows, run.threads),
-                         f"{rows} activations (a short prompt through the matvec kernels) for each of "
-                         f"{len(index.matvec_kinds)} kinds of matrix, {run.threads} threads' scratch"))
+                         f"{rows} activations ({'a prompt chunk' if run.prompt_rows else 'a decode step'} through the "
+                         f"matvec kernels) for each of {len(index.matvec_kinds)} kinds of matrix, {run.threads} "
+                         "threads' scratch"))
     if run.adapter is not None:
         lines.append(adapter_line(run.adapter, layout.prefill_chunk, run.ctx_size))
     if relaid:
@@ -340,6 +356,12 @@ def plan_lines(index: WeightIndex, layout: Layout, run) -> tuple:
         lines.append(("conversion scratch", index.conversion_scratch, "float32 copy of the largest converted tensor, "
                       "and the converted tensors of one input-sharing group"))
     return tuple(lines)
+
+
+def prompt_chunk(layout: Layout, run) -> int:
+    """Tokens of a prompt run at a time: the layout's prefill chunk, and at most `run.prompt_rows`
+    when prompts run through the matvec kernels (as minillm.model.Model.prefill chunks them)."""
+    return min(layout.prefill_chunk, run.prompt_rows or layout.prefill_chunk)
 
 
 def adapter_line(adapter, chunk: int, ctx_size: int) -> tuple:
@@ -355,15 +377,15 @@ def adapter_line(adapter, chunk: int, ctx_size: int) -> tuple:
             f"x A^T for {T} tokens")
 
 
-def serving_lines(index: WeightIndex, run, prefill_activations: int) -> list:
+def serving_lines(index: WeightIndex, run, prefill_activations: int, chunk: int) -> list:
     """What a server (minillm serve, `run.parallel` sequences decoded together) holds instead of one
     KV cache and one sequence's activations: the KV pool at its smallest, one context (the server
     adds blocks for whatever headroom the plan leaves); the larger of a prefill chunk's and a
-    batched decode step's activations; the matvec buffers for a batch or a short prompt chunk
-    (minillm.model.Model.prefill); the HTTP server's own memory."""
+    batched decode step's activations; the matvec buffers for a batch or a prompt chunk of `chunk`
+    (+ 1) tokens (minillm.model.Model.prefill); the HTTP server's own memory."""
     from .kvcache import POOL_BLOCK_SIZE, pool_block_bytes
-    from .model import SHORT_PROMPT
     c, B = run.config, run.parallel
+    rows = max(B, min(chunk + 1, run.ctx_size) if run.prompt_rows else 1)
     blocks = -(-run.ctx_size // POOL_BLOCK_SIZE)
     batch = batch_activation_bytes(c, B, run.ctx_size)
     return [
@@ -372,8 +394,8 @@ def serving_lines(index: WeightIndex, run, prefill_activations: int) -> list:
         ("activations", max(prefill_activations, batch),
          f"a decode step of {B} sequences ({mib(batch)}) or a prefill chunk ({mib(prefill_activations)}), "
          f"{run.threads} threads"),
-        ("matvec buffers", matvec_buffer_bytes(index, max(B, SHORT_PROMPT), run.threads),
-         f"{max(B, SHORT_PROMPT)} activations (a decode step of {B} sequences, a short prompt chunk) for each of "
+        ("matvec buffers", matvec_buffer_bytes(index, rows, run.threads),
+         f"{rows} activations (a decode step of {B} sequences, a prompt chunk) for each of "
          f"{len(index.matvec_kinds)} kinds of matrix, {run.threads} threads' scratch"),
         ("serving", SERVE_RESERVE_BYTES, "the HTTP server, its requests and the scheduler's thread (measured)"),
     ]
@@ -407,6 +429,8 @@ class PlanInputs:
     tokenizer_built: bool = True  # False: a first check, before the tokenizer is built
     backend: str = "numba"        # "numpy": products dequantize tiles in NumPy, decode too
     adapter: object = None        # a LoRA adapter's sizes (minillm.adapter.AdapterSize), or None
+    prompt_rows: int = 0          # prompts run through the matvec kernels at most this many tokens at a time
+                                  # (minillm.model.Model.prefill); 0: through float32 tiles (Model.forward)
 
 
 def candidate_layouts(index: WeightIndex, run: PlanInputs):
@@ -416,7 +440,8 @@ def candidate_layouts(index: WeightIndex, run: PlanInputs):
     once, streaming costs every token. Smaller chunks are tried, in the same order, only when no
     layout fits with the larger ones."""
     n = run.config.n_layers
-    first_chunk = min(run.ctx_size, MAX_PREFILL_CHUNK)
+    # prompts through the matvec kernels run at most prompt_rows tokens at a time whatever the chunk
+    first_chunk = min(run.ctx_size, MAX_PREFILL_CHUNK, run.prompt_rows or MAX_PREFILL_CHUNK)
     chunks = [first_chunk] + [c for c in (256, 128, 64, 32, MIN_PREFILL_CHUNK) if c < first_chunk]
     kv_choices = [run.kv_bits] + ([8] if run.kv_bits == 32 and run.config.head_dim % 32 == 0 and not run.parallel
                                   else [])
@@ -477,7 +502,8 @@ def plan_for_cap(gguf, model_config, config, meter: Meter, tokenizer_built: bool
     run = PlanInputs(model_config, config.ctx_size, config.attention_spec(), config.kv_bits,
                      config.threads or os.cpu_count(), tokenizer_bytes=held.anon + held.file,
                      tokenizer_peak=held.peak, all_logits=config.all_logits, tokenizer_built=tokenizer_built,
-                     backend=config.backend, parallel=config.parallel or 0, adapter=adapter)
+                     backend=config.backend, parallel=config.parallel or 0, adapter=adapter,
+                     prompt_rows=config.prompt_rows)
     try:
         return plan_memory(weight_index(gguf, model_config, config.bits, config.int4, config.backend), run,
                            config.mem_cap)

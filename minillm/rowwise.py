@@ -8,10 +8,10 @@ reading each weight block once for all of them. Two callers want that for every 
 
 - a decode step over B sequences (minillm.serve.batch), where row i must get the bits it gets
   decoded alone: linears without a `tokens` kernel take their rows one at a time;
-- a short prompt (`Model.short_prompt`): for a few tokens, dequantizing every matrix to float32
-  costs more than the products (each weight written and read back as float32 to be used T times),
-  where the matvec kernel reads the packed bytes once, as llama.cpp does for every prompt; linears
-  without a `tokens` kernel take the rows together, as for any prompt.
+- a prompt (`Model.prefill`, `Model.prompt_rows` tokens at a time): dequantizing every matrix to
+  float32 tiles for BLAS costs more than the products (each weight written and read back as
+  float32), where the matvec kernel reads the packed bytes once per chunk, as llama.cpp does for
+  every prompt; linears without a `tokens` kernel take the rows together, as for any prompt.
 """
 
 from dataclasses import fields, replace
@@ -74,7 +74,7 @@ class RowWiseLayers:
 
 def row_wise_weights(weights: ModelWeights, alone: bool = True) -> ModelWeights:
     """The same weights (no copy) seen row by row: for a decode step over B sequences (`alone`: every
-    row as it would be alone), or for a short prompt (not `alone`)."""
+    row as it would be alone), or for a prompt (not `alone`)."""
     return ModelWeights(embedding=RowWiseEmbedding(weights.embedding, alone),
                         layers=RowWiseLayers(weights.layers, alone), output_norm=weights.output_norm,
                         output=RowWise(weights.output, alone) if weights.output is not None else None)

@@ -24,7 +24,7 @@ from .kernels.layout import GROUP_ROWS
 from .kvcache import check_kv_bits, new_cache
 from .linear import TILE_BYTES, QuantLinear
 from .memory import Meter, cache_arrays, keep_freed_memory, mib, return_freed_memory_at_once, touch_pages
-from .model import SHORT_PROMPT, Model
+from .model import PROMPT_ROWS, Model
 from .modes.ggml import ROUNDING
 from .ops import KV_BITS as MODE_KV_BITS
 from .ops import check_mode, mode_ops
@@ -61,6 +61,17 @@ class RunConfig:
     lora: str | None = None         # a LoRA adapter (llama.cpp's GGUF) applied to the linears (minillm.adapter)
     parallel: int | None = None     # minillm serve: sequences decoded together, their KV paged in a pool (the
                                     # memory plan counts both); None: one sequence at a time
+    float_prompts: bool = False     # the command runs its prompts through Model.forward's float32 products
+                                    # (dump, perplexity), not Model.prefill: the memory plan counts their tiles
+
+    @property
+    def prompt_rows(self) -> int:
+        """Model.prompt_rows for these settings: prompts run through the matvec kernels, PROMPT_ROWS
+        tokens at a time, in f32 mode on the Numba backend (ggml mode reproduces llama.cpp's own
+        products; the oracle computes in float64), without an adapter (a LoRA run computes its
+        prompts as training did: minillm.train), unless the command takes `float_prompts`."""
+        kernels = self.mode == "f32" and self.backend == "numba" and self.lora is None and not self.float_prompts
+        return PROMPT_ROWS if kernels else 0
 
     @property
     def cache_bits(self) -> int:
@@ -191,18 +202,11 @@ def load(config: RunConfig, announce=print) -> Runtime:
         if config.lora is not None:  # the adapter's LoRA added to the linears it names (minillm.adapter)
             source = adapted_source(config.lora, source, p.gguf, p.model_config, ops)
         model = Model(p.model_config, load_weights(p.gguf, p.model_config, source), ops,
-                      short_prompt=short_prompt(config))
+                      prompt_rows=config.prompt_rows)
         runtime = Runtime(config, p.gguf, model, p.tokenizer, 0.0)
     warm_up(runtime)  # the weights' pages and the kernels are loaded now, as start-up, not in the first answer
     runtime.load_seconds = time.perf_counter() - start
     return runtime
-
-
-def short_prompt(config: RunConfig) -> int:
-    """Model.short_prompt for these settings: the matvec kernels take short prompts in f32 mode on
-    the Numba backend (ggml mode reproduces llama.cpp's own products; the oracle computes in float64),
-    without an adapter (a LoRA run computes its prompts as training did: minillm.train)."""
-    return SHORT_PROMPT if config.mode == "f32" and config.backend == "numba" and config.lora is None else 0
 
 
 def weight_source(gguf: GGUFFile, model_config, config: RunConfig, ops):
@@ -221,7 +225,7 @@ def warm_up(runtime: Runtime):
     are loaded (or compiled, the first time on a machine) now, counted as start-up, and never in
     the first answer's time to first token."""
     cache = runtime.new_cache()
-    runtime.model.forward([0, 0], cache, last_only=True)
+    runtime.model.prefill([0, 0], cache)
     runtime.model.forward([0], cache)
 
 
@@ -303,5 +307,5 @@ def load_capped(p: Prepared, ops, announce) -> Runtime:
         source = adapted_source(config.lora, source, p.gguf, p.model_config, ops)
     weights = load_weights(p.gguf, p.model_config, source, layout)
     model = Model(p.model_config, weights, ops, prefill_chunk=plan.layout.prefill_chunk,
-                  short_prompt=short_prompt(config))
+                  prompt_rows=config.prompt_rows)
     return Runtime(config, p.gguf, model, p.tokenizer, 0.0, plan=plan, meter=meter)

@@ -23,10 +23,11 @@ from minillm.gguf import GGUFFile
 from minillm.kernels.layout import GROUP_ROWS
 from minillm.kvcache import POOL_BLOCK_SIZE, pool_block_bytes
 from minillm.memory import parse_size
-from minillm.model import SHORT_PROMPT
+from minillm.model import PROMPT_ROWS
 from minillm.packed import PackedRows, thread_buffers
-from minillm.plan import (SERVE_RESERVE_BYTES, Layout, PlanInputs, batch_activation_bytes, candidate_layouts,
-                          plan_lines, plan_memory, weight_index)
+from minillm.linear import TILE_BYTES
+from minillm.plan import (SERVE_RESERVE_BYTES, Layout, PlanInputs, activation_bytes, batch_activation_bytes,
+                          candidate_layouts, plan_lines, plan_memory, weight_index)
 from minillm.runtime import RunConfig, load
 from minillm.model import prefill_chunks
 from minillm.streaming import StreamingSource
@@ -57,10 +58,11 @@ def test_cli_cap_without_unit_is_a_usage_error(capsys, tiny_q4_path):
     assert main(["info", "-m", str(tiny_q4_path), "--mem-cap", "lots"]) == 2
 
 
-def model_plan_inputs(path, ctx_size=128, kv_bits=32, tokenizer_bytes=4 * MiB):
+def model_plan_inputs(path, ctx_size=128, kv_bits=32, tokenizer_bytes=4 * MiB, prompt_rows=0):
     gguf = GGUFFile(path)
     config = read_config(gguf.metadata, gguf.path)
-    run = PlanInputs(config, ctx_size, RunConfig().attention_spec(), kv_bits, 2, tokenizer_bytes, tokenizer_bytes)
+    run = PlanInputs(config, ctx_size, RunConfig().attention_spec(), kv_bits, 2, tokenizer_bytes, tokenizer_bytes,
+                     prompt_rows=prompt_rows)
     return weight_index(gguf, config, 4, "asym"), run
 
 
@@ -81,32 +83,38 @@ def buffers_made(index, B: int) -> int:
 def test_a_servers_plan_counts_its_pool_its_batch_and_its_buffers(tiny_q4_path):
     """`minillm serve --parallel B` under a cap: the KV pool at one context instead of a KV cache, the
     larger of a decode step of B sequences and a prefill chunk, the matvec buffers of B activations, or
-    of a short prompt chunk's SHORT_PROMPT if more (exactly what the kernels allocate), and the HTTP
-    server; never the Q8_0 cache (the pool is float32)."""
-    index, run = model_plan_inputs(tiny_q4_path)
+    of a prompt chunk's (chunk + 1, a last token joined) if more (exactly what the kernels allocate),
+    and the HTTP server; never the Q8_0 cache (the pool is float32)."""
+    index, run = model_plan_inputs(tiny_q4_path, prompt_rows=PROMPT_ROWS)
     c = run.config
-    one, sixteen, many = (dataclasses.replace(run, parallel=B, threads=1) for B in (1, 16, SHORT_PROMPT + 8))
+    one, sixteen, many = (dataclasses.replace(run, parallel=B, threads=1) for B in (1, 16, 65 + 8))
     lines = {r.parallel: {item: nbytes for item, nbytes, _ in plan_lines(index, Layout(c.n_layers, False, 32, 64), r)}
              for r in (one, sixteen, many)}
     assert "KV cache" not in lines[16] and lines[16]["KV pool"] == -(-128 // POOL_BLOCK_SIZE) * pool_block_bytes(c)
     assert lines[16]["activations"] >= batch_activation_bytes(c, 16, 128) > batch_activation_bytes(c, 1, 128)
-    assert lines[1]["matvec buffers"] == lines[16]["matvec buffers"] == buffers_made(index, SHORT_PROMPT)
+    assert lines[1]["matvec buffers"] == lines[16]["matvec buffers"] == buffers_made(index, 65)
     most = lines[many.parallel]["matvec buffers"]
-    assert most == buffers_made(index, many.parallel) > buffers_made(index, SHORT_PROMPT)
+    assert most == buffers_made(index, many.parallel) > buffers_made(index, 65)
     assert lines[16]["serving"] == SERVE_RESERVE_BYTES
     assert {layout.kv_bits for layout in candidate_layouts(index, sixteen)} == {32}
 
 
-def test_a_plan_counts_the_matvec_buffers_of_a_short_prompt(tiny_q4_path):
-    """A short prompt (or prefill chunk) runs through the matvec kernels (minillm.model.Model.prefill),
-    which keep buffers for as many activations as it has tokens: at most SHORT_PROMPT, and at most a
-    prefill chunk's (chunk + 1 with a last token joined) when the plan chunks prompts more finely."""
-    index, run = model_plan_inputs(tiny_q4_path)
+def test_a_plan_counts_the_matvec_buffers_of_a_prompt_and_no_tiles(tiny_q4_path):
+    """A prompt runs through the matvec kernels (minillm.model.Model.prefill) at most `prompt_rows`
+    tokens at a time, or a prefill chunk's when the plan chunks prompts more finely (chunk + 1 with a
+    last token joined): the kernels keep buffers for that many activations, and no float32 tile is
+    made. A run whose prompts take the float32 products (dump, perplexity) counts the tiles, and
+    matvec buffers for a decode step."""
+    index, run = model_plan_inputs(tiny_q4_path, prompt_rows=32)
     run = dataclasses.replace(run, threads=1)
-    for chunk, rows in ((64, SHORT_PROMPT), (16, 17)):
+    for chunk, rows in ((64, 33), (16, 17)):
         layout = Layout(run.config.n_layers, False, 32, chunk)
         lines = {item: nbytes for item, nbytes, _ in plan_lines(index, layout, run)}
         assert lines["matvec buffers"] == buffers_made(index, rows)
+        assert lines["activations"] == activation_bytes(run.config, rows - 1, 128, 1, 32, tiles=False, kernels=True)
+    tiled = {item: nbytes for item, nbytes, _ in plan_lines(index, layout, dataclasses.replace(run, prompt_rows=0))}
+    assert tiled["matvec buffers"] == buffers_made(index, 1)
+    assert tiled["activations"] == activation_bytes(run.config, 16, 128, 1, 32) == lines["activations"] + TILE_BYTES
 
 
 @pytest.mark.weights
@@ -332,15 +340,18 @@ def test_lora_under_a_cap_gives_the_uncapped_tokens(tmp_path):
 @pytest.mark.weights
 def test_measured_peak_with_an_adapter_stays_under_the_cap_and_its_line_is_what_it_adds(smollm2_path, tmp_path):
     """SmolLM2 with a rank-8 adapter on all 210 linears (9.3 MiB of A and B). With every weight
-    resident (the same layout as without the adapter, so every other line of the plan is the same)
-    the adapter's line is what the measured peak grows by (it came to within 0.02 MiB; 5% or 0.5 MiB
-    leaves room for the allocator's pages). Under half the weights, streamed: the peak stays under
-    the cap, and the tokens are the uncapped run's."""
+    resident, against a run with a rank-1 adapter on the 30 query matrices (the same layout, and
+    prompts computed the same way: a LoRA run's take the float32 products, a plain run's the matvec
+    kernels; so every other line of the plan is the same), the adapter lines' difference is what the
+    measured peak grows by (it came to within 0.02 MiB; 5% or 0.5 MiB leaves room for the
+    allocator's pages). Under half the weights, streamed: the peak stays under the cap, and the
+    tokens are the uncapped run's."""
     adapter = write_random_adapter(smollm2_path, tmp_path / "adapter.gguf", ("attn_q", "attn_k", "attn_v", "attn_output",
                                                                               "ffn_gate", "ffn_up", "ffn_down"), 8, 0.05)
+    small = write_random_adapter(smollm2_path, tmp_path / "small.gguf", ("attn_q",), 1, 0.05)
     index, _ = model_plan_inputs(smollm2_path)
     resident = int(1.5 * packed_bytes(index))
-    runs = [capped_run(smollm2_path, resident, *flags) for flags in ((), ("--lora", str(adapter)))]
+    runs = [capped_run(smollm2_path, resident, "--lora", str(path)) for path in (small, adapter)]
     assert all(code == 0 for code, _, _ in runs), runs
     (_, plain, _), (_, adapted, err) = runs
     assert plain["memory"]["plan"]["strategy"] == adapted["memory"]["plan"]["strategy"]
@@ -490,13 +501,14 @@ def test_activation_bytes_follow_gemma3s_forward_pass(gemma3_widths, chunk, ctx_
 def check_activation_bytes(path, chunk, ctx_size, kv_bits, threads, **settings):
     """The planned activations against the arrays Python and NumPy allocate (tracemalloc) during the
     chunk that ends the context, where the scores are largest, plus the tile buffers every thread
-    keeps from the first prefill: within a quarter of the reserve the
-    plan keeps for what it does not count (the plan counts the large arrays; positions, angles and
-    row maxima take a few KiB)."""
+    keeps from the first prefill: within a quarter of the reserve the plan keeps for what it does not
+    count (the plan counts the large arrays; positions, angles and row maxima take a few KiB). Both
+    ways of running a chunk: `forward`'s float32 products, and `prefill`'s matvec kernels, which
+    make no tile (their buffers, made by the first pass and kept, are a plan line of their own)."""
     import tracemalloc
 
     from minillm.kvcache import new_cache
-    from minillm.plan import RESERVE_BYTES, activation_bytes
+    from minillm.plan import RESERVE_BYTES
     from minillm.parallel import row_pool, tile_buffer
     rt = load(RunConfig(model=str(path), ctx_size=ctx_size, threads=threads, kv_bits=kv_bits, **settings),
               announce=lambda _: None)
@@ -504,19 +516,21 @@ def check_activation_bytes(path, chunk, ctx_size, kv_bits, threads, **settings):
     weights = load_weights(rt.gguf, c, StreamingSource(rt.gguf, "numba", threads), Layout(0, True, kv_bits, chunk))
     model = dataclasses.replace(rt.model, weights=weights)
     T = min(chunk + 1, ctx_size)
-    measured = []
-    for _ in range(2):  # the first pass allocates each kernel's buffers, once
-        cache = new_cache(c, ctx_size, rt.config.attention_spec(), kv_bits)
-        if ctx_size - T:
-            model.forward(np.arange(ctx_size - T) % min(1000, c.vocab_size), cache, last_only=True)
-        tracemalloc.start()
-        model.forward((np.arange(T) + 100) % c.vocab_size, cache, last_only=True)
-        measured.append(tracemalloc.get_traced_memory()[1])
-        tracemalloc.stop()
-    tiles = []  # each thread's tile buffer, made by the first prefill and kept since
-    row_pool(threads).on_every_thread(lambda: tiles.append(tile_buffer(0).base.nbytes))
-    planned = activation_bytes(c, chunk, ctx_size, threads, kv_bits)
-    assert abs(planned - (measured[1] + sum(tiles))) <= RESERVE_BYTES // 4, (measured, tiles, planned)
+    assert chunk < model.prompt_rows     # a chunk runs through the kernels in one pass, as through forward
+    for run, tiles in ((lambda ids, cache: model.forward(ids, cache, last_only=True), True), (model.prefill, False)):
+        measured = []
+        for _ in range(2):  # the first pass allocates each kernel's buffers, once
+            cache = new_cache(c, ctx_size, rt.config.attention_spec(), kv_bits)
+            if ctx_size - T:
+                run(np.arange(ctx_size - T) % min(1000, c.vocab_size), cache)
+            tracemalloc.start()
+            run((np.arange(T) + 100) % c.vocab_size, cache)
+            measured.append(tracemalloc.get_traced_memory()[1])
+            tracemalloc.stop()
+        made = []  # each thread's tile buffer, made by the first prefill and kept since
+        row_pool(threads).on_every_thread(lambda: made.append(tile_buffer(0).base.nbytes) if tiles else None)
+        planned = activation_bytes(c, chunk, ctx_size, threads, kv_bits, tiles=tiles, kernels=not tiles)
+        assert abs(planned - (measured[1] + sum(made))) <= RESERVE_BYTES // 4, (tiles, measured, made, planned)
 
 
 def test_touch_pages_makes_a_fresh_array_resident():

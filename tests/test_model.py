@@ -1,5 +1,7 @@
 """The float transformer: its parts against plain definitions, and cached decode against prefill."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -7,7 +9,7 @@ from hypothesis import strategies as st
 
 from minillm.gguf import GGUFFile
 from minillm.kvcache import KVCache
-from minillm.model import SHORT_PROMPT, load_float_model
+from minillm.model import PROMPT_ROWS, load_float_model
 from minillm.runtime import RunConfig, load
 from minillm.ops.f32 import attend, causal_mask, rmsnorm, rope, rope_angles, softmax
 from minillm.errors import MinillmError
@@ -126,19 +128,20 @@ def test_prefill_equals_token_by_token_decode(tiny, ids, split):
 
 
 @settings(max_examples=10, deadline=None)
-@given(ids=st.lists(st.integers(0, 266), min_size=2, max_size=SHORT_PROMPT + 4))
-def test_a_short_prompt_takes_the_decode_kernels(tiny_runtime, ids):
-    """`prefill` runs a prompt of up to SHORT_PROMPT tokens through the matvec kernels, row by row:
+@given(ids=st.lists(st.integers(0, 266), min_size=2, max_size=40), rows=st.sampled_from([0, 1, 7, 16, PROMPT_ROWS]))
+def test_a_prompt_takes_the_decode_kernels(tiny_runtime, ids, rows):
+    """`prefill` runs a prompt through the matvec kernels row by row, `prompt_rows` tokens at a time:
     the first layer's keys and values (which depend only on each token) are then bit for bit those
-    of decoding the prompt one token at a time. A longer prompt takes forward's float32 products."""
-    model = tiny_runtime.model
-    assert model.short_prompt == SHORT_PROMPT
+    of decoding the prompt one token at a time, however it is chunked. Without `prompt_rows` it
+    takes forward's float32 products."""
+    assert tiny_runtime.model.prompt_rows == PROMPT_ROWS
+    model = replace(tiny_runtime.model, prompt_rows=rows)
     prefilled, decoded, forward = (KVCache(model.config, 64) for _ in range(3))
     model.prefill(ids, prefilled)
     for t in ids:
         model.forward([t], decoded)
     model.forward(ids, forward)
-    want = decoded if len(ids) <= SHORT_PROMPT else forward
+    want = decoded if rows else forward
     np.testing.assert_array_equal(prefilled.k[0], want.k[0])
     np.testing.assert_array_equal(prefilled.v[0], want.v[0])
 

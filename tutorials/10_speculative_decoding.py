@@ -90,7 +90,7 @@ def speculative_greedy(prompt, max_tokens, k=4, trace=None):
     """Greedy decoding's tokens, found k drafts at a time. `trace`, a list, receives per pass
     (drafts proposed, drafts accepted)."""
     cache = KVCache(config, 512)
-    out = [int(np.argmax(model.forward(prompt, cache, last_only=True)[-1]))]
+    out = [int(np.argmax(model.prefill(prompt, cache)[-1]))]        # the prompt, read as generate() reads it
     while len(out) < max_tokens and out[-1] not in tokenizer.stop_ids:
         drafts = prompt_lookup(prompt + out, min(k, max_tokens - len(out)))
         kept = cache.length                                           # positions before this pass
@@ -117,8 +117,10 @@ assert speculative == greedy
 
 # %% [markdown]
 # The same tokens, but not by construction, and it is worth seeing why. With `--bits 4` a one-token
-# step multiplies int8-rounded activations (chapter 3), while a pass over several tokens multiplies
-# float tiles, so greedy decoding and the verification passes compute slightly different logits. A
+# step multiplies int8-rounded activations (chapter 3), and so does the prompt, which `model.prefill`
+# reads through the same kernels as `generate` does, while a pass over several tokens
+# (`model.forward`) multiplies float tiles, so greedy decoding and the verification passes compute
+# slightly different logits. A
 # token flips where the model hesitates between two and the paths disagree on which is larger. Run
 # the generated text both ways, one token at a time as greedy decoding did and all positions in one
 # pass, and look at each position's gap between the best and the second-best logit:
@@ -126,7 +128,7 @@ assert speculative == greedy
 # %%
 sequence = prompt + greedy
 cache = KVCache(config, 512)
-stepped = np.array([model.forward(prompt, cache, last_only=True)[-1]]
+stepped = np.array([model.prefill(prompt, cache)[-1]]
                    + [model.forward([t], cache)[-1] for t in greedy[:-1]])   # (n, vocab): one token at a time
 batched = model.forward(sequence, KVCache(config, 512))[len(prompt) - 1:-1]  # (n, vocab): all in one pass
 first, second = np.argsort(-stepped, axis=-1)[:, :2].T                      # (n,) each: the top two tokens

@@ -113,9 +113,9 @@ OUTER_GRAPH = {"embd": None, "inp_scaled": "model.embed_tokens", "result_norm": 
                "result_output": "lm_head"}
 
 # For the memory plan (minillm.plan.activation_bytes), measured with tracemalloc at 270M's widths:
-# q-sized arrays alive while Q is normed, rotated and scaled (2.1 to 3 of them), (T, ffn_dim) float32
-# arrays at the MLP's peak (gate, up, and the tanh-GELU's three temporaries).
-ACTIVATION_PEAKS = {"rope": 3, "mlp": 5}
+# q-sized arrays alive while Q is normed, rotated and scaled (2.1 to 3 of them), and the (T, ffn_dim)
+# temporaries of the tanh-GELU of the MLP's gate (minillm.plan.mlp_peak).
+ACTIVATION_PEAKS = {"rope": 3, "gate": 2}
 
 
 def local_layers(window: int, pattern, n_layers: int) -> tuple:

@@ -64,9 +64,9 @@ LAYER_GRAPH = {
 OUTER_GRAPH = {"embd": "model.embed_tokens", "result_norm": "model.norm", "result_output": "lm_head"}
 
 # For the memory plan (minillm.plan.activation_bytes), measured with tracemalloc: q-sized arrays alive
-# while Q is rotated (q, the rotated copy, two half-size products), (T, ffn_dim) float32 arrays at the
-# MLP's peak (the gate, SiLU's two temporaries, then SiLU, up and their product).
-ACTIVATION_PEAKS = {"rope": 2.5, "mlp": 3}
+# while Q is rotated (q, the rotated copy, two half-size products), and the (T, ffn_dim) temporaries
+# of the SiLU of the MLP's gate (minillm.plan.mlp_peak).
+ACTIVATION_PEAKS = {"rope": 2.5, "gate": 1}
 
 
 @dataclass

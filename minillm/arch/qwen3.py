@@ -62,7 +62,7 @@ LAYER_GRAPH = {"attn_norm": llama.LAYER_GRAPH["attn_norm"], **PER_HEAD_NORMED_GR
                **{name: hf for name, hf in llama.LAYER_GRAPH.items() if name not in ("attn_norm", "Qcur", "Kcur", "Vcur")}}
 OUTER_GRAPH = llama.OUTER_GRAPH
 # For the memory plan: Q normed then rotated (as Gemma 3's, without its scaling), Llama's SwiGLU.
-ACTIVATION_PEAKS = {"rope": 3, "mlp": 3}
+ACTIVATION_PEAKS = {"rope": 3, "gate": 1}
 
 
 def write_metadata(writer, c: Qwen3Config):

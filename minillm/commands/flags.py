@@ -90,7 +90,8 @@ def run_config(args):
                      block_size=args.block_size, kv_bits=args.kv_bits, mem_cap=mem_cap(args),
                      all_logits=args.command == "perplexity", mode=getattr(args, "mode", "f32"),
                      ggml_rounding=getattr(args, "ggml_rounding", "x86"), lora=getattr(args, "lora", None),
-                     parallel=getattr(args, "parallel", None), **generation)
+                     parallel=getattr(args, "parallel", None), float_prompts=args.command in ("dump", "perplexity"),
+                     **generation)
 
 
 def mem_cap(args) -> int | None:

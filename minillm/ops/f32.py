@@ -80,8 +80,13 @@ def kernel_rope_neox(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndar
 
 
 def silu(x: np.ndarray) -> np.ndarray:
-    """x * sigmoid(x), the gate of Llama's SwiGLU."""
-    return x / (1.0 + np.exp(-x))
+    """x * sigmoid(x) = x / (1 + exp(-x)), the gate of Llama's SwiGLU. Each step writes over one
+    temporary (the same operations in the same order, so the same bits as the one-line formula):
+    x is (T, ffn_dim), and every array a step would make is memory the plan counts."""
+    t = np.negative(x, out=np.empty_like(x))
+    np.exp(t, out=t)
+    t += 1.0
+    return np.divide(x, t, out=t)
 
 
 GELU_COEF = 0.044715
@@ -90,8 +95,18 @@ SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:
     """GELU in its tanh approximation (Gemma's "gelu_pytorch_tanh"), the gate of GeGLU:
-    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
-    return 0.5 * x * (1.0 + np.tanh(SQRT_2_OVER_PI * x * (1.0 + GELU_COEF * x * x)))
+    0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), computed as
+    (0.5 x) (1 + tanh((sqrt(2/pi) x) (1 + (0.044715 x) x))) in two temporaries, as `silu` is."""
+    inner = np.multiply(x, GELU_COEF, out=np.empty_like(x))
+    inner *= x
+    inner += 1.0
+    scaled = np.multiply(x, SQRT_2_OVER_PI, out=np.empty_like(x))
+    inner *= scaled
+    np.tanh(inner, out=inner)
+    inner += 1.0
+    np.multiply(x, 0.5, out=scaled)
+    inner *= scaled
+    return inner
 
 
 def causal_mask(start: int, T: int, S: int) -> np.ndarray:

@@ -43,7 +43,7 @@ def prompt_lookup(context, k, n_max=3):
 def speculative_greedy(prompt, max_tokens, k=4, truncate=True):
     """The chapter's loop; returns the tokens and, per pass, (drafts proposed, drafts accepted)."""
     cache, passes = KVCache(config, 512), []
-    out = [int(np.argmax(model.forward(prompt, cache, last_only=True)[-1]))]
+    out = [int(np.argmax(model.prefill(prompt, cache)[-1]))]
     while len(out) < max_tokens and out[-1] not in tokenizer.stop_ids:
         drafts = prompt_lookup(prompt + out, min(k, max_tokens - len(out)))
         kept = cache.length
@@ -105,7 +105,7 @@ if out != reference_free:
     at = next(i for i, (a, b) in enumerate(zip(out, reference_free)) if a != b)
     mine, theirs = out[at], reference_free[at]
     cache = KVCache(config, 512)
-    stepped = model.forward(free_prompt, cache, last_only=True)[-1]
+    stepped = model.prefill(free_prompt, cache)[-1]
     for token in reference_free[:at]:
         stepped = model.forward([token], cache)[-1]                     # the one-token path, as greedy ran
     batched = model.forward(free_prompt + reference_free[:at], KVCache(config, 512))[-1]  # one pass
