@@ -74,6 +74,13 @@ def relaid(fmt) -> bool:
     return bool(fmt.kernels and kernel_rows(fmt).fields)
 
 
+def int8_matvec(fmt) -> bool:
+    """Whether the format's matvec kernel multiplies int8 activations (the block formats'). A prompt
+    takes such a kernel (minillm.rowwise): it reads the packed bytes once for all the prompt's rows.
+    Float16's kernel multiplies floats, which BLAS does faster on float32 tiles for many rows."""
+    return bool(fmt.kernels) and getattr(fmt, "matvec_activation", None) is not None
+
+
 def held_bytes(fmt, n_rows: int, n_cols: int, backend: str = "numba") -> int:
     """Bytes a matrix of the format takes as QuantLinear holds it: its rows, padded to whole groups
     of rows when the Numba kernels re-lay it."""

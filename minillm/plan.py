@@ -71,8 +71,8 @@ class WeightIndex:
     slot_bytes: int          # one set of streamed layer weights: each matrix in each format some layer holds it in
     matvec_kinds: tuple      # (GGML type, n_cols) of the matrices Numba's matvec kernels multiply: each kind
                              # has its own matvec buffers (minillm.packed)
-    untiled_prompts: bool    # every matrix has matvec kernels or is float32: a prompt through the kernels
-                             # (minillm.model.Model.prefill) dequantizes no float32 tile
+    untiled_prompts: bool    # every matrix has int8 matvec kernels (minillm.packed.int8_matvec) or is float32:
+                             # a prompt through the kernels (minillm.model.Model.prefill) makes no float32 tile
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ def weight_index(gguf, config, bits: int, int4: str = "asym", backend: str = "nu
     On the Numba backend the 32-weight formats are re-laid in whole groups of rows (minillm.packed)."""
     from .formats import F32, get, row_bytes
     from .kernels.layout import relay_chunk_rows
-    from .packed import held_bytes as relaid_bytes, relaid
+    from .packed import held_bytes as relaid_bytes, int8_matvec, relaid
     from .streaming import slot_bytes
     from .weights import SHARED_INPUTS, block_tensors, expected_shapes, held_types, validate
     validate(gguf, config)
@@ -162,7 +162,7 @@ def weight_index(gguf, config, bits: int, int4: str = "asym", backend: str = "nu
     matrices = [name for name in held if len(gguf.tensors[name].shape) == 2]
     kinds = {(held[name], gguf.tensors[name].shape[-1]) for name in matrices
              if backend == "numba" and get(held[name]).kernels}
-    untiled = backend == "numba" and all(get(held[name]).kernels or get(held[name]) is F32 for name in matrices)
+    untiled = backend == "numba" and all(int8_matvec(get(held[name])) or get(held[name]) is F32 for name in matrices)
     relay = max(relay_chunk_rows(row_bytes(held[name], gguf.tensors[name].shape[-1]))
                 * row_bytes(held[name], gguf.tensors[name].shape[-1]) for name in matrices)
     return WeightIndex(

@@ -18,6 +18,7 @@ from dataclasses import fields, replace
 
 import numpy as np
 
+from .packed import int8_matvec
 from .weights import ModelWeights
 
 
@@ -25,15 +26,16 @@ class RowWise:
     """A linear layer that takes each row of its input as a token of its own: the layer's `tokens`
     (QuantLinear's: one pass over the weights for all B rows) when it has one; else, `alone`, one
     call per row (a float product of B rows would add in another order than B products of one).
-    Not `alone`, only a layer with a matvec kernel runs `tokens`; the others multiply all the rows
-    at once, as in any prompt."""
+    Not `alone`, only a layer whose matvec kernel multiplies int8 activations runs `tokens`
+    (minillm.packed.int8_matvec); the others multiply all the rows at once, as in any prompt."""
 
     def __init__(self, linear, alone: bool = True):
         if alone:
             self.tokens = getattr(linear, "tokens", None) or (
                 lambda x: np.concatenate([linear(row[None]) for row in x]))
         else:
-            self.tokens = linear.tokens if getattr(linear, "kernels", None) is not None else linear
+            kernel = getattr(linear, "kernels", None) is not None and int8_matvec(linear.format)
+            self.tokens = linear.tokens if kernel else linear
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         # x: (B, in_features) -> (B, out_features)

@@ -274,9 +274,9 @@ course.save(fig, "serving_clients.png")
 # Sixteen clients get 3.0 times the work of one done per second (2.8x to 3.5x in three runs): the
 # batched kernels save the weight reads and the unpacking, and section 1 showed that the dot products
 # and float terms each activation keeps are most of a decode step. The prompts take the same kernels
-# when they are short (`Model.prefill`): before that, each client's 20-token prompt was dequantized
-# matrix by matrix into float32 for BLAS, and the prompts took a third of the server's time at 16
-# clients, which held the rate to 2.2x. Each user's wait grows meanwhile: a token every 44 ms
+# (`Model.prefill`, up to 128 tokens a pass): before that, each client's 20-token prompt was
+# dequantized matrix by matrix into float32 for BLAS, and the prompts took a third of the server's
+# time at 16 clients, which held the rate to 2.2x. Each user's wait grows meanwhile: a token every 44 ms
 # instead of 10.
 #
 # ## Exercises
