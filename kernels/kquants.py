@@ -180,16 +180,17 @@ def _k4_term(sums, i, head, dx):
 k4_term = jit_inline(_k4_term)
 
 
-def _add_group_terms(w32_row, w8_row, b, words, type_size, five_bit, xq, a, xd, bsums, out, row):
+def _add_group_terms(w32_row, w8_row, b, words, type_size, five_bit, xq, a, xd, bsums, sums, out, row):
     # out[a + i, row] += the float term of super-block b for each activation a + i of a group: the
-    # integer sums of the BATCH activations at once by byte dot products (kernels/vnni_kquants.py)
+    # integer sums of the BATCH activations at once by byte dot products (kernels/vnni_kquants.py),
+    # into sums (2 BATCH,) i32
     scales_lo, scales_hi, mins_lo, mins_hi = scales_k4(w32_row, words * b + 1)
     if five_bit:
-        sums = fifth_bit_superblock_batch_vnni(w8_row, type_size * b, xq, a, 256 * b, scales_lo, scales_hi, mins_lo,
-                                               mins_hi, bsums, 16 * b)
+        fifth_bit_superblock_batch_vnni(w8_row, type_size * b, xq, a, 256 * b, scales_lo, scales_hi, mins_lo, mins_hi,
+                                        bsums, 16 * b, sums)
     else:
-        sums = nibble_superblock_batch_vnni(w8_row, type_size * b, xq, a, 256 * b, scales_lo, scales_hi, mins_lo,
-                                            mins_hi, bsums, 16 * b)
+        nibble_superblock_batch_vnni(w8_row, type_size * b, xq, a, 256 * b, scales_lo, scales_hi, mins_lo, mins_hi,
+                                     bsums, 16 * b, sums)
     head = w32_row[words * b]
     for i in range(BATCH):
         out[a + i, row] += k4_term(sums, i, head, xd[a + i, b])
@@ -208,11 +209,12 @@ def k4_kernels(type_size: int, five_bit: bool, vnni: bool) -> tuple:
     only, as if written apart. -> (matvec_rows, dequantize_rows)"""
     words = type_size // 4
 
-    def matvec_rows(w32, w8, xq, xd, bsums, out, first, stop):
+    def matvec_rows(w32, w8, xq, xd, bsums, scratch, out, first, stop):
         """out[:, first:stop] = those rows of W times each of B activations, on the calling thread.
 
         w32: (N, words nsb) u32 and w8: (N, type_size nsb) u8, views of the same rows (read-only is
-        fine); xq: (B, K) i8, xd: (B, nsb) f32, bsums: (B, K / 16) i32 from `quantize_q8_k`; out: (B, N) f32.
+        fine); xq: (B, K) i8, xd: (B, nsb) f32, bsums: (B, K / 16) i32 from `quantize_q8_k`; scratch:
+        (>= 2 BATCH,) i32, a group's integer sums; out: (B, N) f32.
 
         Loop order: with `vnni` and at least BATCH activations, group by group of BATCH activations
         (`batch_groups`), whose codes (BATCH K bytes) stay in cache while every row goes by; in a row,
@@ -223,13 +225,16 @@ def k4_kernels(type_size: int, five_bit: bool, vnni: bool) -> tuple:
         Allocation: none. Load-time unpacking: none."""
         n_groups = batch_groups(xq.shape[0], vnni)
         if vnni:
-            check_superblock_reads(w8, type_size, xq, bsums, xd.shape[1], stop)
+            sums = scratch[:2 * BATCH]
+            check_superblock_reads(w8, type_size, xq, bsums, xd.shape[1], stop, sums)
             for g in range(n_groups):
                 a = group_start(g, xq.shape[0])
                 for row in range(first, stop):
+                    w32_row, w8_row = w32[row], w8[row]
                     out[a:a + BATCH, row] = 0
                     for b in range(xd.shape[1]):
-                        add_group_terms(w32[row], w8[row], b, words, type_size, five_bit, xq, a, xd, bsums, out, row)
+                        add_group_terms(w32_row, w8_row, b, words, type_size, five_bit, xq, a, xd, bsums, sums, out,
+                                        row)
         if n_groups == 0:                      # one activation at a time
             for row in range(first, stop):
                 for a in range(xq.shape[0]):

@@ -59,13 +59,14 @@ _PAIRS = ir.VectorType(ir.IntType(16), 32)
 BATCH = 8      # activations per call of the batch intrinsics: one unpacking of a super-block for all 8
 
 
-def _check_superblock_reads(w8, type_size, xq, bsums, nsb, stop):
+def _check_superblock_reads(w8, type_size, xq, bsums, nsb, stop, sums):
     """Raise IndexError unless the functions here, called for super-blocks 0..nsb-1 of rows up to stop
     of w8 (N, >= type_size nsb) with activations 0..B-1 of xq (B, >= 256 nsb) and bsums (>= B, >= 16
-    nsb), stay inside those arrays (they read without bounds checks, even under NUMBA_BOUNDSCHECK)."""
+    nsb), the batch ones writing sums (>= 2 BATCH,), stay inside those arrays (they read and write
+    without bounds checks, even under NUMBA_BOUNDSCHECK)."""
     if stop > w8.shape[0] or w8.shape[1] < type_size * nsb or xq.shape[1] < 256 * nsb or bsums.shape[1] < 16 * nsb \
-            or bsums.shape[0] < xq.shape[0]:
-        raise IndexError("a byte dot-product sum would read outside its arrays")
+            or bsums.shape[0] < xq.shape[0] or sums.shape[0] < 2 * BATCH:
+        raise IndexError("a byte dot-product sum would read or write outside its arrays")
 
 
 check_superblock_reads = jit_inline(_check_superblock_reads)
@@ -78,9 +79,10 @@ def _load(builder, pointer, offset, vector_type):
 
 
 def _element_pointer(context, builder, array_type, array, row, column):
-    """The address (as an i8 pointer) of element [row, column] of a C-contiguous 2-D array."""
+    """The address (as an i8 pointer) of element [row, column] of a C-contiguous 2-D array (of
+    element [column] of a 1-D array: row 0)."""
     data = context.make_array(array_type)(context, builder, array)
-    width = cgutils.unpack_tuple(builder, data.shape, 2)[1]
+    width = cgutils.unpack_tuple(builder, data.shape, array_type.ndim)[-1]
     index = builder.add(builder.mul(row, width), column)
     at = builder.mul(index, ir.Constant(_I64, array_type.dtype.bitwidth // 8))
     return builder.gep(builder.bitcast(data.data, _I8.as_pointer()), [at])
@@ -130,7 +132,22 @@ def _lane_sums(builder, vectors):
                          for lanes in for_half)
             merged.append((builder.add(low, high), n + m))
         parts, width = merged, half
-    return [builder.extract_element(v, ir.Constant(_I32, t)) for v, n in parts for t in range(n)]
+    return parts
+
+
+def _sums_of(builder, vectors):
+    """The lane sums of vectors (`_lane_sums`) as i32 values, in their order."""
+    return [builder.extract_element(v, ir.Constant(_I32, t)) for v, n in _lane_sums(builder, vectors) for t in range(n)]
+
+
+def _store_sums(context, builder, sums_type, sums, vectors):
+    """sums[0], sums[1], ... = the lane sums of vectors (`_lane_sums`), in their order; a vector of
+    them at a time."""
+    at = _element_pointer(context, builder, sums_type, sums, ir.Constant(_I64, 0), ir.Constant(_I64, 0))
+    for v, n in _lane_sums(builder, vectors):
+        first = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(n))))
+        builder.store(first, builder.bitcast(at, first.type.as_pointer()), align=4)
+        at = builder.gep(at, [ir.Constant(_I64, 4 * n)])
 
 
 def _bsums16(context, builder, bsums_type, bsums, activation, sums):
@@ -172,9 +189,10 @@ def _activations(context, builder, sig, args, xq_at, count):
 
 def _k4_sums(five_bit, count):
     """The codegen of a Q4_K (or, five_bit, Q5_K) super-block's (I, M) for `count` activations: the
-    codes, their lane scales and the minimums unpacked once, then each activation's 4 dot products."""
+    codes, their lane scales and the minimums unpacked once, then each activation's 4 dot products;
+    returned (count 1) or stored in the last argument (I_0 .., then M_0 ..)."""
     def codegen(context, builder, sig, args):
-        row, base, _, _, _, scales_lo, scales_hi, mins_lo, mins_hi, bsums, sums = args
+        row, base, _, _, _, scales_lo, scales_hi, mins_lo, mins_hi, bsums, sums = args[:11]
         block = _byte_pointer(context, builder, sig.args[0], row, base)
         scales = _six_bit_fields(builder, scales_lo, scales_hi)
         # chunk j: lanes 0..7 are sub-block 2 j (the low nibbles), lanes 8..15 sub-block 2 j + 1
@@ -189,14 +207,26 @@ def _k4_sums(five_bit, count):
                 acc = _scaled_dot(builder, acc, codes, _load(builder, x, 64 * j, _BYTES), lane_scales)
             totals.append(acc)
             min_terms.append(builder.mul(mins, _bsums16(context, builder, sig.args[9], bsums, activation, sums)))
-        return context.make_tuple(builder, sig.return_type, _lane_sums(builder, totals + min_terms))
+        return _results(context, builder, sig, args, totals + min_terms, count)
     return codegen
 
 
-def _k4_signature(count, row, xq, bsums):
-    _check(row, xq, bsums)
+def _results(context, builder, sig, args, vectors, count):
+    """What an intrinsic gives of its vectors' lane sums: for one activation a tuple; for a batch
+    nothing, the sums stored in its last argument (an array: the kernel's loop over the activations
+    then indexes an array, not a tuple, which Numba would index through a jump table)."""
+    if count == 1:
+        return context.make_tuple(builder, sig.return_type, _sums_of(builder, vectors))
+    _store_sums(context, builder, sig.args[-1], args[-1], vectors)
+    return context.get_dummy_value()
+
+
+def _k4_signature(row, xq, bsums, out=None):
+    # (I, M) of one activation, or (out given) nothing: the batch's sums stored in out
+    _check(row, xq, bsums, *([] if out is None else [out]))
     u32, n = types.uint32, types.intp
-    return types.UniTuple(types.int32, 2 * count)(row, n, xq, n, n, u32, u32, u32, u32, bsums, n)
+    arguments = (row, n, xq, n, n, u32, u32, u32, u32, bsums, n)
+    return types.UniTuple(types.int32, 2)(*arguments) if out is None else types.void(*arguments, out)
 
 
 @intrinsic
@@ -207,15 +237,16 @@ def nibble_superblock_vnni(typingctx, row, base, xq, a, first, scales_lo, scales
     (`scales_k4`), the sums of xq[a] over each 16 in bsums[a, sums : sums + 16]. row: (>= base + 144,)
     u8; xq: (> a, >= first + 256) i8; bsums: (> a, >= sums + 16) i32. Reads row[base + 16 : base +
     144], xq[a, first : first + 256] and bsums[a, sums : sums + 16]."""
-    return _k4_signature(1, row, xq, bsums), _k4_sums(five_bit=False, count=1)
+    return _k4_signature(row, xq, bsums), _k4_sums(five_bit=False, count=1)
 
 
 @intrinsic
 def nibble_superblock_batch_vnni(typingctx, row, base, xq, a, first, scales_lo, scales_hi, mins_lo, mins_hi, bsums,
-                                 sums):
+                                 sums, out):
     """`nibble_superblock_vnni` for the BATCH activations a .. a + BATCH - 1, the super-block unpacked
-    once: (I_0, ..., I_(BATCH-1), M_0, ..., M_(BATCH-1)). xq and bsums: (>= a + BATCH, ...)."""
-    return _k4_signature(BATCH, row, xq, bsums), _k4_sums(five_bit=False, count=BATCH)
+    once: out[i] = I of activation a + i, out[BATCH + i] its M. xq and bsums: (>= a + BATCH, ...);
+    out: (>= 2 BATCH,) i32, C-contiguous. Writes out[: 2 BATCH]."""
+    return _k4_signature(row, xq, bsums, out), _k4_sums(five_bit=False, count=BATCH)
 
 
 @intrinsic
@@ -223,15 +254,15 @@ def fifth_bit_superblock_vnni(typingctx, row, base, xq, a, first, scales_lo, sca
                               sums):
     """`nibble_superblock_vnni` for Q5_K, each code with its fifth bit from qh (row[base + 16 : base
     + 48]). row: (>= base + 176,) u8. Reads row[base + 16 : base + 176] too."""
-    return _k4_signature(1, row, xq, bsums), _k4_sums(five_bit=True, count=1)
+    return _k4_signature(row, xq, bsums), _k4_sums(five_bit=True, count=1)
 
 
 @intrinsic
 def fifth_bit_superblock_batch_vnni(typingctx, row, base, xq, a, first, scales_lo, scales_hi, mins_lo, mins_hi,
-                                    bsums, sums):
-    """`fifth_bit_superblock_vnni` for the BATCH activations a .. a + BATCH - 1, as
+                                    bsums, sums, out):
+    """`fifth_bit_superblock_vnni` for the BATCH activations a .. a + BATCH - 1, into out as
     `nibble_superblock_batch_vnni`."""
-    return _k4_signature(BATCH, row, xq, bsums), _k4_sums(five_bit=True, count=BATCH)
+    return _k4_signature(row, xq, bsums, out), _k4_sums(five_bit=True, count=BATCH)
 
 
 def _q6_k_codes(builder, block, n):
@@ -251,7 +282,7 @@ def _q6_k_sums(count):
     """The codegen of a Q6_K super-block's I for `count` activations: the codes and their lane scales
     unpacked once, then each activation's 4 dot products, less 32 sum_s sc_s bsums_s."""
     def codegen(context, builder, sig, args):
-        row, base, _, _, _, bsums, sums = args
+        row, base, _, _, _, bsums, sums = args[:7]
         block = _byte_pointer(context, builder, sig.args[0], row, base)
         scales = builder.sext(_load(builder, block, 192, ir.VectorType(_I8, 16)), _LANES)      # sc_0..15
         # the 64 bytes at 128 n + 64 part: lane L holds elements + 4L .. + 3, of sub-block 8 n + 4 part + L // 4
@@ -264,13 +295,15 @@ def _q6_k_sums(count):
                 acc = _scaled_dot(builder, acc, codes, _load(builder, x, at, _BYTES), lane_scales)
             offsets = builder.mul(scales, _bsums16(context, builder, sig.args[5], bsums, activation, sums))
             totals.append(builder.sub(acc, builder.shl(offsets, _constant(5))))       # - 32 sc_s bsums_s
-        return context.make_tuple(builder, sig.return_type, _lane_sums(builder, totals))
+        return _results(context, builder, sig, args, totals, count)
     return codegen
 
 
-def _q6_k_signature(count, row, xq, bsums):
-    _check(row, xq, bsums)
-    return types.UniTuple(types.int32, count)(row, types.intp, xq, types.intp, types.intp, bsums, types.intp)
+def _q6_k_signature(row, xq, bsums, out=None):
+    # (I,) of one activation, or (out given) nothing: the batch's sums stored in out
+    _check(row, xq, bsums, *([] if out is None else [out]))
+    arguments = (row, types.intp, xq, types.intp, types.intp, bsums, types.intp)
+    return types.UniTuple(types.int32, 1)(*arguments) if out is None else types.void(*arguments, out)
 
 
 @intrinsic
@@ -280,11 +313,12 @@ def q6_k_superblock_vnni(typingctx, row, base, xq, a, first, bsums, sums):
     sums : sums + 16], the sums of xq[a] over each 16. row: (>= base + 210,) u8; xq: (> a, >= first +
     256) i8; bsums: (> a, >= sums + 16) i32. Reads row[base : base + 208], xq[a, first : first + 256]
     and bsums[a, sums : sums + 16]."""
-    return _q6_k_signature(1, row, xq, bsums), _q6_k_sums(1)
+    return _q6_k_signature(row, xq, bsums), _q6_k_sums(1)
 
 
 @intrinsic
-def q6_k_superblock_batch_vnni(typingctx, row, base, xq, a, first, bsums, sums):
+def q6_k_superblock_batch_vnni(typingctx, row, base, xq, a, first, bsums, sums, out):
     """`q6_k_superblock_vnni` for the BATCH activations a .. a + BATCH - 1, the super-block unpacked
-    once: (I_0, ..., I_(BATCH-1)). xq and bsums: (>= a + BATCH, ...)."""
-    return _q6_k_signature(BATCH, row, xq, bsums), _q6_k_sums(BATCH)
+    once: out[i] = I of activation a + i. xq and bsums: (>= a + BATCH, ...); out: (>= BATCH,) i32,
+    C-contiguous. Writes out[: BATCH]."""
+    return _q6_k_signature(row, xq, bsums, out), _q6_k_sums(BATCH)

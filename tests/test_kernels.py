@@ -593,19 +593,22 @@ def test_vnni_and_portable_kquant_batches_give_each_activation_its_one_token_bit
 @needs_dot_bytes
 @pytest.mark.parametrize("ggml_type", KQUANT_TYPES, ids=lambda t: t.name)
 def test_kquant_byte_dot_matvecs_refuse_arrays_they_would_read_past(ggml_type):
-    """The byte dot sums read without bounds checks: before them, a K-quant matvec checks the rows, the
-    activations' codes and their sums of 16 (one row of sums per activation), and refuses."""
+    """The byte dot sums read and write without bounds checks: before them, a K-quant matvec checks the
+    rows, the activations' codes and their sums of 16 (one row of sums per activation) and the
+    scratch a group's sums go to, and refuses."""
     raw = edge_blocks(ggml_type, "zero", np.random.default_rng(0))          # 4 rows of 4 super-blocks
     rows = packed_rows(raw, ggml_type).rows
     for batch in (1, BATCH + 1):
         act = rows.new_activation(batch)
+        scratch = rows.new_scratch(1, batch)[0]
         out = np.zeros((batch, 4), np.float32)
-        rows.matvec_groups(act, None, out, 0, 4)                              # the arrays as they come: fine
+        rows.matvec_groups(act, scratch, out, 0, 4)                           # the arrays as they come: fine
         short_sums = type(act)(q=act.q, d=act.d, bsums=act.bsums[:batch - 1])
         short_codes = type(act)(q=np.ascontiguousarray(act.q[:, :-256]), d=act.d, bsums=act.bsums)
-        for bad, stop in ((short_sums, 4), (short_codes, 4), (act, 5)):
+        cases = ((short_sums, scratch, 4), (short_codes, scratch, 4), (act, scratch, 5), (act, scratch[:BATCH], 4))
+        for bad, bad_scratch, stop in cases:
             with pytest.raises(IndexError):
-                rows.matvec_groups(bad, None, out, 0, stop)
+                rows.matvec_groups(bad, bad_scratch, out, 0, stop)
 
 
 def test_matvec_buffers_grow_with_the_batch_and_are_shared_by_matrices_of_a_kind():
