@@ -26,7 +26,8 @@ import numpy as np
 
 from ._jit import jit, jit_inline
 from .f16 import f16_to_f32
-from .vnni_kquants import check_superblock_reads, fifth_bit_superblock_vnni, nibble_superblock_vnni
+from .vnni_kquants import (BATCH, check_superblock_reads, fifth_bit_superblock_batch_vnni, fifth_bit_superblock_vnni,
+                           nibble_superblock_batch_vnni, nibble_superblock_vnni)
 
 LOW6 = np.uint32(0x3F3F3F3F)
 LOW4 = np.uint32(0x0F0F0F0F)
@@ -130,6 +131,74 @@ def _min_sum(mins_lo, mins_hi, bsums, first):
 min_sum = jit_inline(_min_sum)
 
 
+def _batch_groups(B, vnni):
+    # how many groups of BATCH activations the matvecs take B activations in: none without byte dot
+    # products or when B < BATCH (each activation alone then), else B / BATCH rounded up, the last
+    # group overlapping the one before when BATCH does not divide B (`group_start`)
+    return (B + BATCH - 1) // BATCH if vnni and B >= BATCH else 0
+
+
+batch_groups = jit_inline(_batch_groups)
+
+
+def _group_start(g, B):
+    # the first activation of group g: BATCH g, or B - BATCH for the last group of B not a multiple of
+    # BATCH, which computes again a few activations of the group before (the same bits: each
+    # activation's sums and products do not depend on the others), cheaper than one at a time
+    return min(BATCH * g, B - BATCH)
+
+
+group_start = jit_inline(_group_start)
+
+
+def _superblock_sums(w8_row, base, five_bit, xq_row, first, scales_lo, scales_hi, mins_lo, mins_hi, bsums_row,
+                     sums):
+    # (I, M) of the super-block at byte `base` and one activation, by the portable loops: chunk j's
+    # low and high codes times the scales of sub-blocks 2 j and 2 j + 1
+    total = np.int32(0)
+    for j in range(4):
+        if five_bit:
+            low, high = fifth_bit_sums(w8_row, base, j, xq_row, first + 64 * j)
+        else:
+            low, high = nibble_sums(w8_row, base, j, xq_row, first + 64 * j)
+        scales = scales_lo if j < 2 else scales_hi
+        total += field(scales, 2 * (j % 2)) * low + field(scales, 2 * (j % 2) + 1) * high
+    return np.int32(total), np.int32(min_sum(mins_lo, mins_hi, bsums_row, sums))
+
+
+superblock_sums = jit_inline(_superblock_sums)
+
+
+def _k4_term(sums, i, head, dx):
+    # (d dx) I_i - (dmin dx) M_i: the float term of a super-block (head: its word 0, d and dmin as
+    # float16) for activation i of sums = (I_0, I_1, ..., M_0, M_1, ...) and its scale dx, in the
+    # operations, and their order, of one activation alone
+    d, dmin = f16_to_f32(head & np.uint32(0xFFFF)), f16_to_f32(head >> np.uint32(16))
+    return (d * dx) * np.float32(sums[i]) - (dmin * dx) * np.float32(sums[len(sums) // 2 + i])
+
+
+k4_term = jit_inline(_k4_term)
+
+
+def _add_group_terms(w32_row, w8_row, b, words, type_size, five_bit, xq, a, xd, bsums, sums, out, row):
+    # out[a + i, row] += the float term of super-block b for each activation a + i of a group: the
+    # integer sums of the BATCH activations at once by byte dot products (kernels/vnni_kquants.py),
+    # into sums (2 BATCH,) i32
+    scales_lo, scales_hi, mins_lo, mins_hi = scales_k4(w32_row, words * b + 1)
+    if five_bit:
+        fifth_bit_superblock_batch_vnni(w8_row, type_size * b, xq, a, 256 * b, scales_lo, scales_hi, mins_lo, mins_hi,
+                                        bsums, 16 * b, sums)
+    else:
+        nibble_superblock_batch_vnni(w8_row, type_size * b, xq, a, 256 * b, scales_lo, scales_hi, mins_lo, mins_hi,
+                                     bsums, 16 * b, sums)
+    head = w32_row[words * b]
+    for i in range(BATCH):
+        out[a + i, row] += k4_term(sums, i, head, xd[a + i, b])
+
+
+add_group_terms = jit_inline(_add_group_terms)
+
+
 def k4_kernels(type_size: int, five_bit: bool, vnni: bool) -> tuple:
     """The matvec and the row dequantizer of a format whose super-block of `type_size` bytes starts as
     Q4_K's (word 0: d and dmin as float16; words 1..3: the 6-bit scales and minimums) and holds four
@@ -140,44 +209,49 @@ def k4_kernels(type_size: int, five_bit: bool, vnni: bool) -> tuple:
     only, as if written apart. -> (matvec_rows, dequantize_rows)"""
     words = type_size // 4
 
-    def matvec_rows(w32, w8, xq, xd, bsums, out, first, stop):
+    def matvec_rows(w32, w8, xq, xd, bsums, scratch, out, first, stop):
         """out[:, first:stop] = those rows of W times each of B activations, on the calling thread.
 
         w32: (N, words nsb) u32 and w8: (N, type_size nsb) u8, views of the same rows (read-only is
-        fine); xq: (B, K) i8, xd: (B, nsb) f32, bsums: (B, K / 16) i32 from `quantize_q8_k`; out: (B, N) f32.
+        fine); xq: (B, K) i8, xd: (B, nsb) f32, bsums: (B, K / 16) i32 from `quantize_q8_k`; scratch:
+        (>= 2 BATCH,) i32, a group's integer sums; out: (B, N) f32.
 
-        Loop order: row by row; a row is read from memory once and, while it is in cache, each
-        activation in turn goes super-block by super-block: four chunks of 64 codes, then the two
-        float products; super-blocks added in order in float32, whatever B. Allocation: none.
-        Load-time unpacking: none."""
+        Loop order: with `vnni` and at least BATCH activations, group by group of BATCH activations
+        (`batch_groups`), whose codes (BATCH K bytes) stay in cache while every row goes by; in a row,
+        super-block by super-block, its codes and scales unpacked once for the group's integer sums
+        (I, M), then each activation's two float products, added to out in order in float32.
+        Otherwise (B < BATCH, or the portable loops) row by row, each activation alone, super-block
+        by super-block. So each activation gets the operations of B = 1 in their order, whatever B.
+        Allocation: none. Load-time unpacking: none."""
+        n_groups = batch_groups(xq.shape[0], vnni)
         if vnni:
-            check_superblock_reads(w8, type_size, xq, bsums, xd.shape[1], stop)
-        for row in range(first, stop):
-            for a in range(xq.shape[0]):
-                acc = np.float32(0)
-                for b in range(xd.shape[1]):
-                    scales_lo, scales_hi, mins_lo, mins_hi = scales_k4(w32[row], words * b + 1)
-                    if vnni and five_bit:
-                        total, mins = fifth_bit_superblock_vnni(w8[row], type_size * b, xq[a], 256 * b, scales_lo,
-                                                                scales_hi, mins_lo, mins_hi, bsums[a], 16 * b)
-                    elif vnni:
-                        total, mins = nibble_superblock_vnni(w8[row], type_size * b, xq[a], 256 * b, scales_lo,
-                                                             scales_hi, mins_lo, mins_hi, bsums[a], 16 * b)
-                    else:
-                        total = np.int32(0)
-                        for j in range(4):
-                            if five_bit:
-                                low, high = fifth_bit_sums(w8[row], type_size * b, j, xq[a], 256 * b + 64 * j)
-                            else:
-                                low, high = nibble_sums(w8[row], type_size * b, j, xq[a], 256 * b + 64 * j)
-                            scales = scales_lo if j < 2 else scales_hi
-                            total += field(scales, 2 * (j % 2)) * low + field(scales, 2 * (j % 2) + 1) * high
-                        mins = min_sum(mins_lo, mins_hi, bsums[a], 16 * b)
-                    head = w32[row, words * b]
-                    d = f16_to_f32(head & np.uint32(0xFFFF)) * xd[a, b]
-                    dmin = f16_to_f32(head >> np.uint32(16)) * xd[a, b]
-                    acc += d * np.float32(total) - dmin * np.float32(mins)
-                out[a, row] = acc
+            sums = scratch[:2 * BATCH]
+            check_superblock_reads(w8, type_size, xq, bsums, xd.shape[1], stop, sums)
+            for g in range(n_groups):
+                a = group_start(g, xq.shape[0])
+                for row in range(first, stop):
+                    w32_row, w8_row = w32[row], w8[row]
+                    out[a:a + BATCH, row] = 0
+                    for b in range(xd.shape[1]):
+                        add_group_terms(w32_row, w8_row, b, words, type_size, five_bit, xq, a, xd, bsums, sums, out,
+                                        row)
+        if n_groups == 0:                      # one activation at a time
+            for row in range(first, stop):
+                for a in range(xq.shape[0]):
+                    acc = np.float32(0)
+                    for b in range(xd.shape[1]):
+                        scales_lo, scales_hi, mins_lo, mins_hi = scales_k4(w32[row], words * b + 1)
+                        if vnni and five_bit:
+                            sums = fifth_bit_superblock_vnni(w8[row], type_size * b, xq, a, 256 * b, scales_lo,
+                                                             scales_hi, mins_lo, mins_hi, bsums, 16 * b)
+                        elif vnni:
+                            sums = nibble_superblock_vnni(w8[row], type_size * b, xq, a, 256 * b, scales_lo,
+                                                          scales_hi, mins_lo, mins_hi, bsums, 16 * b)
+                        else:
+                            sums = superblock_sums(w8[row], type_size * b, five_bit, xq[a], 256 * b, scales_lo,
+                                                   scales_hi, mins_lo, mins_hi, bsums[a], 16 * b)
+                        acc += k4_term(sums, 0, w32[row, words * b], xd[a, b])
+                    out[a, row] = acc
 
     def dequantize_rows(w32, w8, ids, out):
         """out[i] = row ids[i] as float32, bit-identical to the format's NumPy `dequantize`:

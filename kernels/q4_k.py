@@ -39,7 +39,7 @@ class Q4_KRows(Q8KRows):
         self.w8 = read_only(storage.view(np.uint8))
 
     def matvec_groups(self, act, scratch, out, first, stop):
-        self.kernels[0](self.w32, self.w8, act.q, act.d, act.bsums, out, first, stop)
+        self.kernels[0](self.w32, self.w8, act.q, act.d, act.bsums, scratch, out, first, stop)
 
     def dequantize_rows(self, ids, out):
         self.kernels[1](self.w32, self.w8, ids, out)

@@ -23,7 +23,8 @@ from .f16 import f16_to_f32
 from .q8_k import Q8KRows
 from .rows import read_only
 from .vnni import DOT_BYTES
-from .vnni_kquants import check_superblock_reads, q6_k_superblock_vnni
+from .kquants import batch_groups, group_start
+from .vnni_kquants import BATCH, check_superblock_reads, q6_k_superblock_batch_vnni, q6_k_superblock_vnni
 
 
 def _codes6(w8_row, block, n, l):
@@ -72,37 +73,70 @@ def _half_sum(w8_row, wi8_row, block, n, xq, bsums, first):
 half_sum = jit_inline(_half_sum)
 
 
+def _q6_k_term(sums, i, d16, dx):
+    # (d dx) I_i: the float term of a super-block (d16: its d as float16 bits) for activation i of
+    # sums = (I_0, I_1, ...) and its scale dx, in the operations, and their order, of one activation alone
+    return f16_to_f32(d16) * dx * np.float32(sums[i])
+
+
+q6_k_term = jit_inline(_q6_k_term)
+
+
+def _add_group_terms_q6_k(w16_row, w8_row, b, xq, a, xd, bsums, sums, out, row):
+    # out[a + i, row] += the float term of super-block b for each activation a + i of a group: the
+    # integer sums of the BATCH activations at once by byte dot products (kernels/vnni_kquants.py),
+    # into sums (BATCH,) i32
+    q6_k_superblock_batch_vnni(w8_row, 210 * b, xq, a, 256 * b, bsums, 16 * b, sums)
+    d16 = w16_row[105 * b + 104]
+    for i in range(BATCH):
+        out[a + i, row] += q6_k_term(sums, i, d16, xd[a + i, b])
+
+
+add_group_terms_q6_k = jit_inline(_add_group_terms_q6_k)
+
+
 def q6_k_matvec(vnni: bool):
     """The Q6_K matvec, its integer sums by byte dot products with `vnni` (kernels/vnni_kquants.py:
     only where the CPU has them, `DOT_BYTES`), else by `half_sum`'s loops; Numba takes `vnni` as a
     constant, so each version is compiled with one branch only."""
 
-    def matvec_rows(w16, w8, wi8, xq, xd, bsums, out, first, stop):
+    def matvec_rows(w16, w8, wi8, xq, xd, bsums, scratch, out, first, stop):
         """out[:, first:stop] = those rows of W times each of B activations, from Q6_K rows, on the
         calling thread.
 
         w16: (N, 105 nsb) u16, w8: (N, 210 nsb) u8 and wi8: (N, 210 nsb) i8, views of the same rows
         (read-only is fine); xq: (B, K) i8, xd: (B, nsb) f32, bsums: (B, K / 16) i32 from
-        `quantize_q8_k`; out: (B, N) f32.
+        `quantize_q8_k`; scratch: (>= 2 BATCH,) i32, a group's integer sums; out: (B, N) f32.
 
-        Loop order: row by row; a row is read from memory once and, while it is in cache, each
-        activation in turn goes super-block by super-block: the integer sum of its 256 codes, then
-        one float product; super-blocks added in order in float32, whatever B. Allocation: none.
-        Load-time unpacking: none.
+        Loop order as kernels/kquants.py's K-quant matvecs: with `vnni` and at least BATCH
+        activations, group by group of BATCH (`batch_groups`), each super-block unpacked once for a
+        group; otherwise row by row, each activation alone. Each activation's products are added to
+        out in order in float32, whatever B. Allocation: none. Load-time unpacking: none.
         """
+        n_groups = batch_groups(xq.shape[0], vnni)
         if vnni:
-            check_superblock_reads(w8, 210, xq, bsums, xd.shape[1], stop)
-        for row in range(first, stop):
-            for a in range(xq.shape[0]):
-                acc = np.float32(0)
-                for b in range(xd.shape[1]):
-                    if vnni:
-                        total = q6_k_superblock_vnni(w8[row], 210 * b, xq[a], 256 * b, bsums[a], 16 * b)
-                    else:
-                        total = half_sum(w8[row], wi8[row], 210 * b, 0, xq[a], bsums[a], 256 * b)
-                        total += half_sum(w8[row], wi8[row], 210 * b, 1, xq[a], bsums[a], 256 * b)
-                    acc += f16_to_f32(w16[row, 105 * b + 104]) * xd[a, b] * np.float32(total)
-                out[a, row] = acc
+            check_superblock_reads(w8, 210, xq, bsums, xd.shape[1], stop, scratch)
+            sums = scratch[:BATCH]
+            for g in range(n_groups):
+                a = group_start(g, xq.shape[0])
+                for row in range(first, stop):
+                    w16_row, w8_row = w16[row], w8[row]
+                    out[a:a + BATCH, row] = 0
+                    for b in range(xd.shape[1]):
+                        add_group_terms_q6_k(w16_row, w8_row, b, xq, a, xd, bsums, sums, out, row)
+        if n_groups == 0:                      # one activation at a time
+            for row in range(first, stop):
+                for a in range(xq.shape[0]):
+                    acc = np.float32(0)
+                    for b in range(xd.shape[1]):
+                        if vnni:
+                            sums = q6_k_superblock_vnni(w8[row], 210 * b, xq, a, 256 * b, bsums, 16 * b)
+                        else:
+                            total = half_sum(w8[row], wi8[row], 210 * b, 0, xq[a], bsums[a], 256 * b)
+                            total += half_sum(w8[row], wi8[row], 210 * b, 1, xq[a], bsums[a], 256 * b)
+                            sums = (np.int32(total),)
+                        acc += q6_k_term(sums, 0, w16[row, 105 * b + 104], xd[a, b])
+                    out[a, row] = acc
 
     return jit(matvec_rows)
 
@@ -151,7 +185,7 @@ class Q6_KRows(Q8KRows):
         self.wi8 = read_only(storage.view(np.int8))
 
     def matvec_groups(self, act, scratch, out, first, stop):
-        self.kernels[0](self.w16, self.w8, self.wi8, act.q, act.d, act.bsums, out, first, stop)
+        self.kernels[0](self.w16, self.w8, self.wi8, act.q, act.d, act.bsums, scratch, out, first, stop)
 
     def dequantize_rows(self, ids, out):
         self.kernels[1](self.w16, self.w8, self.wi8, ids, out)

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._jit import jit, jit_inline
-from .rows import Rows
+from .rows import Rows, scratch_rows
+from .vnni_kquants import BATCH
 
 
 @dataclass
@@ -88,3 +89,8 @@ class Q8KRows(Rows):
 
     def quantize(self, x, act):
         quantize_q8_k(x, act.q, act.d, act.bsums)
+
+    def new_scratch(self, parts: int, batch: int = 1) -> np.ndarray:
+        """(parts, ...) int32: where each thread's matvec puts the integer sums of a group of BATCH
+        activations (kernels/vnni_kquants.py), I and M of each."""
+        return scratch_rows(parts, 2 * BATCH, np.int32)

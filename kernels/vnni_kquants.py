@@ -22,11 +22,19 @@ Each int32 lane of a dot product holds 4 consecutive elements, all in one sub-bl
 is multiplied by that sub-block's scale, the scales spread over the lanes by a shuffle: with
 AVX512-VNNI, `vpdpbusd` then `vpmulld`; without, `vpmaddubsw` then `vpmaddwd` by the scales (in
 both int16 halves of a lane) instead of by ones, as llama.cpp's AVX2 code does. vpmaddubsw's int16
-pairs stay within 2 * 63 * 128 = 16128 (< 32767) even for Q6_K's 6-bit codes. The 16 lanes are
-added once per super-block. The terms of the Q8_K sums of 16 (bsums) are vector products too: Q4_K's
-and Q5_K's M = sum_s m_s (sum of q over s), returned beside I, and Q6_K's - 32, taken off I as
-32 sum_s sc_s bsums_s. Every sum is exact (|I| < 2^29), so the results equal the portable loops'
-bit for bit; tests/test_kernels.py compares the two paths for each instruction.
+pairs stay within 2 * 63 * 128 = 16128 (< 32767) even for Q6_K's 6-bit codes. The terms of the
+Q8_K sums of 16 (bsums) are vector products too: Q4_K's and Q5_K's M = sum_s m_s (sum of q over s),
+returned beside I, and Q6_K's - 32, taken off I's lanes as 32 sc_s bsums_s. Every sum is exact
+(|I| < 2^29), so the results equal the portable loops' bit for bit; tests/test_kernels.py compares
+the two paths for each instruction.
+
+A prefill multiplies each row by up to 128 activations. Unpacking a super-block (loads, masks,
+shifts, the lane scales' shuffles) costs about as much as one activation's four dot products, so
+each function comes twice: for one activation (decode), and for BATCH activations at once (the
+`_batch_` ones), the super-block unpacked once for all of them. Each activation's 16 lanes (and
+M's) must still be added up per super-block, since the kernels multiply each super-block's exact
+sums by its float scales; `_lane_sums` adds the lanes of all of a call's vectors in one tree of
+shuffles, about one step per vector rather than four.
 
 As in kernels/vnni.py, the kernels take `DOT_BYTES` as a compile-time constant and keep their
 portable loops for other CPUs and for runs without the JIT; the functions read without bounds
@@ -48,12 +56,17 @@ _BYTES = ir.VectorType(_I8, 64)
 _PAIRS = ir.VectorType(ir.IntType(16), 32)
 
 
-def _check_superblock_reads(w8, type_size, xq, bsums, nsb, stop):
+BATCH = 8      # activations per call of the batch intrinsics: one unpacking of a super-block for all 8
+
+
+def _check_superblock_reads(w8, type_size, xq, bsums, nsb, stop, sums):
     """Raise IndexError unless the functions here, called for super-blocks 0..nsb-1 of rows up to stop
-    of w8 (N, >= type_size nsb) with activations xq (B, >= 256 nsb) and bsums (B, >= 16 nsb), stay
-    inside those arrays (they read without bounds checks, even under NUMBA_BOUNDSCHECK)."""
-    if stop > w8.shape[0] or w8.shape[1] < type_size * nsb or xq.shape[1] < 256 * nsb or bsums.shape[1] < 16 * nsb:
-        raise IndexError("a byte dot-product sum would read outside its arrays")
+    of w8 (N, >= type_size nsb) with activations 0..B-1 of xq (B, >= 256 nsb) and bsums (>= B, >= 16
+    nsb), the batch ones writing sums (>= 2 BATCH,), stay inside those arrays (they read and write
+    without bounds checks, even under NUMBA_BOUNDSCHECK)."""
+    if stop > w8.shape[0] or w8.shape[1] < type_size * nsb or xq.shape[1] < 256 * nsb or bsums.shape[1] < 16 * nsb \
+            or bsums.shape[0] < xq.shape[0] or sums.shape[0] < 2 * BATCH:
+        raise IndexError("a byte dot-product sum would read or write outside its arrays")
 
 
 check_superblock_reads = jit_inline(_check_superblock_reads)
@@ -63,6 +76,16 @@ def _load(builder, pointer, offset, vector_type):
     """The vector_type at byte offset (a Python int) from an i8 pointer; any alignment."""
     at = builder.gep(pointer, [ir.Constant(_I64, offset)])
     return builder.load(builder.bitcast(at, vector_type.as_pointer()), align=1)
+
+
+def _element_pointer(context, builder, array_type, array, row, column):
+    """The address (as an i8 pointer) of element [row, column] of a C-contiguous 2-D array (of
+    element [column] of a 1-D array: row 0)."""
+    data = context.make_array(array_type)(context, builder, array)
+    width = cgutils.unpack_tuple(builder, data.shape, array_type.ndim)[-1]
+    index = builder.add(builder.mul(row, width), column)
+    at = builder.mul(index, ir.Constant(_I64, array_type.dtype.bitwidth // 8))
+    return builder.gep(builder.bitcast(data.data, _I8.as_pointer()), [at])
 
 
 def _bytes(value):
@@ -89,16 +112,47 @@ def _scaled_dot(builder, acc, unsigned, signed, scales):
     return builder.add(acc, _pairwise(builder, "vpmaddwd", pairs, builder.bitcast(both_halves, _PAIRS)))
 
 
-def _sum_lanes(builder, lanes):
-    """The sum of the 16 lanes of an <16 x i32>."""
-    reduce_add = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I32, [_LANES]),
-                                                "llvm.vector.reduce.add.v16i32")
-    return builder.call(reduce_add, [lanes])
+def _lane_sums(builder, vectors):
+    """The sum of the 16 lanes of each <16 x i32> of vectors, as i32 values in their order. All in one
+    tree: a step halves the lanes each sum is spread over, for two vectors at once (two shuffles and
+    an add), so n vectors take about n + 3 steps, where a reduction of each alone takes 4 n (of one
+    shuffle and an add)."""
+    parts = [(v, 1) for v in vectors]         # (vector, how many sums it holds, each over `width` lanes)
+    width = 16
+    while width > 1:
+        half, merged = width // 2, []
+        for k in range(0, len(parts), 2):
+            (first, n), (second, m) = parts[k], parts[k + 1] if k + 1 < len(parts) else (parts[k][0], 0)
+            # sum t of the pair: lanes t width .. of first (t < n), or lanes (t - n) width .. of second
+            # (numbered from 16 in the shuffle); the low half of its lanes, and the high half
+            starts = [t * width for t in range(n)] + [16 + t * width for t in range(m)]
+            for_half = [[s + h + lane for s in starts for lane in range(half)] for h in (0, half)]
+            # (fewer than 16 lanes at the last steps: repeated, the lanes after them unused)
+            low, high = (builder.shuffle_vector(first, second, ir.Constant(_LANES, (lanes * 16)[:16]))
+                         for lanes in for_half)
+            merged.append((builder.add(low, high), n + m))
+        parts, width = merged, half
+    return parts
 
 
-def _bsums16(context, builder, bsums_type, bsums, sums):
-    """bsums[sums : sums + 16] (the Q8_K sums of 16 of one super-block) as <16 x i32>."""
-    at = _byte_pointer(context, builder, bsums_type, bsums, builder.mul(sums, ir.Constant(_I64, 4)))
+def _sums_of(builder, vectors):
+    """The lane sums of vectors (`_lane_sums`) as i32 values, in their order."""
+    return [builder.extract_element(v, ir.Constant(_I32, t)) for v, n in _lane_sums(builder, vectors) for t in range(n)]
+
+
+def _store_sums(context, builder, sums_type, sums, vectors):
+    """sums[0], sums[1], ... = the lane sums of vectors (`_lane_sums`), in their order; a vector of
+    them at a time."""
+    at = _element_pointer(context, builder, sums_type, sums, ir.Constant(_I64, 0), ir.Constant(_I64, 0))
+    for v, n in _lane_sums(builder, vectors):
+        first = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, n), list(range(n))))
+        builder.store(first, builder.bitcast(at, first.type.as_pointer()), align=4)
+        at = builder.gep(at, [ir.Constant(_I64, 4 * n)])
+
+
+def _bsums16(context, builder, bsums_type, bsums, activation, sums):
+    """bsums[activation, sums : sums + 16] (the Q8_K sums of 16 of one super-block) as <16 x i32>."""
+    at = _element_pointer(context, builder, bsums_type, bsums, activation, sums)
     return builder.load(builder.bitcast(at, _LANES.as_pointer()), align=4)
 
 
@@ -125,52 +179,90 @@ def _chunk_codes(builder, block, j, five_bit):
     return _joined(builder, low, high)
 
 
-def _min_sum(builder, mins, bsums):
-    """M = sum_s m_s (bsums[2 s] + bsums[2 s + 1]): sub-block s of 32 is two of the Q8_K sums of 16."""
-    return _sum_lanes(builder, builder.mul(_spread(builder, mins, lambda lane: lane // 2), bsums))
+def _activations(context, builder, sig, args, xq_at, count):
+    """For each of the `count` activations a, a + 1, ...: (its index, the address of its code
+    xq[a, first]), given the argument numbers of xq (then a, first)."""
+    xq, a, first = args[xq_at:xq_at + 3]
+    indices = [builder.add(a, ir.Constant(_I64, i)) for i in range(count)]
+    return [(index, _element_pointer(context, builder, sig.args[xq_at], xq, index, first)) for index in indices]
 
 
-def _k4_sums(five_bit):
-    """The codegen of a Q4_K (or, five_bit, Q5_K) super-block's (I, M)."""
+def _k4_sums(five_bit, count):
+    """The codegen of a Q4_K (or, five_bit, Q5_K) super-block's (I, M) for `count` activations: the
+    codes, their lane scales and the minimums unpacked once, then each activation's 4 dot products;
+    returned (count 1) or stored in the last argument (I_0 .., then M_0 ..)."""
     def codegen(context, builder, sig, args):
-        row, base, xq, first, scales_lo, scales_hi, mins_lo, mins_hi, bsums, sums = args
+        row, base, _, _, _, scales_lo, scales_hi, mins_lo, mins_hi, bsums, sums = args[:11]
         block = _byte_pointer(context, builder, sig.args[0], row, base)
-        x = _byte_pointer(context, builder, sig.args[2], xq, first)
         scales = _six_bit_fields(builder, scales_lo, scales_hi)
-        acc = _constant(0)
-        for j in range(4):
-            # lanes 0..7: sub-block 2 j (the low nibbles), lanes 8..15: sub-block 2 j + 1
-            lane_scales = _spread(builder, scales, lambda lane: 2 * j + lane // 8)
-            codes, activation = _chunk_codes(builder, block, j, five_bit), _load(builder, x, 64 * j, _BYTES)
-            acc = _scaled_dot(builder, acc, codes, activation, lane_scales)
-        mins = _six_bit_fields(builder, mins_lo, mins_hi)
-        m = _min_sum(builder, mins, _bsums16(context, builder, sig.args[8], bsums, sums))
-        return context.make_tuple(builder, sig.return_type, [_sum_lanes(builder, acc), m])
+        # chunk j: lanes 0..7 are sub-block 2 j (the low nibbles), lanes 8..15 sub-block 2 j + 1
+        chunks = [(_chunk_codes(builder, block, j, five_bit), _spread(builder, scales, lambda lane: 2 * j + lane // 8))
+                  for j in range(4)]
+        # M's lane L: sub-block L // 2 times the sum of q over 16 elements L
+        mins = _spread(builder, _six_bit_fields(builder, mins_lo, mins_hi), lambda lane: lane // 2)
+        totals, min_terms = [], []
+        for activation, x in _activations(context, builder, sig, args, 2, count):
+            acc = _constant(0)
+            for j, (codes, lane_scales) in enumerate(chunks):
+                acc = _scaled_dot(builder, acc, codes, _load(builder, x, 64 * j, _BYTES), lane_scales)
+            totals.append(acc)
+            min_terms.append(builder.mul(mins, _bsums16(context, builder, sig.args[9], bsums, activation, sums)))
+        return _results(context, builder, sig, args, totals + min_terms, count)
     return codegen
 
 
-def _k4_signature(row, xq, bsums):
-    _check(row, xq, bsums)
-    u32 = types.uint32
-    return types.UniTuple(types.int32, 2)(row, types.intp, xq, types.intp, u32, u32, u32, u32, bsums, types.intp)
+def _results(context, builder, sig, args, vectors, count):
+    """What an intrinsic gives of its vectors' lane sums: for one activation a tuple; for a batch
+    nothing, the sums stored in its last argument (an array: the kernel's loop over the activations
+    then indexes an array, not a tuple, which Numba would index through a jump table)."""
+    if count == 1:
+        return context.make_tuple(builder, sig.return_type, _sums_of(builder, vectors))
+    _store_sums(context, builder, sig.args[-1], args[-1], vectors)
+    return context.get_dummy_value()
+
+
+def _k4_signature(row, xq, bsums, out=None):
+    # (I, M) of one activation, or (out given) nothing: the batch's sums stored in out
+    _check(row, xq, bsums, *([] if out is None else [out]))
+    u32, n = types.uint32, types.intp
+    arguments = (row, n, xq, n, n, u32, u32, u32, u32, bsums, n)
+    return types.UniTuple(types.int32, 2)(*arguments) if out is None else types.void(*arguments, out)
 
 
 @intrinsic
-def nibble_superblock_vnni(typingctx, row, base, xq, first, scales_lo, scales_hi, mins_lo, mins_hi, bsums, sums):
-    """(I, M) of the Q4_K super-block at row[base:] (kernels/kquants.py): I = sum_s sc_s sum_(e in s)
-    code_e xq[first + e] and M = sum_s m_s sum_(e in s) xq[first + e], sc_0..3 the bytes of
-    scales_lo and sc_4..7 those of scales_hi, the m_s those of mins_lo and mins_hi (`scales_k4`), the
-    sums of xq over each 16 in bsums[sums : sums + 16]. row: (>= base + 144,) u8; xq: (>= first +
-    256,) i8; bsums: (>= sums + 16,) i32. Reads row[base + 16 : base + 144], xq[first : first + 256]
-    and bsums[sums : sums + 16]."""
-    return _k4_signature(row, xq, bsums), _k4_sums(five_bit=False)
+def nibble_superblock_vnni(typingctx, row, base, xq, a, first, scales_lo, scales_hi, mins_lo, mins_hi, bsums, sums):
+    """(I, M) of the Q4_K super-block at row[base:] (kernels/kquants.py) and activation a: I = sum_s sc_s
+    sum_(e in s) code_e xq[a, first + e] and M = sum_s m_s sum_(e in s) xq[a, first + e], sc_0..3 the
+    bytes of scales_lo and sc_4..7 those of scales_hi, the m_s those of mins_lo and mins_hi
+    (`scales_k4`), the sums of xq[a] over each 16 in bsums[a, sums : sums + 16]. row: (>= base + 144,)
+    u8; xq: (> a, >= first + 256) i8; bsums: (> a, >= sums + 16) i32. Reads row[base + 16 : base +
+    144], xq[a, first : first + 256] and bsums[a, sums : sums + 16]."""
+    return _k4_signature(row, xq, bsums), _k4_sums(five_bit=False, count=1)
 
 
 @intrinsic
-def fifth_bit_superblock_vnni(typingctx, row, base, xq, first, scales_lo, scales_hi, mins_lo, mins_hi, bsums, sums):
+def nibble_superblock_batch_vnni(typingctx, row, base, xq, a, first, scales_lo, scales_hi, mins_lo, mins_hi, bsums,
+                                 sums, out):
+    """`nibble_superblock_vnni` for the BATCH activations a .. a + BATCH - 1, the super-block unpacked
+    once: out[i] = I of activation a + i, out[BATCH + i] its M. xq and bsums: (>= a + BATCH, ...);
+    out: (>= 2 BATCH,) i32, C-contiguous. Writes out[: 2 BATCH]."""
+    return _k4_signature(row, xq, bsums, out), _k4_sums(five_bit=False, count=BATCH)
+
+
+@intrinsic
+def fifth_bit_superblock_vnni(typingctx, row, base, xq, a, first, scales_lo, scales_hi, mins_lo, mins_hi, bsums,
+                              sums):
     """`nibble_superblock_vnni` for Q5_K, each code with its fifth bit from qh (row[base + 16 : base
     + 48]). row: (>= base + 176,) u8. Reads row[base + 16 : base + 176] too."""
-    return _k4_signature(row, xq, bsums), _k4_sums(five_bit=True)
+    return _k4_signature(row, xq, bsums), _k4_sums(five_bit=True, count=1)
+
+
+@intrinsic
+def fifth_bit_superblock_batch_vnni(typingctx, row, base, xq, a, first, scales_lo, scales_hi, mins_lo, mins_hi,
+                                    bsums, sums, out):
+    """`fifth_bit_superblock_vnni` for the BATCH activations a .. a + BATCH - 1, into out as
+    `nibble_superblock_batch_vnni`."""
+    return _k4_signature(row, xq, bsums, out), _k4_sums(five_bit=True, count=BATCH)
 
 
 def _q6_k_codes(builder, block, n):
@@ -186,26 +278,47 @@ def _q6_k_codes(builder, block, n):
     return _joined(builder, quarter0, quarter1), _joined(builder, quarter2, quarter3)
 
 
-def _q6_k_sum(context, builder, sig, args):
-    row, base, xq, first, bsums, sums = args
-    block = _byte_pointer(context, builder, sig.args[0], row, base)
-    x = _byte_pointer(context, builder, sig.args[2], xq, first)
-    scales = builder.sext(_load(builder, block, 192, ir.VectorType(_I8, 16)), _LANES)      # sc_0..15
-    acc = _constant(0)
-    for n in range(2):
-        for part, codes in enumerate(_q6_k_codes(builder, block, n)):
-            # lane L holds elements 128 n + 64 part + 4L .. + 3, of sub-block 8 n + 4 part + L // 4
-            lane_scales = _spread(builder, scales, lambda lane: 8 * n + 4 * part + lane // 4)
-            acc = _scaled_dot(builder, acc, codes, _load(builder, x, 128 * n + 64 * part, _BYTES), lane_scales)
-    offsets = builder.mul(scales, _bsums16(context, builder, sig.args[4], bsums, sums))
-    return builder.sub(_sum_lanes(builder, acc), builder.mul(_sum_lanes(builder, offsets), ir.Constant(_I32, 32)))
+def _q6_k_sums(count):
+    """The codegen of a Q6_K super-block's I for `count` activations: the codes and their lane scales
+    unpacked once, then each activation's 4 dot products, less 32 sum_s sc_s bsums_s."""
+    def codegen(context, builder, sig, args):
+        row, base, _, _, _, bsums, sums = args[:7]
+        block = _byte_pointer(context, builder, sig.args[0], row, base)
+        scales = builder.sext(_load(builder, block, 192, ir.VectorType(_I8, 16)), _LANES)      # sc_0..15
+        # the 64 bytes at 128 n + 64 part: lane L holds elements + 4L .. + 3, of sub-block 8 n + 4 part + L // 4
+        quarters = [(128 * n + 64 * part, codes, _spread(builder, scales, lambda lane: 8 * n + 4 * part + lane // 4))
+                    for n in range(2) for part, codes in enumerate(_q6_k_codes(builder, block, n))]
+        totals = []
+        for activation, x in _activations(context, builder, sig, args, 2, count):
+            acc = _constant(0)
+            for at, codes, lane_scales in quarters:
+                acc = _scaled_dot(builder, acc, codes, _load(builder, x, at, _BYTES), lane_scales)
+            offsets = builder.mul(scales, _bsums16(context, builder, sig.args[5], bsums, activation, sums))
+            totals.append(builder.sub(acc, builder.shl(offsets, _constant(5))))       # - 32 sc_s bsums_s
+        return _results(context, builder, sig, args, totals, count)
+    return codegen
+
+
+def _q6_k_signature(row, xq, bsums, out=None):
+    # (I,) of one activation, or (out given) nothing: the batch's sums stored in out
+    _check(row, xq, bsums, *([] if out is None else [out]))
+    arguments = (row, types.intp, xq, types.intp, types.intp, bsums, types.intp)
+    return types.UniTuple(types.int32, 1)(*arguments) if out is None else types.void(*arguments, out)
 
 
 @intrinsic
-def q6_k_superblock_vnni(typingctx, row, base, xq, first, bsums, sums):
-    """I = sum_s sc_s sum_(e in s) (code_e - 32) xq[first + e] of the Q6_K super-block at row[base:]
-    (its 16 int8 scales at row[base + 192:]), the - 32 through bsums[sums : sums + 16], the sums of
-    xq over each 16. row: (>= base + 210,) u8; xq: (>= first + 256,) i8; bsums: (>= sums + 16,) i32.
-    Reads row[base : base + 208], xq[first : first + 256] and bsums[sums : sums + 16]."""
-    _check(row, xq, bsums)
-    return types.int32(row, types.intp, xq, types.intp, bsums, types.intp), _q6_k_sum
+def q6_k_superblock_vnni(typingctx, row, base, xq, a, first, bsums, sums):
+    """(I,): I = sum_s sc_s sum_(e in s) (code_e - 32) xq[a, first + e] of the Q6_K super-block at
+    row[base:] (its 16 int8 scales at row[base + 192:]) and activation a, the - 32 through bsums[a,
+    sums : sums + 16], the sums of xq[a] over each 16. row: (>= base + 210,) u8; xq: (> a, >= first +
+    256) i8; bsums: (> a, >= sums + 16) i32. Reads row[base : base + 208], xq[a, first : first + 256]
+    and bsums[a, sums : sums + 16]."""
+    return _q6_k_signature(row, xq, bsums), _q6_k_sums(1)
+
+
+@intrinsic
+def q6_k_superblock_batch_vnni(typingctx, row, base, xq, a, first, bsums, sums, out):
+    """`q6_k_superblock_vnni` for the BATCH activations a .. a + BATCH - 1, the super-block unpacked
+    once: out[i] = I of activation a + i. xq and bsums: (>= a + BATCH, ...); out: (>= BATCH,) i32,
+    C-contiguous. Writes out[: BATCH]."""
+    return _q6_k_signature(row, xq, bsums, out), _q6_k_sums(BATCH)

@@ -40,6 +40,7 @@ from minillm.kernels import vnni as vnni_module
 from minillm.kernels.q8_k import q8_k_activation, quantize_q8_k
 from minillm.kernels.threads import max_threads
 from minillm.kernels.vnni import DOT_BYTES, INSTRUCTION
+from minillm.kernels.vnni_kquants import BATCH
 from minillm.linear import QuantEmbedding, QuantLinear
 from minillm.kernels.q4_1 import Q4_1Rows
 from minillm.kernels.q8_0 import Q8_0Rows
@@ -560,6 +561,54 @@ def test_a_batched_matvec_gives_each_activation_its_one_token_bits(ggml_type, da
     got = rows.matvec(x, threads)
     alone = np.concatenate([rows.matvec(x[a:a + 1], 1) for a in range(batch)])
     assert got.shape == (batch, raw.shape[0]) and np.array_equal(got.view(np.uint32), alone.view(np.uint32))
+
+
+KQUANT_TYPES = [Q.Q4_K, Q.Q5_K, Q.Q6_K]
+
+
+@pytest.mark.parametrize("ggml_type", KQUANT_TYPES, ids=lambda t: t.name)
+@settings(max_examples=int(_EXAMPLES or 6))
+@given(data=st.data(), batch=st.integers(1, 40).filter(lambda b: b % BATCH))
+def test_vnni_and_portable_kquant_batches_give_each_activation_its_one_token_bits(ggml_type, data, batch):
+    """The K-quant matvecs take a batch BATCH activations at a time, each super-block unpacked once for
+    them (kernels/vnni_kquants.py), the last group overlapping the one before, or one at a time when
+    B < BATCH: each activation still gets, row by row, the bits it gets alone, and the byte dot path
+    the portable one's. Batches that are not a multiple of BATCH, on random rows and on the edge
+    blocks of largest magnitude (vpmaddubsw's int16 pairs must not saturate)."""
+    raw = data.draw(packed_with_finite_values(ggml_type, max_rows=3, max_blocks=2))
+    x = data.draw(arrays(np.float32, (batch, n_cols(raw, ggml_type)), elements=ACTIVATIONS))
+    largest = edge_blocks(ggml_type, "largest", np.random.default_rng(0))
+    x_largest = np.full((batch, n_cols(largest, ggml_type)), -1e20, np.float32)
+    for raw, x in ((raw, x), (largest, x_largest)):
+        results = []
+        for vnni in (True, False) if DOT_BYTES else (False,):
+            rows = with_kernels(packed_rows(raw, ggml_type), vnni)
+            got = rows.matvec(x, 1)
+            alone = np.concatenate([rows.matvec(x[a:a + 1], 1) for a in range(batch)])
+            assert np.array_equal(got.view(np.uint32), alone.view(np.uint32))
+            results.append(got)
+        assert all(np.array_equal(got.view(np.uint32), results[-1].view(np.uint32)) for got in results)
+
+
+@needs_dot_bytes
+@pytest.mark.parametrize("ggml_type", KQUANT_TYPES, ids=lambda t: t.name)
+def test_kquant_byte_dot_matvecs_refuse_arrays_they_would_read_past(ggml_type):
+    """The byte dot sums read and write without bounds checks: before them, a K-quant matvec checks the
+    rows, the activations' codes and their sums of 16 (one row of sums per activation) and the
+    scratch a group's sums go to, and refuses."""
+    raw = edge_blocks(ggml_type, "zero", np.random.default_rng(0))          # 4 rows of 4 super-blocks
+    rows = packed_rows(raw, ggml_type).rows
+    for batch in (1, BATCH + 1):
+        act = rows.new_activation(batch)
+        scratch = rows.new_scratch(1, batch)[0]
+        out = np.zeros((batch, 4), np.float32)
+        rows.matvec_groups(act, scratch, out, 0, 4)                           # the arrays as they come: fine
+        short_sums = type(act)(q=act.q, d=act.d, bsums=act.bsums[:batch - 1])
+        short_codes = type(act)(q=np.ascontiguousarray(act.q[:, :-256]), d=act.d, bsums=act.bsums)
+        cases = ((short_sums, scratch, 4), (short_codes, scratch, 4), (act, scratch, 5), (act, scratch[:BATCH], 4))
+        for bad, bad_scratch, stop in cases:
+            with pytest.raises(IndexError):
+                rows.matvec_groups(bad, bad_scratch, out, 0, stop)
 
 
 def test_matvec_buffers_grow_with_the_batch_and_are_shared_by_matrices_of_a_kind():
