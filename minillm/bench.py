@@ -187,8 +187,10 @@ def weight_memory(rt, prompt_ids, new_tokens: int, planned_mib: float) -> dict:
     are parsed, so their pages are in the baseline). Then the weights are loaded and one full greedy run (prompt and
     new tokens) touches every one of them; its KV cache and activations are freed again, and RSS
     is read. The growth splits into file pages (the mapped GGUF: weights used as stored) and
-    anonymous memory (weights converted at load, norms, and whatever the allocator kept of the
-    freed activations: more than the weights' own anonymous bytes). `run_peak_above_baseline_mib` is
+    anonymous memory (weights converted at load, norms, and heap pages the allocator could not hand
+    back). What it keeps of the freed activations for the next answer (minillm.memory.keep_freed_memory:
+    up to tens of MiB, on purpose) is handed back before RSS is read: it is not the weights'.
+    `run_peak_above_baseline_mib` is
     the high-water mark during that load and run, with the KV cache (`kv_cache_mib`, for --ctx-size
     positions) and the activations.
     None everywhere the OS reports no memory figures (no /proc)."""
@@ -206,6 +208,7 @@ def weight_memory(rt, prompt_ids, new_tokens: int, planned_mib: float) -> dict:
     model = replace(rt.model, weights=weights)
     run_once(model, rt.new_cache(), prompt_ids, new_tokens)
     gc.collect()
+    give_back_kept_memory()
     m = meter.measure()
     weight_rss = (m.anon + m.file) / MiB
     return {

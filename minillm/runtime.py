@@ -197,7 +197,6 @@ def load(config: RunConfig, announce=print) -> Runtime:
     if p.plan is not None:
         runtime = load_capped(p, ops, announce)
     else:
-        keep_freed_memory()   # a run without a cap reuses freed activations rather than faulting them back in
         source = weight_source(p.gguf, p.model_config, config, ops)
         if config.lora is not None:  # the adapter's LoRA added to the linears it names (minillm.adapter)
             source = adapted_source(config.lora, source, p.gguf, p.model_config, ops)
@@ -205,6 +204,8 @@ def load(config: RunConfig, announce=print) -> Runtime:
                       prompt_rows=config.prompt_rows)
         runtime = Runtime(config, p.gguf, model, p.tokenizer, 0.0)
     warm_up(runtime)  # the weights' pages and the kernels are loaded now, as start-up, not in the first answer
+    if p.plan is None:
+        keep_freed_memory()   # from here on, freed activations are reused rather than faulted back in
     runtime.load_seconds = time.perf_counter() - start
     return runtime
 

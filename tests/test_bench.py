@@ -144,6 +144,20 @@ def test_bench_formats_measures_every_format_with_kernels():
     assert "Q4_K" in format_table(results, threads=1, rounds=2, n_rows=64, n_cols=512)
 
 
+def test_bench_prompts_times_both_paths_of_a_prompt(tiny_q4_path):
+    done = subprocess.run([sys.executable, "-m", "minillm.bench_prompts", "-m", str(tiny_q4_path), "--tokens", "3,9",
+                           "--threads", "1", "--rounds", "1", "--json"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    by_length = json.loads(done.stdout)["results"]["1"]
+    assert set(by_length) == {"3", "9"}
+    for row in by_length.values():
+        assert row["tiles_ms"] > 0 and row["kernels_ms"] > 0
+        assert row["ratio"] == pytest.approx(row["tiles_ms"] / row["kernels_ms"])
+    bad = subprocess.run([sys.executable, "-m", "minillm.bench_prompts", "--tokens", "8,x"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stdout == "" and bad.stderr.count("\n") == 1 and "--tokens" in bad.stderr
+
+
 def test_bench_steps_times_batches_and_splits_a_step_into_its_parts(tiny_q4_path):
     done = subprocess.run([sys.executable, "-m", "minillm.bench_steps", "-m", str(tiny_q4_path), "--batches", "1,3",
                            "--threads", "1", "--steps", "2", "--rounds", "1", "--prompt-tokens", "4", "--json"],
