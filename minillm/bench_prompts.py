@@ -17,10 +17,7 @@ tiles over kernels.
 """
 
 import argparse
-import json
-import os
 import statistics
-import sys
 import time
 
 from .cli import set_thread_count
@@ -28,8 +25,8 @@ from .cli import set_thread_count
 set_thread_count(None)  # BLAS at one thread per call, as minillm runs it: set before NumPy is first imported
 
 from .bench import bench_prompt  # noqa: E402
-from .bench_steps import parse_list  # noqa: E402
-from .errors import MinillmError, UsageError  # noqa: E402
+from .bench_steps import add_run_flags, parse_list, run_benchmark  # noqa: E402
+from .errors import UsageError  # noqa: E402
 from .runtime import RunConfig, load  # noqa: E402
 
 
@@ -60,13 +57,11 @@ def measure(rt, lengths: list, rounds: int) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m minillm.bench_prompts", description=__doc__.split("\n\n")[0])
-    p.add_argument("-m", "--model", default=None, help="a registry name or a .gguf path (default: SmolLM2)")
+    add_run_flags(p, rounds=3, over="lengths")
     p.add_argument("--tokens", default="8,32,128,512", help="prompt lengths, comma-separated (default: 8,32,128,512)")
-    p.add_argument("--threads", default="1,2", help="thread counts, comma-separated (default: 1,2)")
-    p.add_argument("--rounds", type=int, default=3, help="rounds over the lengths (default: 3)")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args(argv)
-    try:
+
+    def measure_all():
         lengths, thread_counts = parse_list(args.tokens, "tokens"), parse_list(args.threads, "threads")
         if args.rounds < 1:
             raise UsageError("--rounds must be at least 1")
@@ -76,19 +71,16 @@ def main(argv=None) -> int:
             if not rt.model.prompt_rows:
                 raise UsageError("this model's prompts do not run through the matvec kernels (--bits 4 or 8 files only)")
             results[threads] = measure(rt, lengths, args.rounds)
-    except MinillmError as e:
-        print(f"minillm.bench_prompts: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, UsageError) else 1
-    load_average = os.getloadavg()[0]
-    if args.json:
-        print(json.dumps({"load_average": load_average, "results": results}, indent=1))
-        return 0
-    print(f"prompt times, medians of {args.rounds} rounds; load average {load_average:.1f} at the end")
-    print("threads  tokens   tiles ms  kernels ms  tiles / kernels")
-    for threads, by_length in results.items():
-        for T, row in by_length.items():
-            print(f"{threads:7d} {T:7d} {row['tiles_ms']:10.1f} {row['kernels_ms']:11.1f} {row['ratio']:16.2f}")
-    return 0
+        return results
+
+    def print_table(results, load_average):
+        print(f"prompt times, medians of {args.rounds} rounds; load average {load_average:.1f} at the end")
+        print("threads  tokens   tiles ms  kernels ms  tiles / kernels")
+        for threads, by_length in results.items():
+            for T, row in by_length.items():
+                print(f"{threads:7d} {T:7d} {row['tiles_ms']:10.1f} {row['kernels_ms']:11.1f} {row['ratio']:16.2f}")
+
+    return run_benchmark("bench_prompts", args, measure_all, print_table)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,6 @@ import sys
 import time
 from contextlib import contextmanager
 
-import numpy as np
-
 from .errors import MinillmError, UsageError
 from .generate import Sampler, SamplingSettings
 from .kvcache import POOL_BLOCK_SIZE
@@ -126,17 +124,41 @@ def parse_list(text: str, name: str) -> list:
     return values
 
 
+def add_run_flags(p, rounds: int, over: str):
+    """The flags of this benchmark and minillm.bench_prompts: the model, the thread counts, how many
+    rounds over `over` (default `rounds`), and --json."""
+    p.add_argument("-m", "--model", default=None, help="a registry name or a .gguf path (default: SmolLM2)")
+    p.add_argument("--threads", default="1,2", help="thread counts, comma-separated (default: 1,2)")
+    p.add_argument("--rounds", type=int, default=rounds, help=f"rounds over the {over} (default: {rounds})")
+    p.add_argument("--json", action="store_true", help="print the results as JSON")
+
+
+def run_benchmark(name: str, args, measure_all, print_table) -> int:
+    """This benchmark's and minillm.bench_prompts' ending: measure_all() -> results; a MinillmError
+    becomes one line on stderr and exit 2 (a usage error) or 1; else the results as JSON (--json)
+    or print_table(results, load average)."""
+    try:
+        results = measure_all()
+    except MinillmError as e:
+        print(f"minillm.{name}: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, UsageError) else 1
+    load_average = os.getloadavg()[0]
+    if args.json:
+        print(json.dumps({"load_average": load_average, "results": results}, indent=1))
+    else:
+        print_table(results, load_average)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m minillm.bench_steps", description=__doc__.split("\n\n")[0])
-    p.add_argument("-m", "--model", default=None, help="a registry name or a .gguf path (default: SmolLM2)")
+    add_run_flags(p, rounds=5, over="batch sizes")
     p.add_argument("--batches", default="1,4,8,16", help="sequences per step, comma-separated (default: 1,4,8,16)")
-    p.add_argument("--threads", default="1,2", help="thread counts, comma-separated (default: 1,2)")
     p.add_argument("--steps", type=int, default=8, help="timed decode steps per batch and round (default: 8)")
-    p.add_argument("--rounds", type=int, default=5, help="rounds over the batch sizes (default: 5)")
     p.add_argument("--prompt-tokens", type=int, default=11, help="prompt length of every sequence (default: 11)")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
     args = p.parse_args(argv)
-    try:
+
+    def measure_all():
         batches, thread_counts = parse_list(args.batches, "batches"), parse_list(args.threads, "threads")
         if args.steps < 1 or args.rounds < 1 or args.prompt_tokens < 1:
             raise UsageError("--steps, --rounds and --prompt-tokens must be at least 1")
@@ -146,21 +168,18 @@ def main(argv=None) -> int:
             rt = load(RunConfig(model=args.model, ctx_size=ctx, threads=threads), announce=lambda _: None)
             prompt = list(range(3, 3 + args.prompt_tokens))
             results[threads] = measure(rt, batches, args.steps, args.rounds, prompt)
-    except MinillmError as e:
-        print(f"minillm.bench_steps: error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, UsageError) else 1
-    load_average = os.getloadavg()[0]
-    if args.json:
-        print(json.dumps({"load_average": load_average, "results": results}, indent=1))
-        return 0
-    print(f"decode steps, medians of {args.rounds} rounds; load average {load_average:.1f} at the end")
-    print("threads  B   tokens/s  x one  " + "  ".join(f"{p:>9}" for p in (*PARTS, "other")))
-    for threads, by_batch in results.items():
-        one = by_batch[batches[0]]["tokens_per_second"]   # "x one": against the first batch size given
-        for B, row in by_batch.items():
-            parts = "  ".join(f"{100 * row['parts'][p]:8.1f}%" for p in (*PARTS, "other"))
-            print(f"{threads:7d} {B:3d} {row['tokens_per_second']:9.1f} {row['tokens_per_second'] / one:6.2f}  {parts}")
-    return 0
+        return results
+
+    def print_table(results, load_average):
+        print(f"decode steps, medians of {args.rounds} rounds; load average {load_average:.1f} at the end")
+        print("threads  B   tokens/s  x one  " + "  ".join(f"{p:>9}" for p in (*PARTS, "other")))
+        for threads, by_batch in results.items():
+            one = next(iter(by_batch.values()))["tokens_per_second"]   # "x one": against the first batch size given
+            for B, row in by_batch.items():
+                parts = "  ".join(f"{100 * row['parts'][p]:8.1f}%" for p in (*PARTS, "other"))
+                print(f"{threads:7d} {B:3d} {row['tokens_per_second']:9.1f} {row['tokens_per_second'] / one:6.2f}  {parts}")
+
+    return run_benchmark("bench_steps", args, measure_all, print_table)
 
 
 if __name__ == "__main__":

@@ -320,8 +320,7 @@ def plan_lines(index: WeightIndex, layout: Layout, run) -> tuple:
     chosen = " (chosen by the plan)" if layout.kv_bits != run.kv_bits else ""
     chunk = prompt_chunk(layout, run)
     activations = activation_bytes(c, chunk, run.ctx_size, run.threads, layout.kv_bits, run.all_logits, run.backend,
-                                   paged=bool(run.parallel), tiles=not (run.prompt_rows and index.untiled_prompts),
-                                   kernels=bool(run.prompt_rows))
+                                   paged=bool(run.parallel), tiles=makes_tiles(index, run), kernels=bool(run.prompt_rows))
     lines = [
         ("tokenizer and metadata", run.tokenizer_bytes,
          "measured while building it" if run.tokenizer_built else "file metadata only: the tokenizer comes next"),
@@ -356,6 +355,12 @@ def plan_lines(index: WeightIndex, layout: Layout, run) -> tuple:
         lines.append(("conversion scratch", index.conversion_scratch, "float32 copy of the largest converted tensor, "
                       "and the converted tensors of one input-sharing group"))
     return tuple(lines)
+
+
+def makes_tiles(index: WeightIndex, run) -> bool:
+    """Whether the run's products of several tokens dequantize float32 tiles: prompts through
+    `Model.forward`, or a matrix whose prompts take BLAS (minillm.packed.int8_matvec)."""
+    return not (run.prompt_rows and index.untiled_prompts)
 
 
 def prompt_chunk(layout: Layout, run) -> int:
@@ -482,7 +487,7 @@ def raise_below_minimum(smallest: MemoryPlan, index: WeightIndex, run: PlanInput
             hints.append("fewer --parallel (a decode step's activations and buffers grow with it)")
     if index.converted_bytes:
         hints.append("--bits matching the file's own formats (streaming reads the weights as stored)")
-    if run.threads > 1:
+    if run.threads > 1 and makes_tiles(index, run):
         hints.append("fewer --threads (one prefill tile each)")
     more = "" if run.tokenizer_built else " plus the tokenizer (not built yet)"
     minimum = smallest.total + MARGIN_BYTES
