@@ -62,6 +62,10 @@ THREADS = [1, min(2, max_threads())]
 # The subprocess runs (last test) ask for fewer examples: without the JIT, kernels are slow Python.
 _EXAMPLES = os.environ.get("MINILLM_KERNEL_EXAMPLES")
 kernel_settings = settings(max_examples=int(_EXAMPLES)) if _EXAMPLES else settings()
+# The tests of the byte dot products against the portable loops build and run, per example, several
+# matrices both ways for every format: 50 examples each (not the CI profile's 150) keep their share
+# of the suite's time down; the edge blocks run in every example.
+dot_settings = settings(max_examples=int(_EXAMPLES or 50))
 
 FINITE_F32 = st.floats(width=32, allow_nan=False, allow_infinity=False)  # subnormals and +-3.4e38 included
 
@@ -466,7 +470,7 @@ def with_kernels(rows: PackedRows, vnni: bool) -> PackedRows:
 
 @needs_dot_bytes
 @pytest.mark.parametrize("ggml_type", DOT_TYPES, ids=lambda t: t.name)
-@kernel_settings
+@dot_settings
 @given(data=st.data(), batch=st.integers(1, 3))
 def test_vnni_and_portable_matvecs_give_the_same_bits(ggml_type, data, batch):
     """The integer sums by byte dot products (vpdpbusd, or vpmaddubsw and vpmaddwd) equal the portable
@@ -485,7 +489,7 @@ def test_vnni_and_portable_matvecs_give_the_same_bits(ggml_type, data, batch):
 
 @needs_dot_bytes
 @pytest.mark.parametrize("ggml_type", RELAID_TYPES, ids=lambda t: t.name)
-@kernel_settings
+@dot_settings
 @given(data=st.data(), x86=st.booleans())
 def test_vnni_and_portable_ggml_matvecs_give_the_same_bits(ggml_type, data, x86):
     """--mode ggml's lane sums by byte dot products equal the portable loops', on any bytes (inf and
