@@ -308,13 +308,13 @@ assert measured["peak_above_baseline_mib"] <= measured["plan"]["cap_mib"]
 # them with the compute threads, so decode slows down as the cap shrinks; prefill pays once per
 # chunk. `python -m minillm.bench_memory` measures the full curve: these are its figures from the
 # README (caps 16 to 256 MiB, each in a fresh process, medians of 3 runs; `--ctx-size 256`, a
-# 61-token prompt, 32 new tokens, 2 threads, a 2-core AMD EPYC at a load average of 1.6 to 2.3):
+# 61-token prompt, 32 new tokens, 2 threads, a 2-core AMD EPYC at a load average of 1.2 to 1.4):
 
 # %%
-# --mem-cap MiB: (decode tokens/s, time to first token ms); 16 MiB was refused: minimum 18.2 MiB
-README_CURVE = {24: (19.4, 262), 32: (22.6, 346), 48: (26.9, 330), 64: (32.0, 318), 96: (52.9, 214),
-                128: (103.4, 199), 256: (102.6, 197)}
-README_UNCAPPED, README_MINIMUM_MIB = (104.0, 158), 18.2
+# --mem-cap MiB: (decode tokens/s, time to first token ms); 16 MiB was refused: minimum 17.8 MiB
+README_CURVE = {24: (18.9, 158), 32: (17.8, 184), 48: (24.7, 148), 64: (30.7, 127), 96: (56.5, 116),
+                128: (113.1, 112), 256: (115.1, 111)}
+README_UNCAPPED, README_MINIMUM_MIB = (127.1, 65), 17.8
 
 # %% [markdown]
 # Beside section 5's run at 48 MiB, two more with `bench_memory`'s own function: a cap below the
@@ -357,7 +357,7 @@ course.save(fig, "memory_cap_speed.png")
 # and up); time to first token follows the other way. Every streamed layer is read again for every
 # token and, since the kernels read re-laid rows (chapter 3, section 5), re-laid as it is read, on the
 # reader's thread, which shares the two cores with the compute, so the ratio printed above, from a
-# run of this chapter, falls as other programs load the machine (the README's quiet run kept 26% at
+# run of this chapter, falls as other programs load the machine (the README's quiet run kept 19% at
 # 48 MiB; at a load of 6 to 7 the same benchmark kept 11%). Before the re-layout (and the kernels
 # that made uncapped decode twice as fast), a 48 MiB run kept 77% of the uncapped speed. Nothing runs in the red band: there even the buffers,
 # the Q8_0 KV cache and the activations of 16-token prefill chunks do not fit.
