@@ -340,7 +340,7 @@ def plan_lines(index: WeightIndex, layout: Layout, run) -> tuple:
     if run.parallel:
         lines[4:6] = serving_lines(index, run, activations, chunk)
     elif run.backend == "numba" and index.matvec_kinds:
-        rows = min(chunk + 1, run.ctx_size) if run.prompt_rows else 1   # a prompt chunk through the kernels, or a decode step
+        rows = prompt_matvec_rows(chunk, run)
         lines.insert(6, ("matvec buffers", matvec_buffer_bytes(index, rows, run.threads),
                          f"{rows} activations ({'a prompt chunk' if run.prompt_rows else 'a decode step'} through the "
                          f"matvec kernels) for each of {len(index.matvec_kinds)} kinds of matrix, {run.threads} "
@@ -361,6 +361,12 @@ def makes_tiles(index: WeightIndex, run) -> bool:
     """Whether the run's products of several tokens dequantize float32 tiles: prompts through
     `Model.forward`, or a matrix whose prompts take BLAS (minillm.packed.int8_matvec)."""
     return not (run.prompt_rows and index.untiled_prompts)
+
+
+def prompt_matvec_rows(chunk: int, run) -> int:
+    """Activations the matvec kernels take at once for one sequence: a prompt chunk's (chunk + 1
+    with a last token joined, at most the context) when prompts run through them, else a decode step's."""
+    return min(chunk + 1, run.ctx_size) if run.prompt_rows else 1
 
 
 def prompt_chunk(layout: Layout, run) -> int:
@@ -390,7 +396,7 @@ def serving_lines(index: WeightIndex, run, prefill_activations: int, chunk: int)
     (+ 1) tokens (minillm.model.Model.prefill); the HTTP server's own memory."""
     from .kvcache import POOL_BLOCK_SIZE, pool_block_bytes
     c, B = run.config, run.parallel
-    rows = max(B, min(chunk + 1, run.ctx_size) if run.prompt_rows else 1)
+    rows = max(B, prompt_matvec_rows(chunk, run))
     blocks = -(-run.ctx_size // POOL_BLOCK_SIZE)
     batch = batch_activation_bytes(c, B, run.ctx_size)
     return [
