@@ -660,7 +660,7 @@ for temperature in (0.5, 1.0, 2.0):
 def generate_by_hand(ids, n_tokens, temperature, rng):
     """Run the prompt once, then one token at a time, reading earlier positions from the cache."""
     cache = KVCache(config, len(ids) + n_tokens)
-    logits = model.forward(ids, cache, last_only=True)  # (1, vocab_size): the prompt's last position
+    logits = model.prefill(ids, cache)  # (1, vocab_size): the prompt's last position
     out = [sample(logits[-1], temperature, rng)]
     while len(out) < n_tokens:
         logits = model.forward(out[-1:], cache)  # T = 1: only the newest token goes through the model
@@ -679,6 +679,9 @@ assert greedy.startswith(" Paris")
 # %% [markdown]
 # The library's `minillm.generate.generate` runs the same loop with a `Sampler` that adds llama.cpp's
 # filters (top-k, top-p, min-p, repetition penalty; chapter 9). Greedy, it must choose the same tokens.
+# The loop above starts with `model.prefill`, not `forward`: the same pass over the prompt, its
+# products computed by the kernels a decode step uses (chapter 3), as `generate` and llama.cpp do for
+# a prompt. The two round differently in the last bits, enough to flip a near-tie a few tokens later.
 
 # %%
 greedy_sampler = gen.Sampler(gen.SamplingSettings(temperature=0))
