@@ -31,7 +31,10 @@ adds its head_dim products in order, as a plain dot product does. The value loop
 head_dim, also with unit stride.
 
 Allocation: each parallel job allocates its own small scratch, O(rows x (head_dim + block)) floats;
-the caller owns `out`. Threads: prefill runs its (KV head, tile) jobs in parallel; decode splits
+the caller owns `out`. Threads: prefill runs its (KV head, tile) jobs in parallel, each KV head's
+query heads split over `head_parts` jobs when that is too few jobs to share (see
+minillm.attention.head_parts: Gemma 3 270M has one KV head, so a 128-token prompt made two jobs, one
+with twice the keys of the other, and two threads took two thirds of one thread's time); decode splits
 each KV head's key blocks into `n_splits` parts (as flash-decoding does), runs the parts in
 parallel and merges their (m, l, acc) with the same rescaling.
 """
@@ -136,29 +139,34 @@ attend_tile = jit(_attend_tile)
 
 
 def _block_sparse_prefill(q, k, v, q_pos, k_pos, tile_rows, visit_start, visit_block, visit_full,
-                          sinks, window, stride, block, scale, out):
+                          sinks, window, stride, block, scale, head_parts, out):
     """Attention for many queries, visiting only the listed key blocks.
     q: (n_heads, T, head_dim) f32, rows in ascending position   k, v: (n_kv_heads, S, head_dim) f32
     q_pos: (T,) int64   k_pos: (S,) int64   tile_rows: (n_tiles + 1,) first row of each tile, then T
     visit_start: (n_tiles + 1,) offsets into visit_block / visit_full (key block index, bool)
     scale: float32 factor on the scores (applied to the queries)
+    head_parts: a divisor of the group: each job takes group // head_parts of the query heads that
+    share a KV head (more jobs for the threads when there are few tiles and few KV heads; every row's
+    arithmetic is the same whatever the split)
     out: (n_heads, T, head_dim) f32, written."""
     n_heads, T, head_dim = q.shape
     n_kv_heads = k.shape[0]
     group = n_heads // n_kv_heads
+    heads = group // head_parts              # query heads a job takes
     n_tiles = tile_rows.shape[0] - 1
-    for job in prange(n_kv_heads * n_tiles):
-        h = job // n_tiles
+    for job in prange(n_kv_heads * head_parts * n_tiles):
+        h = job // (head_parts * n_tiles)
+        first = h * group + (job // n_tiles) % head_parts * heads   # the job's first query head
         tile = job % n_tiles
         t0 = tile_rows[tile]
         n_t = tile_rows[tile + 1] - t0
-        rows = group * n_t                     # row r: query head h * group + r // n_t, position t0 + r % n_t
+        rows = heads * n_t                     # row r: query head first + r // n_t, position t0 + r % n_t
         qs = np.empty((rows, head_dim), np.float32)
         qp = np.empty(rows, np.int64)
         for r in range(rows):
             qp[r] = q_pos[t0 + r % n_t]
             for d in range(head_dim):
-                qs[r, d] = q[h * group + r // n_t, t0 + r % n_t, d] * scale
+                qs[r, d] = q[first + r // n_t, t0 + r % n_t, d] * scale
         m = np.full(rows, -np.inf, np.float32)
         l = np.zeros(rows, np.float32)
         acc = np.zeros((rows, head_dim), np.float32)
@@ -169,7 +177,7 @@ def _block_sparse_prefill(q, k, v, q_pos, k_pos, tile_rows, visit_start, visit_b
         for r in range(rows):
             inv = np.float32(1.0) / l[r] if l[r] > 0 else np.float32(0.0)
             for d in range(head_dim):
-                out[h * group + r // n_t, t0 + r % n_t, d] = acc[r, d] * inv
+                out[first + r // n_t, t0 + r % n_t, d] = acc[r, d] * inv
 
 
 block_sparse_prefill = jit(_block_sparse_prefill, parallel=True)

@@ -42,6 +42,7 @@ BLOCK_SIZES = (32, 64, 128)
 DEFAULT_BLOCK_SIZE = 64
 SYNTAX = "dense, window:W, sinks:S,window:W, strided:K or bigbird:W,G,R (several joined by / take turns over layers)"
 NO_LIMIT = np.iinfo(np.int64).max  # the kernels' window for a pattern without one
+JOBS_PER_THREAD = 4                 # prefill attention's jobs a thread, at least, where heads allow (head_parts)
 
 
 @dataclass(frozen=True)
@@ -232,8 +233,19 @@ def block_sparse_attention(q, k, v, pattern: Pattern, q_pos, k_pos, scale: float
         n_splits = max(1, min(numba.get_num_threads(), len(visit_block)))
         block_sparse_decode(q, k, v, q_pos, k_pos, visit_block, visit_full, n_splits, *rule, out)
     else:
-        block_sparse_prefill(q, k, v, q_pos, k_pos, tile_rows, visit_start, visit_block, visit_full, *rule, out)
+        parts = head_parts(q.shape[0] // k.shape[0], k.shape[0] * (len(tile_rows) - 1), numba.get_num_threads())
+        block_sparse_prefill(q, k, v, q_pos, k_pos, tile_rows, visit_start, visit_block, visit_full, *rule, parts, out)
     return out
+
+
+def head_parts(group: int, jobs: int, threads: int) -> int:
+    """Into how many jobs the prefill kernel splits the `group` query heads of a KV head: none on one
+    thread, else the fewest parts (a divisor of the group) that make at least JOBS_PER_THREAD jobs
+    a thread out of `jobs` (KV heads x query tiles), so that tiles of unequal cost (a later tile
+    sees more keys) even out. A split costs a copy of each key block per part."""
+    if threads == 1:
+        return 1
+    return next((p for p in range(1, group + 1) if group % p == 0 and jobs * p >= JOBS_PER_THREAD * threads), group)
 
 
 @dataclass(frozen=True)

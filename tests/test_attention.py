@@ -13,11 +13,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from minillm.attention import (BLOCK_SIZES, DENSE, Pattern, block_sparse_attention, parse_attention, png_bytes,
-                               visits)
+from minillm.attention import (BLOCK_SIZES, DENSE, Pattern, block_sparse_attention, head_parts, parse_attention,
+                               png_bytes, visits)
 from minillm.errors import UsageError
 from minillm.gguf import GGUFFile
-from minillm.kernels.attention import exp_scores
+from minillm.kernels.attention import block_sparse_prefill, exp_scores
 from minillm.kvcache import KVCache, PatternKVCache
 from minillm.model import load_float_model
 from minillm.ops.f32 import (F32, attend, causal_mask, kernel_masked_attention, kernel_paged_attention, masked_attention,
@@ -144,6 +144,32 @@ def test_block_sparse_prefill_equals_masked_reference(pattern, S, new, n_kv_head
     q_pos, k_pos = np.arange(S - T, S), np.arange(S)
     got = block_sparse_attention(q, k, v, pattern, q_pos, k_pos)
     assert nmse(got, reference(q, k, v, pattern, q_pos, k_pos)) <= NMSE_LIMIT
+
+
+@kernel_settings
+@given(pattern=patterns(), S=st.integers(1, MAX_POSITIONS), new=st.integers(2, MAX_POSITIONS),
+       n_kv_heads=st.integers(1, 3), group=st.sampled_from([1, 2, 3, 4, 6]), seed=st.integers(0, 2**16))
+def test_block_sparse_prefill_gives_the_same_bits_whichever_jobs_split_a_group(pattern, S, new, n_kv_heads, group, seed):
+    """Each query row's sums run in the same order whichever job holds it: every split of the query
+    heads that share a KV head (each divisor of the group) writes the bits of no split."""
+    T = min(new, S)
+    q, k, v = qkv(seed, n_kv_heads, group, T, S, 8)
+    q_pos, k_pos = np.arange(S - T, S), np.arange(S)
+    rule = (pattern.sinks, pattern.limit, pattern.stride, pattern.block, np.float32(0.3))
+    outs = []
+    for parts in (p for p in range(1, group + 1) if group % p == 0):
+        out = np.full(q.shape, np.nan, np.float32)
+        block_sparse_prefill(q, k, v, q_pos, k_pos, *visits(pattern, q_pos, k_pos), *rule, parts, out)
+        outs.append(out)
+    assert all(np.array_equal(out, outs[0]) for out in outs[1:])
+
+
+def test_head_parts_split_a_group_only_where_threads_lack_jobs():
+    """Gemma 3 270M (one KV head, 4 query heads) on a 128-token prompt (two query tiles of 64): 8 jobs
+    on two threads, no split on one; SmolLM2 (3 KV heads of 3): 18 jobs; long prompts are not split."""
+    assert head_parts(group=4, jobs=1 * 2, threads=2) == 4 and head_parts(group=4, jobs=2, threads=1) == 1
+    assert head_parts(group=3, jobs=3 * 2, threads=2) == 3 and head_parts(group=3, jobs=3 * 8, threads=2) == 1
+    assert head_parts(group=4, jobs=1 * 6, threads=2) == 2
 
 
 @kernel_settings
