@@ -23,6 +23,7 @@ import numpy as np
 
 from ._jit import jit, jit_inline
 from .layout import GROUP_ROWS
+from .prefetch import prefetch_ahead
 from .rows import write_group
 from .vnni_batch import Q8_0_OFFSET, check_batch_reads, fifth_bit_terms_vnni, nibble_terms_vnni, weight_terms_vnni
 
@@ -87,9 +88,11 @@ def batch_code_matvec(codes: int, qh: int, five_bit: bool, centre: int, has_m: b
         acc, _, q = batch_buffers(scratch, q16.shape[0], q16.shape[1])
         check_batch_reads(blocks, codes + 16 * GROUP_ROWS, q, xd, qsum, dsums, acc)
         narrow_codes(q16, q)
+        nb, size = xd.shape[1], blocks.shape[2]
         for g in range(first, stop):
             acc[:] = 0
-            for b in range(xd.shape[1]):
+            for b in range(nb):
+                prefetch_ahead(blocks, (g * nb + b) * size, size)
                 if has_m and five_bit:
                     fifth_bit_terms_vnni(blocks[g, b], codes, 4 * qh, q, 32 * b, xd, qsum, dsums, b, acc, centre)
                 elif has_m:
@@ -116,9 +119,11 @@ def batch_q8_0_matvec(weights: int):
         check_batch_reads(w8, weights + 32 * GROUP_ROWS, q, xd, qsum, xd, acc)
         narrow_codes(q16, q)
         block_sums(q16, qsum)
+        nb, size = xd.shape[1], w8.shape[2]
         for g in range(first, stop):
             acc[:] = 0
-            for b in range(xd.shape[1]):
+            for b in range(nb):
+                prefetch_ahead(w8, (g * nb + b) * size, size)
                 weight_terms_vnni(w8[g, b], weights, q, 32 * b, xd, qsum, None, b, acc, Q8_0_OFFSET)
             write_group(acc, out, g)
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from ._jit import jit, jit_inline
 from .f16 import f16_to_f32
+from .prefetch import prefetch_ahead
 from .vnni_kquants import (BATCH, check_superblock_reads, fifth_bit_superblock_batch_vnni, fifth_bit_superblock_vnni,
                            nibble_superblock_batch_vnni, nibble_superblock_vnni)
 
@@ -233,6 +234,7 @@ def k4_kernels(type_size: int, five_bit: bool, vnni: bool) -> tuple:
                     w32_row, w8_row = w32[row], w8[row]
                     out[a:a + BATCH, row] = 0
                     for b in range(xd.shape[1]):
+                        prefetch_ahead(w8, row * w8.shape[1] + type_size * b, type_size)
                         add_group_terms(w32_row, w8_row, b, words, type_size, five_bit, xq, a, xd, bsums, sums, out,
                                         row)
         if n_groups == 0:                      # one activation at a time
@@ -240,6 +242,7 @@ def k4_kernels(type_size: int, five_bit: bool, vnni: bool) -> tuple:
                 for a in range(xq.shape[0]):
                     acc = np.float32(0)
                     for b in range(xd.shape[1]):
+                        prefetch_ahead(w8, row * w8.shape[1] + type_size * b, type_size)
                         scales_lo, scales_hi, mins_lo, mins_hi = scales_k4(w32[row], words * b + 1)
                         if vnni and five_bit:
                             sums = fifth_bit_superblock_vnni(w8[row], type_size * b, xq, a, 256 * b, scales_lo,

@@ -38,6 +38,7 @@ from ._jit import jit, jit_inline
 from .activations import Int8Rows
 from .batch_matvec import batch_code_matvec
 from .f16 import f16_to_f32
+from .prefetch import prefetch_ahead
 from .ggml import add_block, ggml_buffers, start_group, widen_fields, write_ggml_group
 from .rows import GROUP_ROWS, byte_of, check_vnni_reads, group_buffers, read_only, sixteen_bytes, word_byte, write_group
 from .vnni import VNNI, fifth_bit_lanes_vnni, fifth_bit_sums_vnni, nibble_lanes_vnni, nibble_sums_vnni
@@ -168,9 +169,11 @@ def code_kernels(codes: int, qh: int, five_bit: bool, centre: int, has_m: bool, 
         isum, acc = group_buffers(scratch, q16.shape[0])
         if vnni:
             check_vnni_reads(blocks, codes + 16 * GROUP_ROWS, q16, xd.shape[1], isum)
+        nb, size = xd.shape[1], blocks.shape[2]
         for g in range(first, stop):
             acc[:] = 0
-            for b in range(xd.shape[1]):
+            for b in range(nb):
+                prefetch_ahead(blocks, (g * nb + b) * size, size)
                 for a in range(q16.shape[0]):
                     if vnni and five_bit:
                         fifth_bit_sums_vnni(blocks[g, b], codes, 4 * qh, q16[a], 32 * b, isum, centre)

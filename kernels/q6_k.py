@@ -20,6 +20,7 @@ import numpy as np
 
 from ._jit import jit, jit_inline
 from .f16 import f16_to_f32
+from .prefetch import prefetch_ahead
 from .q8_k import Q8KRows
 from .rows import read_only
 from .vnni import DOT_BYTES
@@ -123,12 +124,14 @@ def q6_k_matvec(vnni: bool):
                     w16_row, w8_row = w16[row], w8[row]
                     out[a:a + BATCH, row] = 0
                     for b in range(xd.shape[1]):
+                        prefetch_ahead(w8, row * w8.shape[1] + 210 * b, 210)
                         add_group_terms_q6_k(w16_row, w8_row, b, xq, a, xd, bsums, sums, out, row)
         if n_groups == 0:                      # one activation at a time
             for row in range(first, stop):
                 for a in range(xq.shape[0]):
                     acc = np.float32(0)
                     for b in range(xd.shape[1]):
+                        prefetch_ahead(w8, row * w8.shape[1] + 210 * b, 210)
                         if vnni:
                             sums = q6_k_superblock_vnni(w8[row], 210 * b, xq, a, 256 * b, bsums, 16 * b)
                         else:

@@ -23,6 +23,7 @@ from ._jit import jit, jit_inline
 from .activations import Int8Rows
 from .batch_matvec import batch_q8_0_matvec
 from .f16 import f16_to_f32
+from .prefetch import prefetch_ahead
 from .ggml import add_block, ggml_buffers, start_group, widen_fields, write_ggml_group
 from .rows import (GROUP_ROWS, byte_of, check_vnni_reads, group_buffers, pick, read_only, sixteen_bytes, word_byte,
                    write_group)
@@ -88,9 +89,11 @@ def q8_0_kernels(vnni: bool) -> tuple:
         isum, acc = group_buffers(scratch, q16.shape[0])
         if vnni:
             check_vnni_reads(w8, WEIGHTS + 32 * GROUP_ROWS, q16, xd.shape[1], isum)
+        nb, size = xd.shape[1], w8.shape[2]
         for g in range(first, stop):
             acc[:] = 0
-            for b in range(xd.shape[1]):
+            for b in range(nb):
+                prefetch_ahead(w8, (g * nb + b) * size, size)
                 for a in range(q16.shape[0]):
                     if vnni:
                         weight_sums_vnni(w8[g, b], WEIGHTS, q16[a], 32 * b, isum)

@@ -511,7 +511,8 @@ def test_vnni_and_portable_ggml_matvecs_give_the_same_bits(ggml_type, data, x86)
 def test_vnni_matvecs_use_the_dot_product_instruction(ggml_type):
     """The matvecs of the re-laid formats and of the K-quants, and the re-laid formats' `--mode ggml`
     ones, run the target's byte dot product (`vpdpbusd` with AVX512-VNNI, else `vpmaddubsw`: what
-    makes them fast), the portable ones neither."""
+    makes them fast), the portable ones neither; every matvec (not the ggml ones) asks for the bytes
+    it reads next (`prefetcht0`, kernels/prefetch.py)."""
     from minillm.kernels.ggml import GGMLActivation
     raw = edge_blocks(ggml_type, "largest", np.random.default_rng(0))
     K = n_cols(raw, ggml_type)
@@ -523,11 +524,12 @@ def test_vnni_matvecs_use_the_dot_product_instruction(ggml_type):
         if rows.relaid:                                           # the others' ggml products are NumPy's
             rows.ggml_matvec(act, True, 1)
             kernels.append(rows.rows.kernels[2])
-        for cached in kernels:
+        for i, cached in enumerate(kernels):
             kernel = numba.njit(cached.py_func, cache=False)      # compiled here: a cached kernel shows no code
             kernel.compile(cached.signatures[0])
             code = kernel.inspect_asm(kernel.signatures[0])
             assert (INSTRUCTION in code) == vnni and ("vpdpbusd" in code or "vpmaddubsw" in code) == vnni
+            assert ("prefetcht0" in code) == (i == 0)
 
 
 @pytest.mark.skipif("+avx2" not in vnni_module._FEATURES, reason="the check reads x86 AVX2 code")
