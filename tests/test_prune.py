@@ -229,7 +229,7 @@ def test_structured_pruning_of_gemma3_270m_runs_in_llama_cpp(gemma3_path, tmp_pa
     windows in a per-layer pattern, copied byte for byte) or by heads (3 of 4 a layer: attn_q and
     attn_output re-encoded in their Q5_0 and Q4_K, the embedding copied): llama.cpp loads the file and its logits equal
     minillm's --mode ggml bit for bit, one token at a time (the comparison of test_gemma3_270m.py).
-    Without llama-cpp-python (CI) it skips before pruning (35 s of CI): the tiny Gemma 3 models'
+    Without llama-cpp-python (CI) it skips before pruning (45 s of CI): the tiny Gemma 3 models'
     tests above cut heads, neurons and layers the same way, and test_ggml.py checks the encoders
     of Q5_0 and Q4_K against llama-quantize's bytes."""
     pytest.importorskip("llama_cpp")
