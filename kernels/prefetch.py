@@ -5,11 +5,8 @@ caches, so each matvec streams its matrix from memory. The kernels read a matrix
 CPU's own prefetchers do not run far enough ahead of them: between two loads the kernel spends
 little time, and it mostly waits. `prefetch_ahead` asks for the cache lines PREFETCH_BYTES further
 on, with x86's `prefetcht0` (LLVM's `llvm.prefetch`), so that they arrive while the kernel works.
-It changes no result: a prefetch reads nothing the program sees.
-
-Measured on the 2-core AMD EPYC (Zen 5), one Q4_1 matvec at a time over 100 MiB of matrices (so
-every one comes from memory), with and without, alternated in one process: 576 x 576 from 9.3 to
-16.4 GB/s, 1536 x 576 from 8.5 to 20.0; distances of 1 to 16 KiB all helped, 8 KiB most.
+It changes no result: a prefetch reads nothing the program sees. (The README's performance section
+has the measurements: distances of 1 to 16 KiB all helped, 8 KiB most.)
 
 The offset is kept inside the array (clamped to its last byte), so no address outside it is ever
 named, even one that would not be read. With the JIT off (the kernels run as Python), a prefetch
