@@ -9,8 +9,8 @@ It changes no result: a prefetch reads nothing the program sees. (The README's p
 has the measurements: distances of 1 to 16 KiB all helped, 8 KiB most.)
 
 The offset is kept inside the array (clamped to its last byte), so no address outside it is ever
-named, even one that would not be read. With the JIT off (the kernels run as Python), a prefetch
-does nothing.
+named, even one that would not be read. With the JIT off (the kernels run as Python), `prefetch_ahead`
+does nothing, in one call.
 """
 
 import numba
@@ -43,19 +43,16 @@ def _prefetch_line(typingctx, array, offset):
     return types.void(array, types.intp), codegen
 
 
-def _no_prefetch(array, offset):
-    """With the JIT off there is nothing to prefetch for."""
-
-
-prefetch_line = _no_prefetch if numba.config.DISABLE_JIT else _prefetch_line
-
-
 def _prefetch_ahead(array, at, n):
     """Prefetch the lines of bytes at + PREFETCH_BYTES .. at + PREFETCH_BYTES + n - 1 of a C-contiguous
     byte array (any shape; `at` counts bytes from its start), each offset clamped to its last byte."""
     last = array.size - 1
     for line in range(0, n, LINE_BYTES):
-        prefetch_line(array, min(at + PREFETCH_BYTES + line, last))
+        _prefetch_line(array, min(at + PREFETCH_BYTES + line, last))
 
 
-prefetch_ahead = jit_inline(_prefetch_ahead)
+def _no_prefetch(array, at, n):
+    """With the JIT off (the kernels run as Python) there is no cache to fill ahead of them."""
+
+
+prefetch_ahead = _no_prefetch if numba.config.DISABLE_JIT else jit_inline(_prefetch_ahead)

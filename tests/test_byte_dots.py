@@ -22,10 +22,13 @@ def features_without(*names) -> str:
 
 
 # The native run of test_kernels.py tests every format's byte dots with this CPU's instruction. These
-# re-runs check vpmaddubsw, on 512 bits and on AVX2's two 256-bit halves, on one format of each code
-# path (formats of one path differ only in constants of the same code): Q4_0 (nibbles), Q5_1 (fifth
-# bits), Q8_0 (signed weights), Q5_K and Q6_K (super-blocks). Each re-run compiles those kernels again.
-ONE_FORMAT_OF_EACH_PATH = "vnni and not numba_checks and (Q4_0 or Q5_1 or Q8_0 or Q5_K or Q6_K)"
+# re-runs check vpmaddubsw, on 512 bits and on AVX2's two 256-bit halves, on one format of each way
+# its operands are made (kernels/vnni.py, kernels/vnni_kquants.py): Q4_0 (unsigned nibbles), Q8_0
+# (signed weights: |w| with the activation taking w's sign) and Q6_K (super-blocks). Formats with
+# fifth bits (Q5_0, Q5_1, Q5_K) build their unsigned codes in the same target-independent IR before
+# the same product (pairs of at most 2 x 31 x 127, far from saturating); the native run tests them.
+# Each re-run compiles those kernels again.
+ONE_FORMAT_OF_EACH_PATH = "vnni and not numba_checks and (Q4_0 or Q8_0 or Q6_K)"
 TARGETS = {"no AVX512-VNNI": ("avx512vnni", "avxvnni"), "AVX2": ("avx512", "avxvnni", "evex512")}
 
 
