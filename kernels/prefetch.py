@@ -20,6 +20,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from ._jit import jit_inline
+from .vnni import _byte_pointer
 
 PREFETCH_BYTES = 8192   # how far ahead of the bytes a kernel reads now it asks for the next ones
 LINE_BYTES = 64         # a cache line
@@ -30,8 +31,7 @@ def _prefetch_line(typingctx, array, offset):
     """Prefetch the cache line of byte `offset` of a contiguous byte array (for reading, into every
     cache level: llvm.prefetch(address, 0, 3, 1))."""
     def codegen(context, builder, signature, args):
-        data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        address = builder.gep(builder.bitcast(data, ir.IntType(8).as_pointer()), [args[1]])
+        address = _byte_pointer(context, builder, signature.args[0], args[0], args[1])
         i32 = ir.IntType(32)
         fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [address.type, i32, i32, i32]),
                                             "llvm.prefetch.p0")
